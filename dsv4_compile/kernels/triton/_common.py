@@ -1,0 +1,98 @@
+"""Triton building blocks shared by the dsv4 kernels, each bit-exact with ``dsv4_compile.reference``.
+
+* ``ceil_log2_ratio`` / ``pow2``: UE8M0 exponents from fp32 bits (no log2, no division).
+* ``e2m1_code_sw``: software E2M1 round-to-nearest-even (Hopper has no ``cvt.*.e2m1x2``).
+* ``e2m1x2_hw``: the sm_100 hardware conversion, used only behind an arch check.
+* ``rope_pairs``: the RoPE rotation on (even, odd) pairs.
+* ``fwht``: the Sylvester butterfly in the reference's stage order.
+
+Kernels that use these are launched with ``enable_fp_fusion=False``: the reference rounds every
+fp32 product and sum separately, and an FMA would round once (and break bit-exactness).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ...reference.quant import E2M1_MAX_EXP, E2M1_MAX_MANT, FP8_MAX_EXP, FP8_MAX_MANT  # noqa: F401
+
+LAUNCH_OPTS = {"enable_fp_fusion": False}
+
+
+@triton.jit
+def ceil_log2_ratio(amax, MAX_EXP: tl.constexpr, MAX_MANT: tl.constexpr):
+    bits = amax.to(tl.int32, bitcast=True)
+    exp = ((bits >> 23) & 0xFF) - 127
+    return exp - MAX_EXP + ((bits & 0x7FFFFF) > MAX_MANT).to(tl.int32)
+
+
+@triton.jit
+def pow2(e):
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e2m1_code_sw(v):
+    """Nibble of fp32 ``v`` (|v| <= 6): thresholds with ties to the even code, sign from the sign bit."""
+    a = tl.abs(v)
+    code = (
+        (a > 0.25).to(tl.int32)
+        + (a >= 0.75).to(tl.int32)
+        + (a > 1.25).to(tl.int32)
+        + (a >= 1.75).to(tl.int32)
+        + (a > 2.5).to(tl.int32)
+        + (a >= 3.5).to(tl.int32)
+        + (a > 5.0).to(tl.int32)
+    )
+    sign = (v.to(tl.int32, bitcast=True) >> 31) & 1
+    return code | (sign << 3)
+
+
+@triton.jit
+def e2m1x2_hw(lo, hi):
+    """sm_100+: ``cvt.rn.satfinite.e2m1x2.f32`` packs (hi, lo) into one byte, lo in the low nibble."""
+    return tl.inline_asm_elementwise(
+        asm="{ .reg .b8 t; cvt.rn.satfinite.e2m1x2.f32 t, $2, $1; cvt.u32.u8 $0, t; }",
+        constraints="=r,f,f",
+        args=[lo, hi],
+        dtype=tl.uint32,
+        is_pure=True,
+        pack=1,
+    )
+
+
+@triton.jit
+def rope_pairs(xe, xo, c, s):
+    """GPT-J rotation of one pair in fp32: (xe·c − xo·s, xe·s + xo·c)."""
+    return xe * c - xo * s, xe * s + xo * c
+
+
+@triton.jit
+def fwht(y, ROWS: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr):
+    """Unnormalized Walsh-Hadamard of each row of ``y [ROWS, D]`` (fp32), stage h = 1, 2, 4, ..."""
+    for s in tl.static_range(LOG2_D):
+        h: tl.constexpr = 1 << s
+        y = tl.reshape(y, [ROWS, D // (2 * h), 2, h])
+        y = tl.permute(y, [0, 1, 3, 2])
+        a, b = tl.split(y)
+        y = tl.join(a + b, a - b)
+        y = tl.permute(y, [0, 1, 3, 2])
+        y = tl.reshape(y, [ROWS, D])
+    return y
+
+
+def use_hw_e2m1(device: torch.device) -> bool:
+    """Hardware E2M1 conversion only on sm_100+ (``DSV4_E2M1=software`` forces the software path)."""
+    if os.environ.get("DSV4_E2M1", "").lower() == "software":
+        return False
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 10
+
+
+def tl_dtype_bits(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits

@@ -1,0 +1,131 @@
+"""Fused lightning-indexer query kernel: RoPE → round → [Hadamard → round] → FP8 or MXFP4 → weights.
+
+One program handles ``BLOCK_H`` heads of one token: the ``[BLOCK_H, D]`` tile is read once with
+vector loads, rotated as (even, odd) pairs in registers, quantized, and written once; the weights
+row is scaled in the same program. Bit-exact with ``reference.indexer_q_rope_{fp8,mxfp4}``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import layouts
+from ._common import (
+    FP8_MAX_EXP,
+    FP8_MAX_MANT,
+    LAUNCH_OPTS,
+    ceil_log2_ratio,
+    fwht,
+    pow2,
+    rope_pairs,
+    use_hw_e2m1,
+)
+from .primitives import FP8_MAX, mxfp4_block
+
+FP8_AMAX_FLOOR: tl.constexpr = tl.constexpr(layouts.FP8_AMAX_FLOOR)
+
+
+@triton.jit
+def _indexer_q_kernel(
+    q_ptr, pos_ptr, cs_ptr, w_ptr,
+    out_ptr, scale_ptr, w_out_ptr,
+    H, max_pos, cs_stride, q_stride_t, q_stride_h, w_stride_t, w_stride_h,
+    weight_scale, hadamard_scale,
+    D: tl.constexpr, ROT: tl.constexpr, BLOCK_H: tl.constexpr,
+    HADAMARD: tl.constexpr, LOG2_D: tl.constexpr, MXFP4: tl.constexpr, HW_E2M1: tl.constexpr,
+):
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < H
+    cols = tl.arange(0, D)
+    q_off = t.to(tl.int64) * q_stride_t + heads.to(tl.int64)[:, None] * q_stride_h + cols[None, :]
+    x_raw = tl.load(q_ptr + q_off, mask=h_ok[:, None], other=0.0)
+    x = x_raw.to(tl.float32)
+
+    # RoPE on the trailing ROT dims, as (even, odd) pairs; other pairs pass through untouched.
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    pos_ok = (pos >= 0) & (pos < max_pos)
+    NOPE_PAIRS: tl.constexpr = (D - ROT) // 2
+    HALF: tl.constexpr = ROT // 2
+    pairs = tl.arange(0, D // 2)
+    is_rot = pairs >= NOPE_PAIRS
+    i = tl.where(is_rot, pairs - NOPE_PAIRS, 0)
+    # Out-of-range positions never read outside the table (their rotated dims come out as 0).
+    cs_row = cs_ptr + tl.where(pos_ok, pos, 0) * cs_stride
+    c = tl.where(pos_ok, tl.load(cs_row + i, mask=is_rot, other=0.0).to(tl.float32), 0.0)
+    s = tl.where(pos_ok, tl.load(cs_row + HALF + i, mask=is_rot, other=0.0).to(tl.float32), 0.0)
+    xe, xo = tl.split(tl.reshape(x, [BLOCK_H, D // 2, 2]))
+    oe, oo = rope_pairs(xe, xo, c[None, :], s[None, :])
+    # Round the rotated values to the input dtype before any amax (spec §3 precision rule).
+    oe = tl.where(is_rot[None, :], oe.to(q_ptr.dtype.element_ty).to(tl.float32), xe)
+    oo = tl.where(is_rot[None, :], oo.to(q_ptr.dtype.element_ty).to(tl.float32), xo)
+    y = tl.reshape(tl.join(oe, oo), [BLOCK_H, D])
+    if HADAMARD:
+        y = fwht(y, BLOCK_H, D, LOG2_D) * hadamard_scale
+        y = y.to(q_ptr.dtype.element_ty).to(tl.float32)
+
+    w = tl.load(w_ptr + t.to(tl.int64) * w_stride_t + heads * w_stride_h, mask=h_ok, other=0.0).to(tl.float32)
+    w = w * weight_scale
+    row = t.to(tl.int64) * H + heads.to(tl.int64)
+    if MXFP4:
+        NB: tl.constexpr = D // 32
+        packed, sbyte = mxfp4_block(tl.reshape(y, [BLOCK_H * NB, 32]), BLOCK_H * NB, HW_E2M1)
+        packed = tl.reshape(packed, [BLOCK_H, D // 2])
+        sbyte = tl.reshape(sbyte, [BLOCK_H, NB])
+        pc = tl.arange(0, D // 2)
+        tl.store(out_ptr + row[:, None] * (D // 2) + pc[None, :], packed, mask=h_ok[:, None])
+        sc = tl.arange(0, NB)
+        tl.store(scale_ptr + row[:, None] * NB + sc[None, :], sbyte, mask=h_ok[:, None])
+        tl.store(w_out_ptr + row, w, mask=h_ok)
+    else:
+        amax = tl.maximum(tl.max(tl.abs(y), axis=1), FP8_AMAX_FLOOR)
+        e = ceil_log2_ratio(amax, FP8_MAX_EXP, FP8_MAX_MANT)
+        v = tl.clamp(y * pow2(-e)[:, None], -FP8_MAX, FP8_MAX)
+        tl.store(out_ptr + row[:, None] * D + cols[None, :], v.to(tl.float8e4nv), mask=h_ok[:, None])
+        tl.store(w_out_ptr + row, w * pow2(e), mask=h_ok)
+
+
+def _block_h(n_tokens: int, n_heads: int, head_dim: int) -> int:
+    # ~2-4 KiB of q per program; fewer heads per program when the batch is small so more SMs work.
+    target = max(1, 2048 // head_dim)
+    if n_tokens < 64:
+        target = max(1, target // 2)
+    return min(triton.next_power_of_2(n_heads), target)
+
+
+def _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, mxfp4, out, scale, w_out, block_h=None):
+    t, h, d = q.shape
+    if t == 0 or h == 0:
+        return
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    cs = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+    block_h = block_h or _block_h(t, h, d)
+    grid = (t, triton.cdiv(h, block_h))
+    _indexer_q_kernel[grid](
+        q, positions, cs, weights, out, scale, w_out,
+        h, cs.shape[0], cs.stride(0), q.stride(0), q.stride(1), weights.stride(0), weights.stride(1),
+        weight_scale, d**-0.5,
+        D=d, ROT=cs.shape[-1], BLOCK_H=block_h, HADAMARD=hadamard, LOG2_D=d.bit_length() - 1,
+        MXFP4=mxfp4, HW_E2M1=mxfp4 and use_hw_e2m1(q.device),
+        num_warps=4 if block_h * d >= 1024 else 2, **LAUNCH_OPTS,
+    )
+
+
+def indexer_q_rope_fp8(q, positions, cos_sin_cache, weights, weight_scale: float, hadamard: bool = False, block_h=None):
+    t, h, d = q.shape
+    q_fp8 = torch.empty((t, h, d), dtype=torch.float8_e4m3fn, device=q.device)
+    w_out = torch.empty((t, h), dtype=torch.float32, device=q.device)
+    _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, False, q_fp8, w_out, w_out, block_h)
+    return q_fp8, w_out
+
+
+def indexer_q_rope_mxfp4(q, positions, cos_sin_cache, weights, weight_scale: float, hadamard: bool = False, block_h=None):
+    t, h, d = q.shape
+    packed = torch.empty((t, h, d // 2), dtype=torch.uint8, device=q.device)
+    scale = torch.empty((t, h, d // layouts.MXFP4_BLOCK), dtype=torch.uint8, device=q.device)
+    w_out = torch.empty((t, h), dtype=torch.float32, device=q.device)
+    _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, True, packed, scale, w_out, block_h)
+    return packed, scale, w_out

@@ -1,0 +1,18 @@
+"""Pure-PyTorch, bit-exact semantics of every dsv4 op (spec §3, §4).
+
+These functions are the CPU implementation behind every ``torch.ops.dsv4.*`` op and the oracle every
+GPU kernel is tested against. They import nothing of ours but ``layouts`` (and validate nothing:
+the ops validate before calling them).
+"""
+
+from .quant import (  # noqa: F401
+    ceil_log2_ratio,
+    e2m1_codes,
+    fp8_block_quant,
+    mxfp4_dequant,
+    mxfp4_quant,
+    pow2,
+    pow2_split,
+)
+from .rope import hadamard, rope  # noqa: F401
+from .indexer_q import indexer_q_rope_fp8, indexer_q_rope_mxfp4  # noqa: F401
