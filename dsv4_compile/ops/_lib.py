@@ -1,0 +1,85 @@
+"""Shared plumbing of the dsv4 ops: the namespace, backend choice and input validation.
+
+Validation raises ``ValueError`` naming the argument and what was expected. Checks that need
+tensor *values* (positions in range) run only where they cost no device sync: on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional
+
+import torch
+
+NAMESPACE = "dsv4"
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+TABLE_DTYPES = (torch.float32, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def qualname(name: str) -> str:
+    return f"{NAMESPACE}::{name}"
+
+
+def cuda_backend() -> str:
+    """Which kernel family serves CUDA tensors: ``DSV4_BACKEND`` = auto (default) | triton | cute."""
+    choice = os.environ.get("DSV4_BACKEND", "auto").lower()
+    if choice not in ("auto", "triton", "cute"):
+        raise ValueError(f"DSV4_BACKEND must be auto, triton or cute, got {choice!r}")
+    return "triton" if choice == "auto" else choice
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: Optional[int] = None,
+    min_ndim: Optional[int] = None,
+    dtypes: Optional[Iterable[torch.dtype]] = None,
+    device: Optional[torch.device] = None,
+) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise ValueError(f"{name} must be one of ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+
+
+def check_rope_args(x_name: str, x, positions, cos_sin_cache) -> None:
+    """The shared contract of every op that rotates ``x [T, ..., D]`` at ``positions [T]``."""
+    check_tensor(x_name, x, min_ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=x.device)
+    check_tensor("cos_sin_cache", cos_sin_cache, ndim=2, dtypes=TABLE_DTYPES, device=x.device)
+    if positions.shape[0] != x.shape[0]:
+        raise ValueError(f"positions has {positions.shape[0]} entries but {x_name} has {x.shape[0]} tokens")
+    rot = cos_sin_cache.shape[-1]
+    if rot == 0 or rot % 2:
+        raise ValueError(f"cos_sin_cache's rope dim must be even and positive, got {rot}")
+    if rot > x.shape[-1]:
+        raise ValueError(f"cos_sin_cache's rope dim {rot} exceeds {x_name}'s last dim {x.shape[-1]}")
+    # A device-side range check would need a sync; on CPU it is free.
+    if positions.device.type == "cpu" and positions.numel() and not _is_fake(positions):
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= cos_sin_cache.shape[0]:
+            raise ValueError(
+                f"positions must lie in [0, {cos_sin_cache.shape[0]}) (the cos_sin_cache rows), got [{lo}, {hi}]"
+            )
+
+
+def check_power_of_two(name: str, value: int, lo: int = 1, hi: int = 1 << 30) -> None:
+    if value < lo or value > hi or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two in [{lo}, {hi}], got {value}")
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)

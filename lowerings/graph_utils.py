@@ -1,0 +1,96 @@
+"""FX helpers shared by the dsv4 passes: op lists for tests, argument access, fake metadata."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+from torch import fx
+from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
+
+
+def op_name(target) -> str:
+    """``dsv4.rope.default`` / ``aten.mul.Tensor`` / ``prims.convert_element_type.default``."""
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._schema.name.split('::')[-1]}.{target._overloadname}"
+    return getattr(target, "__name__", str(target))
+
+
+def op_list(graph: fx.Graph) -> str:
+    """One line per ``call_function`` node (getitems left out), in graph order; mutating custom ops
+    appear as ``af2(dsv4.kv_insert)`` / ``af1(...)`` around their functionalized wrapper."""
+    lines = []
+    for n in graph.nodes:
+        if n.op != "call_function" or n.target is operator.getitem:
+            continue
+        if n.target is auto_functionalized_v2:
+            lines.append(f"af2({op_name(n.args[0])})")
+        elif n.target is auto_functionalized:
+            lines.append(f"af1({op_name(n.args[0])})")
+        else:
+            lines.append(op_name(n.target))
+    return "\n".join(lines)
+
+
+def count_ops(graph: fx.Graph, target) -> int:
+    """Calls of ``target`` (an OpOverload), including inside auto_functionalized wrappers."""
+    n_calls = 0
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is target or (n.target in (auto_functionalized, auto_functionalized_v2) and n.args[0] is target):
+            n_calls += 1
+    return n_calls
+
+
+def bound_args(node: fx.Node) -> dict[str, Any]:
+    """A custom-op node's arguments by schema name, defaults filled in."""
+    schema = node.target._schema
+    out = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+    return out
+
+
+def val(node) -> Optional[torch.Tensor]:
+    """The fake tensor recorded for a node (``meta['val']``), or None."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def only_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def getitem_users(node: fx.Node) -> Optional[dict[int, fx.Node]]:
+    """``{index: getitem node}`` if every user of a multi-output node is a distinct getitem."""
+    out = {}
+    for u in node.users:
+        if u.target is not operator.getitem or u.args[1] in out:
+            return None
+        out[u.args[1]] = u
+    return out
+
+
+def fake_call(target, args: tuple, ref_nodes: list[fx.Node]):
+    """Run ``target`` on the fake values of ``args`` (nodes replaced by their meta['val'])."""
+    from torch._guards import detect_fake_mode
+
+    vals = [val(n) for n in ref_nodes if val(n) is not None]
+    mode = detect_fake_mode(vals)
+    real_args = tuple(val(a) if isinstance(a, fx.Node) else a for a in args)
+    with mode:
+        return target(*real_args)
+
+
+def same_sizes(a, b) -> bool:
+    """Whether two (possibly symbolic) size tuples are statically known to be equal (no guards)."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(a) == len(b) and all(x is y or statically_known_true(x == y) for x, y in zip(a, b))

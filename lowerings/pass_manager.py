@@ -1,0 +1,116 @@
+"""``DSV4PassManager``: the one Inductor ``post_grad_custom_post_pass`` of dsv4_compile.
+
+It owns pass order and configuration, records before/after op lists for tests, and gives Inductor's
+FX-graph cache a ``uuid()`` that changes whenever anything that affects the rewrite changes: the
+package version, the torch minor version, the source of ``ops/`` and ``lowerings/``, and the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+from typing import Optional
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from .graph_utils import op_list
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class PassConfig:
+    """Which dsv4 passes run, and for which model dtypes (the dtype of the rotated activations)."""
+
+    indexer_q: bool = True
+    dtypes: tuple[str, ...] = ("bfloat16", "float16", "float32")
+
+    def __post_init__(self):
+        bad = [d for d in self.dtypes if d not in _DTYPES]
+        if bad:
+            raise ValueError(f"PassConfig.dtypes must name {sorted(_DTYPES)}, got {bad}")
+
+    @property
+    def torch_dtypes(self) -> tuple[torch.dtype, ...]:
+        return tuple(_DTYPES[d] for d in self.dtypes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """One pass-manager run on one graph: op lists before/after and matches per pass."""
+
+    before: str
+    after: str
+    matches: dict[str, int]
+
+
+def _source_files() -> list[pathlib.Path]:
+    import dsv4_compile.ops as ops_pkg
+
+    here = pathlib.Path(__file__).resolve().parent
+    ops_dir = pathlib.Path(ops_pkg.__file__).resolve().parent
+    return sorted(here.glob("*.py")) + sorted(ops_dir.glob("*.py"))
+
+
+class DSV4PassManager(CustomGraphPass):
+    """Runs the enabled dsv4 fusions on Inductor's post-grad graph, then a stable topological sort.
+
+    Fusions are built lazily on the first graph (nothing is traced or imported before a compile).
+    With ``record=True`` every run appends a ``Snapshot`` to ``self.snapshots`` (for tests).
+    """
+
+    def __init__(self, config: Optional[PassConfig] = None, record: bool = False):
+        self.config = config or PassConfig()
+        self.record = record
+        self.snapshots: list[Snapshot] = []
+        self._passes = None
+
+    def _build(self):
+        passes = []
+        if self.config.indexer_q:
+            from .indexer_q import IndexerQFusion
+
+            passes.append(IndexerQFusion(self.config.torch_dtypes))
+        return passes
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if self._passes is None:
+            self._passes = self._build()
+        before = op_list(graph) if self.record else ""
+        matches = {}
+        for p in self._passes:
+            matches[p.name] = p(graph)
+        if any(matches.values()):
+            from torch._inductor.pattern_matcher import stable_topological_sort
+
+            stable_topological_sort(graph)
+            graph.lint()
+        if self.record:
+            self.snapshots.append(Snapshot(before, op_list(graph), matches))
+
+    def uuid(self) -> str:
+        from dsv4_compile import __version__
+
+        h = hashlib.sha256()
+        h.update(__version__.encode())
+        h.update(".".join(torch.__version__.split(".")[:2]).encode())
+        h.update(get_hash_for_files(tuple(str(p) for p in _source_files())))
+        h.update(self.config.to_json().encode())
+        return h.hexdigest()
+
+    def __getstate__(self):
+        # Compiled artifacts may pickle the Inductor config; built passes are rebuilt on demand.
+        state = dict(self.__dict__)
+        state["_passes"] = None
+        return state
+
+
+def inductor_options(**pass_config) -> dict:
+    """``options=`` for ``torch.compile``: installs a ``DSV4PassManager`` as the post-grad pass."""
+    return {"post_grad_custom_post_pass": DSV4PassManager(PassConfig(**pass_config))}
