@@ -34,12 +34,18 @@ def op_list(graph: fx.Graph) -> str:
 
 
 def count_ops(graph: fx.Graph, target) -> int:
-    """Calls of ``target`` (an OpOverload), including inside auto_functionalized wrappers."""
+    """Calls of ``target`` (an OpOverload or its packet, as Dynamo graphs record it), including
+    inside auto_functionalized wrappers."""
+    def same(t) -> bool:
+        return t is target or getattr(t, "overloadpacket", None) is target or (
+            isinstance(t, torch._ops.OpOverloadPacket) and getattr(target, "overloadpacket", None) is t
+        )
+
     n_calls = 0
     for n in graph.nodes:
         if n.op != "call_function":
             continue
-        if n.target is target or (n.target in (auto_functionalized, auto_functionalized_v2) and n.args[0] is target):
+        if same(n.target) or (n.target in (auto_functionalized, auto_functionalized_v2) and same(n.args[0])):
             n_calls += 1
     return n_calls
 

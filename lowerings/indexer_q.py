@@ -13,8 +13,8 @@ What is matched (post-grad, functional graph):
 
 Scale folding: Python-constant factors are folded into ``weight_scale``. One constant gives
 ``weights_out`` bit-identical to eager; a chain of k constants is folded into their product,
-computed once in float64, so ``weights_out`` may differ from eager's k successive fp32 roundings by
-about one rounding step. Factors that are runtime scalars (e.g. floats Dynamo lifted to graph inputs
+computed once in float64, so ``weights_out`` is rounded twice (constant, product) where eager rounds
+k times: the two differ by the chain's extra rounding steps, at most 2 fp32 ulps in the tests. Factors that are runtime scalars (e.g. floats Dynamo lifted to graph inputs
 under ``dynamic=True``) cannot be folded: the fused op then gets ``weight_scale = 1`` and the original
 chain of multiplies is re-applied to ``weights_out`` in its original order. Multiplying by the
 power-of-two q scale commutes exactly with fp32 rounding, so that path stays bit-identical.
