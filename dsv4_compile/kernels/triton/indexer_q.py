@@ -95,7 +95,8 @@ def _block_h(n_tokens: int, n_heads: int, head_dim: int) -> int:
     return min(triton.next_power_of_2(n_heads), target)
 
 
-def _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, mxfp4, out, scale, w_out, block_h=None):
+def _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, mxfp4, out, scale, w_out, block_h=None,
+            num_warps=None):
     t, h, d = q.shape
     if t == 0 or h == 0:
         return
@@ -110,22 +111,24 @@ def _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, mxfp4,
         weight_scale, d**-0.5,
         D=d, ROT=cs.shape[-1], BLOCK_H=block_h, HADAMARD=hadamard, LOG2_D=d.bit_length() - 1,
         MXFP4=mxfp4, HW_E2M1=mxfp4 and use_hw_e2m1(q.device),
-        num_warps=4 if block_h * d >= 1024 else 2, **LAUNCH_OPTS,
+        num_warps=num_warps or (4 if block_h * d >= 1024 else 2), **LAUNCH_OPTS,
     )
 
 
-def indexer_q_rope_fp8(q, positions, cos_sin_cache, weights, weight_scale: float, hadamard: bool = False, block_h=None):
+def indexer_q_rope_fp8(q, positions, cos_sin_cache, weights, weight_scale: float, hadamard: bool = False, block_h=None,
+                       num_warps=None):
     t, h, d = q.shape
     q_fp8 = torch.empty((t, h, d), dtype=torch.float8_e4m3fn, device=q.device)
     w_out = torch.empty((t, h), dtype=torch.float32, device=q.device)
-    _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, False, q_fp8, w_out, w_out, block_h)
+    _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, False, q_fp8, w_out, w_out, block_h, num_warps)
     return q_fp8, w_out
 
 
-def indexer_q_rope_mxfp4(q, positions, cos_sin_cache, weights, weight_scale: float, hadamard: bool = False, block_h=None):
+def indexer_q_rope_mxfp4(q, positions, cos_sin_cache, weights, weight_scale: float, hadamard: bool = False,
+                         block_h=None, num_warps=None):
     t, h, d = q.shape
     packed = torch.empty((t, h, d // 2), dtype=torch.uint8, device=q.device)
     scale = torch.empty((t, h, d // layouts.MXFP4_BLOCK), dtype=torch.uint8, device=q.device)
     w_out = torch.empty((t, h), dtype=torch.float32, device=q.device)
-    _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, True, packed, scale, w_out, block_h)
+    _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, True, packed, scale, w_out, block_h, num_warps)
     return packed, scale, w_out

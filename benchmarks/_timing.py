@@ -1,0 +1,52 @@
+"""GPU timing shared by the benchmarks: CUDA-graph replay time per call, and the device-to-device
+copy bandwidth measured in the same run (bytes read + bytes written)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def graph_time_us(fn_calls, reps: int = 20, warmup: int = 2) -> float:
+    """Median GPU time per call (µs) of ``fn_calls``: a list of zero-arg callables, each one call.
+
+    All calls are captured into one CUDA graph (so launch gaps are those of a replayed decode
+    step), replayed ``reps`` times; time = median replay time / number of calls.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            for f in fn_calls:
+                f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fn_calls:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0)
+    times.sort()
+    return times[len(times) // 2] / len(fn_calls)
+
+
+def copy_bandwidth_tbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in TB/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = graph_time_us([lambda: dst.copy_(src)] * 4)
+    return 2 * nbytes / (us * 1e-6) / 1e12
+
+
+def input_sets(make, nbytes_per_set: int, min_total: int = 256 << 20, max_sets: int = 32):
+    """Enough independent input sets that one pass over them exceeds L2 (50 MB on an H100)."""
+    n = max(1, min(max_sets, -(-min_total // max(nbytes_per_set, 1))))
+    return [make(i) for i in range(n)]

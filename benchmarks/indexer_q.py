@@ -1,0 +1,158 @@
+"""Indexer-q region benchmark (H=64, D=128): GPU time per call under CUDA-graph replay, GB/s and the
+fraction of the copy bandwidth measured in the same run.
+
+Columns: our fused op called directly; the plain form (``dsv4.rope`` → quant → weight scaling, as
+``dsv4_compile.model.IndexerQ`` writes it) compiled by ``dsv4_compile.compile`` with static and with
+dynamic token dimension (the pass turns it into the fused op); and the same region written in plain
+PyTorch (``dsv4_compile.reference``, pure aten) compiled by plain Inductor, static (one compile per
+T, ``cache_size_limit`` raised: Inductor's best case) and dynamic (``mark_dynamic`` on the tokens).
+
+    python benchmarks/indexer_q.py [--fmt fp8 mxfp4] [--tokens 1 8 ...] [--out results.md] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import dsv4_compile  # noqa: E402
+from dsv4_compile import reference  # noqa: E402
+from dsv4_compile.kernels.triton import indexer_q as iq_kernels  # noqa: E402
+from dsv4_compile.rope import cos_sin_cache  # noqa: E402
+
+from _timing import copy_bandwidth_tbs, graph_time_us, input_sets  # noqa: E402
+
+H, D = 64, 128
+WEIGHT_SCALE = D**-0.5 * H**-0.5
+TOKENS = [1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384]
+dsv4 = torch.ops.dsv4
+
+
+def region_bytes(t: int, fmt: str) -> int:
+    """Fewest bytes the region must move: q, weights, positions and two table rows in; outputs out."""
+    read = t * H * D * 2 + t * H * 2 + t * 8 + t * 64 * 4
+    write = t * H * (D + 4) if fmt == "fp8" else t * H * (D // 2 + D // 32 + 4)
+    return read + write
+
+
+def plain_dsv4(fmt):
+    """The plain form over our primitive ops (what the pass fuses)."""
+
+    def fp8(q, positions, cs, weights):
+        y = dsv4.rope(q, positions, cs)
+        q_fp8, q_scale = dsv4.fp8_block_quant(y, D, 1e-4)
+        return q_fp8, weights.float() * WEIGHT_SCALE * q_scale.squeeze(-1)
+
+    def mxfp4(q, positions, cs, weights):
+        packed, scale = dsv4.mxfp4_quant(dsv4.rope(q, positions, cs))
+        return packed, scale, weights.float() * WEIGHT_SCALE
+
+    return fp8 if fmt == "fp8" else mxfp4
+
+
+def plain_aten(fmt):
+    """The same region in pure PyTorch (the reference), for plain Inductor."""
+    if fmt == "fp8":
+        return lambda q, p, cs, w: reference.indexer_q_rope_fp8(q, p, cs, w, WEIGHT_SCALE)
+    return lambda q, p, cs, w: reference.indexer_q_rope_mxfp4(q, p, cs, w, WEIGHT_SCALE)
+
+
+def make_inputs(t, i, cs):
+    g = torch.Generator(device="cuda").manual_seed(1000 * t + i)
+    q = torch.randn(t, H, D, device="cuda", generator=g).bfloat16()
+    pos = torch.randint(0, cs.shape[0], (t,), device="cuda", generator=g)
+    w = torch.randn(t, H, device="cuda", generator=g).bfloat16()
+    return q, pos, cs, w
+
+
+def time_fn(fn, sets, mark_dynamic=False):
+    if mark_dynamic:
+        for q, pos, _, w in sets:
+            for x in (q, pos, w):
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+    return graph_time_us([lambda a=a: fn(*a) for a in sets])
+
+
+def run(fmts, tokens, sweep):
+    torch._dynamo.config.cache_size_limit = 256
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 256
+    cs = cos_sin_cache(64, 65536, 160000.0, device="cuda")
+    copy = copy_bandwidth_tbs()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {copy:.2f} TB/s", flush=True)
+    rows = []
+    if sweep:
+        for t in (1, 128, 4096, 16384):
+            sets = input_sets(lambda i: make_inputs(t, i, cs), region_bytes(t, "fp8"))
+            res = []
+            for bh in (1, 2, 4, 8, 16, 32):
+                for nw in (1, 2, 4, 8):
+                    us = graph_time_us([lambda a=a: iq_kernels.indexer_q_rope_fp8(*a, WEIGHT_SCALE, False, bh, nw) for a in sets])
+                    res.append((us, bh, nw))
+            res.sort()
+            print(f"sweep fp8 T={t}: best " + ", ".join(f"BH={b} w={w} {u:.1f}us" for u, b, w in res[:4]), flush=True)
+    for fmt in fmts:
+        fused_op = dsv4.indexer_q_rope_fp8 if fmt == "fp8" else dsv4.indexer_q_rope_mxfp4
+        ours_static = dsv4_compile.compile(plain_dsv4(fmt), dynamic=False)
+        ours_dynamic = dsv4_compile.compile(plain_dsv4(fmt))
+        ind_static = torch.compile(plain_aten(fmt), fullgraph=True, dynamic=False)
+        ind_dynamic = torch.compile(plain_aten(fmt), fullgraph=True)
+        for t in tokens:
+            nbytes = region_bytes(t, fmt)
+            sets = input_sets(lambda i: make_inputs(t, i, cs), nbytes)
+            row = {"fmt": fmt, "T": t, "bytes": nbytes, "copy_tbs": copy}
+            row["fused_op"] = time_fn(lambda *a: fused_op(*a, WEIGHT_SCALE), sets)
+            row["ours_static"] = time_fn(ours_static, sets)
+            row["inductor_static"] = time_fn(ind_static, sets)
+            dyn_sets = input_sets(lambda i: make_inputs(t, i, cs), nbytes)
+            row["ours_dynamic"] = time_fn(ours_dynamic, dyn_sets, mark_dynamic=True)
+            row["inductor_dynamic"] = time_fn(ind_dynamic, dyn_sets, mark_dynamic=True)
+            rows.append(row)
+            print(fmt_row(row), flush=True)
+    return copy, rows
+
+
+COLS = ["fused_op", "ours_static", "ours_dynamic", "inductor_static", "inductor_dynamic"]
+
+
+def fmt_row(r):
+    cells = []
+    for c in COLS:
+        us = r[c]
+        tbs = r["bytes"] / (us * 1e-6) / 1e12
+        cells.append(f"{us:9.1f} µs {tbs:5.2f} TB/s {100 * tbs / r['copy_tbs']:3.0f}%")
+    return f"| {r['fmt']} | {r['T']:5d} | {r['bytes'] / 1e6:8.2f} | " + " | ".join(cells) + " |"
+
+
+def table(copy, rows):
+    head = "| fmt | T | MB | " + " | ".join(COLS) + " |\n|---|---|---|" + "---|" * len(COLS)
+    return f"copy bandwidth (same run): {copy:.2f} TB/s\n\n" + head + "\n" + "\n".join(fmt_row(r) for r in rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fmt", nargs="+", default=["fp8", "mxfp4"], choices=["fp8", "mxfp4"])
+    ap.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
+    ap.add_argument("--out", default=None, help="write the markdown table (and a .json beside it) here")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the Triton kernel's heads-per-program / warps")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/indexer_q.py needs a CUDA GPU")
+    copy, rows = run(args.fmt, args.tokens, args.sweep)
+    md = table(copy, rows)
+    print("\n" + md)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(md + "\n")
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
