@@ -18,7 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ...reference.quant import E2M1_MAX_EXP, E2M1_MAX_MANT, FP8_MAX_EXP, FP8_MAX_MANT  # noqa: F401
+from ...reference import quant as _ref_quant
+
+# jit code reads module globals only as tl.constexpr instances
+FP8_MAX_EXP = tl.constexpr(_ref_quant.FP8_MAX_EXP)
+FP8_MAX_MANT = tl.constexpr(_ref_quant.FP8_MAX_MANT)
+E2M1_MAX_EXP = tl.constexpr(_ref_quant.E2M1_MAX_EXP)
+E2M1_MAX_MANT = tl.constexpr(_ref_quant.E2M1_MAX_MANT)
 
 LAUNCH_OPTS = {"enable_fp_fusion": False}
 
@@ -72,16 +78,18 @@ def rope_pairs(xe, xo, c, s):
 
 
 @triton.jit
+def _fwht_stage(y, ROWS: tl.constexpr, D: tl.constexpr, H: tl.constexpr):
+    y = tl.reshape(y, [ROWS, D // (2 * H), 2, H])
+    a, b = tl.split(tl.permute(y, [0, 1, 3, 2]))
+    y = tl.permute(tl.join(a + b, a - b), [0, 1, 3, 2])
+    return tl.reshape(y, [ROWS, D])
+
+
+@triton.jit
 def fwht(y, ROWS: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr):
     """Unnormalized Walsh-Hadamard of each row of ``y [ROWS, D]`` (fp32), stage h = 1, 2, 4, ..."""
     for s in tl.static_range(LOG2_D):
-        h: tl.constexpr = 1 << s
-        y = tl.reshape(y, [ROWS, D // (2 * h), 2, h])
-        y = tl.permute(y, [0, 1, 3, 2])
-        a, b = tl.split(y)
-        y = tl.join(a + b, a - b)
-        y = tl.permute(y, [0, 1, 3, 2])
-        y = tl.reshape(y, [ROWS, D])
+        y = _fwht_stage(y, ROWS, D, 1 << s)
     return y
 
 

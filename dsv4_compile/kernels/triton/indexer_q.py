@@ -24,7 +24,7 @@ from ._common import (
 )
 from .primitives import FP8_MAX, mxfp4_block
 
-FP8_AMAX_FLOOR: tl.constexpr = tl.constexpr(layouts.FP8_AMAX_FLOOR)
+FP8_AMAX_FLOOR = tl.constexpr(layouts.FP8_AMAX_FLOOR)
 
 
 @triton.jit

@@ -25,11 +25,11 @@ from ._common import (
     use_hw_e2m1,
 )
 
-FP8_MAX: tl.constexpr = tl.constexpr(layouts.FP8_E4M3_MAX)
-E2M1_MAX: tl.constexpr = tl.constexpr(layouts.E2M1_MAX)
-MXFP4_AMAX_FLOOR: tl.constexpr = tl.constexpr(layouts.MXFP4_AMAX_FLOOR)
-MXFP4_EXP_MIN: tl.constexpr = tl.constexpr(layouts.MXFP4_EXP_MIN)
-MXFP4_EXP_MAX: tl.constexpr = tl.constexpr(layouts.MXFP4_EXP_MAX)
+FP8_MAX = tl.constexpr(layouts.FP8_E4M3_MAX)
+E2M1_MAX = tl.constexpr(layouts.E2M1_MAX)
+MXFP4_AMAX_FLOOR = tl.constexpr(layouts.MXFP4_AMAX_FLOOR)
+MXFP4_EXP_MIN = tl.constexpr(layouts.MXFP4_EXP_MIN)
+MXFP4_EXP_MAX = tl.constexpr(layouts.MXFP4_EXP_MAX)
 
 
 # ---------------------------------------------------------------------------------------------
