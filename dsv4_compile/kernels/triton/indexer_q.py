@@ -88,11 +88,10 @@ def _indexer_q_kernel(
 
 
 def _block_h(n_tokens: int, n_heads: int, head_dim: int) -> int:
-    # ~2-4 KiB of q per program; fewer heads per program when the batch is small so more SMs work.
-    target = max(1, 2048 // head_dim)
-    if n_tokens < 64:
-        target = max(1, target // 2)
-    return min(triton.next_power_of_2(n_heads), target)
+    # Measured on an H100 (benchmarks/indexer_q.py --sweep, D=128): 4 heads per program for a few
+    # tokens (more programs in flight), 8 up to ~1k tokens, 32 (8 KiB of q) for large batches.
+    elems = 512 if n_tokens < 64 else (1024 if n_tokens < 1024 else 4096)
+    return min(triton.next_power_of_2(n_heads), max(1, elems // head_dim))
 
 
 def _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, mxfp4, out, scale, w_out, block_h=None,
@@ -111,7 +110,7 @@ def _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, mxfp4,
         weight_scale, d**-0.5,
         D=d, ROT=cs.shape[-1], BLOCK_H=block_h, HADAMARD=hadamard, LOG2_D=d.bit_length() - 1,
         MXFP4=mxfp4, HW_E2M1=mxfp4 and use_hw_e2m1(q.device),
-        num_warps=num_warps or (4 if block_h * d >= 1024 else 2), **LAUNCH_OPTS,
+        num_warps=num_warps or 4, **LAUNCH_OPTS,
     )
 
 
