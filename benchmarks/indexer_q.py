@@ -50,6 +50,7 @@ def plain_dsv4(fmt):
         return q_fp8, weights.float() * WEIGHT_SCALE * q_scale.squeeze(-1)
 
     def mxfp4(q, positions, cs, weights):
+        torch._check(weights.shape[0] == q.shape[0])  # one token dim (nothing else ties them)
         packed, scale = dsv4.mxfp4_quant(dsv4.rope(q, positions, cs))
         return packed, scale, weights.float() * WEIGHT_SCALE
 

@@ -174,6 +174,31 @@ aten.mul.Tensor""")
         self.assertNotIn("dsv4.rope.default", after)
         self.assertNotIn("dsv4.fp8_block_quant.default", after)
 
+    def test_mxfp4_fuses_under_dynamic_tokens_when_the_model_states_one_token_dim(self):
+        m = IndexerQ(64, 32, n_heads=4, head_dim=128, fmt="mxfp4")
+        g = torch.Generator().manual_seed(2)
+        cs = cos_sin_cache(64, 256, 160000.0)
+        pm = DSV4PassManager(record=True)
+        compiled = torch.compile(m, fullgraph=True, options={"post_grad_custom_post_pass": pm})
+        for t in (3, 17, 40):
+            args = [torch.randn(t, 32, generator=g).bfloat16(), torch.randn(t, 64, generator=g).bfloat16(),
+                    torch.randint(0, 256, (t,), generator=g), cs]
+            for a in args[:3]:
+                torch._dynamo.mark_dynamic(a, 0)
+            _assert_same(compiled(*args), m(*args))
+        self.assertEqual(len(pm.snapshots), 1)
+        self.assertEqual(pm.snapshots[0].matches, {"indexer_q": 1})
+
+    def test_mxfp4_is_not_fused_when_weights_may_have_another_token_count(self):
+        # Without a stated shared token dim the weights' T is an unrelated symbol: fusing would
+        # impose weights.shape[0] == q.shape[0], which the plain graph does not promise.
+        args = _inputs()
+        for a in (args[0], args[1], args[3]):
+            torch._dynamo.mark_dynamic(a, 0)
+        out, pm = _compile(mxfp4_chain, *args)
+        self.assertEqual(pm.snapshots[-1].matches, {"indexer_q": 0})
+        _assert_same(out, mxfp4_chain(*args))
+
     def test_no_match_when_an_intermediate_escapes(self):
         def rope_escapes(q, positions, cs, weights):
             y = dsv4.rope(q, positions, cs)

@@ -38,6 +38,10 @@ class IndexerQ(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, qr, x, positions, cos_sin_cache):
+        # One token dimension: under dynamic shapes this tells the compiler that q and the weights
+        # share T (the MXFP4 fusion has no data edge between them to infer it from).
+        torch._check(qr.shape[0] == x.shape[0])
+        torch._check(qr.shape[0] == positions.shape[0])
         q = self.wq_b(qr).view(-1, self.n_heads, self.head_dim)
         q = torch.ops.dsv4.rope(q, positions, cos_sin_cache)
         if self.hadamard:
