@@ -111,10 +111,8 @@ def test_hadamard_is_orthonormal_with_scale_inverse_sqrt_d():
     h = reference.hadamard(eye, d**-0.5)
     assert torch.allclose(h @ h.T, eye, atol=1e-6)
     # Sylvester sign pattern: H[j, k] = (-1)^popcount(j & k)
-    j = torch.arange(d)
     signs = (-1.0) ** torch.tensor([[bin(a & b).count("1") for b in range(d)] for a in range(d)], dtype=torch.float32)
     assert torch.equal(torch.sign(h), signs)
-    del j
 
 
 def test_indexer_q_fp8_folds_q_scale_into_weights():

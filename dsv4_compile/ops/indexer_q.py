@@ -12,7 +12,7 @@ from .. import layouts, reference
 from ._lib import FLOAT_DTYPES, check_power_of_two, check_rope_args, check_tensor, qualname
 
 
-def _check(q, positions, cos_sin_cache, weights, weight_scale, mxfp4: bool):
+def _check(q, positions, cos_sin_cache, weights, weight_scale):
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     check_power_of_two("q's head_dim", q.shape[-1], layouts.MXFP4_BLOCK, 1024)
     check_rope_args("q", q, positions, cos_sin_cache)
@@ -42,13 +42,13 @@ def indexer_q_rope_fp8(
     Returns ``(q_fp8 float8_e4m3fn [T, H, D], weights_out fp32 [T, H])`` with one UE8M0 scale per
     (token, head); the q scale is folded into ``weights_out = weights · weight_scale · q_scale``.
     """
-    _check(q, positions, cos_sin_cache, weights, weight_scale, False)
+    _check(q, positions, cos_sin_cache, weights, weight_scale)
     return reference.indexer_q_rope_fp8(q, positions, cos_sin_cache, weights, weight_scale, hadamard)
 
 
 @indexer_q_rope_fp8.register_kernel("cuda")
 def _indexer_q_rope_fp8_cuda(q, positions, cos_sin_cache, weights, weight_scale, hadamard=False):
-    _check(q, positions, cos_sin_cache, weights, weight_scale, False)
+    _check(q, positions, cos_sin_cache, weights, weight_scale)
     from ..kernels.triton import indexer_q
 
     return indexer_q.indexer_q_rope_fp8(q, positions, cos_sin_cache, weights, weight_scale, hadamard)
@@ -56,7 +56,7 @@ def _indexer_q_rope_fp8_cuda(q, positions, cos_sin_cache, weights, weight_scale,
 
 @indexer_q_rope_fp8.register_fake
 def _indexer_q_rope_fp8_fake(q, positions, cos_sin_cache, weights, weight_scale, hadamard=False):
-    _check(q, positions, cos_sin_cache, weights, weight_scale, False)
+    _check(q, positions, cos_sin_cache, weights, weight_scale)
     t, h, d = q.shape
     return (
         torch.empty((t, h, d), dtype=torch.float8_e4m3fn, device=q.device),
@@ -79,13 +79,13 @@ def indexer_q_rope_mxfp4(
     E2M1 nibbles (even element low), one UE8M0 byte per 32 dims (byte j ↔ dims 32j..32j+31), and
     ``weights_out = weights · weight_scale`` (no q scale on this path).
     """
-    _check(q, positions, cos_sin_cache, weights, weight_scale, True)
+    _check(q, positions, cos_sin_cache, weights, weight_scale)
     return reference.indexer_q_rope_mxfp4(q, positions, cos_sin_cache, weights, weight_scale, hadamard)
 
 
 @indexer_q_rope_mxfp4.register_kernel("cuda")
 def _indexer_q_rope_mxfp4_cuda(q, positions, cos_sin_cache, weights, weight_scale, hadamard=False):
-    _check(q, positions, cos_sin_cache, weights, weight_scale, True)
+    _check(q, positions, cos_sin_cache, weights, weight_scale)
     from ..kernels.triton import indexer_q
 
     return indexer_q.indexer_q_rope_mxfp4(q, positions, cos_sin_cache, weights, weight_scale, hadamard)
@@ -93,7 +93,7 @@ def _indexer_q_rope_mxfp4_cuda(q, positions, cos_sin_cache, weights, weight_scal
 
 @indexer_q_rope_mxfp4.register_fake
 def _indexer_q_rope_mxfp4_fake(q, positions, cos_sin_cache, weights, weight_scale, hadamard=False):
-    _check(q, positions, cos_sin_cache, weights, weight_scale, True)
+    _check(q, positions, cos_sin_cache, weights, weight_scale)
     t, h, d = q.shape
     return (
         torch.empty((t, h, d // 2), dtype=torch.uint8, device=q.device),

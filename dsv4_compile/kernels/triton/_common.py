@@ -101,6 +101,3 @@ def use_hw_e2m1(device: torch.device) -> bool:
         return False
     return torch.cuda.get_device_capability(device)[0] >= 10
 
-
-def tl_dtype_bits(dtype: torch.dtype) -> int:
-    return torch.finfo(dtype).bits
