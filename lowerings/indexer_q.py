@@ -242,7 +242,8 @@ class IndexerQFusion:
                     m.meta["val"] = fake_call(aten.mul.Tensor, (w_out, f), [w_out])
                     w_out = m
 
-        items[0].replace_all_uses_with(outs[0]) if 0 in items else None
+        if 0 in items:
+            items[0].replace_all_uses_with(outs[0])
         if not fp8 and 1 in items:
             items[1].replace_all_uses_with(outs[1])
         prod.root.replace_all_uses_with(w_out)

@@ -1,4 +1,4 @@
-"""Shared plumbing of the dsv4 ops: the namespace, backend choice and input validation.
+"""Shared plumbing of the dsv4 ops: the namespace and input validation.
 
 Validation raises ``ValueError`` naming the argument and what was expected. Checks that need
 tensor *values* (positions in range) run only where they cost no device sync: on CPU tensors.
@@ -6,7 +6,6 @@ tensor *values* (positions in range) run only where they cost no device sync: on
 
 from __future__ import annotations
 
-import os
 from typing import Iterable, Optional
 
 import torch
@@ -19,14 +18,6 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 def qualname(name: str) -> str:
     return f"{NAMESPACE}::{name}"
-
-
-def cuda_backend() -> str:
-    """Which kernel family serves CUDA tensors: ``DSV4_BACKEND`` = auto (default) | triton | cute."""
-    choice = os.environ.get("DSV4_BACKEND", "auto").lower()
-    if choice not in ("auto", "triton", "cute"):
-        raise ValueError(f"DSV4_BACKEND must be auto, triton or cute, got {choice!r}")
-    return "triton" if choice == "auto" else choice
 
 
 def check_tensor(

@@ -46,23 +46,6 @@ def indexer_q_rope_fp8(
     return reference.indexer_q_rope_fp8(q, positions, cos_sin_cache, weights, weight_scale, hadamard)
 
 
-@indexer_q_rope_fp8.register_kernel("cuda")
-def _indexer_q_rope_fp8_cuda(q, positions, cos_sin_cache, weights, weight_scale, hadamard=False):
-    _check(q, positions, cos_sin_cache, weights, weight_scale)
-    from ..kernels.triton import indexer_q
-
-    return indexer_q.indexer_q_rope_fp8(q, positions, cos_sin_cache, weights, weight_scale, hadamard)
-
-
-@indexer_q_rope_fp8.register_fake
-def _indexer_q_rope_fp8_fake(q, positions, cos_sin_cache, weights, weight_scale, hadamard=False):
-    _check(q, positions, cos_sin_cache, weights, weight_scale)
-    t, h, d = q.shape
-    return (
-        torch.empty((t, h, d), dtype=torch.float8_e4m3fn, device=q.device),
-        torch.empty((t, h), dtype=torch.float32, device=q.device),
-    )
-
 
 @torch.library.custom_op(qualname("indexer_q_rope_mxfp4"), mutates_args=())
 def indexer_q_rope_mxfp4(
@@ -83,20 +66,30 @@ def indexer_q_rope_mxfp4(
     return reference.indexer_q_rope_mxfp4(q, positions, cos_sin_cache, weights, weight_scale, hadamard)
 
 
-@indexer_q_rope_mxfp4.register_kernel("cuda")
-def _indexer_q_rope_mxfp4_cuda(q, positions, cos_sin_cache, weights, weight_scale, hadamard=False):
-    _check(q, positions, cos_sin_cache, weights, weight_scale)
-    from ..kernels.triton import indexer_q
+def _register_cuda_and_fake(op, kernel_name: str, outputs) -> None:
+    """CUDA kernel (Triton) and fake for one fused op; ``outputs(t, h, d)`` lists (shape, dtype)."""
 
-    return indexer_q.indexer_q_rope_mxfp4(q, positions, cos_sin_cache, weights, weight_scale, hadamard)
+    @op.register_kernel("cuda")
+    def _cuda(q, positions, cos_sin_cache, weights, weight_scale, hadamard=False):
+        _check(q, positions, cos_sin_cache, weights, weight_scale)
+        from ..kernels.triton import indexer_q
+
+        return getattr(indexer_q, kernel_name)(q, positions, cos_sin_cache, weights, weight_scale, hadamard)
+
+    @op.register_fake
+    def _fake(q, positions, cos_sin_cache, weights, weight_scale, hadamard=False):
+        _check(q, positions, cos_sin_cache, weights, weight_scale)
+        return tuple(torch.empty(shape, dtype=dtype, device=q.device) for shape, dtype in outputs(*q.shape))
 
 
-@indexer_q_rope_mxfp4.register_fake
-def _indexer_q_rope_mxfp4_fake(q, positions, cos_sin_cache, weights, weight_scale, hadamard=False):
-    _check(q, positions, cos_sin_cache, weights, weight_scale)
-    t, h, d = q.shape
-    return (
-        torch.empty((t, h, d // 2), dtype=torch.uint8, device=q.device),
-        torch.empty((t, h, d // layouts.MXFP4_BLOCK), dtype=torch.uint8, device=q.device),
-        torch.empty((t, h), dtype=torch.float32, device=q.device),
-    )
+_register_cuda_and_fake(
+    indexer_q_rope_fp8,
+    "indexer_q_rope_fp8",
+    lambda t, h, d: [((t, h, d), torch.float8_e4m3fn), ((t, h), torch.float32)],
+)
+_register_cuda_and_fake(
+    indexer_q_rope_mxfp4,
+    "indexer_q_rope_mxfp4",
+    lambda t, h, d: [((t, h, d // 2), torch.uint8), ((t, h, d // layouts.MXFP4_BLOCK), torch.uint8),
+                     ((t, h), torch.float32)],
+)

@@ -12,6 +12,7 @@ fp32 product and sum separately, and an FMA would round once (and break bit-exac
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -99,5 +100,11 @@ def use_hw_e2m1(device: torch.device) -> bool:
         return False
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 10
+    return _sm_major(device.index if device.index is not None else torch.cuda.current_device()) >= 10
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_major(index: int) -> int:
+    # Cached: the launchers ask on every call, and the answer never changes for a device.
+    return torch.cuda.get_device_capability(index)[0]
 
