@@ -59,7 +59,7 @@ def fp8_ds_mla_page_bytes(block_size: int) -> int:
 
     64 tokens -> 37440 (65·576); 2 entries -> 1728 (3·576).
     """
-    return round_up(block_size * FP8_DS_MLA_RECORD_BYTES, FP8_DS_MLA_PAGE_ALIGN)
+    return page_bytes("fp8_ds_mla", block_size)
 
 
 def fp8_ds_mla_scale_offset(block_size: int) -> int:
@@ -69,16 +69,50 @@ def fp8_ds_mla_scale_offset(block_size: int) -> int:
 
 def indexer_page_bytes(block_size: int, fmt: str) -> int:
     """Bytes of one indexer K page (values region then scales region), padded to 576 like vLLM."""
-    if fmt == "fp8":
-        record = INDEXER_FP8_RECORD_BYTES
-    elif fmt == "mxfp4":
-        record = INDEXER_MXFP4_RECORD_BYTES
-    else:
+    if fmt not in INDEXER_FORMATS:
         raise ValueError(f"indexer cache fmt must be 'fp8' or 'mxfp4', got {fmt!r}")
-    return round_up(block_size * record, FP8_DS_MLA_PAGE_ALIGN)
+    return page_bytes(fmt, block_size)
 
 
 def compressor_state_row_floats(compress_ratio: int, head_dim: int) -> int:
     """fp32 values per compressor state row: [kv (coff·d) | score + ape (coff·d)]."""
     coff = 2 if compress_ratio == 4 else 1
     return 2 * coff * head_dim
+
+
+# --- paged record formats: one name per cache kind ---------------------------------------------
+# fmt -> (value bytes per slot, scale bytes per slot). A page of ``bs`` slots holds the value
+# region ``[0, bs·V)`` (slot k at ``k·V``), then the scale region ``[bs·V, bs·(V+S))`` (slot k at
+# ``bs·V + k·S``), padded up to a multiple of 576 B. Bytes past ``bs·(V+S)`` are never touched.
+RECORD_FORMATS = {
+    "fp8_ds_mla": (FP8_DS_MLA_TOKEN_BYTES, FP8_DS_MLA_SCALE_BYTES),  # main KV (SWA, C4, C128)
+    "fp8": (INDEXER_FP8_VALUE_BYTES, INDEXER_FP8_SCALE_BYTES),  # indexer K, FP8
+    "mxfp4": (INDEXER_MXFP4_VALUE_BYTES, INDEXER_MXFP4_SCALE_BYTES),  # indexer K, MXFP4
+}
+INDEXER_FORMATS = ("fp8", "mxfp4")
+
+
+def record_bytes(fmt: str) -> tuple[int, int]:
+    """(value bytes, scale bytes) of one slot of a paged cache in format ``fmt``."""
+    if fmt not in RECORD_FORMATS:
+        raise ValueError(f"cache format must be one of {sorted(RECORD_FORMATS)}, got {fmt!r}")
+    return RECORD_FORMATS[fmt]
+
+
+def page_bytes(fmt: str, block_size: int) -> int:
+    """Allocated bytes of one page of ``block_size`` slots (padded to a multiple of 576 B)."""
+    v, s = record_bytes(fmt)
+    return round_up(block_size * (v + s), FP8_DS_MLA_PAGE_ALIGN)
+
+
+def compress_overlap(compress_ratio: int) -> int:
+    """coff: 2 for the overlapping C4 compressor, 1 for C128."""
+    if compress_ratio not in (4, 128):
+        raise ValueError(f"compress_ratio must be 4 or 128, got {compress_ratio}")
+    return 2 if compress_ratio == 4 else 1
+
+
+def compressor_state_page_bytes(compress_ratio: int, head_dim: int, block_size: int) -> int:
+    """Bytes of one compressor state page: ``block_size`` fp32 rows, padded to 576 (C4 main, 4 rows:
+    32768 -> 32832)."""
+    return round_up(block_size * 4 * compressor_state_row_floats(compress_ratio, head_dim), FP8_DS_MLA_PAGE_ALIGN)

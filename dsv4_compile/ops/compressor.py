@@ -1,0 +1,249 @@
+"""Compressor ops (spec §2.4, §4.3) and the exact RMSNorm they use.
+
+Plain form (what a model writes; ``dsv4_compile.lowerings`` fuses it into ``compressor_insert``)::
+
+    dsv4.compressor_state_save(kv_score, positions, ape, state_cache, state_slot_mapping, sbs)
+    pooled = dsv4.compressor_pool(state_cache, positions, state_block_table, token_to_req, sbs, r, d)
+    y = dsv4.rope(dsv4.rms_norm(pooled, norm_weight, eps), positions // r * r, cos_sin_cache)
+    y = y.to(torch.bfloat16)                           # [+ dsv4.hadamard(y, d ** -0.5), indexer]
+    dsv4.kv_insert(y, kv_cache, slot_mapping, bs)      # or dsv4.indexer_k_insert(..., fmt)
+
+``slot_mapping`` is the compressed-cache slot of the entry a token closes (−1 for tokens that
+close none, and for padding); pooled rows of tokens that close no window are 0. Partial windows
+live in the state cache, so a sequence compressed in one prefill, in chunks, or token by token
+writes identical bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import layouts
+from ..reference import compressor as ref
+from ._lib import FLOAT_DTYPES, INDEX_DTYPES, check_rope_args, check_tensor, qualname
+from .cache import check_block_size, check_cache, check_slots
+
+
+# --- rms_norm -----------------------------------------------------------------------------------
+def _check_norm_weight(name, weight, dim, eps, device):
+    check_tensor(name, weight, ndim=1, dtypes=FLOAT_DTYPES, device=device)
+    if weight.shape[0] != dim:
+        raise ValueError(f"{name} has {weight.shape[0]} entries but the normalized dim is {dim}")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+
+
+def _check_norm(x, weight, eps):
+    check_tensor("x", x, min_ndim=1, dtypes=FLOAT_DTYPES)
+    if x.shape[-1] > 8192:
+        raise ValueError(f"x's last dim must be at most 8192, got {x.shape[-1]}")
+    _check_norm_weight("weight", weight, x.shape[-1], eps, x.device)
+
+
+@torch.library.custom_op(qualname("rms_norm"), mutates_args=())
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weighted RMSNorm over the last dim in fp32, rounded to ``x.dtype``; the sum of squares is a
+    fixed pairwise tree and ``1/sqrt`` is correctly rounded, so every backend gives the same bits."""
+    _check_norm(x, weight, eps)
+    return ref.rms_norm(x, weight, eps)
+
+
+@rms_norm.register_kernel("cuda")
+def _rms_norm_cuda(x, weight, eps):
+    _check_norm(x, weight, eps)
+    from ..kernels.triton import compressor as kernels
+
+    return kernels.rms_norm(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _rms_norm_fake(x, weight, eps):
+    _check_norm(x, weight, eps)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+# --- shared validation ----------------------------------------------------------------------------
+def _check_ratio_dim(compress_ratio, head_dim):
+    layouts.compress_overlap(compress_ratio)  # ValueError unless 4 or 128
+    if head_dim not in (layouts.KV_HEAD_DIM, layouts.INDEXER_HEAD_DIM):
+        raise ValueError(f"head_dim must be {layouts.KV_HEAD_DIM} (main) or {layouts.INDEXER_HEAD_DIM} "
+                         f"(indexer), got {head_dim}")
+
+
+def _check_state_cache(state_cache, compress_ratio, head_dim, state_block_size, device):
+    check_block_size(state_block_size)
+    check_tensor("state_cache", state_cache, ndim=2, dtypes=(torch.uint8,), device=device)
+    row = 4 * layouts.compressor_state_row_floats(compress_ratio, head_dim)
+    if state_cache.shape[1] < state_block_size * row:
+        raise ValueError(f"state_cache pages hold {state_cache.shape[1]} bytes but {state_block_size} rows of "
+                         f"{row} B need {state_block_size * row}")
+    if state_cache.shape[1] % 4 or state_cache.stride(0) % 4 or state_cache.storage_offset() % 4 or (
+            state_cache.shape[1] > 1 and state_cache.stride(1) != 1):
+        raise ValueError("state_cache must be fp32-addressable: contiguous pages whose size, stride and offset "
+                         f"are multiples of 4 bytes, got shape {tuple(state_cache.shape)} strides {state_cache.stride()}")
+
+
+def _check_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size):
+    check_tensor("ape", ape, ndim=2, dtypes=(torch.float32,))
+    r, w = ape.shape
+    coff = layouts.compress_overlap(r)
+    if w % coff:
+        raise ValueError(f"ape must be [r, coff·d]; {w} is not a multiple of coff={coff}")
+    _check_ratio_dim(r, w // coff)
+    check_tensor("kv_score", kv_score, ndim=2, dtypes=FLOAT_DTYPES, device=ape.device)
+    if kv_score.shape[1] != 2 * w:
+        raise ValueError(f"kv_score must be [T, 2·{w}] ([kv | score]), got {tuple(kv_score.shape)}")
+    check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=ape.device)
+    if positions.shape[0] != kv_score.shape[0]:
+        raise ValueError(f"positions has {positions.shape[0]} entries but kv_score has {kv_score.shape[0]} rows")
+    _check_state_cache(state_cache, r, w // coff, state_block_size, ape.device)
+    check_slots("state_slot_mapping", state_slot_mapping, kv_score.shape[0], state_cache.shape[0] * state_block_size,
+                ape.device)
+
+
+def _check_pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim):
+    _check_ratio_dim(compress_ratio, head_dim)
+    check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES)
+    _check_state_cache(state_cache, compress_ratio, head_dim, state_block_size, positions.device)
+    check_tensor("state_block_table", state_block_table, ndim=2, dtypes=(torch.int32,), device=positions.device)
+    check_tensor("token_to_req", token_to_req, ndim=1, dtypes=INDEX_DTYPES, device=positions.device)
+    if token_to_req.shape[0] != positions.shape[0]:
+        raise ValueError(f"token_to_req has {token_to_req.shape[0]} entries but positions has {positions.shape[0]}")
+    check_slots("token_to_req", token_to_req, None, state_block_table.shape[0], positions.device)
+
+
+# --- compressor_state_save ----------------------------------------------------------------------
+@torch.library.custom_op(qualname("compressor_state_save"), mutates_args=("state_cache",))
+def compressor_state_save(
+    kv_score: torch.Tensor,
+    positions: torch.Tensor,
+    ape: torch.Tensor,
+    state_cache: torch.Tensor,
+    state_slot_mapping: torch.Tensor,
+    state_block_size: int,
+) -> None:
+    """Write each token's state row ``[kv | score + ape[p % r]]`` (fp32, ``kv_score [T, 2W]`` =
+    ``[kv | score]``, ``ape [r, W]``) to ``state_cache`` at ``state_slot_mapping`` (−1 = skip)."""
+    _check_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size)
+    ref.state_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size)
+
+
+@compressor_state_save.register_kernel("cuda")
+def _state_save_cuda(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size):
+    _check_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size)
+    from ..kernels.triton import compressor as kernels
+
+    kernels.state_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size)
+
+
+@compressor_state_save.register_fake
+def _state_save_fake(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size):
+    _check_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size)
+
+
+# --- compressor_pool ----------------------------------------------------------------------------
+@torch.library.custom_op(qualname("compressor_pool"), mutates_args=())
+def compressor_pool(
+    state_cache: torch.Tensor,
+    positions: torch.Tensor,
+    state_block_table: torch.Tensor,
+    token_to_req: torch.Tensor,
+    state_block_size: int,
+    compress_ratio: int,
+    head_dim: int,
+) -> torch.Tensor:
+    """fp32 ``[T, head_dim]``: for each token at ``p`` with ``(p+1) % r == 0`` the per-channel softmax
+    pooling of its window's state rows (C4: 8 overlapping rows, C128: 128), 0 for other tokens.
+
+    The window's rows are found through ``state_block_table [R, M]`` (int32 state pages of each
+    request, position ``q`` → page ``[req, q // state_block_size]``) and ``token_to_req [T]``
+    (−1 = padding). Negative positions and missing pages weigh 0."""
+    _check_pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim)
+    return ref.pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio,
+                    head_dim)
+
+
+@compressor_pool.register_kernel("cuda")
+def _pool_cuda(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim):
+    _check_pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim)
+    from ..kernels.triton import compressor as kernels
+
+    return kernels.pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio,
+                        head_dim, None)
+
+
+@compressor_pool.register_fake
+def _pool_fake(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim):
+    _check_pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim)
+    return torch.empty((positions.shape[0], head_dim), dtype=torch.float32, device=positions.device)
+
+
+# --- compressor_insert (fused) --------------------------------------------------------------------
+def _check_insert(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table, token_to_req,
+                  state_block_size, norm_weight, eps, cos_sin_cache, cache, slot_mapping, block_size, fmt, hadamard):
+    _check_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size)
+    r = ape.shape[0]
+    d = ape.shape[1] // layouts.compress_overlap(r)
+    _check_pool(state_cache, positions, state_block_table, token_to_req, state_block_size, r, d)
+    _check_norm_weight("norm_weight", norm_weight, d, eps, positions.device)
+    check_rope_args("kv_score", kv_score, positions, cos_sin_cache)
+    if cos_sin_cache.shape[-1] != layouts.ROPE_DIM:
+        raise ValueError(f"cos_sin_cache must rotate the last {layouts.ROPE_DIM} dims, got {cos_sin_cache.shape[-1]}")
+    want = "fp8_ds_mla" if d == layouts.KV_HEAD_DIM else layouts.INDEXER_FORMATS
+    if (fmt != want) if isinstance(want, str) else (fmt not in want):
+        raise ValueError(f"fmt must be {want!r} for head_dim {d}, got {fmt!r}")
+    if hadamard and fmt == "fp8_ds_mla":
+        raise ValueError("hadamard applies to the indexer compressor (fmt 'fp8' / 'mxfp4') only")
+    check_cache("cache", cache, fmt, block_size, positions.device)
+    check_slots("slot_mapping", slot_mapping, positions.shape[0], cache.shape[0] * block_size, positions.device)
+
+
+@torch.library.custom_op(qualname("compressor_insert"), mutates_args=("state_cache", "cache"))
+def compressor_insert(
+    kv_score: torch.Tensor,
+    positions: torch.Tensor,
+    ape: torch.Tensor,
+    state_cache: torch.Tensor,
+    state_slot_mapping: torch.Tensor,
+    state_block_table: torch.Tensor,
+    token_to_req: torch.Tensor,
+    state_block_size: int,
+    norm_weight: torch.Tensor,
+    eps: float,
+    cos_sin_cache: torch.Tensor,
+    cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_size: int,
+    fmt: str,
+    hadamard: bool = False,
+) -> None:
+    """The fused compressor of one layer and step (the module's plain form in one op): state save →
+    pool → RMSNorm (fp32) → RoPE at ``(p//r)·r`` (fp32) → bf16 → [Hadamard, indexer] → quantize →
+    insert into ``cache`` (``fmt`` "fp8_ds_mla" for the main head 512, "fp8"/"mxfp4" for the indexer
+    head 128) at ``slot_mapping``."""
+    _check_insert(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table, token_to_req,
+                  state_block_size, norm_weight, eps, cos_sin_cache, cache, slot_mapping, block_size, fmt, hadamard)
+    ref.compressor_insert(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table, token_to_req,
+                          state_block_size, norm_weight, eps, cos_sin_cache, cache, slot_mapping, block_size, fmt,
+                          hadamard)
+
+
+@compressor_insert.register_kernel("cuda")
+def _compressor_insert_cuda(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table,
+                            token_to_req, state_block_size, norm_weight, eps, cos_sin_cache, cache, slot_mapping,
+                            block_size, fmt, hadamard=False):
+    _check_insert(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table, token_to_req,
+                  state_block_size, norm_weight, eps, cos_sin_cache, cache, slot_mapping, block_size, fmt, hadamard)
+    from ..kernels.triton import compressor as kernels
+
+    kernels.compressor_insert(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table,
+                              token_to_req, state_block_size, norm_weight, eps, cos_sin_cache, cache, slot_mapping,
+                              block_size, fmt, hadamard)
+
+
+@compressor_insert.register_fake
+def _compressor_insert_fake(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table,
+                            token_to_req, state_block_size, norm_weight, eps, cos_sin_cache, cache, slot_mapping,
+                            block_size, fmt, hadamard=False):
+    _check_insert(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table, token_to_req,
+                  state_block_size, norm_weight, eps, cos_sin_cache, cache, slot_mapping, block_size, fmt, hadamard)
