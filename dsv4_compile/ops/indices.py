@@ -1,0 +1,168 @@
+"""Sparse-attention index construction for decode (spec §2.6): ``dsv4::swa_indices``,
+``dsv4::global_topk_indices``, ``dsv4::compressed_indices``.
+
+All three map logical cache entries of a token's request to physical slots through a paged
+``block_table [R, M]`` int32 and return fresh int32 ``(indices [T, W], lens [T])``; W is an input
+dim or a Python int, so shapes never depend on values and nothing syncs (spec §6.1). Padding tokens
+(``token_to_req < 0``; for the position-based ops also ``positions < 0``) get a row of −1 and
+``lens = 0``. See ``reference.indices`` for the rules on unallocated pages and ``lens``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..reference import indices as ref
+from ._lib import INDEX_DTYPES, _is_fake, check_tensor, qualname
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_table_and_req(block_table, token_to_req, n_tokens: int, tokens_name: str, device) -> None:
+    check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=device)
+    check_tensor("token_to_req", token_to_req, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    if token_to_req.shape[0] != n_tokens:
+        raise ValueError(f"token_to_req has {token_to_req.shape[0]} entries but {tokens_name} has {n_tokens} tokens")
+    # A device-side range check would need a sync; on CPU it is free. Negative = padding token.
+    if token_to_req.device.type == "cpu" and token_to_req.numel() and not _is_fake(token_to_req):
+        hi = int(token_to_req.max())
+        if hi >= block_table.shape[0]:
+            raise ValueError(
+                f"token_to_req must be < {block_table.shape[0]} (the block_table rows) or negative (padding), "
+                f"got {hi}"
+            )
+
+
+def _check_positional(positions, block_table, token_to_req, block_size, **ints) -> None:
+    check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES)
+    _check_int("block_size", block_size)
+    for name, value in ints.items():
+        _check_int(name, value)
+    _check_table_and_req(block_table, token_to_req, positions.shape[0], "positions", positions.device)
+
+
+def _check_topk(topk, block_table, token_to_req, block_size) -> None:
+    check_tensor("topk", topk, ndim=2, dtypes=(torch.int32,))
+    _check_int("block_size", block_size)
+    _check_table_and_req(block_table, token_to_req, topk.shape[0], "topk", topk.device)
+
+
+def _empty_pair(t, width, device):
+    return (
+        torch.empty((t, width), dtype=torch.int32, device=device),
+        torch.empty((t,), dtype=torch.int32, device=device),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# swa_indices
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op(qualname("swa_indices"), mutates_args=())
+def swa_indices(
+    positions: torch.Tensor, block_table: torch.Tensor, token_to_req: torch.Tensor, block_size: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sliding-window slots of each decode token.
+
+    Args: ``positions [T]`` int32/int64, ``block_table [R, M]`` int32 (−1 = unallocated page),
+    ``token_to_req [T]`` int32/int64 (−1 = padding token), ``block_size`` (tokens per page),
+    ``window`` (128 in DSv4).
+
+    Returns ``(indices int32 [T, window], lens int32 [T])``: for ``swa_len = min(p+1, window)``,
+    ``indices[t, j]`` = slot of position ``max(0, p−window+1) + j`` for ``j < swa_len``, −1 beyond;
+    ``lens = swa_len``. A page outside the table or a negative table entry gives −1 at that index but
+    still counts in ``lens``. Padding tokens (``token_to_req < 0`` or ``p < 0``): all −1, ``lens`` 0.
+    """
+    _check_positional(positions, block_table, token_to_req, block_size, window=window)
+    return ref.swa_indices(positions, block_table, token_to_req, block_size, window)
+
+
+@swa_indices.register_kernel("cuda")
+def _swa_indices_cuda(positions, block_table, token_to_req, block_size, window):
+    _check_positional(positions, block_table, token_to_req, block_size, window=window)
+    from ..kernels.triton import indices
+
+    return indices.swa_indices(positions, block_table, token_to_req, block_size, window)
+
+
+@swa_indices.register_fake
+def _swa_indices_fake(positions, block_table, token_to_req, block_size, window):
+    _check_positional(positions, block_table, token_to_req, block_size, window=window)
+    return _empty_pair(positions.shape[0], window, positions.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# global_topk_indices
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op(qualname("global_topk_indices"), mutates_args=())
+def global_topk_indices(
+    topk: torch.Tensor, block_table: torch.Tensor, token_to_req: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global compressed-cache slots of the indexer's top-k (CSA decode).
+
+    Args: ``topk [T, K]`` int32 local compressed indices (−1 = none), ``block_table [R, M]`` int32 of
+    the compressed cache, ``token_to_req [T]`` int32/int64 (−1 = padding token), ``block_size``
+    (compressed entries per page).
+
+    Returns ``(slots int32 [T, K], lens int32 [T])``: ``slots[t, k]`` = slot of entry ``topk[t, k]``
+    (order kept), −1 for a −1 entry, a page outside the table or a negative table entry;
+    ``lens[t]`` = number of slots >= 0. Padding tokens: all −1, ``lens`` 0.
+    """
+    _check_topk(topk, block_table, token_to_req, block_size)
+    return ref.global_topk_indices(topk, block_table, token_to_req, block_size)
+
+
+@global_topk_indices.register_kernel("cuda")
+def _global_topk_indices_cuda(topk, block_table, token_to_req, block_size):
+    _check_topk(topk, block_table, token_to_req, block_size)
+    from ..kernels.triton import indices
+
+    return indices.global_topk_indices(topk, block_table, token_to_req, block_size)
+
+
+@global_topk_indices.register_fake
+def _global_topk_indices_fake(topk, block_table, token_to_req, block_size):
+    _check_topk(topk, block_table, token_to_req, block_size)
+    return _empty_pair(topk.shape[0], topk.shape[1], topk.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed_indices
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op(qualname("compressed_indices"), mutates_args=())
+def compressed_indices(
+    positions: torch.Tensor,
+    block_table: torch.Tensor,
+    token_to_req: torch.Tensor,
+    block_size: int,
+    compress_ratio: int,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots of every visible compressed entry (HCA decode, "attend to all").
+
+    Args as ``swa_indices``, plus ``compress_ratio`` (128 for HCA) and ``width`` (the row width,
+    e.g. ``ceil(max_model_len / 128)`` rounded up to a multiple of 128 for FlashMLA).
+
+    Returns ``(slots int32 [T, width], lens int32 [T])``: with ``n = (p+1) // compress_ratio`` visible
+    entries, ``slots[t, i]`` = slot of entry ``i`` for ``i < min(n, width)``, −1 beyond;
+    ``lens = min(n, width)`` (a page outside the table or a negative table entry gives −1 at that
+    index but still counts). Padding tokens: all −1, ``lens`` 0.
+    """
+    _check_positional(positions, block_table, token_to_req, block_size, compress_ratio=compress_ratio, width=width)
+    return ref.compressed_indices(positions, block_table, token_to_req, block_size, compress_ratio, width)
+
+
+@compressed_indices.register_kernel("cuda")
+def _compressed_indices_cuda(positions, block_table, token_to_req, block_size, compress_ratio, width):
+    _check_positional(positions, block_table, token_to_req, block_size, compress_ratio=compress_ratio, width=width)
+    from ..kernels.triton import indices
+
+    return indices.compressed_indices(positions, block_table, token_to_req, block_size, compress_ratio, width)
+
+
+@compressed_indices.register_fake
+def _compressed_indices_fake(positions, block_table, token_to_req, block_size, compress_ratio, width):
+    _check_positional(positions, block_table, token_to_req, block_size, compress_ratio=compress_ratio, width=width)
+    return _empty_pair(positions.shape[0], width, positions.device)
