@@ -100,3 +100,18 @@ def same_sizes(a, b) -> bool:
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
     return len(a) == len(b) and all(x is y or statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def functionalized_nodes(graph: fx.Graph, op) -> list[fx.Node]:
+    """The ``auto_functionalized_v2`` nodes that call ``op`` (a list: safe to rewrite while iterating)."""
+    return [n for n in graph.find_nodes(op="call_function", target=auto_functionalized_v2) if n.args[0] is op]
+
+
+def base_getitems(node: fx.Node) -> dict[int, fx.Node]:
+    """``{index: getitem}`` of an ``auto_functionalized_v2`` node's outputs."""
+    return {u.args[1]: u for u in node.users if u.target is operator.getitem}
+
+
+def single_user_call(node, target) -> bool:
+    """``node`` is a call of ``target`` whose only user is the node being matched."""
+    return isinstance(node, fx.Node) and node.target is target and len(node.users) == 1

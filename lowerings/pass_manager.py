@@ -26,6 +26,8 @@ class PassConfig:
     """Which dsv4 passes run, and for which model dtypes (the dtype of the rotated activations)."""
 
     indexer_q: bool = True
+    kv_rope_insert: bool = True
+    compressor: bool = True
     dtypes: tuple[str, ...] = ("bfloat16", "float16", "float32")
 
     def __post_init__(self):
@@ -77,6 +79,14 @@ class DSV4PassManager(CustomGraphPass):
             from .indexer_q import IndexerQFusion
 
             passes.append(IndexerQFusion(self.config.torch_dtypes))
+        if self.config.compressor:  # before kv_rope_insert: it owns the rope that feeds its kv_insert
+            from .compressor import CompressorFusion
+
+            passes.append(CompressorFusion())
+        if self.config.kv_rope_insert:
+            from .kv_insert import KvRopeInsertFusion
+
+            passes.append(KvRopeInsertFusion(self.config.torch_dtypes))
         return passes
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -90,6 +100,7 @@ class DSV4PassManager(CustomGraphPass):
             from torch._inductor.pattern_matcher import stable_topological_sort
 
             stable_topological_sort(graph)
+            graph.eliminate_dead_code()
             graph.lint()
         if self.record:
             self.snapshots.append(Snapshot(before, op_list(graph), matches))
