@@ -51,7 +51,7 @@ def decode(values: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor
     if fmt == "fp8_ds_mla":
         nope = values[:, : layouts.KV_NOPE_DIM].contiguous().view(torch.float8_e4m3fn).to(torch.float32)
         s = (scales[:, : layouts.KV_NOPE_BLOCKS].to(torch.int32) << 23).view(torch.float32)
-        nope = (nope.view(n, layouts.KV_NOPE_BLOCKS, layouts.KV_QUANT_BLOCK) * s.unsqueeze(-1)).view(n, -1)
+        nope = (nope.view(n, layouts.KV_NOPE_BLOCKS, layouts.KV_QUANT_BLOCK) * s.unsqueeze(-1)).reshape(n, layouts.KV_NOPE_DIM)
         rope = values[:, layouts.KV_NOPE_DIM :].contiguous().view(torch.bfloat16)
         return torch.cat((nope.to(torch.bfloat16), rope), dim=1)
     if fmt == "fp8":
