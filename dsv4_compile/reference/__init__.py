@@ -16,3 +16,4 @@ from .quant import (  # noqa: F401
 )
 from .rope import hadamard, rope  # noqa: F401
 from .indexer_q import indexer_q_rope_fp8, indexer_q_rope_mxfp4  # noqa: F401
+from . import cache, compressor, indices  # noqa: F401,E402  (paged caches, compressor, index construction)

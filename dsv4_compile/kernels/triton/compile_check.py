@@ -15,7 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import indexer_q, primitives
+from . import cache, compressor, indexer_q, indices, primitives
 
 _OPTS = {"enable_fp_fusion": False}
 
@@ -43,6 +43,43 @@ def _cases(arch: int):
                         w_out_ptr="*fp32")
             yield indexer_q._indexer_q_kernel, {**ptrs, **scalars}, dict(
                 D=128, ROT=64, BLOCK_H=16, HADAMARD=had, LOG2_D=7, MXFP4=mxfp4, HW_E2M1=hw and mxfp4)
+    yield from _cache_cases(hw)
+    yield from _compressor_cases(hw)
+    yield from indices.compile_cases(arch)
+
+
+def _cache_cases(hw: bool):
+    for rope, bt in ((False, 1), (True, 2)):
+        yield cache._kv_insert_kernel, dict(
+            kv_ptr="*bf16", pos_ptr="*i64", cs_ptr="*fp32", cache_ptr="*u8", slot_ptr="*i64", T="i32",
+            kv_stride="i32", max_pos="i32", cs_stride="i32", page_stride="i32", capacity="i64"), dict(
+            BS=64, ROPE=rope, BT=bt)
+    for mxfp4 in (False, True):
+        yield cache._indexer_k_insert_kernel, dict(
+            k_ptr="*bf16", cache_ptr="*u8", slot_ptr="*i32", T="i32", k_stride="i32", page_stride="i32",
+            capacity="i64"), dict(BS=16, MXFP4=mxfp4, HW_E2M1=hw and mxfp4, BT=4)
+    for fmt, out in ((0, "*bf16"), (1, "*fp32"), (2, "*fp32")):
+        yield cache._gather_kernel, dict(cache_ptr="*u8", slot_ptr="*i64", out_ptr=out, N="i32", page_stride="i32",
+                                         capacity="i64"), dict(BS=64, FMT=fmt, BT=4)
+
+
+def _compressor_cases(hw: bool):
+    yield compressor._rms_norm_kernel, dict(x_ptr="*fp32", w_ptr="*bf16", out_ptr="*fp32", n_rows="i32",
+                                            eps="fp32"), dict(D=512, BD=512, LOG2_BD=9, BR=4)
+    yield compressor._state_save_kernel, dict(ks_ptr="*fp32", pos_ptr="*i64", ape_ptr="*fp32", state_ptr="*fp32",
+                                              slot_ptr="*i64", ks_stride="i32", page_stride="i32",
+                                              capacity="i64"), dict(R=4, W=1024, SBS=4)
+    for r, coff, d, bc in ((4, 2, 512, 128), (128, 1, 512, 32), (4, 2, 128, 128)):
+        yield compressor._pool_kernel, dict(
+            state_ptr="*fp32", pos_ptr="*i64", bt_ptr="*i32", req_ptr="*i64", slot_ptr="*i64", out_ptr="*fp32",
+            T="i32", page_stride="i32", n_pages="i32", bt_stride="i32", n_bt_cols="i32", n_reqs="i32",
+            slot_capacity="i64"), dict(R=r, COFF=coff, D=d, SBS=4, BC=bc, FUSED=True)
+    for fmt, d, had in ((0, 512, False), (1, 128, True), (2, 128, True)):
+        yield compressor._norm_rope_insert_kernel, dict(
+            pooled_ptr="*fp32", pos_ptr="*i64", w_ptr="*bf16", cs_ptr="*fp32", cache_ptr="*u8", slot_ptr="*i64",
+            T="i32", eps="fp32", max_pos="i32", cs_stride="i32", page_stride="i32", capacity="i64",
+            hadamard_scale="fp32"), dict(R=4, D=d, LOG2_D=d.bit_length() - 1, BS=64, FMT=fmt, HADAMARD=had,
+                                         HW_E2M1=hw and fmt == 2)
 
 
 def compile_all(arch: int) -> list[str]:
