@@ -120,6 +120,7 @@ def pool(state_cache, positions, state_block_table, token_to_req, state_block_si
         kv = torch.where(okd, kv, 0.0)
         s = torch.where(okd, sc, float("-inf"))
         m = s.amax(dim=1, keepdim=True)
+        m = torch.where(m == float("-inf"), 0.0, m)  # no valid row: every weight is 0 anyway
         e = torch.where(okd, exp_fp32(s - m), 0.0)
         num = tree_sum(e * kv, 1)
         den = tree_sum(e, 1)

@@ -177,6 +177,7 @@ def _pool_kernel(
         kv = tl.load(state_ptr + off, mask=ok[:, None], other=0.0)
         s = tl.load(state_ptr + off + W, mask=ok[:, None], other=float("-inf"))
         m = tl.max(s, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)  # no valid row: every weight is 0 anyway
         e = tl.where(ok[:, None], exp_fp32(s - m[None, :]), 0.0)
         num = tree_sum_first(e * kv, ROWS, BC, LOG2_ROWS)
         den = tree_sum_first(e, ROWS, BC, LOG2_ROWS)
