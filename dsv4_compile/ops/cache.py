@@ -21,7 +21,8 @@ from ._lib import FLOAT_DTYPES, INDEX_DTYPES, _is_fake, check_rope_args, check_t
 
 
 def check_block_size(block_size) -> None:
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
+    # a SymInt appears when Dynamo traces a Python int under dynamic=True; kernels get the real int
+    if not isinstance(block_size, (int, torch.SymInt)) or isinstance(block_size, bool) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
 
 
