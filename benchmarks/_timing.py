@@ -50,3 +50,16 @@ def input_sets(make, nbytes_per_set: int, min_total: int = 256 << 20, max_sets: 
     """Enough independent input sets that one pass over them exceeds L2 (50 MB on an H100)."""
     n = max(1, min(max_sets, -(-min_total // max(nbytes_per_set, 1))))
     return [make(i) for i in range(n)]
+
+
+def write_results(md: str, rows: list, out) -> None:
+    """Print the markdown table; with ``out``, also write it there and the rows as JSON beside it."""
+    import json
+    import os
+
+    print("\n" + md)
+    if out:
+        with open(out, "w") as f:
+            f.write(md + "\n")
+        with open(os.path.splitext(out)[0] + ".json", "w") as f:
+            json.dump(rows, f, indent=1)

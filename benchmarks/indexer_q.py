@@ -13,7 +13,6 @@ T, ``cache_size_limit`` raised: Inductor's best case) and dynamic (``mark_dynami
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -26,7 +25,7 @@ from dsv4_compile import reference  # noqa: E402
 from dsv4_compile.kernels.triton import indexer_q as iq_kernels  # noqa: E402
 from dsv4_compile.rope import cos_sin_cache  # noqa: E402
 
-from _timing import copy_bandwidth_tbs, graph_time_us, input_sets  # noqa: E402
+from _timing import copy_bandwidth_tbs, graph_time_us, input_sets, write_results  # noqa: E402
 
 H, D = 64, 128
 WEIGHT_SCALE = D**-0.5 * H**-0.5
@@ -146,13 +145,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("benchmarks/indexer_q.py needs a CUDA GPU")
     copy, rows = run(args.fmt, args.tokens, args.sweep)
-    md = table(copy, rows)
-    print("\n" + md)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(md + "\n")
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump(rows, f, indent=1)
+    write_results(table(copy, rows), rows, args.out)
 
 
 if __name__ == "__main__":

@@ -60,9 +60,19 @@ def _is_view(node: fx.Node) -> bool:
         t.is_view or t in (aten.reshape.default, aten.slice.Tensor, aten.select.int, aten.view.dtype))
 
 
+def _returns_self(node: fx.Node) -> bool:
+    """An in-place op (``index_put_``, ``copy_``...) whose result aliases its mutated first argument."""
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload) or not t._schema.returns or not t._schema.arguments:
+        return False
+    ret, first = t._schema.returns[0].alias_info, t._schema.arguments[0].alias_info
+    return ret is not None and first is not None and first.is_write and set(ret.before_set) == set(first.before_set)
+
+
 def _root(node):
-    """The node a chain of views starts from."""
-    while isinstance(node, fx.Node) and node.op == "call_function" and _is_view(node) and node.args:
+    """The tensor a chain of views and in-place results starts from."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.args and (
+            _is_view(node) or _returns_self(node)):
         node = node.args[0]
     return node
 
@@ -96,7 +106,7 @@ def cache_copies(graph: fx.Graph) -> list[str]:
             continue
         if n.target in _COPIES and n.args and _root(n.args[0]) in caches:
             bad.append(f"{n.format_node()}  (copies cache {_root(n.args[0]).name})")
-        elif n.target is aten.copy_.default and _root(n.args[0]) in caches and n.args[0] is not n.args[1]:
+        elif n.target is aten.copy_.default and _root(n.args[0]) in caches and _root(n.args[1]) is not _root(n.args[0]):
             bad.append(f"{n.format_node()}  (writes back into cache {_root(n.args[0]).name})")
     return bad
 
