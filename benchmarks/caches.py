@@ -313,6 +313,25 @@ def run(names, tokens, p0, device="cuda", timing=None):
     return copy, rows
 
 
+def sweep(tokens) -> None:
+    """Launch-shape sweep of the kv_rope_insert kernel: tokens per program × warps, GPU µs per call."""
+    import _timing as timing
+
+    from dsv4_compile.kernels.triton import cache as kernels
+
+    cs = cos_sin_cache(layouts.ROPE_DIM, MAX_POS, 160000.0, device="cuda")
+    reg = kv_rope_region()
+    for t in tokens:
+        sets = timing.input_sets(lambda i: reg.make(t, 1000 * t + i, "cuda", cs), reg.nbytes(t))
+        cells = []
+        for bt in (1, 2, 4, 8):
+            for warps in (1, 2, 4, 8):
+                us = timing.graph_time_us([lambda a=a: kernels.kv_insert(a[0], a[1], a[2], a[3], a[4], KV_BS, bt, warps)
+                                           for a in sets])
+                cells.append(f"bt{bt}/w{warps} {us:.1f}")
+        print(f"sweep kv_rope_insert T={t}: " + "  ".join(cells), flush=True)
+
+
 def fmt_row(r):
     cells = []
     for c in COLS:
@@ -494,12 +513,16 @@ def main():
     ap.add_argument("--out", default=None, help="write the markdown table (and a .json beside it) here")
     ap.add_argument("--check", action="store_true", help="CPU correctness check of the plain forms, then exit")
     ap.add_argument("--no-compile", action="store_true", help="with --check: eager plain aten only")
+    ap.add_argument("--sweep", action="store_true", help="sweep the kv_rope_insert launch shape, then exit")
     args = ap.parse_args()
     if args.check:
         check(compile_too=not args.no_compile)
         return
     if not torch.cuda.is_available():
         sys.exit("benchmarks/caches.py needs a CUDA GPU (or --check, which runs on CPU)")
+    if args.sweep:
+        sweep(args.tokens)
+        return
     copy, rows = run(args.regions, args.tokens, args.p0)
     write_results(table(copy, rows), rows, args.out)
 

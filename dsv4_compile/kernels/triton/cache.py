@@ -66,25 +66,23 @@ def store_bytes_of_u32(ptr, off, v, ok, BT: tl.constexpr):
 
 
 @triton.jit
-def store_fp8_ds_mla(cache_ptr, page_off, k, ok, x3, BS: tl.constexpr, BT: tl.constexpr):
-    """Write the fp8_ds_mla record of bf16 ``x3 [BT, 8, 64]`` (rows 0-6 nope, row 7 rope)."""
+def store_fp8_ds_mla(cache_ptr, page_off, k, ok, nope3, rope, BS: tl.constexpr, BT: tl.constexpr):
+    """Write the fp8_ds_mla record: ``nope3 [BT, 8, 64]`` (rows 0-6 = the 448 nope dims, row 7
+    ignored) and the bf16 ``rope [BT, 64]``."""
     r = tl.arange(0, 8)
     c = tl.arange(0, 64)
-    xf = x3.to(tl.float32)
+    xf = nope3.to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(xf), axis=2), AMAX_FLOOR)
     e = ceil_log2_ratio(amax, FP8_MAX_EXP, FP8_MAX_MANT)  # [BT, 8]
     q = tl.clamp(xf * pow2(-e)[:, :, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     base = page_off + k * TOKEN_BYTES  # [BT]
     nope = ok[:, None, None] & (r < NOPE_BLOCKS)[None, :, None]
     tl.store(cache_ptr + base[:, None, None] + (r * 64)[None, :, None] + c[None, None, :], q, mask=nope)
-    # rope row: the bf16 bytes, little endian
-    rope_bits = x3.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF  # [BT, 8, 64]
-    lo = (rope_bits & 0xFF).to(tl.uint8)
-    hi = (rope_bits >> 8).to(tl.uint8)
-    rb = tl.reshape(tl.join(lo, hi), [BT, 8, 128])
+    # rope: the bf16 bytes, little endian
+    bits = rope.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF  # [BT, 64]
+    rb = tl.reshape(tl.join((bits & 0xFF).to(tl.uint8), (bits >> 8).to(tl.uint8)), [BT, 128])
     b = tl.arange(0, 128)
-    rope_off = base[:, None, None] + (NOPE_BLOCKS * 64 - 7 * 128) + (r * 128)[None, :, None] + b[None, None, :]
-    tl.store(cache_ptr + rope_off, rb, mask=ok[:, None, None] & (r == 7)[None, :, None])
+    tl.store(cache_ptr + (base + NOPE_BLOCKS * 64)[:, None] + b[None, :], rb, mask=ok[:, None])
     # scale record: 7 exponent bytes + one 0 pad byte
     ebyte = tl.where((r < NOPE_BLOCKS)[None, :], e + 127, 0).to(tl.uint8)
     soff = page_off + BS * TOKEN_BYTES + k * SCALE_BYTES
@@ -127,22 +125,27 @@ def _kv_insert_kernel(
     ok, page_off, k = slot_address(slot_ptr, t, t < T, capacity, page_stride, BS)
     r = tl.arange(0, 8)
     c = tl.arange(0, 64)
-    off = t.to(tl.int64)[:, None, None] * kv_stride + (r * 64)[None, :, None] + c[None, None, :]
-    x3 = tl.load(kv_ptr + off, mask=ok[:, None, None], other=0.0)
+    row = t.to(tl.int64) * kv_stride
+    nope3 = tl.load(kv_ptr + row[:, None, None] + (r * 64)[None, :, None] + c[None, None, :],
+                    mask=ok[:, None, None] & (r < NOPE_BLOCKS)[None, :, None], other=0.0)
+    rope = tl.load(kv_ptr + row[:, None] + NOPE_BLOCKS * 64 + c[None, :], mask=ok[:, None], other=0.0)
     if ROPE:
         pos = tl.load(pos_ptr + t, mask=ok, other=0)
         cos, sin = load_cos_sin(cs_ptr, pos, ok, max_pos, cs_stride)
-        x3 = rope_last_row(x3.to(tl.float32), cos, sin, 8, BT).to(kv_ptr.dtype.element_ty)
-    store_fp8_ds_mla(cache_ptr, page_off, k, ok, x3, BS, BT)
+        xe, xo = tl.split(tl.reshape(rope.to(tl.float32), [BT, 32, 2]))
+        oe, oo = rope_pairs(xe, xo, cos, sin)
+        rope = tl.reshape(tl.join(oe, oo), [BT, 64]).to(kv_ptr.dtype.element_ty)
+    store_fp8_ds_mla(cache_ptr, page_off, k, ok, nope3, rope, BS, BT)
 
 
 def _tokens_per_program(t: int) -> int:
     return 1 if t < 4096 else 2
 
 
-def kv_insert(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size: int) -> None:
-    """``kv_insert`` (``positions is None``) or ``kv_rope_insert``: one program per token (two above
-    4k tokens)."""
+def kv_insert(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size: int,
+              tokens_per_program: int | None = None, num_warps: int | None = None) -> None:
+    """``kv_insert`` (``positions is None``) or ``kv_rope_insert``; the launch shape comes from
+    ``_tokens_per_program`` unless overridden (``benchmarks/caches.py --sweep``)."""
     t = kv.shape[0]
     if t == 0 or kv_cache.shape[0] == 0:
         return
@@ -152,12 +155,12 @@ def kv_insert(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size: 
     cs = cos_sin_cache if rope else kv
     if rope and cs.stride(-1) != 1:
         cs = cs.contiguous()
-    bt = _tokens_per_program(t)
+    bt = tokens_per_program or _tokens_per_program(t)
     _kv_insert_kernel[(triton.cdiv(t, bt),)](
         kv, positions if rope else slot_mapping, cs, kv_cache, slot_mapping,
         t, kv.stride(0), cs.shape[0] if rope else 0, cs.stride(0) if rope else 0, kv_cache.stride(0),
         kv_cache.shape[0] * block_size,
-        BS=block_size, ROPE=rope, BT=bt, num_warps=4, **LAUNCH_OPTS,
+        BS=block_size, ROPE=rope, BT=bt, num_warps=num_warps or 4, **LAUNCH_OPTS,
     )
 
 

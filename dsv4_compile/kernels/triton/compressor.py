@@ -233,7 +233,10 @@ def _norm_rope_insert_kernel(
         cos, sin = load_cos_sin(cs_ptr, (pos // R) * R, ok, max_pos, cs_stride)
         y3 = rope_last_row(tl.reshape(y, [1, D // 64, 64]), cos, sin, D // 64, 1).to(tl.bfloat16)
         if FMT == 0:
-            store_fp8_ds_mla(cache_ptr, page_off, k, ok, y3, BS, 1)
+            # row 7 alone: a max against -inf keeps every value's bits (a sum would turn -0 into +0)
+            last = (tl.arange(0, D // 64) == D // 64 - 1)[None, :, None]
+            rope = tl.max(tl.where(last, y3.to(tl.float32), float("-inf")), axis=1).to(tl.bfloat16)
+            store_fp8_ds_mla(cache_ptr, page_off, k, ok, y3, rope, BS, 1)
         else:
             yk = tl.reshape(y3, [1, D]).to(tl.float32)
             if HADAMARD:
