@@ -39,6 +39,9 @@ def check_cache(name: str, cache, fmt: str, block_size: int, device) -> None:
         )
     if cache.shape[1] > 1 and cache.stride(1) != 1:
         raise ValueError(f"{name} must have contiguous pages (stride(1) == 1), got strides {cache.stride()}")
+    if fmt == "fp8_ds_mla" and (cache.stride(0) % 2 or cache.storage_offset() % 2):
+        raise ValueError(f"{name} pages must start at even byte offsets (bf16 rope values), got page stride "
+                         f"{cache.stride(0)} and storage offset {cache.storage_offset()}")
 
 
 def check_slots(name: str, slots, n: int | None, capacity: int, device) -> None:

@@ -78,11 +78,9 @@ def store_fp8_ds_mla(cache_ptr, page_off, k, ok, nope3, rope, BS: tl.constexpr, 
     base = page_off + k * TOKEN_BYTES  # [BT]
     nope = ok[:, None, None] & (r < NOPE_BLOCKS)[None, :, None]
     tl.store(cache_ptr + base[:, None, None] + (r * 64)[None, :, None] + c[None, None, :], q, mask=nope)
-    # rope: the bf16 bytes, little endian
-    bits = rope.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF  # [BT, 64]
-    rb = tl.reshape(tl.join((bits & 0xFF).to(tl.uint8), (bits >> 8).to(tl.uint8)), [BT, 128])
-    b = tl.arange(0, 128)
-    tl.store(cache_ptr + (base + NOPE_BLOCKS * 64)[:, None] + b[None, :], rb, mask=ok[:, None])
+    # rope: 64 bf16 values through a bf16 view of the record (the ops keep pages 2-byte aligned)
+    rope_ptr = (cache_ptr + base + NOPE_BLOCKS * 64).to(tl.pointer_type(tl.bfloat16))
+    tl.store(rope_ptr[:, None] + c[None, :], rope.to(tl.bfloat16), mask=ok[:, None])
     # scale record: 7 exponent bytes + one 0 pad byte
     ebyte = tl.where((r < NOPE_BLOCKS)[None, :], e + 127, 0).to(tl.uint8)
     soff = page_off + BS * TOKEN_BYTES + k * SCALE_BYTES
@@ -138,14 +136,15 @@ def _kv_insert_kernel(
     store_fp8_ds_mla(cache_ptr, page_off, k, ok, nope3, rope, BS, BT)
 
 
-def _tokens_per_program(t: int) -> int:
-    return 1 if t < 4096 else 2
+def _launch_shape(t: int) -> tuple[int, int]:
+    """(tokens per program, warps), from the H100 sweep (``benchmarks/caches.py --sweep``)."""
+    return (1, 2) if t < 2048 else (2, 2)
 
 
 def kv_insert(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size: int,
               tokens_per_program: int | None = None, num_warps: int | None = None) -> None:
     """``kv_insert`` (``positions is None``) or ``kv_rope_insert``; the launch shape comes from
-    ``_tokens_per_program`` unless overridden (``benchmarks/caches.py --sweep``)."""
+    ``_launch_shape`` unless overridden (``benchmarks/caches.py --sweep``)."""
     t = kv.shape[0]
     if t == 0 or kv_cache.shape[0] == 0:
         return
@@ -155,12 +154,13 @@ def kv_insert(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size: 
     cs = cos_sin_cache if rope else kv
     if rope and cs.stride(-1) != 1:
         cs = cs.contiguous()
-    bt = tokens_per_program or _tokens_per_program(t)
+    bt, warps = _launch_shape(t)
+    bt, warps = tokens_per_program or bt, num_warps or warps
     _kv_insert_kernel[(triton.cdiv(t, bt),)](
         kv, positions if rope else slot_mapping, cs, kv_cache, slot_mapping,
         t, kv.stride(0), cs.shape[0] if rope else 0, cs.stride(0) if rope else 0, kv_cache.stride(0),
         kv_cache.shape[0] * block_size,
-        BS=block_size, ROPE=rope, BT=bt, num_warps=num_warps or 4, **LAUNCH_OPTS,
+        BS=block_size, ROPE=rope, BT=bt, num_warps=warps, **LAUNCH_OPTS,
     )
 
 
