@@ -63,3 +63,24 @@ def write_results(md: str, rows: list, out) -> None:
             f.write(md + "\n")
         with open(os.path.splitext(out)[0] + ".json", "w") as f:
             json.dump(rows, f, indent=1)
+
+
+COLS = ["fused_op", "ours_static", "ours_dynamic", "inductor_static", "inductor_dynamic"]
+_UNITS = {"MB": (1e6, "8.2f", "TB/s", 1.0, "5.2f"), "KB": (1e3, "10.1f", "GB/s", 1e3, "7.1f")}
+
+
+def fmt_row(r: dict, key: str, unit: str = "MB") -> str:
+    """One markdown row: ``r[key]``, T, size, and per column µs, rate and % of the copy bandwidth."""
+    div, size_fmt, rate, rate_mul, rate_fmt = _UNITS[unit]
+    cells = []
+    for c in COLS:
+        us = r[c]
+        tbs = r["bytes"] / (us * 1e-6) / 1e12
+        cells.append(f"{us:9.1f} µs {tbs * rate_mul:{rate_fmt}} {rate} {100 * tbs / r['copy_tbs']:3.0f}%")
+    return f"| {r[key]} | {r['T']:5d} | {r['bytes'] / div:{size_fmt}} | " + " | ".join(cells) + " |"
+
+
+def table(copy: float, rows: list, key: str, unit: str = "MB") -> str:
+    head = f"| {key} | T | {unit} | " + " | ".join(COLS) + " |\n|---|---|---|" + "---|" * len(COLS)
+    return f"copy bandwidth (same run): {copy:.2f} TB/s\n\n" + head + "\n" + "\n".join(
+        fmt_row(r, key, unit) for r in rows)

@@ -50,7 +50,7 @@ from dsv4_compile import layouts  # noqa: E402
 from dsv4_compile.rope import cos_sin_cache  # noqa: E402
 
 import _plain_caches as plain  # noqa: E402
-from _timing import write_results  # noqa: E402
+from _timing import fmt_row, table, write_results  # noqa: E402
 
 TOKENS = [1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384]
 KV_BS = layouts.SWA_BLOCK_SIZE  # 64
@@ -269,8 +269,6 @@ def compiled(region: Region) -> dict:
 
 
 # --- timed mode (CUDA) --------------------------------------------------------------------------
-COLS = ["fused_op", "ours_static", "ours_dynamic", "inductor_static", "inductor_dynamic"]
-
 
 def run(names, tokens, p0, device="cuda", timing=None):
     """Time every region at every T; ``timing`` (default ``_timing``) provides ``graph_time_us``,
@@ -309,7 +307,7 @@ def run(names, tokens, p0, device="cuda", timing=None):
             if device == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)
-            print(fmt_row(row), flush=True)
+            print(fmt_row(row, "region", "KB"), flush=True)
     return copy, rows
 
 
@@ -330,20 +328,6 @@ def sweep(tokens) -> None:
                                            for a in sets])
                 cells.append(f"bt{bt}/w{warps} {us:.1f}")
         print(f"sweep kv_rope_insert T={t}: " + "  ".join(cells), flush=True)
-
-
-def fmt_row(r):
-    cells = []
-    for c in COLS:
-        us = r[c]
-        tbs = r["bytes"] / (us * 1e-6) / 1e12
-        cells.append(f"{us:9.1f} µs {tbs * 1e3:7.1f} GB/s {100 * tbs / r['copy_tbs']:3.0f}%")
-    return f"| {r['region']} | {r['T']:5d} | {r['bytes'] / 1e3:10.1f} | " + " | ".join(cells) + " |"
-
-
-def table(copy, rows):
-    head = "| region | T | KB | " + " | ".join(COLS) + " |\n|---|---|---|" + "---|" * len(COLS)
-    return f"copy bandwidth (same run): {copy:.2f} TB/s\n\n" + head + "\n" + "\n".join(fmt_row(r) for r in rows)
 
 
 # --- check mode (CPU) ---------------------------------------------------------------------------
@@ -524,7 +508,7 @@ def main():
         sweep(args.tokens)
         return
     copy, rows = run(args.regions, args.tokens, args.p0)
-    write_results(table(copy, rows), rows, args.out)
+    write_results(table(copy, rows, "region", "KB"), rows, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from dsv4_compile import reference  # noqa: E402
 from dsv4_compile.kernels.triton import indexer_q as iq_kernels  # noqa: E402
 from dsv4_compile.rope import cos_sin_cache  # noqa: E402
 
-from _timing import copy_bandwidth_tbs, graph_time_us, input_sets, write_results  # noqa: E402
+from _timing import copy_bandwidth_tbs, fmt_row, graph_time_us, input_sets, table, write_results  # noqa: E402
 
 H, D = 64, 128
 WEIGHT_SCALE = D**-0.5 * H**-0.5
@@ -114,25 +114,9 @@ def run(fmts, tokens, sweep):
             row["ours_dynamic"] = time_fn(ours_dynamic, dyn_sets, mark_dynamic=True)
             row["inductor_dynamic"] = time_fn(ind_dynamic, dyn_sets, mark_dynamic=True)
             rows.append(row)
-            print(fmt_row(row), flush=True)
+            print(fmt_row(row, "fmt", "MB"), flush=True)
     return copy, rows
 
-
-COLS = ["fused_op", "ours_static", "ours_dynamic", "inductor_static", "inductor_dynamic"]
-
-
-def fmt_row(r):
-    cells = []
-    for c in COLS:
-        us = r[c]
-        tbs = r["bytes"] / (us * 1e-6) / 1e12
-        cells.append(f"{us:9.1f} µs {tbs:5.2f} TB/s {100 * tbs / r['copy_tbs']:3.0f}%")
-    return f"| {r['fmt']} | {r['T']:5d} | {r['bytes'] / 1e6:8.2f} | " + " | ".join(cells) + " |"
-
-
-def table(copy, rows):
-    head = "| fmt | T | MB | " + " | ".join(COLS) + " |\n|---|---|---|" + "---|" * len(COLS)
-    return f"copy bandwidth (same run): {copy:.2f} TB/s\n\n" + head + "\n" + "\n".join(fmt_row(r) for r in rows)
 
 
 def main():
@@ -145,7 +129,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("benchmarks/indexer_q.py needs a CUDA GPU")
     copy, rows = run(args.fmt, args.tokens, args.sweep)
-    write_results(table(copy, rows), rows, args.out)
+    write_results(table(copy, rows, "fmt", "MB"), rows, args.out)
 
 
 if __name__ == "__main__":
