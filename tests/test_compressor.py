@@ -217,10 +217,10 @@ def test_padding_tokens_and_untouched_bytes():
     assert int((cache != c0).sum()) <= 2 * 584 and int((cache != c0).sum()) > 1000
 
 
-def _kernel_case(kind, device, lengths, steps, seed):
+def _kernel_case(kind, device, lengths, steps, seed, bs=16):
     r, d, fmt, had = KINDS[kind]
-    seq_ref = Sequence(r, d, fmt, lengths, seed=seed)
-    seq_dev = Sequence(r, d, fmt, lengths, seed=seed, device=device)
+    seq_ref = Sequence(r, d, fmt, lengths, seed=seed, bs=bs)
+    seq_dev = Sequence(r, d, fmt, lengths, seed=seed, device=device, bs=bs)
     want = _run(seq_ref, steps, ref.compressor_insert, had)
     got = _run(seq_dev, steps, kernels.compressor_insert, had)
     assert torch.equal(got[0].cpu(), want[0]), "state cache"
@@ -243,11 +243,50 @@ def test_kernels_match_reference(kernel_device, kind):
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", range(len(KINDS)))
 @pytest.mark.parametrize("t", [1, 7, 64, 1000])
-def test_kernels_match_reference_gpu(kind, t):
-    r = KINDS[kind][0]
-    # a 1000-token prefill (or the first t tokens), then a decode step of one token per request
+@pytest.mark.parametrize("bs", [16, 64])
+def test_kernels_match_reference_gpu(kind, t, bs):
+    # a t-token prefill, then a decode step of one token per request
     steps = [([(0, 0, t)], 3), ([(0, t, t + 1), (1, 0, 1)], 1)]
-    _kernel_case(kind, "cuda", [t + 1, 1], steps, seed=t + kind)
+    _kernel_case(kind, "cuda", [t + 1, 1], steps, seed=t + kind, bs=bs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", [0, 1, 3])
+def test_cuda_graph_replay_of_compressor_matches_eager(kind):
+    """A decode step (4 requests + 1 padding token) captured once and replayed over 8 steps that
+    cross window boundaries writes the same state and cache bytes as eager calls."""
+    r, d, fmt, had = KINDS[kind]
+    n_req, prefill, n_steps = 4, (9 if r == 4 else 250), 8
+    seq = Sequence(r, d, fmt, [prefill + n_steps] * n_req, seed=kind, device="cuda", bs=64)
+    graph_caches, eager_caches = seq.caches(), seq.caches()
+    first = seq.step([(i, 0, prefill) for i in range(n_req)])
+    order = ("kv_score", "positions", "ape", "state_cache", "state_slot_mapping", "state_block_table", "token_to_req",
+             "state_block_size", "norm_weight", "eps", "cos_sin_cache", "cache", "slot_mapping", "block_size", "fmt")
+
+    def call(a, caches):
+        kw = dict(a, state_cache=caches[0], cache=caches[1])
+        dsv4.compressor_insert(*(kw[k] for k in order), had)
+
+    for caches in (graph_caches, eager_caches):
+        call(first, caches)
+    decode = [seq.step([(i, prefill + k, prefill + k + 1) for i in range(n_req)], pad=1) for k in range(n_steps)]
+    static = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in decode[0].items()}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call(static, graph_caches)  # warm-up (step 0's writes; the replay of step 0 rewrites the same bytes)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call(static, graph_caches)
+    for a in decode:
+        for k in ("kv_score", "positions", "state_slot_mapping", "token_to_req", "slot_mapping"):
+            static[k].copy_(a[k])
+        graph.replay()
+        call(a, eager_caches)
+    torch.cuda.synchronize()
+    assert torch.equal(graph_caches[0], eager_caches[0]) and torch.equal(graph_caches[1], eager_caches[1])
+    assert int((graph_caches[1] != SENTINEL).sum()) > 0
 
 
 # --- op contract --------------------------------------------------------------------------------
