@@ -20,7 +20,7 @@ import torch
 
 from .. import layouts
 from ..reference import compressor as ref
-from ._lib import FLOAT_DTYPES, INDEX_DTYPES, check_rope_args, check_tensor, qualname
+from ._lib import FLOAT_DTYPES, INDEX_DTYPES, _is_fake, check_rope_args, check_tensor, qualname
 from .cache import check_block_size, check_cache, check_slots
 
 
@@ -96,6 +96,8 @@ def _check_save(kv_score, positions, ape, state_cache, state_slot_mapping, state
     check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=ape.device)
     if positions.shape[0] != kv_score.shape[0]:
         raise ValueError(f"positions has {positions.shape[0]} entries but kv_score has {kv_score.shape[0]} rows")
+    if positions.device.type == "cpu" and positions.numel() and not _is_fake(positions) and int(positions.min()) < 0:
+        raise ValueError(f"positions must be non-negative, got {int(positions.min())}")
     _check_state_cache(state_cache, r, w // coff, state_block_size, ape.device)
     check_slots("state_slot_mapping", state_slot_mapping, kv_score.shape[0], state_cache.shape[0] * state_block_size,
                 ape.device)

@@ -111,7 +111,7 @@ def _state_save_kernel(ks_ptr, pos_ptr, ape_ptr, state_ptr, slot_ptr, ks_stride,
         c = tl.arange(0, W)
         kv = tl.load(ks_ptr + t * ks_stride + c).to(tl.float32)
         sc = tl.load(ks_ptr + t * ks_stride + W + c).to(tl.float32)
-        a = tl.load(ape_ptr + (pos % R) * W + c)
+        a = tl.load(ape_ptr + (((pos % R) + R) % R) * W + c)  # floor mod, as torch (never out of ape)
         row = state_ptr + (slot // SBS) * page_stride + (slot % SBS) * (2 * W)
         tl.store(row + c, kv)
         tl.store(row + W + c, sc + a)
