@@ -80,8 +80,9 @@ class CompressorFusion:
         if not single_user_call(rope, dsv4.rope.default):
             return None
         ra = bound_args(rope)
-        if ra["inverse"]:
-            return None
+        table = val(ra["cos_sin_cache"])
+        if ra["inverse"] or table is None or table.shape[-1] != layouts.ROPE_DIM:
+            return None  # the fused op rotates exactly the last 64 dims
         norm = ra["x"]
         if not single_user_call(norm, dsv4.rms_norm.default):
             return None
