@@ -28,12 +28,10 @@ from __future__ import annotations
 import torch
 
 from dsv4_compile import layouts
-from dsv4_compile.reference.quant import mxfp4_quant
+from dsv4_compile.reference.quant import FP8_MAX_EXP, FP8_MAX_MANT, ceil_log2_ratio, mxfp4_quant, pow2
 
 ROPE = layouts.ROPE_DIM
 NOPE = layouts.KV_NOPE_DIM
-# 448 = 1.75 · 2^8: exponent 8, 23-bit mantissa field of 1.75
-_FP8_MAX_EXP, _FP8_MAX_MANT = 8, 0x600000
 
 
 # --- elementwise pieces ------------------------------------------------------------------------
@@ -67,9 +65,8 @@ def fp8_ue8m0(x: torch.Tensor, block: int, floor: float = layouts.FP8_AMAX_FLOOR
     ``clamp(b · 2^-e, ±448)`` rounded to e4m3."""
     xf = x.float().unflatten(-1, (-1, block))
     amax = xf.abs().amax(dim=-1).clamp_min(floor)
-    bits = amax.view(torch.int32)
-    e = ((bits >> 23) & 0xFF) - 127 - _FP8_MAX_EXP + ((bits & 0x7FFFFF) > _FP8_MAX_MANT).to(torch.int32)
-    inv = ((127 - e) << 23).view(torch.float32)  # 2^-e, exact
+    e = ceil_log2_ratio(amax, FP8_MAX_EXP, FP8_MAX_MANT)
+    inv = pow2(-e)  # 2^-e, exact
     q = (xf * inv.unsqueeze(-1)).clamp(-layouts.FP8_E4M3_MAX, layouts.FP8_E4M3_MAX)
     return q.to(torch.float8_e4m3fn).view(torch.uint8).flatten(-2), e
 
@@ -86,7 +83,7 @@ def indexer_record(k: torch.Tensor, fmt: str):
     """``(value bytes, scale bytes)`` of ``k [T, 128]``: fp8 (128 + fp32 scale 4 B) or mxfp4 (64 + 4 B)."""
     if fmt == "fp8":
         q, e = fp8_ue8m0(k, layouts.INDEXER_HEAD_DIM)
-        return q, _int_bytes((e + 127) << 23, 4)  # the fp32 bits of 2^e
+        return q, _int_bytes(pow2(e).view(torch.int32), 4)  # the fp32 bits of 2^e
     return mxfp4_quant(k)  # plain aten already (dsv4_compile.reference.quant)
 
 

@@ -76,8 +76,7 @@ def indexer_page_bytes(block_size: int, fmt: str) -> int:
 
 def compressor_state_row_floats(compress_ratio: int, head_dim: int) -> int:
     """fp32 values per compressor state row: [kv (coff·d) | score + ape (coff·d)]."""
-    coff = 2 if compress_ratio == 4 else 1
-    return 2 * coff * head_dim
+    return 2 * compress_overlap(compress_ratio) * head_dim
 
 
 # --- paged record formats: one name per cache kind ---------------------------------------------

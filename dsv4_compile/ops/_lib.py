@@ -65,6 +65,29 @@ def check_rope_args(x_name: str, x, positions, cos_sin_cache) -> None:
             )
 
 
+def check_positive_int(name: str, value) -> None:
+    """A positive Python int (a SymInt when Dynamo traces an int under ``dynamic=True``; the kernels
+    get the real int)."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_block_table(block_table, token_to_req, n_tokens: int, tokens_name: str, device) -> None:
+    """``block_table [R, M]`` int32 and ``token_to_req [n_tokens]`` (negative = padding token); on CPU
+    also every request index below R (free there, a sync on the GPU)."""
+    check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=device)
+    check_tensor("token_to_req", token_to_req, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    if token_to_req.shape[0] != n_tokens:
+        raise ValueError(f"token_to_req has {token_to_req.shape[0]} entries but {tokens_name} has {n_tokens} tokens")
+    if token_to_req.device.type == "cpu" and token_to_req.numel() and not _is_fake(token_to_req):
+        hi = int(token_to_req.max())
+        if hi >= block_table.shape[0]:
+            raise ValueError(
+                f"token_to_req must be < {block_table.shape[0]} (the block_table rows) or negative (padding), "
+                f"got {hi}"
+            )
+
+
 def check_power_of_two(name: str, value: int, lo: int = 1, hi: int = 1 << 30) -> None:
     if value < lo or value > hi or value & (value - 1):
         raise ValueError(f"{name} must be a power of two in [{lo}, {hi}], got {value}")

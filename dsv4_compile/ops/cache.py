@@ -17,18 +17,12 @@ import torch
 
 from .. import layouts
 from ..reference import cache as ref
-from ._lib import FLOAT_DTYPES, INDEX_DTYPES, _is_fake, check_rope_args, check_tensor, qualname
-
-
-def check_block_size(block_size) -> None:
-    # a SymInt appears when Dynamo traces a Python int under dynamic=True; kernels get the real int
-    if not isinstance(block_size, (int, torch.SymInt)) or isinstance(block_size, bool) or block_size <= 0:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+from ._lib import FLOAT_DTYPES, INDEX_DTYPES, _is_fake, check_positive_int, check_rope_args, check_tensor, qualname
 
 
 def check_cache(name: str, cache, fmt: str, block_size: int, device) -> None:
     """A paged cache: ``uint8 [num_blocks, page_bytes]``, rows contiguous, pages big enough."""
-    check_block_size(block_size)
+    check_positive_int("block_size", block_size)
     check_tensor(name, cache, ndim=2, dtypes=(torch.uint8,), device=device)
     v, s = layouts.record_bytes(fmt)
     need = block_size * (v + s)

@@ -20,8 +20,9 @@ import torch
 
 from .. import layouts
 from ..reference import compressor as ref
-from ._lib import FLOAT_DTYPES, INDEX_DTYPES, _is_fake, check_rope_args, check_tensor, qualname
-from .cache import check_block_size, check_cache, check_slots
+from ._lib import (FLOAT_DTYPES, INDEX_DTYPES, _is_fake, check_block_table, check_positive_int, check_rope_args,
+                   check_tensor, qualname)
+from .cache import check_cache, check_slots
 
 
 # --- rms_norm -----------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ def _check_ratio_dim(compress_ratio, head_dim):
 
 
 def _check_state_cache(state_cache, compress_ratio, head_dim, state_block_size, device):
-    check_block_size(state_block_size)
+    check_positive_int("state_block_size", state_block_size)
     check_tensor("state_cache", state_cache, ndim=2, dtypes=(torch.uint8,), device=device)
     row = 4 * layouts.compressor_state_row_floats(compress_ratio, head_dim)
     if state_cache.shape[1] < state_block_size * row:
@@ -103,15 +104,13 @@ def _check_save(kv_score, positions, ape, state_cache, state_slot_mapping, state
                 ape.device)
 
 
-def _check_pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim):
+def _check_pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim,
+                state_checked=False):
     _check_ratio_dim(compress_ratio, head_dim)
     check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES)
-    _check_state_cache(state_cache, compress_ratio, head_dim, state_block_size, positions.device)
-    check_tensor("state_block_table", state_block_table, ndim=2, dtypes=(torch.int32,), device=positions.device)
-    check_tensor("token_to_req", token_to_req, ndim=1, dtypes=INDEX_DTYPES, device=positions.device)
-    if token_to_req.shape[0] != positions.shape[0]:
-        raise ValueError(f"token_to_req has {token_to_req.shape[0]} entries but positions has {positions.shape[0]}")
-    check_slots("token_to_req", token_to_req, None, state_block_table.shape[0], positions.device)
+    if not state_checked:  # compressor_insert has validated it with the state save's arguments
+        _check_state_cache(state_cache, compress_ratio, head_dim, state_block_size, positions.device)
+    check_block_table(state_block_table, token_to_req, positions.shape[0], "positions", positions.device)
 
 
 # --- compressor_state_save ----------------------------------------------------------------------
@@ -186,7 +185,7 @@ def _check_insert(kv_score, positions, ape, state_cache, state_slot_mapping, sta
     _check_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size)
     r = ape.shape[0]
     d = ape.shape[1] // layouts.compress_overlap(r)
-    _check_pool(state_cache, positions, state_block_table, token_to_req, state_block_size, r, d)
+    _check_pool(state_cache, positions, state_block_table, token_to_req, state_block_size, r, d, state_checked=True)
     _check_norm_weight("norm_weight", norm_weight, d, eps, positions.device)
     check_rope_args("kv_score", kv_score, positions, cos_sin_cache)
     if cos_sin_cache.shape[-1] != layouts.ROPE_DIM:

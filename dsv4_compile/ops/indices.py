@@ -13,41 +13,21 @@ from __future__ import annotations
 import torch
 
 from ..reference import indices as ref
-from ._lib import INDEX_DTYPES, _is_fake, check_tensor, qualname
-
-
-def _check_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _check_table_and_req(block_table, token_to_req, n_tokens: int, tokens_name: str, device) -> None:
-    check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=device)
-    check_tensor("token_to_req", token_to_req, ndim=1, dtypes=INDEX_DTYPES, device=device)
-    if token_to_req.shape[0] != n_tokens:
-        raise ValueError(f"token_to_req has {token_to_req.shape[0]} entries but {tokens_name} has {n_tokens} tokens")
-    # A device-side range check would need a sync; on CPU it is free. Negative = padding token.
-    if token_to_req.device.type == "cpu" and token_to_req.numel() and not _is_fake(token_to_req):
-        hi = int(token_to_req.max())
-        if hi >= block_table.shape[0]:
-            raise ValueError(
-                f"token_to_req must be < {block_table.shape[0]} (the block_table rows) or negative (padding), "
-                f"got {hi}"
-            )
+from ._lib import INDEX_DTYPES, check_block_table, check_positive_int, check_tensor, qualname
 
 
 def _check_positional(positions, block_table, token_to_req, block_size, **ints) -> None:
     check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES)
-    _check_int("block_size", block_size)
+    check_positive_int("block_size", block_size)
     for name, value in ints.items():
-        _check_int(name, value)
-    _check_table_and_req(block_table, token_to_req, positions.shape[0], "positions", positions.device)
+        check_positive_int(name, value)
+    check_block_table(block_table, token_to_req, positions.shape[0], "positions", positions.device)
 
 
 def _check_topk(topk, block_table, token_to_req, block_size) -> None:
     check_tensor("topk", topk, ndim=2, dtypes=(torch.int32,))
-    _check_int("block_size", block_size)
-    _check_table_and_req(block_table, token_to_req, topk.shape[0], "topk", topk.device)
+    check_positive_int("block_size", block_size)
+    check_block_table(block_table, token_to_req, topk.shape[0], "topk", topk.device)
 
 
 def _empty_pair(t, width, device):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import layouts
-from .quant import fp8_block_quant, mxfp4_dequant, mxfp4_quant
+from .quant import fp8_block_quant, mxfp4_dequant, mxfp4_quant, pow2
 
 
 def encode(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,13 +44,13 @@ def encode(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
 def decode(values: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
     """Inverse of ``encode`` on raw record bytes: bf16 ``[N, 512]`` (fp8_ds_mla) or fp32 ``[N, 128]``.
 
-    fp8_ds_mla nope: ``e4m3 · 2^(byte − 127)`` with the power of two built from the byte's bits
-    (byte 0 → 0, 255 → inf, as the bits say), rounded to bf16; rope: the stored bf16.
+    fp8_ds_mla nope: ``e4m3 · 2^(byte − 127)`` with the power of two built from its bits (``pow2``:
+    byte 0 → 0, 255 → inf, as the bits say), rounded to bf16; rope: the stored bf16.
     """
     n = values.shape[0]
     if fmt == "fp8_ds_mla":
         nope = values[:, : layouts.KV_NOPE_DIM].contiguous().view(torch.float8_e4m3fn).to(torch.float32)
-        s = (scales[:, : layouts.KV_NOPE_BLOCKS].to(torch.int32) << 23).view(torch.float32)
+        s = pow2(scales[:, : layouts.KV_NOPE_BLOCKS].to(torch.int32) - layouts.UE8M0_BIAS)
         nope = (nope.view(n, layouts.KV_NOPE_BLOCKS, layouts.KV_QUANT_BLOCK) * s.unsqueeze(-1)).reshape(n, layouts.KV_NOPE_DIM)
         rope = values[:, layouts.KV_NOPE_DIM :].contiguous().view(torch.bfloat16)
         return torch.cat((nope.to(torch.bfloat16), rope), dim=1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import layouts
+from .quant import pow2
 
 LOG2E = 1.4426950408889634
 LN2_HI = 0.693145751953125  # 0x3f317200: n·LN2_HI is exact for |n| < 2^9
@@ -40,8 +41,7 @@ def exp_fp32(x: torch.Tensor) -> torch.Tensor:
     for c in EXP_POLY[1:]:
         p = p * r + c
     ni = n.to(torch.int32)
-    scale = ((torch.clamp(ni, min=-126) + 127) << 23).view(torch.float32)
-    return torch.where(ni < -126, 0.0, p * scale)
+    return torch.where(ni < -126, 0.0, p * pow2(torch.clamp(ni, min=-126)))
 
 
 def tree_sum(x: torch.Tensor, dim: int) -> torch.Tensor:

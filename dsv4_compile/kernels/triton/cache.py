@@ -227,7 +227,7 @@ def _gather_kernel(
                     other=0)
         sb = tl.load(cache_ptr + (page_off + BS * TOKEN_BYTES + k * SCALE_BYTES)[:, None] + r[None, :],
                      mask=ok[:, None] & (r < NOPE_BLOCKS)[None, :], other=0)
-        scale = (sb.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        scale = pow2(sb.to(tl.int32) - 127)
         nope = (v.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]).to(tl.bfloat16)
         # rope row: 64 bf16 from 128 little-endian bytes
         rb = tl.load(cache_ptr + (base + 448)[:, None, None] + (2 * c)[None, None, :] + tl.arange(0, 2)[None, :, None],
@@ -254,7 +254,7 @@ def _gather_kernel(
             vals = tl.reshape(tl.join(lo, hi), [BT * 4, 32])
             b = tl.arange(0, 4)
             sb = tl.load(cache_ptr + (page_off + BS * 64 + k * 4)[:, None] + b[None, :], mask=ok[:, None], other=0)
-            s = (tl.reshape(sb, [BT * 4]).to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            s = pow2(tl.reshape(sb, [BT * 4]).to(tl.int32) - 127)
             val = tl.reshape(vals * s[:, None], [BT, 128])
         out_off = t.to(tl.int64)[:, None] * 128 + d[None, :]
         tl.store(out_ptr + out_off, tl.where(ok[:, None], val, 0.0), mask=t_ok[:, None])
