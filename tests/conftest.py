@@ -42,6 +42,24 @@ def _patch_interpreter_casts():
     convert._dsv4_patched = True
     interp._convert_float = convert
 
+    # tl.dot on bf16 operands: the interpreter keeps bf16 as raw uint16 and hands those integers to
+    # np.matmul. Widen bf16 operands to fp32 first (exact), as the GPU's bf16 MMA does.
+    builder = getattr(interp, "InterpreterBuilder", None)
+    if builder is None or not hasattr(builder, "create_dot"):
+        return
+    original_dot = builder.create_dot
+
+    def widen(h):
+        if h.dtype.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(h.data).view(np.uint16).astype(np.uint32) << 16
+            return interp.TensorHandle(bits.view(np.float32), tl.float32)
+        return h
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
+
 
 if not HAS_CUDA:
     _patch_interpreter_casts()

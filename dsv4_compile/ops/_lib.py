@@ -1,11 +1,15 @@
 """Shared plumbing of the dsv4 ops: the namespace and input validation.
 
 Validation raises ``ValueError`` naming the argument and what was expected. Checks that need
-tensor *values* (positions in range) run only where they cost no device sync: on CPU tensors.
+tensor *values* (positions, slots, indices and block-table entries in range) run only where they cost
+no device sync: on CPU tensors. Setting the environment variable ``DSV4_CHECK_INDICES=1`` runs them on
+every device (one host sync per checked tensor: a debugging aid, not for CUDA-graph capture); with it
+off, the GPU kernels mask every out-of-range index instead, so no byte outside a cache is touched.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Optional
 
 import torch
@@ -14,6 +18,31 @@ NAMESPACE = "dsv4"
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 TABLE_DTYPES = (torch.float32, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+DEBUG_ENV = "DSV4_CHECK_INDICES"
+
+
+def debug_checks() -> bool:
+    """Whether ``DSV4_CHECK_INDICES`` asks for host-side index checks on every device (read per call)."""
+    return os.environ.get(DEBUG_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def host_checked(t: torch.Tensor) -> bool:
+    """Whether value checks run on ``t``: a real, non-empty tensor on the CPU (free) or on any device
+    under ``DSV4_CHECK_INDICES=1`` (a sync)."""
+    return t.numel() > 0 and not _is_fake(t) and (t.device.type == "cpu" or debug_checks())
+
+
+def check_range(name: str, t: torch.Tensor, lo: int, hi: Optional[int], what: str) -> None:
+    """``lo <= t < hi`` (``hi=None``: no upper bound) for every value of ``t`` where
+    ``host_checked(t)``; ``what`` explains the bounds."""
+    if not host_checked(t):
+        return
+    tmin, tmax = int(t.min()), int(t.max())
+    if tmin < lo or (hi is not None and tmax >= hi):
+        bounds = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must lie in {bounds} ({what}), got [{tmin}, {tmax}]")
 
 
 def qualname(name: str) -> str:
@@ -56,13 +85,7 @@ def check_rope_args(x_name: str, x, positions, cos_sin_cache) -> None:
         raise ValueError(f"cos_sin_cache's rope dim must be even and positive, got {rot}")
     if rot > x.shape[-1]:
         raise ValueError(f"cos_sin_cache's rope dim {rot} exceeds {x_name}'s last dim {x.shape[-1]}")
-    # A device-side range check would need a sync; on CPU it is free.
-    if positions.device.type == "cpu" and positions.numel() and not _is_fake(positions):
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or hi >= cos_sin_cache.shape[0]:
-            raise ValueError(
-                f"positions must lie in [0, {cos_sin_cache.shape[0]}) (the cos_sin_cache rows), got [{lo}, {hi}]"
-            )
+    check_range("positions", positions, 0, cos_sin_cache.shape[0], "the cos_sin_cache rows")
 
 
 def check_positive_int(name: str, value) -> None:
@@ -79,13 +102,22 @@ def check_block_table(block_table, token_to_req, n_tokens: int, tokens_name: str
     check_tensor("token_to_req", token_to_req, ndim=1, dtypes=INDEX_DTYPES, device=device)
     if token_to_req.shape[0] != n_tokens:
         raise ValueError(f"token_to_req has {token_to_req.shape[0]} entries but {tokens_name} has {n_tokens} tokens")
-    if token_to_req.device.type == "cpu" and token_to_req.numel() and not _is_fake(token_to_req):
+    if host_checked(token_to_req):
         hi = int(token_to_req.max())
         if hi >= block_table.shape[0]:
             raise ValueError(
                 f"token_to_req must be < {block_table.shape[0]} (the block_table rows) or negative (padding), "
                 f"got {hi}"
             )
+
+
+def check_block_entries(block_table, num_blocks: int, cache_name: str) -> None:
+    """Every allocated entry of ``block_table`` (negative = unallocated) names a page of the cache."""
+    if host_checked(block_table):
+        hi = int(block_table.max())
+        if hi >= num_blocks:
+            raise ValueError(f"block_table entries must be < {num_blocks} (the pages of {cache_name}) or negative "
+                             f"(unallocated), got {hi}")
 
 
 def check_power_of_two(name: str, value: int, lo: int = 1, hi: int = 1 << 30) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from .. import layouts
 from ..reference import cache as ref
-from ._lib import FLOAT_DTYPES, INDEX_DTYPES, _is_fake, check_positive_int, check_rope_args, check_tensor, qualname
+from ._lib import FLOAT_DTYPES, INDEX_DTYPES, check_positive_int, check_range, check_rope_args, check_tensor, qualname
 
 
 def check_cache(name: str, cache, fmt: str, block_size: int, device) -> None:
@@ -39,15 +39,12 @@ def check_cache(name: str, cache, fmt: str, block_size: int, device) -> None:
 
 
 def check_slots(name: str, slots, n: int | None, capacity: int, device) -> None:
-    """``slots [n]`` int32/int64; on CPU also every slot in ``[-1, capacity)`` (no sync there)."""
+    """``slots [n]`` int32/int64; on CPU (or under ``DSV4_CHECK_INDICES=1``) also every slot in
+    ``[-1, capacity)``."""
     check_tensor(name, slots, ndim=1, dtypes=INDEX_DTYPES, device=device)
     if n is not None and slots.shape[0] != n:
         raise ValueError(f"{name} has {slots.shape[0]} entries but there are {n} rows")
-    if slots.device.type == "cpu" and slots.numel() and not _is_fake(slots):
-        lo, hi = int(slots.min()), int(slots.max())
-        if lo < -1 or hi >= capacity:
-            raise ValueError(f"{name} must lie in [-1, {capacity}) (−1 = skip; the cache has {capacity} slots), "
-                             f"got [{lo}, {hi}]")
+    check_range(name, slots, -1, capacity, f"−1 = skip; the cache has {capacity} slots")
 
 
 def _check_fmt(fmt) -> None:

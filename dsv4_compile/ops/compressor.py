@@ -20,8 +20,8 @@ import torch
 
 from .. import layouts
 from ..reference import compressor as ref
-from ._lib import (FLOAT_DTYPES, INDEX_DTYPES, _is_fake, check_block_table, check_positive_int, check_rope_args,
-                   check_tensor, qualname)
+from ._lib import (FLOAT_DTYPES, INDEX_DTYPES, check_block_entries, check_block_table, check_positive_int,
+                   check_range, check_rope_args, check_tensor, qualname)
 from .cache import check_cache, check_slots
 
 
@@ -97,8 +97,7 @@ def _check_save(kv_score, positions, ape, state_cache, state_slot_mapping, state
     check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=ape.device)
     if positions.shape[0] != kv_score.shape[0]:
         raise ValueError(f"positions has {positions.shape[0]} entries but kv_score has {kv_score.shape[0]} rows")
-    if positions.device.type == "cpu" and positions.numel() and not _is_fake(positions) and int(positions.min()) < 0:
-        raise ValueError(f"positions must be non-negative, got {int(positions.min())}")
+    check_range("positions", positions, 0, None, "non-negative")
     _check_state_cache(state_cache, r, w // coff, state_block_size, ape.device)
     check_slots("state_slot_mapping", state_slot_mapping, kv_score.shape[0], state_cache.shape[0] * state_block_size,
                 ape.device)
@@ -111,6 +110,7 @@ def _check_pool(state_cache, positions, state_block_table, token_to_req, state_b
     if not state_checked:  # compressor_insert has validated it with the state save's arguments
         _check_state_cache(state_cache, compress_ratio, head_dim, state_block_size, positions.device)
     check_block_table(state_block_table, token_to_req, positions.shape[0], "positions", positions.device)
+    check_block_entries(state_block_table, state_cache.shape[0], "state_cache")
 
 
 # --- compressor_state_save ----------------------------------------------------------------------

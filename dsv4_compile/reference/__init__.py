@@ -16,4 +16,5 @@ from .quant import (  # noqa: F401
 )
 from .rope import hadamard, rope  # noqa: F401
 from .indexer_q import indexer_q_rope_fp8, indexer_q_rope_mxfp4  # noqa: F401
-from . import cache, compressor, indices  # noqa: F401,E402  (paged caches, compressor, index construction)
+from .output import fp8_dequant_grouped, grouped_o_proj, inv_rope_fp8_quant  # noqa: F401
+from . import attention, cache, compressor, indices  # noqa: F401,E402  (caches, compressor, indices, attention core)

@@ -210,6 +210,46 @@ def _e2m1_value(code):
 
 
 @triton.jit
+def load_fp8_ds_mla(cache_ptr, page_off, k, ok, BS: tl.constexpr):
+    """bf16 ``[BT, 8, 64]`` rows of the fp8_ds_mla records of in-page slots ``k`` (rows 0-6: the 448
+    nope dims, e4m3 · 2^(byte−127); row 7: the stored bf16 rope dims); zeros where not ``ok``."""
+    r = tl.arange(0, 8)
+    c = tl.arange(0, 64)
+    base = page_off + k * TOKEN_BYTES
+    nope_m = ok[:, None, None] & (r < NOPE_BLOCKS)[None, :, None]
+    v = tl.load(cache_ptr + base[:, None, None] + (r * 64)[None, :, None] + c[None, None, :], mask=nope_m, other=0)
+    sb = tl.load(cache_ptr + (page_off + BS * TOKEN_BYTES + k * SCALE_BYTES)[:, None] + r[None, :],
+                 mask=ok[:, None] & (r < NOPE_BLOCKS)[None, :], other=0)
+    scale = pow2(sb.to(tl.int32) - 127)
+    nope = (v.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]).to(tl.bfloat16)
+    # rope row through a bf16 view of the record (the ops keep pages 2-byte aligned)
+    rope_ptr = (cache_ptr + base + NOPE_BLOCKS * 64).to(tl.pointer_type(tl.bfloat16))
+    rope = tl.load(rope_ptr[:, None] + c[None, :], mask=ok[:, None], other=0.0)
+    row = tl.where((r == NOPE_BLOCKS)[None, :, None], rope[:, None, :], nope)
+    return tl.where(ok[:, None, None], row, 0.0)
+
+
+@triton.jit
+def load_indexer_k(cache_ptr, page_off, k, ok, BS: tl.constexpr, BT: tl.constexpr, MXFP4: tl.constexpr):
+    """fp32 ``[BT, 128]`` dequantized indexer keys of in-page slots ``k``; zeros where not ``ok``."""
+    b = tl.arange(0, 4)
+    if MXFP4:
+        j = tl.arange(0, 64)
+        p = tl.load(cache_ptr + (page_off + k * 64)[:, None] + j[None, :], mask=ok[:, None], other=0)
+        vals = tl.reshape(tl.join(_e2m1_value(p & 0xF), _e2m1_value(p >> 4)), [BT * 4, 32])
+        sb = tl.load(cache_ptr + (page_off + BS * 64 + k * 4)[:, None] + b[None, :], mask=ok[:, None], other=0)
+        val = tl.reshape(vals * pow2(tl.reshape(sb, [BT * 4]).to(tl.int32) - 127)[:, None], [BT, 128])
+    else:
+        d = tl.arange(0, 128)
+        v = tl.load(cache_ptr + (page_off + k * 128)[:, None] + d[None, :], mask=ok[:, None], other=0)
+        # the fp32 scale from its 4 bytes (pages need not be 4-byte aligned)
+        sb = tl.load(cache_ptr + (page_off + BS * 128 + k * 4)[:, None] + b[None, :], mask=ok[:, None], other=0)
+        bits = tl.sum(sb.to(tl.int32) << (8 * b[None, :]), axis=1)
+        val = v.to(tl.float8e4nv, bitcast=True).to(tl.float32) * bits.to(tl.float32, bitcast=True)[:, None]
+    return tl.where(ok[:, None], val, 0.0)
+
+
+@triton.jit
 def _gather_kernel(
     cache_ptr, slot_ptr, out_ptr, N, page_stride, capacity,
     BS: tl.constexpr, FMT: tl.constexpr, BT: tl.constexpr,
@@ -221,43 +261,13 @@ def _gather_kernel(
     if FMT == 0:
         r = tl.arange(0, 8)
         c = tl.arange(0, 64)
-        base = page_off + k * TOKEN_BYTES
-        nope_m = ok[:, None, None] & (r < NOPE_BLOCKS)[None, :, None]
-        v = tl.load(cache_ptr + base[:, None, None] + (r * 64)[None, :, None] + c[None, None, :], mask=nope_m,
-                    other=0)
-        sb = tl.load(cache_ptr + (page_off + BS * TOKEN_BYTES + k * SCALE_BYTES)[:, None] + r[None, :],
-                     mask=ok[:, None] & (r < NOPE_BLOCKS)[None, :], other=0)
-        scale = pow2(sb.to(tl.int32) - 127)
-        nope = (v.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]).to(tl.bfloat16)
-        # rope row: 64 bf16 from 128 little-endian bytes
-        rb = tl.load(cache_ptr + (base + 448)[:, None, None] + (2 * c)[None, None, :] + tl.arange(0, 2)[None, :, None],
-                     mask=ok[:, None, None], other=0)  # [BT, 2, 64]: byte 0 / byte 1 of each bf16
-        lo, hi = tl.split(tl.permute(rb, [0, 2, 1]))
-        bits = (lo.to(tl.int32) | (hi.to(tl.int32) << 8)).to(tl.int16)
-        rope = bits.to(tl.bfloat16, bitcast=True)  # [BT, 64]
-        row = tl.where((r == 7)[None, :, None], rope[:, None, :], nope)
+        row = load_fp8_ds_mla(cache_ptr, page_off, k, ok, BS)
         out_off = t.to(tl.int64)[:, None, None] * 512 + (r * 64)[None, :, None] + c[None, None, :]
-        tl.store(out_ptr + out_off, tl.where(ok[:, None, None], row, 0.0), mask=t_ok[:, None, None])
+        tl.store(out_ptr + out_off, row, mask=t_ok[:, None, None])
     else:
         d = tl.arange(0, 128)
-        if FMT == 1:
-            v = tl.load(cache_ptr + (page_off + k * 128)[:, None] + d[None, :], mask=ok[:, None], other=0)
-            b = tl.arange(0, 4)
-            sb = tl.load(cache_ptr + (page_off + BS * 128 + k * 4)[:, None] + b[None, :], mask=ok[:, None], other=0)
-            bits = tl.sum(sb.to(tl.int32) << (8 * b[None, :]), axis=1)
-            val = v.to(tl.float8e4nv, bitcast=True).to(tl.float32) * bits.to(tl.float32, bitcast=True)[:, None]
-        else:
-            j = tl.arange(0, 64)
-            p = tl.load(cache_ptr + (page_off + k * 64)[:, None] + j[None, :], mask=ok[:, None], other=0)
-            lo = _e2m1_value(p & 0xF)
-            hi = _e2m1_value(p >> 4)
-            vals = tl.reshape(tl.join(lo, hi), [BT * 4, 32])
-            b = tl.arange(0, 4)
-            sb = tl.load(cache_ptr + (page_off + BS * 64 + k * 4)[:, None] + b[None, :], mask=ok[:, None], other=0)
-            s = pow2(tl.reshape(sb, [BT * 4]).to(tl.int32) - 127)
-            val = tl.reshape(vals * s[:, None], [BT, 128])
-        out_off = t.to(tl.int64)[:, None] * 128 + d[None, :]
-        tl.store(out_ptr + out_off, tl.where(ok[:, None], val, 0.0), mask=t_ok[:, None])
+        val = load_indexer_k(cache_ptr, page_off, k, ok, BS, BT, FMT == 2)
+        tl.store(out_ptr + t.to(tl.int64)[:, None] * 128 + d[None, :], val, mask=t_ok[:, None])
 
 
 _GATHER = {"fp8_ds_mla": (0, torch.bfloat16, layouts.KV_HEAD_DIM), "fp8": (1, torch.float32, 128),

@@ -15,7 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import cache, compressor, indexer_q, indices, primitives
+from . import attention, cache, compressor, indexer_q, indices, primitives
 
 _OPTS = {"enable_fp_fusion": False}
 
@@ -46,6 +46,7 @@ def _cases(arch: int):
     yield from _cache_cases(hw)
     yield from _compressor_cases(hw)
     yield from indices.compile_cases(arch)
+    yield from _attention_cases()
 
 
 def _cache_cases(hw: bool):
@@ -82,15 +83,35 @@ def _compressor_cases(hw: bool):
                                          HW_E2M1=hw and fmt == 2)
 
 
+def _attention_cases():
+    for mxfp4 in (False, True):
+        yield attention._indexer_logits_kernel, dict(
+            q_ptr="*u8", qs_ptr="*u8", w_ptr="*fp32", cache_ptr="*u8", bt_ptr="*i32", req_ptr="*i64", pos_ptr="*i64",
+            out_ptr="*fp32", H="i32", n_req="i32", num_pages="i32", page_stride="i32", L="i32", ratio="i32",
+            q_stride_t="i32", q_stride_h="i32", w_stride_t="i32", bt_stride="i32"), dict(
+            BS=64, BN=64, BH=32, MXFP4=mxfp4)
+    for split, comp, bh, warps in ((False, True, 64, 8), (True, True, 64, 8), (False, False, 16, 4)):
+        yield attention._sparse_attn_kernel, dict(
+            q_ptr="*bf16", swa_ptr="*u8", swa_idx_ptr="*i32", comp_ptr="*u8", comp_idx_ptr="*i32", sink_ptr="*fp32",
+            o_ptr="*bf16", part_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", H="i32", W="i32", K="i32",
+            per_split="i32", q_stride_t="i32", q_stride_h="i32", o_stride_t="i32", o_stride_h="i32",
+            swa_idx_stride="i32", comp_idx_stride="i32", swa_page_stride="i32", comp_page_stride="i32",
+            swa_cap="i64", comp_cap="i64", qk_scale="fp32"), dict(
+            SWA_BS=64, COMP_BS=2 if split else 64, BH=bh, BN=32, SPLIT=split, HAS_COMP=comp), dict(num_warps=warps)
+    yield attention._combine_kernel, dict(
+        part_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", sink_ptr="*fp32", o_ptr="*bf16", H="i32", n_split="i32",
+        o_stride_t="i32", o_stride_h="i32"), dict(BH=16)
+
+
 def compile_all(arch: int) -> list[str]:
     """Compile every kernel variant for ``sm_<arch>``; returns ``name@sm_<arch>[+e2m1x2]`` per kernel
     (``+e2m1x2`` when its PTX uses the hardware E2M1 conversion)."""
     target = GPUTarget("cuda", arch, 32)
     names = []
-    for fn, sig, constexprs in _cases(arch):
+    for fn, sig, constexprs, *opts in _cases(arch):
         signature = {**sig, **{k: "constexpr" for k in constexprs}}
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
-                                options=_OPTS)
+                                options={**_OPTS, **(opts[0] if opts else {})})
         hw = "+e2m1x2" if "e2m1x2" in kernel.asm["ptx"] else ""
         names.append(f"{kernel.metadata.name}@sm_{arch}{hw}")
     return names

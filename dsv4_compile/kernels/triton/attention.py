@@ -1,0 +1,293 @@
+"""Triton kernels for the attention core: indexer logits (then ``torch.topk``) and sparse MQA with the
+sink (split-K flash decoding).
+
+Both read the paged caches through the record loaders of ``cache.py`` and mask every index that is
+−1 or past its cache, so no byte outside a cache is read. Numerics: fp32 accumulation on bf16 tensor
+core products (K and V dequantize exactly to bf16); the attention probabilities are rounded to bf16
+for the P·V product as in every flash kernel, so outputs match the fp32 reference within bf16
+tolerance, not bit for bit (spec §7: attention outputs are tolerance-checked).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import layouts
+from ...reference.attention import select_topk
+from ._common import pow2
+from .cache import _e2m1_value, load_fp8_ds_mla, load_indexer_k
+
+LOG2E = 1.4426950408889634
+_NEG_BIG = tl.constexpr(-1.0e30)  # finite "no candidate yet" running max: keeps exp2 free of inf − inf
+
+
+# ---------------------------------------------------------------------------------------------
+# indexer logits
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _load_indexer_q(q_ptr, qs_ptr, t, heads, hm, H, q_stride_t, q_stride_h, MXFP4: tl.constexpr,
+                    BH: tl.constexpr):
+    """bf16 ``[BH, 128]`` dequantized queries of token ``t`` (FP8: the e4m3 values, whose scale the
+    weights carry; MXFP4: E2M1 · 2^(byte−127), scales ``[T, H, 4]`` contiguous). Exact in bf16."""
+    row = t.to(tl.int64) * q_stride_t
+    if MXFP4:
+        j = tl.arange(0, 64)
+        p = tl.load(q_ptr + row + heads[:, None] * q_stride_h + j[None, :], mask=hm[:, None], other=0)
+        vals = tl.reshape(tl.join(_e2m1_value(p & 0xF), _e2m1_value(p >> 4)), [BH * 4, 32])
+        b = tl.arange(0, 4)
+        sb = tl.load(qs_ptr + (t.to(tl.int64) * H + heads)[:, None] * 4 + b[None, :], mask=hm[:, None], other=0)
+        q = tl.reshape(vals * pow2(tl.reshape(sb, [BH * 4]).to(tl.int32) - 127)[:, None], [BH, 128])
+    else:
+        d = tl.arange(0, 128)
+        q = tl.load(q_ptr + row + heads[:, None] * q_stride_h + d[None, :], mask=hm[:, None], other=0)
+        q = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return q.to(tl.bfloat16)
+
+
+@triton.jit
+def _indexer_logits_kernel(
+    q_ptr, qs_ptr, w_ptr, cache_ptr, bt_ptr, req_ptr, pos_ptr, out_ptr,
+    H, n_req, num_pages, page_stride, L, ratio, q_stride_t, q_stride_h, w_stride_t, bt_stride,
+    BS: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, MXFP4: tl.constexpr,
+):
+    t = tl.program_id(0)
+    s = tl.program_id(1) * BN + tl.arange(0, BN)
+    req = tl.load(req_ptr + t).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    tok_ok = (req >= 0) & (req < n_req) & (pos >= 0)
+    n = tl.where(tok_ok, tl.minimum((pos + 1) // ratio, L), 0)
+    vis = s < n
+    out = out_ptr + t.to(tl.int64) * L + s
+    if tl.program_id(1) * BN >= n:  # nothing visible in this tile
+        tl.store(out, tl.full([BN], float("-inf"), tl.float32), mask=s < L)
+        return
+    page = tl.load(bt_ptr + tl.where(tok_ok, req, 0) * bt_stride + s // BS, mask=vis, other=-1).to(tl.int64)
+    ok = vis & (page >= 0) & (page < num_pages)
+    k = load_indexer_k(cache_ptr, tl.where(ok, page, 0) * page_stride, s % BS, ok, BS, BN, MXFP4)
+    k = k.to(tl.bfloat16)
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for h0 in range(0, H, BH):
+        heads = h0 + tl.arange(0, BH)
+        hm = heads < H
+        q = _load_indexer_q(q_ptr, qs_ptr, t, heads, hm, H, q_stride_t, q_stride_h, MXFP4, BH)
+        sc = tl.dot(q, tl.trans(k))  # [BH, BN] fp32
+        w = tl.load(w_ptr + t.to(tl.int64) * w_stride_t + heads, mask=hm, other=0.0)
+        acc += tl.sum(tl.maximum(sc, 0.0) * w[:, None], axis=0)
+    tl.store(out, tl.where(vis, acc, float("-inf")), mask=s < L)
+
+
+def indexer_logits(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int, fmt: str,
+                   compress_ratio: int, block_n: int = 64, block_h: int = 32, num_warps: int = 4) -> torch.Tensor:
+    """fp32 ``[T, M·block_size]`` logits, −inf where not visible (``reference.attention.indexer_logits``)."""
+    T, H = q.shape[0], q.shape[1]
+    L = block_table.shape[1] * block_size
+    out = torch.empty((T, L), dtype=torch.float32, device=q.device)
+    if T == 0 or L == 0:
+        return out
+    if k_cache.shape[0] == 0:
+        return _empty_cache_logits(out, positions, token_to_req, block_table.shape[0], compress_ratio)
+    mxfp4 = fmt == "mxfp4"
+    q = q.contiguous()
+    weights = weights.contiguous()
+    if mxfp4:
+        q_scale = q_scale.contiguous()
+    qb = q.view(torch.uint8)
+    bh = min(block_h, max(16, triton.next_power_of_2(H)))
+    _indexer_logits_kernel[(T, triton.cdiv(L, block_n))](
+        qb, q_scale if mxfp4 else qb, weights, k_cache, block_table, token_to_req, positions, out,
+        H, block_table.shape[0], k_cache.shape[0], k_cache.stride(0), L, compress_ratio,
+        qb.stride(0), qb.stride(1), weights.stride(0), block_table.stride(0),
+        BS=block_size, BN=block_n, BH=bh, MXFP4=mxfp4, num_warps=num_warps,
+    )
+    return out
+
+
+def _empty_cache_logits(out, positions, token_to_req, n_req, compress_ratio):
+    # no page to read: every visible entry scores 0 (its key dequantizes to zeros), as in the reference
+    from ...reference.attention import visible_entries
+
+    n = visible_entries(positions, token_to_req, n_req, compress_ratio, out.shape[1])
+    s = torch.arange(out.shape[1], device=out.device)
+    return out.copy_(torch.where(s[None, :] < n[:, None], 0.0, float("-inf")))
+
+
+def indexer_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int, fmt: str,
+                 topk: int, compress_ratio: int) -> torch.Tensor:
+    from ...reference.attention import visible_entries
+
+    logits = indexer_logits(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt,
+                            compress_ratio)
+    n = visible_entries(positions, token_to_req, block_table.shape[0], compress_ratio, logits.shape[1])
+    return select_topk(logits, n, topk)
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse MQA with sink
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _attend(q, m_i, l_i, acc, cache_ptr, idx_ptr, lo, hi, page_stride, capacity, qk_scale,
+            BS: tl.constexpr, BN: tl.constexpr):
+    """Online softmax (base 2) of ``q [BH, 512]`` over the candidates ``idx[lo:hi]`` of one cache."""
+    for j0 in range(lo, hi, BN):
+        j = j0 + tl.arange(0, BN)
+        jm = j < hi
+        idx = tl.load(idx_ptr + j, mask=jm, other=-1).to(tl.int64)
+        ok = jm & (idx >= 0) & (idx < capacity)
+        slot = tl.where(ok, idx, 0)
+        kv = tl.reshape(load_fp8_ds_mla(cache_ptr, (slot // BS) * page_stride, slot % BS, ok, BS), [BN, 512])
+        s = tl.dot(q, tl.trans(kv)) * qk_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), kv)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _finish(m_i, l_i, acc, sink_ptr, heads, hm):
+    """``acc / (l + e^{sink − m})`` in the base-2 domain; an empty set (and a −inf sink) gives 0."""
+    sink = tl.load(sink_ptr + heads, mask=hm, other=float("-inf")) * 1.4426950408889634
+    m = tl.maximum(m_i, sink)
+    a = tl.exp2(m_i - m)
+    den = l_i * a + tl.exp2(sink - m)
+    inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+    return acc * (a * inv)[:, None]
+
+
+@triton.jit
+def _sparse_attn_kernel(
+    q_ptr, swa_ptr, swa_idx_ptr, comp_ptr, comp_idx_ptr, sink_ptr, o_ptr, part_ptr, m_ptr, l_ptr,
+    H, W, K, per_split, q_stride_t, q_stride_h, o_stride_t, o_stride_h, swa_idx_stride, comp_idx_stride,
+    swa_page_stride, comp_page_stride, swa_cap, comp_cap, qk_scale,
+    SWA_BS: tl.constexpr, COMP_BS: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_COMP: tl.constexpr,
+):
+    t = tl.program_id(0)
+    sp = tl.program_id(1)
+    heads = tl.program_id(2) * BH + tl.arange(0, BH)
+    hm = heads < H
+    d = tl.arange(0, 512)
+    q = tl.load(q_ptr + t.to(tl.int64) * q_stride_t + heads[:, None] * q_stride_h + d[None, :], mask=hm[:, None],
+                other=0.0)
+    start = sp * per_split
+    end = tl.minimum(start + per_split, W + K)
+    m_i = tl.full([BH], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BH], dtype=tl.float32)
+    acc = tl.zeros([BH, 512], dtype=tl.float32)
+    m_i, l_i, acc = _attend(q, m_i, l_i, acc, swa_ptr, swa_idx_ptr + t.to(tl.int64) * swa_idx_stride,
+                            tl.minimum(start, W), tl.minimum(end, W), swa_page_stride, swa_cap, qk_scale, SWA_BS, BN)
+    if HAS_COMP:
+        m_i, l_i, acc = _attend(q, m_i, l_i, acc, comp_ptr, comp_idx_ptr + t.to(tl.int64) * comp_idx_stride,
+                                tl.maximum(start, W) - W, tl.maximum(end, W) - W, comp_page_stride, comp_cap,
+                                qk_scale, COMP_BS, BN)
+    if SPLIT:
+        n_split = tl.num_programs(1)
+        row = (t.to(tl.int64) * n_split + sp) * H + heads
+        tl.store(part_ptr + row[:, None] * 512 + d[None, :], acc, mask=hm[:, None])
+        tl.store(m_ptr + row, m_i, mask=hm)
+        tl.store(l_ptr + row, l_i, mask=hm)
+    else:
+        out = _finish(m_i, l_i, acc, sink_ptr, heads, hm)
+        tl.store(o_ptr + t.to(tl.int64) * o_stride_t + heads[:, None] * o_stride_h + d[None, :],
+                 out.to(tl.bfloat16), mask=hm[:, None])
+
+
+@triton.jit
+def _combine_kernel(part_ptr, m_ptr, l_ptr, sink_ptr, o_ptr, H, n_split, o_stride_t, o_stride_h,
+                    BH: tl.constexpr):
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BH + tl.arange(0, BH)
+    hm = heads < H
+    d = tl.arange(0, 512)
+    base = t.to(tl.int64) * n_split * H + heads
+    m = tl.full([BH], _NEG_BIG, tl.float32)
+    for sp in range(0, n_split):
+        m = tl.maximum(m, tl.load(m_ptr + base + sp * H, mask=hm, other=_NEG_BIG))
+    l_i = tl.zeros([BH], dtype=tl.float32)
+    acc = tl.zeros([BH, 512], dtype=tl.float32)
+    for sp in range(0, n_split):
+        a = tl.exp2(tl.load(m_ptr + base + sp * H, mask=hm, other=_NEG_BIG) - m)
+        l_i += a * tl.load(l_ptr + base + sp * H, mask=hm, other=0.0)
+        part = tl.load(part_ptr + (base + sp * H)[:, None] * 512 + d[None, :], mask=hm[:, None], other=0.0)
+        acc += a[:, None] * part
+    out = _finish(m, l_i, acc, sink_ptr, heads, hm)
+    tl.store(o_ptr + t.to(tl.int64) * o_stride_t + heads[:, None] * o_stride_h + d[None, :], out.to(tl.bfloat16),
+             mask=hm[:, None])
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return 8  # the interpreter: exercise splitting at small shapes
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_config(T: int, H: int, n_cand: int, device: torch.device, block_h: int | None = None,
+                  block_n: int | None = None, num_warps: int | None = None, splits: int | None = None):
+    """(BH, BN, warps, splits, candidates per split): heads per program up to 64 (the whole MQA group
+    shares each K/V tile), and split-K over the candidates when ``T × head blocks`` cannot fill the GPU."""
+    bh = block_h or min(64, max(16, triton.next_power_of_2(H)))
+    bn = block_n or 32
+    warps = num_warps or (8 if bh >= 64 else 4)
+    n_hb = triton.cdiv(H, bh)
+    max_splits = max(1, triton.cdiv(n_cand, bn))
+    if splits is None:
+        base = T * n_hb
+        target = _target_programs(device)
+        splits = 1 if base >= target else min(max_splits, triton.cdiv(target, base))
+    splits = max(1, min(splits, max_splits))
+    per_split = triton.cdiv(triton.cdiv(max(n_cand, 1), splits), bn) * bn
+    splits = max(1, triton.cdiv(n_cand, per_split))
+    return bh, bn, warps, splits, per_split
+
+
+def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale: float, swa_block_size: int,
+                comp_block_size: int, **config) -> torch.Tensor:
+    T, H, _ = q.shape
+    out = torch.empty((T, H, layouts.KV_HEAD_DIM), dtype=torch.bfloat16, device=q.device)
+    if T == 0 or H == 0:
+        return out
+    has_comp = comp_indices is not None and comp_indices.shape[1] > 0 and comp_cache.shape[0] > 0
+    W = swa_indices.shape[1] if swa_cache.shape[0] > 0 else 0  # an empty cache has nothing to attend to
+    K = comp_indices.shape[1] if has_comp else 0
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    swa_indices = swa_indices.contiguous()
+    comp_indices = comp_indices.contiguous() if has_comp else swa_indices
+    comp_cache = comp_cache if has_comp else swa_cache
+    sink = sink.contiguous()
+    bh, bn, warps, splits, per_split = launch_config(T, H, W + K, q.device, **config)
+    split = splits > 1
+    if split:
+        part = torch.empty((T, splits, H, layouts.KV_HEAD_DIM), dtype=torch.float32, device=q.device)
+        m = torch.empty((T, splits, H), dtype=torch.float32, device=q.device)
+        l_ = torch.empty_like(m)
+    else:
+        part = m = l_ = sink  # unused
+    _sparse_attn_kernel[(T, splits, triton.cdiv(H, bh))](
+        q, swa_cache, swa_indices, comp_cache, comp_indices, sink, out, part, m, l_,
+        H, W, K, per_split, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        swa_indices.stride(0), comp_indices.stride(0), swa_cache.stride(0), comp_cache.stride(0),
+        swa_cache.shape[0] * swa_block_size, comp_cache.shape[0] * comp_block_size, scale * LOG2E,
+        SWA_BS=swa_block_size, COMP_BS=comp_block_size, BH=bh, BN=bn, SPLIT=split, HAS_COMP=has_comp,
+        num_warps=warps,
+    )
+    if split:
+        cbh = min(bh, 16)
+        _combine_kernel[(T, triton.cdiv(H, cbh))](
+            part, m, l_, sink, out, H, splits, out.stride(0), out.stride(1), BH=cbh, num_warps=4,
+        )
+    return out

@@ -1,0 +1,182 @@
+"""The attention core (spec §2.5, §2.7): ``dsv4::indexer_topk`` and ``dsv4::sparse_attn``.
+
+* ``indexer_topk``: the lightning indexer's logits ``Σ_h w[t,h]·ReLU(q̂[t,h]·k̂[s])`` over each
+  token's visible compressed entries (read through its request's block table from the FP8 or MXFP4
+  indexer K cache), then the top-k as local entry indices, int32 ``[T, topk]``, −1 padded.
+* ``sparse_attn``: one softmax with the per-head sink over the SWA and compressed candidates given
+  as global cache slots (−1 skipped); decode and prefill both go through it.
+
+Both return fresh fixed-shape tensors (no data-dependent sizes, no host sync). Index values are
+checked on the host only where that is free (CPU tensors) or asked for (``DSV4_CHECK_INDICES=1``);
+otherwise the kernels mask out-of-range indices and never read outside a cache.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import layouts
+from ..reference import attention as ref
+from ._lib import (INDEX_DTYPES, check_block_entries, check_block_table, check_positive_int, check_range,
+                   check_tensor, qualname)
+from .cache import _check_fmt, check_cache
+
+
+def _triton():
+    from ..kernels.triton import attention as kernels
+
+    return kernels
+
+
+# --- indexer_topk ---------------------------------------------------------------------------------
+def _check_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt, topk,
+                compress_ratio):
+    _check_fmt(fmt)
+    d = layouts.INDEXER_HEAD_DIM
+    if fmt == "fp8":
+        check_tensor("q", q, ndim=3, dtypes=(torch.float8_e4m3fn,))
+        if q.shape[2] != d:
+            raise ValueError(f"q must be e4m3 [T, H, {d}] for fmt='fp8', got {tuple(q.shape)}")
+        if q_scale is not None:
+            raise ValueError("q_scale must be None for fmt='fp8' (the q scale is folded into weights)")
+    else:
+        check_tensor("q", q, ndim=3, dtypes=(torch.uint8,))
+        if q.shape[2] != d // 2:
+            raise ValueError(f"q must be packed MXFP4 uint8 [T, H, {d // 2}] for fmt='mxfp4', got {tuple(q.shape)}")
+        check_tensor("q_scale", q_scale, ndim=3, dtypes=(torch.uint8,), device=q.device)
+        if tuple(q_scale.shape) != (q.shape[0], q.shape[1], d // layouts.MXFP4_BLOCK):
+            raise ValueError(f"q_scale must be uint8 [T, H, {d // layouts.MXFP4_BLOCK}], got {tuple(q_scale.shape)}")
+    if q.shape[1] == 0:
+        raise ValueError("q must have at least one head")
+    check_tensor("weights", weights, ndim=2, dtypes=(torch.float32,), device=q.device)
+    if tuple(weights.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"weights must be fp32 [T, H] = {tuple(q.shape[:2])}, got {tuple(weights.shape)}")
+    check_tensor("positions", positions, ndim=1, dtypes=INDEX_DTYPES, device=q.device)
+    if positions.shape[0] != q.shape[0]:
+        raise ValueError(f"positions has {positions.shape[0]} entries but q has {q.shape[0]} tokens")
+    check_cache("k_cache", k_cache, fmt, block_size, q.device)
+    check_block_table(block_table, token_to_req, q.shape[0], "q", q.device)
+    check_block_entries(block_table, k_cache.shape[0], "k_cache")
+    check_positive_int("topk", topk)
+    check_positive_int("compress_ratio", compress_ratio)
+
+
+@torch.library.custom_op(qualname("indexer_topk"), mutates_args=())
+def indexer_topk(
+    q: torch.Tensor,
+    q_scale: Optional[torch.Tensor],
+    weights: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    token_to_req: torch.Tensor,
+    positions: torch.Tensor,
+    block_size: int,
+    fmt: str,
+    topk: int,
+    compress_ratio: int = 4,
+) -> torch.Tensor:
+    """Top-``topk`` compressed entries per token by the lightning-indexer score.
+
+    ``q``: e4m3 ``[T, H, 128]`` (``fmt="fp8"``, ``q_scale=None``: the per-(token, head) q scale is in
+    ``weights``) or packed MXFP4 uint8 ``[T, H, 64]`` with UE8M0 ``q_scale [T, H, 4]``;
+    ``weights`` fp32 ``[T, H]`` (all scale factors folded in, as ``indexer_q_rope_*`` returns them);
+    ``k_cache`` the indexer K cache of ``fmt``; ``block_table [R, M]`` int32 maps a request's entry
+    ``s`` to slot ``block_table[r, s // block_size]·block_size + s % block_size``; ``token_to_req
+    [T]`` (negative = padding), ``positions [T]`` (negative = padding).
+
+    Token t sees entries ``s < (p+1) // compress_ratio`` (capped at ``M·block_size``). Returns int32
+    ``[T, topk]``: the local indices of the ``topk`` best visible entries (in descending score order),
+    or exactly ``0..n−1`` then −1 when ``n <= topk`` entries are visible; padding tokens get −1 rows.
+    """
+    _check_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt, topk,
+                compress_ratio)
+    return ref.indexer_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt,
+                            topk, compress_ratio)
+
+
+@indexer_topk.register_kernel("cuda")
+def _indexer_topk_cuda(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt, topk,
+                       compress_ratio=4):
+    _check_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt, topk,
+                compress_ratio)
+    return _triton().indexer_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size,
+                                  fmt, topk, compress_ratio)
+
+
+@indexer_topk.register_fake
+def _indexer_topk_fake(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt, topk,
+                       compress_ratio=4):
+    _check_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt, topk,
+                compress_ratio)
+    return torch.empty((q.shape[0], topk), dtype=torch.int32, device=q.device)
+
+
+# --- sparse_attn ----------------------------------------------------------------------------------
+def _check_indices(name, indices, cache_name, cache, block_size, n_tokens, device):
+    check_tensor(name, indices, ndim=2, dtypes=INDEX_DTYPES, device=device)
+    if indices.shape[0] != n_tokens:
+        raise ValueError(f"{name} has {indices.shape[0]} rows but q has {n_tokens} tokens")
+    check_cache(cache_name, cache, "fp8_ds_mla", block_size, device)
+    capacity = cache.shape[0] * block_size
+    check_range(name, indices, -1, capacity, f"global slots of {cache_name}, −1 = none; it has {capacity} slots")
+
+
+def _check_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size, comp_block_size):
+    check_tensor("q", q, ndim=3, dtypes=(torch.bfloat16,))
+    if q.shape[2] != layouts.KV_HEAD_DIM:
+        raise ValueError(f"q must be bf16 [T, H, {layouts.KV_HEAD_DIM}], got {tuple(q.shape)}")
+    if q.shape[1] == 0:
+        raise ValueError("q must have at least one head")
+    _check_indices("swa_indices", swa_indices, "swa_cache", swa_cache, swa_block_size, q.shape[0], q.device)
+    if (comp_cache is None) != (comp_indices is None):
+        raise ValueError("comp_cache and comp_indices must be given together (both None for SWA-only layers)")
+    check_positive_int("comp_block_size", comp_block_size)
+    if comp_cache is not None:
+        _check_indices("comp_indices", comp_indices, "comp_cache", comp_cache, comp_block_size, q.shape[0], q.device)
+    check_tensor("sink", sink, ndim=1, dtypes=(torch.float32,), device=q.device)
+    if sink.shape[0] != q.shape[1]:
+        raise ValueError(f"sink must be fp32 [H] with H = {q.shape[1]} (one logit per head), got {tuple(sink.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.SymFloat)) or not scale > 0:
+        raise ValueError(f"scale must be a positive Python number, got {scale!r}")
+
+
+@torch.library.custom_op(qualname("sparse_attn"), mutates_args=())
+def sparse_attn(
+    q: torch.Tensor,
+    swa_cache: torch.Tensor,
+    swa_indices: torch.Tensor,
+    comp_cache: Optional[torch.Tensor],
+    comp_indices: Optional[torch.Tensor],
+    sink: torch.Tensor,
+    scale: float,
+    swa_block_size: int,
+    comp_block_size: int,
+) -> torch.Tensor:
+    """Sparse MQA with the attention sink (spec §2.7): bf16 ``o [T, H, 512]``.
+
+    ``q`` bf16 ``[T, H, 512]``; ``swa_cache`` / ``comp_cache`` ``fp8_ds_mla`` caches and
+    ``swa_indices [T, W]`` / ``comp_indices [T, K]`` global slots into them (−1 = none; both
+    compressed arguments None on SWA-only layers). For each head, one softmax over all candidates with
+    ``s_j = scale · q·kv_j`` and the fp32 ``sink[h]`` (not scaled) in the denominator only; the values
+    are the full 512-d records. A token without candidates gets 0.
+    """
+    _check_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size, comp_block_size)
+    return ref.sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size,
+                           comp_block_size)
+
+
+@sparse_attn.register_kernel("cuda")
+def _sparse_attn_cuda(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size,
+                      comp_block_size):
+    _check_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size, comp_block_size)
+    return _triton().sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size,
+                                 comp_block_size)
+
+
+@sparse_attn.register_fake
+def _sparse_attn_fake(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size,
+                      comp_block_size):
+    _check_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size, comp_block_size)
+    return torch.empty(q.shape, dtype=torch.bfloat16, device=q.device)

@@ -1,0 +1,363 @@
+"""The attention core: ``sparse_attn`` against a dense recomputation (gather + fp32 softmax with the
+sink column), ``indexer_topk`` against ``torch.topk`` on independently dequantized logits, the Triton
+kernels against both, the debug index switch, opcheck, fakes, ValueErrors, and a CUDA-graph replay."""
+
+import math
+
+import pytest
+import torch
+
+import dsv4_compile  # noqa: F401
+from dsv4_compile import layouts
+from dsv4_compile.kernels.triton import attention as kernels
+from dsv4_compile.reference import attention as ref
+from dsv4_compile.reference import cache as ref_cache
+
+dsv4 = torch.ops.dsv4
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SCALE = layouts.KV_HEAD_DIM**-0.5
+
+
+# --- scenario builders ----------------------------------------------------------------------------
+def _filled_kv_cache(n_blocks, bs, seed, extra=0):
+    """An fp8_ds_mla cache with every slot written (random values of magnitude ~2)."""
+    g = torch.Generator().manual_seed(seed)
+    pb = layouts.page_bytes("fp8_ds_mla", bs)
+    full = torch.zeros(n_blocks, pb + extra, dtype=torch.uint8)
+    cache = full[:, :pb] if extra else full
+    kv = (torch.randn(n_blocks * bs, 512, generator=g) * 2).bfloat16()
+    ref_cache.kv_insert(kv, cache, torch.arange(n_blocks * bs), bs)
+    return cache
+
+
+def _indices(t, width, capacity, g, fill):
+    """[t, width] distinct random slots, the first ``fill[i]`` entries of row i valid, −1 after."""
+    rows = []
+    for i in range(t):
+        row = torch.full((width,), -1, dtype=torch.int32)
+        n = fill[i]
+        row[:n] = torch.randperm(capacity, generator=g)[:n].int()
+        rows.append(row[torch.randperm(width, generator=g)])  # −1 holes anywhere in the row
+    return torch.stack(rows) if rows else torch.empty(0, width, dtype=torch.int32)
+
+
+def _attn_case(t=6, h=8, w=16, k=24, swa_bs=16, comp_bs=2, seed=0, with_comp=True):
+    g = torch.Generator().manual_seed(seed)
+    swa = _filled_kv_cache(3, swa_bs, seed + 1)
+    comp = _filled_kv_cache(12, comp_bs, seed + 2, extra=64) if with_comp else None
+    q = (torch.randn(t, h, 512, generator=g) * 0.5).bfloat16()
+    sink = torch.randn(h, generator=g)
+    sink[0] = float("-inf")  # a padded head
+    swa_fill = [w, w // 2, 0, w, 0, 3] * (t // 6 + 1)
+    comp_fill = [k, 0, k // 3, k, 0, 1] * (t // 6 + 1)  # row 1: only SWA; row 2: only compressed; row 4: none
+    swa_idx = _indices(t, w, swa.shape[0] * swa_bs, g, swa_fill)
+    comp_idx = _indices(t, k, comp.shape[0] * comp_bs, g, comp_fill) if with_comp else None
+    return q, swa, swa_idx, comp, comp_idx, sink, swa_bs, comp_bs
+
+
+def _dense(q, swa, swa_idx, comp, comp_idx, sink, swa_bs, comp_bs):
+    """Per token: gather the valid candidates, append the sink column, fp32 softmax, drop it, @ V."""
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    for t in range(q.shape[0]):
+        slots = [(swa, s, swa_bs) for s in swa_idx[t].tolist() if s >= 0]
+        if comp is not None:
+            slots += [(comp, s, comp_bs) for s in comp_idx[t].tolist() if s >= 0]
+        if not slots:
+            continue
+        kv = torch.cat([dsv4.kv_gather(c, torch.tensor([s]), bs) for c, s, bs in slots]).float()  # [N, 512]
+        logits = q[t].float() @ kv.T * SCALE  # [H, N]
+        full = torch.cat((logits, sink[:, None]), dim=1)
+        p = torch.softmax(full, dim=1)[:, :-1]
+        out[t] = torch.nan_to_num(p) @ kv
+    return out
+
+
+def _assert_close_bf16(got, want):
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+# --- sparse_attn ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("with_comp", [True, False])
+def test_sparse_attn_matches_dense_recomputation(with_comp):
+    args = _attn_case(with_comp=with_comp)
+    out = dsv4.sparse_attn(*args[:6], SCALE, *args[6:])
+    assert out.dtype == torch.bfloat16 and out.shape == args[0].shape
+    _assert_close_bf16(out, _dense(*args))
+    assert bool((out[4] == 0).all())  # no candidates → 0 (every head, finite sink or not)
+    assert bool((out[1] != 0).any())  # only SWA candidates
+    assert bool((out[2] != 0).any()) == with_comp  # only compressed candidates
+
+
+def test_sparse_attn_sink_only_in_the_denominator():
+    q, swa, swa_idx, _, _, _, bs, _ = _attn_case(t=1, with_comp=False)
+    no_sink = torch.full((q.shape[1],), float("-inf"))
+    big_sink = torch.full((q.shape[1],), 30.0)
+    a = dsv4.sparse_attn(q, swa, swa_idx, None, None, no_sink, SCALE, bs, 2).float()
+    b = dsv4.sparse_attn(q, swa, swa_idx, None, None, big_sink, SCALE, bs, 2).float()
+    assert a.abs().max() > 0.1 and b.abs().max() < 1e-6  # the sink takes the mass and adds no value
+
+
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_sparse_attn_kernel_matches_reference(kernel_device, splits):
+    args = _attn_case(t=6, h=20, seed=3)  # 20 heads: two head blocks, the second partly masked
+    dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in args]
+    want = ref.sparse_attn(*args[:6], SCALE, *args[6:])
+    got = kernels.sparse_attn(*dev[:6], SCALE, *dev[6:], splits=splits)
+    _assert_close_bf16(got.cpu(), want.float())
+    assert bool((got[4].cpu() == 0).all())
+
+
+def test_sparse_attn_kernel_masks_indices_past_the_cache(kernel_device):
+    q, swa, swa_idx, comp, comp_idx, sink, sbs, cbs = _attn_case(seed=5)
+    past = swa_idx.clone()
+    past[past < 0] = swa.shape[0] * sbs + 7  # beyond the cache: must be skipped like −1, never read
+    dev = lambda *xs: [x.to(kernel_device) for x in xs]  # noqa: E731
+    a = kernels.sparse_attn(*dev(q, swa, swa_idx, comp, comp_idx, sink), SCALE, sbs, cbs)
+    b = kernels.sparse_attn(*dev(q, swa, past, comp, comp_idx, sink), SCALE, sbs, cbs)
+    assert torch.equal(a, b)
+
+
+# --- indexer_topk -----------------------------------------------------------------------------------
+def _topk_case(fmt, t=7, h=4, bs=16, n_req=3, blocks_per_req=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n_pages = n_req * blocks_per_req + 2
+    cache = torch.zeros(n_pages, layouts.page_bytes(fmt, bs), dtype=torch.uint8)
+    k = torch.randn(n_pages * bs, 128, generator=g).bfloat16()
+    ref_cache.indexer_k_insert(k, cache, torch.arange(n_pages * bs), bs, fmt)
+    table = torch.randperm(n_pages, generator=g)[: n_req * blocks_per_req].view(n_req, blocks_per_req).int()
+    table[2, 3] = -1  # an unallocated page (request 2 never reaches it)
+    x = torch.randn(t, h, 128, generator=g)
+    if fmt == "fp8":
+        q, q_scale = x.to(torch.float8_e4m3fn), None
+    else:
+        q, q_scale = torch.ops.dsv4.mxfp4_quant(x)
+    weights = torch.rand(t, h, generator=g) + 0.1
+    token_to_req = torch.tensor([0, 1, 2, 0, 1, -1, 0][:t])
+    #   visible n = (p+1)//4:  255→64 (all of req 0), 90→22, 40→10, 0→0, 63→16, pad, 4→1
+    positions = torch.tensor([255, 90, 40, 0, 63, 5, 4][:t])
+    return q, q_scale, weights, cache, table, token_to_req, positions, bs
+
+
+def _dense_logits(q, q_scale, weights, cache, table, token_to_req, positions, bs, fmt):
+    """Per token, per visible entry: dequantize k through the table by hand, Σ_h w·relu(q·k) (fp64)."""
+    qf = q.double() if fmt == "fp8" else dsv4_compile.reference.mxfp4_dequant(q, q_scale).double()
+    rows = []
+    for t in range(q.shape[0]):
+        r, p = int(token_to_req[t]), int(positions[t])
+        n = 0 if r < 0 or p < 0 else min((p + 1) // 4, table.shape[1] * bs)
+        slots = [int(table[r, s // bs]) * bs + s % bs for s in range(n)]
+        k = dsv4.indexer_k_gather(cache, torch.tensor(slots, dtype=torch.int64), bs, fmt).double()
+        rows.append((torch.relu(qf[t] @ k.T) * weights[t].double()[:, None]).sum(0))
+    return rows
+
+
+def _check_topk(sel, logits_rows, topk, tol=0.0):
+    """Row t: n <= topk → exactly 0..n−1 then −1; else ``topk`` distinct entries, each scoring at least
+    the k-th best (set equality with ``torch.topk``; ``tol`` absorbs fp32 summation-order ties)."""
+    for t, lg in enumerate(logits_rows):
+        row = sel[t].tolist()
+        n = lg.shape[0]
+        if n <= topk:
+            assert row == list(range(n)) + [-1] * (topk - n), (t, row)
+            continue
+        assert len(set(row)) == topk and min(row) >= 0 and max(row) < n, (t, row)
+        want = set(torch.topk(lg, topk).indices.tolist())
+        if tol == 0.0:
+            assert set(row) == want, t
+        else:
+            kth = torch.topk(lg, topk).values[-1]
+            assert float(lg[row].min()) >= float(kth) - tol * float(lg.abs().max()), t
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+@pytest.mark.parametrize("topk", [8, 16, 70])
+def test_indexer_topk_is_torch_topk_of_dequantized_logits(fmt, topk):
+    case = _topk_case(fmt)
+    sel = dsv4.indexer_topk(*case, fmt, topk)
+    assert sel.dtype == torch.int32 and sel.shape == (7, topk)
+    _check_topk(sel, _dense_logits(*case, fmt), topk)
+    assert sel[5].tolist() == [-1] * topk and sel[3].tolist() == [-1] * topk  # padding / nothing visible
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_indexer_logits_kernel_matches_reference(kernel_device, fmt):
+    case = _topk_case(fmt, h=20, seed=1)  # 20 heads: head blocks with masking
+    dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in case]
+    want = ref.indexer_logits(*case, fmt, 4)
+    got = kernels.indexer_logits(*dev, fmt, 4, block_n=16, block_h=16).cpu()
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-5)
+    for topk in (8, 20):
+        _check_topk(kernels.indexer_topk(*dev, fmt, topk, 4).cpu(), _dense_logits(*case, fmt), topk, tol=1e-5)
+
+
+def test_indexer_topk_kernel_on_an_empty_cache(kernel_device):
+    q, qs, w, cache, table, req, pos, bs = _topk_case("fp8")
+    empty = cache[:0]
+    got = kernels.indexer_topk(q.to(kernel_device), None, w.to(kernel_device), empty.to(kernel_device),
+                               table.to(kernel_device), req.to(kernel_device), pos.to(kernel_device), bs, "fp8", 8, 4)
+    n = ref.visible_entries(pos, req, table.shape[0], 4, table.shape[1] * bs)
+    assert torch.equal(got.cpu(), ref.select_topk(torch.where(torch.arange(64)[None] < n[:, None], 0.0,
+                                                              float("-inf")), n, 8))
+
+
+# --- op contract --------------------------------------------------------------------------------------
+def _op_cases(device):
+    a = [x.to(device) if isinstance(x, torch.Tensor) else x for x in _attn_case(t=3, h=4, w=8, k=8)]
+    t = [x.to(device) if isinstance(x, torch.Tensor) else x for x in _topk_case("fp8", t=7)]
+    m = [x.to(device) if isinstance(x, torch.Tensor) else x for x in _topk_case("mxfp4", t=4)]
+    return [
+        (dsv4.sparse_attn.default, (*a[:6], SCALE, *a[6:])),
+        (dsv4.sparse_attn.default, (a[0], a[1], a[2], None, None, a[5], SCALE, a[6], 1)),
+        (dsv4.indexer_topk.default, (*t, "fp8", 8, 4)),
+        (dsv4.indexer_topk.default, (*m, "mxfp4", 100, 4)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(4))
+def test_opcheck(device, case):
+    op, args = _op_cases(device)[case]
+    utils = None
+    if any(isinstance(a, torch.Tensor) and a.dtype == torch.float8_e4m3fn for a in args):
+        # test_schema compares inputs with allclose, which torch lacks for e4m3: check the inputs by bytes
+        utils = ("test_faketensor", "test_aot_dispatch_dynamic", "test_autograd_registration")
+        before = [a.clone() for a in args if isinstance(a, torch.Tensor)]
+        op(*args)
+        after = [a for a in args if isinstance(a, torch.Tensor)]
+        assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) if x.dtype == torch.float8_e4m3fn
+                   else torch.equal(x, y) for x, y in zip(before, after))
+    torch.library.opcheck(op, args, test_utils=utils or torch.library._OPCHECK_DEFAULT_UTILS)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_fakes_match_real(case):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op, args = _op_cases("cpu")[case]
+    real = op(*args)
+    with FakeTensorMode() as mode:
+        fake = op(*[mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in args])
+    assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)
+
+
+def test_bad_inputs_raise_value_error():
+    q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=3, h=4, w=8, k=8)
+    tq, tqs, tw, tc, tt, tr, tp, tbs = _topk_case("fp8")
+    cases = [
+        lambda: dsv4.sparse_attn(q.float(), swa, si, comp, ci, sink, SCALE, sbs, cbs),  # q dtype
+        lambda: dsv4.sparse_attn(q[..., :256], swa, si, comp, ci, sink, SCALE, sbs, cbs),  # head dim
+        lambda: dsv4.sparse_attn(q, swa, si[:2], comp, ci, sink, SCALE, sbs, cbs),  # rows
+        lambda: dsv4.sparse_attn(q, swa, si + 10_000, comp, ci, sink, SCALE, sbs, cbs),  # past the cache
+        lambda: dsv4.sparse_attn(q, swa, si - 5, comp, ci, sink, SCALE, sbs, cbs),  # below −1
+        lambda: dsv4.sparse_attn(q, swa, si, comp, None, sink, SCALE, sbs, cbs),  # comp half given
+        lambda: dsv4.sparse_attn(q, swa, si, comp, ci, sink[:2], SCALE, sbs, cbs),  # sink per head
+        lambda: dsv4.sparse_attn(q, swa, si, comp, ci, sink.bfloat16(), SCALE, sbs, cbs),  # sink dtype
+        lambda: dsv4.sparse_attn(q, swa, si, comp, ci, sink, -1.0, sbs, cbs),  # scale
+        lambda: dsv4.sparse_attn(q, swa[:, :100], si, comp, ci, sink, SCALE, sbs, cbs),  # pages too small
+        lambda: dsv4.indexer_topk(tq, tqs, tw, tc, tt, tr, tp, tbs, "fp4", 8, 4),  # fmt
+        lambda: dsv4.indexer_topk(tq.view(torch.uint8), tqs, tw, tc, tt, tr, tp, tbs, "fp8", 8, 4),  # q dtype
+        lambda: dsv4.indexer_topk(tq, tqs, tw.bfloat16(), tc, tt, tr, tp, tbs, "fp8", 8, 4),  # weights dtype
+        lambda: dsv4.indexer_topk(tq, tqs, tw[:, :2], tc, tt, tr, tp, tbs, "fp8", 8, 4),  # weights shape
+        lambda: dsv4.indexer_topk(tq, tqs, tw, tc, tt, tr, tp, tbs, "fp8", 0, 4),  # topk
+        lambda: dsv4.indexer_topk(tq, tqs, tw, tc, tt + 100, tr, tp, tbs, "fp8", 8, 4),  # page past the cache
+        lambda: dsv4.indexer_topk(tq, tqs, tw, tc, tt, tr + 5, tp, tbs, "fp8", 8, 4),  # request past the table
+        lambda: dsv4.indexer_topk(tq, tqs, tw, tc, tt, tr, tp[:3], tbs, "fp8", 8, 4),  # positions length
+        lambda: dsv4.indexer_topk(tq.view(torch.uint8)[..., :64], None, tw, tc, tt, tr, tp, tbs, "mxfp4", 8, 4),
+    ]
+    for i, bad in enumerate(cases):
+        with pytest.raises(ValueError):
+            bad()
+            pytest.fail(f"case {i} did not raise")
+
+
+def test_debug_switch_is_read_per_call(monkeypatch):
+    from dsv4_compile.ops import _lib
+
+    monkeypatch.delenv(_lib.DEBUG_ENV, raising=False)
+    assert not _lib.debug_checks()
+    monkeypatch.setenv(_lib.DEBUG_ENV, "1")
+    assert _lib.debug_checks()
+    monkeypatch.setenv(_lib.DEBUG_ENV, "0")
+    assert not _lib.debug_checks()
+
+
+# --- GPU ------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+def test_debug_switch_checks_device_indices(monkeypatch):
+    from dsv4_compile.ops import _lib
+
+    q, swa, si, comp, ci, sink, sbs, cbs = [x.cuda() if isinstance(x, torch.Tensor) else x
+                                             for x in _attn_case(t=3, h=4, w=8, k=8)]
+    past = si + 10_000
+    monkeypatch.setenv(_lib.DEBUG_ENV, "0")
+    out = dsv4.sparse_attn(q, swa, past, comp, ci, sink, SCALE, sbs, cbs)  # masked, no error, no sync
+    assert out.shape == q.shape
+    monkeypatch.setenv(_lib.DEBUG_ENV, "1")
+    with pytest.raises(ValueError, match="swa_indices"):
+        dsv4.sparse_attn(q, swa, past, comp, ci, sink, SCALE, sbs, cbs)
+    kv = torch.zeros(2, 512, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="slot_mapping"):
+        dsv4.kv_insert(kv, swa, torch.tensor([0, swa.shape[0] * sbs], device="cuda"), sbs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t,h,w,k", [(1, 64, 128, 512), (5, 64, 128, 512), (37, 128, 128, 256), (300, 16, 64, 64)])
+def test_sparse_attn_gpu_matches_reference(t, h, w, k):
+    g = torch.Generator().manual_seed(t)
+    swa = _filled_kv_cache(8, 64, t + 1)
+    comp = _filled_kv_cache(40, 64, t + 2)
+    q = (torch.randn(t, h, 512, generator=g) * 0.5).bfloat16()
+    sink = torch.randn(h, generator=g)
+    fill_w = torch.randint(0, w + 1, (t,), generator=g).tolist()
+    fill_k = torch.randint(0, k + 1, (t,), generator=g).tolist()
+    si = _indices(t, w, swa.shape[0] * 64, g, fill_w)
+    ci = _indices(t, k, comp.shape[0] * 64, g, fill_k)
+    want = ref.sparse_attn(q, swa, si, comp, ci, sink, SCALE, 64, 64)
+    args = [x.cuda() for x in (q, swa, si, comp, ci, sink)]
+    got = dsv4.sparse_attn(*args, SCALE, 64, 64)
+    _assert_close_bf16(got.cpu(), want.float())
+    for splits in (1, 4):
+        _assert_close_bf16(kernels.sparse_attn(*args, SCALE, 64, 64, splits=splits).cpu(), want.float())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_indexer_topk_gpu_matches_torch_topk(fmt):
+    case = _topk_case(fmt, h=64, bs=64, n_req=3, blocks_per_req=40, seed=2)
+    q, qs, w, cache, table, req, _, bs = case
+    pos = torch.tensor([10239, 5000, 4000, 3, 2047, -1, 600])
+    case = (q, qs, w, cache, table, req, pos, bs)
+    dev = [a.cuda() if isinstance(a, torch.Tensor) else a for a in case]
+    for topk in (512, 1024):
+        sel = dsv4.indexer_topk(*dev, fmt, topk).cpu()
+        _check_topk(sel, _dense_logits(*case, fmt), topk, tol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_of_topk_and_attention():
+    case = [x.cuda() if isinstance(x, torch.Tensor) else x for x in _topk_case("fp8", h=64, bs=64, blocks_per_req=8)]
+    a = [x.cuda() if isinstance(x, torch.Tensor) else x for x in _attn_case(t=7, h=64, w=128, k=64, swa_bs=64,
+                                                                            comp_bs=64)]
+
+    def step():
+        sel = dsv4.indexer_topk(*case, "fp8", 64)
+        return sel, dsv4.sparse_attn(*a[:6], SCALE, *a[6:])
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_sel, static_out = step()
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        a[0].copy_((torch.randn(a[0].shape, generator=g) * 0.5).bfloat16())
+        case[2].copy_(torch.rand(case[2].shape, generator=g) + 0.1)
+        graph.replay()
+        sel, out = step()
+        assert torch.equal(static_sel, sel)
+        assert torch.equal(static_out, out)
