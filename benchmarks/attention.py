@@ -1,0 +1,229 @@
+"""Attention-core benchmark: ``dsv4::sparse_attn`` and ``dsv4::indexer_topk`` at decode (V4-Flash).
+
+One decode token per request, B requests, every request at context ``ctx`` (its position is
+``ctx − 1``): 64 query heads of 512, one SWA window of 128 slots and the top-512 compressed (C4)
+entries, all live; the indexer scores every visible entry (``ctx // 4``) with 64 heads of 128 and
+keeps the top 512. Caches are per request (block 64, pages in a random order), so nothing is shared
+between the B tokens.
+
+Timing: GPU time per call under CUDA-graph replay, rotating over input sets (different q and top-k
+picks) whose touched records exceed L2. Rates count the bytes each op must move:
+
+* ``sparse_attn``: KV records read (``(128 + 512) × 584 B`` per token: the "KV read" column, the
+  target's measure), plus q, the indices and the bf16 output;
+* ``indexer_topk``: the visible K records (``ctx/4 × 132 B`` per token), q, weights, the table rows and
+  the int32 output.
+
+Both are compared with the same math in plain PyTorch (``dsv4_compile.reference.attention``: the
+vectorized gather + dequant, fp32 scores, softmax with the sink column / ``torch.topk``) compiled by
+plain Inductor, and with the copy bandwidth measured in the same run.
+
+    python benchmarks/attention.py [--batches 1 8 32 64] [--contexts 8192 32768 65536] [--out results.md]
+    python benchmarks/attention.py --sweep --batches 64 --contexts 65536   # sparse_attn launch configurations
+    python benchmarks/attention.py --check        # CPU: small shapes, ops == plain forms, then exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import dsv4_compile  # noqa: E402,F401
+from dsv4_compile import layouts  # noqa: E402
+from dsv4_compile.reference import attention as ref  # noqa: E402
+
+from _timing import copy_bandwidth_tbs, graph_time_us, input_sets, write_results  # noqa: E402
+
+dsv4 = torch.ops.dsv4
+H, WINDOW, TOPK, IDX_H = 64, 128, 512, 64
+BS = 64  # SWA, C4 and indexer pages
+SCALE = layouts.KV_HEAD_DIM**-0.5
+REC = layouts.FP8_DS_MLA_RECORD_BYTES
+IDX_REC = layouts.INDEXER_FP8_RECORD_BYTES
+
+
+def _random_caches(b, ctx, device, g):
+    """Per-request SWA, C4 and indexer K caches filled with random records (bytes written directly:
+    any e4m3 byte but NaN, exponents near 127, finite bf16 rope)."""
+    n_comp = ctx // 4
+    swa_pages = -(-WINDOW // BS) + 1
+    comp_pages = -(-n_comp // BS)
+
+    def kv_cache(pages):
+        c = torch.randint(0, 126, (pages, layouts.page_bytes("fp8_ds_mla", BS)), dtype=torch.uint8, device=device,
+                          generator=g)
+        c[:, : BS * 576].view(pages, BS, 576)[:, :, 448:] = torch.randn(pages, BS, 64, device=device, generator=g
+                                                                       ).bfloat16().view(torch.uint8).view(pages, BS, 128)
+        c[:, BS * 576: BS * 576 + BS * 8] = 124 + torch.randint(0, 6, (pages, BS * 8), dtype=torch.uint8,
+                                                               device=device, generator=g)
+        return c
+
+    swa = kv_cache(b * swa_pages)
+    comp = kv_cache(b * comp_pages)
+    idx = torch.zeros(b * comp_pages, layouts.page_bytes("fp8", BS), dtype=torch.uint8, device=device)
+    k = torch.randn(b * comp_pages * BS, 128, device=device, generator=g)
+    dsv4.indexer_k_insert(k, idx, torch.arange(k.shape[0], device=device), BS, "fp8")
+    # the SWA table spans every position; only the pages of the last window are allocated
+    swa_table = torch.full((b, (ctx - 1) // BS + 1), -1, dtype=torch.int32, device=device)
+    swa_table[:, -swa_pages:] = torch.randperm(b * swa_pages, device=device, generator=g).view(b, swa_pages).int()
+    comp_table = torch.randperm(b * comp_pages, device=device, generator=g).view(b, comp_pages).int()
+    return swa, comp, idx, swa_table, comp_table
+
+
+def make_case(b, ctx, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    swa, comp, idx, swa_table, comp_table = _random_caches(b, ctx, device, g)
+    positions = torch.full((b,), ctx - 1, dtype=torch.int64, device=device)
+    token_to_req = torch.arange(b, device=device)
+    swa_idx, _ = dsv4.swa_indices(positions, swa_table, token_to_req, BS, WINDOW)
+    sink = torch.randn(H, device=device, generator=g)
+
+    def inputs(i):
+        gi = torch.Generator(device=device).manual_seed(1000 * seed + i)
+        q = (torch.randn(b, H, 512, device=device, generator=gi) * 0.3).bfloat16()
+        local = torch.stack([torch.randperm(ctx // 4, device=device, generator=gi)[:TOPK] for _ in range(b)]).int()
+        comp_idx, _ = dsv4.global_topk_indices(local, comp_table, token_to_req, BS)
+        iq = torch.randn(b, IDX_H, 128, device=device, generator=gi).to(torch.float8_e4m3fn)
+        w = torch.rand(b, IDX_H, device=device, generator=gi)
+        return dict(q=q, comp_idx=comp_idx, iq=iq, w=w)
+
+    return dict(swa=swa, comp=comp, idx=idx, comp_table=comp_table, positions=positions, token_to_req=token_to_req,
+                swa_idx=swa_idx, sink=sink, inputs=inputs)
+
+
+def attn_call(fn, c, s):
+    return lambda: fn(s["q"], c["swa"], c["swa_idx"], c["comp"], s["comp_idx"], c["sink"], SCALE, BS, BS)
+
+
+def topk_call(fn, c, s):
+    return lambda: fn(s["iq"], None, s["w"], c["idx"], c["comp_table"], c["token_to_req"], c["positions"], BS, "fp8",
+                      TOPK, 4)
+
+
+def attn_bytes(b):
+    kv = b * (WINDOW + TOPK) * REC
+    return kv, kv + b * H * 512 * 2 * 2 + b * (WINDOW + TOPK) * 4
+
+
+def topk_bytes(b, ctx):
+    n = ctx // 4
+    return b * n * IDX_REC + b * IDX_H * (128 + 4) + b * (-(-n // BS)) * 4 + b * TOPK * 4
+
+
+def _sets(case_fn, per_set_bytes):
+    return input_sets(case_fn, per_set_bytes, min_total=160 << 20, max_sets=16)
+
+
+def run(batches, contexts, plain=True):
+    copy = copy_bandwidth_tbs()
+    print(f"copy bandwidth: {copy:.2f} TB/s", flush=True)
+    plain_attn = torch.compile(ref.sparse_attn, fullgraph=True, dynamic=False)
+    plain_topk = torch.compile(ref.indexer_topk, fullgraph=True, dynamic=False)
+    torch._dynamo.config.cache_size_limit = 256
+    rows = []
+    for ctx in contexts:
+        for b in batches:
+            c = make_case(b, ctx, "cuda")
+            kv, total = attn_bytes(b)
+            sets = _sets(c["inputs"], kv)
+            row = dict(B=b, ctx=ctx, copy_tbs=copy, attn_kv_bytes=kv, attn_bytes=total, topk_bytes=topk_bytes(b, ctx))
+            row["attn_us"] = graph_time_us([attn_call(dsv4.sparse_attn, c, s) for s in sets])
+            row["topk_us"] = graph_time_us([topk_call(dsv4.indexer_topk, c, s) for s in sets])
+            if plain:
+                row["attn_plain_us"] = graph_time_us([attn_call(plain_attn, c, s) for s in sets[:4]], reps=5)
+                row["topk_plain_us"] = graph_time_us([topk_call(plain_topk, c, s) for s in sets[:2]], reps=5)
+            rows.append(row)
+            print(fmt(row), flush=True)
+            del c, sets
+            torch.cuda.empty_cache()
+    return copy, rows
+
+
+def _rate(nbytes, us, copy):
+    tbs = nbytes / (us * 1e-6) / 1e12
+    return f"{tbs:5.2f} TB/s ({100 * tbs / copy:3.0f}%)"
+
+
+def fmt(r):
+    cells = [f"{r['B']}", f"{r['ctx'] // 1024}k",
+             f"{r['attn_us']:.1f} µs", _rate(r["attn_kv_bytes"], r["attn_us"], r["copy_tbs"]),
+             _rate(r["attn_bytes"], r["attn_us"], r["copy_tbs"])]
+    cells.append(f"{r['attn_plain_us']:.1f} µs ({r['attn_plain_us'] / r['attn_us']:.1f}×)" if "attn_plain_us" in r
+                 else "-")
+    cells += [f"{r['topk_us']:.1f} µs", _rate(r["topk_bytes"], r["topk_us"], r["copy_tbs"])]
+    cells.append(f"{r['topk_plain_us']:.1f} µs ({r['topk_plain_us'] / r['topk_us']:.1f}×)" if "topk_plain_us" in r
+                 else "-")
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(copy, rows):
+    head = ("| B | ctx | sparse_attn | KV read | all bytes | plain Inductor | indexer_topk | bytes | plain Inductor |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    return f"copy bandwidth (same run): {copy:.2f} TB/s\n\n{head}\n" + "\n".join(fmt(r) for r in rows)
+
+
+def sweep(b: int, ctx: int):
+    """sparse_attn launch configurations (heads per program, candidates per tile, warps, splits)."""
+    from dsv4_compile.kernels.triton import attention as kernels
+
+    copy = copy_bandwidth_tbs()
+    c = make_case(b, ctx, "cuda")
+    kv, _ = attn_bytes(b)
+    sets = _sets(c["inputs"], kv)
+    print(f"copy {copy:.2f} TB/s; B={b} ctx={ctx}")
+    for bh, warps in ((16, 4), (32, 4), (32, 8), (64, 4), (64, 8)):
+        for bn in (16, 32, 64):
+            for splits in (None,) if bh < 64 else (None, 2):
+                fn = lambda *a, **k: kernels.sparse_attn(*a, block_h=bh, block_n=bn, num_warps=warps,  # noqa: E731
+                                                         splits=splits, **k)
+                try:
+                    us = graph_time_us([attn_call(fn, c, s) for s in sets])
+                except Exception as e:  # a config the compiler rejects (shared memory)
+                    print(f"BH={bh} BN={bn} warps={warps} splits={splits}: {type(e).__name__}")
+                    continue
+                print(f"BH={bh:3d} BN={bn:3d} warps={warps} splits={splits}: {us:7.1f} µs "
+                      f"{_rate(kv, us, copy)}", flush=True)
+
+
+def check():
+    """CPU: the ops equal the plain forms at small shapes, and the plain forms compile fullgraph."""
+    c = make_case(3, 4096, "cpu")
+    s = c["inputs"](0)
+    got = attn_call(dsv4.sparse_attn, c, s)()
+    want = attn_call(torch.compile(ref.sparse_attn, fullgraph=True), c, s)()
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    sel = topk_call(dsv4.indexer_topk, c, s)()
+    sel2 = topk_call(torch.compile(ref.indexer_topk, fullgraph=True), c, s)()
+    assert all(set(a.tolist()) == set(b.tolist()) for a, b in zip(sel, sel2))
+    print("all checks passed")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
+    ap.add_argument("--contexts", nargs="+", type=int, default=[8192, 32768, 65536])
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain-Inductor columns")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    if args.check:
+        check()
+        return
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/attention.py needs a CUDA GPU (or --check, which runs on CPU)")
+    if args.sweep:
+        for b in args.batches:
+            sweep(b, args.contexts[-1])
+        return
+    copy, rows = run(args.batches, args.contexts, plain=not args.no_plain)
+    write_results(table(copy, rows), rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
