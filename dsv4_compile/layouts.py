@@ -18,6 +18,7 @@ INV_ROPE_AMAX_FLOOR = 1e-10  # output-projection activation quant (§4.7)
 KV_QUANT_BLOCK = 64  # KV nope is quantized in 64-element blocks
 KV_NOPE_BLOCKS = KV_NOPE_DIM // KV_QUANT_BLOCK  # 7
 O_PROJ_QUANT_BLOCK = 128  # 4 blocks per 512-d head for the grouped output projection
+O_PROJ_SCALE_T_ALIGN = 4  # the MN-major o-proj scale's token dim is padded to a multiple of 4 (16-byte rows)
 
 # --- fp8_ds_mla paged record (SWA cache and compressed caches, §4.2) -------------------------
 FP8_DS_MLA_TOKEN_BYTES = KV_NOPE_DIM + 2 * ROPE_DIM  # 448 B e4m3 nope + 128 B bf16 rope = 576

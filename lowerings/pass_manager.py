@@ -28,6 +28,7 @@ class PassConfig:
     indexer_q: bool = True
     kv_rope_insert: bool = True
     compressor: bool = True
+    inv_rope_quant: bool = True
     dtypes: tuple[str, ...] = ("bfloat16", "float16", "float32")
 
     def __post_init__(self):
@@ -87,6 +88,10 @@ class DSV4PassManager(CustomGraphPass):
             from .kv_insert import KvRopeInsertFusion
 
             passes.append(KvRopeInsertFusion(self.config.torch_dtypes))
+        if self.config.inv_rope_quant:
+            from .inv_rope_quant import InvRopeQuantFusion
+
+            passes.append(InvRopeQuantFusion(self.config.torch_dtypes))
         return passes
 
     def __call__(self, graph: torch.fx.Graph) -> None:

@@ -1,0 +1,84 @@
+"""The attention output path (spec §2.8, §4.7): inverse RoPE → FP8 quant, and the grouped output
+projection in plain PyTorch.
+
+``inv_rope_fp8_quant`` is the composition of the two primitives (``rope(..., inverse=True)`` then
+``fp8_block_quant(·, 128, 1e-10)`` on the ``[T, G, (H/G)·512]`` view), laid out as vLLM's SM90
+path hands it to DeepGEMM's ``fp8_einsum``:
+
+* ``o_fp8``: float8_e4m3fn, storage ``[G, T, D]`` returned as ``.transpose(0, 1)``, i.e. shape
+  ``[T, G, D]`` with strides ``(D, T·D, 1)`` (D = (H/G)·512);
+* ``scale``: fp32 ``2^e``, shape ``[G, T, D/128]`` with strides ``((D/128)·T_al, 1, T_al)``
+  (MN-major, ``T_al`` = T rounded up to a multiple of 4); the padding rows ``T ≤ t < T_al`` of the
+  storage are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import layouts
+from .quant import fp8_block_quant
+from .rope import rope
+
+def scale_rows(t):
+    """``T_al``: ``t`` rounded up to a multiple of 4 (integer arithmetic: works on SymInts)."""
+    a = layouts.O_PROJ_SCALE_T_ALIGN
+    return (t + a - 1) // a * a
+
+
+def output_shapes(t, h, d, n_groups):
+    """``((shape, stride) of o_fp8, (shape, stride) of scale)`` for ``o [t, h, d]`` in ``n_groups``."""
+    dg = h // n_groups * d
+    nb = dg // layouts.O_PROJ_QUANT_BLOCK
+    t_al = scale_rows(t)
+    return ((t, n_groups, dg), (dg, t * dg, 1)), ((n_groups, t, nb), (nb * t_al, 1, t_al))
+
+
+def empty_outputs(t, h, d, n_groups, device, zero_scale_padding: bool = True):
+    """Fresh ``(o_fp8, scale)`` in the output layout: views of a ``[G, T, D]`` e4m3 buffer and of a
+    ``[G, D/128, T_al]`` fp32 buffer (zero-filled when ``zero_scale_padding``)."""
+    dg = h // n_groups * d
+    nb = dg // layouts.O_PROJ_QUANT_BLOCK
+    o_fp8 = torch.empty((n_groups, t, dg), dtype=torch.float8_e4m3fn, device=device).transpose(0, 1)
+    alloc = torch.zeros if zero_scale_padding else torch.empty
+    scale = alloc((n_groups, nb, scale_rows(t)), dtype=torch.float32, device=device).transpose(1, 2)[:, :t]
+    return o_fp8, scale
+
+
+def inv_rope_fp8_quant(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, n_groups: int):
+    """``(o_fp8 [T, G, D], scale [G, T, D/128])`` of ``o [T, H, 512]`` (layout in the module doc).
+
+    Values: ``y = rope(o, positions, cos_sin_cache, inverse=True)`` (fp32 math, rounded to bf16),
+    then ``fp8_block_quant(y.view(T, G, D), 128, 1e-10)``: ``o_fp8[t, g] = q[t, g]`` and
+    ``scale[g, t] = s[t, g]``.
+    """
+    t, h, d = o.shape
+    y = rope(o, positions, cos_sin_cache, inverse=True)
+    q, s = fp8_block_quant(y.reshape(t, n_groups, h // n_groups * d), layouts.O_PROJ_QUANT_BLOCK,
+                           layouts.INV_ROPE_AMAX_FLOOR)
+    o_fp8, scale = empty_outputs(t, h, d, n_groups, o.device)
+    o_fp8.copy_(q)
+    scale.copy_(s.transpose(0, 1))
+    return o_fp8, scale
+
+
+def fp8_dequant_grouped(o_fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """bf16 ``[T, G, D]`` values of ``inv_rope_fp8_quant``'s outputs: ``o_fp8 [T, G, D]`` (any
+    strides) times ``scale [G, T, D/128]`` (any strides) per 128-element block. Exact: an e4m3 value
+    times a power of two is a bf16 number."""
+    q = o_fp8.to(torch.float32).unflatten(-1, (-1, layouts.O_PROJ_QUANT_BLOCK))
+    return (q * scale.transpose(0, 1).unsqueeze(-1)).flatten(-2).to(torch.bfloat16)
+
+
+def grouped_o_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """The grouped low-rank output projection (spec §2.8 steps 3-4), bf16 as the reference.
+
+    ``o [T, H, 512]`` (or already grouped ``[T, G, (H/G)·512]``, e.g. ``fp8_dequant_grouped``'s
+    output), ``wo_a [G·R, (H/G)·512]``, ``wo_b [hidden, G·R]``:
+    ``z = einsum("tgd,grd->tgr", o.view(T, G, D), wo_a.view(G, R, D))``, ``y = z.flatten(1) @ wo_b^T``.
+    Returns ``[T, hidden]``.
+    """
+    x = o.reshape(o.shape[0], n_groups, -1)
+    w = wo_a.view(n_groups, -1, x.shape[-1])
+    z = torch.einsum("tgd,grd->tgr", x, w)
+    return torch.nn.functional.linear(z.flatten(1), wo_b)
