@@ -20,6 +20,7 @@ from .. import layouts
 from .quant import fp8_block_quant
 from .rope import rope
 
+
 def scale_rows(t):
     """``T_al``: ``t`` rounded up to a multiple of 4 (integer arithmetic: works on SymInts)."""
     a = layouts.O_PROJ_SCALE_T_ALIGN
