@@ -97,12 +97,12 @@ def test_sparse_attn_sink_only_in_the_denominator():
     assert a.abs().max() > 0.1 and b.abs().max() < 1e-6  # the sink takes the mass and adds no value
 
 
-@pytest.mark.parametrize("splits", [None, 1, 3])
-def test_sparse_attn_kernel_matches_reference(kernel_device, splits):
+@pytest.mark.parametrize("splits,dv", [(None, None), (1, 512), (3, 512), (1, 256), (3, 128)])
+def test_sparse_attn_kernel_matches_reference(kernel_device, splits, dv):
     args = _attn_case(t=6, h=20, seed=3)  # 20 heads: two head blocks, the second partly masked
     dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in args]
     want = ref.sparse_attn(*args[:6], SCALE, *args[6:])
-    got = kernels.sparse_attn(*dev[:6], SCALE, *dev[6:], splits=splits)
+    got = kernels.sparse_attn(*dev[:6], SCALE, *dev[6:], splits=splits, block_dv=dv, block_n=16)
     _assert_close_bf16(got.cpu(), want.float())
     assert bool((got[4].cpu() == 0).all())
 
@@ -145,7 +145,8 @@ def _dense_logits(q, q_scale, weights, cache, table, token_to_req, positions, bs
     for t in range(q.shape[0]):
         r, p = int(token_to_req[t]), int(positions[t])
         n = 0 if r < 0 or p < 0 else min((p + 1) // 4, table.shape[1] * bs)
-        slots = [int(table[r, s // bs]) * bs + s % bs for s in range(n)]
+        pages = [int(table[r, s // bs]) for s in range(n)]
+        slots = [pg * bs + s % bs if pg >= 0 else -1 for s, pg in zip(range(n), pages)]  # unallocated: zeros
         k = dsv4.indexer_k_gather(cache, torch.tensor(slots, dtype=torch.int64), bs, fmt).double()
         rows.append((torch.relu(qf[t] @ k.T) * weights[t].double()[:, None]).sum(0))
     return rows
@@ -195,11 +196,13 @@ def test_indexer_logits_kernel_matches_reference(kernel_device, fmt):
 def test_indexer_topk_kernel_on_an_empty_cache(kernel_device):
     q, qs, w, cache, table, req, pos, bs = _topk_case("fp8")
     empty = cache[:0]
+    # topk = 64 >= every row's visible count: rows are exact (with fewer, all-zero logits tie arbitrarily)
     got = kernels.indexer_topk(q.to(kernel_device), None, w.to(kernel_device), empty.to(kernel_device),
-                               table.to(kernel_device), req.to(kernel_device), pos.to(kernel_device), bs, "fp8", 8, 4)
+                               table.to(kernel_device), req.to(kernel_device), pos.to(kernel_device), bs, "fp8", 64, 4)
     n = ref.visible_entries(pos, req, table.shape[0], 4, table.shape[1] * bs)
+    assert int(n.max()) == 64
     assert torch.equal(got.cpu(), ref.select_topk(torch.where(torch.arange(64)[None] < n[:, None], 0.0,
-                                                              float("-inf")), n, 8))
+                                                              float("-inf")), n, 64))
 
 
 # --- op contract --------------------------------------------------------------------------------------

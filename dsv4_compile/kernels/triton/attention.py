@@ -21,7 +21,7 @@ import triton.language as tl
 from ... import layouts
 from ...reference.attention import select_topk
 from ._common import pow2
-from .cache import _e2m1_value, load_fp8_ds_mla, load_indexer_k
+from .cache import _e2m1_value, load_fp8_ds_mla, load_fp8_ds_mla_rows, load_indexer_k
 
 LOG2E = 1.4426950408889634
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "no candidate yet" running max: keeps exp2 free of inf − inf
@@ -131,23 +131,30 @@ def indexer_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positi
 # sparse MQA with sink
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _attend(q, m_i, l_i, acc, cache_ptr, idx_ptr, lo, hi, page_stride, capacity, qk_scale,
-            BS: tl.constexpr, BN: tl.constexpr):
-    """Online softmax (base 2) of ``q [BH, 512]`` over the candidates ``idx[lo:hi]`` of one cache."""
+def _attend(q, m_i, l_i, acc, cache_ptr, idx_ptr, lo, hi, page_stride, capacity, qk_scale, r0,
+            BS: tl.constexpr, BN: tl.constexpr, DV: tl.constexpr):
+    """Online softmax (base 2) of ``q [BH, 512]`` over the candidates ``idx[lo:hi]`` of one cache;
+    ``acc [BH, DV]`` accumulates value dims ``64·r0 .. 64·r0+DV−1`` (a program may own part of them:
+    the scores need the whole record, the values only its share, which keeps ``acc`` in registers)."""
     for j0 in range(lo, hi, BN):
         j = j0 + tl.arange(0, BN)
         jm = j < hi
         idx = tl.load(idx_ptr + j, mask=jm, other=-1).to(tl.int64)
         ok = jm & (idx >= 0) & (idx < capacity)
         slot = tl.where(ok, idx, 0)
-        kv = tl.reshape(load_fp8_ds_mla(cache_ptr, (slot // BS) * page_stride, slot % BS, ok, BS), [BN, 512])
+        page_off = (slot // BS) * page_stride
+        kv = tl.reshape(load_fp8_ds_mla(cache_ptr, page_off, slot % BS, ok, BS), [BN, 512])
         s = tl.dot(q, tl.trans(kv)) * qk_scale
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), kv)
+        if DV == 512:
+            v = kv
+        else:  # the program's value dims, again from the record (an L1 hit)
+            v = tl.reshape(load_fp8_ds_mla_rows(cache_ptr, page_off, slot % BS, ok, r0, BS, DV // 64), [BN, DV])
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
         m_i = m_new
     return m_i, l_i, acc
 
@@ -168,36 +175,42 @@ def _sparse_attn_kernel(
     q_ptr, swa_ptr, swa_idx_ptr, comp_ptr, comp_idx_ptr, sink_ptr, o_ptr, part_ptr, m_ptr, l_ptr,
     H, W, K, per_split, q_stride_t, q_stride_h, o_stride_t, o_stride_h, swa_idx_stride, comp_idx_stride,
     swa_page_stride, comp_page_stride, swa_cap, comp_cap, qk_scale,
-    SWA_BS: tl.constexpr, COMP_BS: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
+    SWA_BS: tl.constexpr, COMP_BS: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, DV: tl.constexpr,
     SPLIT: tl.constexpr, HAS_COMP: tl.constexpr,
 ):
+    # grid: (token, candidate split, head block × value-dim share)
     t = tl.program_id(0)
     sp = tl.program_id(1)
-    heads = tl.program_id(2) * BH + tl.arange(0, BH)
+    hb = tl.program_id(2) // (512 // DV)
+    dv0 = (tl.program_id(2) % (512 // DV)) * DV
+    heads = hb * BH + tl.arange(0, BH)
     hm = heads < H
     d = tl.arange(0, 512)
+    dv = dv0 + tl.arange(0, DV)
     q = tl.load(q_ptr + t.to(tl.int64) * q_stride_t + heads[:, None] * q_stride_h + d[None, :], mask=hm[:, None],
                 other=0.0)
     start = sp * per_split
     end = tl.minimum(start + per_split, W + K)
     m_i = tl.full([BH], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BH], dtype=tl.float32)
-    acc = tl.zeros([BH, 512], dtype=tl.float32)
+    acc = tl.zeros([BH, DV], dtype=tl.float32)
     m_i, l_i, acc = _attend(q, m_i, l_i, acc, swa_ptr, swa_idx_ptr + t.to(tl.int64) * swa_idx_stride,
-                            tl.minimum(start, W), tl.minimum(end, W), swa_page_stride, swa_cap, qk_scale, SWA_BS, BN)
+                            tl.minimum(start, W), tl.minimum(end, W), swa_page_stride, swa_cap, qk_scale, dv0 // 64,
+                            SWA_BS, BN, DV)
     if HAS_COMP:
         m_i, l_i, acc = _attend(q, m_i, l_i, acc, comp_ptr, comp_idx_ptr + t.to(tl.int64) * comp_idx_stride,
                                 tl.maximum(start, W) - W, tl.maximum(end, W) - W, comp_page_stride, comp_cap,
-                                qk_scale, COMP_BS, BN)
+                                qk_scale, dv0 // 64, COMP_BS, BN, DV)
     if SPLIT:
         n_split = tl.num_programs(1)
         row = (t.to(tl.int64) * n_split + sp) * H + heads
-        tl.store(part_ptr + row[:, None] * 512 + d[None, :], acc, mask=hm[:, None])
-        tl.store(m_ptr + row, m_i, mask=hm)
-        tl.store(l_ptr + row, l_i, mask=hm)
+        tl.store(part_ptr + row[:, None] * 512 + dv[None, :], acc, mask=hm[:, None])
+        first = hm & ((heads * 0 + dv0) == 0)  # every share computes the same (m, l): one stores them
+        tl.store(m_ptr + row, m_i, mask=first)
+        tl.store(l_ptr + row, l_i, mask=first)
     else:
         out = _finish(m_i, l_i, acc, sink_ptr, heads, hm)
-        tl.store(o_ptr + t.to(tl.int64) * o_stride_t + heads[:, None] * o_stride_h + d[None, :],
+        tl.store(o_ptr + t.to(tl.int64) * o_stride_t + heads[:, None] * o_stride_h + dv[None, :],
                  out.to(tl.bfloat16), mask=hm[:, None])
 
 
@@ -229,29 +242,41 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _target_programs(device: torch.device) -> int:
+def _sm_programs(device: torch.device) -> int:
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return 8  # the interpreter: exercise splitting at small shapes
-    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def launch_config(T: int, H: int, n_cand: int, device: torch.device, block_h: int | None = None,
-                  block_n: int | None = None, num_warps: int | None = None, splits: int | None = None):
-    """(BH, BN, warps, splits, candidates per split): heads per program up to 64 (the whole MQA group
-    shares each K/V tile), and split-K over the candidates when ``T × head blocks`` cannot fill the GPU."""
-    bh = block_h or min(64, max(16, triton.next_power_of_2(H)))
-    bn = block_n or 32
+                  block_n: int | None = None, num_warps: int | None = None, splits: int | None = None,
+                  block_dv: int | None = None):
+    """(BH, BN, DV, warps, splits, candidates per split), from the H100 sweep
+    (``benchmarks/attention.py --sweep``):
+
+    * enough tokens to give every SM a quarter of a program or more: 64 heads per program (the MQA
+      group shares each K/V tile; 8 warps) and at most 2 candidate splits of >= 256 (each split
+      writes fp32 partials of [H, 512] per token, which at this size costs more than it hides);
+    * fewer tokens: 16 heads per program (4 warps) and split-K up to two programs per SM.
+
+    Every argument can be forced (the sweep does)."""
+    sms = _sm_programs(device)
+    wide = T * triton.cdiv(H, 64) * 4 >= sms
+    bh = block_h or (min(64, max(16, triton.next_power_of_2(H))) if wide else 16)
+    bn = block_n or (64 if bh >= 64 else 32)
+    dv = block_dv or 512
     warps = num_warps or (8 if bh >= 64 else 4)
-    n_hb = triton.cdiv(H, bh)
+    base = T * triton.cdiv(H, bh) * (512 // dv)
     max_splits = max(1, triton.cdiv(n_cand, bn))
     if splits is None:
-        base = T * n_hb
-        target = _target_programs(device)
-        splits = 1 if base >= target else min(max_splits, triton.cdiv(target, base))
+        if wide:
+            splits = min(triton.cdiv(sms, base), max(1, n_cand // 256))
+        else:
+            splits = triton.cdiv(2 * sms, base)
     splits = max(1, min(splits, max_splits))
     per_split = triton.cdiv(triton.cdiv(max(n_cand, 1), splits), bn) * bn
     splits = max(1, triton.cdiv(n_cand, per_split))
-    return bh, bn, warps, splits, per_split
+    return bh, bn, dv, warps, splits, per_split
 
 
 def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale: float, swa_block_size: int,
@@ -269,7 +294,7 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     comp_indices = comp_indices.contiguous() if has_comp else swa_indices
     comp_cache = comp_cache if has_comp else swa_cache
     sink = sink.contiguous()
-    bh, bn, warps, splits, per_split = launch_config(T, H, W + K, q.device, **config)
+    bh, bn, dv, warps, splits, per_split = launch_config(T, H, W + K, q.device, **config)
     split = splits > 1
     if split:
         part = torch.empty((T, splits, H, layouts.KV_HEAD_DIM), dtype=torch.float32, device=q.device)
@@ -277,12 +302,12 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
         l_ = torch.empty_like(m)
     else:
         part = m = l_ = sink  # unused
-    _sparse_attn_kernel[(T, splits, triton.cdiv(H, bh))](
+    _sparse_attn_kernel[(T, splits, triton.cdiv(H, bh) * (512 // dv))](
         q, swa_cache, swa_indices, comp_cache, comp_indices, sink, out, part, m, l_,
         H, W, K, per_split, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         swa_indices.stride(0), comp_indices.stride(0), swa_cache.stride(0), comp_cache.stride(0),
         swa_cache.shape[0] * swa_block_size, comp_cache.shape[0] * comp_block_size, scale * LOG2E,
-        SWA_BS=swa_block_size, COMP_BS=comp_block_size, BH=bh, BN=bn, SPLIT=split, HAS_COMP=has_comp,
+        SWA_BS=swa_block_size, COMP_BS=comp_block_size, BH=bh, BN=bn, DV=dv, SPLIT=split, HAS_COMP=has_comp,
         num_warps=warps,
     )
     if split:

@@ -210,10 +210,11 @@ def _e2m1_value(code):
 
 
 @triton.jit
-def load_fp8_ds_mla(cache_ptr, page_off, k, ok, BS: tl.constexpr):
-    """bf16 ``[BT, 8, 64]`` rows of the fp8_ds_mla records of in-page slots ``k`` (rows 0-6: the 448
-    nope dims, e4m3 · 2^(byte−127); row 7: the stored bf16 rope dims); zeros where not ``ok``."""
-    r = tl.arange(0, 8)
+def load_fp8_ds_mla_rows(cache_ptr, page_off, k, ok, r0, BS: tl.constexpr, NR: tl.constexpr):
+    """bf16 ``[BT, NR, 64]``: rows ``r0 .. r0+NR−1`` of the eight 64-wide rows of the fp8_ds_mla records
+    of in-page slots ``k`` (rows 0-6: the 448 nope dims, e4m3 · 2^(byte−127); row 7: the stored bf16
+    rope dims); zeros where not ``ok``."""
+    r = r0 + tl.arange(0, NR)
     c = tl.arange(0, 64)
     base = page_off + k * TOKEN_BYTES
     nope_m = ok[:, None, None] & (r < NOPE_BLOCKS)[None, :, None]
@@ -224,9 +225,16 @@ def load_fp8_ds_mla(cache_ptr, page_off, k, ok, BS: tl.constexpr):
     nope = (v.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]).to(tl.bfloat16)
     # rope row through a bf16 view of the record (the ops keep pages 2-byte aligned)
     rope_ptr = (cache_ptr + base + NOPE_BLOCKS * 64).to(tl.pointer_type(tl.bfloat16))
-    rope = tl.load(rope_ptr[:, None] + c[None, :], mask=ok[:, None], other=0.0)
+    has_rope = (c * 0 + r0 + NR) > NOPE_BLOCKS  # a vector: the interpreter rejects scalar masks
+    rope = tl.load(rope_ptr[:, None] + c[None, :], mask=ok[:, None] & has_rope[None, :], other=0.0)
     row = tl.where((r == NOPE_BLOCKS)[None, :, None], rope[:, None, :], nope)
     return tl.where(ok[:, None, None], row, 0.0)
+
+
+@triton.jit
+def load_fp8_ds_mla(cache_ptr, page_off, k, ok, BS: tl.constexpr):
+    """bf16 ``[BT, 8, 64]``: the whole records (``load_fp8_ds_mla_rows`` of rows 0-7)."""
+    return load_fp8_ds_mla_rows(cache_ptr, page_off, k, ok, 0, BS, 8)
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import attention, cache, compressor, indexer_q, indices, primitives
+from . import attention, cache, compressor, indexer_q, indices, output, primitives
 
 _OPTS = {"enable_fp_fusion": False}
 
@@ -47,6 +47,10 @@ def _cases(arch: int):
     yield from _compressor_cases(hw)
     yield from indices.compile_cases(arch)
     yield from _attention_cases()
+    for bt, bh in ((1, 8), (4, 2)):
+        yield output._inv_rope_fp8_quant_kernel, dict(
+            o_ptr="*bf16", pos_ptr="*i64", cs_ptr="*fp32", q_ptr="*fp8e4nv", s_ptr="*fp32", T="i32", T_AL="i32", H="i32",
+            max_pos="i32", cs_stride="i32", o_stride_t="i32", o_stride_h="i32"), dict(HPG=8, BT=bt, BLOCK_H=bh)
 
 
 def _cache_cases(hw: bool):
@@ -97,7 +101,8 @@ def _attention_cases():
             per_split="i32", q_stride_t="i32", q_stride_h="i32", o_stride_t="i32", o_stride_h="i32",
             swa_idx_stride="i32", comp_idx_stride="i32", swa_page_stride="i32", comp_page_stride="i32",
             swa_cap="i64", comp_cap="i64", qk_scale="fp32"), dict(
-            SWA_BS=64, COMP_BS=2 if split else 64, BH=bh, BN=32, SPLIT=split, HAS_COMP=comp), dict(num_warps=warps)
+            SWA_BS=64, COMP_BS=2 if split else 64, BH=bh, BN=32, DV=256 if split else 512, SPLIT=split,
+            HAS_COMP=comp), dict(num_warps=warps)
     yield attention._combine_kernel, dict(
         part_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", sink_ptr="*fp32", o_ptr="*bf16", H="i32", n_split="i32",
         o_stride_t="i32", o_stride_h="i32"), dict(BH=16)
