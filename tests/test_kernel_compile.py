@@ -1,9 +1,11 @@
-"""Every Triton kernel compiles to a cubin for Hopper (sm_90) and Blackwell (sm_100) without a GPU;
+"""Every Triton and CuTe-DSL kernel compiles for Hopper (sm_90) and Blackwell (sm_100) without a GPU;
 the hardware E2M1 conversion appears in exactly the sm_100 MXFP4 kernels."""
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 
 def test_triton_kernels_compile_for_sm90_and_sm100():
@@ -20,3 +22,22 @@ def test_triton_kernels_compile_for_sm90_and_sm100():
     assert not any("e2m1x2" in n for n in sm90)  # Hopper: software E2M1 only
     # mxfp4_quant, the two MXFP4 indexer-q variants, the MXFP4 indexer-K insert and compressor insert
     assert sum("e2m1x2" in n for n in sm100) == 5
+
+
+def test_cute_kernels_compile_for_sm90a_and_sm100a():
+    from dsv4_compile.kernels.cute import HAVE_CUTE
+
+    if not HAVE_CUTE:
+        pytest.skip("CuTe DSL not installed (pip install 'dsv4-compile[cute]': nvidia-cutlass-dsl, apache-tvm-ffi)")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DSV4_E2M1")}
+    out = subprocess.run(
+        [sys.executable, "-m", "dsv4_compile.kernels.cute.compile_check", "sm_90a", "sm_100a"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = out.stdout.split()
+    sm90 = [n for n in lines if n.split("@")[1].startswith("sm_90a")]
+    sm100 = [n for n in lines if n.split("@")[1].startswith("sm_100a")]
+    assert len(sm90) == len(sm100) == 6  # indexer-q: FP8 / MXFP4 x Hadamard off / on, + 2 dtype variants
+    assert not any("e2m1x2" in n for n in sm90)  # Hopper: software E2M1, checked in the PTX
+    assert sum("e2m1x2" in n for n in sm100) == 3  # every MXFP4 variant uses the hardware conversion

@@ -67,12 +67,18 @@ def indexer_q_rope_mxfp4(
 
 
 def _register_cuda_and_fake(op, kernel_name: str, outputs) -> None:
-    """CUDA kernel (Triton) and fake for one fused op; ``outputs(t, h, d)`` lists (shape, dtype)."""
+    """CUDA kernel (CuTe DSL or Triton, per ``kernels.cute.backend``) and fake for one fused op;
+    ``outputs(t, h, d)`` lists (shape, dtype)."""
 
     @op.register_kernel("cuda")
     def _cuda(q, positions, cos_sin_cache, weights, weight_scale, hadamard=False):
         _check(q, positions, cos_sin_cache, weights, weight_scale)
-        from ..kernels.triton import indexer_q
+        from ..kernels.cute import backend
+
+        if backend(q.device) == "cute":
+            from ..kernels.cute import indexer_q
+        else:
+            from ..kernels.triton import indexer_q
 
         return getattr(indexer_q, kernel_name)(q, positions, cos_sin_cache, weights, weight_scale, hadamard)
 
