@@ -122,8 +122,8 @@ def _sets(case_fn, per_set_bytes):
 def run(batches, contexts, plain=True):
     copy = copy_bandwidth_tbs()
     print(f"copy bandwidth: {copy:.2f} TB/s", flush=True)
-    plain_attn = torch.compile(ref.sparse_attn, fullgraph=True, dynamic=False)
-    plain_topk = torch.compile(ref.indexer_topk, fullgraph=True, dynamic=False)
+    plain_attn = torch.compile(ref.sparse_attn, fullgraph=True, dynamic=True)
+    plain_topk = torch.compile(ref.indexer_topk, fullgraph=True, dynamic=True)
     torch._dynamo.config.cache_size_limit = 256
     rows = []
     for ctx in contexts:

@@ -8,6 +8,7 @@ PyTorch (``dsv4_compile.reference``, pure aten) compiled by plain Inductor, stat
 T, ``cache_size_limit`` raised: Inductor's best case) and dynamic (``mark_dynamic`` on the tokens).
 
     python benchmarks/indexer_q.py [--fmt fp8 mxfp4] [--tokens 1 8 ...] [--out results.md] [--sweep]
+    python benchmarks/indexer_q.py --backends [--fmt ...] [--tokens ...]   # CuTe vs Triton vs plain Inductor
 """
 
 from __future__ import annotations
@@ -119,15 +120,53 @@ def run(fmts, tokens, sweep):
 
 
 
+def run_backends(fmts, tokens):
+    """The fused kernel per backend (CuTe DSL, Triton) called directly, and the plain-PyTorch region
+    under plain Inductor (static token dim), side by side in one run."""
+    from dsv4_compile.kernels.cute import HAVE_CUTE
+
+    if not HAVE_CUTE:
+        sys.exit("--backends needs the CuTe DSL (pip install 'dsv4-compile[cute]')")
+    from dsv4_compile.kernels.cute import indexer_q as cute_kernels
+
+    torch._dynamo.config.cache_size_limit = 256
+    cs = cos_sin_cache(64, 65536, 160000.0, device="cuda")
+    copy = copy_bandwidth_tbs()
+    lines = [f"copy bandwidth (same run): {copy:.2f} TB/s", "",
+             "| fmt | T | MB | CuTe DSL | Triton | plain Inductor |", "|---|---|---|---|---|---|"]
+    for fmt in fmts:
+        name = "indexer_q_rope_" + fmt
+        inductor = torch.compile(plain_aten(fmt), fullgraph=True, dynamic=False)
+        for t in tokens:
+            nbytes = region_bytes(t, fmt)
+            sets = input_sets(lambda i: make_inputs(t, i, cs), nbytes)
+            cells = []
+            for fn in (getattr(cute_kernels, name), getattr(iq_kernels, name)):
+                cells.append(time_fn(lambda *a, fn=fn: fn(*a, WEIGHT_SCALE, False), sets))
+            cells.append(time_fn(inductor, sets))
+            row = " | ".join(f"{us:.1f} µs {nbytes / (us * 1e-6) / 1e12:.2f} TB/s "
+                             f"({100 * nbytes / (us * 1e-6) / 1e12 / copy:.0f}%)" for us in cells)
+            lines.append(f"| {fmt} | {t} | {nbytes / 1e6:.2f} | {row} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fmt", nargs="+", default=["fp8", "mxfp4"], choices=["fp8", "mxfp4"])
     ap.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
     ap.add_argument("--out", default=None, help="write the markdown table (and a .json beside it) here")
     ap.add_argument("--sweep", action="store_true", help="also sweep the Triton kernel's heads-per-program / warps")
+    ap.add_argument("--backends", action="store_true", help="CuTe vs Triton kernels vs plain Inductor, then exit")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/indexer_q.py needs a CUDA GPU")
+    if args.backends:
+        md = run_backends(args.fmt, args.tokens)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(md + "\n")
+        return
     copy, rows = run(args.fmt, args.tokens, args.sweep)
     write_results(table(copy, rows, "fmt", "MB"), rows, args.out)
 
