@@ -193,23 +193,6 @@ def test_indexer_logits_kernel_matches_reference(kernel_device, fmt):
         _check_topk(kernels.indexer_topk(*dev, fmt, topk, 4).cpu(), _dense_logits(*case, fmt), topk, tol=1e-5)
 
 
-@pytest.mark.parametrize("t,length,k", [(3, 300, 16), (2, 5000, 64), (4, 1024, 100)])
-def test_radix_topk_selects_the_k_largest_with_ties(kernel_device, t, length, k):
-    g = torch.Generator().manual_seed(length)
-    x = torch.randn(t, length, generator=g)
-    x[0, :50] = 1.5  # a tie that straddles the k-th value
-    x[1, 100:] = float("-inf")  # invisible entries (this row has n = 100)
-    n = torch.tensor([length, 100, length, 10][:t])
-    got = kernels.topk_rows(x.to(kernel_device), n.to(kernel_device), k, block=256).cpu()
-    for i in range(t):
-        if n[i] <= k:
-            assert got[i].tolist() == list(range(int(n[i]))) + [-1] * (k - int(n[i]))
-            continue
-        sel = got[i].long()
-        assert len(set(sel.tolist())) == k
-        assert torch.equal(torch.sort(x[i, sel]).values, torch.sort(torch.topk(x[i], k).values).values)
-
-
 def test_indexer_topk_kernel_on_an_empty_cache(kernel_device):
     q, qs, w, cache, table, req, pos, bs = _topk_case("fp8")
     empty = cache[:0]

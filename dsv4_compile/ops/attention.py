@@ -87,9 +87,8 @@ def indexer_topk(
     [T]`` (negative = padding), ``positions [T]`` (negative = padding).
 
     Token t sees entries ``s < (p+1) // compress_ratio`` (capped at ``M·block_size``). Returns int32
-    ``[T, topk]``: the local indices of the ``topk`` best visible entries (in no particular order: the
-    reference gives them by descending score, the GPU kernel by index), or exactly ``0..n−1`` then
-    −1 when ``n <= topk`` entries are visible; padding tokens get −1 rows.
+    ``[T, topk]``: the local indices of the ``topk`` best visible entries (in descending score order),
+    or exactly ``0..n−1`` then −1 when ``n <= topk`` entries are visible; padding tokens get −1 rows.
     """
     _check_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt, topk,
                 compress_ratio)

@@ -117,73 +117,6 @@ def _empty_cache_logits(out, positions, token_to_req, n_req, compress_ratio):
     return out.copy_(torch.where(s[None, :] < n[:, None], 0.0, float("-inf")))
 
 
-@triton.jit
-def _order_key(x):
-    """int64 key in [0, 2^32) that orders fp32 ``x`` as the floats (larger float, larger key)."""
-    bits = x.to(tl.uint32, bitcast=True).to(tl.int64)
-    return tl.where(bits >= 0x80000000, 0xFFFFFFFF - bits, bits + 0x80000000)
-
-
-@triton.jit
-def _radix_topk_kernel(x_ptr, out_ptr, L, x_stride, out_stride, K: tl.constexpr, BLOCK: tl.constexpr):
-    """Indices of the K largest of row ``x[row, :L]`` (L >= K), in index order: a radix select of
-    the K-th largest key, one byte per pass from the top (a 256-bin histogram of the keys that share
-    the bytes chosen so far), then one pass writing every key above it and the first keys equal to
-    it. One program per row; the row is re-read from L2 in every pass."""
-    row = tl.program_id(0)
-    base = x_ptr + row.to(tl.int64) * x_stride
-    bins = tl.arange(0, 256)
-    prefix = tl.zeros([], tl.int64)
-    want = tl.zeros([], tl.int32) + K  # how many of the keys matching ``prefix`` are still to be taken
-    for shift in tl.static_range(24, -1, -8):
-        hist = tl.zeros([256], tl.int32)
-        for start in range(0, L, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            m = offs < L
-            key = _order_key(tl.load(base + offs, mask=m, other=float("-inf")))
-            match = m & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-            hist += tl.histogram(tl.where(match, (key >> shift) & 0xFF, 0).to(tl.int32), 256)
-            # the keys that do not match were counted in bin 0: take them out again
-            hist -= tl.where(bins == 0, tl.sum((~match).to(tl.int32), axis=0), 0)
-        ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys with this byte >= bin
-        sel = tl.max(tl.where(ge >= want, bins, -1), axis=0)
-        want -= tl.sum(tl.where(bins > sel, hist, 0), axis=0)
-        prefix = prefix | (sel.to(tl.int64) << shift)
-    n_gt = tl.zeros([], tl.int32)
-    n_eq = tl.zeros([], tl.int32)
-    first_eq = K - want
-    out = out_ptr + row.to(tl.int64) * out_stride
-    for start in range(0, L, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        m = offs < L
-        key = _order_key(tl.load(base + offs, mask=m, other=float("-inf")))
-        gt = m & (key > prefix)
-        eq = m & (key == prefix)
-        g_rank = n_gt + tl.cumsum(gt.to(tl.int32), axis=0) - 1
-        e_rank = n_eq + tl.cumsum(eq.to(tl.int32), axis=0) - 1
-        take_eq = eq & (e_rank < want)
-        pos = tl.where(gt, g_rank, first_eq + e_rank)
-        tl.store(out + pos, offs, mask=gt | take_eq)
-        n_gt += tl.sum(gt.to(tl.int32), axis=0)
-        n_eq += tl.sum(eq.to(tl.int32), axis=0)
-
-
-def topk_rows(logits: torch.Tensor, n: torch.Tensor, topk: int, block: int = 4096, num_warps: int = 8) -> torch.Tensor:
-    """``reference.attention.select_topk`` with a Triton radix select instead of ``torch.topk``
-    (which takes ~90 µs for one 16k row on an H100): same rows, but the ``topk`` indices of a row
-    with ``n > topk`` come in index order rather than by score (the order is irrelevant downstream)."""
-    T, L = logits.shape
-    if L <= topk or T == 0:
-        return select_topk(logits, n, topk)
-    logits = logits.contiguous()
-    top = torch.empty((T, topk), dtype=torch.int32, device=logits.device)
-    _radix_topk_kernel[(T,)](logits, top, L, logits.stride(0), top.stride(0), K=topk,
-                             BLOCK=min(block, triton.next_power_of_2(L)), num_warps=num_warps)
-    j = torch.arange(topk, dtype=torch.int64, device=logits.device)
-    first = torch.where(j[None, :] < n[:, None], j[None, :], -1).to(torch.int32)
-    return torch.where((n > topk)[:, None], top, first)
-
-
 def indexer_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int, fmt: str,
                  topk: int, compress_ratio: int) -> torch.Tensor:
     from ...reference.attention import visible_entries
@@ -191,7 +124,7 @@ def indexer_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positi
     logits = indexer_logits(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt,
                             compress_ratio)
     n = visible_entries(positions, token_to_req, block_table.shape[0], compress_ratio, logits.shape[1])
-    return topk_rows(logits, n, topk)
+    return select_topk(logits, n, topk)
 
 
 # ---------------------------------------------------------------------------------------------
