@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from dsv4_compile import reference
+from dsv4_compile import layouts, reference
 from dsv4_compile.kernels.cute import _common
 from test_triton_kernels import _data, _same
 
@@ -234,3 +234,195 @@ def test_cute_kernel_launches_on_the_current_stream_and_under_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert all(_same(a, b) for a, b in zip(got, want))
+
+
+# ---------------------------------------------------------------------------------------------
+# kv_insert / kv_rope_insert (fp8_ds_mla record)
+# ---------------------------------------------------------------------------------------------
+def test_kv_insert_ops_pick_the_backend(fake_gpu, monkeypatch):
+    # CPU side: the ops' CUDA kernels go through kernels.cute.backend like the indexer-q ops
+    from dsv4_compile.kernels.triton import cache as triton_cache
+    from dsv4_compile.ops import cache as ops_cache
+
+    fake_gpu((8, 0))
+    assert ops_cache._kv_insert_kernels(CUDA0) is triton_cache
+    if not _common.HAVE_CUTE:
+        pytest.skip("nvidia-cutlass-dsl not installed")
+    from dsv4_compile.kernels.cute import cache as cute_cache
+
+    fake_gpu((9, 0))
+    assert ops_cache._kv_insert_kernels(CUDA0) is cute_cache
+    monkeypatch.setenv(_common.BACKEND_ENV, "triton")
+    assert ops_cache._kv_insert_kernels(CUDA0) is triton_cache
+
+
+@pytest.mark.skipif(not _common.HAVE_CUTE, reason="nvidia-cutlass-dsl not installed")
+def test_cute_kv_insert_falls_back_to_triton_for_unaligned_pages(monkeypatch):
+    # CPU side: what the CuTe kernel takes, and that anything else goes to the Triton kernel
+    from dsv4_compile.kernels.cute import cache as cute_cache
+    from dsv4_compile.kernels.triton import cache as triton_cache
+    from test_cache_ops import _cache
+
+    kv = torch.zeros(3, 512, dtype=torch.bfloat16)
+    cs = torch.zeros(16, 64)
+    ok = _cache("fp8_ds_mla", 16, 2)
+    assert cute_cache.supports(kv, cs, ok) and cute_cache.supports(kv, None, ok)
+    assert cute_cache.supports(kv, cs.bfloat16(), _cache("fp8_ds_mla", 64, 2, extra=64))
+    slack8 = _cache("fp8_ds_mla", 16, 2, extra=40)  # stride(0) % 16 == 8
+    shifted = torch.zeros(2, ok.shape[1] + 8, dtype=torch.uint8)[:, 8:]  # pages 8-byte aligned only
+    for bad in (slack8, shifted):
+        assert not cute_cache.supports(kv, cs, bad)
+    assert not cute_cache.supports(kv, cs.half(), ok)
+    calls = []
+    monkeypatch.setattr(triton_cache, "kv_insert", lambda *a: calls.append(a))
+    slots = torch.tensor([0, -1, 5])
+    cute_cache.kv_insert(kv, None, None, slack8, slots, 16)
+    cute_cache.kv_insert(kv, torch.tensor([1, 2, 3]), cs, shifted, slots, 16)
+    assert len(calls) == 2 and calls[0][3] is slack8 and calls[1][3] is shifted
+
+
+def _kv_insert_case(t, bs, table_dtype, seed, slot_dtype=torch.int64):
+    """kv, positions, table, reference slots (−1 = skip) and kernel slots (some of the −1 turned into
+    slots past the cache, which the kernel must mask), pages."""
+    from test_cache_ops import _kv, _slots
+
+    g = torch.Generator().manual_seed(seed)
+    nb = max(2, -(-2 * t // bs))
+    kv = _kv(t, seed)
+    pos = torch.randint(0, 4096, (t,), generator=g)
+    cs = torch.randn(4096, 64, generator=g).to(table_dtype)  # any table values must round the same
+    slots = _slots(t, nb * bs, seed)
+    past = slots.clone()
+    pad = (slots < 0).nonzero().flatten()
+    past[pad[::2]] = nb * bs + torch.arange(pad[::2].numel())  # just past the end, and beyond
+    if pad.numel() > 2:
+        past[pad[2]] = torch.iinfo(slot_dtype).max
+    return kv, pos, cs, slots, past.to(slot_dtype), nb
+
+
+def _paged(bs, nb, device, extra):
+    """(sentinel-filled cache view [nb, page_bytes], the whole buffer including the slack)."""
+    from test_cache_ops import SENTINEL
+
+    pb = layouts.page_bytes("fp8_ds_mla", bs)
+    full = torch.full((nb, pb + extra), SENTINEL, dtype=torch.uint8, device=device)
+    return full[:, :pb], full
+
+
+@pytest.mark.cuda
+@needs_cute_gpu
+@pytest.mark.parametrize("t", [1, 7, 64, 1000, 5000])
+@pytest.mark.parametrize("bs", [16, 64])
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+def test_cute_kv_insert_bit_exact(t, bs, table_dtype):
+    from dsv4_compile.kernels.cute import cache as cute_cache
+    from dsv4_compile.reference import cache as ref_cache
+
+    slot_dtype = torch.int32 if t % 2 else torch.int64
+    kv, pos, cs, slots, past, nb = _kv_insert_case(t, bs, table_dtype, seed=t + bs, slot_dtype=slot_dtype)
+    for extra in (0, 576):  # contiguous pages, and strided pages with slack after each
+        for rope in (False, True):
+            want, want_full = _paged(bs, nb, "cpu", extra)
+            got, got_full = _paged(bs, nb, "cuda", extra)
+            assert cute_cache.supports(kv, cs if rope else None, got)
+            if rope:
+                ref_cache.kv_rope_insert(kv, pos, cs, want, slots, bs)
+                p = pos.cuda() if t % 3 else pos.int().cuda()
+                cute_cache.kv_insert(kv.cuda(), p, cs.cuda(), got, past.cuda(), bs)
+            else:
+                ref_cache.kv_insert(kv, want, slots, bs)
+                cute_cache.kv_insert(kv.cuda(), None, None, got, past.cuda(), bs)
+            assert torch.equal(got_full.cpu(), want_full), (extra, rope)  # record bytes, and nothing else
+
+
+@pytest.mark.cuda
+@needs_cute_gpu
+def test_cute_kv_insert_strided_kv_and_out_of_range_positions():
+    from dsv4_compile.kernels.cute import cache as cute_cache
+    from dsv4_compile.reference import cache as ref_cache
+
+    t, bs = 33, 16
+    kv, pos, cs, slots, past, nb = _kv_insert_case(t, bs, torch.float32, seed=2)
+    wide = torch.zeros(t, 1024, dtype=torch.bfloat16)
+    wide[:, 256:768] = kv  # rows with stride 1024, starting 512 bytes in
+    posd = pos.clone().cuda()
+    posd[4] = 10**9  # out of the table: never read, the rotated dims come out 0 (as in Triton)
+    posd[5] = -3
+    got, _ = _paged(bs, nb, "cuda", 0)
+    cute_cache.kv_insert(wide.cuda()[:, 256:768], posd, cs.cuda(), got, past.cuda(), bs)
+    want, _ = _paged(bs, nb, "cpu", 0)
+    ref_cache.kv_rope_insert(kv, pos, cs, want, slots, bs)
+    got = got.cpu()
+    rope_bytes = torch.zeros_like(want, dtype=torch.bool)
+    for i in (4, 5):
+        page, k = int(slots[i]) // bs, int(slots[i]) % bs
+        assert slots[i] >= 0
+        rope_bytes[page, k * 576 + 448 : (k + 1) * 576] = True
+        assert bool((got[page, k * 576 + 448 : (k + 1) * 576].view(torch.bfloat16) == 0).all())
+    assert torch.equal(got[~rope_bytes], want[~rope_bytes])
+
+
+@pytest.mark.cuda
+@needs_cute_gpu
+def test_ops_dispatch_kv_inserts_to_cute_and_fall_back_for_unaligned_pages(monkeypatch):
+    from dsv4_compile.kernels.cute import cache as cute_cache
+    from dsv4_compile.reference import cache as ref_cache
+
+    monkeypatch.setenv(_common.BACKEND_ENV, "cute")
+    compiled = []
+    original = cute_cache.KVInsertKernel.compile
+    monkeypatch.setattr(cute_cache.KVInsertKernel, "compile",
+                        staticmethod(lambda *a, **k: compiled.append(a) or original(*a, **k)))
+    t, bs = 100, 64
+    kv, pos, cs, slots, past, nb = _kv_insert_case(t, bs, torch.float32, seed=9)
+    for extra, cute_path in ((0, True), (40, False)):  # 40: stride(0) % 16 == 8 -> Triton
+        n = len(compiled)
+        want, want_full = _paged(bs, nb, "cpu", extra)
+        got, got_full = _paged(bs, nb, "cuda", extra)
+        ref_cache.kv_rope_insert(kv, pos, cs, want, slots, bs)
+        dsv4.kv_rope_insert(kv.cuda(), pos.cuda(), cs.cuda(), got, past.cuda(), bs)
+        ref_cache.kv_insert(kv.flip(0), want, slots, bs)
+        dsv4.kv_insert(kv.flip(0).cuda(), got, past.cuda(), bs)
+        assert torch.equal(got_full.cpu(), want_full)
+        assert (len(compiled) == n + 2) == cute_path
+
+
+@pytest.mark.cuda
+@needs_cute_gpu
+def test_cute_kv_rope_insert_under_graph_capture_and_replay(monkeypatch):
+    from dsv4_compile.kernels.cute import cache as cute_cache
+    from dsv4_compile.reference import cache as ref_cache
+
+    monkeypatch.setenv(_common.BACKEND_ENV, "cute")
+    t, bs = 48, 64
+    kv, pos, cs, slots, past, nb = _kv_insert_case(t, bs, torch.float32, seed=0)
+    csd = cs.cuda()
+    static = dict(kv=kv.cuda(), pos=pos.cuda(), slots=past.cuda())
+    got, _ = _paged(bs, nb, "cuda", 0)
+    got_plain, _ = _paged(bs, nb, "cuda", 0)
+
+    def step():
+        dsv4.kv_rope_insert(static["kv"], static["pos"], csd, got, static["slots"], bs)
+        cute_cache.kv_insert(static["kv"], None, None, got_plain, static["slots"], bs)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compile outside the capture, and run on a side stream
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    want, _ = _paged(bs, nb, "cpu", 0)
+    want_plain, _ = _paged(bs, nb, "cpu", 0)
+    ref_cache.kv_rope_insert(kv, pos, cs, want, slots, bs)
+    ref_cache.kv_insert(kv, want_plain, slots, bs)
+    for seed in (1, 2, 3):  # new data copied into the same buffers, then replayed
+        kv, pos, _, slots, past, _ = _kv_insert_case(t, bs, torch.float32, seed=seed)
+        for name, x in (("kv", kv), ("pos", pos), ("slots", past)):
+            static[name].copy_(x)
+        graph.replay()
+        ref_cache.kv_rope_insert(kv, pos, cs, want, slots, bs)
+        ref_cache.kv_insert(kv, want_plain, slots, bs)
+    torch.cuda.synchronize()
+    assert torch.equal(got.cpu(), want) and torch.equal(got_plain.cpu(), want_plain)

@@ -98,10 +98,22 @@ def kv_insert(kv: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tens
     ref.kv_insert(kv, kv_cache, slot_mapping, block_size)
 
 
+def _kv_insert_kernels(device):
+    """The ``kv_insert`` kernels for ``device``: CuTe DSL or Triton, per ``kernels.cute.backend``
+    (the CuTe launcher itself falls back to Triton for inputs it does not take)."""
+    from ..kernels.cute import backend
+
+    if backend(device) == "cute":
+        from ..kernels.cute import cache as kernels
+
+        return kernels
+    return _triton()
+
+
 @kv_insert.register_kernel("cuda")
 def _kv_insert_cuda(kv, kv_cache, slot_mapping, block_size):
     _check_kv(kv, kv_cache, slot_mapping, block_size)
-    _triton().kv_insert(kv, None, None, kv_cache, slot_mapping, block_size)
+    _kv_insert_kernels(kv.device).kv_insert(kv, None, None, kv_cache, slot_mapping, block_size)
 
 
 @kv_insert.register_fake
@@ -128,7 +140,7 @@ def kv_rope_insert(
 @kv_rope_insert.register_kernel("cuda")
 def _kv_rope_insert_cuda(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size):
     _check_kv_rope(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size)
-    _triton().kv_insert(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size)
+    _kv_insert_kernels(kv.device).kv_insert(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size)
 
 
 @kv_rope_insert.register_fake

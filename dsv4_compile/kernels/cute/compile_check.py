@@ -4,7 +4,9 @@ Beyond "it compiles", the PTX is checked for what the numerics and the target re
 
 * no ``fma`` anywhere: the reference rounds every fp32 product and sum separately;
 * sm_90a: no ``e2m1x2`` conversion (it does not exist there) and no 256-bit global accesses;
-* sm_100a: the MXFP4 variants use the hardware ``cvt.rn.satfinite.e2m1x2.f32``.
+* sm_100a: the MXFP4 variants use the hardware ``cvt.rn.satfinite.e2m1x2.f32``;
+* the cache inserts read kv rows with 128-bit loads and write the record with 128-bit stores (the
+  e4m3 bytes, the bf16 rope bytes) and one 64-bit store (the scale record), never byte by byte.
 
     python -m dsv4_compile.kernels.cute.compile_check [sm_90a sm_100a]
 
@@ -20,7 +22,7 @@ import tempfile
 
 from cutlass import BFloat16, Float32, Int32, Int64
 
-from . import indexer_q
+from . import cache, indexer_q
 from ._common import use_hw_e2m1
 
 ARCHS = ("sm_90a", "sm_100a")
@@ -28,6 +30,7 @@ ARCHS = ("sm_90a", "sm_100a")
 # 256-bit vector accesses (sm_100+): .v8 of 32-bit or .v4 of 64-bit elements
 _WIDE_ACCESS = re.compile(r"\b(ld|st)\.global(\.[a-z_:0-9]+)*\.(v8\.(b|f|u|s)32|v4\.(b|f|u|s)64)\b")
 _FMA = re.compile(r"\bfma\.")
+_GLOBAL_ACCESS = re.compile(r"\b(ld|st)\.global(\.[a-z_:0-9]+)*\.(v[248]\.)?[bfus](8|16|32|64)\b")
 
 
 def _indexer_q_cases():
@@ -38,6 +41,38 @@ def _indexer_q_cases():
     # head count that leaves a partial head block
     yield dict(q=BFloat16, pos=Int32, cs=BFloat16, w=Float32, heads=64, mxfp4=False, hadamard=True)
     yield dict(q=Float32, pos=Int64, cs=Float32, w=Float32, heads=20, mxfp4=True, hadamard=False)
+
+
+def _kv_insert_cases():
+    # kv_insert / kv_rope_insert at the SWA / C4 page size, the C128 page size (2 entries) and the
+    # other operand dtypes the op accepts (int32 slots and positions, bf16 table)
+    yield dict(bs=64, rope=False, slot=Int64, pos=None, cs=None)
+    yield dict(bs=64, rope=True, slot=Int64, pos=Int64, cs=Float32)
+    yield dict(bs=2, rope=True, slot=Int64, pos=Int64, cs=Float32)
+    yield dict(bs=16, rope=True, slot=Int32, pos=Int32, cs=BFloat16)
+
+
+def _global_accesses(ptx: str) -> list[str]:
+    """``ld.global.v4.b32``-style mnemonics of every global load and store, in order."""
+    return [m.group(0) for m in _GLOBAL_ACCESS.finditer(ptx)]
+
+
+def _bits(access: str) -> int:
+    """Width of one ``ld/st.global[.vN].tW`` access in bits."""
+    m = re.search(r"(?:\.v([248]))?\.[bfus](8|16|32|64)$", access)
+    return int(m.group(1) or 1) * int(m.group(2))
+
+
+def _check_kv_insert_ptx(name: str, arch: str, ptx: str, rope: bool) -> None:
+    acc = _global_accesses(ptx)
+    stores = [a for a in acc if a.startswith("st.")]
+    wide_loads = sum(a.startswith("ld.") and _bits(a) == 128 for a in acc)
+    # kv: 2 per lane (+ cos, sin: 2 each for fp32, 1 each for bf16 tables)
+    if wide_loads < 2 + (2 if rope else 0):
+        raise AssertionError(f"{name}@{arch}: kv / table rows not read with 128-bit loads: {acc}")
+    # nope e4m3 (1) + rope bf16 (2) 128-bit stores, the scale record as one 64-bit store, nothing else
+    if sorted(_bits(a) for a in stores) != [64, 128, 128, 128]:
+        raise AssertionError(f"{name}@{arch}: record stores {stores}, want 3 x 128-bit + 1 x 64-bit")
 
 
 def _ptx_text(compiled, dump_dir: str) -> str:
@@ -81,6 +116,19 @@ def compile_all(arch: str) -> list[str]:
                 *(case[k].__name__.lower() for k in ("q", "cs", "pos", "w")),
             )
             names.append(_check_ptx(name, arch, _ptx_text(compiled, dump_dir), hw))
+        for case in _kv_insert_cases():
+            with tempfile.TemporaryDirectory(dir=dump_dir) as case_dir:  # one PTX file per variant
+                compiled = cache.KVInsertKernel.compile(
+                    case["bs"], case["rope"], case["slot"], case["pos"], case["cs"], arch,
+                    extra_options=f"--keep-ptx --dump-dir {case_dir}",
+                )
+                ptx = _ptx_text(compiled, case_dir)
+            name = "kv_rope_insert" if case["rope"] else "kv_insert"
+            name += f"_bs{case['bs']}_slot{case['slot'].__name__.lower()}"
+            if case["rope"]:
+                name += f"_pos{case['pos'].__name__.lower()}_cs{case['cs'].__name__.lower()}"
+            _check_kv_insert_ptx(name, arch, ptx, case["rope"])
+            names.append(_check_ptx(name, arch, ptx, False))
     return names
 
 

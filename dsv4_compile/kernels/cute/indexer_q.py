@@ -12,7 +12,7 @@ the E2M1 conversion differs (software round-to-nearest-even on sm_90a, ``cvt.*.e
 Numerics: every fp32 product and sum the reference rounds separately is an explicitly rounded
 ``mul.rn`` / ``add.rn`` (PTX never contracts ``.rn`` operations into an FMA), in the reference's
 order; scale exponents come from fp32 bits (``reference.quant``); the FP8 cast is
-``cvt.rn.satfinite.e4m3x2.f32`` after the clamp.
+``cvt.rn.satfinite.e4m3x2.f32`` after the clamp (the helpers shared with the other kernels: ``_math``).
 """
 
 from __future__ import annotations
@@ -24,72 +24,23 @@ from typing import Optional
 import cutlass
 import cutlass.cute as cute
 import torch
-from cutlass import BFloat16, Float16, Float32, Int32, Int64, Uint8, Uint32, const_expr
+from cutlass import Float32, Int32, Int64, Uint8, Uint32, const_expr
 
 from ... import layouts
 from ...reference import quant as _ref_quant
 from ._common import arch_name, use_hw_e2m1
+from ._math import (TORCH_TO_CUTE, add_rn, ceil_log2_ratio, clamp, e4m3x4, group_max, mul_rn, pow2,
+                    rope_pairs, sub_rn)
 
 ELEMS = 16  # q elements per lane: 16 FP8 bytes = one 128-bit store
 THREADS = 128  # per CTA
 FP8_MAX = layouts.FP8_E4M3_MAX
 E2M1_MAX = layouts.E2M1_MAX
 
-TORCH_TO_CUTE = {
-    torch.bfloat16: BFloat16,
-    torch.float16: Float16,
-    torch.float32: Float32,
-    torch.int32: Int32,
-    torch.int64: Int64,
-}
-
-_RN = cute.RoundingMode.NEAREST_EVEN
-
 
 # ---------------------------------------------------------------------------------------------
-# Bit-exact scalar building blocks (trace-time helpers, inlined into the kernel)
+# E2M1 conversions (the shared bit-exact helpers live in ``_math``)
 # ---------------------------------------------------------------------------------------------
-def _mul(a, b):
-    return cute.math.mul(a, b, rounding=_RN)
-
-
-def _add(a, b):
-    return cute.math.add(a, b, rounding=_RN)
-
-
-def _sub(a, b):
-    # a − b rounded once: negation is exact, so this is sub.rn
-    return cute.math.add(a, -b, rounding=_RN)
-
-
-def _ceil_log2_ratio(amax, max_exp: int, max_mant: int):
-    """``reference.quant.ceil_log2_ratio`` on one fp32 normal."""
-    bits = amax.bitcast(Int32)
-    exp = ((bits >> 23) & 0xFF) - 127
-    return exp - max_exp + cutlass.select_((bits & 0x7FFFFF) > max_mant, Int32(1), Int32(0))
-
-
-def _pow2(e):
-    """fp32 ``2^e`` from its bits (``reference.quant.pow2``)."""
-    return ((e + 127) << 23).bitcast(Float32)
-
-
-def _clamp(v, bound: float):
-    return cute.arch.fmin(cute.arch.fmax(v, Float32(-bound)), Float32(bound))
-
-
-def _e4m3x4(a, b, c, d):
-    """Four fp32 → four e4m3 bytes (RNE, saturating) packed in a word, ``a`` in the low byte."""
-    return cute.arch.inline_ptx(
-        "{ .reg .b16 lo, hi;"
-        " cvt.rn.satfinite.e4m3x2.f32 lo, {$r1}, {$r0};"
-        " cvt.rn.satfinite.e4m3x2.f32 hi, {$r3}, {$r2};"
-        " mov.b32 {$w0}, {lo, hi}; }",
-        write_only_types=[Uint32],
-        read_only_args=[a, b, c, d],
-    )
-
-
 def _e2m1x2_hw(lo, hi):
     """sm_100+: ``cvt.rn.satfinite.e2m1x2.f32``; ``lo`` in the low nibble of the returned byte."""
     return cute.arch.inline_ptx(
@@ -110,15 +61,6 @@ def _e2m1_code_sw(v):
         code = code + cutlass.select_(above, Int32(1), Int32(0))
     sign = (v.bitcast(Int32) >> 31) & 1
     return code | (sign << 3)
-
-
-def _row_max(v, lanes: int):
-    """Max of ``v`` over ``lanes`` consecutive lanes (a power of two, aligned group)."""
-    off = 1
-    while off < lanes:
-        v = cute.arch.fmax(v, cute.arch.shuffle_sync_bfly(v, offset=off))
-        off *= 2
-    return v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,11 +161,7 @@ class IndexerQKernel:
             s = cute.make_rmem_tensor((half,), Float32)
             c.store(rC.load().to(Float32))
             s.store(rS.load().to(Float32))
-            for k in cutlass.range_constexpr(half):
-                xe = x[2 * k]
-                xo = x[2 * k + 1]
-                x[2 * k] = _sub(_mul(xe, c[k]), _mul(xo, s[k]))
-                x[2 * k + 1] = _add(_mul(xe, s[k]), _mul(xo, c[k]))
+            rope_pairs(x, c, s, half)
             # round to the input dtype before any amax (spec §3 precision rule)
             if const_expr(self.q_dtype is not Float32):
                 x.store(x.load().to(self.q_dtype).to(Float32))
@@ -236,8 +174,8 @@ class IndexerQKernel:
                     for j in cutlass.range_constexpr(hstep):
                         a = x[base + j]
                         b = x[base + j + hstep]
-                        x[base + j] = _add(a, b)
-                        x[base + j + hstep] = _sub(a, b)
+                        x[base + j] = add_rn(a, b)
+                        x[base + j + hstep] = sub_rn(a, b)
             for stage in cutlass.range_constexpr(self.lanes_per_row.bit_length() - 1):  # across lanes
                 lane_step = 1 << stage  # partner lane = lane ^ lane_step holds element k ± 16·lane_step
                 upper = (lane & lane_step) != 0
@@ -245,45 +183,45 @@ class IndexerQKernel:
                     own = x[i]
                     other = cute.arch.shuffle_sync_bfly(own, offset=lane_step)
                     if upper:
-                        x[i] = _sub(other, own)  # (a, b) = (partner, own) → a − b
+                        x[i] = sub_rn(other, own)  # (a, b) = (partner, own) → a − b
                     else:
-                        x[i] = _add(own, other)
+                        x[i] = add_rn(own, other)
             for i in cutlass.range_constexpr(ELEMS):
-                x[i] = _mul(x[i], Float32(self.hadamard_scale))
+                x[i] = mul_rn(x[i], Float32(self.hadamard_scale))
             if const_expr(self.q_dtype is not Float32):
                 x.store(x.load().to(self.q_dtype).to(Float32))
 
-        w = _mul(mW[t, h_ld].to(Float32), weight_scale)
+        w = mul_rn(mW[t, h_ld].to(Float32), weight_scale)
         amax = cute.math.abs(x[0])
         for i in cutlass.range_constexpr(1, ELEMS):
             amax = cute.arch.fmax(amax, cute.math.abs(x[i]))
 
         if const_expr(not self.mxfp4):
             # ---- FP8 e4m3, one UE8M0 scale per (token, head), folded into the weights ----
-            amax = cute.arch.fmax(_row_max(amax, self.lanes_per_row), Float32(layouts.FP8_AMAX_FLOOR))
-            e = _ceil_log2_ratio(amax, _ref_quant.FP8_MAX_EXP, _ref_quant.FP8_MAX_MANT)
-            inv = _pow2(-e)
+            amax = cute.arch.fmax(group_max(amax, self.lanes_per_row), Float32(layouts.FP8_AMAX_FLOOR))
+            e = ceil_log2_ratio(amax, _ref_quant.FP8_MAX_EXP, _ref_quant.FP8_MAX_MANT)
+            inv = pow2(-e)
             words = cute.make_rmem_tensor((ELEMS // 4,), Int32)
             for j in cutlass.range_constexpr(ELEMS // 4):
-                v = [_clamp(_mul(x[4 * j + m], inv), FP8_MAX) for m in range(4)]
-                words[j] = _e4m3x4(v[0], v[1], v[2], v[3]).bitcast(Int32)
+                v = [clamp(mul_rn(x[4 * j + m], inv), FP8_MAX) for m in range(4)]
+                words[j] = e4m3x4(v[0], v[1], v[2], v[3]).bitcast(Int32)
             if h < self.num_heads:
                 cute.autovec_copy(words, cute.local_tile(mOut[t, h, None], (ELEMS // 4,), (lane,)))
                 if lane == 0:
-                    mWOut[t, h] = _mul(w, _pow2(e))
+                    mWOut[t, h] = mul_rn(w, pow2(e))
         else:
             # ---- MXFP4: 32-element blocks (2 lanes), E2M1 nibbles, UE8M0 byte per block ----
             block_lanes = layouts.MXFP4_BLOCK // ELEMS
-            amax = cute.arch.fmax(_row_max(amax, block_lanes), Float32(layouts.MXFP4_AMAX_FLOOR))
-            e = _ceil_log2_ratio(amax, _ref_quant.E2M1_MAX_EXP, _ref_quant.E2M1_MAX_MANT)
+            amax = cute.arch.fmax(group_max(amax, block_lanes), Float32(layouts.MXFP4_AMAX_FLOOR))
+            e = ceil_log2_ratio(amax, _ref_quant.E2M1_MAX_EXP, _ref_quant.E2M1_MAX_MANT)
             e = cutlass.max(cutlass.min(e, layouts.MXFP4_EXP_MAX), layouts.MXFP4_EXP_MIN)
-            inv = _pow2(-e)
+            inv = pow2(-e)
             words = cute.make_rmem_tensor((ELEMS // 8,), Int32)
             for j in cutlass.range_constexpr(ELEMS // 8):
                 word = Int32(0)
                 for m in cutlass.range_constexpr(4):
-                    lo = _clamp(_mul(x[8 * j + 2 * m], inv), E2M1_MAX)
-                    hi = _clamp(_mul(x[8 * j + 2 * m + 1], inv), E2M1_MAX)
+                    lo = clamp(mul_rn(x[8 * j + 2 * m], inv), E2M1_MAX)
+                    hi = clamp(mul_rn(x[8 * j + 2 * m + 1], inv), E2M1_MAX)
                     if const_expr(self.hw_e2m1):
                         byte = _e2m1x2_hw(lo, hi).bitcast(Int32)
                     else:
