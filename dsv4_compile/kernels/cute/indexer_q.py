@@ -312,12 +312,13 @@ def _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, mxfp4,
         return
     rot = cos_sin_cache.shape[-1]
     q_div = math.gcd(128 // (8 * q.element_size()), d)
+    # clone, not contiguous(): a contiguous view at a misaligned offset would come back unchanged
     if q.stride(-1) != 1 or not _aligned(q, q_div, (0, 1)):
-        q = q.contiguous()
+        q = q.clone(memory_format=torch.contiguous_format)
     cs_div = math.gcd(128 // (8 * cos_sin_cache.element_size()), rot // 2)
     cs = cos_sin_cache
     if cs.stride(-1) != 1 or not _aligned(cs, cs_div, (0,)):
-        cs = cs.contiguous()
+        cs = cs.clone(memory_format=torch.contiguous_format)
     if positions.stride(0) != 1:
         positions = positions.contiguous()
     arch = arch_name(q.device)
