@@ -102,22 +102,20 @@ def check_block_table(block_table, token_to_req, n_tokens: int, tokens_name: str
     check_tensor("token_to_req", token_to_req, ndim=1, dtypes=INDEX_DTYPES, device=device)
     if token_to_req.shape[0] != n_tokens:
         raise ValueError(f"token_to_req has {token_to_req.shape[0]} entries but {tokens_name} has {n_tokens} tokens")
-    if host_checked(token_to_req):
-        hi = int(token_to_req.max())
-        if hi >= block_table.shape[0]:
-            raise ValueError(
-                f"token_to_req must be < {block_table.shape[0]} (the block_table rows) or negative (padding), "
-                f"got {hi}"
-            )
+    _check_below("token_to_req", token_to_req, block_table.shape[0], "the block_table rows", "padding")
 
 
 def check_block_entries(block_table, num_blocks: int, cache_name: str) -> None:
     """Every allocated entry of ``block_table`` (negative = unallocated) names a page of the cache."""
-    if host_checked(block_table):
-        hi = int(block_table.max())
-        if hi >= num_blocks:
-            raise ValueError(f"block_table entries must be < {num_blocks} (the pages of {cache_name}) or negative "
-                             f"(unallocated), got {hi}")
+    _check_below("block_table entries", block_table, num_blocks, f"the pages of {cache_name}", "unallocated")
+
+
+def _check_below(name: str, t: torch.Tensor, hi: int, what: str, negative: str) -> None:
+    """Every value of ``t`` below ``hi`` or negative (which means ``negative``), where ``host_checked(t)``."""
+    if host_checked(t):
+        top = int(t.max())
+        if top >= hi:
+            raise ValueError(f"{name} must be < {hi} ({what}) or negative ({negative}), got {top}")
 
 
 def check_power_of_two(name: str, value: int, lo: int = 1, hi: int = 1 << 30) -> None:

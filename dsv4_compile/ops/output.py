@@ -61,7 +61,4 @@ def _inv_rope_fp8_quant_cuda(o, positions, cos_sin_cache, n_groups):
 @inv_rope_fp8_quant.register_fake
 def _inv_rope_fp8_quant_fake(o, positions, cos_sin_cache, n_groups):
     _check(o, positions, cos_sin_cache, n_groups)
-    (q_shape, q_stride), (s_shape, s_stride) = _ref_output.output_shapes(*o.shape, n_groups)
-    q = torch.empty_strided(q_shape, q_stride, dtype=torch.float8_e4m3fn, device=o.device)
-    s = torch.empty_strided(s_shape, s_stride, dtype=torch.float32, device=o.device)
-    return q, s
+    return _ref_output.empty_outputs(*o.shape, n_groups, o.device, zero_scale_padding=False)

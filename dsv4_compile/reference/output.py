@@ -27,17 +27,10 @@ def scale_rows(t):
     return (t + a - 1) // a * a
 
 
-def output_shapes(t, h, d, n_groups):
-    """``((shape, stride) of o_fp8, (shape, stride) of scale)`` for ``o [t, h, d]`` in ``n_groups``."""
-    dg = h // n_groups * d
-    nb = dg // layouts.O_PROJ_QUANT_BLOCK
-    t_al = scale_rows(t)
-    return ((t, n_groups, dg), (dg, t * dg, 1)), ((n_groups, t, nb), (nb * t_al, 1, t_al))
-
-
 def empty_outputs(t, h, d, n_groups, device, zero_scale_padding: bool = True):
-    """Fresh ``(o_fp8, scale)`` in the output layout: views of a ``[G, T, D]`` e4m3 buffer and of a
-    ``[G, D/128, T_al]`` fp32 buffer (zero-filled when ``zero_scale_padding``)."""
+    """Fresh ``(o_fp8, scale)`` in the output layout (the one definition of it: reference, kernel and
+    fake all allocate here): views of a ``[G, T, D]`` e4m3 buffer and of a ``[G, D/128, T_al]`` fp32
+    buffer (zero-filled when ``zero_scale_padding``)."""
     dg = h // n_groups * d
     nb = dg // layouts.O_PROJ_QUANT_BLOCK
     o_fp8 = torch.empty((n_groups, t, dg), dtype=torch.float8_e4m3fn, device=device).transpose(0, 1)

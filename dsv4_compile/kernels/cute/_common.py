@@ -8,14 +8,15 @@ packages is an error rather than a silent fallback.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
 import torch
 
+from .. import _device
+from .._device import E2M1_ENV  # noqa: F401  (re-exported: the E2M1 override of both backends)
+
 BACKEND_ENV = "DSV4_BACKEND"
-E2M1_ENV = "DSV4_E2M1"  # "software" forces the software E2M1 conversion (as the Triton kernels)
 
 # The kernels are written for these compute-capability majors: Hopper (9) and Blackwell (10).
 CUTE_ARCH_MAJORS = (9, 10)
@@ -33,14 +34,11 @@ def _importable(name: str) -> bool:
 HAVE_CUTE = _importable("cutlass") and _importable("tvm_ffi")
 
 
-@functools.lru_cache(maxsize=None)
-def device_capability(index: int) -> tuple[int, int]:
-    # Cached: the ops ask on every call, and the answer never changes for a device.
-    return torch.cuda.get_device_capability(index)
+device_capability = _device.capability  # a module attribute, so tests can stand in a fake GPU
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
-    return device_capability(device.index if device.index is not None else torch.cuda.current_device())
+    return device_capability(_device.index(device))
 
 
 def backend(device: torch.device) -> str:
@@ -72,6 +70,6 @@ def arch_name(device: torch.device) -> str:
 def use_hw_e2m1(arch: str) -> bool:
     """The hardware ``cvt.rn.satfinite.e2m1x2.f32`` exists from sm_100 on (not on sm_90a);
     ``DSV4_E2M1=software`` forces the software conversion everywhere."""
-    if os.environ.get(E2M1_ENV, "").strip().lower() == "software":
+    if _device.software_e2m1_forced():
         return False
     return int(arch[3:].rstrip("af")) >= 100

@@ -12,7 +12,6 @@ fp32 product and sum separately, and an FMA would round once (and break bit-exac
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -20,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ...reference import quant as _ref_quant
+from .. import _device
 
 # jit code reads module globals only as tl.constexpr instances
 FP8_MAX_EXP = tl.constexpr(_ref_quant.FP8_MAX_EXP)
@@ -96,15 +96,8 @@ def fwht(y, ROWS: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr):
 
 def use_hw_e2m1(device: torch.device) -> bool:
     """Hardware E2M1 conversion only on sm_100+ (``DSV4_E2M1=software`` forces the software path)."""
-    if os.environ.get("DSV4_E2M1", "").lower() == "software":
+    if _device.software_e2m1_forced():
         return False
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    return _sm_major(device.index if device.index is not None else torch.cuda.current_device()) >= 10
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_major(index: int) -> int:
-    # Cached: the launchers ask on every call, and the answer never changes for a device.
-    return torch.cuda.get_device_capability(index)[0]
-
+    return _device.capability(_device.index(device))[0] >= 10

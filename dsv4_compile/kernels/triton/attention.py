@@ -10,8 +10,6 @@ tolerance, not bit for bit (spec §7: attention outputs are tolerance-checked).
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 
 import torch
@@ -19,7 +17,8 @@ import triton
 import triton.language as tl
 
 from ... import layouts
-from ...reference.attention import select_topk
+from .. import _device
+from ...reference.attention import select_topk, visible_entries
 from ._common import pow2
 from .cache import _e2m1_value, load_fp8_ds_mla, load_fp8_ds_mla_rows, load_indexer_k
 
@@ -110,8 +109,6 @@ def indexer_logits(q, q_scale, weights, k_cache, block_table, token_to_req, posi
 
 def _empty_cache_logits(out, positions, token_to_req, n_req, compress_ratio):
     # no page to read: every visible entry scores 0 (its key dequantizes to zeros), as in the reference
-    from ...reference.attention import visible_entries
-
     n = visible_entries(positions, token_to_req, n_req, compress_ratio, out.shape[1])
     s = torch.arange(out.shape[1], device=out.device)
     return out.copy_(torch.where(s[None, :] < n[:, None], 0.0, float("-inf")))
@@ -119,8 +116,6 @@ def _empty_cache_logits(out, positions, token_to_req, n_req, compress_ratio):
 
 def indexer_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int, fmt: str,
                  topk: int, compress_ratio: int) -> torch.Tensor:
-    from ...reference.attention import visible_entries
-
     logits = indexer_logits(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt,
                             compress_ratio)
     n = visible_entries(positions, token_to_req, block_table.shape[0], compress_ratio, logits.shape[1])
@@ -237,15 +232,10 @@ def _combine_kernel(part_ptr, m_ptr, l_ptr, sink_ptr, o_ptr, H, n_split, o_strid
              mask=hm[:, None])
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _sm_programs(device: torch.device) -> int:
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return 8  # the interpreter: exercise splitting at small shapes
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _device.sm_count(_device.index(device))
 
 
 def launch_config(T: int, H: int, n_cand: int, device: torch.device, block_h: int | None = None,
