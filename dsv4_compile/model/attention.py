@@ -1,0 +1,284 @@
+"""``DeepseekV4Attention``: one DSv4 attention layer in the plain form (spec §2).
+
+Readable PyTorch over the primitive ``dsv4`` ops; nothing is fused by hand. Under
+``dsv4_compile.compile`` the passes rewrite
+
+* ``rope → kv_insert`` (SWA K=V) into ``kv_rope_insert``,
+* the compressor chain (state save → pool → RMSNorm → RoPE → bf16 → [Hadamard] → insert) into
+  ``compressor_insert``,
+* the indexer query (RoPE → quant → weight scaling) into ``indexer_q_rope_{fp8,mxfp4}``,
+* ``rope(inverse) → fp8_block_quant(128)`` of the output into ``inv_rope_fp8_quant``,
+
+and Inductor fuses the RMSNorms and the casts around the GEMMs.
+
+Layer types (``config.compress_ratio(layer_idx)``): 0 = sliding window only (SWA), 4 = CSA
+(compressor + lightning indexer + top-k), 128 = HCA (compressor, attend to every visible entry).
+
+Tokens are flattened ``x [T, hidden]`` with per-token positions and request rows in a
+``StepMetadata`` (vLLM style); the caches of the layer come in a ``LayerCache``. Parameters carry
+the checkpoint's names (spec §1.3, relative to ``layers.N.attn.``), so a DSv4 state dict loads with
+``load_state_dict``: FP8 weights with a ``<name>.scale`` block scale are dequantized to bf16 on load,
+and full-size head tensors are sliced to this module's head shard.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import layouts
+from ..config import DSv4AttentionConfig
+from ..rope import layer_cos_sin_cache
+from ..runtime.cache import LayerCache
+from ..runtime.metadata import StepMetadata
+from .indexer import IndexerQ
+
+dsv4 = torch.ops.dsv4
+
+WEIGHT_BLOCK = 128  # FP8 checkpoint weights: one UE8M0 scale per 128x128 block (spec §1.1)
+
+
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight^T`` with fp32 output (the compressor GEMM, spec §2.4): bf16 operands with fp32
+    accumulation and output on CUDA (``mm`` with ``out_dtype``), fp32 operands on CPU (which has no
+    such kernel). Both are the exact products of the bf16 values, summed in fp32."""
+    if x.is_cuda:
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return F.linear(x.float(), weight.float())
+
+
+def rms_normalize(x: torch.Tensor, eps: float, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32, one rounding to ``x.dtype`` (weighted when ``weight``)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype=torch.bfloat16, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x):
+        return rms_normalize(x, self.eps, self.weight)
+
+
+class Compressor(nn.Module):
+    """Pools every ``r`` tokens into one compressed entry (spec §2.4) and inserts it into a paged cache.
+
+    ``head_dim`` 512 (main: ``fp8_ds_mla`` record) or 128 (indexer: FP8 / MXFP4 record, optional
+    Hadamard). Partial windows live in the paged compressor-state cache, so prefill chunks and
+    decode steps need no special code."""
+
+    def __init__(self, hidden_size: int, compress_ratio: int, head_dim: int, eps: float, fmt: str,
+                 hadamard: bool = False, dtype=torch.bfloat16, device=None):
+        super().__init__()
+        self.ratio, self.head_dim, self.eps, self.fmt, self.hadamard = compress_ratio, head_dim, eps, fmt, hadamard
+        coff = layouts.compress_overlap(compress_ratio)
+        self.wkv = nn.Linear(hidden_size, coff * head_dim, bias=False, dtype=dtype, device=device)
+        self.wgate = nn.Linear(hidden_size, coff * head_dim, bias=False, dtype=dtype, device=device)
+        self.ape = nn.Parameter(torch.randn(compress_ratio, coff * head_dim, device=device) * 0.1, requires_grad=False)
+        self.norm = RMSNorm(head_dim, eps, dtype, device)
+        self.state_block_size = layouts.C4_STATE_BLOCK_SIZE if compress_ratio == 4 else layouts.C128_STATE_BLOCK_SIZE
+
+    def forward(self, x, positions, cos_sin_cache, token_to_req, state_cache, state_slot_mapping, state_block_table,
+                cache, slot_mapping, block_size: int):
+        r, d, sbs = self.ratio, self.head_dim, self.state_block_size
+        kv_score = torch.cat([linear_fp32(x, self.wkv.weight), linear_fp32(x, self.wgate.weight)], dim=-1)
+        dsv4.compressor_state_save(kv_score, positions, self.ape, state_cache, state_slot_mapping, sbs)
+        pooled = dsv4.compressor_pool(state_cache, positions, state_block_table, token_to_req, sbs, r, d)
+        y = dsv4.rope(dsv4.rms_norm(pooled, self.norm.weight, self.eps), positions // r * r, cos_sin_cache)
+        y = y.to(torch.bfloat16)
+        if self.hadamard:
+            y = dsv4.hadamard(y, d**-0.5)
+        if self.fmt == "fp8_ds_mla":
+            dsv4.kv_insert(y, cache, slot_mapping, block_size)
+        else:
+            dsv4.indexer_k_insert(y, cache, slot_mapping, block_size, self.fmt)
+
+
+class Indexer(IndexerQ):
+    """The lightning indexer (spec §2.5): the query side of ``IndexerQ`` plus its own compressor
+    (head 128) writing the indexer K cache; ``forward`` returns the top-k local entry indices."""
+
+    def __init__(self, config: DSv4AttentionConfig, fmt: str = "fp8", hadamard: bool = False,
+                 dtype=torch.bfloat16, device=None):
+        super().__init__(config.hidden_size, config.q_lora_rank, config.index_n_heads, config.index_head_dim, fmt,
+                         hadamard, dtype, device)
+        self.topk = config.index_topk
+        self.compressor = Compressor(config.hidden_size, 4, config.index_head_dim, config.rms_norm_eps, fmt,
+                                     hadamard, dtype, device)
+        self.requires_grad_(False)
+
+    def forward(self, qr, x, positions, cos_sin_cache, token_to_req, cache: LayerCache, c4):
+        bs = layouts.INDEXER_BLOCK_SIZE
+        self.compressor(x, positions, cos_sin_cache, token_to_req, cache.indexer_state, c4.state_slot_mapping,
+                        c4.state_block_table, cache.indexer, c4.slot_mapping, bs)
+        q = super().forward(qr, x, positions, cos_sin_cache)
+        q, q_scale, weights = (q[0], None, q[1]) if self.fmt == "fp8" else q
+        return dsv4.indexer_topk(q, q_scale, weights, cache.indexer, c4.block_table, token_to_req, positions, bs,
+                                 self.fmt, self.topk, 4)
+
+
+def _check_heads(config: DSv4AttentionConfig, n_local_heads: int, head_offset: int) -> None:
+    h, hpg = config.num_attention_heads, config.heads_per_group
+    if not 0 < n_local_heads <= h or n_local_heads % hpg:
+        raise ValueError(f"n_local_heads must be a positive multiple of the heads per output group ({hpg}) and at "
+                         f"most num_attention_heads ({h}): each shard owns whole groups of wo_a, got {n_local_heads}")
+    if head_offset % hpg or head_offset < 0 or head_offset + n_local_heads > h:
+        raise ValueError(f"head_offset must be a multiple of {hpg} with head_offset + n_local_heads <= {h}, "
+                         f"got {head_offset}")
+
+
+class DeepseekV4Attention(nn.Module):
+    """One DSv4 attention layer: ``forward(x [T, hidden] bf16, meta, cache) -> [T, hidden] bf16``.
+
+    Args:
+        config: the model config (``DSv4AttentionConfig.flash()/pro()/tiny()``).
+        layer_idx: which layer (its compress ratio and RoPE table come from the config).
+        n_local_heads: query heads of this module (a tensor-parallel shard; default all). The K=V
+            head, the compressor and the indexer are replicated. A later multi-GPU layer only adds
+            the all-reduce after ``wo_b``.
+        head_offset: first global head of the shard (used to slice full checkpoint tensors on load).
+        max_model_len: rows of the RoPE table (positions must stay below) and, for HCA layers, the
+            width of the "all visible entries" index row (``ceil(max_model_len / 128)``).
+        indexer_fmt: "fp8" (Hopper) or "mxfp4" indexer q and K cache.
+        hadamard: rotate indexer q and k before quantization (the DeepSeek reference); off = vLLM's bytes.
+        fp8_o_proj: quantize the attention output to FP8 (128-blocks, UE8M0) before ``wo_a`` as vLLM's
+            DeepGEMM path does (dequantized here for a bf16 einsum); off = bf16 activations.
+    """
+
+    def __init__(self, config: DSv4AttentionConfig, layer_idx: int, n_local_heads: Optional[int] = None,
+                 head_offset: int = 0, max_model_len: Optional[int] = None, indexer_fmt: str = "fp8",
+                 hadamard: bool = False, fp8_o_proj: bool = True, dtype=torch.bfloat16, device=None):
+        super().__init__()
+        if not 0 <= layer_idx < len(config.compress_ratios):
+            raise ValueError(f"layer_idx must be in [0, {len(config.compress_ratios)}), got {layer_idx}")
+        if dtype != torch.bfloat16:
+            raise ValueError(f"the attention kernels take bf16 activations, got dtype {dtype}")
+        if config.head_dim != layouts.KV_HEAD_DIM or config.qk_rope_head_dim != layouts.ROPE_DIM:
+            raise ValueError(f"the cache records need head_dim {layouts.KV_HEAD_DIM} and qk_rope_head_dim "
+                             f"{layouts.ROPE_DIM}, got {config.head_dim} and {config.qk_rope_head_dim}")
+        if config.index_head_dim != layouts.INDEXER_HEAD_DIM:
+            raise ValueError(f"index_head_dim must be {layouts.INDEXER_HEAD_DIM}, got {config.index_head_dim}")
+        n_local_heads = config.num_attention_heads if n_local_heads is None else n_local_heads
+        _check_heads(config, n_local_heads, head_offset)
+        max_model_len = max_model_len or config.max_position_embeddings
+        if not 0 < max_model_len <= config.max_position_embeddings:
+            raise ValueError(f"max_model_len must be in [1, {config.max_position_embeddings}], got {max_model_len}")
+        self.config, self.layer_idx = config, layer_idx
+        self.compress_ratio = config.compress_ratio(layer_idx)
+        self.n_heads, self.head_offset = n_local_heads, head_offset
+        self.n_groups = n_local_heads // config.heads_per_group
+        self.max_model_len, self.fp8_o_proj = max_model_len, fp8_o_proj
+        self.eps, self.window, self.softmax_scale = config.rms_norm_eps, config.sliding_window, config.softmax_scale
+        d, hidden = config.head_dim, config.hidden_size
+        kw = dict(bias=False, dtype=dtype, device=device)
+
+        self.wq_a = nn.Linear(hidden, config.q_lora_rank, **kw)
+        self.q_norm = RMSNorm(config.q_lora_rank, self.eps, dtype, device)
+        self.wq_b = nn.Linear(config.q_lora_rank, n_local_heads * d, **kw)
+        self.wkv = nn.Linear(hidden, d, **kw)
+        self.kv_norm = RMSNorm(d, self.eps, dtype, device)
+        self.wo_a = nn.Linear(config.heads_per_group * d, self.n_groups * config.o_lora_rank, **kw)
+        self.wo_b = nn.Linear(self.n_groups * config.o_lora_rank, hidden, **kw)
+        self.attn_sink = nn.Parameter(torch.randn(n_local_heads, device=device), requires_grad=False)
+        self.compressor = self.indexer = None
+        if self.compress_ratio:
+            self.compressor = Compressor(hidden, self.compress_ratio, d, self.eps, "fp8_ds_mla", dtype=dtype,
+                                         device=device)
+        if self.compress_ratio == 4:
+            self.indexer = Indexer(config, indexer_fmt, hadamard, dtype, device)
+        self.comp_block_size = {0: 1, 4: layouts.C4_BLOCK_SIZE, 128: layouts.C128_BLOCK_SIZE}[self.compress_ratio]
+        # HCA attends to every visible entry: a fixed-width row of ceil(max_model_len / 128) slots.
+        self.comp_width = math.ceil(max_model_len / 128) if self.compress_ratio == 128 else 0
+        self.register_buffer("cos_sin_cache", layer_cos_sin_cache(config, layer_idx, max_model_len, device=device),
+                             persistent=False)
+        self.requires_grad_(False)
+        self._register_load_state_dict_pre_hook(self._convert_checkpoint)
+
+    # --- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, meta: StepMetadata, cache: LayerCache) -> torch.Tensor:
+        t = x.shape[0]
+        torch._check(meta.positions.shape[0] == t)
+        positions, token_to_req, cos_sin = meta.positions, meta.token_to_req, self.cos_sin_cache
+        swa_bs = layouts.SWA_BLOCK_SIZE
+
+        # query: low-rank projection, RMSNorm, per-head unweighted RMSNorm, RoPE on the last 64 dims
+        qr = self.q_norm(self.wq_a(x))
+        q = rms_normalize(self.wq_b(qr).view(t, self.n_heads, -1), self.eps)
+        q = dsv4.rope(q, positions, cos_sin)
+
+        # the single K=V head: RMSNorm, RoPE, FP8 into the paged SWA cache
+        kv = dsv4.rope(self.kv_norm(self.wkv(x)), positions, cos_sin)
+        dsv4.kv_insert(kv, cache.swa, meta.swa_slot_mapping, swa_bs)
+        swa_indices, _ = dsv4.swa_indices(positions, meta.swa_block_table, token_to_req, swa_bs, self.window)
+
+        comp_cache = comp_indices = None
+        if self.compress_ratio:
+            r, bs = self.compress_ratio, self.comp_block_size
+            cm = meta.compressed(r)
+            self.compressor(x, positions, cos_sin, token_to_req, cache.compressor_state, cm.state_slot_mapping,
+                            cm.state_block_table, cache.compressed, cm.slot_mapping, bs)
+            if r == 4:
+                topk = self.indexer(qr, x, positions, cos_sin, token_to_req, cache, cm)
+                comp_indices, _ = dsv4.global_topk_indices(topk, cm.block_table, token_to_req, bs)
+            else:
+                comp_indices, _ = dsv4.compressed_indices(positions, cm.block_table, token_to_req, bs, r,
+                                                          self.comp_width)
+            comp_cache = cache.compressed
+
+        o = dsv4.sparse_attn(q, cache.swa, swa_indices, comp_cache, comp_indices, self.attn_sink, self.softmax_scale,
+                             swa_bs, self.comp_block_size)
+
+        # output: inverse RoPE at the query position, [FP8 activations], grouped low-rank projection
+        o = dsv4.rope(o, positions, cos_sin, inverse=True)
+        o = o.view(t, self.n_groups, -1)
+        if self.fp8_o_proj:
+            o_fp8, o_scale = dsv4.fp8_block_quant(o, layouts.O_PROJ_QUANT_BLOCK, layouts.INV_ROPE_AMAX_FLOOR)
+            o = (o_fp8.float().unflatten(-1, (-1, layouts.O_PROJ_QUANT_BLOCK)) * o_scale.unsqueeze(-1))
+            o = o.flatten(-2).to(x.dtype)
+        z = torch.einsum("tgd,grd->tgr", o, self.wo_a.weight.view(self.n_groups, -1, o.shape[-1]))
+        return self.wo_b(z.flatten(1))
+
+    # --- checkpoint loading ----------------------------------------------------------------------
+    def _convert_checkpoint(self, state_dict, prefix, *args):
+        """Dequantize FP8 block-scaled weights (``<name>.weight`` e4m3 + ``<name>.scale`` UE8M0
+        ``[ceil(out/128), ceil(in/128)]``) to bf16, and slice full-size head tensors to this shard."""
+        for key in [k for k in state_dict if k.startswith(prefix) and k.endswith(".scale")]:
+            wkey = key[: -len(".scale")] + ".weight"
+            if wkey not in state_dict:
+                continue
+            state_dict[wkey] = dequant_fp8_weight(state_dict[wkey], state_dict.pop(key))
+        d, hpg, r = self.config.head_dim, self.config.heads_per_group, self.config.o_lora_rank
+        h0, h, g0 = self.head_offset, self.n_heads, self.head_offset // hpg
+        full = self.config.num_attention_heads
+        shards = {  # name: (dim, full size, slice) of head-sharded tensors
+            "wq_b.weight": (0, full * d, slice(h0 * d, (h0 + h) * d)),
+            "wo_a.weight": (0, full // hpg * r, slice(g0 * r, (g0 + self.n_groups) * r)),
+            "wo_b.weight": (1, full // hpg * r, slice(g0 * r, (g0 + self.n_groups) * r)),
+            "attn_sink": (0, full, slice(h0, h0 + h)),
+        }
+        for name, (dim, size, sl) in shards.items():
+            t = state_dict.get(prefix + name)
+            if t is not None and h != full and t.shape[dim] == size:
+                state_dict[prefix + name] = t.narrow(dim, sl.start, sl.stop - sl.start)
+
+
+def dequant_fp8_weight(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """bf16 ``weight · scale`` for a checkpoint FP8 weight with one scale per 128x128 block."""
+    if weight.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise ValueError(f"a '.scale' entry needs an FP8 weight, got {weight.dtype}")
+    out, inp = weight.shape
+    want = (math.ceil(out / WEIGHT_BLOCK), math.ceil(inp / WEIGHT_BLOCK))
+    if tuple(scale.shape) != want:
+        raise ValueError(f"the block scale of a [{out}, {inp}] weight must be {list(want)}, got {list(scale.shape)}")
+    s = scale.float().repeat_interleave(WEIGHT_BLOCK, 0)[:out].repeat_interleave(WEIGHT_BLOCK, 1)[:, :inp]
+    return (weight.float() * s).to(torch.bfloat16)

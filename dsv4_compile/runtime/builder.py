@@ -1,0 +1,126 @@
+"""``StepMetadataBuilder``: host-side index math for one step, copied into persistent device buffers.
+
+A step is a list of ``(req_id, n_new_tokens)``; its tokens are laid out request by request (the
+order of ``x``'s rows). For each token the builder computes, on the host, its position, its request's
+block-table row and its cache slots (SWA, compressed entry, compressor state: see
+``runtime.metadata``), then copies them with one host-to-device copy into a persistent
+``[7, max_num_batched_tokens]`` int64 buffer; changed block tables are copied whole. Nothing in the
+forward depends on a host value, and every returned tensor is a slice of a persistent buffer, so
+the addresses a CUDA graph captured stay valid.
+
+Rows ``[T, pad_to)`` are padding: position 0, request −1, every slot −1 — ops skip them, so they
+never change a cache byte.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .cache import KVCacheManager
+from .metadata import CompressedMetadata, StepMetadata
+
+_ROWS = ("positions", "token_to_req", "swa", "c4", "c4_state", "c128", "c128_state")
+
+
+class _PinnedRing:
+    """Page-locked host staging buffers used round-robin; a buffer is reused only after the copy
+    that last read it has finished (an event wait, not a stream sync)."""
+
+    def __init__(self, like: torch.Tensor, n: int = 2):
+        self.bufs = [torch.empty_like(like, device="cpu").pin_memory() for _ in range(n)]
+        self.events = [None] * n
+        self.i = 0
+
+    def stage(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        i, self.i = self.i, (self.i + 1) % len(self.bufs)
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        buf = self.bufs[i].view(-1)[: src.numel()].view(src.shape)
+        buf.copy_(src)
+        dst.copy_(buf, non_blocking=True)
+        self.events[i] = torch.cuda.Event()
+        self.events[i].record()
+
+
+class StepMetadataBuilder:
+    def __init__(self, manager: KVCacheManager, device=None):
+        self.manager = manager
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        cc = manager.cache_config
+        self.max_tokens = cc.max_num_batched_tokens
+        self.host = torch.full((len(_ROWS), self.max_tokens), -1, dtype=torch.int64)
+        self.tokens = torch.full((len(_ROWS), self.max_tokens), -1, dtype=torch.int64, device=self.device)
+        self.tables = {k: t.to(self.device) for k, t in manager.tables.items()}
+        cuda = self.device.type == "cuda"
+        self._token_stage = _PinnedRing(self.host) if cuda else None
+        self._table_stage = {k: _PinnedRing(t) for k, t in manager.tables.items()} if cuda else None
+        manager.dirty.clear()
+
+    def _copy(self, src, dst, stage) -> None:
+        if stage is None:
+            dst.copy_(src)
+        else:
+            stage.stage(src, dst)
+
+    def is_decode(self, batch: Sequence[tuple]) -> bool:
+        """Every request adds one token to a request that already has some (a uniform decode batch)."""
+        reqs = self.manager.requests
+        return len(batch) > 0 and all(n == 1 and req in reqs and reqs[req].num_tokens > 0 for req, n in batch)
+
+    def build(self, batch: Sequence[tuple], pad_to: Optional[int] = None) -> StepMetadata:
+        """Account the step's tokens in the cache manager and return its metadata, ``pad_to`` rows
+        (default: the step's token count). Every check runs before anything is allocated or copied."""
+        m = self.manager
+        n_tokens = sum(n for _, n in batch) if batch else 0
+        rows = n_tokens if pad_to is None else pad_to
+        if rows > self.max_tokens:
+            raise ValueError(f"the step has {rows} token rows, over max_num_batched_tokens = {self.max_tokens}")
+        if rows < n_tokens:
+            raise ValueError(f"pad_to ({pad_to}) is below the step's {n_tokens} tokens")
+        if rows == 0:
+            raise ValueError("empty step: schedule at least one token (or pad_to >= 1)")
+        m.check_extend(batch)
+
+        host = self.host[:, :rows]
+        host.fill_(-1)
+        host[0].fill_(0)
+        t = 0
+        for req_id, n in batch:
+            row, start = m.extend(req_id, n)
+            host[0, t:t + n] = torch.arange(start, start + n)
+            host[1, t:t + n] = row
+            t += n
+        pos, req = host[0, :t], host[1, :t]
+        host[2, :t] = self._slots("swa", req, pos)
+        for r in m.ratios:
+            k = 3 if r == 4 else 5
+            closes = (pos + 1) % r == 0
+            host[k, :t] = torch.where(closes, self._slots(f"c{r}", req, pos // r), -1)
+            host[k + 1, :t] = self._slots(f"c{r}_state", req, pos)
+
+        self._copy(host, self.tokens[:, :rows], self._token_stage)
+        for name in sorted(m.dirty):
+            self._copy(m.tables[name], self.tables[name], self._table_stage and self._table_stage[name])
+        m.dirty.clear()
+        return self.view(rows)
+
+    def _slots(self, kind: str, req: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        k = self.manager.kinds[kind]
+        page = self.manager.tables[kind][req, idx // k.block_size].to(torch.int64)
+        return torch.where(page >= 0, page * k.block_size + idx % k.block_size, -1)
+
+    def view(self, rows: int) -> StepMetadata:
+        """``StepMetadata`` over the first ``rows`` rows of the persistent buffers (same addresses for
+        the same ``rows``)."""
+        tok = self.tokens[:, :rows]
+        comp = {}
+        for r in self.manager.ratios:
+            k = 3 if r == 4 else 5
+            comp[r] = CompressedMetadata(tok[k], tok[k + 1], self.tables[f"c{r}"], self.tables[f"c{r}_state"])
+        return StepMetadata(tok[0], tok[1], tok[2], self.tables["swa"], comp.get(4), comp.get(128))
+
+    def pad_only(self, rows: int) -> StepMetadata:
+        """Metadata of ``rows`` padding tokens (capture and warm-up): nothing is read or written."""
+        return self.build([], pad_to=rows)

@@ -1,0 +1,151 @@
+"""Running a compiled DSv4 step: ``compile_step`` and ``DecodeGraphRunner`` (FULL_DECODE_ONLY).
+
+``compile_step(fn)`` compiles ``fn(x, meta) -> Tensor`` with the dsv4 passes, ``fullgraph=True`` and
+Inductor's own CUDA graphs off, with the token dimension dynamic: one graph serves every batch size,
+size 1 included (the token dims are marked dynamic and traced size-oblivious, so no ``T >= 2`` guard
+is installed).
+
+``DecodeGraphRunner`` (torch-compile-notes §D): decode-only batches (one new token for every
+request) are padded to the next capture size, their metadata and activations copied into
+persistent buffers, and a CUDA graph of the compiled step — captured once per size, warm-up first,
+all sizes in one memory pool — is replayed. Prefill and mixed batches run the compiled step without
+a graph. Padding tokens have slot −1 and no request, so they never touch a cache.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.fx.experimental._config as fx_config
+
+from .builder import StepMetadataBuilder
+from .metadata import StepMetadata
+
+DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def mark_token_dim_dynamic(x: torch.Tensor, meta: StepMetadata) -> None:
+    for t in [x] + meta.token_tensors():
+        torch._dynamo.mark_dynamic(t, 0)
+
+
+def compile_step(fn: Callable, passes: Optional[dict] = None, options: Optional[dict] = None, **compile_kw):
+    """``fn(x, meta)`` compiled once for every token count (see the module doc). ``passes`` are
+    ``PassConfig`` fields; ``passes=False`` compiles with plain Inductor (no dsv4 passes)."""
+    import dsv4_compile
+
+    opts = {"triton.cudagraphs": False, **(options or {})}
+    if passes is False:
+        compiled = torch.compile(fn, fullgraph=True, options=opts, **compile_kw)
+    else:
+        compiled = dsv4_compile.compile(fn, passes=passes or {}, options=opts, **compile_kw)
+
+    def step(x: torch.Tensor, meta: StepMetadata):
+        mark_token_dim_dynamic(x, meta)
+        with fx_config.patch(backed_size_oblivious=True):
+            return compiled(x, meta)
+
+    step.compiled = compiled
+    return step
+
+
+class DecodeGraphRunner:
+    """``runner(x, batch)``: one step of ``batch = [(req_id, n_new_tokens), ...]`` over ``x [T, hidden]``.
+
+    Args:
+        step: ``step(x, meta) -> [T, hidden]``, usually ``compile_step(...)`` of the model's forward.
+        builder: the ``StepMetadataBuilder`` owning the metadata buffers and the cache manager.
+        hidden_size, dtype: the activation buffer.
+        capture_sizes: decode batch sizes to capture (each ≤ max_num_seqs); a decode batch is padded
+            to the next one. A decode batch larger than the largest is a ``ValueError``.
+        cuda_graphs: capture and replay (default: when the builder's device is CUDA). Off, decode
+            batches run the step directly (still padded, so the numerics are the graphed ones).
+
+    The returned tensor of a replayed step is a view into the graph's output buffer: valid until the
+    next replay of the same size (clone it to keep it).
+    """
+
+    def __init__(self, step: Callable, builder: StepMetadataBuilder, hidden_size: int,
+                 capture_sizes: Sequence[int] = DEFAULT_CAPTURE_SIZES, dtype=torch.bfloat16,
+                 cuda_graphs: Optional[bool] = None):
+        sizes = sorted(set(int(s) for s in capture_sizes))
+        limit = min(builder.manager.cache_config.max_num_seqs, builder.max_tokens)
+        if not sizes or sizes[0] < 1 or sizes[-1] > limit:
+            raise ValueError(f"capture_sizes must be in [1, {limit}] (max_num_seqs and max_num_batched_tokens), "
+                             f"got {list(capture_sizes)}")
+        self.step, self.builder, self.capture_sizes = step, builder, sizes
+        self.hidden_size, self.dtype = hidden_size, dtype
+        self.device = builder.device
+        self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the builder on a CUDA device")
+        self.x_buf = torch.zeros(builder.max_tokens, hidden_size, dtype=dtype, device=self.device)
+        self.graphs: dict = {}
+        self.pool = None
+        self.stats = {"replays": 0, "eager_decode": 0, "compiled": 0}
+
+    def padded_size(self, n: int) -> int:
+        i = bisect.bisect_left(self.capture_sizes, n)
+        if i == len(self.capture_sizes):
+            raise ValueError(f"a decode batch of {n} requests is larger than the largest capture size "
+                             f"{self.capture_sizes[-1]}")
+        return self.capture_sizes[i]
+
+    def _check_x(self, x: torch.Tensor, n_tokens: int) -> None:
+        if x.dim() != 2 or x.shape[1] != self.hidden_size or x.dtype != self.dtype or x.device != self.device:
+            raise ValueError(f"x must be {self.dtype} [T, {self.hidden_size}] on {self.device}, got {x.dtype} "
+                             f"{list(x.shape)} on {x.device}")
+        if x.shape[0] != n_tokens:
+            raise ValueError(f"x has {x.shape[0]} rows but the batch schedules {n_tokens} tokens")
+
+    # --- capture -----------------------------------------------------------------------------------
+    def capture(self, sizes: Optional[Sequence[int]] = None, warmup: int = 2) -> None:
+        """Capture the step for ``sizes`` (default: all capture sizes), largest first, one memory pool.
+        Each size runs ``warmup`` times on padding-only metadata first (compilation, autotuning and
+        kernel JIT happen there, outside the graph)."""
+        if not self.cuda_graphs:
+            raise ValueError("capture needs cuda_graphs (a CUDA device)")
+        for n in sorted(sizes or self.capture_sizes, reverse=True):
+            if n not in self.capture_sizes:
+                raise ValueError(f"{n} is not a capture size ({self.capture_sizes})")
+            if n in self.graphs:
+                continue
+            meta = self.builder.pad_only(n)
+            x = self.x_buf[:n]
+            x.zero_()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    self.step(x, meta)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.step(x, meta)
+            self.graphs[n] = (graph, out, meta)
+
+    # --- one step ----------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, batch: Sequence[tuple]) -> torch.Tensor:
+        n_tokens = sum(n for _, n in batch)
+        self._check_x(x, n_tokens)
+        if not self.builder.is_decode(batch):
+            meta = self.builder.build(batch)
+            self.stats["compiled"] += 1
+            return self.step(x, meta)
+        n = self.padded_size(len(batch))
+        if self.cuda_graphs and n not in self.graphs:
+            self.capture([n])
+        self.builder.build(batch, pad_to=n)  # writes the same buffers the graph reads
+        self.x_buf[:n_tokens].copy_(x)
+        self.x_buf[n_tokens:n].zero_()
+        if self.cuda_graphs:
+            graph, out, _ = self.graphs[n]
+            graph.replay()
+            self.stats["replays"] += 1
+            return out[:n_tokens]
+        self.stats["eager_decode"] += 1
+        return self.step(self.x_buf[:n], self.builder.view(n))[:n_tokens]
