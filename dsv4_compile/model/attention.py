@@ -51,6 +51,17 @@ def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), weight.float())
 
 
+def grouped_linear(xg: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``z[t, g] = weight[g] @ xg[g, t]`` (einsum ``gtd,grd->tgr``): ``xg [G, T, D]`` group-major,
+    ``weight [G, R, D]``; returns ``[T, G, R]``.
+
+    One batched GEMM on CUDA; one GEMM per group on CPU (Inductor's CPU ``bmm`` lowering tests
+    ``T == 1`` to pick a layout, which would specialize the compiled step on one-token batches)."""
+    if xg.is_cuda:
+        return torch.bmm(xg, weight.transpose(1, 2)).transpose(0, 1)
+    return torch.stack([F.linear(xg[g], weight[g]) for g in range(weight.shape[0])], dim=1)
+
+
 def rms_normalize(x: torch.Tensor, eps: float, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """RMSNorm over the last dim in fp32, one rounding to ``x.dtype`` (weighted when ``weight``)."""
     xf = x.float()
@@ -243,9 +254,13 @@ class DeepseekV4Attention(nn.Module):
         o = o.view(t, self.n_groups, -1)
         if self.fp8_o_proj:
             o_fp8, o_scale = dsv4.fp8_block_quant(o, layouts.O_PROJ_QUANT_BLOCK, layouts.INV_ROPE_AMAX_FLOOR)
-            o = (o_fp8.float().unflatten(-1, (-1, layouts.O_PROJ_QUANT_BLOCK)) * o_scale.unsqueeze(-1))
-            o = o.flatten(-2).to(x.dtype)
-        z = torch.einsum("tgd,grd->tgr", o, self.wo_a.weight.view(self.n_groups, -1, o.shape[-1]))
+            # group-major [G, T, D] (the fused quant's native layout) dequantized exactly to bf16: each
+            # element times its 128-block's scale, gathered rather than reshaped
+            block = torch.arange(o.shape[-1], device=o.device) // layouts.O_PROJ_QUANT_BLOCK
+            og = (o_fp8.transpose(0, 1).float() * o_scale.transpose(0, 1)[:, :, block]).to(x.dtype)
+        else:
+            og = o.transpose(0, 1)
+        z = grouped_linear(og, self.wo_a.weight.view(self.n_groups, -1, o.shape[-1]))
         return self.wo_b(z.flatten(1))
 
     # --- checkpoint loading ----------------------------------------------------------------------

@@ -33,7 +33,9 @@ def empty_outputs(t, h, d, n_groups, device, zero_scale_padding: bool = True):
     buffer (zero-filled when ``zero_scale_padding``)."""
     dg = h // n_groups * d
     nb = dg // layouts.O_PROJ_QUANT_BLOCK
-    o_fp8 = torch.empty((n_groups, t, dg), dtype=torch.float8_e4m3fn, device=device).transpose(0, 1)
+    # empty_strided, not empty(...).transpose: the transposed view's contiguity test would guard on
+    # T == 1 and specialize dynamic-T graphs on one-token batches
+    o_fp8 = torch.empty_strided((t, n_groups, dg), (dg, t * dg, 1), dtype=torch.float8_e4m3fn, device=device)
     alloc = torch.zeros if zero_scale_padding else torch.empty
     scale = alloc((n_groups, nb, scale_rows(t)), dtype=torch.float32, device=device).transpose(1, 2)[:, :t]
     return o_fp8, scale
