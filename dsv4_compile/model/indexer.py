@@ -32,6 +32,9 @@ class IndexerQ(nn.Module):
         self.n_heads, self.head_dim, self.fmt, self.hadamard = n_heads, head_dim, fmt, hadamard
         self.softmax_scale = head_dim**-0.5
         self.head_scale = n_heads**-0.5
+        # one constant (its product rounded once): the fused op's weights_out is then bit-identical
+        # to this eager form, where a chain of two constants would round twice
+        self.weight_scale = self.softmax_scale * self.head_scale
         self.wq_b = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False, dtype=dtype, device=device)
         self.weights_proj = nn.Linear(hidden_size, n_heads, bias=False, dtype=dtype, device=device)
         # Inference-only: the dsv4 ops have no autograd formulas, so the weights never require grad.
@@ -49,6 +52,6 @@ class IndexerQ(nn.Module):
         weights = self.weights_proj(x)
         if self.fmt == "fp8":
             q_fp8, q_scale = torch.ops.dsv4.fp8_block_quant(q, self.head_dim, layouts.FP8_AMAX_FLOOR)
-            return q_fp8, weights.float() * self.softmax_scale * self.head_scale * q_scale.squeeze(-1)
+            return q_fp8, weights.float() * self.weight_scale * q_scale.squeeze(-1)
         packed, scale = torch.ops.dsv4.mxfp4_quant(q)
-        return packed, scale, weights.float() * self.softmax_scale * self.head_scale
+        return packed, scale, weights.float() * self.weight_scale

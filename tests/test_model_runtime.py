@@ -1,0 +1,207 @@
+"""DeepseekV4Attention under torch.compile and the runtime (issue 6 guarantees, CPU part; the CUDA
+part is marked ``cuda``): fullgraph with no graph breaks, one graph for every batch size (no
+recompiles over 100 varying decode steps), no host syncs and no cache clone / copy-back in the final
+graphs, the fusions that fire per layer type (expecttest), compiled == eager bit-exact, padding that
+never changes a cache byte, checkpoint loading, and host-side ValueErrors for bad input."""
+
+import dataclasses
+import functools
+import random
+
+import pytest
+import torch
+from expecttest import assert_expected_inline
+from torch._dynamo.utils import counters
+
+import dsv4_compile
+from dsv4_compile import DSv4AttentionConfig
+from dsv4_compile.lowerings import DSV4PassManager
+from dsv4_compile.lowerings.checks import assert_graph_ok, capture_final_graphs
+from dsv4_compile.model import DeepseekV4Attention, dequant_fp8_weight
+from dsv4_compile.runtime import (CacheConfig, DecodeGraphRunner, KVCacheManager, StepMetadataBuilder,
+                                  compile_step)
+
+CFG = DSv4AttentionConfig.tiny()
+MAX_LEN = 512
+CC = CacheConfig(max_num_seqs=8, max_model_len=MAX_LEN, max_num_batched_tokens=160, token_budget=4096)
+LAYER_TYPES = {0: "swa", 1: "csa", 2: "hca"}
+
+
+def make_layer(idx, seed=0, device="cpu", **kw):
+    torch.manual_seed(seed)
+    return DeepseekV4Attention(CFG, idx, max_model_len=MAX_LEN, device=device, **kw)
+
+
+def make_runtime(idx, device="cpu", cc=CC):
+    mgr = KVCacheManager(CFG, [idx], cc, device=device)
+    return mgr, StepMetadataBuilder(mgr, device=device)
+
+
+def cache_bytes(mgr):
+    return [t.clone() for c in mgr.caches for t in dataclasses.astuple(c) if t is not None]
+
+
+def dsv4_ops(op_list: str) -> str:
+    return "\n".join(line for line in op_list.splitlines() if "dsv4." in line)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(idx):
+    """(layer, cache manager, builder, compiled step, pass manager, final graphs, graph breaks) of one
+    layer compiled on a 40 + 25 token prefill of two requests; the pass manager records op lists."""
+    layer = make_layer(idx)
+    mgr, builder = make_runtime(idx)
+    pm = DSV4PassManager(record=True)
+    step = compile_step(lambda x, meta: layer(x, meta, mgr.caches[0]),
+                        options={"post_grad_custom_post_pass": pm, "fx_graph_cache": False})
+    for r in ("a", "b"):
+        mgr.add_request(r)
+    x = torch.randn(65, CFG.hidden_size).bfloat16()
+    counters.clear()
+    with capture_final_graphs() as graphs:
+        step(x, builder.build([("a", 40), ("b", 25)]))
+    return layer, mgr, builder, step, pm, graphs, dict(counters["graph_break"])
+
+
+@pytest.mark.parametrize("idx", sorted(LAYER_TYPES), ids=LAYER_TYPES.get)
+def test_fullgraph_no_breaks_and_graph_checks(idx):
+    *_, graphs, breaks = compiled(idx)
+    assert breaks == {}
+    assert len(graphs) == 1
+    for gm in graphs:  # no host-sync node, no clone / copy-back of any cache
+        assert_graph_ok(gm.graph)
+
+
+def fusions(idx) -> str:
+    snap = compiled(idx)[4].snapshots[-1]
+    return f"{snap.matches}\n{dsv4_ops(snap.after)}"
+
+
+def test_fusions_swa():
+    assert_expected_inline(fusions(0), """\
+{'indexer_q': 0, 'compressor': 0, 'kv_rope_insert': 1, 'inv_rope_quant': 1}
+af2(dsv4.kv_rope_insert.default)
+dsv4.swa_indices.default
+dsv4.rope.default
+dsv4.sparse_attn.default
+dsv4.inv_rope_fp8_quant.default""")
+
+
+def test_fusions_csa():
+    assert_expected_inline(fusions(1), """\
+{'indexer_q': 1, 'compressor': 2, 'kv_rope_insert': 1, 'inv_rope_quant': 1}
+af2(dsv4.kv_rope_insert.default)
+dsv4.swa_indices.default
+af2(dsv4.compressor_insert.default)
+af2(dsv4.compressor_insert.default)
+dsv4.indexer_q_rope_fp8.default
+dsv4.indexer_topk.default
+dsv4.global_topk_indices.default
+dsv4.rope.default
+dsv4.sparse_attn.default
+dsv4.inv_rope_fp8_quant.default""")
+
+
+def test_fusions_hca():
+    assert_expected_inline(fusions(2), """\
+{'indexer_q': 0, 'compressor': 1, 'kv_rope_insert': 1, 'inv_rope_quant': 1}
+af2(dsv4.kv_rope_insert.default)
+dsv4.swa_indices.default
+af2(dsv4.compressor_insert.default)
+dsv4.compressed_indices.default
+dsv4.rope.default
+dsv4.sparse_attn.default
+dsv4.inv_rope_fp8_quant.default""")
+
+
+# --- decode steps: one graph, compiled == eager, padding invisible ----------------------------------
+class Twin:
+    """Runs every step twice: through ``runner`` (decode batches padded to a capture size and copied
+    into its persistent buffers, graph-replayed on CUDA) and through ``ref_step(x, meta)`` — the same
+    compiled step called directly on a twin cache manager, with the same padded rows — and requires
+    outputs and every cache byte to agree bit for bit.
+
+    Why not eager, and why pad the twin: Inductor's fused RMSNorm reductions may round differently
+    from eager (by a bf16 ulp now and then: that is what ``test_layer_reference`` bounds), and GEMMs
+    are not batch-invariant, so a padded and an unpadded batch may round differently too."""
+
+    def __init__(self, runner, ref_step, builder_b, device="cpu"):
+        self.runner, self.ref_step, self.builder_b, self.device = runner, ref_step, builder_b, device
+        self.live, self.next_id = [], 0
+
+    @property
+    def managers(self):
+        return self.runner.builder.manager, self.builder_b.manager
+
+    def step(self, x, batch):
+        y = self.runner(x, batch)
+        n = len(x)
+        if self.runner.builder.is_decode(batch) or self.builder_b.is_decode(batch):
+            rows = self.runner.padded_size(len(batch))
+            xp = torch.zeros(rows, x.shape[1], dtype=x.dtype, device=x.device)
+            xp[:n] = x
+            ref = self.ref_step(xp, self.builder_b.build(batch, pad_to=rows))[:n]
+        else:
+            ref = self.ref_step(x, self.builder_b.build(batch))
+        assert torch.equal(y, ref), f"{batch}: max |diff| {(y.float() - ref.float()).abs().max()}"
+        return y
+
+    def admit(self, rng, max_prefill=40):
+        rid, self.next_id = f"r{self.next_id}", self.next_id + 1
+        for m in self.managers:
+            m.add_request(rid)
+        n = rng.randint(1, max_prefill)
+        self.step(torch.randn(n, CFG.hidden_size, device=self.device).bfloat16(), [(rid, n)])
+        self.live.append(rid)
+
+    def retire(self, rng):
+        rid = self.live.pop(rng.randrange(len(self.live)))
+        for m in self.managers:
+            m.free_request(rid)
+
+    def decode(self, rng):
+        batch = [(r, 1) for r in rng.sample(self.live, rng.randint(1, len(self.live)))]
+        return self.step(torch.randn(len(batch), CFG.hidden_size, device=self.device).bfloat16(), batch)
+
+    def assert_caches_equal(self):
+        for a, b in zip(*(cache_bytes(m) for m in self.managers)):
+            assert torch.equal(a, b)
+
+
+def test_100_decode_steps_one_graph_bit_exact():
+    """The runner (padding, persistent buffers) == the compiled step called directly, bit for bit on
+    outputs and every cache byte, over 100 decode steps of varying batch size and context; no
+    recompile after the first decode step (prefill and decode share the one dynamic graph)."""
+    layer = make_layer(1, seed=3)
+    mgr, builder = make_runtime(1)
+    mgr_b, builder_b = make_runtime(1)
+    step = compile_step(lambda x, meta: layer(x, meta, mgr.caches[0]))
+    runner = DecodeGraphRunner(step, builder, CFG.hidden_size, capture_sizes=(1, 2, 4, 8))
+    twin = Twin(runner, compile_step(lambda x, meta: layer(x, meta, mgr_b.caches[0])), builder_b)
+    rng = random.Random(0)
+    counters.clear()
+    for _ in range(6):
+        twin.admit(rng)
+    twin.decode(rng)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs <= 2  # the runner's step and the twin's (same code, its own closure)
+    for i in range(100):
+        if i % 30 == 29:
+            twin.retire(rng)
+            twin.admit(rng)
+        twin.decode(rng)
+    assert counters["stats"]["unique_graphs"] == graphs, "a step recompiled"
+    assert runner.stats["eager_decode"] == 101
+    twin.assert_caches_equal()
+
+
+def test_padding_rows_never_write():
+    layer = make_layer(2, seed=4)
+    mgr, builder = make_runtime(2)
+    mgr.add_request("a")
+    layer(torch.randn(30, CFG.hidden_size).bfloat16(), builder.build([("a", 30)]), mgr.caches[0])
+    before = cache_bytes(mgr)
+    y = layer(torch.randn(8, CFG.hidden_size).bfloat16(), builder.pad_only(8), mgr.caches[0])
+    assert torch.equal(y, torch.zeros_like(y))  # nothing to attend to: 0 before and after wo
+    for a, b in zip(before, cache_bytes(mgr)):
+        assert torch.equal(a, b)
