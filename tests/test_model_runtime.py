@@ -205,3 +205,111 @@ def test_padding_rows_never_write():
     assert torch.equal(y, torch.zeros_like(y))  # nothing to attend to: 0 before and after wo
     for a, b in zip(before, cache_bytes(mgr)):
         assert torch.equal(a, b)
+
+
+# --- bad input: ValueError on the host, before anything changes ---------------------------------
+def test_unsupported_configs():
+    with pytest.raises(ValueError, match="compress_ratios may only hold 0, 4 or 128"):
+        dataclasses.replace(CFG, compress_ratios=(0, 2, 128, 0))
+    with pytest.raises(ValueError, match="n_local_heads"):
+        DeepseekV4Attention(CFG, 0, n_local_heads=1)  # the tiny config has 2 heads per output group
+    with pytest.raises(ValueError, match="head_offset"):
+        DeepseekV4Attention(CFG, 0, n_local_heads=2, head_offset=4)
+    with pytest.raises(ValueError, match="layer_idx"):
+        DeepseekV4Attention(CFG, 9)
+    with pytest.raises(ValueError, match="bf16"):
+        DeepseekV4Attention(CFG, 0, dtype=torch.float16)
+    with pytest.raises(ValueError, match="max_model_len"):
+        DeepseekV4Attention(CFG, 0, max_model_len=CFG.max_position_embeddings + 1)
+    with pytest.raises(ValueError, match="capture_sizes"):
+        mgr, builder = make_runtime(1)
+        DecodeGraphRunner(lambda x, m: x, builder, CFG.hidden_size, capture_sizes=(1, 16))  # > max_num_seqs
+
+
+def _state(mgr, builder):
+    return (mgr.used_tokens, {r: q.num_tokens for r, q in mgr.requests.items()}, builder.tokens.clone(),
+            cache_bytes(mgr))
+
+
+def _assert_state(before, after):
+    assert before[:2] == after[:2]
+    assert torch.equal(before[2], after[2])
+    for a, b in zip(before[3], after[3]):
+        assert torch.equal(a, b)
+
+
+def test_bad_batches_raise_before_anything_changes():
+    cc = CacheConfig(max_num_seqs=4, max_model_len=64, max_num_batched_tokens=48, token_budget=80)
+    layer = make_layer(1)
+    mgr, builder = make_runtime(1, cc=cc)
+    runner = DecodeGraphRunner(lambda x, meta: layer(x, meta, mgr.caches[0]), builder, CFG.hidden_size,
+                               capture_sizes=(1, 2))
+    for r in "abc":
+        mgr.add_request(r)
+    runner(torch.randn(40, CFG.hidden_size).bfloat16(), [("a", 40)])
+    runner(torch.randn(30, CFG.hidden_size).bfloat16(), [("b", 30)])
+    runner(torch.randn(5, CFG.hidden_size).bfloat16(), [("c", 5)])
+    before = _state(mgr, builder)
+    cases = [
+        ([("c", 20)], "token budget"),  # 95 > 80 cached tokens
+        ([("a", 30)], "max_model_len"),  # position 69 is past the 64-row RoPE table
+        ([("a", 1), ("b", 1), ("c", 1)], "larger than the largest capture size"),
+        ([("c", 49)], "max_num_batched_tokens"),
+        ([("zz", 1)], "not live"),
+        ([("a", 1), ("a", 1)], "twice"),
+        ([("a", 0), ("b", 2)], "positive int"),
+    ]
+    for batch, match in cases:
+        n = sum(k for _, k in batch)
+        with pytest.raises(ValueError, match=match):
+            runner(torch.randn(n, CFG.hidden_size).bfloat16(), batch)
+        _assert_state(before, _state(mgr, builder))
+    with pytest.raises(ValueError, match="rows but the batch schedules"):
+        runner(torch.randn(3, CFG.hidden_size).bfloat16(), [("a", 1)])
+    with pytest.raises(ValueError, match="already live"):
+        mgr.add_request("a")
+    _assert_state(before, _state(mgr, builder))
+
+
+# --- checkpoint loading -------------------------------------------------------------------------
+def _fp8_blocks(w):
+    """(e4m3 weight, fp32 power-of-two scale per 128x128 block) with w ≈ q · s."""
+    out, inp = w.shape
+    blocks = torch.nn.functional.pad(w.float(), (0, -inp % 128, 0, -out % 128)).unflatten(0, (-1, 128)).unflatten(
+        2, (-1, 128))
+    amax = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-4)
+    s = torch.exp2(torch.ceil(torch.log2(amax / 448)))
+    full = s.repeat_interleave(128, 0)[:out].repeat_interleave(128, 1)[:, :inp]
+    return (w.float() / full).to(torch.float8_e4m3fn), s
+
+
+def test_load_fp8_checkpoint_and_head_shard():
+    full = make_layer(1, seed=5)
+    sd = {k: v.clone() for k, v in full.state_dict().items()}
+    fp8_names = ["wq_a", "wq_b", "wkv", "wo_a", "wo_b", "indexer.wq_b"]
+    for name in fp8_names:
+        q, s = _fp8_blocks(sd[f"{name}.weight"])
+        sd[f"{name}.weight"], sd[f"{name}.scale"] = q, s
+    loaded = make_layer(1, seed=6)
+    loaded.load_state_dict(sd)  # strict: every checkpoint name has a parameter
+    for name in fp8_names:
+        want = dequant_fp8_weight(sd[f"{name}.weight"], sd[f"{name}.scale"])
+        assert torch.equal(loaded.get_parameter(f"{name}.weight"), want)
+        # the block scales reproduce the bf16 weights to FP8 precision
+        err = (want.float() - full.get_parameter(f"{name}.weight").float()).abs().max()
+        assert err <= full.get_parameter(f"{name}.weight").float().abs().max() / 8
+    assert torch.equal(loaded.compressor.ape, full.compressor.ape)
+
+    # a head shard (heads 2..3 = output group 1) slices the full checkpoint on load
+    shard = DeepseekV4Attention(CFG, 1, n_local_heads=2, head_offset=2, max_model_len=MAX_LEN)
+    shard.load_state_dict(full.state_dict())
+    d, r = CFG.head_dim, CFG.o_lora_rank
+    assert torch.equal(shard.wq_b.weight, full.wq_b.weight[2 * d:4 * d])
+    assert torch.equal(shard.wo_a.weight, full.wo_a.weight[r:2 * r])
+    assert torch.equal(shard.wo_b.weight, full.wo_b.weight[:, r:2 * r])
+    assert torch.equal(shard.attn_sink, full.attn_sink[2:4])
+    assert torch.equal(shard.indexer.wq_b.weight, full.indexer.wq_b.weight)  # replicated
+    with pytest.raises(ValueError, match="block scale"):
+        bad = dict(sd)
+        bad["wkv.scale"] = bad["wkv.scale"][:1]
+        make_layer(1).load_state_dict(bad)
