@@ -1,0 +1,205 @@
+"""One V4-Flash CSA attention layer, one decode step: eager vs torch.compile without the dsv4 passes
+vs with them vs FULL_DECODE_ONLY CUDA-graph replay (``DecodeGraphRunner``), at B requests x context.
+
+    python benchmarks/decode_step.py [--batches 1 8 32 64] [--contexts 8192 32768] [--out results/decode_step_h100.md]
+    python benchmarks/decode_step.py --plot results/decode_step_h100.json      # PNG from a saved run
+
+Times are GPU time per step from CUDA events around back-to-back steps (for the non-graphed variants
+this includes the host launch gaps, as a user without graphs would see) and around graph replays.
+Caches are filled with valid random records; every request has ``ctx`` cached tokens and decodes
+position ``ctx``. The memory floor is the bytes one step must read (bf16 weights, SWA + top-k KV
+records, the indexer K entries it scores) over the device-to-device copy bandwidth measured in the
+same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from dsv4_compile import DSv4AttentionConfig, layouts  # noqa: E402
+from dsv4_compile.model import DeepseekV4Attention  # noqa: E402
+from dsv4_compile.runtime import (CacheConfig, DecodeGraphRunner, KVCacheManager, StepMetadataBuilder,  # noqa: E402
+                                  compile_step)
+
+dsv4 = torch.ops.dsv4
+
+
+def fill_caches(mgr, cache, g):
+    """Valid random records in every slot of the layer's caches (so attention reads finite values)."""
+    chunk = 1 << 16
+    for name, tensor, kind, fmt in (("swa", cache.swa, "swa", "fp8_ds_mla"), ("c4", cache.compressed, "c4", "fp8_ds_mla"),
+                                    ("idx", cache.indexer, "c4", mgr.cache_config.indexer_fmt)):
+        bs = mgr.kinds[kind].block_size
+        slots = tensor.shape[0] * bs
+        dim = layouts.KV_HEAD_DIM if fmt == "fp8_ds_mla" else layouts.INDEXER_HEAD_DIM
+        for s in range(0, slots, chunk):
+            n = min(chunk, slots - s)
+            rows = torch.randn(n, dim, device="cuda", generator=g).bfloat16()
+            idx = torch.arange(s, s + n, device="cuda")
+            if fmt == "fp8_ds_mla":
+                dsv4.kv_insert(rows, tensor, idx, bs)
+            else:
+                dsv4.indexer_k_insert(rows, tensor, idx, bs, fmt)
+
+
+def timed(fn, iters: int) -> float:
+    """GPU µs per call of ``iters`` back-to-back calls (after 3 warm-up calls)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
+def step_bytes(layer, b: int, ctx: int, cfg) -> int:
+    weights = sum(p.numel() * p.element_size() for p in layer.parameters())
+    rec = layouts.FP8_DS_MLA_RECORD_BYTES
+    idx_rec = layouts.record_bytes("fp8")
+    kv = b * (min(ctx + 1, cfg.sliding_window) + min((ctx + 1) // 4, cfg.index_topk)) * rec
+    index = b * ((ctx + 1) // 4) * sum(idx_rec)
+    return weights + kv + index
+
+
+def run(batches, contexts, iters: int):
+    from _timing import copy_bandwidth_tbs
+
+    cfg = DSv4AttentionConfig.flash()
+    layer_idx = cfg.compress_ratios.index(4)
+    max_b, max_ctx = max(batches), max(contexts)
+    max_len = max_ctx + 1024
+    torch.manual_seed(0)
+    layer = DeepseekV4Attention(cfg, layer_idx, max_model_len=max_len, device="cuda")
+    cc = CacheConfig(max_num_seqs=max_b, max_model_len=max_len, max_num_batched_tokens=max(max_b, 64),
+                     token_budget=max_b * max_len)
+    mgr = KVCacheManager(cfg, [layer_idx], cc, device="cuda")
+    cache = mgr.caches[0]
+    fill_caches(mgr, cache, torch.Generator(device="cuda").manual_seed(0))
+    builder = StepMetadataBuilder(mgr, "cuda")
+
+    def fwd(x, meta):
+        return layer(x, meta, cache)
+
+    t0 = time.perf_counter()
+    steps = {"nopass": compile_step(fwd, passes=False), "passes": compile_step(fwd)}
+    runners = {k: DecodeGraphRunner(s, builder, cfg.hidden_size, capture_sizes=batches) for k, s in steps.items()}
+    copy = copy_bandwidth_tbs()
+    print(f"copy bandwidth {copy:.2f} TB/s; layer weights {sum(p.numel() for p in layer.parameters()) / 1e6:.1f} M "
+          f"params; caches {mgr.cache_bytes() / 2**30:.2f} GiB", flush=True)
+    rows = []
+    for ctx in contexts:
+        for b in batches:
+            for r in list(mgr.requests):
+                mgr.free_request(r)
+            reqs = [f"r{i}" for i in range(b)]
+            for r in reqs:
+                mgr.add_request(r)
+                mgr.extend(r, ctx)
+            for k, runner in runners.items():
+                runner.capture([b])  # padding-only warm-up + capture (compiles on the first case)
+            batch = [(r, 1) for r in reqs]
+            meta = builder.build(batch, pad_to=b)  # the buffers every graph reads
+            x = runners["passes"].x_buf[:b]
+            x.copy_(torch.randn(b, cfg.hidden_size, device="cuda").bfloat16())
+            row = {"B": b, "ctx": ctx}
+            with torch.no_grad():
+                row["eager_us"] = timed(lambda: fwd(x, meta), max(3, iters // 4))
+                for k, s in steps.items():
+                    row[f"{k}_us"] = timed(lambda: s(x, meta), iters)
+                for k, runner in runners.items():
+                    graph = runner.graphs[b][0]
+                    row[f"{k}_replay_us"] = timed(graph.replay, iters)
+            nbytes = step_bytes(layer, b, ctx, cfg)
+            row.update(bytes=nbytes, floor_us=nbytes / (copy * 1e12) * 1e6, copy_tbs=copy)
+            rows.append(row)
+            print(fmt_row(row), flush=True)
+    print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
+    return rows, copy
+
+
+HEADER = ("| B | ctx | eager | compile, no passes | compile + passes | no passes, graphed | **passes, graphed** "
+          "| vs eager | vs compile no passes | bytes | floor | replay / floor |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def fmt_row(r) -> str:
+    rep = r["passes_replay_us"]
+    return (f"| {r['B']} | {r['ctx'] // 1024}k | {r['eager_us']:.0f} µs | {r['nopass_us']:.0f} µs | "
+            f"{r['passes_us']:.0f} µs | {r['nopass_replay_us']:.0f} µs | **{rep:.0f} µs** | "
+            f"{r['eager_us'] / rep:.1f}x | {r['nopass_us'] / rep:.1f}x | {r['bytes'] / 1e6:.0f} MB | "
+            f"{r['floor_us']:.0f} µs | {rep / r['floor_us']:.2f}x |")
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = sorted({r["ctx"] for r in rows})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(6 * len(contexts), 4.5), squeeze=False)
+    series = [("eager_us", "eager"), ("nopass_us", "compile, no passes"), ("passes_us", "compile + passes"),
+              ("nopass_replay_us", "no passes, graphed"), ("passes_replay_us", "passes, graphed (FULL_DECODE_ONLY)"),
+              ("floor_us", "memory floor")]
+    for ax, ctx in zip(axes[0], contexts):
+        rs = sorted((r for r in rows if r["ctx"] == ctx), key=lambda r: r["B"])
+        bs = [r["B"] for r in rs]
+        for key, label in series:
+            ax.plot(bs, [r[key] for r in rs], marker="o", label=label, linestyle="--" if key == "floor_us" else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(bs, [str(b) for b in bs])
+        ax.set_xlabel("decode batch (requests)")
+        ax.set_ylabel("GPU time per step (µs)")
+        ax.set_title(f"V4-Flash CSA layer decode step, context {ctx // 1024}k")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--iters", type=int, default=40)
+    ap.add_argument("--out", help="markdown path (JSON rows beside it, PNG beside it when matplotlib exists)")
+    ap.add_argument("--plot", help="make the PNG from a saved JSON and exit")
+    args = ap.parse_args()
+    if args.plot:
+        with open(args.plot) as f:
+            rows = json.load(f)["rows"]
+        plot(rows, os.path.splitext(args.plot)[0] + ".png")
+        return
+    rows, copy = run(args.batches, args.contexts, args.iters)
+    dev = torch.cuda.get_device_name()
+    md = (f"V4-Flash CSA layer decode step on {dev}, torch {torch.__version__}; copy bandwidth {copy:.2f} TB/s "
+          f"(read + write) measured in the same run.\n\n" + HEADER + "\n" + "\n".join(fmt_row(r) for r in rows) + "\n")
+    print("\n" + md)
+    if args.out:
+        base = os.path.splitext(args.out)[0]
+        with open(args.out, "w") as f:
+            f.write(md)
+        with open(base + ".json", "w") as f:
+            json.dump({"device": dev, "copy_tbs": copy, "rows": rows}, f, indent=1)
+        try:
+            plot(rows, base + ".png")
+        except ImportError:
+            print("matplotlib not installed: make the PNG later with --plot " + base + ".json")
+
+
+if __name__ == "__main__":
+    main()

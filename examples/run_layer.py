@@ -1,0 +1,126 @@
+"""Run one DSv4 attention layer through torch.compile and the runtime: a prefill, then decode steps.
+
+    python examples/run_layer.py                      # CPU, tiny config, CSA layer: under a minute
+    python examples/run_layer.py --device cuda --config flash --cudagraph   # V4-Flash CSA layer, FULL_DECODE_ONLY
+
+Prints compile time, graph breaks, the fusions the dsv4 passes made, and tokens/s of prefill and
+decode (decode steps replay a CUDA graph with --cudagraph).
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+from torch._dynamo.utils import counters
+
+from dsv4_compile import DSv4AttentionConfig
+from dsv4_compile.lowerings import DSV4PassManager
+from dsv4_compile.model import DeepseekV4Attention
+from dsv4_compile.runtime import CacheConfig, DecodeGraphRunner, KVCacheManager, StepMetadataBuilder, compile_step
+
+RATIOS = {"swa": 0, "csa": 4, "hca": 128}
+
+
+def progress(i, n, label, t0):
+    if not sys.stdout.isatty() and i not in (n,):
+        return
+    width = 30
+    done = width * i // n
+    rate = i / max(time.perf_counter() - t0, 1e-9)
+    end = "\n" if i == n else "\r"
+    print(f"  {label} [{'#' * done}{'.' * (width - done)}] {i}/{n} ({rate:.1f} steps/s)", end=end, flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--config", default=None, choices=["tiny", "flash", "pro"],
+                    help="default: tiny on cpu, flash on cuda")
+    ap.add_argument("--layer", default="csa", choices=sorted(RATIOS))
+    ap.add_argument("--requests", type=int, default=None, help="concurrent requests (default 1 cpu, 8 cuda)")
+    ap.add_argument("--prefill", type=int, default=100, help="prompt tokens per request")
+    ap.add_argument("--decode", type=int, default=20, help="decode steps")
+    ap.add_argument("--cudagraph", action="store_true", help="replay decode steps from CUDA graphs")
+    ap.add_argument("--indexer-fmt", default="fp8", choices=["fp8", "mxfp4"])
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    if args.cudagraph and device.type != "cuda":
+        ap.error("--cudagraph needs --device cuda")
+    cfg = getattr(DSv4AttentionConfig, args.config or ("tiny" if device.type == "cpu" else "flash"))()
+    n_req = args.requests or (1 if device.type == "cpu" else 8)
+    layer_idx = cfg.compress_ratios.index(RATIOS[args.layer])
+    max_len = max(512, 1 << (args.prefill + args.decode).bit_length())
+    cc = CacheConfig(max_num_seqs=max(n_req, 1), max_model_len=max_len,
+                     max_num_batched_tokens=max(args.prefill, 64), token_budget=n_req * max_len,
+                     indexer_fmt=args.indexer_fmt)
+
+    torch.manual_seed(0)
+    layer = DeepseekV4Attention(cfg, layer_idx, max_model_len=max_len, indexer_fmt=args.indexer_fmt, device=device)
+    mgr = KVCacheManager(cfg, [layer_idx], cc, device=device)
+    builder = StepMetadataBuilder(mgr, device)
+    passes = DSV4PassManager(record=True)
+    step = compile_step(lambda x, meta: layer(x, meta, mgr.caches[0]),
+                        options={"post_grad_custom_post_pass": passes})
+    sizes = [s for s in (1, 2, 4, 8, 16, 32, 64) if s < n_req] + [n_req]
+    runner = DecodeGraphRunner(step, builder, cfg.hidden_size, capture_sizes=sizes, cuda_graphs=args.cudagraph)
+    print(f"{args.layer.upper()} layer {layer_idx} of {args.config or ('tiny' if device.type == 'cpu' else 'flash')} "
+          f"(ratio {RATIOS[args.layer]}, {layer.n_heads} heads, hidden {cfg.hidden_size}) on {device}; "
+          f"{n_req} request(s), {args.prefill}-token prefill, {args.decode} decode steps; "
+          f"caches {mgr.cache_bytes() / 2**20:.1f} MiB")
+
+    counters.clear()
+    reqs = [f"req{i}" for i in range(n_req)]
+    for r in reqs:
+        mgr.add_request(r)
+    # prefill: the first call compiles (one dynamic graph for every token count)
+    t0 = time.perf_counter()
+    out = runner(torch.randn(args.prefill, cfg.hidden_size, device=device).bfloat16(), [(reqs[0], args.prefill)])
+    sync(device)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for r in reqs[1:]:
+        out = runner(torch.randn(args.prefill, cfg.hidden_size, device=device).bfloat16(), [(r, args.prefill)])
+    sync(device)
+    prefill_s = time.perf_counter() - t0
+    if args.cudagraph:
+        t0 = time.perf_counter()
+        runner.capture()
+        print(f"captured {len(runner.graphs)} decode graphs in {time.perf_counter() - t0:.1f} s")
+
+    batch = [(r, 1) for r in reqs]
+    xs = torch.randn(args.decode, n_req, cfg.hidden_size, device=device).bfloat16()
+    runner(xs[0], batch)  # warm-up step (first replay)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(1, args.decode):
+        out = runner(xs[i], batch)
+        if args.decode > 50:
+            progress(i, args.decode - 1, "decode", t0)
+    sync(device)
+    decode_s = time.perf_counter() - t0
+
+    snap = passes.snapshots[-1] if passes.snapshots else None
+    breaks = sum(counters["graph_break"].values())
+    print(f"compile + first prefill: {compile_s:.1f} s; graphs compiled: {counters['stats']['unique_graphs']}; "
+          f"graph breaks: {breaks}")
+    if snap is not None:
+        print(f"fusions: {', '.join(f'{k} x{v}' for k, v in snap.matches.items() if v)}")
+    if n_req > 1:
+        print(f"prefill: {(n_req - 1) * args.prefill / prefill_s:,.0f} tokens/s ({n_req - 1} x {args.prefill} tokens)")
+    steps = args.decode - 1
+    if steps:
+        print(f"decode: {steps * n_req / decode_s:,.0f} tokens/s, {decode_s / steps * 1e3:.2f} ms/step "
+              f"({'CUDA-graph replay' if args.cudagraph else 'compiled, no graph'}); stats {runner.stats}")
+    print(f"last output: {tuple(out.shape)} {out.dtype}, finite: {bool(torch.isfinite(out).all())}, "
+          f"mean |y| {out.float().abs().mean().item():.4f}")
+
+
+if __name__ == "__main__":
+    main()
