@@ -47,7 +47,10 @@ class _PinnedRing:
 class StepMetadataBuilder:
     def __init__(self, manager: KVCacheManager, device=None):
         self.manager = manager
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
         cc = manager.cache_config
         self.max_tokens = cc.max_num_batched_tokens
         self.host = torch.full((len(_ROWS), self.max_tokens), -1, dtype=torch.int64)
