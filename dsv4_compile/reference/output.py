@@ -36,8 +36,14 @@ def empty_outputs(t, h, d, n_groups, device, zero_scale_padding: bool = True):
     # empty_strided, not empty(...).transpose: the transposed view's contiguity test would guard on
     # T == 1 and specialize dynamic-T graphs on one-token batches
     o_fp8 = torch.empty_strided((t, n_groups, dg), (dg, t * dg, 1), dtype=torch.float8_e4m3fn, device=device)
+    ta = scale_rows(t)
+    if isinstance(t, torch.SymInt):
+        # fake (symbolic T): the same sizes and strides without slicing [:, :T] of the padded rows,
+        # which torch 2.11 cannot bound statically (it would allocate an unbacked size)
+        scale = torch.empty_strided((n_groups, t, nb), (nb * ta, 1, ta), dtype=torch.float32, device=device)
+        return o_fp8, scale
     alloc = torch.zeros if zero_scale_padding else torch.empty
-    scale = alloc((n_groups, nb, scale_rows(t)), dtype=torch.float32, device=device).transpose(1, 2)[:, :t]
+    scale = alloc((n_groups, nb, ta), dtype=torch.float32, device=device).transpose(1, 2)[:, :t]
     return o_fp8, scale
 
 
