@@ -52,14 +52,18 @@ def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_linear(xg: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``z[t, g] = weight[g] @ xg[g, t]`` (einsum ``gtd,grd->tgr``): ``xg [G, T, D]`` group-major,
-    ``weight [G, R, D]``; returns ``[T, G, R]``.
+    """``z[t, g] = weight[g] @ xg[g, t]`` (einsum ``gtd,grd->tgr``) flattened to ``[T, G·R]``:
+    ``xg [G, T, D]`` group-major, ``weight [G, R, D]``.
 
-    One batched GEMM on CUDA; one GEMM per group on CPU (Inductor's CPU ``bmm`` lowering tests
-    ``T == 1`` to pick a layout, which would specialize the compiled step on one-token batches)."""
+    One batched GEMM on CUDA, one GEMM per group on CPU (Inductor's CPU ``bmm`` lowering tests
+    ``T == 1`` to pick a layout). The groups are joined with ``cat``, not by reshaping the
+    ``[G, T, R]`` product's transpose: that view's stride check would also test ``T == 1``. Either
+    test would specialize the compiled step on one-token batches."""
     if xg.is_cuda:
-        return torch.bmm(xg, weight.transpose(1, 2)).transpose(0, 1)
-    return torch.stack([F.linear(xg[g], weight[g]) for g in range(weight.shape[0])], dim=1)
+        z = torch.bmm(xg, weight.transpose(1, 2)).unbind(0)
+    else:
+        z = [F.linear(xg[g], weight[g]) for g in range(weight.shape[0])]
+    return torch.cat(z, dim=-1)
 
 
 def rms_normalize(x: torch.Tensor, eps: float, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -261,7 +265,7 @@ class DeepseekV4Attention(nn.Module):
         else:
             og = o.transpose(0, 1)
         z = grouped_linear(og, self.wo_a.weight.view(self.n_groups, -1, o.shape[-1]))
-        return self.wo_b(z.flatten(1))
+        return self.wo_b(z)
 
     # --- checkpoint loading ----------------------------------------------------------------------
     def _convert_checkpoint(self, state_dict, prefix, *args):
