@@ -73,7 +73,26 @@ def step_bytes(layer, b: int, ctx: int, cfg) -> int:
     return weights + kv + index
 
 
-def run(batches, contexts, iters: int):
+def profile_replay(graph, reps: int = 10) -> str:
+    """GPU time per kernel of one replayed step (torch.profiler), the biggest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name] = per.get(e.name, 0.0) + e.device_time / reps
+    total = sum(per.values())
+    lines = [f"    {us:8.1f} µs  {100 * us / total:5.1f} %  {name[:110]}" for name, us in
+             sorted(per.items(), key=lambda kv: -kv[1])[:25]]
+    return f"  kernels of one replayed step (sum {total:.1f} µs):\n" + "\n".join(lines)
+
+
+def run(batches, contexts, iters: int, profile_cases=()):
     from _timing import copy_bandwidth_tbs
 
     cfg = DSv4AttentionConfig.flash()
@@ -125,6 +144,8 @@ def run(batches, contexts, iters: int):
             row.update(bytes=nbytes, floor_us=nbytes / (copy * 1e12) * 1e6, copy_tbs=copy)
             rows.append(row)
             print(fmt_row(row), flush=True)
+            if (b, ctx) in profile_cases:
+                print(profile_replay(runners["passes"].graphs[b][0]), flush=True)
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
     return rows, copy
 
@@ -178,13 +199,15 @@ def main():
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--out", help="markdown path (JSON rows beside it, PNG beside it when matplotlib exists)")
     ap.add_argument("--plot", help="make the PNG from a saved JSON and exit")
+    ap.add_argument("--profile", nargs=2, type=int, action="append", default=[], metavar=("B", "CTX"),
+                    help="print the per-kernel GPU time of the graphed step for this case (repeatable)")
     args = ap.parse_args()
     if args.plot:
         with open(args.plot) as f:
             rows = json.load(f)["rows"]
         plot(rows, os.path.splitext(args.plot)[0] + ".png")
         return
-    rows, copy = run(args.batches, args.contexts, args.iters)
+    rows, copy = run(args.batches, args.contexts, args.iters, {tuple(p) for p in args.profile})
     dev = torch.cuda.get_device_name()
     md = (f"V4-Flash CSA layer decode step on {dev}, torch {torch.__version__}; copy bandwidth {copy:.2f} TB/s "
           f"(read + write) measured in the same run.\n\n" + HEADER + "\n" + "\n".join(fmt_row(r) for r in rows) + "\n")
