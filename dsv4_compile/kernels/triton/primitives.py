@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ... import layouts
+from .. import _device
 from ._common import (
     E2M1_MAX_EXP,
     E2M1_MAX_MANT,
@@ -58,16 +59,21 @@ def _rope_kernel(
     s = tl.load(cs_ptr + cs_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)
     if INVERSE:
         s = -s
-    base = rows.to(tl.int64)[:, None] * D + 2 * pairs[None, :]
-    m = row_ok[:, None] & (pairs < D // 2)[None, :]
-    xe_raw = tl.load(x_ptr + base, mask=m, other=0.0)
-    xo_raw = tl.load(x_ptr + base + 1, mask=m, other=0.0)
+    # contiguous [BLOCK_R, 2 * BLOCK_P] loads and stores, split into (even, odd) pairs in registers
+    cols = tl.arange(0, 2 * BLOCK_P)
+    base = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    m = row_ok[:, None] & (cols < D)[None, :]
+    x_raw = tl.load(x_ptr + base, mask=m, other=0.0)
+    xe_raw, xo_raw = tl.split(tl.reshape(x_raw, (BLOCK_R, BLOCK_P, 2)))
     oe, oo = rope_pairs(xe_raw.to(tl.float32), xo_raw.to(tl.float32), c, s)
     rot2 = is_rot[None, :]
     oe = tl.where(rot2, oe.to(out_ptr.dtype.element_ty), xe_raw)
     oo = tl.where(rot2, oo.to(out_ptr.dtype.element_ty), xo_raw)
-    tl.store(out_ptr + base, oe, mask=m)
-    tl.store(out_ptr + base + 1, oo, mask=m)
+    tl.store(out_ptr + base, tl.reshape(tl.join(oe, oo), (BLOCK_R, 2 * BLOCK_P)), mask=m)
+
+
+def _target_programs(device: torch.device) -> int:
+    return 4 * _device.sm_count(_device.index(device)) if device.type == "cuda" else 64
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -80,7 +86,8 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, 
         return out
     rows_per_token = n_rows // x.shape[0]
     block_p = triton.next_power_of_2(d // 2)
-    block_r = max(1, min(64, 4096 // block_p))
+    # enough programs to spread a small batch over the SMs (64 heads of one token: 64 programs)
+    block_r = max(1, min(64, 4096 // block_p, triton.next_power_of_2(triton.cdiv(n_rows, _target_programs(x.device)))))
     grid = (triton.cdiv(n_rows, block_r),)
     _rope_kernel[grid](
         x, out, positions, cs, n_rows, rows_per_token, cs.shape[0], cs.stride(0),
