@@ -21,6 +21,17 @@ request, against the tolerances RTOL = 2e-2 and RMS_RTOL = 2e-3):
 The wrong references of ``test_comparison_detects_wrong_layers`` give (max / rms): sink + 0.1:
 ≥ 4.2e-2 / 2.0e-2; sink + 1: ≥ 0.28 / 0.10; no compressed entries: ≥ 0.30 / 0.13; compressor ape
 x 1.1: CSA 2.0e-2 / 2.9e-2, HCA 1.5e-2 / 8.5e-3; reversed indexer ranking: 0.48 / 0.56.
+
+GPU (``cuda`` marker): the layer runs on CUDA (Triton kernels, cuBLAS GEMMs, the compiled step
+through Inductor) on inputs drawn on the CPU and copied there; the dense reference runs on a CPU
+copy of the layer (``copy.deepcopy(layer).cpu()``, same parameters and RoPE table bit for bit), and
+every output and captured top-k row is copied to the CPU before it is compared. Same checks, same
+``RTOL`` and ``TIE_RTOL`` (the Triton indexer logits agree to ~1e-5 relative), but ``GPU_RMS_RTOL``
+(see there: the kernel's bf16 probabilities, amplified by the FP8 quantization of the output).
+Emulated on the CPU (those Triton kernels under the interpreter, with ``conftest``'s round-to-nearest
+casts, in place of the reference ops): eager SWA / CSA / HCA ≤ 1.1e-2 / 8.8e-3 (max / rms), with a
+bf16 o-proj ≤ 6.2e-3 / 3.7e-3 — not measured on a GPU, where the GEMMs add the CPU-sized
+≲ 4e-4 rms of other summation orders.
 """
 
 from __future__ import annotations
@@ -44,18 +55,32 @@ RMS_RTOL = 2e-3  # ||y - ref|| / ||ref|| over the request: catches small systema
 # rounding flip in q or k (a GEMM summed in another order, a fused norm) moves a score by ~1e-3.
 TIE_RTOL = 1e-3
 D = 10  # decode steps
+DEV = "cuda"
+# ||y - ref|| / ||ref|| bound on CUDA. The sparse-attention kernel rounds the probabilities to bf16
+# before P·V (flash style; the denominator sums fp32 P): per probability a relative error |δ| ≤ 2^-8
+# (half a bf16 ulp at mantissa 1), RMS ≈ 1.7e-3 over spread mantissas. The values are not coherent,
+# so o = Σ P_j v_j / l and its error Σ δ_j P_j v_j / l both grow as sqrt(Σ P_j²): o moves by ≈ 1.7e-3
+# of its RMS however many candidates it has (no averaging down). The FP8 (e4m3, 128-block)
+# quantization of o before wo_a amplifies that: a shift |e| below a step Δ flips a rounding with
+# probability |e| / Δ, by Δ, so the two quantized o differ by RMS sqrt(Δ·|e|); with Δ ≈ 2^-3.5 |o|
+# (2^-4 .. 2^-3) and E|e| ≈ 0.8 · 1.7e-3 |o| that is ≈ 1e-2, which wo_a / wo_b (dense random
+# weights) carry through unchanged. The bound is twice that estimate (below sqrt(2^-3 · 2^-8) ≈
+# 2.2e-2, every factor at its worst) and 5x under the gross wrong references (sink + 1: 0.10, no
+# compressed entries: 0.13). Per row, RTOL stays: one row's worst error is ~1e-2 of the scale.
+GPU_RMS_RTOL = 2e-2
 
 
-def make_layer(idx: int, **kw) -> DeepseekV4Attention:
+def make_layer(idx: int, device=None, **kw) -> DeepseekV4Attention:
     torch.manual_seed(1000 + idx)
-    return DeepseekV4Attention(CFG, idx, max_model_len=512, **kw)
+    return DeepseekV4Attention(CFG, idx, max_model_len=512, device=device, **kw)
 
 
-def make_runtime(layer: DeepseekV4Attention, indexer_fmt: str = "fp8"):
+def make_runtime(layer: DeepseekV4Attention, indexer_fmt: str = "fp8", device=None):
+    """The layer's caches and metadata builder on ``device`` (default: the CPU)."""
     mgr = KVCacheManager(CFG, [layer.layer_idx], CacheConfig(max_num_seqs=4, max_model_len=512,
                                                              max_num_batched_tokens=256, token_budget=4096,
-                                                             indexer_fmt=indexer_fmt))
-    return mgr, StepMetadataBuilder(mgr)
+                                                             indexer_fmt=indexer_fmt), device=device)
+    return mgr, StepMetadataBuilder(mgr, device)
 
 
 def schedule(name: str, p: int) -> list:
@@ -71,11 +96,14 @@ def schedule(name: str, p: int) -> list:
     raise ValueError(name)
 
 
-def run(step_fn, builder, steps, seed: int = 0, capture=None):
+def run(step_fn, builder, steps, seed: int = 0, capture=None, device=None):
     """Runs ``steps`` through ``step_fn(x, meta)``; returns per request ``(x [S, hidden], y [S, hidden])``
     and, with ``capture`` (a list a forward hook appends the indexer's top-k rows to), per request the
-    top-k row of every position."""
-    g = torch.Generator().manual_seed(seed)
+    top-k row of every position. The inputs are drawn on the CPU and each step's ``x`` is copied to
+    the builder's device (``device``, when given, must be of its type); everything returned is on the CPU."""
+    if device is not None:
+        assert torch.device(device).type == builder.device.type, f"the metadata is on {builder.device}, not {device}"
+    g = torch.Generator().manual_seed(seed)  # a CPU generator: the same inputs on every device
     total: dict = {}
     for step in steps:
         for rid, n in step:
@@ -91,12 +119,12 @@ def run(step_fn, builder, steps, seed: int = 0, capture=None):
         x = torch.cat([xs[rid][done[rid] : done[rid] + n] for rid, n in step])
         if capture is not None:
             capture.clear()
-        y = step_fn(x, builder.build(step))
+        y = step_fn(x.to(builder.device), builder.build(step))
         t = 0
         for rid, n in step:
-            ys[rid].append(y[t : t + n])
+            ys[rid].append(y[t : t + n].cpu())  # copied off the GPU now (no-op on the CPU)
             if capture is not None:
-                sel[rid].append(capture[0][t : t + n])
+                sel[rid].append(capture[0][t : t + n].cpu())
             done[rid] += n
             t += n
     out = {rid: (xs[rid], torch.cat(ys[rid])) for rid in total}
@@ -164,9 +192,14 @@ def closest_tie_resolution(layer, y_row: torch.Tensor, aux: dict, p: int, tie) -
     return alts[(alts.float() - y_row.float()).abs().amax(dim=1).argmin()]
 
 
-def compare(layer, x: torch.Tensor, y: torch.Tensor, topk_rows=None, min_selecting_rows: int = 0) -> tuple:
-    """Asserts ``y`` matches the dense reference (module doc): every row within ``RTOL`` of the output
-    scale and the whole within ``RMS_RTOL`` (relative Frobenius norm). Returns both relative errors."""
+def compare(layer, x: torch.Tensor, y: torch.Tensor, topk_rows=None, min_selecting_rows: int = 0,
+            rms_rtol: float = RMS_RTOL) -> tuple:
+    """Asserts ``y`` matches the dense reference (module doc) of ``layer`` (on the CPU): every row
+    within ``RTOL`` of the output scale and the whole within ``rms_rtol`` (relative Frobenius norm).
+    Returns both relative errors."""
+    assert layer.wq_a.weight.device.type == "cpu", "compare takes the CPU copy of the layer"
+    x, y = x.cpu(), y.cpu()
+    topk_rows = topk_rows.cpu() if topk_rows is not None else None
     s = x.shape[0]
     aux: dict = {}
     ref = dense_attention(layer, x, torch.arange(s), aux)
@@ -193,7 +226,7 @@ def compare(layer, x: torch.Tensor, y: torch.Tensor, topk_rows=None, min_selecti
     rms = float(diff.norm() / ref.norm())
     bad = torch.nonzero(row_err > RTOL * scale).flatten().tolist()
     assert not bad, f"rows {bad[:10]} differ from the dense reference: max error {worst:.3g} of the output scale"
-    assert rms <= RMS_RTOL, f"the outputs differ from the dense reference: relative RMS error {rms:.3g}"
+    assert rms <= rms_rtol, f"the outputs differ from the dense reference: relative RMS error {rms:.3g}"
     return worst, rms
 
 
@@ -243,11 +276,16 @@ def test_comparison_detects_wrong_layers(idx):
         wrong["ape x 1.1"] = lambda m: m.compressor.ape.mul_(1.1)
     if idx == CSA:
         wrong["reversed indexer ranking"] = lambda m: m.indexer.weights_proj.weight.neg_()
+    assert_wrong_references_fail(layer, x, y, wrong)
+
+
+def assert_wrong_references_fail(layer, x, y, wrong: dict, **kw) -> None:
+    """``compare`` fails on its tolerance checks for each ``wrong`` edit of a copy of ``layer`` (CPU)."""
     for name, edit in wrong.items():
         other = copy.deepcopy(layer)
         edit(other)
         try:
-            compare(other, x, y)
+            compare(other, x, y, **kw)
         except AssertionError as e:
             assert "differ from the dense reference" in str(e), f"{name}: {e}"
             continue
@@ -263,14 +301,72 @@ def compiled_run(request):
     layer = make_layer(idx)
     mgr, builder = make_runtime(layer)
     step = compile_step(lambda x, meta: layer(x, meta, mgr.caches[0]))
-    p = PROMPT[idx]
-    steps = ([[("a", 70)], [("a", p - 70 - 40), ("b", 40)], [("b", 91), ("a", 40)]]
-             + [[("a", 1), ("b", 1)] if i % 2 else [("b", 1), ("a", 1)] for i in range(D)] + [[("a", 1)]])
-    outs, _ = run(step, builder, steps, seed=100 + idx)
+    outs, _ = run(step, builder, compiled_schedule(PROMPT[idx]), seed=100 + idx)
     return layer, outs
+
+
+def compiled_schedule(p: int) -> list:
+    return ([[("a", 70)], [("a", p - 70 - 40), ("b", 40)], [("b", 91), ("a", 40)]]
+            + [[("a", 1), ("b", 1)] if i % 2 else [("b", 1), ("a", 1)] for i in range(D)] + [[("a", 1)]])
 
 
 def test_compiled_layer_matches_dense_reference(compiled_run):
     layer, outs = compiled_run
     for x, y in outs.values():
         compare(layer, x, y, min_selecting_rows=20)
+
+
+# --- GPU ----------------------------------------------------------------------------------------
+def cuda_layer(idx: int, **kw) -> tuple:
+    """The layer on the GPU and its CPU copy for the dense reference (identical parameters and
+    buffers: copied before any hook or compile touches the layer)."""
+    layer = make_layer(idx, device=DEV, **kw)
+    return layer, copy.deepcopy(layer).cpu()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["prefill", "two_requests"])
+@pytest.mark.parametrize("idx", [SWA, CSA, HCA], ids=["swa", "csa", "hca"])
+def test_eager_layer_on_cuda_matches_dense_reference(idx, name):
+    layer, ref_layer = cuda_layer(idx)
+    mgr, builder = make_runtime(layer, device=DEV)
+    capture = []
+    if layer.indexer is not None:
+        layer.indexer.register_forward_hook(lambda mod, args, out: capture.append(out))
+    outs, sel = run(lambda x, meta: layer(x, meta, mgr.caches[0]), builder, schedule(name, PROMPT[idx]),
+                    seed=idx, capture=capture if layer.indexer is not None else None, device=DEV)
+    for rid, (x, y) in outs.items():
+        compare(ref_layer, x, y, sel[rid] if sel else None, min_selecting_rows=40, rms_rtol=GPU_RMS_RTOL)
+
+
+@pytest.mark.cuda
+def test_comparison_on_cuda_detects_wrong_layers():
+    """The GPU comparison can fail: the HCA layer on CUDA does not match a dense reference with a
+    perturbed sink (+0.1 fails per row, +1 grossly) or without the compressed entries."""
+    layer, ref_layer = cuda_layer(HCA)
+    mgr, builder = make_runtime(layer, device=DEV)
+    (x, y), = run(lambda x, meta: layer(x, meta, mgr.caches[0]), builder, schedule("prefill", PROMPT[HCA]),
+                  seed=HCA, device=DEV)[0].values()
+    compare(ref_layer, x, y, rms_rtol=GPU_RMS_RTOL)
+    wrong = {"sink + 0.1": lambda m: m.attn_sink.add_(0.1), "sink + 1": lambda m: m.attn_sink.add_(1.0),
+             "no compressed entries": lambda m: setattr(m, "compress_ratio", 0)}
+    assert_wrong_references_fail(ref_layer, x, y, wrong, rms_rtol=GPU_RMS_RTOL)
+
+
+@pytest.fixture(scope="module", params=[CSA, HCA], ids=["csa", "hca"])
+def compiled_run_cuda(request):
+    """``compiled_run`` on the GPU: one compile per layer type (its own lambda, so its own dynamo
+    cache entries), returning the CPU copy of the layer for the reference."""
+    idx = request.param
+    layer, ref_layer = cuda_layer(idx)
+    mgr, builder = make_runtime(layer, device=DEV)
+    step = compile_step(lambda x, meta: layer(x, meta, mgr.caches[0]))
+    outs, _ = run(step, builder, compiled_schedule(PROMPT[idx]), seed=100 + idx, device=DEV)
+    return ref_layer, outs
+
+
+@pytest.mark.cuda
+def test_compiled_layer_on_cuda_matches_dense_reference(compiled_run_cuda):
+    ref_layer, outs = compiled_run_cuda
+    for x, y in outs.values():
+        compare(ref_layer, x, y, min_selecting_rows=20, rms_rtol=GPU_RMS_RTOL)
