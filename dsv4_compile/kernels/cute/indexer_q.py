@@ -51,14 +51,18 @@ def _e2m1x2_hw(lo, hi):
 
 
 def _e2m1_code_sw(v):
-    """E2M1 nibble of fp32 ``v`` (|v| <= 6): ties to the even code, sign from the sign bit
-    (``reference.quant.e2m1_codes``)."""
+    """E2M1 nibble of fp32 ``v`` (|v| <= 6): round-to-nearest-even, sign from the sign bit
+    (``reference.quant.e2m1_codes``). Same piecewise form as the Triton kernel's: the exact argument
+    rne(2a) / rne(a - 2) / rne(a/2 - 2) is rounded by adding 2^23 + base (base 0 / 4 / 6) and the code
+    read from the low mantissa bits."""
     a = cute.math.abs(v)
-    code = Int32(0)
-    for thr, inclusive in ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True),
-                           (5.0, False)):
-        above = a >= Float32(thr) if inclusive else a > Float32(thr)
-        code = code + cutlass.select_(above, Int32(1), Int32(0))
+    lo2 = a < Float32(2.0)
+    lo4 = a < Float32(4.0)
+    t = Float32(cutlass.select_(lo2, mul_rn(a, Float32(2.0)), cutlass.select_(
+        lo4, sub_rn(a, Float32(2.0)), sub_rn(mul_rn(a, Float32(0.5)), Float32(2.0)))))
+    magic = Float32(cutlass.select_(lo2, Float32(8388608.0),
+                                    cutlass.select_(lo4, Float32(8388612.0), Float32(8388614.0))))
+    code = Float32(add_rn(t, magic)).bitcast(Int32) & 7
     sign = (v.bitcast(Int32) >> 31) & 1
     return code | (sign << 3)
 

@@ -44,17 +44,18 @@ def pow2(e):
 
 @triton.jit
 def e2m1_code_sw(v):
-    """Nibble of fp32 ``v`` (|v| <= 6): thresholds with ties to the even code, sign from the sign bit."""
+    """Nibble of fp32 ``v`` (|v| <= 6), round-to-nearest-even, sign from the sign bit.
+
+    Piecewise: on [0, 2) the code is rne(2a), on [2, 4) 4 + rne(a - 2), on [4, 6] 6 + rne(a/2 - 2).
+    Each argument is exact (a doubling, or a Sterbenz subtraction), and adding it to 2^23 + base
+    (base 0 / 4 / 6, even, so ties keep their parity) rounds it to an integer in the low mantissa
+    bits: about half the instructions of seven threshold compares."""
     a = tl.abs(v)
-    code = (
-        (a > 0.25).to(tl.int32)
-        + (a >= 0.75).to(tl.int32)
-        + (a > 1.25).to(tl.int32)
-        + (a >= 1.75).to(tl.int32)
-        + (a > 2.5).to(tl.int32)
-        + (a >= 3.5).to(tl.int32)
-        + (a > 5.0).to(tl.int32)
-    )
+    lo2 = a < 2.0
+    lo4 = a < 4.0
+    t = tl.where(lo2, a * 2.0, tl.where(lo4, a - 2.0, a * 0.5 - 2.0))
+    magic = tl.where(lo2, 8388608.0, tl.where(lo4, 8388612.0, 8388614.0))
+    code = (t + magic).to(tl.int32, bitcast=True) & 0x7
     sign = (v.to(tl.int32, bitcast=True) >> 31) & 1
     return code | (sign << 3)
 
