@@ -331,6 +331,49 @@ def sweep(tokens) -> None:
 
 
 # --- check mode (CPU) ---------------------------------------------------------------------------
+def backends(tokens, out=None) -> None:
+    """``kv_rope_insert``: the CuTe-DSL kernel vs the Triton kernel vs plain Inductor (the aten form,
+    static T), side by side in one run, and a device-to-device copy of the same number of bytes (what
+    a launch of that size can reach at best). GPU µs under CUDA-graph replay over input sets larger
+    than L2; % of the 1 GiB copy bandwidth measured in the same run."""
+    import _timing as timing
+    from dsv4_compile.kernels.triton import cache as triton_cache
+
+    try:
+        from dsv4_compile.kernels.cute import cache as cute_cache
+    except ImportError:
+        cute_cache = None
+    raise_recompile_limits()
+    cs = cos_sin_cache(layouts.ROPE_DIM, MAX_POS, 160000.0, device="cuda")
+    copy = timing.copy_bandwidth_tbs()
+    reg = kv_rope_region()
+    inductor = compiled(reg)["inductor_static"]
+    kernels = {"cute": cute_cache.kv_insert if cute_cache else None, "triton": triton_cache.kv_insert}
+    cols = ["cute", "triton", "inductor", "same-size copy"]
+    lines = [f"kv_rope_insert backends on {torch.cuda.get_device_name()}; copy bandwidth (1 GiB, same run) "
+             f"{copy:.2f} TB/s\n", "| T | KB | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    rows = []
+    for t in tokens:
+        nbytes = reg.nbytes(t)
+        sets = timing.input_sets(lambda i: reg.make(t, 1000 * t + i, "cuda", cs), nbytes)
+        row = {"T": t, "bytes": nbytes, "copy_tbs": copy}
+        for name, k in kernels.items():
+            row[name] = timing.graph_time_us([lambda a=a, k=k: k(*a, KV_BS) for a in sets]) if k else float("nan")
+        row["inductor"] = timing.graph_time_us([lambda a=a: inductor(*a) for a in sets])
+        # a plain copy moving the same bytes (half read, half written), over as many distinct buffers
+        half = max(nbytes // 2, 1)
+        bufs = timing.input_sets(lambda i: (torch.empty(half, dtype=torch.uint8, device="cuda"),
+                                            torch.empty(half, dtype=torch.uint8, device="cuda")), 2 * half)
+        row["same-size copy"] = timing.graph_time_us([lambda b=b: b[1].copy_(b[0]) for b in bufs])
+        del sets, bufs
+        rows.append(row)
+        cells = [f"{row[c]:.1f} µs {nbytes / (row[c] * 1e-6) / 1e12:.2f} TB/s "
+                 f"({100 * nbytes / (row[c] * 1e-6) / 1e12 / copy:.0f}%)" for c in cols]
+        lines.append(f"| {t} | {nbytes / 1e3:.0f} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    timing.write_results("\n".join(lines), rows, out)
+
+
 def _cache_copies(fn, args):
     """Run ``fn(*args)`` (compiled) and return the cache copies in the graphs it lowered (none = clean)."""
     from dsv4_compile.lowerings.checks import cache_copies, capture_final_graphs
@@ -498,6 +541,8 @@ def main():
     ap.add_argument("--check", action="store_true", help="CPU correctness check of the plain forms, then exit")
     ap.add_argument("--no-compile", action="store_true", help="with --check: eager plain aten only")
     ap.add_argument("--sweep", action="store_true", help="sweep the kv_rope_insert launch shape, then exit")
+    ap.add_argument("--backends", action="store_true",
+                    help="kv_rope_insert: CuTe vs Triton vs plain Inductor vs a same-size copy, then exit")
     args = ap.parse_args()
     if args.check:
         check(compile_too=not args.no_compile)
@@ -506,6 +551,9 @@ def main():
         sys.exit("benchmarks/caches.py needs a CUDA GPU (or --check, which runs on CPU)")
     if args.sweep:
         sweep(args.tokens)
+        return
+    if args.backends:
+        backends(args.tokens, args.out)
         return
     copy, rows = run(args.regions, args.tokens, args.p0)
     write_results(table(copy, rows, "region", "KB"), rows, args.out)
