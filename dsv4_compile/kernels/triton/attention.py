@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ... import layouts
 from .. import _device
-from ...reference.attention import select_topk, visible_entries
+from ...reference.attention import visible_entries
 from ._common import pow2
 from .cache import _e2m1_value, load_fp8_ds_mla, load_fp8_ds_mla_rows, load_indexer_k
 
@@ -114,12 +114,38 @@ def _empty_cache_logits(out, positions, token_to_req, n_req, compress_ratio):
     return out.copy_(torch.where(s[None, :] < n[:, None], 0.0, float("-inf")))
 
 
+@triton.jit
+def _finish_topk_kernel(top_ptr, pos_ptr, req_ptr, out_ptr, n_req, L, ratio, top_stride,
+                        K: tl.constexpr, KK: tl.constexpr, BLOCK: tl.constexpr):
+    """One token: ``n`` = visible entries (0 for padding), then ``reference.select_topk``'s row —
+    the top-k indices when ``n > K``, else ``0..n-1`` and −1 — as int32, in one launch (the torch
+    form is about ten tiny elementwise kernels)."""
+    t = tl.program_id(0)
+    p = tl.load(pos_ptr + t).to(tl.int64)
+    r = tl.load(req_ptr + t).to(tl.int64)
+    n = tl.minimum((p + 1) // ratio, L)
+    n = tl.where((r >= 0) & (r < n_req) & (p >= 0), n, 0)
+    j = tl.arange(0, BLOCK)
+    top = tl.load(top_ptr + t.to(tl.int64) * top_stride + j, mask=j < KK, other=-1)
+    jj = j.to(tl.int64)
+    out = tl.where(n > K, top, tl.where(jj < n, jj, -1))
+    tl.store(out_ptr + t.to(tl.int64) * K + j, out.to(tl.int32), mask=j < K)
+
+
 def indexer_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int, fmt: str,
                  topk: int, compress_ratio: int) -> torch.Tensor:
     logits = indexer_logits(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt,
                             compress_ratio)
-    n = visible_entries(positions, token_to_req, block_table.shape[0], compress_ratio, logits.shape[1])
-    return select_topk(logits, n, topk)
+    T, L = logits.shape
+    k = min(topk, L)
+    out = torch.empty((T, topk), dtype=torch.int32, device=logits.device)
+    if T == 0:
+        return out
+    # the top-k indices (unordered: attention does not care), then every row finished in one launch
+    top = torch.topk(logits, k, dim=1, sorted=False).indices if k else logits.new_empty((T, 0), dtype=torch.int64)
+    _finish_topk_kernel[(T,)](top, positions, token_to_req, out, block_table.shape[0], L, compress_ratio,
+                              max(top.stride(0), 1), K=topk, KK=k, BLOCK=triton.next_power_of_2(topk))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
