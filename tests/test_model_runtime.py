@@ -299,6 +299,18 @@ def test_load_fp8_checkpoint_and_head_shard():
         err = (want.float() - full.get_parameter(f"{name}.weight").float()).abs().max()
         assert err <= full.get_parameter(f"{name}.weight").float().abs().max() / 8
     assert torch.equal(loaded.compressor.ape, full.compressor.ape)
+    # the checkpoint-named weights are views of the fused projections the forward uses, after a load
+    # and after anything that converts parameters one by one (what .to() / .cuda() do)
+    for layer in (loaded, loaded._apply(lambda t: t.clone())):
+        ql, d = CFG.q_lora_rank, CFG.head_dim
+        assert layer.wq_a.weight.data_ptr() == layer.x_proj.data_ptr()
+        assert torch.equal(layer.x_proj[:ql], layer.wq_a.weight) and torch.equal(layer.x_proj[ql:ql + d], layer.wkv.weight)
+        assert torch.equal(layer.x_proj[ql + d:], layer.indexer.weights_proj.weight)
+        w = layer.compressor.wkv.weight.shape[0]
+        assert torch.equal(layer.comp_proj[w:2 * w], layer.compressor.wgate.weight)
+        assert torch.equal(layer.comp_proj[2 * w:], torch.cat([layer.indexer.compressor.wkv.weight,
+                                                                layer.indexer.compressor.wgate.weight]))
+    assert torch.equal(loaded.x_proj[:CFG.q_lora_rank], dequant_fp8_weight(sd["wq_a.weight"], sd["wq_a.scale"]))
 
     # a head shard (heads 2..3 = output group 1) slices the full checkpoint on load
     shard = DeepseekV4Attention(CFG, 1, n_local_heads=2, head_offset=2, max_model_len=MAX_LEN)

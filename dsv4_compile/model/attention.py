@@ -103,10 +103,15 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(head_dim, eps, dtype, device)
         self.state_block_size = layouts.C4_STATE_BLOCK_SIZE if compress_ratio == 4 else layouts.C128_STATE_BLOCK_SIZE
 
-    def forward(self, x, positions, cos_sin_cache, token_to_req, state_cache, state_slot_mapping, state_block_table,
-                cache, slot_mapping, block_size: int):
+    @property
+    def projections(self) -> list:
+        """The linears whose outputs form ``kv_score = [kv | score]`` (in that order)."""
+        return [self.wkv, self.wgate]
+
+    def forward(self, kv_score, positions, cos_sin_cache, token_to_req, state_cache, state_slot_mapping,
+                state_block_table, cache, slot_mapping, block_size: int):
+        """``kv_score [T, 2·coff·d]`` fp32 = ``[x @ wkv^T | x @ wgate^T]`` (``linear_fp32``)."""
         r, d, sbs = self.ratio, self.head_dim, self.state_block_size
-        kv_score = torch.cat([linear_fp32(x, self.wkv.weight), linear_fp32(x, self.wgate.weight)], dim=-1)
         dsv4.compressor_state_save(kv_score, positions, self.ape, state_cache, state_slot_mapping, sbs)
         pooled = dsv4.compressor_pool(state_cache, positions, state_block_table, token_to_req, sbs, r, d)
         y = dsv4.rope(dsv4.rms_norm(pooled, self.norm.weight, self.eps), positions // r * r, cos_sin_cache)
@@ -132,11 +137,13 @@ class Indexer(IndexerQ):
                                      hadamard, dtype, device)
         self.requires_grad_(False)
 
-    def forward(self, qr, x, positions, cos_sin_cache, token_to_req, cache: LayerCache, c4):
+    def forward(self, qr, x, positions, cos_sin_cache, token_to_req, cache: LayerCache, c4, weights, kv_score):
+        """``weights = weights_proj(x)`` and the compressor's ``kv_score`` come from the layer's fused
+        projections of ``x``."""
         bs = layouts.INDEXER_BLOCK_SIZE
-        self.compressor(x, positions, cos_sin_cache, token_to_req, cache.indexer_state, c4.state_slot_mapping,
+        self.compressor(kv_score, positions, cos_sin_cache, token_to_req, cache.indexer_state, c4.state_slot_mapping,
                         c4.state_block_table, cache.indexer, c4.slot_mapping, bs)
-        q = super().forward(qr, x, positions, cos_sin_cache)
+        q = super().forward(qr, x, positions, cos_sin_cache, weights)
         q, q_scale, weights = (q[0], None, q[1]) if self.fmt == "fp8" else q
         return dsv4.indexer_topk(q, q_scale, weights, cache.indexer, c4.block_table, token_to_req, positions, bs,
                                  self.fmt, self.topk, 4)
@@ -218,6 +225,38 @@ class DeepseekV4Attention(nn.Module):
                              persistent=False)
         self.requires_grad_(False)
         self._register_load_state_dict_pre_hook(self._convert_checkpoint)
+        self.register_load_state_dict_post_hook(lambda module, keys: module._fuse_projections())
+        self._fuse_projections()
+
+    # --- fused projections of x ------------------------------------------------------------------
+    def _x_linears(self) -> tuple[list, list]:
+        """The linears applied to ``x``: bf16 (``wq_a``, ``wkv`` [, indexer ``weights_proj``]) and fp32-out
+        (each compressor's ``wkv``, ``wgate``), in the column order of the fused outputs."""
+        bf16 = [self.wq_a, self.wkv] + ([self.indexer.weights_proj] if self.indexer is not None else [])
+        fp32 = (self.compressor.projections if self.compressor is not None else []) + (
+            self.indexer.compressor.projections if self.indexer is not None else [])
+        return bf16, fp32
+
+    def _fuse_projections(self) -> None:
+        """One weight per GEMM of ``x`` (vLLM's ``fused_wqa_wkv``): the checkpoint-named parameters become
+        row views of a fused buffer, so loading a state dict writes into it and one GEMM replaces two to
+        six per step. Re-run after anything that replaces parameters (``.to()``, ``load_state_dict``)."""
+        for name, linears in zip(("x_proj", "comp_proj"), self._x_linears()):
+            if not linears:
+                setattr(self, name, None)
+                continue
+            fused = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+            row = 0
+            for lin in linears:
+                n = lin.weight.shape[0]
+                lin.weight = nn.Parameter(fused[row:row + n], requires_grad=False)
+                row += n
+            self.register_buffer(name, fused, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._fuse_projections()  # .to() / .cuda() convert each parameter separately: re-share storage
+        return self
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, meta: StepMetadata, cache: LayerCache) -> torch.Tensor:
@@ -226,13 +265,19 @@ class DeepseekV4Attention(nn.Module):
         positions, token_to_req, cos_sin = meta.positions, meta.token_to_req, self.cos_sin_cache
         swa_bs = layouts.SWA_BLOCK_SIZE
 
+        # one GEMM for every bf16 projection of x (q latent, K=V head, indexer weights), one fp32-out GEMM
+        # for both compressors' [kv | score]
+        ql, d = self.wq_a.weight.shape[0], self.wkv.weight.shape[0]
+        h = F.linear(x, self.x_proj)
+        qa, kva = h[:, :ql], h[:, ql:ql + d]
+
         # query: low-rank projection, RMSNorm, per-head unweighted RMSNorm, RoPE on the last 64 dims
-        qr = self.q_norm(self.wq_a(x))
+        qr = self.q_norm(qa)
         q = rms_normalize(self.wq_b(qr).view(t, self.n_heads, -1), self.eps)
         q = dsv4.rope(q, positions, cos_sin)
 
         # the single K=V head: RMSNorm, RoPE, FP8 into the paged SWA cache
-        kv = dsv4.rope(self.kv_norm(self.wkv(x)), positions, cos_sin)
+        kv = dsv4.rope(self.kv_norm(kva), positions, cos_sin)
         dsv4.kv_insert(kv, cache.swa, meta.swa_slot_mapping, swa_bs)
         swa_indices, _ = dsv4.swa_indices(positions, meta.swa_block_table, token_to_req, swa_bs, self.window)
 
@@ -240,10 +285,13 @@ class DeepseekV4Attention(nn.Module):
         if self.compress_ratio:
             r, bs = self.compress_ratio, self.comp_block_size
             cm = meta.compressed(r)
-            self.compressor(x, positions, cos_sin, token_to_req, cache.compressor_state, cm.state_slot_mapping,
-                            cm.state_block_table, cache.compressed, cm.slot_mapping, bs)
+            kv_score = linear_fp32(x, self.comp_proj)
+            w_main = self.compressor.wkv.weight.shape[0] * 2
+            self.compressor(kv_score[:, :w_main], positions, cos_sin, token_to_req, cache.compressor_state,
+                            cm.state_slot_mapping, cm.state_block_table, cache.compressed, cm.slot_mapping, bs)
             if r == 4:
-                topk = self.indexer(qr, x, positions, cos_sin, token_to_req, cache, cm)
+                topk = self.indexer(qr, x, positions, cos_sin, token_to_req, cache, cm, weights=h[:, ql + d:],
+                                    kv_score=kv_score[:, w_main:])
                 comp_indices, _ = dsv4.global_topk_indices(topk, cm.block_table, token_to_req, bs)
             else:
                 comp_indices, _ = dsv4.compressed_indices(positions, cm.block_table, token_to_req, bs, r,

@@ -40,7 +40,8 @@ class IndexerQ(nn.Module):
         # Inference-only: the dsv4 ops have no autograd formulas, so the weights never require grad.
         self.requires_grad_(False)
 
-    def forward(self, qr, x, positions, cos_sin_cache):
+    def forward(self, qr, x, positions, cos_sin_cache, weights=None):
+        """``weights``: ``weights_proj(x)`` when the caller already has it (a fused projection of ``x``)."""
         # One token dimension: under dynamic shapes this tells the compiler that q and the weights
         # share T (the MXFP4 fusion has no data edge between them to infer it from).
         torch._check(qr.shape[0] == x.shape[0])
@@ -49,7 +50,8 @@ class IndexerQ(nn.Module):
         q = torch.ops.dsv4.rope(q, positions, cos_sin_cache)
         if self.hadamard:
             q = torch.ops.dsv4.hadamard(q, self.head_dim**-0.5)
-        weights = self.weights_proj(x)
+        if weights is None:
+            weights = self.weights_proj(x)
         if self.fmt == "fp8":
             q_fp8, q_scale = torch.ops.dsv4.fp8_block_quant(q, self.head_dim, layouts.FP8_AMAX_FLOOR)
             return q_fp8, weights.float() * self.weight_scale * q_scale.squeeze(-1)
