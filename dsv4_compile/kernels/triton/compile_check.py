@@ -108,7 +108,7 @@ def _attention_cases():
         top_stride="i32"), dict(K=512, KK=512, BLOCK=512)
     yield attention._combine_kernel, dict(
         part_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", sink_ptr="*fp32", o_ptr="*bf16", H="i32", n_split="i32",
-        o_stride_t="i32", o_stride_h="i32"), dict(BH=16)
+        o_stride_t="i32", o_stride_h="i32"), dict(BH=16, DC=512)
 
 
 def compile_all(arch: int) -> list[str]:
