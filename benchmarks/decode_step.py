@@ -92,7 +92,7 @@ def profile_replay(graph, reps: int = 10) -> str:
     return f"  kernels of one replayed step (sum {total:.1f} µs):\n" + "\n".join(lines)
 
 
-def run(batches, contexts, iters: int, profile_cases=()):
+def run(batches, contexts, iters: int, profile_cases=(), options=None):
     from _timing import copy_bandwidth_tbs
 
     cfg = DSv4AttentionConfig.flash()
@@ -112,7 +112,7 @@ def run(batches, contexts, iters: int, profile_cases=()):
         return layer(x, meta, cache)
 
     t0 = time.perf_counter()
-    steps = {"nopass": compile_step(fwd, passes=False), "passes": compile_step(fwd)}
+    steps = {"nopass": compile_step(fwd, passes=False, options=options), "passes": compile_step(fwd, options=options)}
     runners = {k: DecodeGraphRunner(s, builder, cfg.hidden_size, capture_sizes=batches) for k, s in steps.items()}
     copy = copy_bandwidth_tbs()
     print(f"copy bandwidth {copy:.2f} TB/s; layer weights {sum(p.numel() for p in layer.parameters()) / 1e6:.1f} M "
@@ -199,6 +199,8 @@ def main():
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--out", help="markdown path (JSON rows beside it, PNG beside it when matplotlib exists)")
     ap.add_argument("--plot", help="make the PNG from a saved JSON and exit")
+    ap.add_argument("--autotune", action="store_true",
+                    help="compile both variants with Inductor's max_autotune_gemm (Triton GEMM templates vs cuBLAS)")
     ap.add_argument("--profile", nargs=2, type=int, action="append", default=[], metavar=("B", "CTX"),
                     help="print the per-kernel GPU time of the graphed step for this case (repeatable)")
     args = ap.parse_args()
@@ -207,7 +209,8 @@ def main():
             rows = json.load(f)["rows"]
         plot(rows, os.path.splitext(args.plot)[0] + ".png")
         return
-    rows, copy = run(args.batches, args.contexts, args.iters, {tuple(p) for p in args.profile})
+    rows, copy = run(args.batches, args.contexts, args.iters, {tuple(p) for p in args.profile},
+                     {"max_autotune_gemm": True} if args.autotune else None)
     dev = torch.cuda.get_device_name()
     md = (f"V4-Flash CSA layer decode step on {dev}, torch {torch.__version__}; copy bandwidth {copy:.2f} TB/s "
           f"(read + write) measured in the same run.\n\n" + HEADER + "\n" + "\n".join(fmt_row(r) for r in rows) + "\n")
