@@ -132,30 +132,6 @@ def _finish_topk_kernel(top_ptr, pos_ptr, req_ptr, out_ptr, n_req, L, ratio, top
     tl.store(out_ptr + t.to(tl.int64) * K + j, out.to(tl.int32), mask=j < K)
 
 
-SORT_TOPK_MAX = 16384  # rows up to this many logits are selected by one in-register sort per token
-
-
-@triton.jit
-def _sort_topk_kernel(logits_ptr, pos_ptr, req_ptr, out_ptr, n_req, L, ratio, stride,
-                      K: tl.constexpr, N: tl.constexpr):
-    """One token: sort its (padded) logits row in registers and write ``reference.select_topk``'s row
-    (the ``K`` largest, descending, ties to the lower index, when ``n > K``; else ``0..n-1``, −1).
-    Keys are int64: the fp32 bits mapped to a monotone int32 above the inverted column index."""
-    t = tl.program_id(0)
-    i = tl.arange(0, N)
-    v = tl.load(logits_ptr + t.to(tl.int64) * stride + i, mask=i < L, other=float("-inf"))
-    bits = v.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    top = N - 1 - tl.sort((key.to(tl.int64) << 32) | (N - 1 - i).to(tl.int64), descending=True).to(tl.int32)
-    p = tl.load(pos_ptr + t).to(tl.int64)
-    r = tl.load(req_ptr + t).to(tl.int64)
-    n = tl.minimum((p + 1) // ratio, L)
-    n = tl.where((r >= 0) & (r < n_req) & (p >= 0), n, 0)
-    ii = i.to(tl.int64)
-    out = tl.where(n > K, top.to(tl.int64), tl.where(ii < n, ii, -1))
-    tl.store(out_ptr + t.to(tl.int64) * K + i, out.to(tl.int32), mask=i < K)
-
-
 def indexer_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int, fmt: str,
                  topk: int, compress_ratio: int) -> torch.Tensor:
     logits = indexer_logits(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt,
@@ -164,13 +140,6 @@ def indexer_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positi
     k = min(topk, L)
     out = torch.empty((T, topk), dtype=torch.int32, device=logits.device)
     if T == 0:
-        return out
-    n_pad = triton.next_power_of_2(max(L, 1))
-    if topk <= n_pad <= SORT_TOPK_MAX:
-        # decode-sized rows: one program per token sorts its row (torch.topk's single-block radix
-        # select took 30-37 µs for one 8k-wide row on the H100)
-        _sort_topk_kernel[(T,)](logits, positions, token_to_req, out, block_table.shape[0], L, compress_ratio,
-                                logits.stride(0), K=topk, N=n_pad, num_warps=16 if n_pad > 4096 else 8)
         return out
     # the top-k indices (unordered: attention does not care), then every row finished in one launch
     top = torch.topk(logits, k, dim=1, sorted=False).indices if k else logits.new_empty((T, 0), dtype=torch.int64)

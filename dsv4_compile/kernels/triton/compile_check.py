@@ -103,9 +103,6 @@ def _attention_cases():
             swa_cap="i64", comp_cap="i64", qk_scale="fp32"), dict(
             SWA_BS=64, COMP_BS=2 if split else 64, BH=bh, BN=32, DV=256 if split else 512, SPLIT=split,
             HAS_COMP=comp), dict(num_warps=warps)
-    yield attention._sort_topk_kernel, dict(
-        logits_ptr="*fp32", pos_ptr="*i64", req_ptr="*i64", out_ptr="*i32", n_req="i32", L="i32", ratio="i32",
-        stride="i32"), dict(K=512, N=8192), dict(num_warps=16)
     yield attention._finish_topk_kernel, dict(
         top_ptr="*i64", pos_ptr="*i64", req_ptr="*i64", out_ptr="*i32", n_req="i32", L="i32", ratio="i32",
         top_stride="i32"), dict(K=512, KK=512, BLOCK=512)
