@@ -38,7 +38,7 @@ def make_runtime(idx, device="cpu", cc=CC):
 
 
 def cache_bytes(mgr):
-    return [t.clone() for c in mgr.caches for t in dataclasses.astuple(c) if t is not None]
+    return [t.clone() for c in mgr.caches for t in c.tensors()]
 
 
 def dsv4_ops(op_list: str) -> str:
@@ -341,3 +341,54 @@ def test_example_runs_on_cpu():
     assert res.returncode == 0, res.stderr[-3000:]
     assert "graph breaks: 0" in res.stdout and "graphs compiled: 1" in res.stdout, res.stdout
     assert "finite: True" in res.stdout
+
+
+# --- review regressions ---------------------------------------------------------------------------
+def test_compressed_slots_when_max_model_len_is_not_a_multiple_of_the_ratio():
+    # 300 tokens hold C128 entries 0 and 1 (one table column of 2 entries); tokens 256..299 have
+    # p // 128 = 2, past the table, but close nothing: they must not be looked up (was an IndexError)
+    cc = CacheConfig(max_num_seqs=2, max_model_len=300, max_num_batched_tokens=256, token_budget=600)
+    layer = make_layer(2)
+    mgr, builder = make_runtime(2, cc=cc)
+    mgr.add_request("a")
+    layer(torch.randn(256, CFG.hidden_size).bfloat16(), builder.build([("a", 256)]), mgr.caches[0])
+    meta = builder.build([("a", 44)])
+    assert int(meta.c128.slot_mapping[(meta.positions + 1) % 128 != 0].max()) == -1
+    assert int(meta.c4.slot_mapping.max() if meta.c4 is not None else -1) == -1
+
+
+def test_fused_projections_survive_deepcopy_reload_and_to_empty():
+    import copy
+
+    ref = make_layer(1, seed=7)
+    sd = ref.state_dict()
+    twin = copy.deepcopy(ref)
+    twin.wq_a.weight.mul_(0)  # the views still share the fused buffer after deepcopy
+    assert not twin.x_proj[:CFG.q_lora_rank].any()
+    ptr = twin.x_proj.data_ptr()
+    twin.load_state_dict(sd)  # in-place reload: same buffer (captured graphs stay valid)
+    assert twin.x_proj.data_ptr() == ptr and torch.equal(twin.x_proj, ref.x_proj)
+    meta_layer = DeepseekV4Attention(CFG, 1, max_model_len=MAX_LEN, device="meta")
+    meta_layer.to_empty(device="cpu")
+    meta_layer.load_state_dict(sd)
+    assert torch.equal(meta_layer.cos_sin_cache, ref.cos_sin_cache)  # the non-persistent table is rebuilt
+    assert torch.equal(meta_layer.x_proj, ref.x_proj) and torch.equal(meta_layer.comp_proj, ref.comp_proj)
+
+
+def test_runtime_input_checks():
+    with pytest.raises(ValueError, match="layer_ids"):
+        KVCacheManager(CFG, [99], CC)
+    mgr, builder = make_runtime(1, cc=dataclasses.replace(CC, max_chunk_tokens=32))
+    with pytest.raises(ValueError, match="not live"):
+        mgr.free_request("nope")
+    mgr.add_request("a")
+    with pytest.raises(ValueError, match="max_chunk_tokens"):
+        builder.build([("a", 33)])
+    assert mgr.requests["a"].num_tokens == 0
+    small = CacheConfig(max_num_seqs=3, max_model_len=MAX_LEN, max_num_batched_tokens=160, token_budget=4096)
+    m2, b2 = make_runtime(1, cc=small)
+    assert DecodeGraphRunner(lambda x, meta: x, b2, CFG.hidden_size).capture_sizes == [1, 2, 3]
+    layer = make_layer(0)
+    with pytest.raises(ValueError, match="token rows"):
+        m2.add_request("a")
+        layer(torch.randn(3, CFG.hidden_size).bfloat16(), b2.build([("a", 2)]), m2.caches[0])

@@ -23,6 +23,7 @@ and full-size head tensors are sliced to this module's head shard.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -221,11 +222,10 @@ class DeepseekV4Attention(nn.Module):
         self.comp_block_size = {0: 1, 4: layouts.C4_BLOCK_SIZE, 128: layouts.C128_BLOCK_SIZE}[self.compress_ratio]
         # HCA attends to every visible entry: a fixed-width row of ceil(max_model_len / 128) slots.
         self.comp_width = math.ceil(max_model_len / 128) if self.compress_ratio == 128 else 0
-        self.register_buffer("cos_sin_cache", layer_cos_sin_cache(config, layer_idx, max_model_len, device=device),
-                             persistent=False)
+        self.register_buffer("cos_sin_cache", self._rope_table(max_model_len, device), persistent=False)
         self.requires_grad_(False)
         self._register_load_state_dict_pre_hook(self._convert_checkpoint)
-        self.register_load_state_dict_post_hook(lambda module, keys: module._fuse_projections())
+        self.register_load_state_dict_post_hook(lambda module, keys: module._refresh())
         self._fuse_projections()
 
     # --- fused projections of x ------------------------------------------------------------------
@@ -240,10 +240,14 @@ class DeepseekV4Attention(nn.Module):
     def _fuse_projections(self) -> None:
         """One weight per GEMM of ``x`` (vLLM's ``fused_wqa_wkv``): the checkpoint-named parameters become
         row views of a fused buffer, so loading a state dict writes into it and one GEMM replaces two to
-        six per step. Re-run after anything that replaces parameters (``.to()``, ``load_state_dict``)."""
+        six per step. Re-run after anything that may replace parameters (``.to()``, ``load_state_dict``,
+        deepcopy); a no-op while they still are the views (the buffer keeps its address, so captured
+        CUDA graphs stay valid across in-place weight reloads)."""
         for name, linears in zip(("x_proj", "comp_proj"), self._x_linears()):
             if not linears:
                 setattr(self, name, None)
+                continue
+            if self._still_fused(getattr(self, name, None), linears):
                 continue
             fused = torch.cat([lin.weight.detach() for lin in linears], dim=0)
             row = 0
@@ -253,14 +257,54 @@ class DeepseekV4Attention(nn.Module):
                 row += n
             self.register_buffer(name, fused, persistent=False)
 
+    @staticmethod
+    def _still_fused(fused, linears) -> bool:
+        if fused is None:
+            return False
+        row, base = 0, fused.untyped_storage().data_ptr()
+        for lin in linears:
+            w = lin.weight
+            if (w.untyped_storage().data_ptr() != base or w.dtype != fused.dtype
+                    or w.storage_offset() != fused.storage_offset() + row * fused.stride(0)):
+                return False
+            row += w.shape[0]
+        return row == fused.shape[0]
+
+    def _refresh(self) -> None:
+        self._fuse_projections()
+        self._check_rope_table()
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self._fuse_projections()  # .to() / .cuda() convert each parameter separately: re-share storage
+        self._refresh()  # .to() / .cuda() convert each parameter separately; to_empty() drops the table
         return self
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            object.__setattr__(new, key, copy.deepcopy(value, memo))
+        new._fuse_projections()  # Parameter deepcopy clones each view separately
+        return new
+
+    def _rope_table(self, max_pos: int, device) -> torch.Tensor:
+        return layer_cos_sin_cache(self.config, self.layer_idx, max_pos, device=device)
+
+    def _check_rope_table(self) -> None:
+        """Rebuild the (non-persistent) RoPE table when it no longer holds its values — after
+        ``to_empty()`` — checked on its first rows (cheap) before paying for a rebuild."""
+        table = self.cos_sin_cache
+        if table.device.type == "meta":
+            return
+        head = self._rope_table(2, table.device).to(table.dtype)
+        if not torch.equal(table[:2], head):
+            self.cos_sin_cache = self._rope_table(self.max_model_len, table.device).to(table.dtype)
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, meta: StepMetadata, cache: LayerCache) -> torch.Tensor:
         t = x.shape[0]
+        if meta.positions.shape[0] != t:
+            raise ValueError(f"x has {t} token rows but the step metadata has {meta.positions.shape[0]}")
         torch._check(meta.positions.shape[0] == t)
         positions, token_to_req, cos_sin = meta.positions, meta.token_to_req, self.cos_sin_cache
         swa_bs = layouts.SWA_BLOCK_SIZE

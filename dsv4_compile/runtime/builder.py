@@ -39,9 +39,11 @@ class _PinnedRing:
             self.events[i].synchronize()
         buf = self.bufs[i].view(-1)[: src.numel()].view(src.shape)
         buf.copy_(src)
-        dst.copy_(buf, non_blocking=True)
+        stream = torch.cuda.current_stream(dst.device)
+        with torch.cuda.stream(stream):
+            dst.copy_(buf, non_blocking=True)
         self.events[i] = torch.cuda.Event()
-        self.events[i].record()
+        self.events[i].record(stream)
 
 
 class StepMetadataBuilder:
@@ -100,7 +102,8 @@ class StepMetadataBuilder:
         for r in m.ratios:
             k = 3 if r == 4 else 5
             closes = (pos + 1) % r == 0
-            host[k, :t] = torch.where(closes, self._slots(f"c{r}", req, pos // r), -1)
+            # only closing tokens look their entry up (the others' p // r may lie past the table)
+            host[k, :t] = torch.where(closes, self._slots(f"c{r}", req, torch.where(closes, pos // r, 0)), -1)
             host[k + 1, :t] = self._slots(f"c{r}_state", req, pos)
 
         self._copy(host, self.tokens[:, :rows], self._token_stage)
@@ -111,7 +114,10 @@ class StepMetadataBuilder:
 
     def _slots(self, kind: str, req: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         k = self.manager.kinds[kind]
-        page = self.manager.tables[kind][req, idx // k.block_size].to(torch.int64)
+        table = self.manager.tables[kind]
+        col = idx // k.block_size
+        inside = col < table.shape[1]
+        page = torch.where(inside, table[req, torch.where(inside, col, 0)].to(torch.int64), -1)
         return torch.where(page >= 0, page * k.block_size + idx % k.block_size, -1)
 
     def view(self, rows: int) -> StepMetadata:

@@ -39,17 +39,22 @@ def cdiv(a: int, b: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     """Sizes of a runtime: at most ``max_num_seqs`` live requests of at most ``max_model_len``
-    tokens, at most ``max_num_batched_tokens`` tokens per step (also the longest prefill chunk), and
-    at most ``token_budget`` cached tokens over all live requests."""
+    tokens, at most ``max_num_batched_tokens`` tokens per step, at most ``max_chunk_tokens`` of them
+    from one request (the longest prefill chunk; it sizes the per-request SWA and compressor-state
+    page rings, so a small chunk bounds their memory), and at most ``token_budget`` cached tokens
+    over all live requests."""
 
     max_num_seqs: int
     max_model_len: int
     max_num_batched_tokens: int
     token_budget: int
     indexer_fmt: str = "fp8"
+    max_chunk_tokens: Optional[int] = None  # most new tokens of one request per step (default: all)
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "token_budget"):
+        if self.max_chunk_tokens is None:
+            object.__setattr__(self, "max_chunk_tokens", self.max_num_batched_tokens)
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "token_budget", "max_chunk_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -66,6 +71,10 @@ class LayerCache:
     compressor_state: Optional[torch.Tensor] = None
     indexer: Optional[torch.Tensor] = None
     indexer_state: Optional[torch.Tensor] = None
+
+    def tensors(self) -> list:
+        """The cache tensors (not copies: ``dataclasses.astuple`` would deep-copy them)."""
+        return [t for t in (getattr(self, f.name) for f in dataclasses.fields(self)) if t is not None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +107,10 @@ class KVCacheManager:
         self.layer_ids = list(layer_ids)
         if not self.layer_ids:
             raise ValueError("layer_ids must name at least one layer")
-        cc, chunk = cache_config, cache_config.max_num_batched_tokens
+        bad = [i for i in self.layer_ids if not 0 <= i < len(config.compress_ratios)]
+        if bad:
+            raise ValueError(f"layer_ids must lie in [0, {len(config.compress_ratios)}), got {bad}")
+        cc, chunk = cache_config, min(cache_config.max_chunk_tokens, cache_config.max_num_batched_tokens)
         self.ratios = sorted({config.compress_ratio(i) for i in self.layer_ids} - {0})
         ring = lambda history, bs: cdiv(chunk + history - 1, bs) + 1  # noqa: E731
 
@@ -144,7 +156,7 @@ class KVCacheManager:
         return cache
 
     def cache_bytes(self) -> int:
-        return sum(t.numel() for c in self.caches for t in dataclasses.astuple(c) if t is not None)
+        return sum(t.numel() for c in self.caches for t in c.tensors())
 
     def _take(self, kind: str, n: int) -> list:
         free = self._free[kind]
@@ -173,6 +185,8 @@ class KVCacheManager:
         return req.row
 
     def free_request(self, req_id) -> None:
+        if req_id not in self.requests:
+            raise ValueError(f"request {req_id!r} is not live")
         req = self.requests.pop(req_id)
         for name, pages in req.pages.items():
             self._free[name].extend(reversed(pages))
@@ -193,6 +207,9 @@ class KVCacheManager:
             seen.add(req_id)
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"request {req_id!r}: the number of new tokens must be a positive int, got {n!r}")
+            if n > cc.max_chunk_tokens:
+                raise ValueError(f"request {req_id!r} schedules {n} tokens in one step, over max_chunk_tokens = "
+                                 f"{cc.max_chunk_tokens} (the page rings hold one chunk plus the window)")
             end = self.requests[req_id].num_tokens + n
             if end > cc.max_model_len:
                 raise ValueError(f"request {req_id!r} would reach {end} tokens: positions must stay below "

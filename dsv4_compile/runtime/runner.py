@@ -59,19 +59,22 @@ class DecodeGraphRunner:
         builder: the ``StepMetadataBuilder`` owning the metadata buffers and the cache manager.
         hidden_size, dtype: the activation buffer.
         capture_sizes: decode batch sizes to capture (each ≤ max_num_seqs); a decode batch is padded
-            to the next one. A decode batch larger than the largest is a ``ValueError``.
+            to the next one. A decode batch larger than the largest is a ``ValueError``. Default:
+            1, 2, 4, … 64 cut at ``min(max_num_seqs, max_num_batched_tokens)``.
         cuda_graphs: capture and replay (default: when the builder's device is CUDA). Off, decode
             batches run the step directly (still padded, so the numerics are the graphed ones).
 
-    The returned tensor of a replayed step is a view into the graph's output buffer: valid until the
-    next replay of the same size (clone it to keep it).
+    The returned tensor of a replayed step is a view into the graphs' shared memory pool: valid until
+    the next replay of *any* size (clone it to keep it).
     """
 
     def __init__(self, step: Callable, builder: StepMetadataBuilder, hidden_size: int,
-                 capture_sizes: Sequence[int] = DEFAULT_CAPTURE_SIZES, dtype=torch.bfloat16,
+                 capture_sizes: Optional[Sequence[int]] = None, dtype=torch.bfloat16,
                  cuda_graphs: Optional[bool] = None):
-        sizes = sorted(set(int(s) for s in capture_sizes))
         limit = min(builder.manager.cache_config.max_num_seqs, builder.max_tokens)
+        if capture_sizes is None:  # the defaults that fit, and the largest batch the runtime admits
+            capture_sizes = [s for s in DEFAULT_CAPTURE_SIZES if s < limit] + [min(limit, DEFAULT_CAPTURE_SIZES[-1])]
+        sizes = sorted(set(int(s) for s in capture_sizes))
         if not sizes or sizes[0] < 1 or sizes[-1] > limit:
             raise ValueError(f"capture_sizes must be in [1, {limit}] (max_num_seqs and max_num_batched_tokens), "
                              f"got {list(capture_sizes)}")
@@ -115,17 +118,18 @@ class DecodeGraphRunner:
             meta = self.builder.pad_only(n)
             x = self.x_buf[:n]
             x.zero_()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(warmup):
-                    self.step(x, meta)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.step(x, meta)
+            with torch.cuda.device(self.device):
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(warmup):
+                        self.step(x, meta)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                if self.pool is None:
+                    self.pool = torch.cuda.graph_pool_handle()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self.step(x, meta)
             self.graphs[n] = (graph, out, meta)
 
     # --- one step ----------------------------------------------------------------------------------
