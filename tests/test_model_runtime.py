@@ -392,3 +392,14 @@ def test_runtime_input_checks():
     with pytest.raises(ValueError, match="token rows"):
         m2.add_request("a")
         layer(torch.randn(3, CFG.hidden_size).bfloat16(), b2.build([("a", 2)]), m2.caches[0])
+
+
+def test_dtype_conversion_keeps_the_fp32_tensors_exact():
+    ref = make_layer(1, seed=8)
+    conv = make_layer(1, seed=8).to(torch.float16)
+    for name in ("attn_sink", "cos_sin_cache", "compressor.ape", "indexer.compressor.ape"):
+        a, b = ref.get_parameter(name) if "cache" not in name else ref.cos_sin_cache, (
+            conv.get_parameter(name) if "cache" not in name else conv.cos_sin_cache)
+        assert b.dtype == torch.float32 and torch.equal(a, b), name
+    assert conv.wq_b.weight.dtype == torch.float16 and conv.x_proj.dtype == torch.float16
+    assert conv.wq_a.weight.data_ptr() == conv.x_proj.data_ptr()

@@ -274,8 +274,29 @@ class DeepseekV4Attention(nn.Module):
         self._fuse_projections()
         self._check_rope_table()
 
+    def _fp32_tensors(self) -> list:
+        """(owner, name, tensor) of the tensors the spec keeps in fp32 whatever the model dtype: the sink
+        logits, the compressors' position biases and the RoPE table."""
+        out = [(self, "attn_sink"), (self, "cos_sin_cache")]
+        for comp in (self.compressor, self.indexer.compressor if self.indexer is not None else None):
+            if comp is not None:
+                out.append((comp, "ape"))
+        # detached: a conversion re-points a parameter's .data, so keep the tensor, not the parameter
+        return [(owner, name, getattr(owner, name).detach()) for owner, name in out]
+
     def _apply(self, fn, recurse=True):
+        keep = self._fp32_tensors()
         super()._apply(fn, recurse)
+        # a dtype conversion (``.to(torch.bfloat16)``, ``.half()``) leaves the fp32 tensors fp32, with
+        # their exact values (a cast there would round the RoPE table and the sink silently)
+        for owner, name, old in keep:
+            new = getattr(owner, name)
+            if new.dtype != torch.float32 and old.dtype == torch.float32 and old.device.type != "meta":
+                restored = old.to(device=new.device)
+                if isinstance(new, nn.Parameter):
+                    new.data = restored
+                else:
+                    setattr(owner, name, restored)
         self._refresh()  # .to() / .cuda() convert each parameter separately; to_empty() drops the table
         return self
 
