@@ -33,6 +33,7 @@ from torch import nn
 
 from .. import layouts
 from ..config import DSv4AttentionConfig
+from ..reference.layer import rms_normalize
 from ..rope import layer_cos_sin_cache
 from ..runtime.cache import LayerCache
 from ..runtime.metadata import StepMetadata
@@ -65,15 +66,6 @@ def grouped_linear(xg: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     else:
         z = [F.linear(xg[g], weight[g]) for g in range(weight.shape[0])]
     return torch.cat(z, dim=-1)
-
-
-def rms_normalize(x: torch.Tensor, eps: float, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """RMSNorm over the last dim in fp32, one rounding to ``x.dtype`` (weighted when ``weight``)."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.float()
-    return y.to(x.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -32,8 +32,9 @@ from .quant import fp8_block_quant, mxfp4_dequant, mxfp4_quant
 from .rope import hadamard, rope
 
 
-def _rms_normalize(x: torch.Tensor, eps: float, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The model's activation RMSNorm: fp32 math over the last dim, one rounding to ``x.dtype``."""
+def rms_normalize(x: torch.Tensor, eps: float, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The model's activation RMSNorm (q / kv latents, per-head q): fp32 math over the last dim, one
+    rounding to ``x.dtype``, weighted when ``weight`` is given. The model calls this same function."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     if weight is not None:
@@ -139,12 +140,12 @@ def dense_attention(layer, x: torch.Tensor, positions: torch.Tensor, aux: Option
     d = layouts.KV_HEAD_DIM
 
     # query (spec §2.2): weighted RMSNorm of the latent, per-head unweighted RMSNorm, RoPE
-    qr = _rms_normalize(F.linear(x, layer.wq_a.weight), eps, layer.q_norm.weight)
-    q = _rms_normalize(F.linear(qr, layer.wq_b.weight).view(s, layer.n_heads, d), eps)
+    qr = rms_normalize(F.linear(x, layer.wq_a.weight), eps, layer.q_norm.weight)
+    q = rms_normalize(F.linear(qr, layer.wq_b.weight).view(s, layer.n_heads, d), eps)
     q = rope(q, positions, cos_sin)
 
     # the K=V head as the SWA cache holds it (spec §2.3)
-    kv = rope(_rms_normalize(F.linear(x, layer.wkv.weight), eps, layer.kv_norm.weight), positions, cos_sin)
+    kv = rope(rms_normalize(F.linear(x, layer.wkv.weight), eps, layer.kv_norm.weight), positions, cos_sin)
     kv = fake_quant_fp8_ds_mla(kv)
     j = torch.arange(s, device=x.device)
     swa_mask = (j[None, :] <= positions[:, None]) & (j[None, :] > positions[:, None] - layer.window)

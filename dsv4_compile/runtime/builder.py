@@ -30,20 +30,21 @@ class _PinnedRing:
 
     def __init__(self, like: torch.Tensor, n: int = 2):
         self.bufs = [torch.empty_like(like, device="cpu").pin_memory() for _ in range(n)]
-        self.events = [None] * n
+        self.events = [torch.cuda.Event() for _ in range(n)]  # reused: re-recorded on every stage
+        self.recorded = [False] * n
         self.i = 0
 
     def stage(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         i, self.i = self.i, (self.i + 1) % len(self.bufs)
-        if self.events[i] is not None:
+        if self.recorded[i]:
             self.events[i].synchronize()
         buf = self.bufs[i].view(-1)[: src.numel()].view(src.shape)
         buf.copy_(src)
         stream = torch.cuda.current_stream(dst.device)
         with torch.cuda.stream(stream):
             dst.copy_(buf, non_blocking=True)
-        self.events[i] = torch.cuda.Event()
         self.events[i].record(stream)
+        self.recorded[i] = True
 
 
 class StepMetadataBuilder:

@@ -87,6 +87,7 @@ class DecodeGraphRunner:
         self.x_buf = torch.zeros(builder.max_tokens, hidden_size, dtype=dtype, device=self.device)
         self.graphs: dict = {}
         self.pool = None
+        self._warmup_stream = None  # one side stream for every capture's warm-up
         self.stats = {"replays": 0, "eager_decode": 0, "compiled": 0}
 
     def padded_size(self, n: int) -> int:
@@ -119,7 +120,9 @@ class DecodeGraphRunner:
             x = self.x_buf[:n]
             x.zero_()
             with torch.cuda.device(self.device):
-                stream = torch.cuda.Stream()
+                if self._warmup_stream is None:
+                    self._warmup_stream = torch.cuda.Stream()
+                stream = self._warmup_stream
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     for _ in range(warmup):
