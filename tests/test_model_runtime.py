@@ -13,7 +13,6 @@ import torch
 from expecttest import assert_expected_inline
 from torch._dynamo.utils import counters
 
-import dsv4_compile
 from dsv4_compile import DSv4AttentionConfig
 from dsv4_compile.lowerings import DSV4PassManager
 from dsv4_compile.lowerings.checks import assert_graph_ok, capture_final_graphs

@@ -103,8 +103,7 @@ class StepMetadataBuilder:
         for r in m.ratios:
             k = 3 if r == 4 else 5
             closes = (pos + 1) % r == 0
-            # only closing tokens look their entry up (the others' p // r may lie past the table)
-            host[k, :t] = torch.where(closes, self._slots(f"c{r}", req, torch.where(closes, pos // r, 0)), -1)
+            host[k, :t] = torch.where(closes, self._slots(f"c{r}", req, pos // r), -1)
             host[k + 1, :t] = self._slots(f"c{r}_state", req, pos)
 
         self._copy(host, self.tokens[:, :rows], self._token_stage)
@@ -114,6 +113,8 @@ class StepMetadataBuilder:
         return self.view(rows)
 
     def _slots(self, kind: str, req: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Slots of entries ``idx`` of rows ``req``; −1 past the table (a token that closes no entry may
+        name one: with ``max_model_len % r != 0`` its ``p // r`` can be the table's width)."""
         k = self.manager.kinds[kind]
         table = self.manager.tables[kind]
         col = idx // k.block_size
