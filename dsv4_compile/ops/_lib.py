@@ -10,7 +10,7 @@ off, the GPU kernels mask every out-of-range index instead, so no byte outside a
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -47,6 +47,53 @@ def check_range(name: str, t: torch.Tensor, lo: int, hi: Optional[int], what: st
 
 def qualname(name: str) -> str:
     return f"{NAMESPACE}::{name}"
+
+
+CUDA_KERNELS: dict[str, Callable] = {}
+"""The CUDA implementation of every op by short name, as registered (argument normalization
+included): tests call them on CPU tensors under ``TRITON_INTERPRET=1``."""
+
+
+def register_cuda(op, *, strided: tuple[str, ...] = ()):
+    """Decorator: register ``fn`` as ``op``'s CUDA kernel, with its inputs' strides normalized.
+
+    Every tensor argument that ``op`` does not mutate reaches ``fn`` contiguous (``.contiguous()``:
+    free when it already is, one small copy when a caller hands a column of a token-major buffer),
+    except the arguments named in ``strided``, whose launchers pass every stride to the kernel.
+    Mutated arguments (the caches) are written in place, so they reach ``fn`` as given; their
+    kernels take the page stride, and ``check_cache`` requires contiguous pages. So no launcher can
+    read an argument as if it were contiguous when it is not, whatever strides the caller used.
+    """
+    schema = op._opoverload._schema
+    names = [a.name for a in schema.arguments]
+    unknown = set(strided) - set(names)
+    if unknown:
+        raise ValueError(f"{op._qualname} has no arguments {sorted(unknown)}")
+    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    copied_caches = [n for n in names if n.endswith("cache") and n != "cos_sin_cache" and n not in mutated | set(strided)]
+    if copied_caches:  # a paged cache read through .contiguous() would be copied whole on every call
+        raise ValueError(f"{op._qualname}: list the paged caches {copied_caches} in strided= (kernels take the page stride)")
+    normalize = [(i, n) for i, n in enumerate(names) if n not in mutated and n not in strided]
+
+    def contiguous(t):
+        return t.contiguous() if isinstance(t, torch.Tensor) and not t.is_contiguous() else t
+
+    def deco(fn):
+        def kernel(*args, **kwargs):
+            args = list(args)
+            for i, name in normalize:
+                if i < len(args):
+                    args[i] = contiguous(args[i])
+                elif name in kwargs:
+                    kwargs[name] = contiguous(kwargs[name])
+            return fn(*args, **kwargs)
+
+        kernel.__name__, kernel.__doc__, kernel.__wrapped__ = fn.__name__, fn.__doc__, fn
+        op.register_kernel("cuda")(kernel)
+        CUDA_KERNELS[op._name] = kernel
+        return kernel
+
+    return deco
 
 
 def check_tensor(

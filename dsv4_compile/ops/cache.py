@@ -1,4 +1,4 @@
-"""Paged cache ops (spec §2.3, §4.2, §4.4, §4.5): inserts that mutate a whole ``uint8`` cache in place,
+"""Paged cache ops (docs/numerics.md §5): inserts that mutate a whole ``uint8`` cache in place,
 and vectorized gathers that dequantize records back.
 
 * ``dsv4::kv_insert`` / ``dsv4::kv_rope_insert``: the ``fp8_ds_mla`` record of bf16 ``kv [T, 512]``.
@@ -17,7 +17,8 @@ import torch
 
 from .. import layouts
 from ..reference import cache as ref
-from ._lib import FLOAT_DTYPES, INDEX_DTYPES, check_positive_int, check_range, check_rope_args, check_tensor, qualname
+from ._lib import (FLOAT_DTYPES, INDEX_DTYPES, check_positive_int, check_range, check_rope_args, check_tensor, qualname,
+                   register_cuda)
 
 
 def check_cache(name: str, cache, fmt: str, block_size: int, device) -> None:
@@ -91,9 +92,40 @@ def _triton():
 # --- kv_insert ----------------------------------------------------------------------------------
 @torch.library.custom_op(qualname("kv_insert"), mutates_args=("kv_cache",))
 def kv_insert(kv: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, block_size: int) -> None:
-    """Write the ``fp8_ds_mla`` record of every row of bf16 ``kv [T, 512]`` to ``kv_cache`` (uint8
-    ``[num_blocks, page_bytes]``) at ``slot_mapping [T]`` (−1 = skip): FP8 UE8M0 of the 448 nope dims
-    in 64-blocks (amax floor 1e-4), the 64 rope dims as bf16, 7 exponent bytes + a 0 pad byte."""
+    """Write the ``fp8_ds_mla`` record of every row of ``kv`` to its slot of a paged K=V cache.
+
+    Record (584 B, docs/numerics.md §5.2): the 448 nope dims as e4m3 in 7 blocks of 64 with UE8M0
+    scales (amax floor 1e-4), the 64 rope dims as their bf16 bytes, then 7 exponent bytes and a 0 pad
+    byte in the page's scale region (docs/numerics.md §5.1).
+
+    Args:
+        kv: ``[T, 512]`` bf16, any strides: the K=V vectors (RoPE already applied).
+        kv_cache: ``[num_blocks, page_bytes]`` uint8 ``fp8_ds_mla`` cache, ``page_bytes >=
+            block_size · 584`` (``layouts.page_bytes("fp8_ds_mla", block_size)``), contiguous pages
+            starting at even byte offsets.
+        slot_mapping: ``[T]`` int32 / int64 slot of each row (page ``slot // block_size``), −1 = skip.
+        block_size: slots (tokens or compressed entries) per page: 64 for SWA and C4, 2 for C128.
+
+    Returns:
+        None.
+
+    Mutates:
+        kv_cache: the value and scale bytes of every slot in ``slot_mapping`` (−1 skipped); no
+            other byte (other slots and page padding are left as they are).
+
+    Raises:
+        ValueError: ``kv`` is not 2-D bf16 ``[T, 512]``; ``kv_cache`` is not 2-D uint8, or its pages
+            are smaller than ``block_size · 584`` bytes, not contiguous or not at even byte offsets;
+            ``block_size`` is not a positive int; ``slot_mapping`` is not 1-D int32 / int64 with
+            ``T`` entries; a tensor is on another device than ``kv``.
+        ValueError: a slot outside ``[−1, num_blocks · block_size)`` (checked on CPU tensors, and on
+            every device under ``DSV4_CHECK_INDICES=1``; the GPU kernels otherwise skip it).
+
+    Source:
+        The KV half of vLLM's ``fused_deepseek_v4_qnorm_rope_kv_rope_quant_insert`` and its
+        ``quantize_and_insert_k_cache`` (FlashMLA's ``fp8_ds_mla`` layout); the quantization equals
+        the DeepSeek-V4 reference's in-place ``act_quant(kv[..., :-64], 64, "ue8m0")``.
+    """
     _check_kv(kv, kv_cache, slot_mapping, block_size)
     ref.kv_insert(kv, kv_cache, slot_mapping, block_size)
 
@@ -110,7 +142,7 @@ def _kv_insert_kernels(device):
     return _triton()
 
 
-@kv_insert.register_kernel("cuda")
+@register_cuda(kv_insert, strided=('kv',))
 def _kv_insert_cuda(kv, kv_cache, slot_mapping, block_size):
     _check_kv(kv, kv_cache, slot_mapping, block_size)
     _kv_insert_kernels(kv.device).kv_insert(kv, None, None, kv_cache, slot_mapping, block_size)
@@ -131,13 +163,42 @@ def kv_rope_insert(
     slot_mapping: torch.Tensor,
     block_size: int,
 ) -> None:
-    """``kv_insert(rope(kv, positions, cos_sin_cache), ...)`` in one kernel: the rope dims are rotated
-    in fp32 and rounded to bf16 before they are stored."""
+    """``kv_insert(rope(kv, positions, cos_sin_cache), kv_cache, slot_mapping, block_size)`` in one kernel.
+
+    The rope dims are rotated in fp32 and rounded to bf16 before they are stored; the bytes equal the
+    two-op form's (docs/numerics.md §2.2, §3, §5.2). What ``lowerings/kv_insert.py`` fuses into.
+
+    Args:
+        kv: ``[T, 512]`` bf16, any strides: the K=V vectors before RoPE.
+        positions: ``[T]`` int32 / int64, each token's position (a row of ``cos_sin_cache``).
+        cos_sin_cache: ``[max_pos, 64]`` fp32 / bf16, the layer's RoPE table (any strides).
+        kv_cache: ``[num_blocks, page_bytes]`` uint8 ``fp8_ds_mla`` cache (as ``kv_insert``).
+        slot_mapping: ``[T]`` int32 / int64 slot of each row, −1 = skip.
+        block_size: slots per page (64 for the SWA cache).
+
+    Returns:
+        None.
+
+    Mutates:
+        kv_cache: the value and scale bytes of every slot in ``slot_mapping`` (−1 skipped); no
+            other byte.
+
+    Raises:
+        ValueError: every error of ``kv_insert``; ``positions`` is not 1-D int32 / int64 with ``T``
+            entries; ``cos_sin_cache`` is not 2-D fp32 / bf16 of width 64.
+        ValueError: a slot outside ``[−1, num_blocks · block_size)`` or a position outside
+            ``[0, max_pos)`` (checked on CPU tensors, and on every device under
+            ``DSV4_CHECK_INDICES=1``).
+
+    Source:
+        vLLM's ``fused_deepseek_v4_qnorm_rope_kv_rope_quant_insert`` (its K=V part: RoPE, bf16
+        rounding, UE8M0 FP8 quantization, paged insert).
+    """
     _check_kv_rope(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size)
     ref.kv_rope_insert(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size)
 
 
-@kv_rope_insert.register_kernel("cuda")
+@register_cuda(kv_rope_insert, strided=('kv', 'cos_sin_cache'))
 def _kv_rope_insert_cuda(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size):
     _check_kv_rope(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size)
     _kv_insert_kernels(kv.device).kv_insert(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size)
@@ -151,12 +212,38 @@ def _kv_rope_insert_fake(kv, positions, cos_sin_cache, kv_cache, slot_mapping, b
 # --- kv_gather ----------------------------------------------------------------------------------
 @torch.library.custom_op(qualname("kv_gather"), mutates_args=())
 def kv_gather(kv_cache: torch.Tensor, slots: torch.Tensor, block_size: int) -> torch.Tensor:
-    """bf16 ``[N, 512]`` rows of ``slots [N]`` (nope = e4m3 · 2^(byte−127), rope as stored; −1 → 0)."""
+    """Decode the ``fp8_ds_mla`` records of ``slots`` to bf16 vectors.
+
+    Nope dims ``e4m3 · 2^(byte − 127)`` rounded to bf16 (exact), rope dims the stored bf16
+    (docs/numerics.md §5.2). Vectorized: one gather per region, no host sync; safe on an empty
+    cache and on an all-padding batch.
+
+    Args:
+        kv_cache: ``[num_blocks, page_bytes]`` uint8 ``fp8_ds_mla`` cache (as ``kv_insert``).
+        slots: ``[N]`` int32 / int64 slots to read, −1 = none.
+        block_size: slots per page.
+
+    Returns:
+        A fresh bf16 ``[N, 512]`` tensor; rows of −1 slots are zero.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: ``slots`` is not 1-D int32 / int64; ``kv_cache`` is not 2-D uint8 on ``slots``'
+            device, or its pages are smaller than ``block_size · 584`` bytes, not contiguous or not at
+            even byte offsets; ``block_size`` is not a positive int.
+        ValueError: a slot outside ``[−1, num_blocks · block_size)`` (checked on CPU tensors, and on
+            every device under ``DSV4_CHECK_INDICES=1``; the GPU kernel otherwise returns zeros).
+
+    Source:
+        vLLM's ``dequantize_and_gather_k_cache`` (the prefill dequant-gather of the DSv4 caches).
+    """
     _check_gather(kv_cache, slots, block_size, "fp8_ds_mla")
     return ref.kv_gather(kv_cache, slots, block_size)
 
 
-@kv_gather.register_kernel("cuda")
+@register_cuda(kv_gather, strided=('kv_cache',))
 def _kv_gather_cuda(kv_cache, slots, block_size):
     _check_gather(kv_cache, slots, block_size, "fp8_ds_mla")
     return _triton().gather(kv_cache, slots, block_size, "fp8_ds_mla")
@@ -172,16 +259,46 @@ def _kv_gather_fake(kv_cache, slots, block_size):
 @torch.library.custom_op(qualname("indexer_k_insert"), mutates_args=("cache",))
 def indexer_k_insert(k: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, block_size: int,
                      fmt: str) -> None:
-    """Quantize ``k [T, 128]`` and write it to the indexer K cache at ``slot_mapping`` (−1 = skip).
+    """Quantize the rows of ``k`` and write them to their slots of a paged indexer K cache.
 
-    ``fmt="fp8"``: one UE8M0 128-block, 128 e4m3 bytes + the fp32 scale (132 B/slot);
-    ``fmt="mxfp4"``: 64 packed E2M1 bytes + 4 UE8M0 bytes (68 B/slot).
+    ``fmt="fp8"``: one UE8M0 block of 128 (amax floor 1e-4), 128 e4m3 bytes + the fp32 scale ``2^e``
+    (132 B/slot, docs/numerics.md §5.3). ``fmt="mxfp4"``: 64 bytes of packed E2M1 nibbles + 4 UE8M0
+    bytes (68 B/slot, docs/numerics.md §5.4).
+
+    Args:
+        k: ``[T, 128]`` bf16 / fp16 / fp32, any strides: the indexer keys (RoPE, and Hadamard in the
+            reference-faithful mode, already applied).
+        cache: ``[num_blocks, page_bytes]`` uint8 indexer K cache, ``page_bytes >= block_size · 132``
+            (fp8) or ``· 68`` (mxfp4), contiguous pages.
+        slot_mapping: ``[T]`` int32 / int64 slot of each row, −1 = skip.
+        block_size: compressed entries per page (64 in DSv4).
+        fmt: ``"fp8"`` or ``"mxfp4"``.
+
+    Returns:
+        None.
+
+    Mutates:
+        cache: the value and scale bytes of every slot in ``slot_mapping`` (−1 skipped); no other
+            byte.
+
+    Raises:
+        ValueError: ``fmt`` is not ``"fp8"`` / ``"mxfp4"``; ``k`` is not a 2-D float ``[T, 128]``;
+            ``cache`` is not 2-D uint8, or its pages are smaller than ``block_size`` records or not
+            contiguous; ``block_size`` is not a positive int; ``slot_mapping`` is not 1-D int32 /
+            int64 with ``T`` entries; a tensor is on another device than ``k``.
+        ValueError: a slot outside ``[−1, num_blocks · block_size)`` (checked on CPU tensors, and on
+            every device under ``DSV4_CHECK_INDICES=1``; the GPU kernels otherwise skip it).
+
+    Source:
+        vLLM's indexer K cache layout (DeepGEMM's ``[num_blocks, block_size, 1, 132]`` view; the
+        MXFP4 records of its SM100 ``use_fp4_indexer_cache`` path); the quantization is the
+        DeepSeek-V4 reference's ``act_quant`` (FP8) / ``fp4_act_quant`` (MXFP4).
     """
     _check_k(k, cache, slot_mapping, block_size, fmt)
     ref.indexer_k_insert(k, cache, slot_mapping, block_size, fmt)
 
 
-@indexer_k_insert.register_kernel("cuda")
+@register_cuda(indexer_k_insert, strided=('k',))
 def _indexer_k_insert_cuda(k, cache, slot_mapping, block_size, fmt):
     _check_k(k, cache, slot_mapping, block_size, fmt)
     _triton().indexer_k_insert(k, cache, slot_mapping, block_size, fmt)
@@ -194,14 +311,42 @@ def _indexer_k_insert_fake(k, cache, slot_mapping, block_size, fmt):
 
 @torch.library.custom_op(qualname("indexer_k_gather"), mutates_args=())
 def indexer_k_gather(cache: torch.Tensor, slots: torch.Tensor, block_size: int, fmt: str) -> torch.Tensor:
-    """Dequantized fp32 ``[N, 128]`` indexer keys of ``slots [N]`` (−1 → zeros). Vectorized: no
-    per-slot loop, no host sync; safe on an empty cache and an all-padding batch."""
+    """Decode the indexer K records of ``slots`` to fp32 keys.
+
+    FP8: ``e4m3 · scale``; MXFP4: ``E2M1 · 2^(byte − 127)`` per 32 dims (docs/numerics.md §5.3,
+    §5.4); exact. Vectorized: no per-slot loop, no host sync; safe on an empty cache and on an
+    all-padding batch.
+
+    Args:
+        cache: ``[num_blocks, page_bytes]`` uint8 indexer K cache of ``fmt`` (as
+            ``indexer_k_insert``).
+        slots: ``[N]`` int32 / int64 slots to read, −1 = none.
+        block_size: entries per page.
+        fmt: ``"fp8"`` or ``"mxfp4"``.
+
+    Returns:
+        A fresh fp32 ``[N, 128]`` tensor; rows of −1 slots are zero.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: ``fmt`` is not ``"fp8"`` / ``"mxfp4"``; ``slots`` is not 1-D int32 / int64;
+            ``cache`` is not 2-D uint8 on ``slots``' device, or its pages are smaller than
+            ``block_size`` records or not contiguous; ``block_size`` is not a positive int.
+        ValueError: a slot outside ``[−1, num_blocks · block_size)`` (checked on CPU tensors, and on
+            every device under ``DSV4_CHECK_INDICES=1``; the GPU kernel otherwise returns zeros).
+
+    Source:
+        The vectorized reader of tokenspeed PR #238 (``read_deepseek_v4_indexer_fp8_cache``: one
+        gather per region instead of a per-slot loop with a host sync), for both formats.
+    """
     _check_fmt(fmt)
     _check_gather(cache, slots, block_size, fmt)
     return ref.indexer_k_gather(cache, slots, block_size, fmt)
 
 
-@indexer_k_gather.register_kernel("cuda")
+@register_cuda(indexer_k_gather, strided=('cache',))
 def _indexer_k_gather_cuda(cache, slots, block_size, fmt):
     _check_fmt(fmt)
     _check_gather(cache, slots, block_size, fmt)

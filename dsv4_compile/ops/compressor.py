@@ -1,4 +1,4 @@
-"""Compressor ops (spec §2.4, §4.3) and the exact RMSNorm they use.
+"""Compressor ops (docs/numerics.md §6, state layout §5.5) and the exact RMSNorm they use.
 
 Plain form (what a model writes; ``dsv4_compile.lowerings`` fuses it into ``compressor_insert``)::
 
@@ -21,7 +21,7 @@ import torch
 from .. import layouts
 from ..reference import compressor as ref
 from ._lib import (FLOAT_DTYPES, INDEX_DTYPES, check_block_entries, check_block_table, check_positive_int,
-                   check_range, check_rope_args, check_tensor, qualname)
+                   check_range, check_rope_args, check_tensor, qualname, register_cuda)
 from .cache import check_cache, check_slots
 
 
@@ -43,13 +43,36 @@ def _check_norm(x, weight, eps):
 
 @torch.library.custom_op(qualname("rms_norm"), mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Weighted RMSNorm over the last dim in fp32, rounded to ``x.dtype``; the sum of squares is a
-    fixed pairwise tree and ``1/sqrt`` is correctly rounded, so every backend gives the same bits."""
+    """Weighted RMSNorm over the last dim with a fixed fp32 operation order.
+
+    ``y = (x · 1/sqrt(tree_sum(x²)/D + eps)) · weight`` in fp32, rounded to ``x.dtype``: the sum of
+    squares is a balanced pairwise tree, division and square root are correctly rounded, so every
+    backend gives the same bits (docs/numerics.md §6.4). The compressor's norm.
+
+    Args:
+        x: ``[..., D]`` bf16 / fp16 / fp32, ``D <= 8192``.
+        weight: ``[D]`` bf16 / fp16 / fp32 on ``x``'s device.
+        eps: a positive Python number added to the mean square (1e-6 in DSv4).
+
+    Returns:
+        A fresh tensor of ``x``'s shape and dtype.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: ``x`` is not a float tensor of at least 1 dim or ``D > 8192``; ``weight`` is not a
+            1-D float tensor of ``D`` entries on ``x``'s device; ``eps`` is not a positive number.
+
+    Source:
+        The RMSNorm of the DeepSeek-V4 reference ``Compressor`` (``compressor.norm``); the fixed
+        reduction order is this project's, so that CPU and GPU agree bit for bit.
+    """
     _check_norm(x, weight, eps)
     return ref.rms_norm(x, weight, eps)
 
 
-@rms_norm.register_kernel("cuda")
+@register_cuda(rms_norm)
 def _rms_norm_cuda(x, weight, eps):
     _check_norm(x, weight, eps)
     from ..kernels.triton import compressor as kernels
@@ -123,13 +146,48 @@ def compressor_state_save(
     state_slot_mapping: torch.Tensor,
     state_block_size: int,
 ) -> None:
-    """Write each token's state row ``[kv | score + ape[p % r]]`` (fp32, ``kv_score [T, 2W]`` =
-    ``[kv | score]``, ``ape [r, W]``) to ``state_cache`` at ``state_slot_mapping`` (−1 = skip)."""
+    """Write each token's compressor state row ``[kv | score + ape[p % r]]`` to its state slot.
+
+    The row is ``2W`` fp32 values, ``W = coff·d`` (docs/numerics.md §5.5, §6.1); the compress ratio
+    ``r`` and ``W`` come from ``ape``'s shape.
+
+    Args:
+        kv_score: ``[T, 2W]`` bf16 / fp16 / fp32 (any strides): ``[x @ wkv^T | x @ wgate^T]``, the
+            compressor's fp32 GEMM output.
+        positions: ``[T]`` int32 / int64, each token's position (``>= 0``).
+        ape: ``[r, W]`` fp32, the per-position score bias; ``r`` = 4 (C4, coff 2) or 128 (C128,
+            coff 1); ``W / coff`` = 512 (main) or 128 (indexer).
+        state_cache: ``[num_blocks, page_bytes]`` uint8 state cache read as fp32 rows of ``2W``,
+            ``page_bytes >= state_block_size · 8W``.
+        state_slot_mapping: ``[T]`` int32 / int64 state slot of each token, −1 = skip.
+        state_block_size: state rows per page (4 for C4, 8 for C128).
+
+    Returns:
+        None.
+
+    Mutates:
+        state_cache: the ``8W`` bytes of every row in ``state_slot_mapping`` (−1 skipped); no other
+            byte.
+
+    Raises:
+        ValueError: ``ape`` is not 2-D fp32, ``r`` is not 4 or 128, ``W`` is not a multiple of
+            ``coff`` or ``W / coff`` is not 512 or 128; ``kv_score`` is not a 2-D float ``[T, 2W]``;
+            ``positions`` is not 1-D int32 / int64 with ``T`` entries; ``state_cache`` is not 2-D uint8, its pages hold fewer than ``state_block_size``
+            rows of ``8W`` bytes, or they are not fp32-addressable (contiguous, size, stride and offset
+            multiples of 4 bytes); ``state_block_size`` is not a positive int; ``state_slot_mapping`` is not 1-D int32 / int64 with ``T`` entries;
+            a tensor is on another device than ``ape``.
+        ValueError: a negative position or a state slot outside ``[−1, num_blocks ·
+            state_block_size)`` (checked on CPU tensors, and on every device under
+            ``DSV4_CHECK_INDICES=1``).
+
+    Source:
+        vLLM's ``save_partial_states`` (DSv4 compressor state cache, APE add fused).
+    """
     _check_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size)
     ref.state_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size)
 
 
-@compressor_state_save.register_kernel("cuda")
+@register_cuda(compressor_state_save, strided=('kv_score',))
 def _state_save_cuda(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size):
     _check_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size)
     from ..kernels.triton import compressor as kernels
@@ -164,7 +222,7 @@ def compressor_pool(
                     head_dim)
 
 
-@compressor_pool.register_kernel("cuda")
+@register_cuda(compressor_pool, strided=('state_cache', 'state_block_table'))
 def _pool_cuda(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim):
     _check_pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim)
     from ..kernels.triton import compressor as kernels
@@ -229,7 +287,7 @@ def compressor_insert(
                           hadamard)
 
 
-@compressor_insert.register_kernel("cuda")
+@register_cuda(compressor_insert, strided=('kv_score', 'cos_sin_cache'))
 def _compressor_insert_cuda(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table,
                             token_to_req, state_block_size, norm_weight, eps, cos_sin_cache, cache, slot_mapping,
                             block_size, fmt, hadamard=False):

@@ -1,4 +1,4 @@
-"""Fused lightning-indexer query ops (spec §2.5, §4.6): RoPE → [Hadamard] → FP8 / MXFP4 → weights.
+"""Fused lightning-indexer query ops (docs/numerics.md §7.1): RoPE → [Hadamard] → FP8 / MXFP4 → weights.
 
 ``hadamard=False`` gives vLLM-compatible bytes; ``hadamard=True`` is the reference-faithful mode
 (RoPE → bf16 → Hadamard with scale D^-0.5 → bf16 → quant).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import layouts, reference
-from ._lib import FLOAT_DTYPES, check_power_of_two, check_rope_args, check_tensor, qualname
+from ._lib import FLOAT_DTYPES, check_power_of_two, check_rope_args, check_tensor, qualname, register_cuda
 
 
 def _check(q, positions, cos_sin_cache, weights, weight_scale):
@@ -32,15 +32,46 @@ def indexer_q_rope_fp8(
     weight_scale: float,
     hadamard: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indexer q, FP8 path.
+    """Indexer query, FP8 path: RoPE → bf16 → [Hadamard → bf16] → e4m3, q scale folded into the weights.
 
-    Args: ``q [T, H, D]`` bf16 (fp16/fp32 accepted; D a power of two, RoPE on the last
-    ``cos_sin_cache.shape[-1]`` dims), ``positions [T]`` int32/int64, ``cos_sin_cache [max_pos, R]``
-    fp32/bf16, ``weights [T, H]`` (weights_proj output, any float dtype), ``weight_scale`` (the
-    indexer's softmax_scale · head_scale).
+    One FP8 block of ``D`` per (token, head) with a UE8M0 scale ``q_scale = 2^ceil(log2(amax/448))``
+    (amax floor 1e-4); ``q_scale`` is not returned but folded into the weights, which is exact for
+    the indexer score because ReLU is positively homogeneous (docs/numerics.md §7.1). Equals
+    ``fp8_block_quant(y, D, 1e-4)`` and ``weights.float() · weight_scale · q_scale`` bit for bit, with
+    ``y = rope(q, ...)`` (``hadamard(rope(q, ...), D^-0.5)`` when ``hadamard``), each rounded to
+    ``q.dtype``.
 
-    Returns ``(q_fp8 float8_e4m3fn [T, H, D], weights_out fp32 [T, H])`` with one UE8M0 scale per
-    (token, head); the q scale is folded into ``weights_out = weights · weight_scale · q_scale``.
+    Args:
+        q: ``[T, H, D]`` bf16 (fp16 / fp32 accepted), ``D`` a power of two in ``[32, 1024]`` (128 in
+            DSv4): the indexer query ``qr @ wq_b^T``, RoPE on its last ``R`` dims.
+        positions: ``[T]`` int32 / int64, each token's position (a row of ``cos_sin_cache``).
+        cos_sin_cache: ``[max_pos, R]`` fp32 / bf16, the layer's RoPE table (``R`` even,
+            ``0 < R <= D``; 64 in DSv4).
+        weights: ``[T, H]`` bf16 / fp16 / fp32, the ``weights_proj(x)`` output.
+        weight_scale: a Python number folded into the weights: the indexer's
+            ``softmax_scale · head_scale`` = ``D^-0.5 · H^-0.5``.
+        hadamard: rotate q with ``hadamard(·, D^-0.5)`` after the RoPE (the reference-faithful mode);
+            ``False`` gives vLLM's bytes.
+
+    Returns:
+        ``(q_fp8, weights_out)``: ``q_fp8`` float8_e4m3fn ``[T, H, D]`` and ``weights_out`` fp32
+        ``[T, H]`` = ``weights · weight_scale · q_scale`` (fp32, in that order); fresh, contiguous.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: ``q`` is not a 3-D float tensor; ``D`` is not a power of two in ``[32, 1024]``;
+            ``positions`` is not 1-D int32 / int64 with ``T`` entries; ``cos_sin_cache`` is not 2-D
+            fp32 / bf16 with an even width in ``(0, D]``; ``weights`` is not a float ``[T, H]``; a
+            tensor is on another device than ``q``; ``weight_scale`` is not a Python number.
+        ValueError: a position outside ``[0, max_pos)`` (checked on CPU tensors, and on every
+            device under ``DSV4_CHECK_INDICES=1``).
+
+    Source:
+        vLLM's ``fused_indexer_q_rope_quant`` (FP8 path: per-(token, head) UE8M0 q scale folded into
+        the weights); the Hadamard mode follows the DeepSeek-V4 reference ``Indexer``
+        (``rotate_activation``).
     """
     _check(q, positions, cos_sin_cache, weights, weight_scale)
     return reference.indexer_q_rope_fp8(q, positions, cos_sin_cache, weights, weight_scale, hadamard)
@@ -56,11 +87,43 @@ def indexer_q_rope_mxfp4(
     weight_scale: float,
     hadamard: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Indexer q, MXFP4 path (arguments as ``indexer_q_rope_fp8``).
+    """Indexer query, MXFP4 path: RoPE → bf16 → [Hadamard → bf16] → MXFP4, weights scaled.
 
-    Returns ``(packed uint8 [T, H, D/2], scale uint8 [T, H, D/32], weights_out fp32 [T, H])``:
-    E2M1 nibbles (even element low), one UE8M0 byte per 32 dims (byte j ↔ dims 32j..32j+31), and
-    ``weights_out = weights · weight_scale`` (no q scale on this path).
+    Equals ``mxfp4_quant(y)`` and ``weights.float() · weight_scale`` bit for bit, with ``y`` as in
+    ``indexer_q_rope_fp8`` (docs/numerics.md §4.3, §7.1); the per-block q scales stay in ``scale``.
+
+    Args:
+        q: ``[T, H, D]`` bf16 (fp16 / fp32 accepted), ``D`` a power of two in ``[32, 1024]`` (128 in
+            DSv4): the indexer query ``qr @ wq_b^T``, RoPE on its last ``R`` dims.
+        positions: ``[T]`` int32 / int64, each token's position (a row of ``cos_sin_cache``).
+        cos_sin_cache: ``[max_pos, R]`` fp32 / bf16, the layer's RoPE table (``R`` even,
+            ``0 < R <= D``; 64 in DSv4).
+        weights: ``[T, H]`` bf16 / fp16 / fp32, the ``weights_proj(x)`` output.
+        weight_scale: a Python number folded into the weights: the indexer's
+            ``softmax_scale · head_scale`` = ``D^-0.5 · H^-0.5``.
+        hadamard: rotate q with ``hadamard(·, D^-0.5)`` after the RoPE (the reference-faithful mode);
+            ``False`` gives vLLM's bytes.
+
+    Returns:
+        ``(packed, scale, weights_out)``: ``packed`` uint8 ``[T, H, D/2]`` (E2M1 nibbles, even
+        element low), ``scale`` uint8 ``[T, H, D/32]`` (UE8M0, byte ``j`` ↔ dims ``32j .. 32j+31``),
+        ``weights_out`` fp32 ``[T, H]`` = ``weights · weight_scale`` (no q scale on this path);
+        fresh, contiguous.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: ``q`` is not a 3-D float tensor; ``D`` is not a power of two in ``[32, 1024]``;
+            ``positions`` is not 1-D int32 / int64 with ``T`` entries; ``cos_sin_cache`` is not 2-D
+            fp32 / bf16 with an even width in ``(0, D]``; ``weights`` is not a float ``[T, H]``; a
+            tensor is on another device than ``q``; ``weight_scale`` is not a Python number.
+        ValueError: a position outside ``[0, max_pos)`` (checked on CPU tensors, and on every
+            device under ``DSV4_CHECK_INDICES=1``).
+
+    Source:
+        vLLM's ``fused_indexer_q_rope_quant`` (MXFP4 path); MXFP4 as the DeepSeek-V4 reference
+        ``fp4_act_quant``; the Hadamard mode follows the reference ``Indexer``.
     """
     _check(q, positions, cos_sin_cache, weights, weight_scale)
     return reference.indexer_q_rope_mxfp4(q, positions, cos_sin_cache, weights, weight_scale, hadamard)
@@ -70,7 +133,7 @@ def _register_cuda_and_fake(op, kernel_name: str, outputs) -> None:
     """CUDA kernel (CuTe DSL or Triton, per ``kernels.cute.backend``) and fake for one fused op;
     ``outputs(t, h, d)`` lists (shape, dtype)."""
 
-    @op.register_kernel("cuda")
+    @register_cuda(op, strided=('q', 'cos_sin_cache'))
     def _cuda(q, positions, cos_sin_cache, weights, weight_scale, hadamard=False):
         _check(q, positions, cos_sin_cache, weights, weight_scale)
         from ..kernels.cute import backend

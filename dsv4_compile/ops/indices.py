@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import indices as ref
-from ._lib import INDEX_DTYPES, check_block_table, check_positive_int, check_tensor, qualname
+from ._lib import INDEX_DTYPES, check_block_table, check_positive_int, check_tensor, qualname, register_cuda
 
 
 def _check_positional(positions, block_table, token_to_req, block_size, **ints) -> None:
@@ -59,7 +59,7 @@ def swa_indices(
     return ref.swa_indices(positions, block_table, token_to_req, block_size, window)
 
 
-@swa_indices.register_kernel("cuda")
+@register_cuda(swa_indices, strided=('block_table',))
 def _swa_indices_cuda(positions, block_table, token_to_req, block_size, window):
     _check_positional(positions, block_table, token_to_req, block_size, window=window)
     from ..kernels.triton import indices
@@ -94,7 +94,7 @@ def global_topk_indices(
     return ref.global_topk_indices(topk, block_table, token_to_req, block_size)
 
 
-@global_topk_indices.register_kernel("cuda")
+@register_cuda(global_topk_indices, strided=('block_table',))
 def _global_topk_indices_cuda(topk, block_table, token_to_req, block_size):
     _check_topk(topk, block_table, token_to_req, block_size)
     from ..kernels.triton import indices
@@ -134,7 +134,7 @@ def compressed_indices(
     return ref.compressed_indices(positions, block_table, token_to_req, block_size, compress_ratio, width)
 
 
-@compressed_indices.register_kernel("cuda")
+@register_cuda(compressed_indices, strided=('block_table',))
 def _compressed_indices_cuda(positions, block_table, token_to_req, block_size, compress_ratio, width):
     _check_positional(positions, block_table, token_to_req, block_size, compress_ratio=compress_ratio, width=width)
     from ..kernels.triton import indices

@@ -1,11 +1,12 @@
-"""``dsv4::fp8_block_quant`` and ``dsv4::mxfp4_quant``: the quantization primitives (spec §4.1, §4.5)."""
+"""``dsv4::fp8_block_quant`` and ``dsv4::mxfp4_quant``: the quantization primitives (docs/numerics.md
+§4.1-§4.3)."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import layouts, reference
-from ._lib import FLOAT_DTYPES, check_tensor, qualname
+from ._lib import FLOAT_DTYPES, check_tensor, qualname, register_cuda
 
 
 def _check_fp8(x, block, scale_floor):
@@ -22,17 +23,41 @@ def _check_fp8(x, block, scale_floor):
 def fp8_block_quant(
     x: torch.Tensor, block: int, scale_floor: float = layouts.FP8_AMAX_FLOOR
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """UE8M0 FP8 e4m3 quantization of ``x [..., D]`` per ``block`` elements.
+    """FP8 e4m3 quantization with UE8M0 (power-of-two) scales, per ``block`` elements of the last dim.
 
-    ``amax`` of each block is floored at ``scale_floor`` (1e-4 for KV / indexer, 1e-10 for the
-    output projection), ``scale = 2^ceil(log2(amax/448))``, ``q = clamp(x/scale, ±448)`` (RNE).
-    Returns ``(q float8_e4m3fn [..., D], scale fp32 [..., D/block])``.
+    Per block: ``amax = max(max|x|, scale_floor)``, ``e = ceil(log2(amax/448))`` computed exactly from
+    the fp32 bits, ``q = clamp(x·2^-e, ±448)`` cast to e4m3 with round-to-nearest-even
+    (docs/numerics.md §4.1, §4.2). Dequantize with ``q · scale``.
+
+    Args:
+        x: ``[..., D]`` bf16 / fp16 / fp32, at least 1 dim.
+        block: elements per scale (a positive int dividing ``D``): 64 for K=V nope, 128 for the
+            indexer and the output projection.
+        scale_floor: lower bound of each block's amax (> 0; it keeps the scale an fp32 normal):
+            ``layouts.FP8_AMAX_FLOOR`` = 1e-4 (K=V, indexer), ``INV_ROPE_AMAX_FLOOR`` = 1e-10
+            (output projection).
+
+    Returns:
+        ``(q, scale)``: ``q`` float8_e4m3fn ``[..., D]`` and ``scale`` fp32 ``[..., D/block]`` = ``2^e``,
+        both fresh and contiguous.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: ``x`` is not a float tensor of at least 1 dim; ``block`` is not a positive int or
+            does not divide ``D``; ``scale_floor`` is not positive.
+
+    Source:
+        ``act_quant`` with ``scale_fmt="ue8m0"`` of the DeepSeek-V4 reference ``kernel.py`` (amax
+        floor 1e-4) and vLLM's ``per_token_group_quant_fp8(..., use_ue8m0=True)``; the 1e-10 floor
+        is that of vLLM's ``fused_inv_rope_fp8_quant``.
     """
     _check_fp8(x, block, scale_floor)
     return reference.fp8_block_quant(x, block, scale_floor)
 
 
-@fp8_block_quant.register_kernel("cuda")
+@register_cuda(fp8_block_quant)
 def _fp8_block_quant_cuda(x, block, scale_floor=layouts.FP8_AMAX_FLOOR):
     _check_fp8(x, block, scale_floor)
     from ..kernels.triton import primitives
@@ -56,14 +81,36 @@ def _check_mxfp4(x):
 
 @torch.library.custom_op(qualname("mxfp4_quant"), mutates_args=())
 def mxfp4_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """MXFP4 of ``x [..., D]``: 32-element blocks, UE8M0 scale ``2^ceil(log2(amax/6))``, E2M1 values
-    (round-to-nearest-even, sign kept). Returns ``(packed uint8 [..., D/2], scale uint8 [..., D/32])``,
-    element 2j in the low nibble of byte j."""
+    """MXFP4 quantization: 32-element blocks of E2M1 values sharing one UE8M0 scale.
+
+    Per block: ``amax = max(max|x|, 6·2^-126)``, ``e = clamp(ceil(log2(amax/6)), −127, 127)``; each
+    element ``clamp(x·2^-e, ±6)`` becomes the E2M1 nibble ``sign << 3 | code`` (round-to-nearest-even,
+    the float's sign bit kept, so −0 is ``0x8``); element ``2j`` is the low nibble of byte ``j``,
+    element ``2j+1`` the high nibble (docs/numerics.md §4.3).
+
+    Args:
+        x: ``[..., D]`` bf16 / fp16 / fp32, ``D`` a multiple of 32.
+
+    Returns:
+        ``(packed, scale)``: ``packed`` uint8 ``[..., D/2]`` and ``scale`` uint8 ``[..., D/32]``
+        (``e + 127``; byte ``j`` covers elements ``32j .. 32j+31``), both fresh and contiguous.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: ``x`` is not a float tensor of at least 1 dim; ``D`` is not a multiple of 32.
+
+    Source:
+        ``fp4_act_quant`` of the DeepSeek-V4 reference ``kernel.py`` (the indexer's MXFP4
+        quantization-aware training) and the E2M1 conversion of vLLM's MXFP4 indexer kernels (PTX
+        ``cvt.rn.satfinite.e2m1x2.f32``); the MX block format of the OCP Microscaling spec.
+    """
     _check_mxfp4(x)
     return reference.mxfp4_quant(x)
 
 
-@mxfp4_quant.register_kernel("cuda")
+@register_cuda(mxfp4_quant)
 def _mxfp4_quant_cuda(x):
     _check_mxfp4(x)
     from ..kernels.triton import primitives
