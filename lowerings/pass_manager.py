@@ -51,6 +51,7 @@ class Snapshot:
     before: str
     after: str
     matches: dict[str, int]
+    inplaced: int = 0  # mutations of caches sharing one storage made in place (``shared_storage``)
 
 
 def _source_files() -> list[pathlib.Path]:
@@ -62,7 +63,8 @@ def _source_files() -> list[pathlib.Path]:
 
 
 class DSV4PassManager(CustomGraphPass):
-    """Runs the enabled dsv4 fusions on Inductor's post-grad graph, then a stable topological sort.
+    """Runs the enabled dsv4 fusions on Inductor's post-grad graph, then a stable topological sort,
+    then makes the dsv4 mutations of caches that share one storage in place (``shared_storage``).
 
     Fusions are built lazily on the first graph (nothing is traced or imported before a compile).
     With ``record=True`` every run appends a ``Snapshot`` to ``self.snapshots`` (for tests).
@@ -107,8 +109,15 @@ class DSV4PassManager(CustomGraphPass):
             stable_topological_sort(graph)
             graph.eliminate_dead_code()
             graph.lint()
+        # always (caches sharing a storage are a layout, not a fusion), after the fusions: it
+        # rewrites the mutations they produced
+        from .shared_storage import inplace_shared_storage_mutations
+
+        inplaced = inplace_shared_storage_mutations(graph)
+        if inplaced:
+            graph.lint()
         if self.record:
-            self.snapshots.append(Snapshot(before, op_list(graph), matches))
+            self.snapshots.append(Snapshot(before, op_list(graph), matches, inplaced))
 
     def uuid(self) -> str:
         from dsv4_compile import __version__

@@ -49,6 +49,7 @@ class _PinnedRing:
 
 class StepMetadataBuilder:
     def __init__(self, manager: KVCacheManager, device=None):
+        manager.check_layout()  # caches reassigned since the manager built them: still disjoint
         self.manager = manager
         dev = torch.device(device) if device is not None else torch.device("cpu")
         if dev.type == "cuda" and dev.index is None:

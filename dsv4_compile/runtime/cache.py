@@ -1,6 +1,6 @@
 """Paged caches for a list of DSv4 attention layers, and their host-side page bookkeeping.
 
-Cache kinds (one ``uint8 [num_pages, page_bytes]`` tensor per layer and kind, byte layouts of spec §4):
+Cache kinds (one ``uint8 [num_pages, page_bytes]`` tensor per layer and kind, byte layouts of docs/numerics.md §5):
 
 ================  ============  =================  =====================================================
 kind              block size    pages              table ``[max_num_seqs, width]`` int32
@@ -34,6 +34,24 @@ from ..config import DSv4AttentionConfig
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two ``[pages, page_bytes]`` byte caches (rows contiguous) may share a byte: exact for
+    caches in separate storages, in disjoint ranges of one storage, or interleaved page by page with
+    one page stride; anything else counts as overlapping."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    def extent(t):
+        return t.storage_offset(), t.storage_offset() + (t.shape[0] - 1) * t.stride(0) + t.shape[1]
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    if a1 <= b0 or b1 <= a0:
+        return False
+    s = a.stride(0)
+    if s != b.stride(0) or a.shape[1] > s or b.shape[1] > s:
+        return True
+    ca, cb = a0 % s, b0 % s  # columns within a page row: disjoint unless the intervals meet mod s
+    return not (ca + a.shape[1] <= cb or cb + b.shape[1] <= ca) or max(ca + a.shape[1], cb + b.shape[1]) > s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +117,17 @@ class KVCacheManager:
 
     ``caches[i]`` is the ``LayerCache`` of ``layer_ids[i]``. ``tables[kind]`` are CPU int32 block
     tables; ``StepMetadataBuilder`` mirrors them into device buffers.
+
+    ``single_pool=True`` allocates every cache of every layer as a view into one ``uint8`` buffer
+    (``self.pool``), the layout vLLM uses; a compiled step writes such caches in place exactly as it
+    does separate tensors (``dsv4_compile.lowerings.shared_storage``). Caches that overlap in memory
+    are refused (``check_layout``), since nothing could keep their pages apart.
     """
 
+    POOL_ALIGN = 256  # bytes: each cache of a pool starts at a multiple (vector loads, fp32 state rows)
+
     def __init__(self, config: DSv4AttentionConfig, layer_ids: Sequence[int], cache_config: CacheConfig,
-                 device=None):
+                 device=None, single_pool: bool = False):
         self.config, self.cache_config = config, cache_config
         self.layer_ids = list(layer_ids)
         if not self.layer_ids:
@@ -133,27 +158,59 @@ class KVCacheManager:
         self.used_tokens = 0
         self.dirty: set = set(self.kinds)  # tables the builder must copy to the device
 
+        self.pool, self._pool_used = None, 0
+        if single_pool:
+            self.pool = torch.zeros(self._pool_bytes(), dtype=torch.uint8, device=device)
         self.caches = [self._layer_cache(i, device) for i in self.layer_ids]
+        self.check_layout()
 
     # --- allocation --------------------------------------------------------------------------------
-    def _pages(self, kind: str, fmt: str, head_dim: int, ratio: int, device) -> torch.Tensor:
+    def _page_shape(self, kind: str, fmt: str, head_dim: int, ratio: int) -> tuple[int, int]:
         k = self.kinds[kind]
         if fmt == "state":
-            nbytes = layouts.compressor_state_page_bytes(ratio, head_dim, k.block_size)
-        else:
-            nbytes = layouts.page_bytes(fmt, k.block_size)
-        return torch.zeros((k.num_pages, nbytes), dtype=torch.uint8, device=device)
+            return k.num_pages, layouts.compressor_state_page_bytes(ratio, head_dim, k.block_size)
+        return k.num_pages, layouts.page_bytes(fmt, k.block_size)
+
+    def _layer_shapes(self, layer: int) -> dict:
+        """``{LayerCache field: (num_pages, page_bytes)}`` of one layer."""
+        r = self.config.compress_ratio(layer)
+        shapes = {"swa": self._page_shape("swa", "fp8_ds_mla", 0, 0)}
+        if r:
+            shapes["compressed"] = self._page_shape(f"c{r}", "fp8_ds_mla", 0, r)
+            shapes["compressor_state"] = self._page_shape(f"c{r}_state", "state", layouts.KV_HEAD_DIM, r)
+        if r == 4:
+            shapes["indexer"] = self._page_shape("c4", self.cache_config.indexer_fmt, 0, r)
+            shapes["indexer_state"] = self._page_shape("c4_state", "state", layouts.INDEXER_HEAD_DIM, r)
+        return shapes
+
+    def _pool_bytes(self) -> int:
+        a = self.POOL_ALIGN
+        return sum(cdiv(p * b, a) * a for i in self.layer_ids for p, b in self._layer_shapes(i).values())
+
+    def _pages(self, shape: tuple[int, int], device) -> torch.Tensor:
+        if self.pool is None:
+            return torch.zeros(shape, dtype=torch.uint8, device=device)
+        n = shape[0] * shape[1]
+        view = self.pool[self._pool_used:self._pool_used + n].view(shape)
+        self._pool_used += cdiv(n, self.POOL_ALIGN) * self.POOL_ALIGN
+        return view
 
     def _layer_cache(self, layer: int, device) -> LayerCache:
-        r = self.config.compress_ratio(layer)
-        cache = LayerCache(swa=self._pages("swa", "fp8_ds_mla", 0, 0, device))
-        if r:
-            cache.compressed = self._pages(f"c{r}", "fp8_ds_mla", 0, r, device)
-            cache.compressor_state = self._pages(f"c{r}_state", "state", layouts.KV_HEAD_DIM, r, device)
-        if r == 4:
-            cache.indexer = self._pages("c4", self.cache_config.indexer_fmt, 0, r, device)
-            cache.indexer_state = self._pages("c4_state", "state", layouts.INDEXER_HEAD_DIM, r, device)
-        return cache
+        return LayerCache(**{f: self._pages(shape, device) for f, shape in self._layer_shapes(layer).items()})
+
+    def check_layout(self) -> None:
+        """``ValueError`` naming two caches that overlap in memory (or whose disjointness cannot be
+        shown from their sizes, strides and offsets). Caches may share a storage (one pool); a step
+        writes each in place, but overlapping caches would overwrite each other's pages."""
+        named = [(f"layer {i} {f}", t) for i, c in zip(self.layer_ids, self.caches)
+                 for f, t in vars(c).items() if t is not None]
+        for a in range(len(named)):
+            for b in range(a + 1, len(named)):
+                (na, ta), (nb, tb) = named[a], named[b]
+                if _may_overlap(ta, tb):
+                    raise ValueError(f"caches {na} {tuple(ta.shape)} and {nb} {tuple(tb.shape)} overlap in memory "
+                                     f"(storage offsets {ta.storage_offset()}, {tb.storage_offset()}; strides "
+                                     f"{ta.stride()}, {tb.stride()}): every cache needs bytes of its own")
 
     def cache_bytes(self) -> int:
         return sum(t.numel() for c in self.caches for t in c.tensors())
