@@ -1,4 +1,4 @@
-"""DSv4 attention configuration: the released V4-Flash / V4-Pro numbers (spec §1) and a tiny preset.
+"""DSv4 attention configuration: the released V4-Flash / V4-Pro numbers (docs/numerics.md §1.3) and a tiny preset.
 
 Every attention-relevant number of ``config.json`` lives here, plus the derived scales the kernels
 use (softmax scale 512^-0.5, indexer 128^-0.5 · 64^-0.5) and the per-layer compress ratios.

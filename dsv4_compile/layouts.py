@@ -1,4 +1,4 @@
-"""Every block size, record size and page size of DSv4 attention (spec §4), defined once.
+"""Every block size, record size and page size of DSv4 attention (docs/numerics.md §4, §5), defined once.
 
 Kernels, references, ops and tests import these names; no other module spells these numbers.
 """
@@ -10,17 +10,17 @@ KV_HEAD_DIM = 512  # d
 ROPE_DIM = 64  # d_r: RoPE on the *last* 64 dims of every rotated vector
 KV_NOPE_DIM = KV_HEAD_DIM - ROPE_DIM  # 448
 
-# --- FP8 e4m3 with UE8M0 power-of-two scales (§4.1) ------------------------------------------
+# --- FP8 e4m3 with UE8M0 power-of-two scales (numerics.md §4.2) ------------------------------
 FP8_E4M3_MAX = 448.0
 UE8M0_BIAS = 127  # stored exponent byte = e + 127; decode 2^(byte - 127)
 FP8_AMAX_FLOOR = 1e-4  # KV nope, indexer q / K: amax is floored at 1e-4 before the scale
-INV_ROPE_AMAX_FLOOR = 1e-10  # output-projection activation quant (§4.7)
+INV_ROPE_AMAX_FLOOR = 1e-10  # output-projection activation quant (numerics.md §8.3)
 KV_QUANT_BLOCK = 64  # KV nope is quantized in 64-element blocks
 KV_NOPE_BLOCKS = KV_NOPE_DIM // KV_QUANT_BLOCK  # 7
 O_PROJ_QUANT_BLOCK = 128  # 4 blocks per 512-d head for the grouped output projection
 O_PROJ_SCALE_T_ALIGN = 4  # the MN-major o-proj scale's token dim is padded to a multiple of 4 (16-byte rows)
 
-# --- fp8_ds_mla paged record (SWA cache and compressed caches, §4.2) -------------------------
+# --- fp8_ds_mla paged record (SWA cache and compressed caches, numerics.md §5.2) -------------
 FP8_DS_MLA_TOKEN_BYTES = KV_NOPE_DIM + 2 * ROPE_DIM  # 448 B e4m3 nope + 128 B bf16 rope = 576
 FP8_DS_MLA_SCALE_BYTES = KV_NOPE_BLOCKS + 1  # 7 UE8M0 exponents + 1 zero pad byte = 8
 FP8_DS_MLA_RECORD_BYTES = FP8_DS_MLA_TOKEN_BYTES + FP8_DS_MLA_SCALE_BYTES  # 584
@@ -29,14 +29,14 @@ SWA_BLOCK_SIZE = 64  # tokens per SWA page (vLLM)
 C4_BLOCK_SIZE = 64  # compressed entries per C4 page (256 tokens / 4)
 C128_BLOCK_SIZE = 2  # compressed entries per C128 page (256 tokens / 128)
 
-# --- indexer (§2.5, §4.4, §4.5) ----------------------------------------------------------------
+# --- indexer (numerics.md §7, §5.3, §5.4) ------------------------------------------------------
 INDEXER_HEAD_DIM = 128
 INDEXER_FP8_VALUE_BYTES = INDEXER_HEAD_DIM  # 128 B e4m3
 INDEXER_FP8_SCALE_BYTES = 4  # one fp32 power-of-two scale per token
 INDEXER_FP8_RECORD_BYTES = INDEXER_FP8_VALUE_BYTES + INDEXER_FP8_SCALE_BYTES  # 132
 INDEXER_BLOCK_SIZE = 64  # compressed entries per indexer K page
 
-# --- MXFP4 (E2M1 values, UE8M0 scale per 32 elements, §4.5) ------------------------------------
+# --- MXFP4 (E2M1 values, UE8M0 scale per 32 elements, numerics.md §4.3) -----------------------
 MXFP4_BLOCK = 32
 E2M1_MAX = 6.0
 MXFP4_AMAX_FLOOR = 6.0 * 2.0**-126
@@ -46,7 +46,7 @@ INDEXER_MXFP4_VALUE_BYTES = INDEXER_HEAD_DIM // 2  # 64 B packed nibbles
 INDEXER_MXFP4_SCALE_BYTES = INDEXER_HEAD_DIM // MXFP4_BLOCK  # 4 UE8M0 bytes
 INDEXER_MXFP4_RECORD_BYTES = INDEXER_MXFP4_VALUE_BYTES + INDEXER_MXFP4_SCALE_BYTES  # 68
 
-# --- compressor state cache (§4.3) -------------------------------------------------------------
+# --- compressor state cache (numerics.md §5.5) -------------------------------------------------
 C4_STATE_BLOCK_SIZE = 4  # state rows per page (C4)
 C128_STATE_BLOCK_SIZE = 8  # state rows per page (C128)
 

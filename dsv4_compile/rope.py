@@ -1,4 +1,4 @@
-"""RoPE cos/sin tables (spec §3): fp32 ``[max_pos, rope_dim]`` rows ``[cos θ_0..θ_{r/2-1} | sin ...]``.
+"""RoPE cos/sin tables (docs/numerics.md §3.2): fp32 ``[max_pos, rope_dim]`` rows ``[cos θ_0..θ_{r/2-1} | sin ...]``.
 
 Plain θ (SWA-only layers) and YaRN (compressed layers; mscale 1, so only frequencies change).
 Angles are computed in float64 and rounded once to the table dtype, which is at least as accurate

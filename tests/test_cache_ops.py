@@ -41,7 +41,7 @@ def _cache(fmt, bs, n_blocks, device="cpu", extra=0):
 
 
 def _hand_decode_kv(cache, slot, bs):
-    """One fp8_ds_mla slot decoded from the spec's byte offsets (independent of reference.cache)."""
+    """One fp8_ds_mla slot decoded from the byte offsets of docs/numerics.md §5.2 (independent of reference.cache)."""
     page = cache[slot // bs]
     k = slot % bs
     tok = page[k * 576 : (k + 1) * 576]

@@ -1,4 +1,4 @@
-"""Sparse-attention index ops (spec §2.6): reference vs a per-token Python oracle, Triton kernels vs the
+"""Sparse-attention index ops (docs/numerics.md §8.1): reference vs a per-token Python oracle, Triton kernels vs the
 reference bit for bit (interpreter at small T on a CPU, serving shapes on the GPU), opcheck, fakes,
 validation."""
 

@@ -1,4 +1,4 @@
-"""Hand-computed values pinning the reference numerics (spec §3, §4.1, §4.5)."""
+"""Hand-computed values pinning the reference numerics (docs/numerics.md §3, §4.1-§4.3)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The lightning indexer's query side in the plain form a user writes (spec §2.5 steps 1-5).
+"""The lightning indexer's query side in the plain form a user writes (docs/numerics.md §7.1).
 
 Nothing here is fused by hand: under ``dsv4_compile.compile`` the pass ``lowerings/indexer_q.py``
 rewrites RoPE → [Hadamard] → quant → weight scaling into one ``indexer_q_rope_{fp8,mxfp4}`` call.

@@ -1,4 +1,4 @@
-"""The attention core (spec §2.5, §2.7): ``dsv4::indexer_topk`` and ``dsv4::sparse_attn``.
+"""The attention core (docs/numerics.md §7.2, §8.2): ``dsv4::indexer_topk`` and ``dsv4::sparse_attn``.
 
 * ``indexer_topk``: the lightning indexer's logits ``Σ_h w[t,h]·ReLU(q̂[t,h]·k̂[s])`` over each
   token's visible compressed entries (read through its request's block table from the FP8 or MXFP4
@@ -79,16 +79,53 @@ def indexer_topk(
 ) -> torch.Tensor:
     """Top-``topk`` compressed entries per token by the lightning-indexer score.
 
-    ``q``: e4m3 ``[T, H, 128]`` (``fmt="fp8"``, ``q_scale=None``: the per-(token, head) q scale is in
-    ``weights``) or packed MXFP4 uint8 ``[T, H, 64]`` with UE8M0 ``q_scale [T, H, 4]``;
-    ``weights`` fp32 ``[T, H]`` (all scale factors folded in, as ``indexer_q_rope_*`` returns them);
-    ``k_cache`` the indexer K cache of ``fmt``; ``block_table [R, M]`` int32 maps a request's entry
-    ``s`` to slot ``block_table[r, s // block_size]·block_size + s % block_size``; ``token_to_req
-    [T]`` (negative = padding), ``positions [T]`` (negative = padding).
+    Token ``t`` (request ``req``, position ``p``) sees entries ``s < n = (p+1) // compress_ratio`` of
+    its request (capped at ``M·block_size``), read through the block table from the indexer K cache
+    and dequantized exactly; their score is ``I[t, s] = Σ_h weights[t, h] · ReLU(q̂[t, h] · k̂[s])``
+    in fp32 (docs/numerics.md §7.2).
 
-    Token t sees entries ``s < (p+1) // compress_ratio`` (capped at ``M·block_size``). Returns int32
-    ``[T, topk]``: the local indices of the ``topk`` best visible entries (in descending score order),
-    or exactly ``0..n−1`` then −1 when ``n <= topk`` entries are visible; padding tokens get −1 rows.
+    Args:
+        q: the quantized indexer query: e4m3 ``[T, H, 128]`` for ``fmt="fp8"`` (its q scale folded
+            into ``weights``), packed MXFP4 uint8 ``[T, H, 64]`` for ``fmt="mxfp4"``; ``H >= 1``.
+        q_scale: ``None`` for ``fmt="fp8"``; UE8M0 uint8 ``[T, H, 4]`` block scales for ``"mxfp4"``.
+        weights: ``[T, H]`` fp32 head weights with every scale folded in (``indexer_q_rope_*``'s
+            ``weights_out``).
+        k_cache: ``[num_blocks, page_bytes]`` uint8 indexer K cache of ``fmt`` (as
+            ``indexer_k_insert``).
+        block_table: ``[R, M]`` int32 indexer-cache pages of each request: entry ``s`` is slot
+            ``block_table[req, s // block_size]·block_size + s % block_size``; negative =
+            unallocated; any strides.
+        token_to_req: ``[T]`` int32 / int64 block-table row of each token, negative = padding token.
+        positions: ``[T]`` int32 / int64, each token's position; negative = padding token.
+        block_size: entries per page (64).
+        fmt: ``"fp8"`` or ``"mxfp4"``.
+        topk: entries to keep per token (``index_topk``: 512 Flash, 1024 Pro).
+        compress_ratio: tokens per compressed entry (4).
+
+    Returns:
+        A fresh int32 ``[T, topk]`` tensor of local entry indices: the ``topk`` visible entries of
+        largest score, in no particular order, when ``n > topk``; exactly ``0 .. n−1`` then −1 when
+        ``n <= topk``; a row of −1 for padding tokens.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: ``fmt`` is not ``"fp8"`` / ``"mxfp4"``; ``q`` / ``q_scale`` do not match ``fmt``
+            as described (dtype, rank, last dim, ``q_scale`` not ``None`` for fp8) or ``H`` is 0;
+            ``weights`` is not fp32 ``[T, H]``; ``positions`` is not 1-D int32 / int64 with ``T``
+            entries; ``k_cache`` is not a 2-D uint8 cache of ``fmt`` with pages of ``block_size``
+            records, contiguous; ``block_table`` is not 2-D int32; ``token_to_req`` is not 1-D int32
+            / int64 with ``T`` entries; ``block_size``, ``topk`` or ``compress_ratio`` is not a
+            positive int; a tensor is on another device than ``q``.
+        ValueError: a ``token_to_req`` entry ``>= R`` or a table entry ``>= num_blocks`` (checked on
+            CPU tensors, and on every device under ``DSV4_CHECK_INDICES=1``; the GPU kernels
+            otherwise mask them).
+
+    Source:
+        The DeepSeek-V4 reference ``Indexer`` (``Σ_h w·ReLU(q·k)`` over the visible compressed
+        entries, then top-k, −1 for unused slots), computed in vLLM by DeepGEMM's
+        ``fp8_fp4_paged_mqa_logits`` and its top-k kernels (``persistent_topk``).
     """
     _check_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt, topk,
                 compress_ratio)
@@ -154,13 +191,48 @@ def sparse_attn(
     swa_block_size: int,
     comp_block_size: int,
 ) -> torch.Tensor:
-    """Sparse MQA with the attention sink (spec §2.7): bf16 ``o [T, H, 512]``.
+    """Sparse multi-query attention over paged ``fp8_ds_mla`` caches with the per-head sink.
 
-    ``q`` bf16 ``[T, H, 512]``; ``swa_cache`` / ``comp_cache`` ``fp8_ds_mla`` caches and
-    ``swa_indices [T, W]`` / ``comp_indices [T, K]`` global slots into them (−1 = none; both
-    compressed arguments None on SWA-only layers). For each head, one softmax over all candidates with
-    ``s_j = scale · q·kv_j`` and the fp32 ``sink[h]`` (not scaled) in the denominator only; the values
-    are the full 512-d records. A token without candidates gets 0.
+    For head ``h`` of token ``t`` and its candidates ``j`` (the SWA and compressed slots, −1
+    skipped; keys = values = the decoded 512-d records): ``s_j = scale · q[t,h]·kv_j``,
+    ``m = max(max_j s_j, sink[h])``, ``o = Σ_j e^(s_j−m) kv_j / (Σ_j e^(s_j−m) + e^(sink[h]−m))`` in
+    fp32 (docs/numerics.md §8.2). The sink is not scaled and has no value. Prefill and decode both
+    go through it.
+
+    Args:
+        q: ``[T, H, 512]`` bf16 (any strides), ``H >= 1``: the rotated, normalized queries.
+        swa_cache: ``[num_blocks, page_bytes]`` uint8 ``fp8_ds_mla`` SWA cache (as ``kv_insert``).
+        swa_indices: ``[T, W]`` int32 / int64 global slots of ``swa_cache`` (``swa_indices``'s
+            output), −1 = none.
+        comp_cache: the ``fp8_ds_mla`` compressed cache (C4 / C128), or ``None`` on SWA-only layers.
+        comp_indices: ``[T, K]`` int32 / int64 global slots of ``comp_cache``, −1 = none; ``None``
+            exactly when ``comp_cache`` is.
+        sink: ``[H]`` fp32 sink logits (``attn_sink``).
+        scale: the positive softmax scale applied to ``q·kv`` (``512^-0.5``).
+        swa_block_size: slots per page of ``swa_cache`` (64).
+        comp_block_size: slots per page of ``comp_cache`` (C4 64, C128 2); a positive int even
+            without one.
+
+    Returns:
+        A fresh bf16 ``[T, H, 512]`` tensor; 0 for a token without candidates.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: ``q`` is not bf16 ``[T, H, 512]`` or ``H`` is 0; an index tensor is not 2-D
+            int32 / int64 with ``T`` rows; a cache is not a 2-D uint8 ``fp8_ds_mla`` cache with pages
+            of its block size (as ``kv_insert``); only one of ``comp_cache`` / ``comp_indices`` is
+            given; a block size is not a positive int; ``sink`` is not fp32 ``[H]``; ``scale`` is
+            not a positive number; a tensor is on another device than ``q``.
+        ValueError: an index outside ``[−1, num_blocks · block_size)`` of its cache (checked on CPU
+            tensors, and on every device under ``DSV4_CHECK_INDICES=1``; the GPU kernel otherwise
+            skips it).
+
+    Source:
+        FlashMLA's sparse decode (``flash_mla_with_kvcache`` with ``indices``, ``extra_indices``
+        and ``attn_sink``, FP8 ``fp8_ds_mla`` KV cache) as vLLM calls it for DSv4, and the sink
+        attention of the DeepSeek-V4 reference ``Attention``.
     """
     _check_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size, comp_block_size)
     return ref.sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size,

@@ -172,10 +172,11 @@ def compressor_state_save(
     Raises:
         ValueError: ``ape`` is not 2-D fp32, ``r`` is not 4 or 128, ``W`` is not a multiple of
             ``coff`` or ``W / coff`` is not 512 or 128; ``kv_score`` is not a 2-D float ``[T, 2W]``;
-            ``positions`` is not 1-D int32 / int64 with ``T`` entries; ``state_cache`` is not 2-D uint8, its pages hold fewer than ``state_block_size``
-            rows of ``8W`` bytes, or they are not fp32-addressable (contiguous, size, stride and offset
-            multiples of 4 bytes); ``state_block_size`` is not a positive int; ``state_slot_mapping`` is not 1-D int32 / int64 with ``T`` entries;
-            a tensor is on another device than ``ape``.
+            ``positions`` is not 1-D int32 / int64 with ``T`` entries; ``state_cache`` is not 2-D
+            uint8, its pages hold fewer than ``state_block_size`` rows of ``8W`` bytes, or they are
+            not fp32-addressable (contiguous, size, stride and offset multiples of 4 bytes);
+            ``state_block_size`` is not a positive int; ``state_slot_mapping`` is not 1-D int32 /
+            int64 with ``T`` entries; a tensor is on another device than ``ape``.
         ValueError: a negative position or a state slot outside ``[−1, num_blocks ·
             state_block_size)`` (checked on CPU tensors, and on every device under
             ``DSV4_CHECK_INDICES=1``).
@@ -211,12 +212,46 @@ def compressor_pool(
     compress_ratio: int,
     head_dim: int,
 ) -> torch.Tensor:
-    """fp32 ``[T, head_dim]``: for each token at ``p`` with ``(p+1) % r == 0`` the per-channel softmax
-    pooling of its window's state rows (C4: 8 overlapping rows, C128: 128), 0 for other tokens.
+    """Pool the window each token closes: a per-channel softmax over its state rows.
 
-    The window's rows are found through ``state_block_table [R, M]`` (int32 state pages of each
-    request, position ``q`` → page ``[req, q // state_block_size]``) and ``token_to_req [T]``
-    (−1 = padding). Negative positions and missing pages weigh 0."""
+    For a token at ``p`` with ``(p+1) % r == 0``: C128 pools rows ``p−127 .. p``; C4 pools 8 rows, the
+    A halves of ``p−7 .. p−4`` and the B halves of ``p−3 .. p``. Per channel, ``Σ e·kv / Σ e`` with
+    ``e = exp(score − max score)`` in fp32 with the fixed ``exp_fp32`` / ``tree_sum`` of
+    docs/numerics.md §6.4 (the windows: §6.2). Rows at negative positions, of padding tokens or
+    without a state page weigh 0; other tokens pool to 0.
+
+    Args:
+        state_cache: ``[num_blocks, page_bytes]`` uint8 state cache (as ``compressor_state_save``).
+        positions: ``[T]`` int32 / int64, each token's position.
+        state_block_table: ``[R, M]`` int32 state pages of each request: position ``q`` of request
+            ``req`` is row ``q % state_block_size`` of page ``state_block_table[req, q //
+            state_block_size]`` (negative = no page).
+        token_to_req: ``[T]`` int32 / int64 block-table row of each token, −1 = padding token.
+        state_block_size: state rows per page (4 for C4, 8 for C128).
+        compress_ratio: ``r``, 4 (C4) or 128 (C128).
+        head_dim: ``d``, 512 (main compressor) or 128 (indexer compressor).
+
+    Returns:
+        A fresh fp32 ``[T, head_dim]`` tensor; rows of tokens that close no window are 0.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: ``compress_ratio`` is not 4 or 128; ``head_dim`` is not 512 or 128;
+            ``positions`` is not 1-D int32 / int64; ``state_cache`` is not 2-D uint8 with pages of at
+            least ``state_block_size`` rows of ``8·coff·head_dim`` bytes, fp32-addressable;
+            ``state_block_size`` is not a positive int; ``state_block_table`` is not 2-D int32;
+            ``token_to_req`` is not 1-D int32 / int64 with ``T`` entries; a tensor is on another
+            device than ``positions``.
+        ValueError: a ``token_to_req`` entry ``>= R`` or a table entry ``>= num_blocks`` (checked on
+            CPU tensors, and on every device under ``DSV4_CHECK_INDICES=1``).
+
+    Source:
+        The window pooling of the DeepSeek-V4 reference ``Compressor`` (softmax over the window of
+        ``score + ape``, overlapping C4 windows) as vLLM's ``compress_norm_rope_store_*`` kernels read
+        it from the paged state cache.
+    """
     _check_pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim)
     return ref.pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio,
                     head_dim)
@@ -276,10 +311,61 @@ def compressor_insert(
     fmt: str,
     hadamard: bool = False,
 ) -> None:
-    """The fused compressor of one layer and step (the module's plain form in one op): state save →
-    pool → RMSNorm (fp32) → RoPE at ``(p//r)·r`` (fp32) → bf16 → [Hadamard, indexer] → quantize →
-    insert into ``cache`` (``fmt`` "fp8_ds_mla" for the main head 512, "fp8"/"mxfp4" for the indexer
-    head 128) at ``slot_mapping``."""
+    """The whole compressor of one layer and step in one op.
+
+    State save → pool → RMSNorm (fp32) → RoPE at ``(p//r)·r`` (fp32) → bf16 → [Hadamard, indexer
+    only] → quantize → insert into ``cache`` at ``slot_mapping`` (docs/numerics.md §6). Equals the
+    plain chain ``compressor_state_save``, ``compressor_pool``, ``rms_norm``, ``rope``, ``.to(bf16)``,
+    [``hadamard(·, d^-0.5)``], ``kv_insert`` / ``indexer_k_insert`` bit for bit; what
+    ``lowerings/compressor.py`` fuses that chain into. ``r`` and ``d`` come from ``ape``'s shape.
+
+    Args:
+        kv_score: ``[T, 2W]`` bf16 / fp16 / fp32 (any strides), ``[kv | score]``, ``W = coff·d``.
+        positions: ``[T]`` int32 / int64, each token's position.
+        ape: ``[r, W]`` fp32 score bias; ``r`` = 4 or 128, ``d`` = 512 (main) or 128 (indexer).
+        state_cache: ``[num_blocks, page_bytes]`` uint8 compressor state cache (as
+            ``compressor_state_save``).
+        state_slot_mapping: ``[T]`` int32 / int64 state slot of each token, −1 = skip.
+        state_block_table: ``[R, M]`` int32 state pages of each request (as ``compressor_pool``).
+        token_to_req: ``[T]`` int32 / int64 block-table row of each token, −1 = padding token.
+        state_block_size: state rows per page (4 for C4, 8 for C128).
+        norm_weight: ``[d]`` bf16 / fp16 / fp32, the compressor's RMSNorm weight.
+        eps: a positive Python number, the RMSNorm epsilon (1e-6).
+        cos_sin_cache: ``[max_pos, 64]`` fp32 / bf16, the layer's RoPE table (any strides).
+        cache: ``[num_blocks, page_bytes]`` uint8 cache of ``fmt`` (as ``kv_insert`` /
+            ``indexer_k_insert``).
+        slot_mapping: ``[T]`` int32 / int64 cache slot of the entry ``p // r`` each token closes, −1
+            for tokens that close none (and padding).
+        block_size: entries per page of ``cache`` (C4 64, C128 2, indexer 64).
+        fmt: ``"fp8_ds_mla"`` for ``d`` = 512, ``"fp8"`` or ``"mxfp4"`` for ``d`` = 128.
+        hadamard: rotate the indexer entry with ``hadamard(·, d^-0.5)`` before quantizing (indexer
+            formats only).
+
+    Returns:
+        None.
+
+    Mutates:
+        state_cache: the state rows of ``state_slot_mapping`` (−1 skipped), as
+            ``compressor_state_save``; no other byte.
+        cache: the records of ``slot_mapping`` (−1 skipped); no other byte.
+
+    Raises:
+        ValueError: every error of ``compressor_state_save`` and ``compressor_pool`` for these
+            arguments; ``norm_weight`` is not a 1-D float ``[d]`` or ``eps`` not a positive number;
+            ``cos_sin_cache`` is not 2-D fp32 / bf16 of width 64; ``fmt`` does not match ``d``;
+            ``hadamard`` with ``fmt="fp8_ds_mla"``; ``cache`` is not a 2-D uint8 cache of ``fmt``
+            with pages of ``block_size`` records (as ``kv_insert`` / ``indexer_k_insert``);
+            ``block_size`` is not a positive int; ``slot_mapping`` is not 1-D int32 / int64 with
+            ``T`` entries.
+        ValueError: a position outside ``[0, max_pos)``, a slot outside its cache, a
+            ``token_to_req`` entry ``>= R`` or a state table entry ``>= num_blocks`` (checked on CPU
+            tensors, and on every device under ``DSV4_CHECK_INDICES=1``).
+
+    Source:
+        vLLM's ``save_partial_states`` + ``compress_norm_rope_store_{triton,cutedsl}`` (main
+        compressor, head 512) and its fused indexer-K compress-and-insert (head 128); the math of the
+        DeepSeek-V4 reference ``Compressor`` (with its Hadamard for the indexer).
+    """
     _check_insert(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table, token_to_req,
                   state_block_size, norm_weight, eps, cos_sin_cache, cache, slot_mapping, block_size, fmt, hadamard)
     ref.compressor_insert(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table, token_to_req,

@@ -1,9 +1,9 @@
-"""Sparse-attention index construction for decode (spec §2.6): ``dsv4::swa_indices``,
+"""Sparse-attention index construction (docs/numerics.md §8.1): ``dsv4::swa_indices``,
 ``dsv4::global_topk_indices``, ``dsv4::compressed_indices``.
 
 All three map logical cache entries of a token's request to physical slots through a paged
 ``block_table [R, M]`` int32 and return fresh int32 ``(indices [T, W], lens [T])``; W is an input
-dim or a Python int, so shapes never depend on values and nothing syncs (spec §6.1). Padding tokens
+dim or a Python int, so shapes never depend on values and nothing syncs (docs/numerics.md §9.3). Padding tokens
 (``token_to_req < 0``; for the position-based ops also ``positions < 0``) get a row of −1 and
 ``lens = 0``. See ``reference.indices`` for the rules on unallocated pages and ``lens``.
 """
@@ -44,16 +44,38 @@ def _empty_pair(t, width, device):
 def swa_indices(
     positions: torch.Tensor, block_table: torch.Tensor, token_to_req: torch.Tensor, block_size: int, window: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sliding-window slots of each decode token.
+    """Sliding-window cache slots of each token.
 
-    Args: ``positions [T]`` int32/int64, ``block_table [R, M]`` int32 (−1 = unallocated page),
-    ``token_to_req [T]`` int32/int64 (−1 = padding token), ``block_size`` (tokens per page),
-    ``window`` (128 in DSv4).
+    Row ``t`` lists the SWA-cache slots of positions ``max(0, p−window+1) .. p`` of the token's
+    request, through its block table (docs/numerics.md §8.1).
 
-    Returns ``(indices int32 [T, window], lens int32 [T])``: for ``swa_len = min(p+1, window)``,
-    ``indices[t, j]`` = slot of position ``max(0, p−window+1) + j`` for ``j < swa_len``, −1 beyond;
-    ``lens = swa_len``. A page outside the table or a negative table entry gives −1 at that index but
-    still counts in ``lens``. Padding tokens (``token_to_req < 0`` or ``p < 0``): all −1, ``lens`` 0.
+    Args:
+        positions: ``[T]`` int32 / int64, each token's position; negative = padding token.
+        block_table: ``[R, M]`` int32 SWA pages of each request (position ``q`` → page
+            ``block_table[req, q // block_size]``), negative = unallocated page; any strides.
+        token_to_req: ``[T]`` int32 / int64 block-table row of each token, negative = padding token.
+        block_size: tokens per page (64).
+        window: the sliding window in tokens, the current one included (128 in DSv4).
+
+    Returns:
+        ``(indices, lens)``, fresh int32 ``[T, window]`` and ``[T]``: with ``swa_len = min(p+1,
+        window)``, ``indices[t, j]`` = slot of position ``max(0, p−window+1) + j`` for
+        ``j < swa_len``, −1 beyond; ``lens = swa_len``. A page outside the table or a negative table
+        entry gives −1 at that index but still counts in ``lens``. Padding tokens: all −1, ``lens`` 0.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: ``positions`` is not 1-D int32 / int64; ``block_size`` or ``window`` is not a
+            positive int; ``block_table`` is not 2-D int32; ``token_to_req`` is not 1-D int32 /
+            int64 with ``T`` entries; a tensor is on another device than ``positions``.
+        ValueError: a ``token_to_req`` entry ``>= R`` (checked on CPU tensors, and on every device
+            under ``DSV4_CHECK_INDICES=1``; the GPU kernels otherwise treat the token as padding).
+
+    Source:
+        vLLM's decode SWA indices (``decode_swa_indices`` / ``decode_swa_lens`` of its DSv4 metadata
+        builder; tokenspeed's ``decode_swa_indices_and_lens``).
     """
     _check_positional(positions, block_table, token_to_req, block_size, window=window)
     return ref.swa_indices(positions, block_table, token_to_req, block_size, window)
@@ -80,15 +102,35 @@ def _swa_indices_fake(positions, block_table, token_to_req, block_size, window):
 def global_topk_indices(
     topk: torch.Tensor, block_table: torch.Tensor, token_to_req: torch.Tensor, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global compressed-cache slots of the indexer's top-k (CSA decode).
+    """Compressed-cache slots of the indexer's top-k local entries (CSA).
 
-    Args: ``topk [T, K]`` int32 local compressed indices (−1 = none), ``block_table [R, M]`` int32 of
-    the compressed cache, ``token_to_req [T]`` int32/int64 (−1 = padding token), ``block_size``
-    (compressed entries per page).
+    Maps each local compressed-entry index of a token's request to its physical slot through the
+    compressed cache's block table (docs/numerics.md §8.1).
 
-    Returns ``(slots int32 [T, K], lens int32 [T])``: ``slots[t, k]`` = slot of entry ``topk[t, k]``
-    (order kept), −1 for a −1 entry, a page outside the table or a negative table entry;
-    ``lens[t]`` = number of slots >= 0. Padding tokens: all −1, ``lens`` 0.
+    Args:
+        topk: ``[T, K]`` int32 local compressed-entry indices (``indexer_topk``'s output), −1 = none.
+        block_table: ``[R, M]`` int32 pages of the compressed cache of each request, negative =
+            unallocated; any strides.
+        token_to_req: ``[T]`` int32 / int64 block-table row of each token, negative = padding token.
+        block_size: compressed entries per page (64 for C4).
+
+    Returns:
+        ``(slots, lens)``, fresh int32 ``[T, K]`` and ``[T]``: ``slots[t, k]`` = slot of entry
+        ``topk[t, k]`` (order kept), −1 for a −1 entry, a page outside the table or a negative table
+        entry; ``lens[t]`` = number of slots ``>= 0``. Padding tokens: all −1, ``lens`` 0.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: ``topk`` is not 2-D int32; ``block_size`` is not a positive int;
+            ``block_table`` is not 2-D int32; ``token_to_req`` is not 1-D int32 / int64 with ``T``
+            entries; a tensor is on another device than ``topk``.
+        ValueError: a ``token_to_req`` entry ``>= R`` (checked on CPU tensors, and on every device
+            under ``DSV4_CHECK_INDICES=1``; the GPU kernels otherwise treat the token as padding).
+
+    Source:
+        vLLM's ``compute_global_topk_indices_and_lens`` (DSv4 C4 decode).
     """
     _check_topk(topk, block_table, token_to_req, block_size)
     return ref.global_topk_indices(topk, block_table, token_to_req, block_size)
@@ -120,15 +162,40 @@ def compressed_indices(
     compress_ratio: int,
     width: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots of every visible compressed entry (HCA decode, "attend to all").
+    """Slots of every compressed entry visible to each token (HCA: "attend to all").
 
-    Args as ``swa_indices``, plus ``compress_ratio`` (128 for HCA) and ``width`` (the row width,
-    e.g. ``ceil(max_model_len / 128)`` rounded up to a multiple of 128 for FlashMLA).
+    Entry ``i`` of the token's request is visible iff ``i < (p+1) // compress_ratio``
+    (docs/numerics.md §2.7, §8.1).
 
-    Returns ``(slots int32 [T, width], lens int32 [T])``: with ``n = (p+1) // compress_ratio`` visible
-    entries, ``slots[t, i]`` = slot of entry ``i`` for ``i < min(n, width)``, −1 beyond;
-    ``lens = min(n, width)`` (a page outside the table or a negative table entry gives −1 at that
-    index but still counts). Padding tokens: all −1, ``lens`` 0.
+    Args:
+        positions: ``[T]`` int32 / int64, each token's position; negative = padding token.
+        block_table: ``[R, M]`` int32 pages of the compressed cache of each request, negative =
+            unallocated; any strides.
+        token_to_req: ``[T]`` int32 / int64 block-table row of each token, negative = padding token.
+        block_size: compressed entries per page (2 for C128).
+        compress_ratio: tokens per compressed entry (128 for HCA).
+        width: the row width in entries (the model: ``ceil(max_model_len / 128)``; FlashMLA wants a
+            multiple of 128).
+
+    Returns:
+        ``(slots, lens)``, fresh int32 ``[T, width]`` and ``[T]``: with ``n = (p+1) //
+        compress_ratio``, ``slots[t, i]`` = slot of entry ``i`` for ``i < min(n, width)``, −1
+        beyond; ``lens = min(n, width)`` (a page outside the table or a negative table entry gives −1
+        at that index but still counts). Padding tokens: all −1, ``lens`` 0.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: ``positions`` is not 1-D int32 / int64; ``block_size``, ``compress_ratio`` or
+            ``width`` is not a positive int; ``block_table`` is not 2-D int32; ``token_to_req`` is not
+            1-D int32 / int64 with ``T`` entries; a tensor is on another device than ``positions``.
+        ValueError: a ``token_to_req`` entry ``>= R`` (checked on CPU tensors, and on every device
+            under ``DSV4_CHECK_INDICES=1``; the GPU kernels otherwise treat the token as padding).
+
+    Source:
+        vLLM's C128 decode metadata (``build_c128a_topk_metadata``: slots of entries
+        ``0 .. (p+1)//128 − 1``).
     """
     _check_positional(positions, block_table, token_to_req, block_size, compress_ratio=compress_ratio, width=width)
     return ref.compressed_indices(positions, block_table, token_to_req, block_size, compress_ratio, width)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch, bit-exact semantics of every dsv4 op (spec §3, §4).
+"""Pure-PyTorch, bit-exact semantics of every dsv4 op (docs/numerics.md §3-§8).
 
 These functions are the CPU implementation behind every ``torch.ops.dsv4.*`` op and the oracle every
 GPU kernel is tested against. They import nothing of ours but ``layouts`` (and validate nothing:

@@ -1,10 +1,10 @@
-"""The attention core (spec §2.5, §2.7): lightning-indexer top-k and sparse MQA with the sink.
+"""The attention core (docs/numerics.md §7.2, §8.2): lightning-indexer top-k and sparse MQA with the sink.
 
 Pure PyTorch over the paged caches of ``reference.cache``; no host sync, fixed output shapes.
 
 ``indexer_topk``: for token t of request ``r = token_to_req[t]`` at position ``p``, the visible
 compressed entries are ``s < n = (p+1) // compress_ratio`` (capped at the block table's capacity),
-read through ``block_table[r]`` from the indexer K cache and dequantized exactly (§4.4, §4.5).
+read through ``block_table[r]`` from the indexer K cache and dequantized exactly (docs/numerics.md §5.3, §5.4).
 ``I[t, s] = Σ_h w[t,h] · ReLU(q̂[t,h] · k̂[s])`` in fp32; the row keeps the ``topk`` largest; a row
 with ``n <= topk`` is exactly ``[0, 1, .., n−1, −1, ..]``. Padding tokens (negative request or
 position) give a row of −1.

@@ -1,4 +1,4 @@
-"""Paged cache records, bit-exact (spec §2.3, §4.2, §4.4, §4.5).
+"""Paged cache records, bit-exact (docs/numerics.md §5).
 
 A cache is one ``uint8 [num_blocks, page_bytes]`` tensor (``stride(1) == 1``; ``stride(0)`` may
 exceed the page). Slot ``s`` lives in page ``s // bs`` at in-page index ``k = s % bs``; its value

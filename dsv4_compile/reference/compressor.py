@@ -1,4 +1,4 @@
-"""The KV compressor (spec §2.4, §4.3) and the RMSNorm it uses, bit-exact by construction.
+"""The KV compressor (docs/numerics.md §6, §5.5) and the RMSNorm it uses, bit-exact by construction.
 
 Floating-point reductions are defined here with a fixed order so that a GPU kernel can reproduce
 them bit for bit: ``tree_sum`` adds adjacent pairs level by level (zero-padded to a power of two),

@@ -1,4 +1,4 @@
-"""The lightning indexer's query path (spec §2.5 steps 2-5, §4.6): RoPE → [Hadamard] → quant → weights."""
+"""The lightning indexer's query path (docs/numerics.md §7.1): RoPE → [Hadamard] → quant → weights."""
 
 from __future__ import annotations
 

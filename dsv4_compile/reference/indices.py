@@ -1,9 +1,9 @@
-"""Index construction for sparse decode attention (spec §2.6), vectorized PyTorch.
+"""Index construction for sparse decode attention (docs/numerics.md §8.1), vectorized PyTorch.
 
 Every function maps *logical* cache positions of a token's request to *physical* slots through a
 paged ``block_table [R, M]`` int32 (``slot = block_table[r, i // block_size] · block_size +
 i % block_size``) and returns fresh int32 ``(indices [T, W], lens [T])``; W depends only on shapes
-and Python ints, so the ops are CUDA-graph safe (spec §6.1). No Python loop over tokens, no host sync.
+and Python ints, so the ops are CUDA-graph safe (docs/numerics.md §9.3). No Python loop over tokens, no host sync.
 
 Shared rules (the Triton kernels follow them bit for bit):
 
@@ -82,7 +82,7 @@ def compressed_indices(
     width: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """HCA "attend to everything" slots: entries ``0 .. n−1`` with ``n = (p+1) // compress_ratio``
-    (spec §2.11), truncated to ``width``, −1 beyond; ``lens[t] = min(n, width)`` (0 for padding)."""
+    (docs/numerics.md §2.7), truncated to ``width``, −1 beyond; ``lens[t] = min(n, width)`` (0 for padding)."""
     pos = positions.to(torch.int64)
     req = _row_req(token_to_req, block_table.shape[0], pos)
     n = torch.div(pos + 1, compress_ratio, rounding_mode="floor")

@@ -1,10 +1,10 @@
-"""A dense, cache-free reference of one ``DeepseekV4Attention`` layer (spec §2) for one request.
+"""A dense, cache-free reference of one ``DeepseekV4Attention`` layer (docs/numerics.md §2) for one request.
 
 ``dense_attention(layer, x, positions)`` recomputes the whole layer from the module's parameters for
 a request whose tokens ``0..S-1`` are all given at once: no paged cache, block table, slot mapping,
 index list or ``torch.ops.dsv4`` op. Every candidate set is a boolean mask over dense key tensors:
 
-* SWA: query ``p`` sees positions ``max(0, p-window+1) .. p`` (spec §2.11);
+* SWA: query ``p`` sees positions ``max(0, p-window+1) .. p`` (docs/numerics.md §2.7);
 * compressed entry ``i`` (closed window, ``(i+1)·r <= S``) is visible to ``p`` iff ``i < (p+1)//r``;
   HCA (r=128) attends to every visible entry, CSA (r=4) to the ``topk`` visible entries of largest
   indexer score (all of them when at most ``topk`` are visible).
@@ -49,7 +49,7 @@ def _fp8_dequant(x: torch.Tensor, block: int, floor: float) -> torch.Tensor:
 
 
 def fake_quant_fp8_ds_mla(kv: torch.Tensor) -> torch.Tensor:
-    """bf16 ``[N, 512]`` as an ``fp8_ds_mla`` record holds it (spec §4.2): nope dims e4m3 in 64-blocks
+    """bf16 ``[N, 512]`` as an ``fp8_ds_mla`` record holds it (docs/numerics.md §5.2): nope dims e4m3 in 64-blocks
     with UE8M0 scales (amax floor 1e-4), dequantized and rounded to bf16; rope dims bf16 as they are."""
     nope = _fp8_dequant(kv[..., : layouts.KV_NOPE_DIM], layouts.KV_QUANT_BLOCK, layouts.FP8_AMAX_FLOOR)
     return torch.cat((nope.to(torch.bfloat16), kv[..., layouts.KV_NOPE_DIM :].to(torch.bfloat16)), dim=-1)
@@ -65,7 +65,7 @@ def fake_quant_indexer(x: torch.Tensor, fmt: str) -> torch.Tensor:
 
 
 def compressed_entries(compressor, x: torch.Tensor, cos_sin_cache: torch.Tensor, eps: float) -> torch.Tensor:
-    """bf16 ``[S // r, d]`` entries of every closed window (spec §2.4), before the cache's quantization
+    """bf16 ``[S // r, d]`` entries of every closed window (docs/numerics.md §6.2), before the cache's quantization
     (after the indexer's optional Hadamard, which the caller applies).
 
     C128: entry i pools rows ``128i .. 128i+127``. C4: entry i pools 8 rows, the A halves of window
@@ -105,7 +105,7 @@ def compressed_entries(compressor, x: torch.Tensor, cos_sin_cache: torch.Tensor,
 
 def indexer_scores(layer, qr: torch.Tensor, x: torch.Tensor, positions: torch.Tensor,
                    k_hat: torch.Tensor) -> torch.Tensor:
-    """fp32 ``I [S, n]`` = ``Σ_h w'[p,h] · ReLU(q̂[p,h] · k̂[i])`` (spec §2.5), −inf where ``i`` is not
+    """fp32 ``I [S, n]`` = ``Σ_h w'[p,h] · ReLU(q̂[p,h] · k̂[i])`` (docs/numerics.md §7.2), −inf where ``i`` is not
     visible to ``p``. ``q̂`` is the dequantized FP8 / MXFP4 indexer query (RoPE at p → bf16 →
     [Hadamard → bf16] → quant), ``w' = weights_proj(x) · 128^-0.5 · H^-0.5``."""
     idx = layer.indexer
@@ -139,12 +139,12 @@ def dense_attention(layer, x: torch.Tensor, positions: torch.Tensor, aux: Option
     eps, cos_sin, r = layer.eps, layer.cos_sin_cache, layer.compress_ratio
     d = layouts.KV_HEAD_DIM
 
-    # query (spec §2.2): weighted RMSNorm of the latent, per-head unweighted RMSNorm, RoPE
+    # query (docs/numerics.md §2.1): weighted RMSNorm of the latent, per-head unweighted RMSNorm, RoPE
     qr = rms_normalize(F.linear(x, layer.wq_a.weight), eps, layer.q_norm.weight)
     q = rms_normalize(F.linear(qr, layer.wq_b.weight).view(s, layer.n_heads, d), eps)
     q = rope(q, positions, cos_sin)
 
-    # the K=V head as the SWA cache holds it (spec §2.3)
+    # the K=V head as the SWA cache holds it (docs/numerics.md §2.2)
     kv = rope(rms_normalize(F.linear(x, layer.wkv.weight), eps, layer.kv_norm.weight), positions, cos_sin)
     kv = fake_quant_fp8_ds_mla(kv)
     j = torch.arange(s, device=x.device)
@@ -183,8 +183,8 @@ def dense_attention(layer, x: torch.Tensor, positions: torch.Tensor, aux: Option
 def sink_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, sink: torch.Tensor,
                    scale: float) -> torch.Tensor:
     """bf16 ``[T, H, 512]``: one softmax per (token, head) over the keys ``keys [N, 512]`` (= values)
-    allowed by ``mask [T, N]``, with the raw sink logit ``sink [H]`` in the denominator only (spec
-    §2.7); fp32 math, an empty candidate set gives 0."""
+    allowed by ``mask [T, N]``, with the raw sink logit ``sink [H]`` in the denominator only
+    (docs/numerics.md §8.2); fp32 math, an empty candidate set gives 0."""
     kf = keys.float()
     logits = torch.einsum("phd,jd->phj", q.float(), kf) * scale
     logits = torch.where(mask[:, None, :], logits, float("-inf"))
@@ -198,7 +198,7 @@ def sink_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, sink
 
 
 def output_projection(layer, o: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``[T, hidden]`` (spec §2.8): inverse RoPE of ``o [T, H, 512]`` at the query positions, [FP8
+    """``[T, hidden]`` (docs/numerics.md §8.3): inverse RoPE of ``o [T, H, 512]`` at the query positions, [FP8
     fake quant in 128-blocks, amax floor 1e-10], grouped ``wo_a`` einsum in bf16, then ``wo_b``."""
     og = rope(o, positions, layer.cos_sin_cache, inverse=True).reshape(o.shape[0], layer.n_groups, -1)
     if layer.fp8_o_proj:

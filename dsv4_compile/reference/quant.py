@@ -1,4 +1,4 @@
-"""FP8 e4m3 with UE8M0 power-of-two scales, and MXFP4 (E2M1 + UE8M0), bit-exact (spec §4.1, §4.5).
+"""FP8 e4m3 with UE8M0 power-of-two scales, and MXFP4 (E2M1 + UE8M0), bit-exact (docs/numerics.md §4.1-§4.3).
 
 The scale exponent ``e = ceil(log2(amax / M))`` (M = 448 for e4m3, 6 for E2M1) is computed exactly
 from the fp32 bits of ``amax`` instead of through ``log2`` of a rounded quotient: with

@@ -166,7 +166,7 @@ class IndexerQKernel:
             c.store(rC.load().to(Float32))
             s.store(rS.load().to(Float32))
             rope_pairs(x, c, s, half)
-            # round to the input dtype before any amax (spec §3 precision rule)
+            # round to the input dtype before any amax (docs/numerics.md §3.3)
             if const_expr(self.q_dtype is not Float32):
                 x.store(x.load().to(self.q_dtype).to(Float32))
 

@@ -5,7 +5,7 @@ Both read the paged caches through the record loaders of ``cache.py`` and mask e
 −1 or past its cache, so no byte outside a cache is read. Numerics: fp32 accumulation on bf16 tensor
 core products (K and V dequantize exactly to bf16); the attention probabilities are rounded to bf16
 for the P·V product as in every flash kernel, so outputs match the fp32 reference within bf16
-tolerance, not bit for bit (spec §7: attention outputs are tolerance-checked).
+tolerance, not bit for bit (docs/numerics.md §9.1: attention outputs are tolerance-checked).
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def _indexer_q_kernel(
     s = tl.where(pos_ok, tl.load(cs_row + HALF + i, mask=is_rot, other=0.0).to(tl.float32), 0.0)
     xe, xo = tl.split(tl.reshape(x, [BLOCK_H, D // 2, 2]))
     oe, oo = rope_pairs(xe, xo, c[None, :], s[None, :])
-    # Round the rotated values to the input dtype before any amax (spec §3 precision rule).
+    # Round the rotated values to the input dtype before any amax (docs/numerics.md §3.3).
     oe = tl.where(is_rot[None, :], oe.to(q_ptr.dtype.element_ty).to(tl.float32), xe)
     oo = tl.where(is_rot[None, :], oo.to(q_ptr.dtype.element_ty).to(tl.float32), xo)
     y = tl.reshape(tl.join(oe, oo), [BLOCK_H, D])

@@ -1,4 +1,4 @@
-"""Triton kernels for the sparse-attention index ops (spec §2.6), bit-exact with
+"""Triton kernels for the sparse-attention index ops (docs/numerics.md §8.1), bit-exact with
 ``reference.indices``.
 
 * ``_window_kernel`` (``swa_indices`` and ``compressed_indices``, selected by the ``COMPRESSED``
