@@ -1,4 +1,4 @@
-"""``DeepseekV4Attention``: one DSv4 attention layer in the plain form (spec §2).
+"""``DeepseekV4Attention``: one DSv4 attention layer in the plain form (docs/numerics.md §2).
 
 Readable PyTorch over the primitive ``dsv4`` ops; nothing is fused by hand. Under
 ``dsv4_compile.compile`` the passes rewrite
@@ -16,7 +16,7 @@ Layer types (``config.compress_ratio(layer_idx)``): 0 = sliding window only (SWA
 
 Tokens are flattened ``x [T, hidden]`` with per-token positions and request rows in a
 ``StepMetadata`` (vLLM style); the caches of the layer come in a ``LayerCache``. Parameters carry
-the checkpoint's names (spec §1.3, relative to ``layers.N.attn.``), so a DSv4 state dict loads with
+the checkpoint's names (docs/numerics.md §1.4, relative to ``layers.N.attn.``), so a DSv4 state dict loads with
 ``load_state_dict``: FP8 weights with a ``<name>.scale`` block scale are dequantized to bf16 on load,
 and full-size head tensors are sliced to this module's head shard.
 """
@@ -41,11 +41,11 @@ from .indexer import IndexerQ
 
 dsv4 = torch.ops.dsv4
 
-WEIGHT_BLOCK = 128  # FP8 checkpoint weights: one UE8M0 scale per 128x128 block (spec §1.1)
+WEIGHT_BLOCK = 128  # FP8 checkpoint weights: one UE8M0 scale per 128x128 block (docs/numerics.md §1.3)
 
 
 def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight^T`` with fp32 output (the compressor GEMM, spec §2.4): bf16 operands with fp32
+    """``x @ weight^T`` with fp32 output (the compressor GEMM, docs/numerics.md §2.3): bf16 operands with fp32
     accumulation and output on CUDA (``mm`` with ``out_dtype``), fp32 operands on CPU (which has no
     such kernel). Both are the exact products of the bf16 values, summed in fp32."""
     if x.is_cuda:
@@ -79,7 +79,7 @@ class RMSNorm(nn.Module):
 
 
 class Compressor(nn.Module):
-    """Pools every ``r`` tokens into one compressed entry (spec §2.4) and inserts it into a paged cache.
+    """Pools every ``r`` tokens into one compressed entry (docs/numerics.md §6) and inserts it into a paged cache.
 
     ``head_dim`` 512 (main: ``fp8_ds_mla`` record) or 128 (indexer: FP8 / MXFP4 record, optional
     Hadamard). Partial windows live in the paged compressor-state cache, so prefill chunks and
@@ -118,7 +118,7 @@ class Compressor(nn.Module):
 
 
 class Indexer(IndexerQ):
-    """The lightning indexer (spec §2.5): the query side of ``IndexerQ`` plus its own compressor
+    """The lightning indexer (docs/numerics.md §7): the query side of ``IndexerQ`` plus its own compressor
     (head 128) writing the indexer K cache; ``forward`` returns the top-k local entry indices."""
 
     def __init__(self, config: DSv4AttentionConfig, fmt: str = "fp8", hadamard: bool = False,
@@ -168,11 +168,14 @@ class DeepseekV4Attention(nn.Module):
         hadamard: rotate indexer q and k before quantization (the DeepSeek reference); off = vLLM's bytes.
         fp8_o_proj: quantize the attention output to FP8 (128-blocks, UE8M0) before ``wo_a`` as vLLM's
             DeepGEMM path does (dequantized here for a bf16 einsum); off = bf16 activations.
+        o_rope_bf16: with ``fp8_o_proj``, round the inverse-rotated rope dims to bf16 before that
+            quant (the DeepSeek reference); off = vLLM's bytes (its fp32 rotation is quantized).
     """
 
     def __init__(self, config: DSv4AttentionConfig, layer_idx: int, n_local_heads: Optional[int] = None,
                  head_offset: int = 0, max_model_len: Optional[int] = None, indexer_fmt: str = "fp8",
-                 hadamard: bool = False, fp8_o_proj: bool = True, dtype=torch.bfloat16, device=None):
+                 hadamard: bool = False, fp8_o_proj: bool = True, o_rope_bf16: bool = True,
+                 dtype=torch.bfloat16, device=None):
         super().__init__()
         if not 0 <= layer_idx < len(config.compress_ratios):
             raise ValueError(f"layer_idx must be in [0, {len(config.compress_ratios)}), got {layer_idx}")
@@ -192,7 +195,7 @@ class DeepseekV4Attention(nn.Module):
         self.compress_ratio = config.compress_ratio(layer_idx)
         self.n_heads, self.head_offset = n_local_heads, head_offset
         self.n_groups = n_local_heads // config.heads_per_group
-        self.max_model_len, self.fp8_o_proj = max_model_len, fp8_o_proj
+        self.max_model_len, self.fp8_o_proj, self.o_rope_bf16 = max_model_len, fp8_o_proj, o_rope_bf16
         self.eps, self.window, self.softmax_scale = config.rms_norm_eps, config.sliding_window, config.softmax_scale
         d, hidden = config.head_dim, config.hidden_size
         kw = dict(bias=False, dtype=dtype, device=device)
@@ -267,7 +270,7 @@ class DeepseekV4Attention(nn.Module):
         self._check_rope_table()
 
     def _fp32_tensors(self) -> list:
-        """(owner, name, tensor) of the tensors the spec keeps in fp32 whatever the model dtype: the sink
+        """(owner, name, tensor) of the tensors kept in fp32 whatever the model dtype (docs/numerics.md §1.4): the sink
         logits, the compressors' position biases and the RoPE table."""
         out = [(self, "attn_sink"), (self, "cos_sin_cache")]
         for comp in (self.compressor, self.indexer.compressor if self.indexer is not None else None):
@@ -315,6 +318,20 @@ class DeepseekV4Attention(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, meta: StepMetadata, cache: LayerCache) -> torch.Tensor:
+        """``x [T, hidden]`` (T may be 0) → ``[T, hidden]``; ``meta`` from ``StepMetadataBuilder``,
+        ``cache`` this layer's ``LayerCache`` (``ValueError`` when either is missing or lacks what the
+        layer type needs)."""
+        if not isinstance(meta, StepMetadata):
+            raise ValueError(f"meta must be the StepMetadata of the step (StepMetadataBuilder.build / .view), "
+                             f"got {type(meta).__name__}")
+        if not isinstance(cache, LayerCache):
+            raise ValueError(f"cache must be this layer's LayerCache (KVCacheManager.caches[i]), got {type(cache).__name__}")
+        needed = ("swa",) + (("compressed", "compressor_state") if self.compress_ratio else ()) + (
+            ("indexer", "indexer_state") if self.compress_ratio == 4 else ())
+        missing = [f for f in needed if getattr(cache, f) is None]
+        if missing:
+            raise ValueError(f"layer {self.layer_idx} (compress ratio {self.compress_ratio}) needs the caches "
+                             f"{list(needed)}; this LayerCache lacks {missing}")
         t = x.shape[0]
         if meta.positions.shape[0] != t:
             raise ValueError(f"x has {t} token rows but the step metadata has {meta.positions.shape[0]}")
@@ -330,7 +347,7 @@ class DeepseekV4Attention(nn.Module):
 
         # query: low-rank projection, RMSNorm, per-head unweighted RMSNorm, RoPE on the last 64 dims
         qr = self.q_norm(qa)
-        q = rms_normalize(self.wq_b(qr).view(t, self.n_heads, -1), self.eps)
+        q = rms_normalize(self.wq_b(qr).view(t, self.n_heads, self.config.head_dim), self.eps)
         q = dsv4.rope(q, positions, cos_sin)
 
         # the single K=V head: RMSNorm, RoPE, FP8 into the paged SWA cache
@@ -359,8 +376,10 @@ class DeepseekV4Attention(nn.Module):
                              swa_bs, self.comp_block_size)
 
         # output: inverse RoPE at the query position, [FP8 activations], grouped low-rank projection
+        if self.fp8_o_proj and not self.o_rope_bf16:
+            o = o.float()  # vLLM's bytes: the fp32 rotation goes into the quant unrounded
         o = dsv4.rope(o, positions, cos_sin, inverse=True)
-        o = o.view(t, self.n_groups, -1)
+        o = o.view(t, self.n_groups, self.config.heads_per_group * self.config.head_dim)
         if self.fp8_o_proj:
             o_fp8, o_scale = dsv4.fp8_block_quant(o, layouts.O_PROJ_QUANT_BLOCK, layouts.INV_ROPE_AMAX_FLOOR)
             # group-major [G, T, D] (the fused quant's native layout) dequantized exactly to bf16: each

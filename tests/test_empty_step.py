@@ -1,0 +1,54 @@
+"""A zero-token step (an idle data-parallel attention rank) returns ``[0, hidden]`` and changes no
+cache byte, in eager, compiled and runner paths, for every layer type (issue 12, item 4)."""
+
+import pytest
+import torch
+
+from dsv4_compile import DSv4AttentionConfig
+from dsv4_compile.model import DeepseekV4Attention
+from dsv4_compile.runtime import (CacheConfig, DecodeGraphRunner, KVCacheManager, StepMetadataBuilder,
+                                  compile_step)
+
+CFG = DSv4AttentionConfig.tiny()
+CC = CacheConfig(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64, token_budget=1024)
+LAYERS = {0: "swa", 1: "csa", 2: "hca"}
+
+
+def _bytes(mgr):
+    return [t.clone() for c in mgr.caches for t in c.tensors()]
+
+
+@pytest.mark.parametrize("idx", sorted(LAYERS), ids=LAYERS.get)
+def test_zero_token_step_eager_compiled_and_runner(idx):
+    torch.manual_seed(0)
+    layer = DeepseekV4Attention(CFG, idx, max_model_len=256)
+    mgr = KVCacheManager(CFG, [idx], CC)
+    b = StepMetadataBuilder(mgr)
+    mgr.add_request("a")
+    step = compile_step(lambda x, meta: layer(x, meta, mgr.caches[0]))
+    runner = DecodeGraphRunner(step, b, CFG.hidden_size)
+    runner(torch.randn(9, CFG.hidden_size).bfloat16(), [("a", 9)])  # some cache content to keep
+    before = _bytes(mgr)
+    empty = torch.empty(0, CFG.hidden_size, dtype=torch.bfloat16)
+    outs = [layer(empty, b.view(0), mgr.caches[0]), step(empty, b.build([])), runner(empty, [])]
+    for y in outs:
+        assert y.shape == (0, CFG.hidden_size) and y.dtype == torch.bfloat16
+    for w, g in zip(before, _bytes(mgr), strict=True):
+        assert torch.equal(w, g)
+    # the step keeps working after an empty one, and T = 0 did not cost a second compile of T > 0
+    y = runner(torch.randn(1, CFG.hidden_size).bfloat16(), [("a", 1)])
+    assert y.shape == (1, CFG.hidden_size) and torch.isfinite(y.float()).all()
+
+
+def test_missing_metadata_or_cache_is_a_value_error():
+    layer = DeepseekV4Attention(CFG, 1, max_model_len=256)
+    mgr = KVCacheManager(CFG, [1], CC)
+    b = StepMetadataBuilder(mgr)
+    x = torch.randn(2, CFG.hidden_size).bfloat16()
+    with pytest.raises(ValueError, match="meta must be the StepMetadata"):
+        layer(x, None, None)
+    with pytest.raises(ValueError, match="cache must be this layer's LayerCache"):
+        layer(x, b.view(2), None)
+    swa_only = KVCacheManager(CFG, [0], CC).caches[0]
+    with pytest.raises(ValueError, match=r"lacks \['compressed', 'compressor_state', 'indexer', 'indexer_state'\]"):
+        layer(x, b.view(2), swa_only)
