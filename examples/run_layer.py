@@ -4,11 +4,11 @@
     python examples/run_layer.py --device cuda --config flash --cudagraph   # V4-Flash CSA layer, FULL_DECODE_ONLY
 
 Prints compile time, graph breaks, the fusions the dsv4 passes made, and tokens/s of prefill and
-decode (decode steps replay a CUDA graph with --cudagraph).
+decode (decode steps replay a CUDA graph with --cudagraph; --decode 0 runs the prefill only). With
+tqdm installed (the ``examples`` extra) the loops show a progress bar on a terminal.
 """
 
 import argparse
-import sys
 import time
 
 import torch
@@ -19,17 +19,19 @@ from dsv4_compile.lowerings import DSV4PassManager
 from dsv4_compile.model import DeepseekV4Attention
 from dsv4_compile.runtime import CacheConfig, DecodeGraphRunner, KVCacheManager, StepMetadataBuilder, compile_step
 
+try:
+    from tqdm import tqdm
+except ImportError:  # progress bars are optional (pip install 'dsv4-compile[examples]')
+    tqdm = None
+
 RATIOS = {"swa": 0, "csa": 4, "hca": 128}
 
 
-def progress(i, n, label, t0):
-    if not sys.stdout.isatty() and i not in (n,):
-        return
-    width = 30
-    done = width * i // n
-    rate = i / max(time.perf_counter() - t0, 1e-9)
-    end = "\n" if i == n else "\r"
-    print(f"  {label} [{'#' * done}{'.' * (width - done)}] {i}/{n} ({rate:.1f} steps/s)", end=end, flush=True)
+def progress(it, desc):
+    """``it`` with a tqdm bar on a terminal (the ``examples`` extra); plain ``it`` without tqdm."""
+    if tqdm is None:
+        return it
+    return tqdm(it, desc=desc, unit="step", disable=None, leave=False)
 
 
 def sync(device):
@@ -45,12 +47,15 @@ def main():
     ap.add_argument("--layer", default="csa", choices=sorted(RATIOS))
     ap.add_argument("--requests", type=int, default=None, help="concurrent requests (default 1 cpu, 8 cuda)")
     ap.add_argument("--prefill", type=int, default=100, help="prompt tokens per request")
-    ap.add_argument("--decode", type=int, default=20, help="decode steps")
+    ap.add_argument("--decode", type=int, default=20,
+                    help="decode steps (the first is a warm-up, not timed; 0: prefill only)")
     ap.add_argument("--cudagraph", action="store_true", help="replay decode steps from CUDA graphs")
     ap.add_argument("--indexer-fmt", default="fp8", choices=["fp8", "mxfp4"])
     args = ap.parse_args()
 
     device = torch.device(args.device)
+    if args.decode < 0 or args.prefill < 1:
+        ap.error("--decode must be >= 0 and --prefill >= 1")
     if args.cudagraph and device.type != "cuda":
         ap.error("--cudagraph needs --device cuda")
     cfg = getattr(DSv4AttentionConfig, args.config or ("tiny" if device.type == "cpu" else "flash"))()
@@ -85,7 +90,7 @@ def main():
     sync(device)
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for r in reqs[1:]:
+    for r in progress(reqs[1:], "prefill"):
         out = runner(torch.randn(args.prefill, cfg.hidden_size, device=device).bfloat16(), [(r, args.prefill)])
     sync(device)
     prefill_s = time.perf_counter() - t0
@@ -94,31 +99,38 @@ def main():
         runner.capture()
         print(f"captured {len(runner.graphs)} decode graphs in {time.perf_counter() - t0:.1f} s")
 
-    batch = [(r, 1) for r in reqs]
-    xs = torch.randn(args.decode, n_req, cfg.hidden_size, device=device).bfloat16()
-    runner(xs[0], batch)  # warm-up step (first replay)
-    sync(device)
-    t0 = time.perf_counter()
-    for i in range(1, args.decode):
-        out = runner(xs[i], batch)
-        if args.decode > 50:
-            progress(i, args.decode - 1, "decode", t0)
-    sync(device)
-    decode_s = time.perf_counter() - t0
+    out_step = f"prefill of {reqs[-1]}"
+    decode_s = 0.0
+    if args.decode:
+        batch = [(r, 1) for r in reqs]
+        xs = torch.randn(args.decode, n_req, cfg.hidden_size, device=device).bfloat16()
+        out = runner(xs[0], batch)  # warm-up step (first replay), not timed
+        sync(device)
+        t0 = time.perf_counter()
+        for i in progress(range(1, args.decode), "decode"):
+            out = runner(xs[i], batch)
+        sync(device)
+        decode_s = time.perf_counter() - t0
+        out_step = f"decode step {args.decode}"
 
     snap = passes.snapshots[-1] if passes.snapshots else None
     breaks = sum(counters["graph_break"].values())
-    print(f"compile + first prefill: {compile_s:.1f} s; graphs compiled: {counters['stats']['unique_graphs']}; "
-          f"graph breaks: {breaks}")
+    print(f"compile + first prefill: {compile_s:.1f} s; Dynamo graphs compiled: "
+          f"{counters['stats']['unique_graphs']}; graph breaks: {breaks}")
     if snap is not None:
         print(f"fusions: {', '.join(f'{k} x{v}' for k, v in snap.matches.items() if v)}")
     if n_req > 1:
         print(f"prefill: {(n_req - 1) * args.prefill / prefill_s:,.0f} tokens/s ({n_req - 1} x {args.prefill} tokens)")
     steps = args.decode - 1
-    if steps:
-        print(f"decode: {steps * n_req / decode_s:,.0f} tokens/s, {decode_s / steps * 1e3:.2f} ms/step "
-              f"({'CUDA-graph replay' if args.cudagraph else 'compiled, no graph'}); stats {runner.stats}")
-    print(f"last output: {tuple(out.shape)} {out.dtype}, finite: {bool(torch.isfinite(out).all())}, "
+    mode = "CUDA-graph replay" if args.cudagraph else "compiled, no graph"
+    if steps > 0:
+        print(f"decode: {steps * n_req / decode_s:,.0f} tokens/s, {decode_s / steps * 1e3:.2f} ms/step over "
+              f"{steps} timed steps after 1 warm-up ({mode}); runner stats {runner.stats}")
+    elif args.decode == 1:
+        print(f"decode: 1 warm-up step, none timed ({mode}); runner stats {runner.stats}")
+    else:
+        print(f"decode: none (--decode 0: prefill only); runner stats {runner.stats}")
+    print(f"last output ({out_step}): {tuple(out.shape)} {out.dtype}, finite: {bool(torch.isfinite(out).all())}, "
           f"mean |y| {out.float().abs().mean().item():.4f}")
 
 

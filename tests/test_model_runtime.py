@@ -190,7 +190,7 @@ def test_100_decode_steps_one_graph_bit_exact():
             twin.admit(rng)
         twin.decode(rng)
     assert counters["stats"]["unique_graphs"] == graphs, "a step recompiled"
-    assert runner.stats["eager_decode"] == 101
+    assert runner.stats["ungraphed_decode_steps"] == 101
     twin.assert_caches_equal()
 
 

@@ -5,7 +5,7 @@ Inductor's own CUDA graphs off, with the token dimension dynamic: one graph serv
 size 1 included (the token dims are marked dynamic and traced size-oblivious, so no ``T >= 2`` guard
 is installed).
 
-``DecodeGraphRunner`` (torch-compile-notes §D): decode-only batches (one new token for every
+``DecodeGraphRunner`` (docs/compile.md §6): decode-only batches (one new token for every
 request) are padded to the next capture size, their metadata and activations copied into
 persistent buffers, and a CUDA graph of the compiled step — captured once per size, warm-up first,
 all sizes in one memory pool — is replayed. Prefill and mixed batches run the compiled step without
@@ -66,6 +66,11 @@ class DecodeGraphRunner:
 
     The returned tensor of a replayed step is a view into the graphs' shared memory pool: valid until
     the next replay of *any* size (clone it to keep it).
+
+    ``stats`` counts the steps run: ``replays`` (decode steps replayed from a CUDA graph),
+    ``ungraphed_decode_steps`` (decode steps that called the step directly: ``cuda_graphs`` off) and
+    ``prefill_or_mixed_steps`` (every other batch, which calls the step directly). Captures and their
+    warm-up calls are not counted.
     """
 
     def __init__(self, step: Callable, builder: StepMetadataBuilder, hidden_size: int,
@@ -88,7 +93,7 @@ class DecodeGraphRunner:
         self.graphs: dict = {}
         self.pool = None
         self._warmup_stream = None  # one side stream for every capture's warm-up
-        self.stats = {"replays": 0, "eager_decode": 0, "compiled": 0}
+        self.stats = {"replays": 0, "ungraphed_decode_steps": 0, "prefill_or_mixed_steps": 0}
 
     def padded_size(self, n: int) -> int:
         i = bisect.bisect_left(self.capture_sizes, n)
@@ -141,7 +146,7 @@ class DecodeGraphRunner:
         self._check_x(x, n_tokens)
         if not self.builder.is_decode(batch):
             meta = self.builder.build(batch)
-            self.stats["compiled"] += 1
+            self.stats["prefill_or_mixed_steps"] += 1
             return self.step(x, meta)
         n = self.padded_size(len(batch))
         if self.cuda_graphs and n not in self.graphs:
@@ -154,5 +159,5 @@ class DecodeGraphRunner:
             graph.replay()
             self.stats["replays"] += 1
             return out[:n_tokens]
-        self.stats["eager_decode"] += 1
+        self.stats["ungraphed_decode_steps"] += 1
         return self.step(self.x_buf[:n], self.builder.view(n))[:n_tokens]
