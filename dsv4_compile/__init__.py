@@ -28,8 +28,20 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
     ``passes`` configures the pass manager (``PassConfig`` fields); ``options`` are extra Inductor
     options merged over ours; other keyword arguments go to ``torch.compile`` (``dynamic=``, ...).
     ``mode=`` cannot be combined with options in ``torch.compile``: pass its settings in ``options``.
+
+    A call whose arguments include a ``runtime.StepMetadata`` (a layer's ``forward(x, meta, cache)``,
+    a step ``fn(x, meta)``) gets one graph for every token count, T = 0 and 1 included: the token dim
+    of ``x`` (the first tensor argument) and of the metadata is marked dynamic and traced
+    size-oblivious. A ``ValueError`` the function raises while it is traced reaches the caller as that
+    ``ValueError`` (Dynamo reports it as a graph break otherwise). The result is a function; the
+    ``torch.compile`` object is its ``.compiled``.
     """
+    import functools
+
     import torch
+    import torch.fx.experimental._config as fx_config
+
+    from .runtime.metadata import StepMetadata
 
     if "mode" in kwargs:
         raise ValueError(
@@ -38,4 +50,43 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
         )
     merged = inductor_options(**(passes or {}))
     merged.update(options or {})
-    return torch.compile(fn_or_module, fullgraph=fullgraph, options=merged, **kwargs)
+    compiled = torch.compile(fn_or_module, fullgraph=fullgraph, options=merged, **kwargs)
+
+    @functools.wraps(fn_or_module if callable(fn_or_module) and hasattr(fn_or_module, "__name__") else compile)
+    def run(*args, **kw):
+        metas = [a for a in list(args) + list(kw.values()) if isinstance(a, StepMetadata)]
+        try:
+            if not metas:
+                return compiled(*args, **kw)
+            x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            for t in ([x] if x is not None else []) + [t for m in metas for t in m.token_tensors()]:
+                torch._dynamo.mark_dynamic(t, 0)
+            with fx_config.patch(backed_size_oblivious=True):
+                return compiled(*args, **kw)
+        except torch._dynamo.exc.Unsupported as e:
+            err = _traced_value_error(e)
+            if err is None:
+                raise
+            raise err from None
+
+    run.compiled = compiled
+    return run
+
+
+def _traced_value_error(e) -> "ValueError | None":
+    """The ``ValueError`` user code raised while Dynamo traced it (Dynamo wraps it in ``Unsupported``
+    with an ``ObservedValueErrorError`` cause holding its repr), or ``None``."""
+    import ast
+    import re
+
+    cause = e.__cause__
+    if type(cause).__name__ != "ObservedValueErrorError" or not cause.args:
+        return None
+    m = re.fullmatch(r"raised exception ValueError\((.*)\)", str(cause.args[0]), re.S)
+    if m is None:
+        return None
+    try:
+        args = ast.literal_eval(f"({m.group(1)},)") if m.group(1) else ()
+    except (ValueError, SyntaxError):
+        return None
+    return ValueError(*args)

@@ -52,3 +52,28 @@ def test_missing_metadata_or_cache_is_a_value_error():
     swa_only = KVCacheManager(CFG, [0], CC).caches[0]
     with pytest.raises(ValueError, match=r"lacks \['compressed', 'compressor_state', 'indexer', 'indexer_state'\]"):
         layer(x, b.view(2), swa_only)
+
+
+def test_dsv4_compile_of_a_layer_is_one_graph_for_every_token_count():
+    """``dsv4_compile.compile(layer)`` traces token dims like ``compile_step`` (plain torch.compile
+    compiled 3 graphs for T = 7, 1, 3), T = 0 included, and matches eager."""
+    import dsv4_compile
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    layer = DeepseekV4Attention(CFG, 2, max_model_len=256)
+    mgr = KVCacheManager(CFG, [2], CC)
+    twin = KVCacheManager(CFG, [2], CC)
+    b, tb = StepMetadataBuilder(mgr), StepMetadataBuilder(twin)
+    compiled = dsv4_compile.compile(layer)
+    torch._dynamo.reset()
+    counters.clear()
+    for m in (mgr, twin):
+        m.add_request("a")
+    for t in (7, 1, 3, 0):
+        x = torch.randn(t, CFG.hidden_size).bfloat16()
+        batch = [("a", t)] if t else []
+        assert torch.equal(compiled(x, b.build(batch), mgr.caches[0]), layer(x, tb.build(batch), twin.caches[0]))
+    assert counters["stats"]["unique_graphs"] == 1
+    with pytest.raises(ValueError, match="meta must be the StepMetadata"):  # a ValueError, not a graph break
+        compiled(torch.randn(2, CFG.hidden_size).bfloat16(), None, mgr.caches[0])

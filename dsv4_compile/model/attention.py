@@ -332,6 +332,14 @@ class DeepseekV4Attention(nn.Module):
         if missing:
             raise ValueError(f"layer {self.layer_idx} (compress ratio {self.compress_ratio}) needs the caches "
                              f"{list(needed)}; this LayerCache lacks {missing}")
+        rows = self.cos_sin_cache.shape[0]
+        if meta.max_model_len is not None and rows < meta.max_model_len:
+            # checked on the host before any kernel runs: past row ``rows`` the RoPE kernels have no
+            # angle to rotate by (they would write NaN rope dims: docs/numerics.md §9.4)
+            raise ValueError(f"layer {self.layer_idx} has RoPE tables of {rows} positions (max_model_len={rows}) "
+                             f"but the runtime admits positions up to {meta.max_model_len - 1} "
+                             f"(CacheConfig.max_model_len={meta.max_model_len}): build the layer with "
+                             f"max_model_len >= {meta.max_model_len}")
         t = x.shape[0]
         if meta.positions.shape[0] != t:
             raise ValueError(f"x has {t} token rows but the step metadata has {meta.positions.shape[0]}")

@@ -129,7 +129,8 @@ class StepMetadataBuilder:
         for r in self.manager.ratios:
             k = 3 if r == 4 else 5
             comp[r] = CompressedMetadata(tok[k], tok[k + 1], self.tables[f"c{r}"], self.tables[f"c{r}_state"])
-        return StepMetadata(tok[0], tok[1], tok[2], self.tables["swa"], comp.get(4), comp.get(128))
+        return StepMetadata(tok[0], tok[1], tok[2], self.tables["swa"], comp.get(4), comp.get(128),
+                            self.manager.cache_config.max_model_len)
 
     def pad_only(self, rows: int) -> StepMetadata:
         """Metadata of ``rows`` padding tokens (capture and warm-up): nothing is read or written."""

@@ -48,6 +48,9 @@ class StepMetadata:
     swa_block_table: torch.Tensor
     c4: Optional[CompressedMetadata] = None
     c128: Optional[CompressedMetadata] = None
+    # the runtime's CacheConfig.max_model_len: every position the builder admits is below it, so a
+    # layer's RoPE table needs at least this many rows (None: the caller vouches for the positions)
+    max_model_len: Optional[int] = None
 
     @property
     def num_tokens(self) -> int:

@@ -18,17 +18,10 @@ import bisect
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.fx.experimental._config as fx_config
 
 from .builder import StepMetadataBuilder
-from .metadata import StepMetadata
 
 DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 64)
-
-
-def mark_token_dim_dynamic(x: torch.Tensor, meta: StepMetadata) -> None:
-    for t in [x] + meta.token_tensors():
-        torch._dynamo.mark_dynamic(t, 0)
 
 
 def compile_step(fn: Callable, passes: Optional[dict] = None, options: Optional[dict] = None, **compile_kw):
@@ -36,19 +29,9 @@ def compile_step(fn: Callable, passes: Optional[dict] = None, options: Optional[
     ``PassConfig`` fields; ``passes=False`` compiles with plain Inductor (no dsv4 passes)."""
     import dsv4_compile
 
-    opts = {"triton.cudagraphs": False, **(options or {})}
-    if passes is False:
-        compiled = torch.compile(fn, fullgraph=True, options=opts, **compile_kw)
-    else:
-        compiled = dsv4_compile.compile(fn, passes=passes or {}, options=opts, **compile_kw)
-
-    def step(x: torch.Tensor, meta: StepMetadata):
-        mark_token_dim_dynamic(x, meta)
-        with fx_config.patch(backed_size_oblivious=True):
-            return compiled(x, meta)
-
-    step.compiled = compiled
-    return step
+    plain = {"post_grad_custom_post_pass": None} if passes is False else {}  # no dsv4 passes
+    opts = {"triton.cudagraphs": False, **plain, **(options or {})}
+    return dsv4_compile.compile(fn, passes=passes or {}, options=opts, **compile_kw)
 
 
 class DecodeGraphRunner:

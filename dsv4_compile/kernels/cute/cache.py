@@ -18,7 +18,7 @@ otherwise.
 
 Numerics (``_math``): RoPE products and sums are separately rounded ``mul.rn`` / ``add.rn`` in the
 reference's order, rounded to bf16 (RNE); exponents from the fp32 bits of the floored amax; values
-``clamp(x·2^-e, ±448)`` → ``cvt.rn.satfinite.e4m3x2.f32``.
+``x·2^-e`` → ``cvt.rn.satfinite.e4m3x2.f32`` (saturates to ±448; NaN stays NaN).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from cutlass import BFloat16, Float32, Int32, Int64, Uint8, const_expr
 from ... import layouts
 from ...reference import quant as _ref_quant
 from ._common import arch_name
-from ._math import TORCH_TO_CUTE, ceil_log2_ratio, clamp, e4m3x4, group_max, mul_rn, pow2, rope_pairs
+from ._math import TORCH_TO_CUTE, ceil_log2_ratio, e4m3x4, group_max, mul_rn, pow2, rope_pairs
 
 ELEMS = 16  # kv elements per lane: 16 e4m3 bytes = one 128-bit store
 WARP = 32
@@ -104,12 +104,13 @@ class KVInsertKernel:
             if const_expr(self.rope):
                 rC = cute.make_rmem_tensor((half,), mCS.element_type)
                 rS = cute.make_rmem_tensor((half,), mCS.element_type)
-                rC.fill(0.0)
-                rS.fill(0.0)
+                # NaN cos/sin unless the position is a row of the table: an out-of-range position
+                # (host checks bypassed) never reads outside it and stores NaN rope dims, never a
+                # plausible rotation (as in the Triton kernel)
+                rC.fill(float("nan"))
+                rS.fill(float("nan"))
                 if lane >= NOPE_LANES:
                     pos = Int64(mPos[t])
-                    # Out-of-range positions never read outside the table: their rotated dims
-                    # come out 0 (as in the Triton kernel).
                     if pos >= 0:
                         if pos < Int64(mCS.shape[0]):
                             cs_row = mCS[pos, None]
@@ -145,7 +146,9 @@ class KVInsertKernel:
                         # 16 e4m3 bytes: one 128-bit store at k·576 + 16·lane
                         words = cute.make_rmem_tensor((ELEMS // 4,), Int32)
                         for j in cutlass.range_constexpr(ELEMS // 4):
-                            v = [clamp(mul_rn(x[4 * j + m], inv), FP8_MAX) for m in range(4)]
+                            # no clamp: the cast's .satfinite saturates to ±448 exactly as a clamp
+                            # would, and keeps NaN NaN (a clamp would turn it into a plausible -448)
+                            v = [mul_rn(x[4 * j + m], inv) for m in range(4)]
                             words[j] = e4m3x4(v[0], v[1], v[2], v[3]).bitcast(Int32)
                         gNope = cute.local_tile(page, (ELEMS,), (k * (TOKEN_BYTES // ELEMS) + lane,))
                         cute.autovec_copy(words, cute.recast_tensor(gNope, Int32))

@@ -150,11 +150,11 @@ class IndexerQKernel:
         rC = cute.make_rmem_tensor((half,), mCS.element_type)
         rS = cute.make_rmem_tensor((half,), mCS.element_type)
         if lane >= self.nope_lanes:
-            rC.fill(0.0)
-            rS.fill(0.0)
+            # an out-of-range position never reads outside the table; its rotated dims come out NaN
+            # (never a plausible rotation), as in the Triton kernel
+            rC.fill(float("nan"))
+            rS.fill(float("nan"))
             pos = Int64(mPos[t])
-            # Out-of-range positions never read outside the table: their rotated dims come out 0
-            # (as in the Triton kernel).
             if pos >= 0:
                 if pos < Int64(mCS.shape[0]):
                     cs_row = mCS[pos, None]
@@ -207,7 +207,8 @@ class IndexerQKernel:
             inv = pow2(-e)
             words = cute.make_rmem_tensor((ELEMS // 4,), Int32)
             for j in cutlass.range_constexpr(ELEMS // 4):
-                v = [clamp(mul_rn(x[4 * j + m], inv), FP8_MAX) for m in range(4)]
+                # no clamp: the cast's .satfinite saturates to ±448 as a clamp would and keeps NaN
+                v = [mul_rn(x[4 * j + m], inv) for m in range(4)]
                 words[j] = e4m3x4(v[0], v[1], v[2], v[3]).bitcast(Int32)
             if h < self.num_heads:
                 cute.autovec_copy(words, cute.local_tile(mOut[t, h, None], (ELEMS // 4,), (lane,)))

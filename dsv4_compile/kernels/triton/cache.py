@@ -47,12 +47,14 @@ def rope_last_row(x3, c, s, NR: tl.constexpr, BT: tl.constexpr):
 
 @triton.jit
 def load_cos_sin(cs_ptr, pos, ok, max_pos, cs_stride):
-    """``(cos, sin) [BT, 32]`` fp32 rows of the table at ``pos`` (zeros where out of range)."""
+    """``(cos, sin) [BT, 32]`` fp32 rows of the table at ``pos``; NaN where ``pos`` is not a row of the
+    table (host checks bypassed): the rotated dims come out NaN, never a plausible value, and nothing
+    outside the table is read."""
     pos_ok = ok & (pos >= 0) & (pos < max_pos)
     j = tl.arange(0, 32)
     off = pos.to(tl.int64)[:, None] * cs_stride + j[None, :]
-    c = tl.load(cs_ptr + off, mask=pos_ok[:, None], other=0.0).to(tl.float32)
-    s = tl.load(cs_ptr + off + 32, mask=pos_ok[:, None], other=0.0).to(tl.float32)
+    c = tl.load(cs_ptr + off, mask=pos_ok[:, None], other=float("nan")).to(tl.float32)
+    s = tl.load(cs_ptr + off + 32, mask=pos_ok[:, None], other=float("nan")).to(tl.float32)
     return c, s
 
 
@@ -74,7 +76,7 @@ def store_fp8_ds_mla(cache_ptr, page_off, k, ok, nope3, rope, BS: tl.constexpr, 
     xf = nope3.to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(xf), axis=2), AMAX_FLOOR)
     e = ceil_log2_ratio(amax, FP8_MAX_EXP, FP8_MAX_MANT)  # [BT, 8]
-    q = tl.clamp(xf * pow2(-e)[:, :, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    q = tl.clamp(xf * pow2(-e)[:, :, None], -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     base = page_off + k * TOKEN_BYTES  # [BT]
     nope = ok[:, None, None] & (r < NOPE_BLOCKS)[None, :, None]
     tl.store(cache_ptr + base[:, None, None] + (r * 64)[None, :, None] + c[None, None, :], q, mask=nope)
@@ -93,7 +95,7 @@ def store_indexer_fp8(cache_ptr, page_off, k, ok, x, BS: tl.constexpr, BT: tl.co
     d = tl.arange(0, 128)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_FLOOR)
     e = ceil_log2_ratio(amax, FP8_MAX_EXP, FP8_MAX_MANT)
-    q = tl.clamp(x * pow2(-e)[:, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    q = tl.clamp(x * pow2(-e)[:, None], -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     tl.store(cache_ptr + (page_off + k * 128)[:, None] + d[None, :], q, mask=ok[:, None])
     store_bytes_of_u32(cache_ptr, page_off + BS * 128 + k * 4, pow2(e), ok, BT)
 

@@ -52,10 +52,11 @@ def _indexer_q_kernel(
     pairs = tl.arange(0, D // 2)
     is_rot = pairs >= NOPE_PAIRS
     i = tl.where(is_rot, pairs - NOPE_PAIRS, 0)
-    # Out-of-range positions never read outside the table (their rotated dims come out as 0).
+    # Out-of-range positions never read outside the table.
     cs_row = cs_ptr + tl.where(pos_ok, pos, 0) * cs_stride
-    c = tl.where(pos_ok, tl.load(cs_row + i, mask=is_rot, other=0.0).to(tl.float32), 0.0)
-    s = tl.where(pos_ok, tl.load(cs_row + HALF + i, mask=is_rot, other=0.0).to(tl.float32), 0.0)
+    # an out-of-range position (host checks bypassed) rotates by NaN: never a plausible value
+    c = tl.where(pos_ok, tl.load(cs_row + i, mask=is_rot, other=0.0).to(tl.float32), float("nan"))
+    s = tl.where(pos_ok, tl.load(cs_row + HALF + i, mask=is_rot, other=0.0).to(tl.float32), float("nan"))
     xe, xo = tl.split(tl.reshape(x, [BLOCK_H, D // 2, 2]))
     oe, oo = rope_pairs(xe, xo, c[None, :], s[None, :])
     # Round the rotated values to the input dtype before any amax (docs/numerics.md §3.3).
@@ -82,7 +83,7 @@ def _indexer_q_kernel(
     else:
         amax = tl.maximum(tl.max(tl.abs(y), axis=1), FP8_AMAX_FLOOR)
         e = ceil_log2_ratio(amax, FP8_MAX_EXP, FP8_MAX_MANT)
-        v = tl.clamp(y * pow2(-e)[:, None], -FP8_MAX, FP8_MAX)
+        v = tl.clamp(y * pow2(-e)[:, None], -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
         tl.store(out_ptr + row[:, None] * D + cols[None, :], v.to(tl.float8e4nv), mask=h_ok[:, None])
         tl.store(w_out_ptr + row, w * pow2(e), mask=h_ok)
 

@@ -55,8 +55,11 @@ def _rope_kernel(
     i = tl.where(is_rot, pairs - NOPE_PAIRS, 0)
     cs_off = pos[:, None] * cs_stride + i[None, :]
     cs_mask = pos_ok[:, None] & is_rot[None, :]
-    c = tl.load(cs_ptr + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
-    s = tl.load(cs_ptr + cs_off + HALF, mask=cs_mask, other=0.0).to(tl.float32)
+    # an out-of-range position (host checks bypassed) reads nothing and rotates by NaN: never a
+    # plausible value (its rotated dims come out NaN)
+    c = tl.where(pos_ok[:, None], tl.load(cs_ptr + cs_off, mask=cs_mask, other=0.0).to(tl.float32), float("nan"))
+    s = tl.where(pos_ok[:, None], tl.load(cs_ptr + cs_off + HALF, mask=cs_mask, other=0.0).to(tl.float32),
+                 float("nan"))
     if INVERSE:
         s = -s
     # contiguous [BLOCK_R, 2 * BLOCK_P] loads and stores, split into (even, odd) pairs in registers
@@ -140,7 +143,7 @@ def _fp8_block_quant_kernel(
     x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor)
     e = ceil_log2_ratio(amax, FP8_MAX_EXP, FP8_MAX_MANT)
-    v = tl.clamp(x * pow2(-e)[:, None], -FP8_MAX, FP8_MAX)
+    v = tl.clamp(x * pow2(-e)[:, None], -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     tl.store(q_ptr + off, v.to(tl.float8e4nv), mask=m)
     tl.store(s_ptr + g, pow2(e), mask=g_ok)
 

@@ -1,0 +1,90 @@
+"""Limits enforced on the host before any state changes, and what the GPU kernels do with a value
+past a limit when those checks are bypassed (issue 12, item 3; docs/numerics.md §9.4)."""
+
+import pytest
+import torch
+
+from dsv4_compile import DSv4AttentionConfig, layouts
+from dsv4_compile.kernels.triton import cache as tcache
+from dsv4_compile.kernels.triton import indexer_q as tindexer_q
+from dsv4_compile.kernels.triton import output as toutput
+from dsv4_compile.kernels.triton import primitives
+from dsv4_compile.model import DeepseekV4Attention
+from dsv4_compile.rope import cos_sin_cache
+from dsv4_compile.runtime import CacheConfig, KVCacheManager, StepMetadataBuilder, compile_step
+
+CFG = DSv4AttentionConfig.tiny()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_layer_with_short_rope_tables_is_refused_before_any_cache_byte(compiled):
+    """The reported input: tables of 64 positions served by a runtime of max_model_len 256."""
+    layer = DeepseekV4Attention(CFG, 1, max_model_len=64)
+    mgr = KVCacheManager(CFG, [1], CacheConfig(max_num_seqs=2, max_model_len=256, max_num_batched_tokens=128,
+                                               token_budget=512))
+    b = StepMetadataBuilder(mgr)
+    mgr.add_request("a")
+    fn = lambda x, meta: layer(x, meta, mgr.caches[0])  # noqa: E731
+    step = compile_step(fn) if compiled else fn
+    before = [t.clone() for t in mgr.caches[0].tensors()]
+    with pytest.raises(ValueError, match=r"RoPE tables of 64 positions .*CacheConfig.max_model_len=256"):
+        step(torch.randn(100, CFG.hidden_size).bfloat16(), b.build([("a", 100)]))
+    assert all(torch.equal(w, g) for w, g in zip(before, mgr.caches[0].tensors()))
+
+
+def test_builder_refuses_positions_past_max_model_len_before_accounting():
+    mgr = KVCacheManager(CFG, [1], CacheConfig(max_num_seqs=2, max_model_len=64, max_num_batched_tokens=128,
+                                               token_budget=512))
+    b = StepMetadataBuilder(mgr)
+    mgr.add_request("a")
+    with pytest.raises(ValueError, match="max_model_len = 64"):
+        b.build([("a", 65)])
+    assert mgr.used_tokens == 0 and mgr.requests["a"].num_tokens == 0
+
+
+# --- past a limit on the GPU path (launchers called directly: no host check) ----------------------
+def _bad_positions(t, max_pos):
+    pos = torch.arange(t) % max_pos
+    pos[1], pos[3] = max_pos, -5  # one past the table, and negative
+    return pos
+
+
+def _kernel_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_rope_kernel_out_of_range_position_gives_nan_not_a_rotation():
+    dev = _kernel_device()
+    cs = cos_sin_cache(64, 16, 10000.0, device=dev)
+    x = torch.randn(6, 2, 128, device=dev).bfloat16()
+    pos = _bad_positions(6, 16).to(dev)
+    y = primitives.rope(x, pos, cs)
+    bad = torch.zeros(6, dtype=torch.bool)
+    bad[[1, 3]] = True
+    assert torch.isnan(y[bad.to(dev)][..., 64:]).all()
+    assert torch.equal(y[bad.to(dev)][..., :64], x[bad.to(dev)][..., :64])  # unrotated dims untouched
+    good = ~bad.to(dev)
+    assert torch.equal(y[good], torch.ops.dsv4.rope(x[good].cpu(), pos[good].cpu(), cs.cpu()).to(dev))
+
+
+def test_kv_rope_insert_kernel_out_of_range_position_stores_nan_rope_dims():
+    dev = _kernel_device()
+    cs = cos_sin_cache(64, 16, 10000.0, device=dev)
+    kv = torch.randn(6, 512, device=dev).bfloat16()
+    cache = torch.zeros(1, layouts.page_bytes("fp8_ds_mla", 16), dtype=torch.uint8, device=dev)
+    tcache.kv_insert(kv, _bad_positions(6, 16).to(dev), cs, cache, torch.arange(6, device=dev), 16)
+    back = torch.ops.dsv4.kv_gather(cache.cpu(), torch.arange(6), 16)
+    assert torch.isnan(back[[1, 3], 448:].float()).all() and torch.isfinite(back[[0, 2, 4, 5]].float()).all()
+
+
+def test_indexer_q_and_inv_rope_quant_kernels_out_of_range_position_give_nan():
+    dev = _kernel_device()
+    cs = cos_sin_cache(64, 16, 10000.0, device=dev)
+    pos = _bad_positions(6, 16).to(dev)
+    q = torch.randn(6, 4, 128, device=dev).bfloat16()
+    q_fp8, _ = tindexer_q.indexer_q_rope_fp8(q, pos, cs, torch.randn(6, 4, device=dev), 0.5)
+    assert torch.isnan(q_fp8[[1, 3]][..., 64:].float()).all() and torch.isfinite(q_fp8[[0, 2]].float()).all()
+    o = torch.randn(6, 8, 512, device=dev).bfloat16()
+    o_fp8, _ = toutput.inv_rope_fp8_quant(o, pos, cs, 2)  # [T, G, D]: each head's last 64 dims rotate
+    rot = o_fp8.float().reshape(6, 8, 512)[..., 448:]
+    assert torch.isnan(rot[[1, 3]]).all() and torch.isfinite(rot[[0, 2, 4, 5]]).all()
