@@ -306,3 +306,22 @@ def test_cuda_graph_replay_of_inserts_matches_eager():
     torch.cuda.synchronize()
     for f in caches:
         assert torch.equal(caches[f], eager[f]), f
+
+
+@pytest.mark.parametrize("fmt", ["fp8_ds_mla", "fp8", "mxfp4"])
+def test_block_size_that_does_not_match_the_pages_is_refused(fmt):
+    """The reported input: block_size 32 on pages sized for 64 (records would land in the wrong layout)."""
+    cache = torch.zeros(2, layouts.page_bytes(fmt, 64), dtype=torch.uint8)
+    slots = torch.tensor([0, 1])
+    if fmt == "fp8_ds_mla":
+        bad = lambda: dsv4.kv_insert(_kv(2), cache, slots, 32)  # noqa: E731
+        good = lambda: dsv4.kv_insert(_kv(2), cache, slots, 64)  # noqa: E731
+    else:
+        k = torch.randn(2, 128).bfloat16()
+        bad = lambda: dsv4.indexer_k_insert(k, cache, slots, 32, fmt)  # noqa: E731
+        good = lambda: dsv4.indexer_k_insert(k, cache, slots, 64, fmt)  # noqa: E731
+    with pytest.raises(ValueError, match="block_size does not match the pages"):
+        bad()
+    with pytest.raises(ValueError, match="block_size does not match the pages"):
+        dsv4.kv_gather(cache, slots, 32) if fmt == "fp8_ds_mla" else dsv4.indexer_k_gather(cache, slots, 32, fmt)
+    good()

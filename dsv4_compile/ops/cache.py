@@ -26,11 +26,13 @@ def check_cache(name: str, cache, fmt: str, block_size: int, device) -> None:
     check_positive_int("block_size", block_size)
     check_tensor(name, cache, ndim=2, dtypes=(torch.uint8,), device=device)
     v, s = layouts.record_bytes(fmt)
-    need = block_size * (v + s)
-    if cache.shape[1] < need:
+    need, alloc = block_size * (v + s), layouts.page_bytes(fmt, block_size)
+    if not need <= cache.shape[1] <= alloc:
+        # the record layout inside a page depends on block_size (the scales follow all the values), so
+        # pages sized for another block size would be written in the wrong layout
         raise ValueError(
-            f"{name} pages hold {cache.shape[1]} bytes but {block_size} {fmt} slots need {need} "
-            f"(allocate layouts.page_bytes({fmt!r}, {block_size}) = {layouts.page_bytes(fmt, block_size)})"
+            f"{name} pages hold {cache.shape[1]} bytes but {block_size} {fmt} slots take {need} to {alloc} "
+            f"(layouts.page_bytes({fmt!r}, {block_size}) = {alloc}): block_size does not match the pages"
         )
     if cache.shape[1] > 1 and cache.stride(1) != 1:
         raise ValueError(f"{name} must have contiguous pages (stride(1) == 1), got strides {cache.stride()}")
