@@ -15,14 +15,15 @@ from dsv4_compile.runtime import CacheConfig, KVCacheManager, StepMetadataBuilde
 CFG = DSv4AttentionConfig.tiny()
 CC = CacheConfig(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=64, token_budget=1024)
 LAYERS = {0: "swa", 1: "csa", 2: "hca"}
+DEVICES = ["cpu"] + [pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
-def _interleave(mgr):
+def _interleave(mgr, device):
     """Re-lay every cache of the manager as a column block of one ``[pages, Σ page_bytes]`` pool:
     page ``p`` of every cache side by side (non-contiguous views, disjoint bytes)."""
     tensors = [(c, f, t) for c in mgr.caches for f, t in vars(c).items() if t is not None]
     rows = max(t.shape[0] for *_, t in tensors)
-    pool = torch.zeros(rows, sum(-(-t.shape[1] // 16) * 16 for *_, t in tensors), dtype=torch.uint8)
+    pool = torch.zeros(rows, sum(-(-t.shape[1] // 16) * 16 for *_, t in tensors), dtype=torch.uint8, device=device)
     col = 0
     for c, f, t in tensors:
         setattr(c, f, pool[: t.shape[0], col: col + t.shape[1]])
@@ -30,16 +31,16 @@ def _interleave(mgr):
     return pool
 
 
-def _runtime(idx, layout):
-    mgr = KVCacheManager(CFG, [idx], CC, single_pool=layout == "pool")
+def _runtime(idx, layout, device="cpu"):
+    mgr = KVCacheManager(CFG, [idx], CC, device=device, single_pool=layout == "pool")
     if layout == "interleaved":
-        _interleave(mgr)
-    return mgr, StepMetadataBuilder(mgr)
+        _interleave(mgr, device)
+    return mgr, StepMetadataBuilder(mgr, device)
 
 
-def _steps(n_decode=3):
+def _steps(n_decode=3, device="cpu"):
     g = torch.Generator().manual_seed(7)
-    x = lambda t: torch.randn(t, CFG.hidden_size, generator=g).bfloat16()  # noqa: E731
+    x = lambda t: torch.randn(t, CFG.hidden_size, generator=g).bfloat16().to(device)  # noqa: E731
     yield x(21), [("a", 13), ("b", 8)]
     for _ in range(n_decode):
         yield x(2), [("a", 1), ("b", 1)]
@@ -49,20 +50,21 @@ def _cache_bytes(mgr):
     return [t.clone() for c in mgr.caches for t in vars(c).values() if t is not None]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["pool", "interleaved"])
 @pytest.mark.parametrize("idx", sorted(LAYERS), ids=LAYERS.get)
-def test_shared_storage_caches_compile_in_place(idx, layout, no_compile_cache):
+def test_shared_storage_caches_compile_in_place(idx, layout, device, no_compile_cache):
     torch.manual_seed(0)
-    layer = DeepseekV4Attention(CFG, idx, max_model_len=256)
-    ref_mgr, ref_b = _runtime(idx, "separate")
-    mgr, b = _runtime(idx, layout)
+    layer = DeepseekV4Attention(CFG, idx, max_model_len=256, device=device)
+    ref_mgr, ref_b = _runtime(idx, "separate", device)
+    mgr, b = _runtime(idx, layout, device)
     assert len({t.untyped_storage().data_ptr() for c in mgr.caches for t in vars(c).values() if t is not None}) == 1
     pm = DSV4PassManager(record=True)
     step = compile_step(lambda x, meta: layer(x, meta, mgr.caches[0]), options={"post_grad_custom_post_pass": pm})
     for r in ("a", "b"):
         mgr.add_request(r)
         ref_mgr.add_request(r)
-    for i, (x, batch) in enumerate(_steps()):
+    for i, (x, batch) in enumerate(_steps(device=device)):
         want = layer(x, ref_b.build(batch), ref_mgr.caches[0])  # eager, separate caches
         with capture_final_graphs() as graphs:
             got, code = run_and_get_code(step, x, b.build(batch))
