@@ -35,8 +35,15 @@ _SYNCS = {
 
 
 @contextlib.contextmanager
-def capture_final_graphs() -> Iterator[list[fx.GraphModule]]:
-    """Record every graph Inductor lowers while the block runs (its final post-grad form)."""
+def capture_final_graphs(require: bool = True) -> Iterator[list[fx.GraphModule]]:
+    """Record every graph Inductor lowers while the block runs (its final post-grad form).
+
+    Inductor's FX-graph and AOTAutograd caches are off inside the block (a warm cache returns compiled
+    code without lowering a graph, so there would be nothing to check). With ``require=True`` a block
+    that lowered no graph at all raises ``AssertionError`` — a function compiled before the block is
+    served by Dynamo's cache: ``torch._dynamo.reset()`` first — so a loop of ``assert_graph_ok`` over
+    the result never checks nothing."""
+    from torch._inductor import config as inductor_config
     from torch._inductor import graph as graph_mod
 
     captured: list[fx.GraphModule] = []
@@ -49,9 +56,13 @@ def capture_final_graphs() -> Iterator[list[fx.GraphModule]]:
 
     graph_mod.GraphLowering.__init__ = init
     try:
-        yield captured
+        with inductor_config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+            yield captured
     finally:
         graph_mod.GraphLowering.__init__ = original
+    if require and not captured:
+        raise AssertionError("capture_final_graphs: no graph was lowered inside the block (already compiled and "
+                             "served by Dynamo's cache?): call torch._dynamo.reset() or compile inside the block")
 
 
 def _is_view(node: fx.Node) -> bool:

@@ -119,7 +119,11 @@ class DSV4PassManager(CustomGraphPass):
         if self.record:
             self.snapshots.append(Snapshot(before, op_list(graph), matches, inplaced))
 
-    def uuid(self) -> str:
+    def uuid(self) -> Optional[str]:
+        """The FX-graph-cache key of this pass; ``None`` (Inductor then bypasses its caches) when
+        ``record=True``: a cache hit would skip the pass, so the snapshots would stay empty."""
+        if self.record:
+            return None
         from dsv4_compile import __version__
 
         h = hashlib.sha256()
