@@ -1,8 +1,8 @@
 """Paged-cache region benchmark: KV insert (+RoPE), indexer K insert, and the three compressors.
 
 GPU time per call under CUDA-graph replay over rotating input sets bigger than L2, GB/s over the
-fewest bytes each region must move, and the fraction of the copy bandwidth measured in the same run
-(the house style of ``benchmarks/indexer_q.py``). Regions:
+fewest bytes each region must move, and the fraction of the SM streaming-read bandwidth measured in
+the same run (``_timing.bandwidth_ceilings``; the house style of ``benchmarks/indexer_q.py``). Regions:
 
 * ``kv_rope_insert``: bf16 ``kv [T, 512]`` at random positions → ``fp8_ds_mla`` cache (block 64) at a
   random permutation of its slots.
@@ -50,7 +50,7 @@ from dsv4_compile import layouts  # noqa: E402
 from dsv4_compile.rope import cos_sin_cache  # noqa: E402
 
 import _plain_caches as plain  # noqa: E402
-from _timing import fmt_row, table, write_results  # noqa: E402
+from _timing import ceiling_fields, ceilings_line, fmt_row, pct_read, table, write_results  # noqa: E402
 
 TOKENS = [1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384]
 KV_BS = layouts.SWA_BLOCK_SIZE  # 64
@@ -253,7 +253,7 @@ def raise_recompile_limits() -> None:
 
 # Plain Inductor keeps fused low-precision intermediates in fp32 unless told to round them like eager:
 # without this the compressor's bf16 rounding before the quantization silently disappears (its records
-# then differ from the spec in ~2% of the bytes). It costs a convert, not a memory pass.
+# then differ from the reference in ~2% of the bytes). It costs a convert, not a memory pass.
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 
 
@@ -272,16 +272,15 @@ def compiled(region: Region) -> dict:
 
 def run(names, tokens, p0, device="cuda", timing=None):
     """Time every region at every T; ``timing`` (default ``_timing``) provides ``graph_time_us``,
-    ``copy_bandwidth_tbs`` and ``input_sets`` (swappable for a dry run of this code on the CPU)."""
+    ``bandwidth_ceilings`` and ``input_sets`` (swappable for a dry run of this code on the CPU)."""
     if timing is None:
         import _timing as timing
     graph_time_us, input_sets = timing.graph_time_us, timing.input_sets
 
     raise_recompile_limits()
     cs = cos_sin_cache(layouts.ROPE_DIM, MAX_POS, 160000.0, device=device)
-    copy = timing.copy_bandwidth_tbs()
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else device
-    print(f"device: {dev_name}, torch {torch.__version__}; copy bandwidth {copy:.2f} TB/s", flush=True)
+    ceil = timing.bandwidth_ceilings()
+    print(f"torch {torch.__version__}; " + ceilings_line(ceil), flush=True)
     regs = regions(p0)
     rows = []
     for name in names:
@@ -293,7 +292,7 @@ def run(names, tokens, p0, device="cuda", timing=None):
         for t in tokens:
             nbytes = reg.nbytes(t)
             sets = input_sets(lambda i: reg.make(t, 1000 * t + i, device, cs), nbytes)
-            row = {"region": name, "T": t, "bytes": nbytes, "copy_tbs": copy}
+            row = {"region": name, "T": t, "bytes": nbytes, **ceiling_fields(ceil)}
             row["fused_op"] = graph_time_us([lambda a=a: reg.op(*a) for a in sets])
             for col in ("ours_static", "inductor_static"):
                 row[col] = graph_time_us([lambda a=a, f=fns[col]: f(*a) for a in sets])
@@ -308,7 +307,7 @@ def run(names, tokens, p0, device="cuda", timing=None):
                 torch.cuda.empty_cache()
             rows.append(row)
             print(fmt_row(row, "region", "KB"), flush=True)
-    return copy, rows
+    return ceil, rows
 
 
 def sweep(tokens) -> None:
@@ -333,9 +332,10 @@ def sweep(tokens) -> None:
 # --- check mode (CPU) ---------------------------------------------------------------------------
 def backends(tokens, out=None) -> None:
     """``kv_rope_insert``: the CuTe-DSL kernel vs the Triton kernel vs plain Inductor (the aten form,
-    static T), side by side in one run, and a device-to-device copy of the same number of bytes (what
-    a launch of that size can reach at best). GPU µs under CUDA-graph replay over input sets larger
-    than L2; % of the 1 GiB copy bandwidth measured in the same run."""
+    static T), side by side in one run, and an SM copy (``_timing``'s Triton copy kernel) of the same
+    number of bytes, half read and half written (what a launch of that size can reach at best). GPU µs
+    under CUDA-graph replay over input sets larger than L2; % of the SM streaming-read bandwidth
+    measured in the same run."""
     import _timing as timing
     from dsv4_compile.kernels.triton import cache as triton_cache
 
@@ -345,30 +345,31 @@ def backends(tokens, out=None) -> None:
         cute_cache = None
     raise_recompile_limits()
     cs = cos_sin_cache(layouts.ROPE_DIM, MAX_POS, 160000.0, device="cuda")
-    copy = timing.copy_bandwidth_tbs()
+    ceil = timing.bandwidth_ceilings()
+    print(f"torch {torch.__version__}; " + ceilings_line(ceil), flush=True)
     reg = kv_rope_region()
     inductor = compiled(reg)["inductor_static"]
     kernels = {"cute": cute_cache.kv_insert if cute_cache else None, "triton": triton_cache.kv_insert}
-    cols = ["cute", "triton", "inductor", "same-size copy"]
-    lines = [f"kv_rope_insert backends on {torch.cuda.get_device_name()}; copy bandwidth (1 GiB, same run) "
-             f"{copy:.2f} TB/s\n", "| T | KB | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    cols = ["cute", "triton", "inductor", "same-size SM copy"]
+    lines = [f"kv_rope_insert backends. {ceilings_line(ceil)}\n", "Each cell: GPU µs per call, TB/s (% of read BW); "
+             "same-size SM copy: the Triton copy kernel moving the region's byte count (half read, half written).\n",
+             "| T | KB | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     rows = []
     for t in tokens:
         nbytes = reg.nbytes(t)
         sets = timing.input_sets(lambda i: reg.make(t, 1000 * t + i, "cuda", cs), nbytes)
-        row = {"T": t, "bytes": nbytes, "copy_tbs": copy}
+        row = {"T": t, "bytes": nbytes, **ceiling_fields(ceil)}
         for name, k in kernels.items():
             row[name] = timing.graph_time_us([lambda a=a, k=k: k(*a, KV_BS) for a in sets]) if k else float("nan")
         row["inductor"] = timing.graph_time_us([lambda a=a: inductor(*a) for a in sets])
-        # a plain copy moving the same bytes (half read, half written), over as many distinct buffers
+        # an SM copy moving the same bytes (half read, half written), over as many distinct buffers
         half = max(nbytes // 2, 1)
-        bufs = timing.input_sets(lambda i: (torch.empty(half, dtype=torch.uint8, device="cuda"),
-                                            torch.empty(half, dtype=torch.uint8, device="cuda")), 2 * half)
-        row["same-size copy"] = timing.graph_time_us([lambda b=b: b[1].copy_(b[0]) for b in bufs])
+        bufs = timing.input_sets(lambda i: timing.sm_copy_buffers(half), 2 * half)
+        row["same-size SM copy"] = timing.graph_time_us([timing.sm_copy_call(*b) for b in bufs])
         del sets, bufs
         rows.append(row)
-        cells = [f"{row[c]:.1f} µs {nbytes / (row[c] * 1e-6) / 1e12:.2f} TB/s "
-                 f"({100 * nbytes / (row[c] * 1e-6) / 1e12 / copy:.0f}%)" for c in cols]
+        cells = ["n/a" if row[c] != row[c] else f"{row[c]:.1f} µs {nbytes / (row[c] * 1e-6) / 1e12:.2f} TB/s "
+                 f"({pct_read(nbytes, row[c], ceil['read_tbs']):.0f}%)" for c in cols]
         lines.append(f"| {t} | {nbytes / 1e3:.0f} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     timing.write_results("\n".join(lines), rows, out)
@@ -506,11 +507,15 @@ def check(compile_too: bool = True) -> None:
             rel = (err.norm(dim=1) / want.norm(dim=1).clamp_min(1e-30))[written]
             ulp = err / (want.abs().amax(1, keepdim=True) * 2**-3).clamp_min(1e-30)  # vs a coarse fp8 step
             ok_rec = bool((got[~written] == 0).all()) and float(rel.max()) < 3e-2
+            # The plain baseline pools with torch.softmax (another fp32 summation order), so a record
+            # byte may round the other way: the check is on the decoded records; the count of differing
+            # cache bytes is information, not a check.
+            n_diff = int((ca[:-1] != ca_op[:-1]).sum())
             report(state_same, f"{name} plain {vname:16s}: state cache bytes identical to the op")
-            report(ok_rec, f"{name} plain {vname:16s}: {int(written.sum())} decoded records, max rel L2 err "
-                           f"{float(rel.max()):.2e}, mean {float(rel.mean()):.2e}, max |diff| / (row amax/8) "
-                           f"{float(ulp.max()):.2f}; cache bytes identical: {torch.equal(ca[:-1], ca_op[:-1])} "
-                           f"({time.time() - t0:.1f}s)")
+            report(ok_rec, f"{name} plain {vname:16s}: {int(written.sum())} decoded records within quantization "
+                           f"noise of the op's: max rel L2 err {float(rel.max()):.2e}, mean {float(rel.mean()):.2e}, "
+                           f"max |diff| / (row amax/8) {float(ulp.max()):.2f} (not bit-exact by design: "
+                           f"{n_diff} record byte(s) differ) ({time.time() - t0:.1f}s)")
         if compile_too:
             for dyn in (False, True):
                 from dsv4_compile.lowerings.pass_manager import DSV4PassManager
@@ -542,7 +547,7 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="with --check: eager plain aten only")
     ap.add_argument("--sweep", action="store_true", help="sweep the kv_rope_insert launch shape, then exit")
     ap.add_argument("--backends", action="store_true",
-                    help="kv_rope_insert: CuTe vs Triton vs plain Inductor vs a same-size copy, then exit")
+                    help="kv_rope_insert: CuTe vs Triton vs plain Inductor vs a same-size SM copy, then exit")
     args = ap.parse_args()
     if args.check:
         check(compile_too=not args.no_compile)
@@ -555,8 +560,8 @@ def main():
     if args.backends:
         backends(args.tokens, args.out)
         return
-    copy, rows = run(args.regions, args.tokens, args.p0)
-    write_results(table(copy, rows, "region", "KB"), rows, args.out)
+    ceil, rows = run(args.regions, args.tokens, args.p0)
+    write_results(table(ceil, rows, "region", "KB"), rows, args.out)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ this includes the host launch gaps, as a user without graphs would see) and arou
 Caches are filled with valid random records; every request has ``ctx - 1`` cached tokens and
 decodes position ``ctx - 1``, a step that closes a C4 window (the compressors pool and insert: the
 heavier of the two kinds of decode step; real decoding closes a window every 4th step). The memory floor is the bytes one step must read (bf16 weights, SWA + top-k KV
-records, the indexer K entries it scores) over the device-to-device copy bandwidth measured in the
-same run.
+records, the indexer K entries it scores) over the SM streaming-read bandwidth measured in the same
+run (``_timing.bandwidth_ceilings``).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def profile_replay(graph, reps: int = 10) -> str:
 
 
 def run(batches, contexts, iters: int, profile_cases=(), options=None):
-    from _timing import copy_bandwidth_tbs
+    from _timing import bandwidth_ceilings, ceiling_fields, ceilings_line
 
     cfg = DSv4AttentionConfig.flash()
     layer_idx = cfg.compress_ratios.index(4)
@@ -115,45 +115,47 @@ def run(batches, contexts, iters: int, profile_cases=(), options=None):
     t0 = time.perf_counter()
     steps = {"nopass": compile_step(fwd, passes=False, options=options), "passes": compile_step(fwd, options=options)}
     runners = {k: DecodeGraphRunner(s, builder, cfg.hidden_size, capture_sizes=batches) for k, s in steps.items()}
-    copy = copy_bandwidth_tbs()
-    print(f"copy bandwidth {copy:.2f} TB/s; layer weights {sum(p.numel() for p in layer.parameters()) / 1e6:.1f} M "
+    ceil = bandwidth_ceilings()
+    read = ceil["read_tbs"]
+    print(ceilings_line(ceil), flush=True)
+    print(f"layer weights {sum(p.numel() for p in layer.parameters()) / 1e6:.1f} M "
           f"params; caches {mgr.cache_bytes() / 2**30:.2f} GiB", flush=True)
     rows = []
-    for ctx in contexts:
-        for b in batches:
-            for r in list(mgr.requests):
-                mgr.free_request(r)
-            reqs = [f"r{i}" for i in range(b)]
-            for r in reqs:
-                mgr.add_request(r)
-                mgr.extend(r, ctx - 1)  # the timed step decodes position ctx - 1, which closes a C4 window
+    cases, emit = cases_progress([(ctx, b) for ctx in contexts for b in batches])
+    for ctx, b in cases:
+        for r in list(mgr.requests):
+            mgr.free_request(r)
+        reqs = [f"r{i}" for i in range(b)]
+        for r in reqs:
+            mgr.add_request(r)
+            mgr.extend(r, ctx - 1)  # the timed step decodes position ctx - 1, which closes a C4 window
+        for k, runner in runners.items():
+            runner.capture([b])  # padding-only warm-up + capture (compiles on the first case)
+        batch = [(r, 1) for r in reqs]
+        meta = builder.build(batch, pad_to=b)  # the buffers every graph reads
+        x = runners["passes"].x_buf[:b]
+        x.copy_(torch.randn(b, cfg.hidden_size, device="cuda").bfloat16())
+        runners["nopass"].x_buf[:b].copy_(x)  # both graphs see the same activations
+        row = {"B": b, "ctx": ctx}
+        with torch.no_grad():
+            row["eager_us"] = timed(lambda: fwd(x, meta), max(3, iters // 4))
+            for k, s in steps.items():
+                row[f"{k}_us"] = timed(lambda: s(x, meta), iters)
             for k, runner in runners.items():
-                runner.capture([b])  # padding-only warm-up + capture (compiles on the first case)
-            batch = [(r, 1) for r in reqs]
-            meta = builder.build(batch, pad_to=b)  # the buffers every graph reads
-            x = runners["passes"].x_buf[:b]
-            x.copy_(torch.randn(b, cfg.hidden_size, device="cuda").bfloat16())
-            runners["nopass"].x_buf[:b].copy_(x)  # both graphs see the same activations
-            row = {"B": b, "ctx": ctx}
-            with torch.no_grad():
-                row["eager_us"] = timed(lambda: fwd(x, meta), max(3, iters // 4))
-                for k, s in steps.items():
-                    row[f"{k}_us"] = timed(lambda: s(x, meta), iters)
-                for k, runner in runners.items():
-                    graph = runner.graphs[b][0]
-                    row[f"{k}_replay_us"] = timed(graph.replay, iters)
-            nbytes = step_bytes(layer, b, ctx, cfg)
-            row.update(bytes=nbytes, floor_us=nbytes / (copy * 1e12) * 1e6, copy_tbs=copy)
-            rows.append(row)
-            print(fmt_row(row), flush=True)
-            if (b, ctx) in profile_cases:
-                print(profile_replay(runners["passes"].graphs[b][0]), flush=True)
+                graph = runner.graphs[b][0]
+                row[f"{k}_replay_us"] = timed(graph.replay, iters)
+        nbytes = step_bytes(layer, b, ctx, cfg)
+        row.update(bytes=nbytes, floor_us=nbytes / (read * 1e12) * 1e6, **ceiling_fields(ceil))
+        rows.append(row)
+        emit(fmt_row(row))
+        if (b, ctx) in profile_cases:
+            emit(profile_replay(runners["passes"].graphs[b][0]))
     print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
-    return rows, copy
+    return rows, ceil
 
 
 HEADER = ("| B | ctx | eager | compile, no passes | compile + passes | no passes, graphed | **passes, graphed** "
-          "| vs eager | vs compile no passes | bytes | floor | replay / floor |\n"
+          "| vs eager | vs compile no passes | bytes | floor (bytes / read BW) | replay / floor |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
@@ -165,17 +167,40 @@ def fmt_row(r) -> str:
             f"{r['floor_us']:.0f} µs | {rep / r['floor_us']:.2f}x |")
 
 
-def plot(rows, path):
-    import matplotlib
+MATPLOTLIB_MISSING = "matplotlib is not installed (pip install 'dsv4-compile[examples]')"
 
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, imported on first use; ImportError naming the extra."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(MATPLOTLIB_MISSING) from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def cases_progress(cases):
+    """``(iterable, emit)``: ``cases`` with a tqdm bar on a terminal (the ``examples`` extra) and a
+    print that keeps the bar below the printed rows; ``cases`` and ``print`` without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return cases, lambda s: print(s, flush=True)
+    bar = tqdm(cases, desc="decode_step cases", unit="case", disable=None, leave=False)
+    return bar, tqdm.write
+
+
+def plot(rows, path):
+    plt = pyplot()
 
     contexts = sorted({r["ctx"] for r in rows})
     fig, axes = plt.subplots(1, len(contexts), figsize=(6 * len(contexts), 4.5), squeeze=False)
     series = [("eager_us", "eager"), ("nopass_us", "compile, no passes"), ("passes_us", "compile + passes"),
               ("nopass_replay_us", "no passes, graphed"), ("passes_replay_us", "passes, graphed (FULL_DECODE_ONLY)"),
-              ("floor_us", "memory floor")]
+              ("floor_us", "memory floor (bytes / streaming read)")]
     for ax, ctx in zip(axes[0], contexts):
         rs = sorted((r for r in rows if r["ctx"] == ctx), key=lambda r: r["B"])
         bs = [r["B"] for r in rs]
@@ -207,26 +232,36 @@ def main():
                     help="print the per-kernel GPU time of the graphed step for this case (repeatable)")
     args = ap.parse_args()
     if args.plot:
+        try:
+            pyplot()
+        except ImportError:
+            sys.exit(f"--plot needs matplotlib: {MATPLOTLIB_MISSING}")
         with open(args.plot) as f:
             rows = json.load(f)["rows"]
         plot(rows, os.path.splitext(args.plot)[0] + ".png")
         return
-    rows, copy = run(args.batches, args.contexts, args.iters, {tuple(p) for p in args.profile},
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/decode_step.py needs a CUDA GPU (--plot FILE.json makes the PNG of a saved run "
+                 "without one)")
+    from _timing import ceilings_line
+
+    rows, ceil = run(args.batches, args.contexts, args.iters, {tuple(p) for p in args.profile},
                      {"max_autotune_gemm": True} if args.autotune else None)
     dev = torch.cuda.get_device_name()
-    md = (f"V4-Flash CSA layer decode step on {dev}, torch {torch.__version__}; copy bandwidth {copy:.2f} TB/s "
-          f"(read + write) measured in the same run.\n\n" + HEADER + "\n" + "\n".join(fmt_row(r) for r in rows) + "\n")
+    md = (f"V4-Flash CSA layer decode step on {dev}, torch {torch.__version__}. {ceilings_line(ceil)} The floor is "
+          f"the bytes a step must read over the streaming read.\n\n" + HEADER + "\n"
+          + "\n".join(fmt_row(r) for r in rows) + "\n")
     print("\n" + md)
     if args.out:
         base = os.path.splitext(args.out)[0]
         with open(args.out, "w") as f:
             f.write(md)
         with open(base + ".json", "w") as f:
-            json.dump({"device": dev, "copy_tbs": copy, "rows": rows}, f, indent=1)
+            json.dump({"device": dev, "ceilings": ceil, "rows": rows}, f, indent=1)
         try:
             plot(rows, base + ".png")
         except ImportError:
-            print("matplotlib not installed: make the PNG later with --plot " + base + ".json")
+            print(f"{MATPLOTLIB_MISSING}: no PNG; make it later with --plot {base}.json")
 
 
 if __name__ == "__main__":
