@@ -55,42 +55,37 @@ def graph_time_us(fn_calls, reps: int = 20, warmup: int = 2) -> float:
 # --- bandwidth ceilings -------------------------------------------------------------------------
 
 @triton.jit
+def _tile_index(k, tiles_per_prog, BLOCK: tl.constexpr, STRIDED: tl.constexpr):
+    """Element offsets of this program's ``k``-th tile: tile ``k·grid + pid`` (``STRIDED``: the grid
+    sweeps memory front to back) or ``pid·tiles_per_prog + k`` (one contiguous chunk per program)."""
+    pid = tl.program_id(0)
+    tile = k * tl.num_programs(0) + pid if STRIDED else pid * tiles_per_prog + k
+    return tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _stream_read_kernel(x_ptr, out_ptr, n, tiles_per_prog, BLOCK: tl.constexpr, STRIDED: tl.constexpr,
                         MASK: tl.constexpr):
     """Each program sums (int32, wrapping) ``tiles_per_prog`` tiles of ``BLOCK`` int32 with 128-bit
     loads and stores one value, so no load can be dropped. ``STRIDED``: tile ``k·grid + pid`` (the
     whole grid sweeps memory front to back); else tile ``pid·tiles_per_prog + k`` (one contiguous
     chunk per program). ``MASK``: elements at or past ``n`` are skipped."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     for k in range(tiles_per_prog):
-        if STRIDED:
-            tile = k * nprog + pid
-        else:
-            tile = pid * tiles_per_prog + k
-        idx = tile.to(tl.int64) * BLOCK + offs
+        idx = _tile_index(k, tiles_per_prog, BLOCK, STRIDED)
         if MASK:
             acc += tl.load(x_ptr + idx, mask=idx < n, other=0)
         else:
             acc += tl.load(x_ptr + idx)
-    tl.store(out_ptr + pid, tl.sum(acc, axis=0))
+    tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 
 @triton.jit
 def _stream_copy_kernel(x_ptr, y_ptr, n, tiles_per_prog, BLOCK: tl.constexpr, STRIDED: tl.constexpr,
                         MASK: tl.constexpr):
     """``y = x`` over int32 with 128-bit loads and stores, tiles assigned as in ``_stream_read_kernel``."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    offs = tl.arange(0, BLOCK)
     for k in range(tiles_per_prog):
-        if STRIDED:
-            tile = k * nprog + pid
-        else:
-            tile = pid * tiles_per_prog + k
-        idx = tile.to(tl.int64) * BLOCK + offs
+        idx = _tile_index(k, tiles_per_prog, BLOCK, STRIDED)
         if MASK:
             m = idx < n
             tl.store(y_ptr + idx, tl.load(x_ptr + idx, mask=m), mask=m)

@@ -5,12 +5,16 @@ What is matched (post-grad, functional graph)::
     y = dsv4.rope(o [T, H, 512] bf16, positions, cos_sin_cache [max_pos, 64], inverse=True)
     q, s = dsv4.fp8_block_quant(y.view(T, G, (H/G)·512), 128, 1e-10)
 
+or, vLLM's bytes, the same with ``rope(o.float(), ...)``: ``o`` bf16 converted to fp32 right before
+the rope (an fp32 rotation, nothing rounded to bf16), which becomes the fused op with
+``round_rope_bf16=False`` on the bf16 ``o``.
+
 The view may be ``view`` / ``reshape`` / ``_unsafe_view`` to a 3-D shape that keeps the token dim
 and whole heads per group, or absent (the quant reads ``y`` itself: G = H). The rope output and the
 view must have no other user, the table must be 64 wide (what the fused kernel rotates) and the
 quant's floor must be the output path's 1e-10 (fp32-equal), so the fused op computes the same bits.
 
-Replacement: ``o_fp8, scale = dsv4.inv_rope_fp8_quant(o, positions, cos_sin_cache, G)``; users of
+Replacement: ``o_fp8, scale = dsv4.inv_rope_fp8_quant(o, positions, cos_sin_cache, G[, False])``; users of
 ``q`` get ``o_fp8`` (same shape ``[T, G, D]``, strides ``(D, T·D, 1)``) and users of ``s`` get
 ``scale.permute(1, 0, 2)`` (= ``transpose(0, 1)``: the same ``[T, G, D/128]`` values, MN-major
 strides). Both are views with the plain graph's values. Where ``s`` is a graph output it is
@@ -36,6 +40,7 @@ from dsv4_compile import layouts
 from .graph_utils import bound_args, fake_call, getitem_users, only_user, same_sizes, val
 
 aten = torch.ops.aten
+prims = torch.ops.prims
 dsv4 = torch.ops.dsv4
 
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
@@ -43,6 +48,18 @@ _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 def _f32(x: float) -> float:
     return torch.tensor(x, dtype=torch.float32).item()
+
+
+def _fp32_of(node) -> Optional[fx.Node]:
+    """X for ``X.float()`` (``convert_element_type`` / ``_to_copy`` to fp32), else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.target is prims.convert_element_type.default and node.args[1] == torch.float32:
+        return node.args[0] if isinstance(node.args[0], fx.Node) else None
+    if (node.target is aten._to_copy.default and node.kwargs.get("dtype") == torch.float32
+            and set(node.kwargs) <= {"dtype"}):
+        return node.args[0] if isinstance(node.args[0], fx.Node) else None
+    return None
 
 
 class InvRopeQuantFusion:
@@ -72,7 +89,11 @@ class InvRopeQuantFusion:
         if src.target is not dsv4.rope.default or only_user(src) is not (view or quant):
             return None
         ra = bound_args(src)
-        o, table, grouped = val(ra["x"]), val(ra["cos_sin_cache"]), val(view or src)
+        # rope(o.float()): an fp32 rotation of a bf16 o, i.e. the fused op's vLLM mode
+        o_node = _fp32_of(ra["x"])
+        round_bf16 = o_node is None
+        o_node = ra["x"] if round_bf16 else o_node
+        o, table, grouped = val(o_node), val(ra["cos_sin_cache"]), val(view or src)
         if not ra["inverse"] or o is None or table is None or grouped is None:
             return None
         if o.dtype is not torch.bfloat16 or o.dtype not in self.dtypes or o.dim() != 3:
@@ -88,7 +109,7 @@ class InvRopeQuantFusion:
         items = getitem_users(quant)
         if items is None:
             return None
-        return dict(rope=src, view=view, args=ra, n_groups=g, items=items)
+        return dict(rope=src, view=view, args=ra, o=o_node, round_bf16=round_bf16, n_groups=g, items=items)
 
     # -- rewriting ---------------------------------------------------------------------------
     def __call__(self, graph: fx.Graph) -> int:
@@ -105,7 +126,9 @@ class InvRopeQuantFusion:
     def _rewrite(self, graph: fx.Graph, quant: fx.Node, m: dict) -> None:
         ra, items = m["args"], m["items"]
         target = dsv4.inv_rope_fp8_quant.default
-        op_args = (ra["x"], ra["positions"], ra["cos_sin_cache"], m["n_groups"])
+        op_args = (m["o"], ra["positions"], ra["cos_sin_cache"], m["n_groups"])
+        if not m["round_bf16"]:
+            op_args += (False,)
         with graph.inserting_before(quant):
             fused = graph.call_function(target, op_args)
             fused.meta["val"] = fake_call(target, op_args, [m["rope"]])
@@ -131,6 +154,9 @@ class InvRopeQuantFusion:
                 c.meta["val"] = fake_call(clone, (s_t,), [s_t])
                 for u in outputs:
                     u.replace_input_with(s_t, c)
+        convert = None if m["round_bf16"] else ra["x"]
         for n in [*items.values(), quant, m["view"], m["rope"]]:  # consumers first
             if n is not None:
                 graph.erase_node(n)
+        if convert is not None and not convert.users:
+            graph.erase_node(convert)

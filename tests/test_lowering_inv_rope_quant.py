@@ -30,6 +30,20 @@ def inv_rope_quant(o, pos, cs):
     return dsv4.fp8_block_quant(y.view(t, G, h // G * d), 128, 1e-10)
 
 
+def inv_rope_quant_vllm(o, pos, cs):
+    # vLLM's bytes: the fp32 rotation of o.float() is quantized (nothing rounded to bf16)
+    t, h, d = o.shape
+    y = dsv4.rope(o.float(), pos, cs, True)
+    return dsv4.fp8_block_quant(y.view(t, G, h // G * d), 128, 1e-10)
+
+
+def inv_rope_quant_vllm_shared_convert(o, pos, cs):
+    # the fp32 copy of o has another user: it stays, the rope and the quant fuse
+    of = o.float()
+    q, s = dsv4.fp8_block_quant(dsv4.rope(of, pos, cs, True).view(o.shape[0], G, -1), 128, 1e-10)
+    return q, s, of.amax(-1)
+
+
 def inv_rope_quant_consumers(o, pos, cs):
     # the quantized values and the scales both feed further (aten) computation
     q, s = inv_rope_quant(o, pos, cs)
@@ -131,7 +145,7 @@ aten.clone.default""")
 
     def test_dynamic_token_dim(self):
         # token counts on both sides of the scale's padding (T % 4 == 0 and != 0): one graph
-        for fn in (inv_rope_quant, grouped_dequant, flat_views):
+        for fn in (inv_rope_quant, grouped_dequant, flat_views, inv_rope_quant_vllm):
             torch._dynamo.reset()
             pm = DSV4PassManager(record=True)
             compiled = torch.compile(fn, fullgraph=True, options={"post_grad_custom_post_pass": pm})
@@ -179,16 +193,55 @@ aten.mul.Tensor""")
         def split_heads(o, pos, cs):  # the view does not keep whole heads per group
             return dsv4.fp8_block_quant(dsv4.rope(o, pos, cs, True).view(o.shape[0], -1, 256), 128, 1e-10)
 
-        def fp32_o(o, pos, cs):
-            return dsv4.fp8_block_quant(dsv4.rope(o.float(), pos, cs, True).view(o.shape[0], G, -1), 128, 1e-10)
+        def fp16_o_as_fp32(o, pos, cs):  # an fp32 rotation, but of an fp16 o: not the fused op's input
+            return dsv4.fp8_block_quant(dsv4.rope(o.half().float(), pos, cs, True).view(o.shape[0], G, -1),
+                                        128, 1e-10)
 
-        for fn in (forward_rope, block_64, other_floor, rope_escapes, split_heads, fp32_o):
+        for fn in (forward_rope, block_64, other_floor, rope_escapes, split_heads, fp16_o_as_fp32):
             torch._dynamo.reset()
             args = _inputs()
             out, pm = compile_checked(fn, *args)
             self.assertEqual(pm.snapshots[-1].matches["inv_rope_quant"], 0, fn.__name__)
             self.assertNotIn("dsv4.inv_rope_fp8_quant.default", pm.snapshots[-1].after, fn.__name__)
             _assert_same(out, fn(*args))
+
+    def test_fp32_rotation_becomes_the_vllm_mode(self):
+        args = _inputs(t=6)
+        out, pm = compile_checked(inv_rope_quant_vllm, *args)
+        snap = pm.snapshots[-1]
+        self.assertEqual(snap.matches["inv_rope_quant"], 1)
+        self.assertExpectedInline(snap.before, """\
+prims.convert_element_type.default
+dsv4.rope.default
+aten.reshape.default
+dsv4.fp8_block_quant.default""")
+        self.assertExpectedInline(snap.after, """\
+dsv4.inv_rope_fp8_quant.default
+aten.permute.default
+aten.clone.default""")
+        _assert_same(out, inv_rope_quant_vllm(*args))
+        # = the fused op in vLLM mode on the bf16 o, which differs from the default mode here
+        q, s = dsv4.inv_rope_fp8_quant(*args, G, round_rope_bf16=False)
+        _assert_same(out, (q.contiguous(), s.transpose(0, 1).contiguous()))
+        self.assertFalse(torch.equal(_bits(out[0]), _bits(inv_rope_quant(*args)[0])))
+
+        torch._dynamo.reset()
+        out, pm = compile_checked(inv_rope_quant_vllm_shared_convert, *args)
+        self.assertEqual(pm.snapshots[-1].matches["inv_rope_quant"], 1)
+        self.assertExpectedInline(pm.snapshots[-1].after, """\
+prims.convert_element_type.default
+dsv4.inv_rope_fp8_quant.default
+aten.permute.default
+aten.clone.default
+aten.amax.default""")
+        _assert_same(out, inv_rope_quant_vllm_shared_convert(*args))
+
+    def test_fp32_input_is_not_matched(self):
+        # an fp32 graph input (no bf16 o to hand the fused op)
+        o, pos, cs = _inputs()
+        out, pm = compile_checked(inv_rope_quant, o.float(), pos, cs)
+        self.assertEqual(pm.snapshots[-1].matches["inv_rope_quant"], 0)
+        _assert_same(out, inv_rope_quant(o.float(), pos, cs))
 
     def test_no_match_on_a_narrow_table(self):
         args = _inputs()
@@ -205,3 +258,37 @@ aten.mul.Tensor""")
         torch._dynamo.reset()
         _, pm = compile_checked(inv_rope_quant, *args, dtypes=("float32",))
         self.assertEqual(pm.snapshots[-1].matches["inv_rope_quant"], 0)
+
+
+def test_model_vllm_mode_is_fused_and_matches_eager():
+    """``DeepseekV4Attention(o_rope_bf16=False)`` (an SWA layer, 40 + 25 tokens): the pass fuses its
+    ``rope(o.float())`` → quant into the vLLM mode, compiled == eager bit for bit, and the layer's
+    output differs from the default's (the rotated dims are not rounded to bf16)."""
+    from dsv4_compile import DSv4AttentionConfig
+    from dsv4_compile.model import DeepseekV4Attention
+    from dsv4_compile.runtime import CacheConfig, KVCacheManager, StepMetadataBuilder, compile_step
+
+    cfg = DSv4AttentionConfig.tiny()
+    cc = CacheConfig(max_num_seqs=4, max_model_len=256, max_num_batched_tokens=80, token_budget=4096)
+    x = torch.randn(65, cfg.hidden_size, generator=torch.Generator().manual_seed(5)).bfloat16()
+
+    def run(o_rope_bf16, compiled=False):
+        torch.manual_seed(0)
+        layer = DeepseekV4Attention(cfg, 0, max_model_len=256, o_rope_bf16=o_rope_bf16)
+        mgr = KVCacheManager(cfg, [0], cc)
+        builder = StepMetadataBuilder(mgr)
+        for r in ("a", "b"):
+            mgr.add_request(r)
+        pm = DSV4PassManager(record=True)
+        step = lambda x, meta: layer(x, meta, mgr.caches[0])  # noqa: E731
+        if compiled:
+            step = compile_step(step, options={"post_grad_custom_post_pass": pm, "fx_graph_cache": False})
+        return step(x, builder.build([("a", 40), ("b", 25)])), pm
+
+    eager, _ = run(False)
+    out, pm = run(False, compiled=True)
+    assert pm.snapshots[-1].matches["inv_rope_quant"] == 1
+    after = pm.snapshots[-1].after.splitlines()
+    assert "dsv4.inv_rope_fp8_quant.default" in after and "dsv4.fp8_block_quant.default" not in after
+    assert torch.equal(out, eager)
+    assert not torch.equal(eager, run(True)[0])

@@ -1,8 +1,11 @@
-"""The output path (spec §2.8, §4.7): ``dsv4::inv_rope_fp8_quant`` equals the composition of the two
+"""The output path (docs/numerics.md §8.3, §5.6): ``dsv4::inv_rope_fp8_quant`` equals the composition of the two
 primitives bit for bit, in vLLM's SM90 / DeepGEMM layout (outputs and fake, padding rows zero);
-opcheck and ValueErrors; the Triton kernel bit-exact under the interpreter at small shapes and on
-the GPU at serving shapes (``cuda`` marker); the plain grouped output projection and the dequant."""
+``round_rope_bf16=False`` equals an independent fp64 model of vLLM's kernel (fp32 rotation, UE8M0
+quant) and the default's bytes outside the last block of each head; opcheck and ValueErrors; the
+Triton kernel bit-exact under the interpreter at small shapes and on the GPU at serving shapes
+(``cuda`` marker), both modes; the plain grouped output projection and the dequant."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,6 +89,78 @@ def test_zero_head_uses_the_output_path_floor():
     assert torch.equal(s[1, 0, -4:], reference.pow2(e).expand(4))
 
 
+# ---------------------------------------------------------------------------------------------
+# round_rope_bf16=False: vLLM's bytes
+# ---------------------------------------------------------------------------------------------
+def _vllm_model(o, pos, cs, n_groups):
+    """An independent model of vLLM's ``fused_inv_rope_fp8_quant`` (SM90, fp32 scales), in fp64
+    with every fp32 operation rounded back to fp32 (exact for one +, −, ×: 53 ≥ 2·24 + 2):
+
+    even dim 2i of the rope slice ``x·cos + x_partner·sin``, odd dim ``x·cos − x_partner·sin`` (pair
+    (2i, 2i+1), ``cos = table[p, i]``, ``sin = table[p, 32 + i]``), the other 448 dims as loaded;
+    per 128 elements ``scale = exp2(ceil(log2(fp32(max(amax, 1e-10) · fp32(1/448)))))`` and
+    ``clamp(x / scale, ±448)`` → e4m3. Returns ``(q [G, T, D] e4m3, scale [T, G, D/128])``."""
+    f32 = lambda a: a.astype(np.float32).astype(np.float64)  # noqa: E731
+    t, h, _ = o.shape
+    x = o.float().numpy().astype(np.float64)
+    table = cs.float().numpy().astype(np.float64)[pos.long().numpy()]  # [T, 64]
+    cos, sin = table[:, None, :32], table[:, None, 32:]
+    xe, xo = x[..., 448::2], x[..., 449::2]
+    y = x.copy()
+    y[..., 448::2] = f32(f32(xe * cos) + f32(xo * sin))
+    y[..., 449::2] = f32(f32(xo * cos) - f32(xe * sin))
+    blocks = y.reshape(t, n_groups, -1, 128)
+    amax = np.maximum(np.abs(blocks).max(-1), f32(np.array(FLOOR)))
+    scale = np.exp2(np.ceil(np.log2(f32(amax * f32(np.array(1 / 448))))))
+    v = np.clip(blocks / scale[..., None], -448.0, 448.0).reshape(t, n_groups, -1)
+    q = torch.from_numpy(v.astype(np.float32)).to(torch.float8_e4m3fn)
+    return q.transpose(0, 1).contiguous(), torch.from_numpy(scale.astype(np.float32))
+
+
+@pytest.mark.parametrize("t,h,n_groups", [(1, 8, 1), (5, 8, 2), (8, 16, 2), (6, 4, 4)])
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+def test_vllm_mode_matches_an_fp64_model_of_vllms_kernel(t, h, n_groups, table_dtype):
+    o, pos, cs = _data(t, h, table_dtype, seed=5)
+    q, s = dsv4.inv_rope_fp8_quant(o, pos, cs, n_groups, round_rope_bf16=False)
+    want_q, want_s = _vllm_model(o, pos, cs, n_groups)
+    # the same layout as the default mode; vLLM's o_fp8 is ours, its scale is our storage viewed
+    # [T, G, D/128] with strides (1, (D/128)·T_al, T_al)
+    (q_shape, q_stride), (s_shape, s_stride) = _layout(t, h, n_groups)
+    assert (tuple(q.shape), q.stride()) == (q_shape, q_stride) and (tuple(s.shape), s.stride()) == (s_shape, s_stride)
+    nb = s_shape[-1]
+    vllm_s = s.transpose(0, 1)
+    assert vllm_s.shape == (t, n_groups, nb) and vllm_s.stride() == (1, nb * _t_al(t), _t_al(t))
+    assert torch.equal(_bits(q.transpose(0, 1)), _bits(want_q))  # the [G, T, D] buffer
+    assert torch.equal(vllm_s, want_s)
+    assert not _scale_storage(s, t)[..., t:].any()
+    # it is the composition with an fp32 rotation (no bf16 rounding)
+    y = reference.rope(o.float(), pos, cs, inverse=True)
+    comp_q, comp_s = reference.fp8_block_quant(y.view(t, n_groups, -1), 128, FLOOR)
+    assert torch.equal(_bits(q), _bits(comp_q)) and torch.equal(vllm_s, comp_s)
+    ref = reference.inv_rope_fp8_quant(o, pos, cs, n_groups, False)
+    assert _same(ref[0], q) and _same(ref[1], s)
+
+
+def test_vllm_mode_differs_from_the_default_only_in_the_rotated_block():
+    t, h, n_groups = 64, 8, 2
+    o, pos, cs = _data(t, h, torch.float32, seed=6)
+    dq, ds = dsv4.inv_rope_fp8_quant(o, pos, cs, n_groups)
+    vq, vs = dsv4.inv_rope_fp8_quant(o, pos, cs, n_groups, round_rope_bf16=False)
+    diff_q = (_bits(dq) != _bits(vq)).reshape(t, h, 4, 128)
+    diff_s = (ds != vs).reshape(n_groups, t, h // n_groups, 4)
+    assert not diff_q[:, :, :3].any() and not diff_s[..., :3].any()
+    # in the last block the 64 unrotated dims change only with the block's scale
+    last_scale_differs = diff_s[..., 3].permute(1, 0, 2).reshape(t, h)
+    assert not (diff_q[:, :, 3, :64].any(-1) & ~last_scale_differs).any() and last_scale_differs.any()
+    # the rounding is visible: a few % of the rotated dims' bytes (and some last-block scales) change
+    frac = diff_q[..., 64:].float().mean().item()
+    assert 0.001 < frac < 0.2, frac
+    # the default stays the bf16-rounded composition
+    y = reference.rope(o, pos, cs, inverse=True)
+    want_q, want_s = reference.fp8_block_quant(y.view(t, n_groups, -1), 128, FLOOR)
+    assert torch.equal(_bits(dq), _bits(want_q)) and torch.equal(ds, want_s.transpose(0, 1))
+
+
 def test_fake_matches_real_layout_including_symbolic_tokens():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -128,8 +203,12 @@ def _op_cases(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", range(4))
-def test_opcheck(device, case):
-    torch.library.opcheck(dsv4.inv_rope_fp8_quant.default, _op_cases(device)[case])
+@pytest.mark.parametrize("round_rope_bf16", [True, False])
+def test_opcheck(device, case, round_rope_bf16):
+    args = _op_cases(device)[case]
+    if not round_rope_bf16:
+        args = args + (False,)
+    torch.library.opcheck(dsv4.inv_rope_fp8_quant.default, args)
 
 
 def test_outputs_are_fresh_and_empty_batches_work():
@@ -165,9 +244,10 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
 # ---------------------------------------------------------------------------------------------
 # the Triton kernel
 # ---------------------------------------------------------------------------------------------
-def _check_kernel(o, pos, cs, n_groups, device, **launch):
-    got = out_kernels.inv_rope_fp8_quant(o.to(device), pos.to(device), cs.to(device), n_groups, **launch)
-    want = reference.inv_rope_fp8_quant(o, pos, cs, n_groups)
+def _check_kernel(o, pos, cs, n_groups, device, round_rope_bf16=True, **launch):
+    got = out_kernels.inv_rope_fp8_quant(o.to(device), pos.to(device), cs.to(device), n_groups, round_rope_bf16,
+                                         **launch)
+    want = reference.inv_rope_fp8_quant(o, pos, cs, n_groups, round_rope_bf16)
     t = o.shape[0]
     assert _same(got[0], want[0]) and _same(got[1], want[1])
     assert torch.equal(_scale_storage(got[1], t).cpu(), _scale_storage(want[1], t))  # zero padding rows too
@@ -177,19 +257,21 @@ def _check_kernel(o, pos, cs, n_groups, device, **launch):
 @pytest.mark.parametrize("h", [8, 16])
 @pytest.mark.parametrize("n_groups", [1, 2])
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_reference(kernel_device, t, h, n_groups, table_dtype):
+@pytest.mark.parametrize("round_rope_bf16", [True, False])
+def test_kernel_matches_reference(kernel_device, t, h, n_groups, table_dtype, round_rope_bf16):
     o, pos, cs = _data(t, h, table_dtype, seed=1)
-    _check_kernel(o, pos, cs, n_groups, kernel_device)
+    _check_kernel(o, pos, cs, n_groups, kernel_device, round_rope_bf16)
 
 
 @pytest.mark.parametrize("bt,block_h", [(4, 2), (2, 4), (1, 1)])
-def test_kernel_tilings_and_strided_o(kernel_device, bt, block_h):
+@pytest.mark.parametrize("round_rope_bf16", [True, False])
+def test_kernel_tilings_and_strided_o(kernel_device, bt, block_h, round_rope_bf16):
     # several tokens per program (a partial tile and padding rows in one program), odd head blocks
     o, pos, cs = _data(5, 8, seed=2)
-    _check_kernel(o, pos, cs, 2, kernel_device, bt=bt, block_h=block_h)
+    _check_kernel(o, pos, cs, 2, kernel_device, round_rope_bf16, bt=bt, block_h=block_h)
     wide = torch.zeros(5, 12, 512, dtype=torch.bfloat16)
     wide[:, 3:11] = o
-    _check_kernel(wide[:, 3:11], pos.int(), cs, 4, kernel_device, bt=bt, block_h=block_h)
+    _check_kernel(wide[:, 3:11], pos.int(), cs, 4, kernel_device, round_rope_bf16, bt=bt, block_h=block_h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,10 +281,11 @@ def test_kernel_tilings_and_strided_o(kernel_device, bt, block_h):
 @pytest.mark.parametrize("t", [1, 3, 64, 1027, 4096])
 @pytest.mark.parametrize("h,n_groups", [(64, 8), (128, 16), (32, 4), (8, 1)])
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
-def test_cuda_op_matches_reference(t, h, n_groups, table_dtype):
+@pytest.mark.parametrize("round_rope_bf16", [True, False])
+def test_cuda_op_matches_reference(t, h, n_groups, table_dtype, round_rope_bf16):
     o, pos, cs = _data(t, h, table_dtype, seed=3, max_pos=4096)
-    got = dsv4.inv_rope_fp8_quant(o.cuda(), pos.cuda(), cs.cuda(), n_groups)
-    want = reference.inv_rope_fp8_quant(o, pos, cs, n_groups)
+    got = dsv4.inv_rope_fp8_quant(o.cuda(), pos.cuda(), cs.cuda(), n_groups, round_rope_bf16)
+    want = reference.inv_rope_fp8_quant(o, pos, cs, n_groups, round_rope_bf16)
     assert got[0].is_cuda and _same(got[0], want[0]) and _same(got[1], want[1])
     assert torch.equal(_scale_storage(got[1], t).cpu(), _scale_storage(want[1], t))
 
@@ -216,6 +299,7 @@ def test_cuda_opcheck_and_strided_o():
     want = reference.inv_rope_fp8_quant(o, pos, cs, 8)
     assert _same(got[0], want[0]) and _same(got[1], want[1])
     torch.library.opcheck(dsv4.inv_rope_fp8_quant.default, (o.cuda(), pos.cuda(), cs.cuda(), 8))
+    torch.library.opcheck(dsv4.inv_rope_fp8_quant.default, (o.cuda(), pos.cuda(), cs.cuda(), 8, False))
 
 
 # ---------------------------------------------------------------------------------------------

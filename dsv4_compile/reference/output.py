@@ -1,4 +1,4 @@
-"""The attention output path (spec §2.8, §4.7): inverse RoPE → FP8 quant, and the grouped output
+"""The attention output path (docs/numerics.md §8.3, §5.6): inverse RoPE → FP8 quant, and the grouped output
 projection in plain PyTorch.
 
 ``inv_rope_fp8_quant`` is the composition of the two primitives (``rope(..., inverse=True)`` then
@@ -9,7 +9,15 @@ path hands it to DeepGEMM's ``fp8_einsum``:
   ``[T, G, D]`` with strides ``(D, T·D, 1)`` (D = (H/G)·512);
 * ``scale``: fp32 ``2^e``, shape ``[G, T, D/128]`` with strides ``((D/128)·T_al, 1, T_al)``
   (MN-major, ``T_al`` = T rounded up to a multiple of 4); the padding rows ``T ≤ t < T_al`` of the
-  storage are zero.
+  storage are zero. The storage is a contiguous ``[G, D/128, T_al]`` buffer; vLLM's kernel fills
+  the same buffer and hands it out as ``scale.transpose(0, 1)``: shape ``[T, G, D/128]``, strides
+  ``(1, (D/128)·T_al, T_al)`` (its SM90 fp32 form; the SM100 int32-packed UE8M0 form is not made here).
+
+Two roundings of the rotated dims: ``round_rope_bf16=True`` (default) rounds the inverse rotation
+to bf16 before the amax and the quant, as DeepSeek's reference and the plain composition above;
+``round_rope_bf16=False`` quantizes the fp32 rotation (vLLM's ``fused_inv_rope_fp8_quant`` bytes),
+i.e. the composition with ``rope(o.float(), ...)``. Only the last 128-block of each head (it holds
+the 64 rotated dims) can differ between the two.
 """
 
 from __future__ import annotations
@@ -47,15 +55,17 @@ def empty_outputs(t, h, d, n_groups, device, zero_scale_padding: bool = True):
     return o_fp8, scale
 
 
-def inv_rope_fp8_quant(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, n_groups: int):
+def inv_rope_fp8_quant(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, n_groups: int,
+                       round_rope_bf16: bool = True):
     """``(o_fp8 [T, G, D], scale [G, T, D/128])`` of ``o [T, H, 512]`` (layout in the module doc).
 
-    Values: ``y = rope(o, positions, cos_sin_cache, inverse=True)`` (fp32 math, rounded to bf16),
-    then ``fp8_block_quant(y.view(T, G, D), 128, 1e-10)``: ``o_fp8[t, g] = q[t, g]`` and
-    ``scale[g, t] = s[t, g]``.
+    Values: ``y = rope(o, positions, cos_sin_cache, inverse=True)`` (fp32 math, rounded to bf16;
+    with ``round_rope_bf16=False`` the rotation of ``o.float()``, left in fp32 as vLLM's kernel
+    quantizes it), then ``fp8_block_quant(y.view(T, G, D), 128, 1e-10)``: ``o_fp8[t, g] = q[t, g]``
+    and ``scale[g, t] = s[t, g]``.
     """
     t, h, d = o.shape
-    y = rope(o, positions, cos_sin_cache, inverse=True)
+    y = rope(o if round_rope_bf16 else o.to(torch.float32), positions, cos_sin_cache, inverse=True)
     q, s = fp8_block_quant(y.reshape(t, n_groups, h // n_groups * d), layouts.O_PROJ_QUANT_BLOCK,
                            layouts.INV_ROPE_AMAX_FLOOR)
     o_fp8, scale = empty_outputs(t, h, d, n_groups, o.device)
@@ -73,7 +83,7 @@ def fp8_dequant_grouped(o_fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 
 
 def grouped_o_proj(o: torch.Tensor, wo_a: torch.Tensor, wo_b: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """The grouped low-rank output projection (spec §2.8 steps 3-4), bf16 as the reference.
+    """The grouped low-rank output projection (docs/numerics.md §8.3), bf16 as the reference.
 
     ``o [T, H, 512]`` (or already grouped ``[T, G, (H/G)·512]``, e.g. ``fp8_dequant_grouped``'s
     output), ``wo_a [G·R, (H/G)·512]``, ``wo_b [hidden, G·R]``:

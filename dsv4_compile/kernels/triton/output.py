@@ -1,11 +1,12 @@
-"""Output-path kernel: inverse RoPE → bf16 → FP8 e4m3 UE8M0 quant in 128-element blocks (spec §4.7).
+"""Output-path kernel: inverse RoPE → bf16 → FP8 e4m3 UE8M0 quant in 128-element blocks (docs/numerics.md §8.3).
 
 One program handles ``BT`` tokens × ``BLOCK_H`` heads: every head row (512 bf16) is read once as
-8 rows of 64, the last row is rotated by −θ in fp32 and rounded to bf16, the 4 blocks of 128 are
-quantized, and the e4m3 bytes and fp32 scales are written once, straight into the DeepGEMM layout
-(``o_fp8`` storage ``[G, T, D]``, scale storage ``[G, D/128, T_al]``). The grid covers ``T_al``
-tokens: programs past ``T`` write the zero padding rows of the scale and nothing else. Bit-exact
-with ``reference.inv_rope_fp8_quant``.
+8 rows of 64, the last row is rotated by −θ in fp32 and rounded to bf16 (``ROUND_BF16``; without it
+the fp32 rotation is quantized, vLLM's bytes), the 4 blocks of 128 are quantized, and the e4m3
+bytes and fp32 scales are written once, straight into the DeepGEMM layout (``o_fp8`` storage
+``[G, T, D]``, scale storage ``[G, D/128, T_al]``). The grid covers ``T_al`` tokens: programs past
+``T`` write the zero padding rows of the scale and nothing else. Bit-exact with
+``reference.inv_rope_fp8_quant``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ QBLOCK = tl.constexpr(layouts.O_PROJ_QUANT_BLOCK)  # 128
 def _inv_rope_fp8_quant_kernel(
     o_ptr, pos_ptr, cs_ptr, q_ptr, s_ptr,
     T, T_AL, H, max_pos, cs_stride, o_stride_t, o_stride_h,
-    HPG: tl.constexpr, BT: tl.constexpr, BLOCK_H: tl.constexpr,
+    HPG: tl.constexpr, BT: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     # rows = (token, head) pairs of this program; each row is one 512-d head as [8, 64]
     ROWS: tl.constexpr = BT * BLOCK_H
@@ -50,12 +51,15 @@ def _inv_rope_fp8_quant_kernel(
     src = t.to(tl.int64) * o_stride_t + h.to(tl.int64) * o_stride_h
     x = tl.load(o_ptr + src[:, None, None] + (rr * ROPE_DIM)[None, :, None] + cr[None, None, :],
                 mask=ok[:, None, None], other=0.0)
-    # inverse rotation (sin → −sin) of the last 64 dims, rounded to bf16 before any amax (spec §3)
+    # inverse rotation (sin → −sin) of the last 64 dims, rounded to bf16 before any amax
+    # (docs/numerics.md §3.3), or left in fp32 (vLLM's bytes)
     y = rope_last_row(x.to(tl.float32), cos, -sin, NR, ROWS)
-    y = tl.reshape(y.to(o_ptr.dtype.element_ty).to(tl.float32), [ROWS, NQ, QBLOCK])
+    if ROUND_BF16:
+        y = y.to(o_ptr.dtype.element_ty).to(tl.float32)
+    y = tl.reshape(y, [ROWS, NQ, QBLOCK])
     amax = tl.maximum(tl.max(tl.abs(y), axis=2), AMAX_FLOOR)  # [ROWS, 4]
     e = ceil_log2_ratio(amax, FP8_MAX_EXP, FP8_MAX_MANT)
-    v = tl.clamp(y * pow2(-e)[:, :, None], -FP8_MAX, FP8_MAX).to(tl.float8e4nv)
+    v = tl.clamp(y * pow2(-e)[:, :, None], -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL).to(tl.float8e4nv)
 
     g = (h // HPG).to(tl.int64)
     hl = h % HPG  # head within its group
@@ -78,7 +82,7 @@ def _launch_shape(n_tokens: int, n_heads: int) -> tuple[int, int]:
 
 
 def inv_rope_fp8_quant(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, n_groups: int,
-                       bt=None, block_h=None, num_warps=None):
+                       round_rope_bf16: bool = True, bt=None, block_h=None, num_warps=None):
     t, h, d = o.shape
     o_fp8, scale = _ref_output.empty_outputs(t, h, d, n_groups, o.device, zero_scale_padding=False)
     t_al = _ref_output.scale_rows(t)
@@ -93,6 +97,7 @@ def inv_rope_fp8_quant(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: 
     _inv_rope_fp8_quant_kernel[grid](
         o, positions, cs, o_fp8, scale,
         t, t_al, h, cs.shape[0], cs.stride(0), o.stride(0), o.stride(1),
-        HPG=h // n_groups, BT=bt, BLOCK_H=block_h, num_warps=num_warps or 4, **LAUNCH_OPTS,
+        HPG=h // n_groups, BT=bt, BLOCK_H=block_h, ROUND_BF16=bool(round_rope_bf16), num_warps=num_warps or 4,
+        **LAUNCH_OPTS,
     )
     return o_fp8, scale
