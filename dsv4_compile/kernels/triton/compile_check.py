@@ -9,6 +9,8 @@ E2M1 conversion). Run in a process without ``TRITON_INTERPRET``:
 
 from __future__ import annotations
 
+import itertools
+
 import sys
 
 import triton
@@ -47,10 +49,11 @@ def _cases(arch: int):
     yield from _compressor_cases(hw)
     yield from indices.compile_cases(arch)
     yield from _attention_cases()
-    for bt, bh in ((1, 8), (4, 2)):
+    for (bt, bh), (o_dtype, round_bf16) in itertools.product(((1, 8), (4, 2)), (("*bf16", True), ("*fp32", False))):
         yield output._inv_rope_fp8_quant_kernel, dict(
-            o_ptr="*bf16", pos_ptr="*i64", cs_ptr="*fp32", q_ptr="*fp8e4nv", s_ptr="*fp32", T="i32", T_AL="i32", H="i32",
-            max_pos="i32", cs_stride="i32", o_stride_t="i32", o_stride_h="i32"), dict(HPG=8, BT=bt, BLOCK_H=bh)
+            o_ptr=o_dtype, pos_ptr="*i64", cs_ptr="*fp32", q_ptr="*fp8e4nv", s_ptr="*fp32", T="i32", T_AL="i32",
+            H="i32", max_pos="i32", cs_stride="i32", o_stride_t="i32", o_stride_h="i32"), dict(
+            HPG=8, BT=bt, BLOCK_H=bh, ROUND_BF16=round_bf16)
 
 
 def _cache_cases(hw: bool):
