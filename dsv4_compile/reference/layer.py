@@ -199,8 +199,11 @@ def sink_attention(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, sink
 
 def output_projection(layer, o: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``[T, hidden]`` (docs/numerics.md §8.3): inverse RoPE of ``o [T, H, 512]`` at the query positions, [FP8
-    fake quant in 128-blocks, amax floor 1e-10], grouped ``wo_a`` einsum in bf16, then ``wo_b``."""
-    og = rope(o, positions, layer.cos_sin_cache, inverse=True).reshape(o.shape[0], layer.n_groups, -1)
+    fake quant in 128-blocks, amax floor 1e-10; the rotation quantized in fp32 when the layer has
+    ``o_rope_bf16=False``, vLLM's bytes], grouped ``wo_a`` einsum in bf16, then ``wo_b``."""
+    vllm_bytes = layer.fp8_o_proj and not getattr(layer, "o_rope_bf16", True)
+    og = rope(o.float() if vllm_bytes else o, positions, layer.cos_sin_cache, inverse=True)
+    og = og.reshape(o.shape[0], layer.n_groups, o.shape[1] * o.shape[2] // layer.n_groups)
     if layer.fp8_o_proj:
         og = _fp8_dequant(og, layouts.O_PROJ_QUANT_BLOCK, layouts.INV_ROPE_AMAX_FLOOR).to(torch.bfloat16)
     wo_a = layer.wo_a.weight.view(layer.n_groups, -1, og.shape[-1])
