@@ -74,19 +74,23 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
 
 
 def _traced_value_error(e) -> "ValueError | None":
-    """The ``ValueError`` user code raised while Dynamo traced it (Dynamo wraps it in ``Unsupported``
-    with an ``ObservedValueErrorError`` cause holding its repr), or ``None``."""
+    """The ``ValueError`` user code raised while Dynamo traced it, or ``None``. Dynamo reports it as
+    ``Unsupported`` ("Observed exception"), naming the arguments in its text: their repr (torch 2.13:
+    ``raised exception ValueError('msg')``) or Dynamo's variables (torch 2.11:
+    ``raised exception ValueError([ConstantVariable(str: 'msg')])``)."""
     import ast
     import re
 
-    cause = e.__cause__
-    if type(cause).__name__ != "ObservedValueErrorError" or not cause.args:
-        return None
-    m = re.fullmatch(r"raised exception ValueError\((.*)\)", str(cause.args[0]), re.S)
-    if m is None:
-        return None
-    try:
-        args = ast.literal_eval(f"({m.group(1)},)") if m.group(1) else ()
-    except (ValueError, SyntaxError):
-        return None
-    return ValueError(*args)
+    texts = [str(a) for a in getattr(e.__cause__, "args", ())] + [str(e)]
+    for pattern in (r"raised exception ValueError\(\[ConstantVariable\(str: (.*)\)\]\)",
+                    r"raised exception ValueError\((.*)\)"):
+        for text in texts:
+            for line in text.splitlines():
+                m = re.search(pattern, line)
+                if m is None:
+                    continue
+                try:
+                    return ValueError(*ast.literal_eval(f"({m.group(1)},)")) if m.group(1) else ValueError()
+                except (ValueError, SyntaxError):
+                    continue
+    return None
