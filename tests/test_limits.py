@@ -32,6 +32,20 @@ def test_layer_with_short_rope_tables_is_refused_before_any_cache_byte(compiled)
     assert all(torch.equal(w, g) for w, g in zip(before, mgr.caches[0].tensors()))
 
 
+def test_runner_refuses_a_layer_with_short_rope_tables_at_construction():
+    """Before any request is admitted: nothing to roll back."""
+    from dsv4_compile.runtime import DecodeGraphRunner
+
+    layer = DeepseekV4Attention(CFG, 2, max_model_len=64)
+    mgr = KVCacheManager(CFG, [2], CacheConfig(max_num_seqs=2, max_model_len=256, max_num_batched_tokens=128,
+                                               token_budget=512))
+    b = StepMetadataBuilder(mgr)
+    step = compile_step(lambda x, meta: layer(x, meta, mgr.caches[0]))
+    with pytest.raises(ValueError, match=r"RoPE tables of 64 positions"):
+        DecodeGraphRunner(step, b, CFG.hidden_size)
+    assert mgr.used_tokens == 0 and not mgr.requests
+
+
 def test_builder_refuses_positions_past_max_model_len_before_accounting():
     mgr = KVCacheManager(CFG, [1], CacheConfig(max_num_seqs=2, max_model_len=64, max_num_batched_tokens=128,
                                                token_budget=512))

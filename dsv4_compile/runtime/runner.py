@@ -50,6 +50,9 @@ class DecodeGraphRunner:
     The returned tensor of a replayed step is a view into the graphs' shared memory pool: valid until
     the next replay of *any* size (clone it to keep it).
 
+    Construction runs one empty step (T = 0: no kernel writes anything), which compiles the step and
+    raises the layers' ``ValueError`` for a configuration the runtime cannot serve.
+
     ``stats`` counts the steps run: ``replays`` (decode steps replayed from a CUDA graph),
     ``ungraphed_decode_steps`` (decode steps that called the step directly: ``cuda_graphs`` off) and
     ``prefill_or_mixed_steps`` (every other batch, which calls the step directly). Captures and their
@@ -77,6 +80,10 @@ class DecodeGraphRunner:
         self.pool = None
         self._warmup_stream = None  # one side stream for every capture's warm-up
         self.stats = {"replays": 0, "ungraphed_decode_steps": 0, "prefill_or_mixed_steps": 0}
+        # one empty step now: it compiles the step and runs the layers' host checks (RoPE tables long
+        # enough for CacheConfig.max_model_len, the caches they need) before any request is admitted,
+        # so a layer the runtime cannot serve is a ValueError here, not in the middle of a request
+        self.step(self.x_buf[:0], builder.build([]))
 
     def padded_size(self, n: int) -> int:
         i = bisect.bisect_left(self.capture_sizes, n)
