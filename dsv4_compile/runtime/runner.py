@@ -1,15 +1,18 @@
-"""Running a compiled DSv4 step: ``compile_step`` and ``DecodeGraphRunner`` (FULL_DECODE_ONLY).
+"""Running a compiled DSv4 step: ``compile_step`` and ``CUDAGraphRunner`` (vLLM's CUDA-graph modes
+``FULL_DECODE_ONLY`` and ``FULL``; ``DecodeGraphRunner`` is its name from before ``FULL``).
 
 ``compile_step(fn)`` compiles ``fn(x, meta) -> Tensor`` with the dsv4 passes, ``fullgraph=True`` and
 Inductor's own CUDA graphs off, with the token dimension dynamic: one graph serves every batch size,
 size 1 included (the token dims are marked dynamic and traced size-oblivious, so no ``T >= 2`` guard
 is installed).
 
-``DecodeGraphRunner`` (docs/compile.md §6): decode-only batches (one new token for every
-request) are padded to the next capture size, their metadata and activations copied into
-persistent buffers, and a CUDA graph of the compiled step — captured once per size, warm-up first,
-all sizes in one memory pool — is replayed. Prefill and mixed batches run the compiled step without
-a graph. Padding tokens have slot −1 and no request, so they never touch a cache.
+``CUDAGraphRunner`` (docs/compile.md §6), ``FULL_DECODE_ONLY`` (the default): decode-only batches
+(one new token for every request) are padded to the next capture size, their metadata and
+activations copied into persistent buffers, and a CUDA graph of the compiled step — captured once per
+size, warm-up first, all sizes in one memory pool — is replayed. Prefill and mixed batches run the
+compiled step without a graph. ``FULL``: every batch (prefill chunks, mixed prefill + decode, decode)
+is padded to the next token-count bucket and replayed the same way; a batch over the largest bucket
+runs without a graph. Padding tokens have slot −1 and no request, so they never touch a cache.
 """
 
 from __future__ import annotations
@@ -22,6 +25,17 @@ import torch
 from .builder import StepMetadataBuilder
 
 DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 64)
+CUDAGRAPH_MODES = ("FULL_DECODE_ONLY", "FULL")
+
+
+def default_token_buckets(max_tokens: int) -> list[int]:
+    """``FULL`` mode's buckets: the decode capture sizes, then powers of two, then
+    ``max_num_batched_tokens`` itself (so every step the builder admits has a bucket)."""
+    sizes, s = set(DEFAULT_CAPTURE_SIZES), 128
+    while s < max_tokens:
+        sizes.add(s)
+        s *= 2
+    return sorted(x for x in sizes | {max_tokens} if x <= max_tokens)
 
 
 def compile_step(fn: Callable, passes: Optional[dict] = None, options: Optional[dict] = None, **compile_kw):
@@ -34,18 +48,22 @@ def compile_step(fn: Callable, passes: Optional[dict] = None, options: Optional[
     return dsv4_compile.compile(fn, passes=passes or {}, options=opts, **compile_kw)
 
 
-class DecodeGraphRunner:
+class CUDAGraphRunner:
     """``runner(x, batch)``: one step of ``batch = [(req_id, n_new_tokens), ...]`` over ``x [T, hidden]``.
 
     Args:
         step: ``step(x, meta) -> [T, hidden]``, usually ``compile_step(...)`` of the model's forward.
         builder: the ``StepMetadataBuilder`` owning the metadata buffers and the cache manager.
         hidden_size, dtype: the activation buffer.
-        capture_sizes: decode batch sizes to capture (each ≤ max_num_seqs); a decode batch is padded
-            to the next one. A decode batch larger than the largest is a ``ValueError``. Default:
-            1, 2, 4, … 64 cut at ``min(max_num_seqs, max_num_batched_tokens)``.
-        cuda_graphs: capture and replay (default: when the builder's device is CUDA). Off, decode
-            batches run the step directly (still padded, so the numerics are the graphed ones).
+        capture_sizes: the token counts to capture. ``FULL_DECODE_ONLY``: decode batch sizes (each ≤
+            max_num_seqs); a decode batch is padded to the next one, and one larger than the largest
+            is a ``ValueError``; default 1, 2, 4, … 64 cut at ``min(max_num_seqs,
+            max_num_batched_tokens)``. ``FULL``: token-count buckets (each ≤ max_num_batched_tokens)
+            for every kind of batch; default ``default_token_buckets``.
+        cuda_graphs: capture and replay (default: when the builder's device is CUDA). Off, the batches
+            a graph would serve run the step directly, padded the same way (so the numerics are the
+            graphed ones).
+        mode: ``"FULL_DECODE_ONLY"`` (default) or ``"FULL"`` (vLLM's ``CUDAGraphMode`` names).
 
     The returned tensor of a replayed step is a view into the graphs' shared memory pool: valid until
     the next replay of *any* size (clone it to keep it).
@@ -53,22 +71,31 @@ class DecodeGraphRunner:
     Construction runs one empty step (T = 0: no kernel writes anything), which compiles the step and
     raises the layers' ``ValueError`` for a configuration the runtime cannot serve.
 
-    ``stats`` counts the steps run: ``replays`` (decode steps replayed from a CUDA graph),
-    ``ungraphed_decode_steps`` (decode steps that called the step directly: ``cuda_graphs`` off) and
-    ``prefill_or_mixed_steps`` (every other batch, which calls the step directly). Captures and their
-    warm-up calls are not counted.
+    ``stats`` counts the steps run: ``replays`` (steps replayed from a CUDA graph: decode steps, and
+    in ``FULL`` mode every step with a bucket), ``ungraphed_decode_steps`` and
+    ``ungraphed_prefill_or_mixed_steps`` (steps that called the step directly: no graph serves them in
+    this mode, or ``cuda_graphs`` is off). Captures and their warm-up calls are not counted.
+    ``graph_memory_bytes`` is the device memory the captures reserved (their shared pool).
     """
 
     def __init__(self, step: Callable, builder: StepMetadataBuilder, hidden_size: int,
                  capture_sizes: Optional[Sequence[int]] = None, dtype=torch.bfloat16,
-                 cuda_graphs: Optional[bool] = None):
-        limit = min(builder.manager.cache_config.max_num_seqs, builder.max_tokens)
-        if capture_sizes is None:  # the defaults that fit, and the largest batch the runtime admits
-            capture_sizes = [s for s in DEFAULT_CAPTURE_SIZES if s < limit] + [min(limit, DEFAULT_CAPTURE_SIZES[-1])]
+                 cuda_graphs: Optional[bool] = None, mode: str = "FULL_DECODE_ONLY"):
+        if mode not in CUDAGRAPH_MODES:
+            raise ValueError(f"mode must be one of {CUDAGRAPH_MODES}, got {mode!r}")
+        self.mode = mode
+        if mode == "FULL":
+            limit, what = builder.max_tokens, "max_num_batched_tokens"
+            if capture_sizes is None:
+                capture_sizes = default_token_buckets(limit)
+        else:
+            limit, what = min(builder.manager.cache_config.max_num_seqs, builder.max_tokens), \
+                "max_num_seqs and max_num_batched_tokens"
+            if capture_sizes is None:  # the defaults that fit, and the largest batch the runtime admits
+                capture_sizes = [s for s in DEFAULT_CAPTURE_SIZES if s < limit] + [min(limit, DEFAULT_CAPTURE_SIZES[-1])]
         sizes = sorted(set(int(s) for s in capture_sizes))
         if not sizes or sizes[0] < 1 or sizes[-1] > limit:
-            raise ValueError(f"capture_sizes must be in [1, {limit}] (max_num_seqs and max_num_batched_tokens), "
-                             f"got {list(capture_sizes)}")
+            raise ValueError(f"capture_sizes must be in [1, {limit}] ({what}), got {list(capture_sizes)}")
         self.step, self.builder, self.capture_sizes = step, builder, sizes
         self.hidden_size, self.dtype = hidden_size, dtype
         self.device = builder.device
@@ -79,18 +106,32 @@ class DecodeGraphRunner:
         self.graphs: dict = {}
         self.pool = None
         self._warmup_stream = None  # one side stream for every capture's warm-up
-        self.stats = {"replays": 0, "ungraphed_decode_steps": 0, "prefill_or_mixed_steps": 0}
+        self.graph_memory_bytes = 0
+        self.stats = {"replays": 0, "ungraphed_decode_steps": 0, "ungraphed_prefill_or_mixed_steps": 0}
         # one empty step now: it compiles the step and runs the layers' host checks (RoPE tables long
         # enough for CacheConfig.max_model_len, the caches they need) before any request is admitted,
         # so a layer the runtime cannot serve is a ValueError here, not in the middle of a request
         self.step(self.x_buf[:0], builder.build([]))
 
     def padded_size(self, n: int) -> int:
+        """The capture size a batch of ``n`` tokens is padded to (``ValueError`` past the largest)."""
         i = bisect.bisect_left(self.capture_sizes, n)
         if i == len(self.capture_sizes):
-            raise ValueError(f"a decode batch of {n} requests is larger than the largest capture size "
+            raise ValueError(f"a batch of {n} tokens is larger than the largest capture size "
                              f"{self.capture_sizes[-1]}")
         return self.capture_sizes[i]
+
+    def bucket(self, batch: Sequence[tuple], decode: Optional[bool] = None) -> Optional[int]:
+        """The padded token count a graph serves ``batch`` at in this mode, or ``None`` (the step runs
+        unpadded, without a graph). ``ValueError`` for a decode batch past the largest capture size in
+        ``FULL_DECODE_ONLY`` (the builder admits it, so it must have a size)."""
+        n = sum(k for _, k in batch)
+        if n == 0:
+            return None
+        if self.mode == "FULL":
+            return self.padded_size(n) if n <= self.capture_sizes[-1] else None
+        decode = self.builder.is_decode(batch) if decode is None else decode
+        return self.padded_size(len(batch)) if decode else None
 
     def _check_x(self, x: torch.Tensor, n_tokens: int) -> None:
         if x.dim() != 2 or x.shape[1] != self.hidden_size or x.dtype != self.dtype or x.device != self.device:
@@ -126,19 +167,22 @@ class DecodeGraphRunner:
                 graph = torch.cuda.CUDAGraph()
                 if self.pool is None:
                     self.pool = torch.cuda.graph_pool_handle()
+                reserved = torch.cuda.memory_reserved(self.device)
                 with torch.cuda.graph(graph, pool=self.pool):
                     out = self.step(x, meta)
+                self.graph_memory_bytes += torch.cuda.memory_reserved(self.device) - reserved
             self.graphs[n] = (graph, out, meta)
 
     # --- one step ----------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, batch: Sequence[tuple]) -> torch.Tensor:
         n_tokens = sum(n for _, n in batch)
         self._check_x(x, n_tokens)
-        if not self.builder.is_decode(batch):
+        decode = self.builder.is_decode(batch)
+        n = self.bucket(batch, decode)
+        if n is None:
             meta = self.builder.build(batch)
-            self.stats["prefill_or_mixed_steps"] += 1
+            self.stats["ungraphed_decode_steps" if decode else "ungraphed_prefill_or_mixed_steps"] += 1
             return self.step(x, meta)
-        n = self.padded_size(len(batch))
         if self.cuda_graphs and n not in self.graphs:
             self.capture([n])
         self.builder.build(batch, pad_to=n)  # writes the same buffers the graph reads
@@ -149,5 +193,8 @@ class DecodeGraphRunner:
             graph.replay()
             self.stats["replays"] += 1
             return out[:n_tokens]
-        self.stats["ungraphed_decode_steps"] += 1
+        self.stats["ungraphed_decode_steps" if decode else "ungraphed_prefill_or_mixed_steps"] += 1
         return self.step(self.x_buf[:n], self.builder.view(n))[:n_tokens]
+
+
+DecodeGraphRunner = CUDAGraphRunner  # the name from before FULL mode (FULL_DECODE_ONLY is the default)
