@@ -402,3 +402,37 @@ def test_dtype_conversion_keeps_the_fp32_tensors_exact():
         assert b.dtype == torch.float32 and torch.equal(a, b), name
     assert conv.wq_b.weight.dtype == torch.float16 and conv.x_proj.dtype == torch.float16
     assert conv.wq_a.weight.data_ptr() == conv.x_proj.data_ptr()
+
+
+def test_fp8_checkpoint_scale_names_dtypes_and_missing_scales():
+    """The reported inputs: an e4m3 weight with no scale under a strict load, and an HF-format
+    ``weight_scale_inv`` key, used to load raw e4m3 values silently. Every FP8 weight now needs its
+    scale under one of the two names, fp32 or e8m0, of the right shape (ValueError naming the key);
+    the expected weights come from float64 math on the blocks."""
+    full = make_layer(1, seed=5)
+    sd = {k: v.clone() for k, v in full.state_dict().items()}
+    q, s = _fp8_blocks(sd["wq_b.weight"])
+    out, inp = q.shape
+    want = (q.double() * s.double().repeat_interleave(128, 0)[:out].repeat_interleave(128, 1)[:, :inp]).bfloat16()
+
+    for name, scale in ((".scale", s), (".weight_scale_inv", s), (".scale", s.to(torch.float8_e8m0fnu)),
+                        (".weight_scale_inv", s.to(torch.float8_e8m0fnu))):
+        layer = make_layer(1, seed=6)
+        layer.load_state_dict({**sd, "wq_b.weight": q, f"wq_b{name}": scale})
+        assert torch.equal(layer.wq_b.weight, want), name
+
+    cases = [
+        ({"wq_b.weight": q}, r"wq_b.weight is float8_e4m3fn but the state dict has no block scale .*wq_b.scale "
+                              r"or wq_b.weight_scale_inv"),
+        ({"wq_b.weight": q, "wq_b.scale": s[:1]}, r"wq_b.scale: the block scale of a \[.*\] weight must be"),
+        ({"wq_b.weight": q, "wq_b.scale": s.half()}, r"wq_b.scale: the block scale must be float32 or"),
+        ({"wq_b.weight": q, "wq_b.scale": s, "wq_b.weight_scale_inv": s}, "two block scales"),
+        ({"wq_b.scale": s}, r"wq_b.scale: a block scale needs an FP8 weight"),
+    ]
+    for override, msg in cases:
+        for strict in (True, False):
+            with pytest.raises(ValueError, match=msg):
+                make_layer(1).load_state_dict({**sd, **override}, strict=strict)
+    stray = {k: v for k, v in sd.items() if k != "wq_b.weight"}
+    with pytest.raises(ValueError, match="wq_b.weight_scale_inv is a block scale without its FP8 weight"):
+        make_layer(1).load_state_dict({**stray, "wq_b.weight_scale_inv": s}, strict=False)

@@ -401,13 +401,29 @@ class DeepseekV4Attention(nn.Module):
 
     # --- checkpoint loading ----------------------------------------------------------------------
     def _convert_checkpoint(self, state_dict, prefix, *args):
-        """Dequantize FP8 block-scaled weights (``<name>.weight`` e4m3 + ``<name>.scale`` UE8M0
-        ``[ceil(out/128), ceil(in/128)]``) to bf16, and slice full-size head tensors to this shard."""
-        for key in [k for k in state_dict if k.startswith(prefix) and k.endswith(".scale")]:
-            wkey = key[: -len(".scale")] + ".weight"
-            if wkey not in state_dict:
-                continue
-            state_dict[wkey] = dequant_fp8_weight(state_dict[wkey], state_dict.pop(key))
+        """Dequantize FP8 block-scaled weights to bf16, and slice full-size head tensors to this shard.
+
+        An FP8 ``<name>.weight`` comes with one block scale per 128x128 block,
+        ``[ceil(out/128), ceil(in/128)]`` fp32 or ``float8_e8m0fnu``, named ``<name>.scale`` (DeepSeek's
+        reference checkpoints) or ``<name>.weight_scale_inv`` (HF-format FP8 checkpoints; the same
+        multiplier despite the name). ``ValueError`` naming the key: an FP8 weight without a scale, a
+        scale of the wrong shape or dtype, a scale without an FP8 weight, or both scale names at once."""
+        for wkey in [k for k in state_dict if k.startswith(prefix) and k.endswith(".weight")]:
+            base = wkey[: -len(".weight")]
+            skeys = [base + s for s in WEIGHT_SCALE_SUFFIXES if base + s in state_dict]
+            weight = state_dict[wkey]
+            if len(skeys) > 1:
+                raise ValueError(f"{wkey} has two block scales, {skeys[0]} and {skeys[1]}: keep one")
+            if weight.dtype in FP8_WEIGHT_DTYPES and not skeys:
+                raise ValueError(f"{wkey} is {str(weight.dtype).replace('torch.', '')} but the state dict has no "
+                                 f"block scale for it ({' or '.join(base + s for s in WEIGHT_SCALE_SUFFIXES)})")
+            if skeys:
+                try:
+                    state_dict[wkey] = dequant_fp8_weight(weight, state_dict.pop(skeys[0]))
+                except ValueError as e:
+                    raise ValueError(f"{skeys[0]}: {e}") from None
+        for skey in [k for k in state_dict if k.startswith(prefix) and k.endswith(WEIGHT_SCALE_SUFFIXES)]:
+            raise ValueError(f"{skey} is a block scale without its FP8 weight ({skey.rsplit('.', 1)[0]}.weight)")
         d, hpg, r = self.config.head_dim, self.config.heads_per_group, self.config.o_lora_rank
         h0, h, g0 = self.head_offset, self.n_heads, self.head_offset // hpg
         full = self.config.num_attention_heads
@@ -423,10 +439,19 @@ class DeepseekV4Attention(nn.Module):
                 state_dict[prefix + name] = t.narrow(dim, sl.start, sl.stop - sl.start)
 
 
+FP8_WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+WEIGHT_SCALE_SUFFIXES = (".scale", ".weight_scale_inv")  # DeepSeek reference / HF-format FP8 checkpoints
+WEIGHT_SCALE_DTYPES = (torch.float32, torch.float8_e8m0fnu)
+
+
 def dequant_fp8_weight(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """bf16 ``weight · scale`` for a checkpoint FP8 weight with one scale per 128x128 block."""
-    if weight.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
-        raise ValueError(f"a '.scale' entry needs an FP8 weight, got {weight.dtype}")
+    """bf16 ``weight · scale`` for a checkpoint FP8 weight ``[out, in]`` with one scale per 128x128
+    block: ``scale [ceil(out/128), ceil(in/128)]`` fp32 or ``float8_e8m0fnu`` (a power of two either
+    way). ``ValueError`` for a non-FP8 weight or a scale of the wrong shape or dtype."""
+    if weight.dtype not in FP8_WEIGHT_DTYPES:
+        raise ValueError(f"a block scale needs an FP8 weight, got {weight.dtype}")
+    if scale.dtype not in WEIGHT_SCALE_DTYPES:
+        raise ValueError(f"the block scale must be float32 or float8_e8m0fnu, got {scale.dtype}")
     out, inp = weight.shape
     want = (math.ceil(out / WEIGHT_BLOCK), math.ceil(inp / WEIGHT_BLOCK))
     if tuple(scale.shape) != want:
