@@ -30,7 +30,7 @@ def test_zero_token_step_eager_compiled_and_runner(idx):
 
     torch._dynamo.reset()
     counters.clear()
-    runner = DecodeGraphRunner(step, b, CFG.hidden_size)  # compiles on its empty probe step (T = 0)
+    runner = DecodeGraphRunner(step, b, CFG.hidden_size)  # compiles on its padding-only probe step
     runner(torch.randn(9, CFG.hidden_size).bfloat16(), [("a", 9)])  # some cache content to keep
     before = _bytes(mgr)
     empty = torch.empty(0, CFG.hidden_size, dtype=torch.bfloat16)
@@ -42,7 +42,7 @@ def test_zero_token_step_eager_compiled_and_runner(idx):
     # the step keeps working after an empty one, and T = 0 did not cost a second compile of T > 0
     y = runner(torch.randn(1, CFG.hidden_size).bfloat16(), [("a", 1)])
     assert y.shape == (1, CFG.hidden_size) and torch.isfinite(y.float()).all()
-    assert counters["stats"]["unique_graphs"] == 1  # the T = 0 graph serves T = 9 and T = 1
+    assert counters["stats"]["unique_graphs"] == 1  # the probe's graph serves T = 9, 0 and 1
 
 
 def test_missing_metadata_or_cache_is_a_value_error():

@@ -30,6 +30,39 @@ def test_layer_with_short_rope_tables_is_refused_before_any_cache_byte(compiled)
     with pytest.raises(ValueError, match=r"RoPE tables of 64 positions .*CacheConfig.max_model_len=256"):
         step(torch.randn(100, CFG.hidden_size).bfloat16(), b.build([("a", 100)]))
     assert all(torch.equal(w, g) for w, g in zip(before, mgr.caches[0].tensors()))
+    assert mgr.used_tokens == 100  # a direct call: the builder accounted the step; rollback undoes it
+    mgr.rollback()
+    assert mgr.used_tokens == 0 and mgr.requests["a"].num_tokens == 0
+
+
+def test_a_step_that_raises_is_rolled_back():
+    """A layer that raises inside a step (the short-table check, bypassing the construction probe)
+    leaves the cache manager as before the step: the request is not stuck holding 100 tokens."""
+    from dsv4_compile.runtime import CUDAGraphRunner
+
+    cc = CacheConfig(max_num_seqs=2, max_model_len=256, max_num_batched_tokens=128, token_budget=512)
+    short = DeepseekV4Attention(CFG, 1, max_model_len=64)
+    good = DeepseekV4Attention(CFG, 1, max_model_len=256)
+    mgr = KVCacheManager(CFG, [1], cc)
+    b = StepMetadataBuilder(mgr)
+    use = {"layer": good}
+    runner = CUDAGraphRunner(lambda x, meta: use["layer"](x, meta, mgr.caches[0]), b, CFG.hidden_size)
+    mgr.add_request("a")
+    runner(torch.randn(20, CFG.hidden_size).bfloat16(), [("a", 20)])
+    pages = {k: list(v) for k, v in mgr.requests["a"].pages.items()}
+    tables = {k: t.clone() for k, t in mgr.tables.items()}
+    use["layer"] = short
+    with pytest.raises(ValueError, match="RoPE tables of 64 positions"):
+        runner(torch.randn(100, CFG.hidden_size).bfloat16(), [("a", 100)])
+    assert mgr.used_tokens == 20 and mgr.requests["a"].num_tokens == 20
+    assert {k: list(v) for k, v in mgr.requests["a"].pages.items()} == pages
+    assert all(torch.equal(tables[k], mgr.tables[k]) for k in tables)
+    with pytest.raises(ValueError, match="x has 3 rows"):  # a check before the build: nothing to undo
+        runner(torch.randn(3, CFG.hidden_size).bfloat16(), [("a", 2)])
+    assert mgr.used_tokens == 20
+    use["layer"] = good
+    runner(torch.randn(100, CFG.hidden_size).bfloat16(), [("a", 100)])  # the same step now runs
+    assert mgr.used_tokens == 120
 
 
 def test_runner_refuses_a_layer_with_short_rope_tables_at_construction():

@@ -86,6 +86,7 @@ class StepMetadataBuilder:
             raise ValueError(f"the step has {rows} token rows, over max_num_batched_tokens = {self.max_tokens}")
         if rows < n_tokens:
             raise ValueError(f"pad_to ({pad_to}) is below the step's {n_tokens} tokens")
+        m.begin_step()  # manager.rollback() undoes this step's accounting if its forward raises
         m.check_extend(batch)  # an empty batch is a valid step (an idle data-parallel rank): 0 rows
 
         host = self.host[:, :rows]

@@ -158,6 +158,7 @@ class KVCacheManager:
         self.used_tokens = 0
         self.dirty: set = set(self.kinds)  # tables the builder must copy to the device
 
+        self._journal: list = []  # this step's extend calls, for rollback
         self.pool, self._pool_used = None, 0
         if single_pool:
             self.pool = torch.zeros(self._pool_bytes(), dtype=torch.uint8, device=device)
@@ -278,10 +279,12 @@ class KVCacheManager:
 
     def extend(self, req_id, n: int) -> tuple[int, int]:
         """Account ``n`` new tokens of a request (call ``check_extend`` first); allocates the compressed
-        pages they close entries into. Returns ``(row, first new position)``."""
+        pages they close entries into. Returns ``(row, first new position)``. Recorded in the journal
+        that ``rollback`` undoes (``begin_step`` starts a new one)."""
         req = self.requests[req_id]
         start, req.num_tokens = req.num_tokens, req.num_tokens + n
         self.used_tokens += n
+        new_pages = {}
         for k in self.kinds.values():
             if k.ring is None:
                 need = cdiv(req.num_tokens // k.per_slot, k.block_size)
@@ -291,4 +294,28 @@ class KVCacheManager:
                     self.tables[k.name][req.row, len(have):need] = torch.tensor(new, dtype=torch.int32)
                     have.extend(new)
                     self.dirty.add(k.name)
+                    new_pages[k.name] = len(new)
+        self._journal.append((req_id, n, new_pages))
         return req.row, start
+
+    def begin_step(self) -> None:
+        """Start the journal of one step's ``extend`` calls (``StepMetadataBuilder.build`` does)."""
+        self._journal = []
+
+    def rollback(self) -> None:
+        """Undo every ``extend`` since ``begin_step``: token counts, and the compressed pages they took
+        (returned to the free lists, their block-table entries −1 again). For a step whose forward
+        raised: the requests go on as if it had never been scheduled."""
+        for req_id, n, new_pages in reversed(self._journal):
+            req = self.requests.get(req_id)
+            if req is None:
+                continue
+            req.num_tokens -= n
+            self.used_tokens -= n
+            for kind, count in new_pages.items():
+                pages = req.pages[kind]
+                taken, req.pages[kind] = pages[len(pages) - count:], pages[:len(pages) - count]
+                self.tables[kind][req.row, len(req.pages[kind]):len(pages)] = -1
+                self._free[kind].extend(reversed(taken))
+                self.dirty.add(kind)
+        self._journal = []

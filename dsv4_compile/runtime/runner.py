@@ -108,10 +108,12 @@ class CUDAGraphRunner:
         self._warmup_stream = None  # one side stream for every capture's warm-up
         self.graph_memory_bytes = 0
         self.stats = {"replays": 0, "ungraphed_decode_steps": 0, "ungraphed_prefill_or_mixed_steps": 0}
-        # one empty step now: it compiles the step and runs the layers' host checks (RoPE tables long
-        # enough for CacheConfig.max_model_len, the caches they need) before any request is admitted,
-        # so a layer the runtime cannot serve is a ValueError here, not in the middle of a request
-        self.step(self.x_buf[:0], builder.build([]))
+        # one padding-only step of the largest capture size now: it compiles the step (with that size
+        # as Inductor's size hint: a hint of 0 or 1 would tune every token-dependent kernel for one
+        # row) and runs the layers' host checks (RoPE tables long enough for max_model_len, the caches
+        # they need) before any request is admitted. Padding rows write nothing.
+        n = self.capture_sizes[-1]
+        self.step(self.x_buf[:n], builder.pad_only(n))
 
     def padded_size(self, n: int) -> int:
         """The capture size a batch of ``n`` tokens is padded to (``ValueError`` past the largest)."""
@@ -175,6 +177,16 @@ class CUDAGraphRunner:
 
     # --- one step ----------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, batch: Sequence[tuple]) -> torch.Tensor:
+        """One step; a step that raises (a layer's host check, say) leaves the cache manager as it was
+        (``KVCacheManager.rollback``): no request is left holding tokens it never computed."""
+        self.builder.manager.begin_step()  # the journal rollback undoes: this step's alone
+        try:
+            return self._run(x, batch)
+        except BaseException:
+            self.builder.manager.rollback()
+            raise
+
+    def _run(self, x: torch.Tensor, batch: Sequence[tuple]) -> torch.Tensor:
         n_tokens = sum(n for _, n in batch)
         self._check_x(x, n_tokens)
         decode = self.builder.is_decode(batch)
