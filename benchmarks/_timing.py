@@ -164,6 +164,8 @@ def bandwidth_ceilings(device=None, nbytes: int = CEILING_BYTES) -> dict:
                       device=device)
     best = {"read": (0.0, None), "copy": (0.0, None)}
     for cfg in CEILING_CONFIGS:
+        y.zero_()  # each config's check sees only its own stores
+        out.fill_(-1)
         for kind, kernel, args, rw in (("read", _stream_read_kernel, (x, out), 1),
                                        ("copy", _stream_copy_kernel, (x, y), 2)):
             launch, covered = _exact_launch(kernel, args, n, cfg, sms)

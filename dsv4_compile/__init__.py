@@ -31,7 +31,7 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
 
     A call whose arguments include a ``runtime.StepMetadata`` (a layer's ``forward(x, meta, cache)``,
     a step ``fn(x, meta)``) gets one graph for every token count, T = 0 and 1 included: the token dim
-    of ``x`` (the first tensor argument) and of the metadata is marked dynamic and traced
+    of ``x`` (the first positional tensor, or the keyword ``x``) and of the metadata is marked dynamic and traced
     size-oblivious. A ``ValueError`` the function raises while it is traced reaches the caller as that
     ``ValueError`` (Dynamo reports it as a graph break otherwise). The result is a function; the
     ``torch.compile`` object is its ``.compiled``.
@@ -52,13 +52,12 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
     merged.update(options or {})
     compiled = torch.compile(fn_or_module, fullgraph=fullgraph, options=merged, **kwargs)
 
-    @functools.wraps(fn_or_module if callable(fn_or_module) and hasattr(fn_or_module, "__name__") else compile)
     def run(*args, **kw):
         metas = [a for a in list(args) + list(kw.values()) if isinstance(a, StepMetadata)]
         try:
             if not metas:
                 return compiled(*args, **kw)
-            x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            x = next((a for a in args if isinstance(a, torch.Tensor)), kw.get("x"))
             for t in ([x] if x is not None else []) + [t for m in metas for t in m.token_tensors()]:
                 torch._dynamo.mark_dynamic(t, 0)
             with fx_config.patch(backed_size_oblivious=True):
@@ -69,6 +68,9 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
                 raise
             raise err from None
 
+    target = fn_or_module.forward if isinstance(fn_or_module, torch.nn.Module) else fn_or_module
+    if hasattr(target, "__name__"):
+        functools.update_wrapper(run, target)
     run.compiled = compiled
     return run
 

@@ -15,17 +15,21 @@ is provably what the program means:
 * every mutated argument is its base (no view to regenerate), and every base is a graph input;
 * no two bases, and no base and any other graph input, overlap in memory (the fake tensors' sizes,
   strides and offsets; AOTAutograd gives overlapping inputs a synthetic base, which is left alone);
-* nothing reads a base's old value after the node: every other user of the input (through views too)
-  comes before it, except AOTAutograd's ``copy_`` of the new value back into the input.
+* nothing reads a base's old value after the node: every other user of the input (through views,
+  and the ``getitem`` outputs of multi-output views such as ``split``) comes before it, except
+  AOTAutograd's ``copy_`` of the new value back into the input;
+* the node does not also read a base (or a view of it) as a non-mutated argument.
 
 Later users of the node's results then read the input itself, which now holds the new value, and the
-``copy_(input, input)`` left over is dropped. Anything else is left to Inductor (which clones where
-the program needs it). This runs before Inductor's own re-inplacing, inside ``DSV4PassManager``.
+``copy_(input, input)`` left over is dropped. Anything else is left to Inductor, which clones where
+the program needs it: never silently — a ``UserWarning`` names the op. This runs before Inductor's
+own re-inplacing, inside ``DSV4PassManager``.
 """
 
 from __future__ import annotations
 
 import operator
+import warnings
 
 import torch
 from torch import fx
@@ -71,9 +75,16 @@ def _old_value_read_after(base: fx.Node, node: fx.Node, order: dict) -> bool:
                 continue
             if order[user] > order[node]:
                 return True
-            if _is_view(user):
-                todo.append(user)
+            if _is_view(user) or (user.target is operator.getitem and cur is not base):
+                todo.append(user)  # getitem: an output of a multi-output view (split, unbind, chunk)
     return False
+
+
+def _root(n):
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.args and (
+            _is_view(n) or n.target is operator.getitem):
+        n = n.args[0]
+    return n
 
 
 def _rewritable(node: fx.Node, shared: dict, order: dict) -> bool:
@@ -89,6 +100,9 @@ def _rewritable(node: fx.Node, shared: dict, order: dict) -> bool:
             return False  # a view of its base: leave it to Inductor
     if len(set(bases)) != len(bases) or any(b.op != "placeholder" for b in bases):
         return False
+    read = {_root(v) for k, v in kwargs.items() if not k.startswith("_") and isinstance(v, fx.Node)}
+    if read & set(bases):
+        return False  # in place, the op would read what it writes
     for b in bases:
         for other in shared.get(_storage(b), ()):
             if other is not b and _overlap(b.meta["val"], other.meta["val"]):
@@ -116,6 +130,9 @@ def inplace_shared_storage_mutations(graph: fx.Graph) -> int:
             continue  # bases on storages of their own: Inductor re-inplaces them
         order = {n: i for i, n in enumerate(graph.nodes)}
         if not _rewritable(node, shared, order):
+            warnings.warn(f"dsv4: {node.args[0]} writes caches that share a storage with another graph input, "
+                          f"and making it in place could not be shown legal: Inductor will clone and copy "
+                          f"them back on every step (see lowerings/shared_storage.py)", stacklevel=2)
             continue
         op, kwargs, bases = node.args[0], dict(node.kwargs), node.kwargs["_all_bases"]
         call_kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}

@@ -135,3 +135,51 @@ def test_indexer_q_and_inv_rope_quant_kernels_out_of_range_position_give_nan():
     o_fp8, _ = toutput.inv_rope_fp8_quant(o, pos, cs, 2)  # [T, G, D]: each head's last 64 dims rotate
     rot = o_fp8.float().reshape(6, 8, 512)[..., 448:]
     assert torch.isnan(rot[[1, 3]]).all() and torch.isfinite(rot[[0, 2, 4, 5]]).all()
+
+
+@pytest.mark.parametrize("fmt,d", [("fp8_ds_mla", 512), ("fp8", 128), ("mxfp4", 128)])
+def test_compressor_insert_kernel_out_of_range_position_is_not_plausible(fmt, d):
+    """Entries whose window start is past the RoPE table come out NaN / non-finite in every cache
+    format (fp8_ds_mla: NaN rope dims; FP8 indexer: NaN e4m3; MXFP4: the E8M0 NaN scale byte)."""
+    from test_compressor import Sequence
+
+    from dsv4_compile.kernels.triton import compressor as tcomp
+    from dsv4_compile.reference import cache as rcache
+
+    dev = _kernel_device()
+    seq = Sequence(4, d, fmt, [16], seed=3, device=dev)
+    st, cache = seq.caches()
+    a = seq.step([(0, 0, 16)])
+    cs = a["cos_sin_cache"][:8]  # entries closed at p = 11, 15 rotate at 8, 12: outside the table
+    tcomp.compressor_insert(a["kv_score"], a["positions"], a["ape"], st, a["state_slot_mapping"],
+                            a["state_block_table"], a["token_to_req"], a["state_block_size"], a["norm_weight"],
+                            a["eps"], cs, cache, a["slot_mapping"], a["block_size"], fmt, False)
+    slots = a["slot_mapping"].cpu()[[3, 7, 11, 15]]
+    if fmt == "fp8_ds_mla":
+        back = rcache.kv_gather(cache.cpu(), slots, seq.bs).float()
+        assert torch.isnan(back[2:, 448:]).all() and torch.isfinite(back[:2]).all()
+    else:
+        back = rcache.indexer_k_gather(cache.cpu(), slots, seq.bs, fmt)
+        assert torch.isfinite(back[:2]).all()
+        assert (~torch.isfinite(back[2:, 64:])).all() if fmt == "fp8" else (~torch.isfinite(back[2:])).any(dim=1).all()
+
+
+def test_mxfp4_quant_marks_nan_blocks_with_the_e8m0_nan_scale():
+    from dsv4_compile.kernels.triton import primitives as tprim
+    from dsv4_compile.reference import quant as rquant
+
+    x = torch.randn(3, 64)
+    x[1, 40] = float("nan")
+    for packed, scale in (rquant.mxfp4_quant(x), tprim.mxfp4_quant(x.to(_kernel_device()))):
+        scale = scale.cpu()
+        assert scale[1, 1] == 0xFF and (scale[[0, 2]] != 0xFF).all() and scale[1, 0] != 0xFF
+    (rp, rs), (kp, ks) = rquant.mxfp4_quant(x), (t.cpu() for t in tprim.mxfp4_quant(x.to(_kernel_device())))
+    assert torch.equal(rs, ks)
+    same = torch.ones_like(rp, dtype=torch.bool)
+    same[1, 20] = False  # the byte holding the NaN element: E2M1 has no NaN code, either nibble will do
+    assert torch.equal(rp[same], kp[same])
+    q_packed, q_scale, _ = tindexer_q.indexer_q_rope_mxfp4(
+        torch.randn(6, 4, 128).bfloat16().to(_kernel_device()), _bad_positions(6, 16).to(_kernel_device()),
+        cos_sin_cache(64, 16, 10000.0, device=_kernel_device()), torch.randn(6, 4, device=_kernel_device()), 0.5)
+    q_scale = q_scale.cpu()
+    assert (q_scale[[1, 3]][..., 2:] == 0xFF).all() and (q_scale[[0, 2, 4, 5]] != 0xFF).all()

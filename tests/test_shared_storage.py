@@ -50,6 +50,7 @@ def _cache_bytes(mgr):
     return [t.clone() for c in mgr.caches for t in vars(c).values() if t is not None]
 
 
+@pytest.mark.filterwarnings("error:dsv4")  # no declined rewrite
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["pool", "interleaved"])
 @pytest.mark.parametrize("idx", sorted(LAYERS), ids=LAYERS.get)
@@ -116,3 +117,22 @@ def test_single_pool_is_one_allocation_with_aligned_disjoint_caches():
                 assert t.untyped_storage().data_ptr() == mgr.pool.untyped_storage().data_ptr()
                 assert t.storage_offset() % KVCacheManager.POOL_ALIGN == 0 and t.is_contiguous()
     mgr.check_layout()
+
+
+def test_a_rewrite_it_cannot_prove_legal_is_not_silent(no_compile_cache):
+    """A mutation of a *view* of a pooled cache (sliced inside the compiled function) is left to
+    Inductor, which copies: the pass says so with a warning naming the op."""
+    import dsv4_compile
+    from dsv4_compile import layouts
+
+    page = layouts.page_bytes("fp8_ds_mla", 64)
+    pool = torch.zeros(2 * 4 * page, dtype=torch.uint8)
+    a, b = pool[: 4 * page].view(4, page), pool[4 * page:].view(4, page)
+
+    def fn(kv, slots):
+        torch.ops.dsv4.kv_insert(kv, a[1:], slots, 64)
+        torch.ops.dsv4.kv_insert(kv, b, slots, 64)
+
+    kv = torch.randn(3, 512).bfloat16()
+    with pytest.warns(UserWarning, match="dsv4: dsv4.kv_insert.default writes caches that share a storage"):
+        dsv4_compile.compile(fn)(kv, torch.tensor([0, 5, 70]))

@@ -3,8 +3,10 @@
 Validation raises ``ValueError`` naming the argument and what was expected. Checks that need
 tensor *values* (positions, slots, indices and block-table entries in range) run only where they cost
 no device sync: on CPU tensors. Setting the environment variable ``DSV4_CHECK_INDICES=1`` runs them on
-every device (one host sync per checked tensor: a debugging aid, not for CUDA-graph capture); with it
-off, the GPU kernels mask every out-of-range index instead, so no byte outside a cache is touched.
+every device (one host sync per checked tensor: a debugging aid, not for CUDA-graph capture). With it
+off, the GPU kernels mask out-of-range slots, indices and block-table entries (never a byte outside a
+cache is read or written), and a position outside the RoPE table gives NaN rotated dims
+(docs/numerics.md §9.4).
 """
 
 from __future__ import annotations

@@ -114,10 +114,10 @@ def indexer_topk(
         ValueError: ``fmt`` is not ``"fp8"`` / ``"mxfp4"``; ``q`` / ``q_scale`` do not match ``fmt``
             as described (dtype, rank, last dim, ``q_scale`` not ``None`` for fp8) or ``H`` is 0;
             ``weights`` is not fp32 ``[T, H]``; ``positions`` is not 1-D int32 / int64 with ``T``
-            entries; ``k_cache`` is not a 2-D uint8 cache of ``fmt`` with pages of ``block_size``
-            records, contiguous; ``block_table`` is not 2-D int32; ``token_to_req`` is not 1-D int32
-            / int64 with ``T`` entries; ``block_size``, ``topk`` or ``compress_ratio`` is not a
-            positive int; a tensor is on another device than ``q``.
+            entries; ``k_cache`` is not a 2-D uint8 cache of ``fmt`` with contiguous pages whose size
+            matches ``block_size`` (as ``indexer_k_insert``); ``block_table`` is not 2-D int32;
+            ``token_to_req`` is not 1-D int32 / int64 with ``T`` entries; ``block_size``, ``topk`` or
+            ``compress_ratio`` is not a positive int; a tensor is on another device than ``q``.
         ValueError: a ``token_to_req`` entry ``>= R`` or a table entry ``>= num_blocks`` (checked on
             CPU tensors, and on every device under ``DSV4_CHECK_INDICES=1``; the GPU kernels
             otherwise mask them).
@@ -221,10 +221,10 @@ def sparse_attn(
 
     Raises:
         ValueError: ``q`` is not bf16 ``[T, H, 512]`` or ``H`` is 0; an index tensor is not 2-D
-            int32 / int64 with ``T`` rows; a cache is not a 2-D uint8 ``fp8_ds_mla`` cache with pages
-            of its block size (as ``kv_insert``); only one of ``comp_cache`` / ``comp_indices`` is
-            given; a block size is not a positive int; ``sink`` is not fp32 ``[H]``; ``scale`` is
-            not a positive number; a tensor is on another device than ``q``.
+            int32 / int64 with ``T`` rows; a cache is not a 2-D uint8 ``fp8_ds_mla`` cache whose page
+            size matches its block size (as ``kv_insert``); only one of ``comp_cache`` /
+            ``comp_indices`` is given; a block size is not a positive int; ``sink`` is not fp32
+            ``[H]``; ``scale`` is not a positive number; a tensor is on another device than ``q``.
         ValueError: an index outside ``[−1, num_blocks · block_size)`` of its cache (checked on CPU
             tensors, and on every device under ``DSV4_CHECK_INDICES=1``; the GPU kernel otherwise
             skips it).

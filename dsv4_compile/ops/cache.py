@@ -22,7 +22,9 @@ from ._lib import (FLOAT_DTYPES, INDEX_DTYPES, check_positive_int, check_range, 
 
 
 def check_cache(name: str, cache, fmt: str, block_size: int, device) -> None:
-    """A paged cache: ``uint8 [num_blocks, page_bytes]``, rows contiguous, pages big enough."""
+    """A paged cache: ``uint8 [num_blocks, page_bytes]``, rows contiguous, pages of ``block_size`` slots:
+    ``block_size · record bytes <= page_bytes <= layouts.page_bytes(fmt, block_size)`` (else
+    "block_size does not match the pages")."""
     check_positive_int("block_size", block_size)
     check_tensor(name, cache, ndim=2, dtypes=(torch.uint8,), device=device)
     v, s = layouts.record_bytes(fmt)
@@ -102,9 +104,9 @@ def kv_insert(kv: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tens
 
     Args:
         kv: ``[T, 512]`` bf16, any strides: the K=V vectors (RoPE already applied).
-        kv_cache: ``[num_blocks, page_bytes]`` uint8 ``fp8_ds_mla`` cache, ``page_bytes >=
-            block_size · 584`` (``layouts.page_bytes("fp8_ds_mla", block_size)``), contiguous pages
-            starting at even byte offsets.
+        kv_cache: ``[num_blocks, page_bytes]`` uint8 ``fp8_ds_mla`` cache, ``block_size · 584 <=
+            page_bytes <= layouts.page_bytes("fp8_ds_mla", block_size)``, contiguous pages starting at
+            even byte offsets.
         slot_mapping: ``[T]`` int32 / int64 slot of each row (page ``slot // block_size``), −1 = skip.
         block_size: slots (tokens or compressed entries) per page: 64 for SWA and C4, 2 for C128.
 
@@ -116,10 +118,11 @@ def kv_insert(kv: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tens
             other byte (other slots and page padding are left as they are).
 
     Raises:
-        ValueError: ``kv`` is not 2-D bf16 ``[T, 512]``; ``kv_cache`` is not 2-D uint8, or its pages
-            are smaller than ``block_size · 584`` bytes, not contiguous or not at even byte offsets;
-            ``block_size`` is not a positive int; ``slot_mapping`` is not 1-D int32 / int64 with
-            ``T`` entries; a tensor is on another device than ``kv``.
+        ValueError: ``kv`` is not 2-D bf16 ``[T, 512]``; ``kv_cache`` is not 2-D uint8, or its page
+            size does not match ``block_size`` (outside ``[block_size · 584,
+            layouts.page_bytes("fp8_ds_mla", block_size)]`` bytes), or its pages are not contiguous
+            or not at even byte offsets; ``block_size`` is not a positive int; ``slot_mapping`` is
+            not 1-D int32 / int64 with ``T`` entries; a tensor is on another device than ``kv``.
         ValueError: a slot outside ``[−1, num_blocks · block_size)`` (checked on CPU tensors, and on
             every device under ``DSV4_CHECK_INDICES=1``; the GPU kernels otherwise skip it).
 
@@ -233,8 +236,8 @@ def kv_gather(kv_cache: torch.Tensor, slots: torch.Tensor, block_size: int) -> t
 
     Raises:
         ValueError: ``slots`` is not 1-D int32 / int64; ``kv_cache`` is not 2-D uint8 on ``slots``'
-            device, or its pages are smaller than ``block_size · 584`` bytes, not contiguous or not at
-            even byte offsets; ``block_size`` is not a positive int.
+            device, or its page size does not match ``block_size`` (as ``kv_insert``), or its pages
+            are not contiguous or not at even byte offsets; ``block_size`` is not a positive int.
         ValueError: a slot outside ``[−1, num_blocks · block_size)`` (checked on CPU tensors, and on
             every device under ``DSV4_CHECK_INDICES=1``; the GPU kernel otherwise returns zeros).
 
@@ -270,8 +273,8 @@ def indexer_k_insert(k: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.T
     Args:
         k: ``[T, 128]`` bf16 / fp16 / fp32, any strides: the indexer keys (RoPE, and Hadamard in the
             reference-faithful mode, already applied).
-        cache: ``[num_blocks, page_bytes]`` uint8 indexer K cache, ``page_bytes >= block_size · 132``
-            (fp8) or ``· 68`` (mxfp4), contiguous pages.
+        cache: ``[num_blocks, page_bytes]`` uint8 indexer K cache, ``block_size · 132`` (fp8) or ``· 68``
+            (mxfp4) ``<= page_bytes <= layouts.page_bytes(fmt, block_size)``, contiguous pages.
         slot_mapping: ``[T]`` int32 / int64 slot of each row, −1 = skip.
         block_size: compressed entries per page (64 in DSv4).
         fmt: ``"fp8"`` or ``"mxfp4"``.
@@ -285,9 +288,10 @@ def indexer_k_insert(k: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.T
 
     Raises:
         ValueError: ``fmt`` is not ``"fp8"`` / ``"mxfp4"``; ``k`` is not a 2-D float ``[T, 128]``;
-            ``cache`` is not 2-D uint8, or its pages are smaller than ``block_size`` records or not
-            contiguous; ``block_size`` is not a positive int; ``slot_mapping`` is not 1-D int32 /
-            int64 with ``T`` entries; a tensor is on another device than ``k``.
+            ``cache`` is not 2-D uint8, or its page size does not match ``block_size`` (outside
+            ``[block_size · 132 (fp8) / 68 (mxfp4), layouts.page_bytes(fmt, block_size)]`` bytes), or
+            its pages are not contiguous; ``block_size`` is not a positive int; ``slot_mapping`` is
+            not 1-D int32 / int64 with ``T`` entries; a tensor is on another device than ``k``.
         ValueError: a slot outside ``[−1, num_blocks · block_size)`` (checked on CPU tensors, and on
             every device under ``DSV4_CHECK_INDICES=1``; the GPU kernels otherwise skip it).
 
@@ -334,8 +338,9 @@ def indexer_k_gather(cache: torch.Tensor, slots: torch.Tensor, block_size: int, 
 
     Raises:
         ValueError: ``fmt`` is not ``"fp8"`` / ``"mxfp4"``; ``slots`` is not 1-D int32 / int64;
-            ``cache`` is not 2-D uint8 on ``slots``' device, or its pages are smaller than
-            ``block_size`` records or not contiguous; ``block_size`` is not a positive int.
+            ``cache`` is not 2-D uint8 on ``slots``' device, or its page size does not match
+            ``block_size`` (as ``indexer_k_insert``), or its pages are not contiguous; ``block_size``
+            is not a positive int.
         ValueError: a slot outside ``[−1, num_blocks · block_size)`` (checked on CPU tensors, and on
             every device under ``DSV4_CHECK_INDICES=1``; the GPU kernel otherwise returns zeros).
 

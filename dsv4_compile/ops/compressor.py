@@ -354,7 +354,7 @@ def compressor_insert(
             arguments; ``norm_weight`` is not a 1-D float ``[d]`` or ``eps`` not a positive number;
             ``cos_sin_cache`` is not 2-D fp32 / bf16 of width 64; ``fmt`` does not match ``d``;
             ``hadamard`` with ``fmt="fp8_ds_mla"``; ``cache`` is not a 2-D uint8 cache of ``fmt``
-            with pages of ``block_size`` records (as ``kv_insert`` / ``indexer_k_insert``);
+            whose page size matches ``block_size`` (as ``kv_insert`` / ``indexer_k_insert``);
             ``block_size`` is not a positive int; ``slot_mapping`` is not 1-D int32 / int64 with
             ``T`` entries.
         ValueError: a position outside ``[0, max_pos)``, a slot outside its cache, a

@@ -83,17 +83,20 @@ def mxfp4_quant(x: torch.Tensor):
     ``e = clamp(ceil(log2(amax/6)), -127, 127)``, elements ``x·2^-e`` → E2M1.
 
     Returns ``(packed uint8 [..., D/2], scale uint8 [..., D/32] = e + 127)``; element 2j is the low
-    nibble of byte j, element 2j+1 the high nibble.
+    nibble of byte j, element 2j+1 the high nibble. A block holding a NaN gets the E8M0 NaN scale
+    byte 0xFF (E2M1 has no NaN), so it dequantizes to NaN, never to a plausible value.
     """
     xf = x.to(torch.float32).unflatten(-1, (-1, layouts.MXFP4_BLOCK))
-    amax = xf.abs().amax(dim=-1).clamp_min(layouts.MXFP4_AMAX_FLOOR)
+    nan = xf.isnan()
+    # the amax of the block's numbers (as the GPU max, which skips NaN); a NaN block is marked below
+    amax = torch.where(nan, 0.0, xf.abs()).amax(dim=-1).clamp_min(layouts.MXFP4_AMAX_FLOOR)
     e = ceil_log2_ratio(amax, E2M1_MAX_EXP, E2M1_MAX_MANT).clamp(layouts.MXFP4_EXP_MIN, layouts.MXFP4_EXP_MAX)
     # For finite inputs e stays within [-126, 126], where 2^-e is an fp32 normal.
     _, inv = pow2_split(e)
     v = (xf * inv.unsqueeze(-1)).clamp(-layouts.E2M1_MAX, layouts.E2M1_MAX)
     nib = e2m1_codes(v).flatten(-2)
     packed = nib[..., 0::2] | (nib[..., 1::2] << 4)
-    scale = (e + layouts.UE8M0_BIAS).to(torch.uint8)
+    scale = torch.where(nan.any(dim=-1), 0xFF, e + layouts.UE8M0_BIAS).to(torch.uint8)
     return packed.contiguous(), scale.contiguous()
 
 

@@ -40,11 +40,13 @@ def default_token_buckets(max_tokens: int) -> list[int]:
 
 def compile_step(fn: Callable, passes: Optional[dict] = None, options: Optional[dict] = None, **compile_kw):
     """``fn(x, meta)`` compiled once for every token count (see the module doc). ``passes`` are
-    ``PassConfig`` fields; ``passes=False`` compiles with plain Inductor (no dsv4 passes)."""
+    ``PassConfig`` fields; ``passes=False`` turns every fusion off (plain Inductor, but caches that
+    share a storage are still written in place: ``lowerings.shared_storage``)."""
     import dsv4_compile
 
-    plain = {"post_grad_custom_post_pass": None} if passes is False else {}  # no dsv4 passes
-    opts = {"triton.cudagraphs": False, **plain, **(options or {})}
+    if passes is False:  # no fusions; the pass manager stays for caches that share a storage
+        passes = {"indexer_q": False, "kv_rope_insert": False, "compressor": False, "inv_rope_quant": False}
+    opts = {"triton.cudagraphs": False, **(options or {})}
     return dsv4_compile.compile(fn, passes=passes or {}, options=opts, **compile_kw)
 
 
@@ -68,8 +70,9 @@ class CUDAGraphRunner:
     The returned tensor of a replayed step is a view into the graphs' shared memory pool: valid until
     the next replay of *any* size (clone it to keep it).
 
-    Construction runs one empty step (T = 0: no kernel writes anything), which compiles the step and
-    raises the layers' ``ValueError`` for a configuration the runtime cannot serve.
+    Construction runs one padding-only step of the largest capture size (padding rows write nothing),
+    which compiles the step and raises the layers' ``ValueError`` for a configuration the runtime
+    cannot serve, before any request is admitted; a step that raises later is rolled back.
 
     ``stats`` counts the steps run: ``replays`` (steps replayed from a CUDA graph: decode steps, and
     in ``FULL`` mode every step with a bucket), ``ungraphed_decode_steps`` and

@@ -2,7 +2,9 @@
 
 Every fp32 product and sum the reference rounds separately is an explicitly rounded ``mul.rn`` /
 ``add.rn`` (PTX never contracts ``.rn`` operations into an FMA); scale exponents come from fp32
-bits (``reference.quant``); the FP8 cast is ``cvt.rn.satfinite.e4m3x2.f32`` after the clamp.
+bits (``reference.quant``). The FP8 cast is ``cvt.rn.satfinite.e4m3x2.f32`` with no clamp before
+it: it saturates finite values to ±448 and keeps NaN (e4m3 0x7F / 0xFF). The MXFP4 path still
+clamps to ±6 (``clamp``) before its E2M1 encoding.
 """
 
 from __future__ import annotations

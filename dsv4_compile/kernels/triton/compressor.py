@@ -214,6 +214,11 @@ def pool(state_cache, positions, state_block_table, token_to_req, state_block_si
 # RMSNorm -> RoPE -> bf16 -> [Hadamard] -> quantize -> insert
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _norm_rope_insert_kernel(
     pooled_ptr, pos_ptr, w_ptr, cs_ptr, cache_ptr, slot_ptr,
     T, eps, max_pos, cs_stride, page_stride, capacity, hadamard_scale,
@@ -233,9 +238,10 @@ def _norm_rope_insert_kernel(
         cos, sin = load_cos_sin(cs_ptr, (pos // R) * R, ok, max_pos, cs_stride)
         y3 = rope_last_row(tl.reshape(y, [1, D // 64, 64]), cos, sin, D // 64, 1).to(tl.bfloat16)
         if FMT == 0:
-            # row 7 alone: a max against -inf keeps every value's bits (a sum would turn -0 into +0)
+            # row 7 alone: a max against -inf keeps every value's bits (a sum would turn -0 into +0),
+            # NaN included (a NaN rotation must stay NaN, not become -inf: docs/numerics.md §9.4)
             last = (tl.arange(0, D // 64) == D // 64 - 1)[None, :, None]
-            rope = tl.max(tl.where(last, y3.to(tl.float32), float("-inf")), axis=1).to(tl.bfloat16)
+            rope = tl.reduce(tl.where(last, y3.to(tl.float32), float("-inf")), 1, _max_keep_nan).to(tl.bfloat16)
             store_fp8_ds_mla(cache_ptr, page_off, k, ok, y3, rope, BS, 1)
         else:
             yk = tl.reshape(y3, [1, D]).to(tl.float32)

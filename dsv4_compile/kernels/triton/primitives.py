@@ -168,8 +168,10 @@ def fp8_block_quant(x: torch.Tensor, block: int, scale_floor: float):
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def mxfp4_block(x, ROWS: tl.constexpr, HW_E2M1: tl.constexpr):
-    """MXFP4 of fp32 ``x [ROWS, 32]``: (packed uint8 [ROWS, 16], scale byte uint8 [ROWS])."""
+    """MXFP4 of fp32 ``x [ROWS, 32]``: (packed uint8 [ROWS, 16], scale byte uint8 [ROWS]); a block
+    holding a NaN gets the E8M0 NaN scale byte 0xFF (E2M1 has no NaN)."""
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), MXFP4_AMAX_FLOOR)
+    has_nan = tl.max((x != x).to(tl.int32), axis=1) > 0
     e = ceil_log2_ratio(amax, E2M1_MAX_EXP, E2M1_MAX_MANT)
     e = tl.minimum(tl.maximum(e, MXFP4_EXP_MIN), MXFP4_EXP_MAX)
     v = tl.clamp(x * pow2(-e)[:, None], -E2M1_MAX, E2M1_MAX)
@@ -178,7 +180,7 @@ def mxfp4_block(x, ROWS: tl.constexpr, HW_E2M1: tl.constexpr):
         packed = e2m1x2_hw(lo, hi).to(tl.uint8)
     else:
         packed = (e2m1_code_sw(lo) | (e2m1_code_sw(hi) << 4)).to(tl.uint8)
-    return packed, (e + 127).to(tl.uint8)
+    return packed, tl.where(has_nan, 255, e + 127).to(tl.uint8)
 
 
 @triton.jit
