@@ -62,7 +62,7 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
                 torch._dynamo.mark_dynamic(t, 0)
             with fx_config.patch(backed_size_oblivious=True):
                 return compiled(*args, **kw)
-        except torch._dynamo.exc.Unsupported as e:
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.TorchRuntimeError) as e:
             err = _traced_value_error(e)
             if err is None:
                 raise
@@ -76,13 +76,20 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
 
 
 def _traced_value_error(e) -> "ValueError | None":
-    """The ``ValueError`` user code raised while Dynamo traced it, or ``None``. Dynamo reports it as
-    ``Unsupported`` ("Observed exception"), naming the arguments in its text: their repr (torch 2.13:
+    """The ``ValueError`` raised while Dynamo traced, or ``None``: an op's check on fake tensors comes
+    wrapped in ``TorchRuntimeError`` (its cause is the error itself); a ``raise`` in user code comes
+    as ``Unsupported`` ("Observed exception"), naming the arguments in its text: their repr (torch 2.13:
     ``raised exception ValueError('msg')``) or Dynamo's variables (torch 2.11:
     ``raised exception ValueError([ConstantVariable(str: 'msg')])``)."""
     import ast
     import re
 
+    seen, cur = set(), e.__cause__ or e.__context__
+    while cur is not None and id(cur) not in seen:  # an op's own check, raised on fake tensors
+        if isinstance(cur, ValueError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
     texts = [str(a) for a in getattr(e.__cause__, "args", ())] + [str(e)]
     for pattern in (r"raised exception ValueError\(\[ConstantVariable\(str: (.*)\)\]\)",
                     r"raised exception ValueError\((.*)\)"):

@@ -82,3 +82,22 @@ def test_dsv4_compile_of_a_layer_is_one_graph_for_every_token_count():
     assert counters["stats"]["unique_graphs"] == 1
     with pytest.raises(ValueError, match="meta must be the StepMetadata"):  # a ValueError, not a graph break
         compiled(torch.randn(2, CFG.hidden_size).bfloat16(), None, mgr.caches[0])
+
+
+def test_value_errors_raised_while_tracing_reach_the_caller():
+    """Both kinds: a raise in the traced Python, and an op's own check on fake tensors."""
+    import dsv4_compile
+    from dsv4_compile.rope import cos_sin_cache
+
+    cs = cos_sin_cache(64, 16, 1e4)
+
+    def user_check(x, pos):
+        if x.shape[-1] != 128:
+            raise ValueError("x must be [..., 128]")
+        return torch.ops.dsv4.rope(x, pos, cs)
+
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., 128\]"):
+        dsv4_compile.compile(user_check)(torch.randn(2, 2, 64).bfloat16(), torch.arange(2))
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="positions must be one of"):
+        dsv4_compile.compile(user_check)(torch.randn(2, 2, 128).bfloat16(), torch.arange(2).float())
