@@ -35,6 +35,8 @@ import torch
 from torch import fx
 from torch._higher_order_ops.auto_functionalize import auto_functionalized_v2
 
+from .checks import _is_view
+
 aten = torch.ops.aten
 
 
@@ -53,11 +55,6 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
         return len(compute_overlapping_tensors([a, b])) != 0
     except GuardOnDataDependentSymNode:
         return True
-
-
-def _is_view(node: fx.Node) -> bool:
-    t = node.target
-    return isinstance(t, torch._ops.OpOverload) and (t.is_view or t in (aten.reshape.default, aten.slice.Tensor))
 
 
 def _is_copy_back(user: fx.Node, base: fx.Node) -> bool:
