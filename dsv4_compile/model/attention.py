@@ -33,6 +33,7 @@ from torch import nn
 
 from .. import layouts
 from ..config import DSv4AttentionConfig
+from ..distributed import TensorParallel, layer_shard
 from ..reference.layer import rms_normalize
 from ..rope import layer_cos_sin_cache
 from ..runtime.cache import LayerCache
@@ -158,10 +159,10 @@ class DeepseekV4Attention(nn.Module):
     Args:
         config: the model config (``DSv4AttentionConfig.flash()/pro()/tiny()``).
         layer_idx: which layer (its compress ratio and RoPE table come from the config).
-        n_local_heads: query heads of this module (a tensor-parallel shard; default all). The K=V
-            head, the compressor and the indexer are replicated. A later multi-GPU layer only adds
-            the all-reduce after ``wo_b``.
-        head_offset: first global head of the shard (used to slice full checkpoint tensors on load).
+        n_local_heads: query heads of this module (a tensor-parallel shard; default all, or this
+            rank's share with ``tp``). The K=V head, the compressor and the indexer are replicated.
+        head_offset: first global head of the shard (used to slice full checkpoint tensors on load;
+            default 0, or this rank's first head with ``tp``).
         max_model_len: rows of the RoPE table (positions must stay below) and, for HCA layers, the
             width of the "all visible entries" index row (``ceil(max_model_len / 128)``).
         indexer_fmt: "fp8" (Hopper) or "mxfp4" indexer q and K cache.
@@ -170,13 +171,26 @@ class DeepseekV4Attention(nn.Module):
             DeepGEMM path does (dequantized here for a bf16 einsum); off = bf16 activations.
         o_rope_bf16: with ``fp8_o_proj``, round the inverse-rotated rope dims to bf16 before that
             quant (the DeepSeek reference); off = vLLM's bytes (its fp32 rotation is quantized).
+        tp: a ``dsv4_compile.distributed.TensorParallel`` group: this rank holds ``H / tp`` heads
+            (``distributed.head_shard``; explicit ``n_local_heads`` / ``head_offset`` must match it)
+            and the forward ends with one all-reduce (sum, bf16) of ``wo_b``'s output, a functional
+            collective that compiles into the graph. The constructor is a collective: every rank
+            checks its arguments against every other's and a bad configuration is a ``ValueError``
+            on every rank.
     """
 
     def __init__(self, config: DSv4AttentionConfig, layer_idx: int, n_local_heads: Optional[int] = None,
-                 head_offset: int = 0, max_model_len: Optional[int] = None, indexer_fmt: str = "fp8",
+                 head_offset: Optional[int] = None, max_model_len: Optional[int] = None, indexer_fmt: str = "fp8",
                  hadamard: bool = False, fp8_o_proj: bool = True, o_rope_bf16: bool = True,
-                 dtype=torch.bfloat16, device=None):
+                 dtype=torch.bfloat16, device=None, tp: Optional[TensorParallel] = None):
         super().__init__()
+        if tp is not None:  # first, before any check that could raise on one rank while the others wait
+            n_local_heads, head_offset = layer_shard(
+                tp, config, n_local_heads, head_offset, layer_idx=layer_idx, max_model_len=max_model_len,
+                indexer_fmt=indexer_fmt, hadamard=hadamard, fp8_o_proj=fp8_o_proj, o_rope_bf16=o_rope_bf16,
+                dtype=dtype)
+        self.tp = tp
+        head_offset = 0 if head_offset is None else head_offset
         if not 0 <= layer_idx < len(config.compress_ratios):
             raise ValueError(f"layer_idx must be in [0, {len(config.compress_ratios)}), got {layer_idx}")
         if dtype != torch.bfloat16:
@@ -397,7 +411,10 @@ class DeepseekV4Attention(nn.Module):
         else:
             og = o.transpose(0, 1)
         z = grouped_linear(og, self.wo_a.weight.view(self.n_groups, -1, o.shape[-1]))
-        return self.wo_b(z)
+        y = self.wo_b(z)
+        if self.tp is not None:  # wo_b is row-parallel: sum the ranks' partial outputs (one all-reduce)
+            y = self.tp.all_reduce(y)
+        return y
 
     # --- checkpoint loading ----------------------------------------------------------------------
     def _convert_checkpoint(self, state_dict, prefix, *args):
