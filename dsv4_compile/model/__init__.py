@@ -2,3 +2,4 @@
 
 from .attention import Compressor, DeepseekV4Attention, Indexer, RMSNorm, dequant_fp8_weight  # noqa: F401
 from .indexer import IndexerQ  # noqa: F401
+from .stack import DeepseekV4AttentionStack, compile_layer  # noqa: F401
