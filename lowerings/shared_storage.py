@@ -120,12 +120,12 @@ def inplace_shared_storage_mutations(graph: fx.Graph) -> int:
     if not shared:
         return 0
     rewritten = 0
+    order = {n: i for i, n in enumerate(graph.nodes)}  # kept current: a rewrite's call takes its node's place
     for node in list(graph.nodes):
         if node.target is not auto_functionalized_v2:
             continue
         if not any(_storage(b) in shared for b in node.kwargs["_all_bases"]):
             continue  # bases on storages of their own: Inductor re-inplaces them
-        order = {n: i for i, n in enumerate(graph.nodes)}
         if not _rewritable(node, shared, order):
             warnings.warn(f"dsv4: {node.args[0]} writes caches that share a storage with another graph input, "
                           f"and making it in place could not be shown legal: Inductor will clone and copy "
@@ -139,6 +139,7 @@ def inplace_shared_storage_mutations(graph: fx.Graph) -> int:
         with graph.inserting_before(node):
             call = graph.call_function(op, kwargs=call_kwargs)
         call.meta["val"] = None
+        order[call] = order[node]
         first_base = len(node.meta["val"]) - len(bases)  # the results: (op's output (None), *new bases)
         for user in list(node.users):
             if user.target is not operator.getitem or user.args[1] < first_base:
