@@ -194,6 +194,101 @@ def sweep(b: int, ctx: int):
                       f"{_rate(kv, us, read)}", flush=True)
 
 
+# --- indexer_topk: logits and selection apart, context / max_model_len sweeps, prefill ---------------
+IDX_REC_BYTES = {"fp8": layouts.INDEXER_FP8_RECORD_BYTES, "mxfp4": 64 + 4}
+
+
+def indexer_case(b, ctx, mml, fmt, device, per_set_bytes_min=160 << 20, prefill_t=0, seed=0):
+    """B decode tokens (one per request, position ``ctx − 1``) or, with ``prefill_t``, one request's
+    last ``prefill_t`` positions up to ``ctx − 1``; block tables ``mml / 4 / 64`` pages wide (−1
+    past the live pages). Enough input sets (q, weights and a table over distinct pages of one pool)
+    that one pass over them reads more than L2 holds."""
+    n = ctx // 4
+    pages = -(-n // BS)
+    width = max(pages, -(-(mml // 4) // BS))
+    reqs = 1 if prefill_t else b
+    T = prefill_t or b
+    n_sets = max(1, min(8, -(-per_set_bytes_min // (reqs * n * IDX_REC_BYTES[fmt]))))
+    pool = n_sets * reqs * pages
+    g = torch.Generator(device=device).manual_seed(seed)
+    cache = torch.empty(pool, layouts.page_bytes(fmt, BS), dtype=torch.uint8, device=device)
+    for p0 in range(0, pool, 4096):  # random keys, inserted in pieces (bf16 staging stays small)
+        p1 = min(pool, p0 + 4096)
+        k = torch.randn((p1 - p0) * BS, 128, device=device, generator=g).bfloat16()
+        dsv4.indexer_k_insert(k, cache, torch.arange(p0 * BS, p1 * BS, device=device), BS, fmt)
+    perm = torch.randperm(pool, device=device, generator=g).int()
+    if prefill_t:
+        positions = torch.arange(ctx - prefill_t, ctx, device=device)
+        token_to_req = torch.zeros(T, dtype=torch.int64, device=device)
+    else:
+        positions = torch.full((b,), ctx - 1, dtype=torch.int64, device=device)
+        token_to_req = torch.arange(b, device=device)
+    sets = []
+    for i in range(n_sets):
+        table = torch.full((reqs, width), -1, dtype=torch.int32, device=device)
+        table[:, :pages] = perm[i * reqs * pages:(i + 1) * reqs * pages].view(reqs, pages)
+        x = torch.randn(T, IDX_H, 128, device=device, generator=g)
+        q, qs = (x.to(torch.float8_e4m3fn), None) if fmt == "fp8" else dsv4.mxfp4_quant(x)
+        w = torch.rand(T, IDX_H, device=device, generator=g)
+        sets.append(dict(q=q, qs=qs, w=w, table=table))
+    return dict(cache=cache, positions=positions, token_to_req=token_to_req, sets=sets, fmt=fmt, T=T, n=n,
+                L=width * BS, reqs=reqs)
+
+
+def indexer_rows(cases, split=True, topk=TOPK, **config):
+    """GPU µs of the op, and (``split``) of its logits kernel and its selection alone."""
+    ceil = bandwidth_ceilings()
+    print(f"torch {torch.__version__}; " + ceilings_line(ceil), flush=True)
+    rows = []
+    for b, ctx, mml, fmt, prefill_t in cases:
+        c = indexer_case(b, ctx, mml, fmt, "cuda", prefill_t=prefill_t)
+        T, n, L = c["T"], c["n"], c["L"]
+        call = lambda s: lambda: dsv4.indexer_topk(s["q"], s["qs"], s["w"], c["cache"], s["table"],  # noqa: E731
+                                                   c["token_to_req"], c["positions"], BS, fmt, topk, 4)
+        # visible entries read: decode n per token; prefill Σ over the chunk's causal lengths
+        vis = int(((c["positions"] + 1) // 4).clamp(max=L).sum())
+        kbytes = vis * IDX_REC_BYTES[fmt]
+        row = dict(B=b, T=T, ctx=ctx, mml=mml, fmt=fmt, prefill=bool(prefill_t), **ceiling_fields(ceil),
+                   k_bytes=kbytes, visible=vis)
+        row["op_us"] = graph_time_us([call(s) for s in c["sets"]], reps=10 if prefill_t else 20)
+        if split:
+            from dsv4_compile.kernels.triton import attention as kernels
+            from dsv4_compile.kernels.triton import topk as topk_kernels
+
+            lconf = {k: v for k, v in config.items() if k != "chunk"}
+            bufs = [torch.empty(T, L, device="cuda") for _ in c["sets"][:2]]
+            lcall = lambda s, buf: lambda: kernels.indexer_logits_into(  # noqa: E731
+                buf, s["q"], s["qs"], s["w"], c["cache"], s["table"], c["token_to_req"], c["positions"], BS, fmt, 4,
+                **lconf)
+            row["logits_us"] = graph_time_us([lcall(s, buf) for s, buf in zip(c["sets"], bufs)])
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            scall = lambda buf: lambda: topk_kernels.select_topk(buf, c["positions"], c["token_to_req"],  # noqa: E731
+                                                                 c["reqs"], 4, topk, sms, chunk=config.get("chunk"))
+            row["select_us"] = graph_time_us([scall(buf) for buf in bufs])
+        rows.append(row)
+        print(indexer_fmt(row), flush=True)
+        del c
+        torch.cuda.empty_cache()
+    return ceil, rows
+
+
+def indexer_fmt(r):
+    cells = [f"{r['T']}" + (" (prefill)" if r["prefill"] else ""), f"{r['ctx'] // 1024}k", f"{r['mml'] // 1024}k",
+             r["fmt"], f"{r['op_us']:.1f} µs"]
+    if "logits_us" in r:
+        cells += [f"{r['logits_us']:.1f} µs", _rate(r["k_bytes"], r["logits_us"], r["read_tbs"]),
+                  f"{r['select_us']:.1f} µs"]
+    else:
+        cells += ["-", "-", "-"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def indexer_table(ceil, rows):
+    head = ("| tokens | ctx | max_model_len | fmt | indexer_topk | logits kernel | K bytes (% of read BW) "
+            "| selection |\n|---|---|---|---|---|---|---|---|")
+    return f"{ceilings_line(ceil)}\n\n{head}\n" + "\n".join(indexer_fmt(r) for r in rows)
+
+
 def check():
     """CPU: the ops equal the plain forms at small shapes, and the plain forms compile fullgraph."""
     c = make_case(3, 4096, "cpu")
@@ -215,12 +310,32 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--indexer", action="store_true",
+                    help="indexer_topk only: op, logits kernel and selection apart, over --batches x --contexts x "
+                         "--mml x --fmts (max_model_len below the context is skipped)")
+    ap.add_argument("--mml", nargs="+", type=int, default=None, help="max_model_len values (default: each context)")
+    ap.add_argument("--fmts", nargs="+", default=["fp8"])
+    ap.add_argument("--prefill", nargs="+", type=int, default=[], help="--indexer: prefill chunks of T tokens "
+                    "of one request at each context (instead of decode batches)")
+    ap.add_argument("--op-only", action="store_true", help="--indexer: the op alone (older trees)")
+    ap.add_argument("--chunk", type=int, default=None, help="--indexer: selection chunk (first round)")
+    ap.add_argument("--logits-programs", type=int, default=None)
+    ap.add_argument("--block-n", type=int, default=None)
     args = ap.parse_args()
     if args.check:
         check()
         return
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU (or --check, which runs on CPU)")
+    if args.indexer:
+        cases = [(b, ctx, mml, fmt, t) for fmt in args.fmts for ctx in args.contexts
+                 for mml in (args.mml or [ctx]) if mml >= ctx
+                 for b, t in ([(1, t) for t in args.prefill] if args.prefill else [(b, 0) for b in args.batches])]
+        config = {k: v for k, v in dict(chunk=args.chunk, programs=args.logits_programs,
+                                        block_n=args.block_n).items() if v is not None}
+        ceil, rows = indexer_rows(cases, split=not args.op_only, **config)
+        write_results(indexer_table(ceil, rows), rows, args.out)
+        return
     if args.sweep:
         for b in args.batches:
             sweep(b, args.contexts[-1])

@@ -162,6 +162,7 @@ def _check_topk(sel, logits_rows, topk, tol=0.0):
             assert row == list(range(n)) + [-1] * (topk - n), (t, row)
             continue
         assert len(set(row)) == topk and min(row) >= 0 and max(row) < n, (t, row)
+        assert row == sorted(row), (t, row)  # increasing entry order
         want = set(torch.topk(lg, topk).indices.tolist())
         if tol == 0.0:
             assert set(row) == want, t

@@ -61,17 +61,22 @@ def indexer_logits(q, q_scale, weights, k_cache, block_table, token_to_req, posi
 
 
 def select_topk(logits: torch.Tensor, n: torch.Tensor, topk: int) -> torch.Tensor:
-    """int32 ``[T, topk]`` from ``logits [T, L]`` (−inf beyond each row's ``n`` visible entries):
-    rows with ``n > topk`` hold the indices of the ``topk`` largest logits (in no particular order:
-    attention does not care, and sorting them cost ~20 µs per decode step on the GPU), rows with
-    ``n <= topk`` are ``0..n−1`` then −1. Fixed shape; no host sync."""
+    """int32 ``[T, topk]`` from ``logits [T, L]`` (entries at or beyond each row's ``n`` visible ones
+    are ignored): a row with ``n > topk`` holds the ``topk`` entries of largest logit, ties going to
+    the lower entry index (NaN above +inf, −0.0 equal to +0.0: ``torch.sort``'s order), listed in
+    increasing index order; a row with ``n <= topk`` is ``0..n−1`` then −1. Fixed shape; no host
+    sync. Deterministic, so the GPU kernels match it bit for bit on equal logits."""
     T, L = logits.shape
     k = min(topk, L)
     j = torch.arange(topk, dtype=torch.int64, device=logits.device)
     first = torch.where(j[None, :] < n[:, None], j[None, :], -1)
     if k == 0:
         return first.to(torch.int32)
-    top = torch.topk(logits, k, dim=1, sorted=False).indices
+    s = torch.arange(L, dtype=torch.int64, device=logits.device)
+    # hidden entries become −inf: every one ranks after each visible entry, as its index is higher
+    vals = logits.masked_fill(s[None, :] >= n[:, None], float("-inf"))
+    top = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :k]
+    top = torch.sort(top, dim=1).values
     if k < topk:
         top = torch.cat((top, top.new_full((T, topk - k), -1)), dim=1)
     return torch.where((n > topk)[:, None], top, first).to(torch.int32)

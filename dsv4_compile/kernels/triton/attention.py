@@ -1,5 +1,5 @@
-"""Triton kernels for the attention core: indexer logits (then ``torch.topk``) and sparse MQA with the
-sink (split-K flash decoding).
+"""Triton kernels for the attention core: indexer logits (then the radix select of ``topk.py``) and
+sparse MQA with the sink (split-K flash decoding).
 
 Both read the paged caches through the record loaders of ``cache.py`` and mask every index that is
 −1 or past its cache, so no byte outside a cache is read. Numerics: fp32 accumulation on bf16 tensor
@@ -18,7 +18,9 @@ import triton.language as tl
 
 from ... import layouts
 from .. import _device
+from ...reference.attention import select_topk as select_topk_reference
 from ...reference.attention import visible_entries
+from . import topk as _topk
 from ._common import pow2
 from .cache import _e2m1_value, load_fp8_ds_mla, load_fp8_ds_mla_rows, load_indexer_k
 
@@ -50,102 +52,149 @@ def _load_indexer_q(q_ptr, qs_ptr, t, heads, hm, H, q_stride_t, q_stride_h, MXFP
 
 
 @triton.jit
+def _load_indexer_k_fp8(cache_ptr, page_off, k, ok, BS: tl.constexpr, BN: tl.constexpr):
+    """e4m3 ``[BN, 128]`` indexer keys of in-page slots ``k`` (zeros where not ``ok``) and their fp32
+    power-of-two scales ``[BN]`` (0 where not ``ok``)."""
+    d = tl.arange(0, 128)
+    v = tl.load(cache_ptr + (page_off + k * 128)[:, None] + d[None, :], mask=ok[:, None], other=0)
+    b = tl.arange(0, 4)  # the fp32 scale from its 4 bytes (pages need not be 4-byte aligned)
+    sb = tl.load(cache_ptr + (page_off + BS * 128 + k * 4)[:, None] + b[None, :], mask=ok[:, None], other=0)
+    scale = tl.sum(sb.to(tl.int32) << (8 * b[None, :]), axis=1).to(tl.float32, bitcast=True)
+    return v.to(tl.float8e4nv, bitcast=True), tl.where(ok, scale, 0.0)
+
+
+@triton.jit
 def _indexer_logits_kernel(
     q_ptr, qs_ptr, w_ptr, cache_ptr, bt_ptr, req_ptr, pos_ptr, out_ptr,
-    H, n_req, num_pages, page_stride, L, ratio, q_stride_t, q_stride_h, w_stride_t, bt_stride,
-    BS: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, MXFP4: tl.constexpr,
+    H, n_req, num_pages, page_stride, L, ratio, q_stride_t, q_stride_h, w_stride_t, bt_stride, out_stride,
+    BS: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, MXFP4: tl.constexpr, ONE_HB: tl.constexpr,
 ):
+    """Token ``t = program_id(0)``: program ``j`` of ``num_programs(1)`` scores tiles ``j, j+P, ..``
+    of ``BN`` entries below the token's visible count ``n`` and writes them; nothing at or past ``n``
+    is read or written (the cost follows the context, not the row width ``L``).
+
+    FP8: the e4m3 dot product on the tensor cores (exact products, fp32 sums), times the key's
+    power-of-two scale (exact), ReLU, times the head weight, summed over heads. MXFP4: keys and
+    queries decoded to bf16 (exact) for a bf16 dot."""
     t = tl.program_id(0)
-    s = tl.program_id(1) * BN + tl.arange(0, BN)
+    n_prog = tl.num_programs(1)
     req = tl.load(req_ptr + t).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     tok_ok = (req >= 0) & (req < n_req) & (pos >= 0)
     n = tl.where(tok_ok, tl.minimum((pos + 1) // ratio, L), 0)
-    vis = s < n
-    out = out_ptr + t.to(tl.int64) * L + s
-    if tl.program_id(1) * BN >= n:  # nothing visible in this tile
-        tl.store(out, tl.full([BN], float("-inf"), tl.float32), mask=s < L)
+    n_tiles = tl.cdiv(n, BN)
+    if tl.program_id(1) >= n_tiles:
         return
-    page = tl.load(bt_ptr + tl.where(tok_ok, req, 0) * bt_stride + s // BS, mask=vis, other=-1).to(tl.int64)
-    ok = vis & (page >= 0) & (page < num_pages)
-    k = load_indexer_k(cache_ptr, tl.where(ok, page, 0) * page_stride, s % BS, ok, BS, BN, MXFP4)
-    k = k.to(tl.bfloat16)
-    acc = tl.zeros([BN], dtype=tl.float32)
-    for h0 in range(0, H, BH):
-        heads = h0 + tl.arange(0, BH)
-        hm = heads < H
-        q = _load_indexer_q(q_ptr, qs_ptr, t, heads, hm, H, q_stride_t, q_stride_h, MXFP4, BH)
-        sc = tl.dot(q, tl.trans(k))  # [BH, BN] fp32
-        w = tl.load(w_ptr + t.to(tl.int64) * w_stride_t + heads, mask=hm, other=0.0)
-        acc += tl.sum(tl.maximum(sc, 0.0) * w[:, None], axis=0)
-    tl.store(out, tl.where(vis, acc, float("-inf")), mask=s < L)
+    bt_row = bt_ptr + tl.where(tok_ok, req, 0) * bt_stride
+    out_row = out_ptr + t.to(tl.int64) * out_stride
+    w_row = w_ptr + t.to(tl.int64) * w_stride_t
+    d = tl.arange(0, 128)
+    if ONE_HB:  # every head in one block: the queries and weights stay in registers across tiles
+        heads0 = tl.arange(0, BH)
+        hm0 = heads0 < H
+        w0 = tl.load(w_row + heads0, mask=hm0, other=0.0)
+        if MXFP4:
+            q0 = _load_indexer_q(q_ptr, qs_ptr, t, heads0, hm0, H, q_stride_t, q_stride_h, MXFP4, BH)
+        else:
+            q0 = tl.load(q_ptr + t.to(tl.int64) * q_stride_t + heads0[:, None] * q_stride_h + d[None, :],
+                         mask=hm0[:, None], other=0).to(tl.float8e4nv, bitcast=True)
+    for i in range(tl.program_id(1), n_tiles, n_prog):
+        s = i * BN + tl.arange(0, BN)
+        vis = s < n
+        page = tl.load(bt_row + s // BS, mask=vis, other=-1).to(tl.int64)
+        ok = vis & (page >= 0) & (page < num_pages)
+        page_off = tl.where(ok, page, 0) * page_stride
+        acc = tl.zeros([BN], dtype=tl.float32)
+        if MXFP4:
+            k = load_indexer_k(cache_ptr, page_off, s % BS, ok, BS, BN, MXFP4).to(tl.bfloat16)
+        else:
+            k, kscale = _load_indexer_k_fp8(cache_ptr, page_off, s % BS, ok, BS, BN)
+        for h0 in range(0, H, BH):
+            if ONE_HB:
+                q = q0
+                w = w0
+            else:
+                heads = h0 + tl.arange(0, BH)
+                hm = heads < H
+                w = tl.load(w_row + heads, mask=hm, other=0.0)
+                if MXFP4:
+                    q = _load_indexer_q(q_ptr, qs_ptr, t, heads, hm, H, q_stride_t, q_stride_h, MXFP4, BH)
+                else:
+                    q = tl.load(q_ptr + t.to(tl.int64) * q_stride_t + heads[:, None] * q_stride_h + d[None, :],
+                                mask=hm[:, None], other=0).to(tl.float8e4nv, bitcast=True)
+            # entries on the MMA's M side: the head sum stays within a warp (heads on M would
+            # reduce across warps through shared memory on every tile)
+            sc = tl.dot(k, tl.trans(q))  # [BN, BH] fp32
+            if not MXFP4:
+                sc = sc * kscale[:, None]
+            acc += tl.sum(tl.maximum(sc, 0.0) * w[None, :], axis=1)
+        tl.store(out_row + s, acc, mask=vis)
 
 
-def indexer_logits(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int, fmt: str,
-                   compress_ratio: int, block_n: int = 64, block_h: int = 32, num_warps: int = 4) -> torch.Tensor:
-    """fp32 ``[T, M·block_size]`` logits, −inf where not visible (``reference.attention.indexer_logits``)."""
+def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | None = None,
+                  block_h: int | None = None, programs: int | None = None, num_warps: int | None = None):
+    """(BN, BH, programs per token, warps): one program per 128-entry tile until the tokens alone
+    give every SM four programs; 64 heads per block (one wgmma row block; fewer under the
+    interpreter)."""
+    interp = device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    bn = block_n or (16 if interp else 128)
+    bh = block_h or (16 if interp else 64)
+    if programs is None:
+        programs = triton.cdiv(4 * _sm_programs(device), max(T, 1))
+    programs = max(1, min(programs, triton.cdiv(max(L, 1), bn)))
+    return bn, bh, programs, num_warps or 4
+
+
+def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int,
+                        fmt: str, compress_ratio: int, **config) -> torch.Tensor:
+    """Write ``out[t, s]`` (fp32 ``[T, >= L]``, unit stride along entries) for the visible entries
+    ``s < n_t`` only; the rest of ``out`` is left as it was."""
     T, H = q.shape[0], q.shape[1]
     L = block_table.shape[1] * block_size
-    out = torch.empty((T, L), dtype=torch.float32, device=q.device)
     if T == 0 or L == 0:
         return out
-    if k_cache.shape[0] == 0:
-        return _empty_cache_logits(out, positions, token_to_req, block_table.shape[0], compress_ratio)
     mxfp4 = fmt == "mxfp4"
     q = q.contiguous()
     weights = weights.contiguous()
     if mxfp4:
         q_scale = q_scale.contiguous()
     qb = q.view(torch.uint8)
-    bh = min(block_h, max(16, triton.next_power_of_2(H)))
-    _indexer_logits_kernel[(T, triton.cdiv(L, block_n))](
+    bn, bh, programs, warps = logits_config(T, L, H, q.device, **config)
+    _indexer_logits_kernel[(T, programs)](
         qb, q_scale if mxfp4 else qb, weights, k_cache, block_table, token_to_req, positions, out,
         H, block_table.shape[0], k_cache.shape[0], k_cache.stride(0), L, compress_ratio,
-        qb.stride(0), qb.stride(1), weights.stride(0), block_table.stride(0),
-        BS=block_size, BN=block_n, BH=bh, MXFP4=mxfp4, num_warps=num_warps,
+        qb.stride(0), qb.stride(1), weights.stride(0), block_table.stride(0), out.stride(0),
+        BS=block_size, BN=bn, BH=bh, MXFP4=mxfp4, ONE_HB=H <= bh, num_warps=warps,
     )
     return out
 
 
-def _empty_cache_logits(out, positions, token_to_req, n_req, compress_ratio):
-    # no page to read: every visible entry scores 0 (its key dequantizes to zeros), as in the reference
-    n = visible_entries(positions, token_to_req, n_req, compress_ratio, out.shape[1])
-    s = torch.arange(out.shape[1], device=out.device)
-    return out.copy_(torch.where(s[None, :] < n[:, None], 0.0, float("-inf")))
-
-
-@triton.jit
-def _finish_topk_kernel(top_ptr, pos_ptr, req_ptr, out_ptr, n_req, L, ratio, top_stride,
-                        K: tl.constexpr, KK: tl.constexpr, BLOCK: tl.constexpr):
-    """One token: ``n`` = visible entries (0 for padding), then ``reference.select_topk``'s row —
-    the top-k indices when ``n > K``, else ``0..n-1`` and −1 — as int32, in one launch (the torch
-    form is about ten tiny elementwise kernels)."""
-    t = tl.program_id(0)
-    p = tl.load(pos_ptr + t).to(tl.int64)
-    r = tl.load(req_ptr + t).to(tl.int64)
-    n = tl.minimum((p + 1) // ratio, L)
-    n = tl.where((r >= 0) & (r < n_req) & (p >= 0), n, 0)
-    j = tl.arange(0, BLOCK)
-    top = tl.load(top_ptr + t.to(tl.int64) * top_stride + j, mask=j < KK, other=-1)
-    jj = j.to(tl.int64)
-    out = tl.where(n > K, top, tl.where(jj < n, jj, -1))
-    tl.store(out_ptr + t.to(tl.int64) * K + j, out.to(tl.int32), mask=j < K)
+def indexer_logits(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int, fmt: str,
+                   compress_ratio: int, **config) -> torch.Tensor:
+    """fp32 ``[T, M·block_size]`` logits, −inf where not visible (``reference.attention.indexer_logits``)."""
+    T = q.shape[0]
+    L = block_table.shape[1] * block_size
+    out = torch.full((T, L), float("-inf"), dtype=torch.float32, device=q.device)
+    return indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size,
+                               fmt, compress_ratio, **config)
 
 
 def indexer_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int, fmt: str,
-                 topk: int, compress_ratio: int) -> torch.Tensor:
-    logits = indexer_logits(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt,
-                            compress_ratio)
-    T, L = logits.shape
-    k = min(topk, L)
-    out = torch.empty((T, topk), dtype=torch.int32, device=logits.device)
-    if T == 0:
-        return out
-    # the top-k indices (unordered: attention does not care), then every row finished in one launch
-    top = torch.topk(logits, k, dim=1, sorted=False).indices if k else logits.new_empty((T, 0), dtype=torch.int64)
-    _finish_topk_kernel[(T,)](top, positions, token_to_req, out, block_table.shape[0], L, compress_ratio,
-                              max(top.stride(0), 1), K=topk, KK=k, BLOCK=triton.next_power_of_2(topk))
-    return out
+                 topk: int, compress_ratio: int, chunk: int | None = None, **config) -> torch.Tensor:
+    """The logits of the visible entries into an uninitialized ``[T, L]`` scratch (each row written
+    and read only up to its visible count), then ``topk.select_topk``'s radix select. ``topk`` above
+    the select's limit (``topk.MAX_CHUNK // 2``) falls back to ``reference.select_topk`` on the GPU
+    (same result, a full sort)."""
+    T = q.shape[0]
+    L = block_table.shape[1] * block_size
+    logits = torch.empty((T, L), dtype=torch.float32, device=q.device)
+    indexer_logits_into(logits, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt,
+                        compress_ratio, **config)
+    if 2 * topk > _topk.MAX_CHUNK:
+        n = visible_entries(positions, token_to_req, block_table.shape[0], compress_ratio, L)
+        return select_topk_reference(logits, n, topk)
+    return _topk.select_topk(logits, positions, token_to_req, block_table.shape[0], compress_ratio, topk,
+                             _sm_programs(q.device), chunk=chunk)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import attention, cache, compressor, indexer_q, indices, output, primitives
+from . import attention, cache, compressor, indexer_q, indices, output, primitives, topk
 
 _OPTS = {"enable_fp_fusion": False}
 
@@ -91,12 +91,18 @@ def _compressor_cases(hw: bool):
 
 
 def _attention_cases():
-    for mxfp4 in (False, True):
+    for mxfp4, one in ((False, True), (False, False), (True, True)):
         yield attention._indexer_logits_kernel, dict(
             q_ptr="*u8", qs_ptr="*u8", w_ptr="*fp32", cache_ptr="*u8", bt_ptr="*i32", req_ptr="*i64", pos_ptr="*i64",
             out_ptr="*fp32", H="i32", n_req="i32", num_pages="i32", page_stride="i32", L="i32", ratio="i32",
-            q_stride_t="i32", q_stride_h="i32", w_stride_t="i32", bt_stride="i32"), dict(
-            BS=64, BN=64, BH=32, MXFP4=mxfp4)
+            q_stride_t="i32", q_stride_h="i32", w_stride_t="i32", bt_stride="i32", out_stride="i32"), dict(
+            BS=64, BN=128, BH=64, MXFP4=mxfp4, ONE_HB=one)
+    for ch, first, final in ((16384, True, True), (4096, True, False), (8192, False, True), (1024, False, False)):
+        yield topk._topk_round_kernel, dict(
+            src_ptr="*fp32" if first else "*i32", src_idx_ptr="*fp32" if first else "*i32", n_ptr="*i64" if first
+            else "*i32", pos_ptr="*i64", req_ptr="*i64", out_key_ptr="*i32", out_idx_ptr="*i32", n_out_ptr="*i32",
+            n_req="i32", ratio="i32", L="i32", src_stride="i32", K="i32", out_stride="i32"), dict(
+            CH=ch, KB=512, FROM_LOGITS=first, FINAL=final), dict(num_warps=topk._warps(ch))
     for split, comp, bh, warps in ((False, True, 64, 8), (True, True, 64, 8), (False, False, 16, 4)):
         yield attention._sparse_attn_kernel, dict(
             q_ptr="*bf16", swa_ptr="*u8", swa_idx_ptr="*i32", comp_ptr="*u8", comp_idx_ptr="*i32", sink_ptr="*fp32",
@@ -106,9 +112,6 @@ def _attention_cases():
             swa_cap="i64", comp_cap="i64", qk_scale="fp32"), dict(
             SWA_BS=64, COMP_BS=2 if split else 64, BH=bh, BN=32, DV=256 if split else 512, SPLIT=split,
             HAS_COMP=comp), dict(num_warps=warps)
-    yield attention._finish_topk_kernel, dict(
-        top_ptr="*i64", pos_ptr="*i64", req_ptr="*i64", out_ptr="*i32", n_req="i32", L="i32", ratio="i32",
-        top_stride="i32"), dict(K=512, KK=512, BLOCK=512)
     yield attention._combine_kernel, dict(
         part_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", sink_ptr="*fp32", o_ptr="*bf16", H="i32", n_split="i32",
         o_stride_t="i32", o_stride_h="i32"), dict(BH=16, DC=512)

@@ -1,0 +1,236 @@
+"""Top-k selection of ``indexer_topk`` on the GPU: a radix select that scans each row only up to its
+own visible length, with long rows split over several programs.
+
+Semantics (``reference.attention.select_topk``, docs/numerics.md §7.2): a row with ``n`` visible
+entries keeps, when ``n > k``, the ``k`` entries of largest logit with ties going to the lower entry
+index (NaN ranks above +inf, −0.0 equals +0.0), and returns them in increasing index order; a row with
+``n <= k`` returns ``0 .. n−1`` then −1; a padding row returns −1. Fixed output shape, no host sync.
+
+Method. A logit becomes a 32-bit key whose unsigned order is the float order (sign flip for
+positives, bit complement for negatives, NaN → ``0xFFFFFFFF``, −0 → +0; key 0 marks an absent slot).
+A program holds a chunk of keys in registers and finds the k-th largest key with seven histogram
+passes over 5 key bits at a time (``tl.histogram`` with 32 bins: the bin of the k-th largest from the
+suffix sums; more bins cost more than they save, as Triton's histogram pays per bin);
+entries above it are kept, entries equal to it are kept in index order until ``k`` are kept, and a
+prefix sum writes the kept ones compacted, in index order. A row longer than one chunk is cut into
+``S`` chunks, each keeping its best ``k`` as (key, index) candidates; the next round selects from the
+``S·k`` candidates, which are still in index order, so ties still go to the lower index. The plan
+(chunk sizes, rounds) depends only on ``T``, the row width ``L``, ``k`` and the SM count, never on
+data; programs whose chunk starts past their row's visible length return at once, so the cost
+follows the live context, not ``L``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_CHUNK = 16384  # largest chunk of keys one program holds in registers
+_SPLIT_MIN = 4096  # rows at most this long are never split
+
+
+@triton.jit
+def _sort_key(x):
+    """uint32 key of fp32 ``x``: unsigned key order == float order; NaN highest, −0 == +0, never 0."""
+    b = x.to(tl.uint32, bitcast=True)
+    key = tl.where((b >> 31) != 0, ~b, b | 0x80000000)
+    key = tl.where(x == 0.0, 0x80000000, key)
+    return tl.where(x != x, 0xFFFFFFFF, key)
+
+
+@triton.jit
+def _refine(key, v, need, n_v, thr, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """One radix pass over key bits ``SHIFT .. SHIFT+BITS−1`` among the entries ``v`` (``n_v`` of
+    them) that share the threshold's higher bits: the digit ``b`` holding the ``need``-th largest;
+    returns the entries with that digit, how many of them are still needed, their count and the
+    threshold with ``b`` set. A 32-bin ``tl.histogram`` (its cost grows with the bin count: one
+    ballot per bin bit, one popcount per bin a lane owns)."""
+    digit = ((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32)
+    h = tl.histogram(tl.where(v, digit, 0), 32)
+    bins = tl.arange(0, 32)
+    h = h - tl.where(bins == 0, digit.shape[0] - n_v, 0)  # entries outside v were counted in bin 0
+    suffix = tl.cumsum(h, 0, reverse=True)
+    b = tl.sum((suffix >= need).to(tl.int32), 0) - 1
+    above = tl.sum(tl.where(bins > b, h, 0), 0)
+    inbin = tl.sum(tl.where(bins == b, h, 0), 0)
+    return v & (digit == b), need - above, inbin, thr | (b.to(tl.uint32) << SHIFT)
+
+
+@triton.jit
+def _select_mask(key, valid, n_valid, need):
+    """The ``need`` valid entries of largest key, ties to the lower position (requires
+    ``need <= n_valid = count(valid)``): the threshold key in seven 5/2-bit radix passes."""
+    thr = tl.zeros([], tl.uint32)
+    v, need, n_v, thr = _refine(key, valid, need, n_valid, thr, 27, 5)
+    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 22, 5)
+    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 17, 5)
+    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 12, 5)
+    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 7, 5)
+    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 2, 5)
+    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 0, 2)
+    tie = (valid & (key == thr)).to(tl.int32)
+    rank = tl.cumsum(tie, 0) - tie
+    return valid & ((key > thr) | ((tie != 0) & (rank < need)))
+
+
+@triton.jit
+def _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
+                  BLOCK: tl.constexpr, KB: tl.constexpr, FROM_LOGITS: tl.constexpr, FINAL: tl.constexpr):
+    """Keep the best ``min(K, valid)`` entries of row positions ``start .. start+BLOCK−1`` (< ``n``),
+    written compacted in position order at ``out_row``: indices (−1 fill) when ``FINAL``, else
+    (key, index) candidates (key 0 fill)."""
+    s = start + tl.arange(0, BLOCK)
+    m = s < n
+    if FROM_LOGITS:
+        x = tl.load(src_ptr + row + s, mask=m, other=0.0)
+        key = tl.where(m, _sort_key(x), 0)
+        idx = s
+    else:
+        key = tl.load(src_ptr + row + s, mask=m, other=0).to(tl.uint32, bitcast=True)
+        idx = tl.load(src_idx_ptr + row + s, mask=m, other=-1)
+    valid = key != 0
+    cnt = tl.sum(valid.to(tl.int32), 0)
+    if cnt > K:
+        sel = _select_mask(key, valid, cnt, K)
+        kept = K
+    else:
+        sel = valid
+        kept = cnt
+    at = tl.cumsum(sel.to(tl.int32), 0) - 1
+    tl.store(out_idx_ptr + out_row + at, idx, mask=sel)
+    j = tl.arange(0, KB)
+    fill = (j >= kept) & (j < K)
+    if FINAL:
+        tl.store(out_idx_ptr + out_row + j, tl.full([KB], -1, tl.int32), mask=fill)
+    else:
+        tl.store(out_key_ptr + out_row + at, key.to(tl.int32, bitcast=True), mask=sel)
+        tl.store(out_key_ptr + out_row + j, tl.zeros([KB], tl.int32), mask=fill)
+        tl.store(out_idx_ptr + out_row + j, tl.full([KB], -1, tl.int32), mask=fill)
+
+
+@triton.jit
+def _topk_round_kernel(
+    src_ptr, src_idx_ptr, n_ptr, pos_ptr, req_ptr, out_key_ptr, out_idx_ptr, n_out_ptr,
+    n_req, ratio, L, src_stride, K, out_stride,
+    CH: tl.constexpr, KB: tl.constexpr, FROM_LOGITS: tl.constexpr, FINAL: tl.constexpr,
+):
+    """One round for row ``t = program_id(0)``, chunk ``c = program_id(1)`` of ``CH`` positions.
+    Row length: the token's visible entries (``FROM_LOGITS``) or the previous round's candidate
+    count (``n_ptr``). Non-final rounds write candidates at ``[t, c·K .. c·K+K)`` and (chunk 0) the
+    next round's row length ``cdiv(n, CH)·K``."""
+    t = tl.program_id(0)
+    c = tl.program_id(1)
+    if FROM_LOGITS:
+        p = tl.load(pos_ptr + t).to(tl.int64)
+        r = tl.load(req_ptr + t).to(tl.int64)
+        n = tl.minimum((p + 1) // ratio, L)
+        n = tl.where((r >= 0) & (r < n_req) & (p >= 0), n, 0).to(tl.int32)
+    else:
+        n = tl.load(n_ptr + t)
+    start = c * CH
+    row = t.to(tl.int64) * src_stride
+    out_row = t.to(tl.int64) * out_stride + c * K
+    if not FINAL:
+        if c == 0:
+            tl.store(n_out_ptr + t, tl.cdiv(n, CH) * K)
+    if start >= n:
+        if FINAL:  # only chunk 0 exists: an empty row
+            j = tl.arange(0, KB)
+            tl.store(out_idx_ptr + out_row + j, tl.full([KB], -1, tl.int32), mask=j < K)
+        return
+    if FROM_LOGITS and FINAL:
+        if n <= K:  # the whole row, no logit read
+            j = tl.arange(0, KB)
+            tl.store(out_idx_ptr + out_row + j, tl.where(j < n, j, -1), mask=j < K)
+            return
+    rem = n - start
+    # rows far shorter than the chunk take a smaller block: the cost follows the row, not the chunk
+    if CH >= 4096:
+        if rem <= CH // 16:
+            _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
+                          CH // 16, KB, FROM_LOGITS, FINAL)
+        elif rem <= CH // 4:
+            _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
+                          CH // 4, KB, FROM_LOGITS, FINAL)
+        else:
+            _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
+                          CH, KB, FROM_LOGITS, FINAL)
+    else:
+        _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
+                      CH, KB, FROM_LOGITS, FINAL)
+
+
+def _pow2(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: int = MAX_CHUNK
+         ) -> list[tuple[int, int]]:
+    """``[(chunk, programs per row), ...]``, one entry per round; the last has one program per row.
+
+    The first round (over the logits) splits a row when the rows alone leave SMs idle (``2·T < sms``)
+    and the row is longer than ``_SPLIT_MIN``, into chunks of about ``sqrt(L·k)`` (balances a chunk's
+    work against the ``S·k`` candidates of the next round), or of ``chunk`` when given; later rounds
+    split only rows longer than ``max_chunk``. Every split chunk holds at least ``2k`` entries, so
+    each round at least halves the row. Requires ``2k <= max_chunk``."""
+    if 2 * k > max_chunk:
+        raise ValueError(f"the GPU top-k keeps at most {max_chunk // 2} entries per row, asked for {k}")
+    rounds: list[tuple[int, int]] = []
+    length = max(L, 1)
+    while True:
+        first = not rounds
+        if first and chunk is not None:
+            split = chunk < length
+        else:
+            split = first and 2 * T < sms and length > max(_SPLIT_MIN, 2 * k)
+        full = max(_pow2(length), 16)
+        if full <= max_chunk and not split:
+            rounds.append((full, 1))
+            return rounds
+        ch = chunk if (first and chunk is not None) else _pow2(math.isqrt(length * k))
+        ch = min(max(ch, _pow2(2 * k)), max_chunk)
+        s = triton.cdiv(length, ch)
+        if s == 1:
+            rounds.append((full, 1))
+            return rounds
+        rounds.append((ch, s))
+        length = s * k
+
+
+def _warps(ch: int) -> int:
+    return max(4, min(16, ch // 1024))
+
+
+def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: torch.Tensor, n_req: int,
+                compress_ratio: int, topk: int, sms: int, chunk: int | None = None,
+                max_chunk: int = MAX_CHUNK) -> torch.Tensor:
+    """int32 ``[T, topk]`` (``reference.attention.select_topk`` of the visible prefix of each row of
+    the fp32 ``logits [T, L]``; only positions below the row's visible count are read)."""
+    T, L = logits.shape
+    out = torch.empty((T, topk), dtype=torch.int32, device=logits.device)
+    if T == 0:
+        return out
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    rounds = plan(T, L, topk, sms, chunk, max_chunk)
+    kb = _pow2(topk)
+    src, src_idx, n_buf, stride = logits, logits, positions, logits.stride(0)
+    for r, (ch, s) in enumerate(rounds):
+        final = r == len(rounds) - 1
+        if final:
+            keys, idx, n_next, out_stride = out, out, positions, topk
+        else:
+            keys = torch.empty((T, s * topk), dtype=torch.int32, device=logits.device)
+            idx = torch.empty_like(keys)
+            n_next = torch.empty((T,), dtype=torch.int32, device=logits.device)
+            out_stride = s * topk
+        _topk_round_kernel[(T, s)](
+            src, src_idx, n_buf, positions, token_to_req, keys, idx, n_next,
+            n_req, compress_ratio, L, stride, topk, out_stride,
+            CH=ch, KB=kb, FROM_LOGITS=r == 0, FINAL=final, num_warps=_warps(ch),
+        )
+        src, src_idx, n_buf, stride = keys, idx, n_next, out_stride
+    return out

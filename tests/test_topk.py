@@ -1,0 +1,124 @@
+"""The GPU top-k of ``indexer_topk`` (``kernels/triton/topk.py``): the radix select against
+``reference.select_topk`` (a stable descending ``torch.sort``) bit for bit on the same logits, with
+ties, NaN, ±0, −inf, rows shorter than k, padding rows, rows split over several programs and several
+rounds, and garbage past each row's visible count (never read). Small shapes under the interpreter;
+the long-row shapes (a 1M-token context) on the GPU."""
+
+import pytest
+import torch
+
+import dsv4_compile  # noqa: F401
+from dsv4_compile.kernels.triton import topk as topk_kernels
+from dsv4_compile.reference import attention as ref
+
+
+def _case(T, L, seed, levels=None, device="cpu"):
+    """fp32 logits ``[T, L]`` (``levels`` distinct values when given: many ties), positions and rows
+    with every kind of row: all of ``L`` visible, random lengths, n == 0, padding."""
+    g = torch.Generator().manual_seed(seed)
+    if levels:
+        logits = torch.randint(0, levels, (T, L), generator=g).float() - levels // 2
+    else:
+        logits = torch.randn(T, L, generator=g)
+    pos = torch.randint(0, 4 * L + 8, (T,), generator=g)
+    pos[0] = 4 * L + 3          # more than L visible: capped at L
+    req = torch.zeros(T, dtype=torch.int64)
+    if T > 3:
+        pos[1] = 2              # n = 0
+        req[2] = -1             # padding token
+        pos[3] = -1             # padding position
+    return logits.to(device), pos.to(device), req.to(device)
+
+
+def _specials(logits, g):
+    """NaN, −0.0, +0.0 and −inf at random places."""
+    x = logits.clone()
+    for v in (float("nan"), -0.0, 0.0, float("-inf")):
+        m = torch.rand(x.shape, generator=g) < 0.03
+        x[m.to(x.device)] = v
+    return x
+
+
+def _run(logits, pos, req, k, chunk=None, max_chunk=topk_kernels.MAX_CHUNK, sms=8):
+    n = ref.visible_entries(pos, req, 1, 4, logits.shape[1])
+    want = ref.select_topk(logits, n, k)
+    # what lies past each row's visible count must never be read: NaN there would win every row
+    poisoned = torch.where(torch.arange(logits.shape[1], device=logits.device)[None, :] < n[:, None], logits,
+                           float("nan"))
+    got = topk_kernels.select_topk(poisoned, pos, req, 1, 4, k, sms, chunk=chunk, max_chunk=max_chunk)
+    assert got.dtype == torch.int32 and got.shape == want.shape
+    assert torch.equal(got.cpu(), want.cpu()), (got, want)
+    return got
+
+
+@pytest.mark.parametrize("levels", [None, 3, 40])
+@pytest.mark.parametrize("k", [1, 8, 37])
+def test_one_round_matches_the_reference(kernel_device, levels, k):
+    logits, pos, req = _case(9, 150, seed=k + (levels or 0), levels=levels, device=kernel_device)
+    _run(logits, pos, req, k)
+
+
+def test_specials_ties_nan_signed_zero_and_inf(kernel_device):
+    g = torch.Generator().manual_seed(3)
+    logits, pos, req = _case(8, 120, seed=3, levels=5)
+    logits = _specials(logits, g).to(kernel_device)
+    for k in (4, 16, 119):
+        _run(logits, pos.to(kernel_device), req.to(kernel_device), k)
+
+
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_rows_split_over_programs_and_rounds(kernel_device, chunk):
+    """``chunk`` splits every row into chunks of that many entries; ``max_chunk = 32`` forces more
+    rounds over the candidates (plans checked below)."""
+    g = torch.Generator().manual_seed(5)
+    logits, pos, req = _case(6, 300, seed=5, levels=7)
+    logits = _specials(logits, g).to(kernel_device)
+    pos, req = pos.to(kernel_device), req.to(kernel_device)
+    for k in (3, 8):
+        _run(logits, pos, req, k, chunk=chunk)
+        _run(logits, pos, req, k, chunk=chunk, max_chunk=32)
+    assert topk_kernels.plan(6, 300, 8, 8, chunk=16) == [(16, 19), (256, 1)]
+    assert topk_kernels.plan(6, 300, 8, 8, chunk=16, max_chunk=32) == [(16, 19), (32, 5), (32, 2), (16, 1)]
+
+
+def test_all_equal_logits_keep_the_first_entries(kernel_device):
+    logits = torch.zeros(3, 256, device=kernel_device)
+    pos = torch.tensor([1023, 500, 40], device=kernel_device)
+    req = torch.zeros(3, dtype=torch.int64, device=kernel_device)
+    got = _run(logits, pos, req, 16, chunk=32)
+    assert got[0].tolist() == list(range(16)) and got[2].tolist() == list(range(10)) + [-1] * 6
+    logits[:, ::2] = -0.0  # −0.0 equals +0.0: still the first entries, not the +0.0 ones
+    got = _run(logits, pos, req, 16, chunk=32)
+    assert got[0].tolist() == list(range(16))
+
+
+def test_plan_depends_on_shapes_only():
+    assert topk_kernels.plan(1, 16384, 512, 132) == [(4096, 4), (2048, 1)]
+    assert topk_kernels.plan(1, 262144, 512, 132) == [(16384, 16), (8192, 1)]
+    assert topk_kernels.plan(4096, 16384, 512, 132) == [(16384, 1)]
+    with pytest.raises(ValueError, match="at most"):
+        topk_kernels.plan(1, 100000, 10000, 132)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n_entries", [4096, 16384, 262144])
+def test_gpu_long_rows(n_entries):
+    """B = 1..8 rows up to a 1M-token context (262,144 entries), split over CTAs by the default
+    plan (132 SMs), with ties and specials, against the reference on the same GPU logits."""
+    g = torch.Generator().manual_seed(n_entries)
+    for T, levels in ((1, None), (8, 50), (3, 2)):
+        logits, pos, req = _case(T, n_entries, seed=T, levels=levels)
+        logits = _specials(logits, g)
+        pos[0] = 4 * n_entries - 1
+        for k in (512, 1024):
+            _run(logits.cuda(), pos.cuda(), req.cuda(), k, sms=torch.cuda.get_device_properties(0).multi_processor_count)
+
+
+@pytest.mark.cuda
+def test_gpu_many_rows_short_and_long():
+    """Prefill-like: 300 rows of causal lengths (most shorter than k, some long), one round."""
+    T, L = 300, 16384
+    logits = torch.randn(T, L, device="cuda")
+    pos = torch.linspace(0, 4 * L - 1, T, device="cuda").long()
+    req = torch.zeros(T, dtype=torch.int64, device="cuda")
+    _run(logits, pos, req, 512, sms=132)
