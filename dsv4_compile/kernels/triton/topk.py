@@ -8,9 +8,9 @@ index (NaN ranks above +inf, −0.0 equals +0.0), and returns them in increasing
 
 Method. A logit becomes a 32-bit key whose unsigned order is the float order (sign flip for
 positives, bit complement for negatives, NaN → ``0xFFFFFFFF``, −0 → +0; key 0 marks an absent slot).
-A program holds a chunk of keys in registers and finds the k-th largest key with four histogram
-passes over 8 key bits at a time (``tl.histogram``: the digit of the k-th largest from the suffix
-sums);
+A program holds a chunk of keys in registers and finds the k-th largest key with seven histogram
+passes over 5 key bits at a time (``tl.histogram`` with 32 bins: the bin of the k-th largest from the
+suffix sums; more bins cost more than they save, as Triton's histogram pays per bin);
 entries above it are kept, entries equal to it are kept in index order until ``k`` are kept, and a
 prefix sum writes the kept ones compacted, in index order. A row longer than one chunk is cut into
 ``S`` chunks, each keeping its best ``k`` as (key, index) candidates; the next round selects from the
@@ -42,21 +42,18 @@ def _sort_key(x):
 
 
 @triton.jit
-def _refine(key, v, need, n_v, thr, SHIFT: tl.constexpr):
-    """One radix pass over key bits ``SHIFT .. SHIFT+7`` among the entries ``v`` (``n_v`` of them)
-    that share the threshold's higher bits: the digit ``b`` holding the ``need``-th largest; returns
-    the entries with that digit, how many of them are still needed, their count and the threshold
-    with ``b`` set.
-
-    ``tl.histogram`` counts with one shared-memory atomic per entry; entries of one digit from the
-    lanes of a warp would serialize on one counter (the top digits of a row's logits are nearly all
-    equal), so each digit has 16 counters picked by the entry's position (lanes of one warp instruction
-    hit different ones) that are summed afterwards."""
-    digit = ((key >> SHIFT) & 255).to(tl.int32)
-    spread = (tl.arange(0, digit.shape[0]) // 4) % 16
-    h = tl.sum(tl.reshape(tl.histogram(tl.where(v, digit, 0) * 16 + spread, 4096), [256, 16]), axis=1)
-    bins = tl.arange(0, 256)
-    h = h - tl.where(bins == 0, digit.shape[0] - n_v, 0)  # entries outside v were counted in digit 0
+def _refine(key, v, need, n_v, thr, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """One radix pass over key bits ``SHIFT .. SHIFT+BITS−1`` among the entries ``v`` (``n_v`` of
+    them) that share the threshold's higher bits: the digit ``b`` holding the ``need``-th largest;
+    returns the entries with that digit, how many of them are still needed, their count and the
+    threshold with ``b`` set. A 32-bin ``tl.histogram``: Triton lowers it to one shared-memory
+    atomic per entry plus a pass over the bins; on the H200 a 4096-bin variant (8-bit digits, 16
+    counters per digit to spread the atomics of one warp) made the selection 9× slower, 2048 bins
+    (11-bit digits) 3× slower, than these seven 32-bin passes."""
+    digit = ((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32)
+    h = tl.histogram(tl.where(v, digit, 0), 32)
+    bins = tl.arange(0, 32)
+    h = h - tl.where(bins == 0, digit.shape[0] - n_v, 0)  # entries outside v were counted in bin 0
     suffix = tl.cumsum(h, 0, reverse=True)
     b = tl.sum((suffix >= need).to(tl.int32), 0) - 1
     above = tl.sum(tl.where(bins > b, h, 0), 0)
@@ -67,12 +64,15 @@ def _refine(key, v, need, n_v, thr, SHIFT: tl.constexpr):
 @triton.jit
 def _select_mask(key, valid, n_valid, need):
     """The ``need`` valid entries of largest key, ties to the lower position (requires
-    ``need <= n_valid = count(valid)``): the threshold key in four 8-bit radix passes."""
+    ``need <= n_valid = count(valid)``): the threshold key in seven 5/2-bit radix passes."""
     thr = tl.zeros([], tl.uint32)
-    v, need, n_v, thr = _refine(key, valid, need, n_valid, thr, 24)
-    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 16)
-    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 8)
-    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 0)
+    v, need, n_v, thr = _refine(key, valid, need, n_valid, thr, 27, 5)
+    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 22, 5)
+    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 17, 5)
+    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 12, 5)
+    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 7, 5)
+    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 2, 5)
+    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 0, 2)
     tie = (valid & (key == thr)).to(tl.int32)
     rank = tl.cumsum(tie, 0) - tie
     return valid & ((key > thr) | ((tie != 0) & (rank < need)))
