@@ -104,8 +104,9 @@ def indexer_topk(
 
     Returns:
         A fresh int32 ``[T, topk]`` tensor of local entry indices: the ``topk`` visible entries of
-        largest score, in no particular order, when ``n > topk``; exactly ``0 .. n−1`` then −1 when
-        ``n <= topk``; a row of −1 for padding tokens.
+        largest score (ties to the lower index; NaN above +inf; −0.0 == +0.0) in increasing index
+        order when ``n > topk``; exactly ``0 .. n−1`` then −1 when ``n <= topk``; a row of −1 for
+        padding tokens.
 
     Mutates:
         Nothing.
@@ -125,7 +126,9 @@ def indexer_topk(
     Source:
         The DeepSeek-V4 reference ``Indexer`` (``Σ_h w·ReLU(q·k)`` over the visible compressed
         entries, then top-k, −1 for unused slots), computed in vLLM by DeepGEMM's
-        ``fp8_fp4_paged_mqa_logits`` and its top-k kernels (``persistent_topk``).
+        ``fp8_fp4_paged_mqa_logits`` and its top-k kernels (``persistent_topk``). The CUDA path
+        writes each row's logits only up to its visible count and selects with a radix select
+        (``kernels/triton/topk.py``): its cost follows the context, not ``M·block_size``.
     """
     _check_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt, topk,
                 compress_ratio)
