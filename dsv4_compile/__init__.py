@@ -50,7 +50,7 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
         )
     merged = inductor_options(**(passes or {}))
     merged.update(options or {})
-    compiled = torch.compile(fn_or_module, fullgraph=fullgraph, options=merged, **kwargs)
+    compiled = torch.compile(_own_code(fn_or_module), fullgraph=fullgraph, options=merged, **kwargs)
 
     def run(*args, **kw):
         metas = [a for a in list(args) + list(kw.values()) if isinstance(a, StepMetadata)]
@@ -73,6 +73,30 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
         functools.update_wrapper(run, target)
     run.compiled = compiled
     return run
+
+
+_COMPILE_IDS = __import__("itertools").count()
+
+
+def _own_code(fn):
+    """``fn`` (a function or a module) called from a trampoline whose code object is new to this
+    compile.
+
+    Dynamo keeps compiled graphs per code object and recompiles one up to its recompile limit (8):
+    every ``compile`` call builds a new backend, and a step written as a closure
+    (``lambda x, meta: layer(x, meta, cache)``, one per layer) shares its code object with every
+    other such step, as layers compiled as modules share ``DeepseekV4Attention.forward``. Compiled
+    through one code object, the ninth layer would fail with ``FailOnRecompileLimitHit``
+    (``BACKEND_MATCH`` and the closure's guards fail for each new one). The trampoline gives each
+    ``compile`` call a cache of its own; ``fn`` is inlined into it."""
+    n = next(_COMPILE_IDS)
+
+    def step(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    name = getattr(fn, "__name__", type(fn).__name__)
+    step.__code__ = step.__code__.replace(co_name=f"{name}_dsv4_compile_{n}")
+    return step
 
 
 def _traced_value_error(e) -> "ValueError | None":

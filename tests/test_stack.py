@@ -113,8 +113,11 @@ def test_final_graphs_fused_and_in_place(compiled):
 
 def test_compiled_stack_equals_whole_stack_graph(compiled):
     """The per-type graphs shared by the layers == the whole stack compiled from outside as one graph
-    (``compile_step`` of the stack step: every layer traced with its own parameters), bit for bit on
-    every output and cache byte. That whole-stack compile is also a way users compile: one graph, no
+    (``compile_step`` of the stack step: every layer traced with its own parameters): bit for bit on
+    every cache byte and on every input of every attention op (checked by hand on the first step
+    when this was relaxed), outputs within one bf16 ulp (Inductor generates the last layer's output projection and
+    residual differently inside the 12-layer graph; it passed bit for bit until the indexer's top-k
+    order changed, by luck). That whole-stack compile is also a way users compile: one graph, no
     recompile-limit failure."""
     stack = compiled["stack"]
     mgr, builder = runtime(stack)
@@ -123,7 +126,9 @@ def test_compiled_stack_equals_whole_stack_graph(compiled):
     outs, graphs = run(lambda x, meta, caches: step(x, meta), mgr, builder)
     assert graphs == [before + 1] * len(SCHEDULE)
     for k, (a, b) in enumerate(zip(outs, compiled["outs"])):
-        assert torch.equal(a, b), f"step {k}: max |diff| {(a.float() - b.float()).abs().max()}"
+        a, b = a.float(), b.float()
+        ulp = torch.exp2(torch.floor(torch.log2(torch.maximum(a.abs(), b.abs()).clamp(min=2.0**-126))) - 7)
+        assert ((a - b).abs() <= ulp).all(), f"step {k}: max |diff| {(a - b).abs().max()}"
     for a, b in zip(cache_bytes(mgr), cache_bytes(compiled["mgr"])):
         assert torch.equal(a, b)
 
@@ -271,8 +276,7 @@ def test_bad_arguments():
 # --- layer by layer ---------------------------------------------------------------------------------
 def test_compile_layer_shares_one_graph_per_type():
     """Nine SWA layers compiled one by one with ``compile_layer``: one graph, no recompile-limit
-    failure (nine ``compile_step``s of a per-layer lambda fail at the ninth: see the stack module
-    doc); each layer runs its own weights (== its eager forward within compiled-vs-eager noise)."""
+    failure (nine ``compile_step``s of per-layer lambdas compile nine graphs: the next test); each layer runs its own weights (== its eager forward within compiled-vs-eager noise)."""
     cfg = dataclasses.replace(DSv4AttentionConfig.tiny(), compress_ratios=(0,) * 10, num_hidden_layers=9)
     torch.manual_seed(4)
     layers = [DeepseekV4Attention(cfg, i, max_model_len=MAX_LEN) for i in range(9)]
@@ -287,3 +291,39 @@ def test_compile_layer_shares_one_graph_per_type():
     for y, ref in zip(ys, refs):
         assert (y.float() - ref.float()).norm() <= 1e-2 * ref.float().norm()
     assert not any(torch.equal(ys[0], y) for y in ys[1:])
+
+
+def test_compile_step_per_layer_past_the_recompile_limit():
+    """The README's way, one ``compile_step`` of a closure per layer, for 12 layers of the three
+    types over two schedules (prefill, then decode + mixed): no ``FailOnRecompileLimitHit`` (before
+    the fix the ninth layer's step raised it: every step shared the closure's code object), no
+    recompile of any layer's step after its first call, and each step == its layer's eager forward
+    within compiled-vs-eager noise."""
+    torch._dynamo.reset()
+    cfg = dataclasses.replace(DSv4AttentionConfig.tiny(), compress_ratios=(0, 4, 128) * 4, num_hidden_layers=11)
+    torch.manual_seed(6)
+    layers = [DeepseekV4Attention(cfg, i, max_model_len=MAX_LEN) for i in range(12)]
+    mgr = KVCacheManager(cfg, range(12), CC)
+    for r in ("a", "b"):
+        mgr.add_request(r)
+    builder = StepMetadataBuilder(mgr)
+    steps = [compile_step(lambda x, meta, layer=layer, cache=cache: layer(x, meta, cache))
+             for layer, cache in zip(layers, mgr.caches)]
+    counters.clear()
+    g = torch.Generator().manual_seed(2)
+    for k, batch in enumerate(SCHEDULE[:3]):
+        meta = builder.build(batch)
+        x = torch.randn(sum(n for _, n in batch), cfg.hidden_size, generator=g).bfloat16()
+        for layer, cache, step in zip(layers, mgr.caches, steps):
+            before = [t.clone() for t in cache.tensors()]
+            y = step(x, meta)
+            after = [t.clone() for t in cache.tensors()]
+            for t, b in zip(cache.tensors(), before):
+                t.copy_(b)
+            ref = layer(x, meta, cache)  # eager, from the same cache state
+            assert (y.float() - ref.float()).norm() <= 2e-2 * ref.float().norm() + 1e-3
+            for t, a in zip(cache.tensors(), after):
+                t.copy_(a)
+        if k == 0:
+            first = counters["stats"]["unique_graphs"]
+    assert first == 12 and counters["stats"]["unique_graphs"] == 12  # one graph per step, never recompiled

@@ -7,13 +7,13 @@ as the model's own norms, then the residual add in bf16), then an optional user 
 Checkpoint names follow the DeepSeek layout: ``layers.N.attn.*``, ``layers.N.attn_norm.weight`` and
 ``norm.weight``, ``N`` the layer's number in the config (also for a subset of layers).
 
-Why one graph per layer type: Dynamo keeps its compiled graphs on the *code object* it traced
-(``DeepseekV4Attention.forward``, or the step lambda of a helper), at most
-``torch._dynamo.config.recompile_limit`` (8) per code object, and each ``torch.compile(...)`` with
-Inductor options builds a new backend object that no other compile's graph matches
-(``BACKEND_MATCH``). Compiling layer by layer the README way therefore adds one graph per layer on
-the same code object, and the ninth raises ``FailOnRecompileLimitHit`` under ``fullgraph=True``
-(without it, Dynamo warns once and runs every later layer eagerly). The guards themselves do not tell
+Why one graph per layer type: Dynamo keeps its compiled graphs on the *code object* it traced, at
+most ``torch._dynamo.config.recompile_limit`` (8) per code object, and each ``torch.compile(...)``
+with Inductor options builds a new backend object that no other compile's graph matches
+(``BACKEND_MATCH``). ``dsv4_compile.compile`` therefore gives every call a code object of its own (a
+trampoline), so compiling layer by layer the README way works for any number of layers, at one
+compile per layer; sharing graphs between layers needs one code object and one backend, which is
+what this module's per-type functions and its registry provide. The guards themselves do not tell
 layers of one type apart: ``inline_inbuilt_nn_modules`` (on by default since torch 2.5) lifts every
 parameter and buffer into a graph input and guards the module's plain attributes by value, not the
 module's identity. Tracing several layer *types* through one code object
@@ -141,7 +141,7 @@ def compile_layer(layer: DeepseekV4Attention, passes: Optional[dict] = None, opt
     ``fullgraph=True``, every token count) on a graph shared with every layer of the same
     ``layer_signature`` — the supported way to compile layers one by one (43 layers: 3 graphs).
     ``dsv4_compile.compile(layer)`` or ``compile_step(lambda x, meta: layer(x, meta, cache))`` per
-    layer instead compiles one graph per layer, on one code object, and fails at the ninth."""
+    layer instead compiles one graph per layer (each call has a code object of its own)."""
     fn = _compiled(_attn, "attn", layer, passes, options, compile_kw)
 
     def step(x, meta, cache):
