@@ -1,0 +1,85 @@
+"""``dsv4::fp8_block_gemm``: the block-scaled FP8 GEMM of DSv4's FP8 projections (docs/numerics.md
+§4.5)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..reference import gemm as ref
+from ._lib import check_tensor, qualname, register_cuda
+
+_W_SCALE_DTYPES = (torch.float32, torch.float8_e8m0fnu)
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check(x_q, x_scale, w_q, w_scale, out_dtype):
+    check_tensor("x_q", x_q, ndim=2, dtypes=(torch.float8_e4m3fn,))
+    check_tensor("x_scale", x_scale, ndim=2, dtypes=(torch.float32,), device=x_q.device)
+    check_tensor("w_q", w_q, ndim=2, dtypes=(torch.float8_e4m3fn,), device=x_q.device)
+    check_tensor("w_scale", w_scale, ndim=2, dtypes=_W_SCALE_DTYPES, device=x_q.device)
+    M, K = x_q.shape
+    N = w_q.shape[0]
+    if K % ref.BLOCK:
+        raise ValueError(f"x_q's K = {K} is not a multiple of {ref.BLOCK} (1x128 activation blocks)")
+    if w_q.shape[1] != K:
+        raise ValueError(f"w_q must be [N, K] with K = {K} (x_q's), got {tuple(w_q.shape)}")
+    if tuple(x_scale.shape) != (M, K // ref.BLOCK):
+        raise ValueError(f"x_scale must be fp32 [M, K/128] = {(M, K // ref.BLOCK)}, got {tuple(x_scale.shape)}")
+    want = (-(-N // ref.BLOCK), K // ref.BLOCK)
+    if tuple(w_scale.shape) != want:
+        raise ValueError(f"w_scale must be [ceil(N/128), K/128] = {want}, got {tuple(w_scale.shape)}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+
+
+@torch.library.custom_op(qualname("fp8_block_gemm"), mutates_args=())
+def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                   out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``x · wᵀ`` for FP8 activations in 1x128 blocks and an FP8 weight in 128x128 blocks.
+
+    ``out[m, n] = Σ_kb (Σ_{c<128} x_q[m, 128kb+c] · w_q[n, 128kb+c]) · x_scale[m, kb] · w_scale[n//128, kb]``:
+    e4m3 products (exact) summed in fp32 per 128-wide K block, each block's partial scaled and added
+    in fp32, then cast to ``out_dtype``.
+
+    Args:
+        x_q: e4m3 ``[M, K]`` activations, ``K`` a multiple of 128 (``fp8_block_quant(x, 128)``).
+        x_scale: fp32 ``[M, K/128]`` activation block scales (UE8M0 powers of two from
+            ``fp8_block_quant``; any positive fp32 works).
+        w_q: e4m3 ``[N, K]`` weight as the checkpoint stores it (``nn.Linear`` layout).
+        w_scale: ``[ceil(N/128), K/128]`` fp32 or ``float8_e8m0fnu`` weight block scales
+            (``<name>.scale`` / ``<name>.weight_scale_inv`` of the checkpoint).
+        out_dtype: bfloat16 (default), float16 or float32.
+
+    Returns:
+        A fresh contiguous ``[M, N]`` tensor of ``out_dtype``.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: a tensor of the wrong dtype or rank, or on another device than ``x_q``; ``K`` not a
+            multiple of 128; ``w_q``'s K differs from ``x_q``'s; ``x_scale`` not ``[M, K/128]``;
+            ``w_scale`` not ``[ceil(N/128), K/128]``; ``out_dtype`` not bf16 / fp16 / fp32.
+
+    Source:
+        ``fp8_gemm`` of the DeepSeek-V4 reference ``kernel.py`` (activations from ``act_quant`` in
+        1x128 blocks, weights in 128x128 blocks); DeepGEMM's ``fp8_gemm_nt`` and vLLM's
+        ``w8a8_block_fp8_matmul`` compute the same. The CUDA path is a Triton kernel
+        (``kernels/triton/gemm.py``; split-K with a fixed-order sum for small M).
+    """
+    _check(x_q, x_scale, w_q, w_scale, out_dtype)
+    return ref.fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype)
+
+
+@register_cuda(fp8_block_gemm)
+def _fp8_block_gemm_cuda(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16):
+    _check(x_q, x_scale, w_q, w_scale, out_dtype)
+    from ..kernels.triton import gemm
+
+    return gemm.fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype)
+
+
+@fp8_block_gemm.register_fake
+def _fp8_block_gemm_fake(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16):
+    _check(x_q, x_scale, w_q, w_scale, out_dtype)
+    return torch.empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype, device=x_q.device)

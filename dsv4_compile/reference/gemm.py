@@ -1,0 +1,39 @@
+"""Block-scaled FP8 GEMM (DeepSeek's ``fp8_gemm``; DeepGEMM's ``fp8_gemm_nt``; vLLM's
+``w8a8_block_fp8_matmul``), pure PyTorch.
+
+``out[m, n] = Σ_kb (Σ_{c<128} x_q[m, 128kb+c] · w_q[n, 128kb+c]) · x_scale[m, kb] · w_scale[n // 128, kb]``
+
+The inner sum over one 128-wide K block multiplies e4m3 values (exact in fp32) and sums them in fp32;
+each block's partial is scaled by the product of its activation scale (1x128 block, UE8M0) and its
+weight scale (128x128 block) and the partials are summed in fp32, as the GPU kernels do (one
+accumulator per tile, one scale multiply per K block). No host sync, fixed output shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 128
+
+
+def weight_scale_fp32(w_scale: torch.Tensor) -> torch.Tensor:
+    """fp32 block scales from fp32 or ``float8_e8m0fnu`` (exact: a power of two or NaN)."""
+    return w_scale.to(torch.float32)
+
+
+def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
+                   out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``[M, N]`` of ``out_dtype`` from e4m3 ``x_q [M, K]`` with fp32 ``x_scale [M, K/128]`` and e4m3
+    ``w_q [N, K]`` with ``w_scale [ceil(N/128), K/128]`` (see the module doc)."""
+    M, K = x_q.shape
+    N = w_q.shape[0]
+    kb = K // BLOCK
+    xs = x_q.to(torch.float32).view(M, kb, BLOCK).transpose(0, 1)                # [kb, M, 128]
+    ws = w_q.to(torch.float32).view(N, kb, BLOCK).permute(1, 2, 0)               # [kb, 128, N]
+    partial = torch.bmm(xs, ws)                                                  # [kb, M, N] fp32
+    wsc = weight_scale_fp32(w_scale).repeat_interleave(BLOCK, dim=0)[:N]         # [N, kb]
+    scale = x_scale.to(torch.float32).t()[:, :, None] * wsc.t()[:, None, :]      # [kb, M, N]
+    out = torch.zeros((M, N), dtype=torch.float32, device=x_q.device)
+    for b in range(kb):  # block by block, in K order (as the kernels accumulate)
+        out = out + partial[b] * scale[b]
+    return out.to(out_dtype)
