@@ -1,0 +1,122 @@
+"""Projection GEMMs of one V4-Flash attention layer: ``dsv4::fp8_block_gemm`` (FP8 weights as the
+checkpoint stores them, activations quantized 1x128) against the bf16 GEMM of the dequantized
+weight (``F.linear``, cuBLAS) and ``torch._scaled_mm`` with block-wise scales where this torch / GPU
+accepts them (cuBLAS; sm_90 takes 1x128 activation and 128x128 weight scales).
+
+Shapes (N x K, V4-Flash, TP 1): ``wq_a+wkv`` 1536 x 4096 (one fused GEMM of x), ``wq_b`` 32768 x 1024,
+``indexer.wq_b`` 8192 x 1024, ``wo_a`` 8 groups of 1024 x 4096 (timed as one 8192 x 4096), ``wo_b``
+4096 x 8192. Timing: CUDA-graph replay, rotating over enough weight copies that every call reads its
+weight from DRAM; the rate is the weight bytes (FP8 + scales, or bf16) over the time, as % of the
+streaming-read bandwidth measured in the same run.
+
+    python benchmarks/projections.py [--m 1 8 32 64 2048 8192] [--out results.md]
+    python benchmarks/projections.py --check    # CPU: the op == the reference at small shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import dsv4_compile  # noqa: E402,F401
+from dsv4_compile.reference import gemm as ref  # noqa: E402
+
+from _timing import bandwidth_ceilings, ceiling_fields, ceilings_line, graph_time_us, pct_read, write_results  # noqa: E402
+
+dsv4 = torch.ops.dsv4
+SHAPES = {"wq_a+wkv": (1536, 4096), "wq_b": (32768, 1024), "indexer.wq_b": (8192, 1024), "wo_a (8 groups)": (8192, 4096),
+          "wo_b": (4096, 8192)}
+
+
+def _weights(N, K, device, copies):
+    out = []
+    for i in range(copies):
+        g = torch.Generator(device=device).manual_seed(i)
+        w = (torch.randn(N, K, device=device, generator=g) * 16).to(torch.float8_e4m3fn)
+        s = torch.exp2(torch.randint(-8, -4, (-(-N // 128), K // 128), device=device, generator=g).float())
+        out.append((w, s, (w.float() * s.repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)).bfloat16()))
+    return out
+
+
+def _scaled_mm_call(x_q, x_s, w, s):
+    """``torch._scaled_mm`` with 1x128 / 128x128 scales, or None where this build refuses them."""
+    try:
+        fn = lambda: torch._scaled_mm(x_q, w.t(), scale_a=x_s, scale_b=s.t(), out_dtype=torch.bfloat16)  # noqa: E731
+        fn()
+        return fn
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return None
+
+
+def run(ms):
+    ceil = bandwidth_ceilings()
+    print(f"torch {torch.__version__}; " + ceilings_line(ceil), flush=True)
+    rows = []
+    for name, (N, K) in SHAPES.items():
+        copies = max(2, -(-(256 << 20) // (N * K)))
+        ws = _weights(N, K, "cuda", copies)
+        for M in ms:
+            x = torch.randn(M, K, device="cuda").bfloat16()
+            x_q, x_s = dsv4.fp8_block_quant(x, 128)
+            fp8_bytes = N * K + ws[0][1].numel() * 4
+            row = dict(name=name, M=M, N=N, K=K, **ceiling_fields(ceil), fp8_weight_bytes=fp8_bytes,
+                       bf16_weight_bytes=2 * N * K)
+            row["fp8_us"] = graph_time_us([lambda w=w, s=s: dsv4.fp8_block_gemm(x_q, x_s, w, s) for w, s, _ in ws])
+            row["quant_us"] = graph_time_us([lambda: dsv4.fp8_block_quant(x, 128)])
+            row["bf16_us"] = graph_time_us([lambda wb=wb: F.linear(x, wb) for _, _, wb in ws])
+            sm = [_scaled_mm_call(x_q, x_s, w, s) for w, s, _ in ws]
+            row["scaled_mm_us"] = graph_time_us(sm) if all(sm) else None
+            rows.append(row)
+            print(fmt(row), flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    return ceil, rows
+
+
+def fmt(r):
+    read = r["read_tbs"]
+    cells = [r["name"], f"{r['M']}", f"{r['fp8_us']:.1f} µs ({pct_read(r['fp8_weight_bytes'], r['fp8_us'], read):.0f}%)",
+             f"{r['quant_us']:.1f} µs",
+             f"{r['bf16_us']:.1f} µs ({pct_read(r['bf16_weight_bytes'], r['bf16_us'], read):.0f}%)",
+             f"{r['scaled_mm_us']:.1f} µs" if r["scaled_mm_us"] else "refused"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(ceil, rows):
+    head = ("| weight | M | fp8_block_gemm (% of read BW, FP8 weight bytes) | act quant | bf16 F.linear "
+            "(% of read BW, bf16 bytes) | torch._scaled_mm block-wise |\n|---|---|---|---|---|---|")
+    return f"{ceilings_line(ceil)}\n\n{head}\n" + "\n".join(fmt(r) for r in rows)
+
+
+def check():
+    for M, (N, K) in ((3, (200, 256)), (1, (384, 512))):
+        g = torch.Generator().manual_seed(M)
+        x_q, x_s = dsv4.fp8_block_quant(torch.randn(M, K, generator=g), 128)
+        w, s, _ = _weights(N, K, "cpu", 1)[0]
+        assert torch.equal(dsv4.fp8_block_gemm(x_q, x_s, w, s), ref.fp8_block_gemm(x_q, x_s, w, s))
+    print("all checks passed")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--m", nargs="+", type=int, default=[1, 8, 32, 64, 2048])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    if args.check:
+        check()
+        return
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/projections.py needs a CUDA GPU (or --check, which runs on CPU)")
+    ceil, rows = run(args.m)
+    write_results(table(ceil, rows), rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
