@@ -38,6 +38,7 @@ from ..reference.layer import rms_normalize
 from ..rope import layer_cos_sin_cache
 from ..runtime.cache import LayerCache
 from ..runtime.metadata import StepMetadata
+from .fp8 import FP8, fp8_linear, is_fp8, project, set_linear_format
 from .indexer import IndexerQ
 
 dsv4 = torch.ops.dsv4
@@ -177,13 +178,24 @@ class DeepseekV4Attention(nn.Module):
             collective that compiles into the graph. The constructor is a collective: every rank
             checks its arguments against every other's and a bad configuration is a ``ValueError``
             on every rank.
+        weight_format: what an FP8 checkpoint's projections (``FP8_LINEARS``: ``wq_a``, ``wkv``,
+            ``wq_b``, ``wo_a``, ``wo_b``, indexer ``wq_b``) become at load: ``"fp8"`` keeps them e4m3
+            with fp32 128x128 block scales and runs them as ``fp8_block_quant`` + ``fp8_block_gemm``
+            (docs/numerics.md §4.5; ``wo_a`` per output group on the FP8 ``o``, no dequant);
+            ``"bf16"`` dequantizes them; ``"auto"`` (default) is ``"fp8"`` on a CUDA device and
+            ``"bf16"`` elsewhere. bf16 checkpoint tensors stay bf16 in every format. Decided per
+            load: the format follows the state dict, so a later bf16 load turns a linear back.
     """
 
     def __init__(self, config: DSv4AttentionConfig, layer_idx: int, n_local_heads: Optional[int] = None,
                  head_offset: Optional[int] = None, max_model_len: Optional[int] = None, indexer_fmt: str = "fp8",
                  hadamard: bool = False, fp8_o_proj: bool = True, o_rope_bf16: bool = True,
-                 dtype=torch.bfloat16, device=None, tp: Optional[TensorParallel] = None):
+                 dtype=torch.bfloat16, device=None, tp: Optional[TensorParallel] = None,
+                 weight_format: str = "auto"):
         super().__init__()
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+        self.weight_format = weight_format
         if tp is not None:  # first, before any check that could raise on one rank while the others wait
             n_local_heads, head_offset = layer_shard(
                 tp, config, n_local_heads, head_offset, layer_idx=layer_idx, max_model_len=max_model_len,
@@ -238,25 +250,36 @@ class DeepseekV4Attention(nn.Module):
         self._fuse_projections()
 
     # --- fused projections of x ------------------------------------------------------------------
-    def _x_linears(self) -> tuple[list, list]:
-        """The linears applied to ``x``: bf16 (``wq_a``, ``wkv`` [, indexer ``weights_proj``]) and fp32-out
-        (each compressor's ``wkv``, ``wgate``), in the column order of the fused outputs."""
-        bf16 = [self.wq_a, self.wkv] + ([self.indexer.weights_proj] if self.indexer is not None else [])
+    def _x_groups(self) -> dict:
+        """The fused projections of ``x``, each ``[(name, linear), ...]`` in the column order of its
+        output: ``x_proj`` the bf16 linears (``wq_a``, ``wkv`` [, indexer ``weights_proj``]),
+        ``x_proj_fp8`` those of ``wq_a``, ``wkv`` kept in FP8 (one FP8 GEMM), ``comp_proj`` the
+        fp32-out ones (each compressor's ``wkv``, ``wgate``)."""
+        xs = [("wq_a", self.wq_a), ("wkv", self.wkv)]
+        if self.indexer is not None:
+            xs.append(("weights_proj", self.indexer.weights_proj))
         fp32 = (self.compressor.projections if self.compressor is not None else []) + (
             self.indexer.compressor.projections if self.indexer is not None else [])
-        return bf16, fp32
+        return {"x_proj": [p for p in xs if not is_fp8(p[1])], "x_proj_fp8": [p for p in xs if is_fp8(p[1])],
+                "comp_proj": [("", lin) for lin in fp32]}
 
     def _fuse_projections(self) -> None:
         """One weight per GEMM of ``x`` (vLLM's ``fused_wqa_wkv``): the checkpoint-named parameters become
-        row views of a fused buffer, so loading a state dict writes into it and one GEMM replaces two to
-        six per step. Re-run after anything that may replace parameters (``.to()``, ``load_state_dict``,
-        deepcopy); a no-op while they still are the views (the buffer keeps its address, so captured
-        CUDA graphs stay valid across in-place weight reloads)."""
-        for name, linears in zip(("x_proj", "comp_proj"), self._x_linears()):
+        row views of a fused buffer (FP8 weights: their block scales too), so loading a state dict writes
+        into it and one GEMM replaces two to six per step. Re-run after anything that may replace
+        parameters (``.to()``, ``load_state_dict``, deepcopy); a no-op while they still are the views
+        (the buffer keeps its address, so captured CUDA graphs stay valid across in-place weight
+        reloads)."""
+        for name, members in self._x_groups().items():
+            linears = [lin for _, lin in members]
+            fp8 = name == "x_proj_fp8"
             if not linears:
-                setattr(self, name, None)
+                self.register_buffer(name, None, persistent=False)
+                if fp8:
+                    self.register_buffer("x_proj_fp8_scale", None, persistent=False)
                 continue
-            if self._still_fused(getattr(self, name, None), linears):
+            if self._still_fused(getattr(self, name, None), [lin.weight for lin in linears]) and (
+                    not fp8 or self._still_fused(self.x_proj_fp8_scale, [lin.scale for lin in linears])):
                 continue
             fused = torch.cat([lin.weight.detach() for lin in linears], dim=0)
             row = 0
@@ -265,19 +288,46 @@ class DeepseekV4Attention(nn.Module):
                 lin.weight = nn.Parameter(fused[row:row + n], requires_grad=False)
                 row += n
             self.register_buffer(name, fused, persistent=False)
+            if fp8:
+                scales = torch.cat([lin.scale for lin in linears], dim=0)
+                row = 0
+                for lin in linears:
+                    n = lin.scale.shape[0]
+                    lin._buffers["scale"] = scales[row:row + n]
+                    row += n
+                self.register_buffer("x_proj_fp8_scale", scales, persistent=False)
 
     @staticmethod
-    def _still_fused(fused, linears) -> bool:
+    def _still_fused(fused, tensors) -> bool:
         if fused is None:
             return False
         row, base = 0, fused.untyped_storage().data_ptr()
-        for lin in linears:
-            w = lin.weight
+        for w in tensors:
             if (w.untyped_storage().data_ptr() != base or w.dtype != fused.dtype
                     or w.storage_offset() != fused.storage_offset() + row * fused.stride(0)):
                 return False
             row += w.shape[0]
         return row == fused.shape[0]
+
+    def _fp8_linears(self) -> list:
+        """(name, linear) of the projections a checkpoint may ship in FP8 (the ``FP8_LINEARS``)."""
+        return [(name, self.get_submodule(name)) for name in FP8_LINEARS
+                if not name.startswith("indexer.") or self.indexer is not None]
+
+    def _project_x(self, x):
+        """``(qa, kva, indexer weights or None)`` from the fused projections of ``x``."""
+        cols = {}
+        for name in ("x_proj_fp8", "x_proj"):
+            w = getattr(self, name)
+            if w is None:
+                continue
+            h = fp8_linear(x, w, self.x_proj_fp8_scale) if name == "x_proj_fp8" else F.linear(x, w)
+            c = 0
+            for key, lin in self._x_groups()[name]:
+                n = lin.weight.shape[0]
+                cols[key] = h[:, c:c + n]
+                c += n
+        return cols["wq_a"], cols["wkv"], cols.get("weights_proj")
 
     def _refresh(self) -> None:
         self._fuse_projections()
@@ -287,6 +337,7 @@ class DeepseekV4Attention(nn.Module):
         """(owner, name, tensor) of the tensors kept in fp32 whatever the model dtype (docs/numerics.md §1.4): the sink
         logits, the compressors' position biases and the RoPE table."""
         out = [(self, "attn_sink"), (self, "cos_sin_cache")]
+        out += [(lin, "scale") for _, lin in self._fp8_linears() if is_fp8(lin)]
         for comp in (self.compressor, self.indexer.compressor if self.indexer is not None else None):
             if comp is not None:
                 out.append((comp, "ape"))
@@ -295,7 +346,11 @@ class DeepseekV4Attention(nn.Module):
 
     def _apply(self, fn, recurse=True):
         keep = self._fp32_tensors()
+        keep8 = [(lin, lin.weight.detach()) for _, lin in self._fp8_linears() if is_fp8(lin)]
         super()._apply(fn, recurse)
+        for lin, old in keep8:  # FP8 weights keep their bytes through a dtype conversion
+            if lin.weight.dtype != FP8 and old.device.type != "meta":
+                lin.weight.data = old.to(device=lin.weight.device)
         # a dtype conversion (``.to(torch.bfloat16)``, ``.half()``) leaves the fp32 tensors fp32, with
         # their exact values (a cast there would round the RoPE table and the sink silently)
         for owner, name, old in keep:
@@ -363,13 +418,11 @@ class DeepseekV4Attention(nn.Module):
 
         # one GEMM for every bf16 projection of x (q latent, K=V head, indexer weights), one fp32-out GEMM
         # for both compressors' [kv | score]
-        ql, d = self.wq_a.weight.shape[0], self.wkv.weight.shape[0]
-        h = F.linear(x, self.x_proj)
-        qa, kva = h[:, :ql], h[:, ql:ql + d]
+        qa, kva, index_weights = self._project_x(x)
 
         # query: low-rank projection, RMSNorm, per-head unweighted RMSNorm, RoPE on the last 64 dims
         qr = self.q_norm(qa)
-        q = rms_normalize(self.wq_b(qr).view(t, self.n_heads, self.config.head_dim), self.eps)
+        q = rms_normalize(project(self.wq_b, qr).view(t, self.n_heads, self.config.head_dim), self.eps)
         q = dsv4.rope(q, positions, cos_sin)
 
         # the single K=V head: RMSNorm, RoPE, FP8 into the paged SWA cache
@@ -386,7 +439,7 @@ class DeepseekV4Attention(nn.Module):
             self.compressor(kv_score[:, :w_main], positions, cos_sin, token_to_req, cache.compressor_state,
                             cm.state_slot_mapping, cm.state_block_table, cache.compressed, cm.slot_mapping, bs)
             if r == 4:
-                topk = self.indexer(qr, x, positions, cos_sin, token_to_req, cache, cm, weights=h[:, ql + d:],
+                topk = self.indexer(qr, x, positions, cos_sin, token_to_req, cache, cm, weights=index_weights,
                                     kv_score=kv_score[:, w_main:])
                 comp_indices, _ = dsv4.global_topk_indices(topk, cm.block_table, token_to_req, bs)
             else:
@@ -398,35 +451,56 @@ class DeepseekV4Attention(nn.Module):
                              swa_bs, self.comp_block_size)
 
         # output: inverse RoPE at the query position, [FP8 activations], grouped low-rank projection
-        if self.fp8_o_proj and not self.o_rope_bf16:
+        fp8_wo_a = is_fp8(self.wo_a)
+        quant = self.fp8_o_proj or fp8_wo_a
+        if quant and not self.o_rope_bf16:
             o = o.float()  # vLLM's bytes: the fp32 rotation goes into the quant unrounded
         o = dsv4.rope(o, positions, cos_sin, inverse=True)
         o = o.view(t, self.n_groups, self.config.heads_per_group * self.config.head_dim)
-        if self.fp8_o_proj:
+        if quant:
             o_fp8, o_scale = dsv4.fp8_block_quant(o, layouts.O_PROJ_QUANT_BLOCK, layouts.INV_ROPE_AMAX_FLOOR)
-            # group-major [G, T, D] (the fused quant's native layout) dequantized exactly to bf16: each
-            # element times its 128-block's scale, gathered rather than reshaped
-            block = torch.arange(o.shape[-1], device=o.device) // layouts.O_PROJ_QUANT_BLOCK
-            og = (o_fp8.transpose(0, 1).float() * o_scale.transpose(0, 1)[:, :, block]).to(x.dtype)
+        if fp8_wo_a:
+            # one FP8 GEMM per group on the FP8 o as quantized (no dequant); group g's rows of wo_a
+            # are whole 128-row blocks (o_lora_rank % 128 == 0, checked at load)
+            r = self.wo_a.weight.shape[0] // self.n_groups
+            rb = r // WEIGHT_BLOCK
+            z = torch.cat([dsv4.fp8_block_gemm(o_fp8[:, g], o_scale[:, g], self.wo_a.weight[g * r:(g + 1) * r],
+                                               self.wo_a.scale[g * rb:(g + 1) * rb]) for g in range(self.n_groups)],
+                          dim=1)
         else:
-            og = o.transpose(0, 1)
-        z = grouped_linear(og, self.wo_a.weight.view(self.n_groups, -1, o.shape[-1]))
-        y = self.wo_b(z)
+            if quant:
+                # group-major [G, T, D] (the fused quant's native layout) dequantized exactly to bf16: each
+                # element times its 128-block's scale, gathered rather than reshaped
+                block = torch.arange(o.shape[-1], device=o.device) // layouts.O_PROJ_QUANT_BLOCK
+                og = (o_fp8.transpose(0, 1).float() * o_scale.transpose(0, 1)[:, :, block]).to(x.dtype)
+            else:
+                og = o.transpose(0, 1)
+            z = grouped_linear(og, self.wo_a.weight.view(self.n_groups, -1, o.shape[-1]))
+        y = project(self.wo_b, z)
         if self.tp is not None:  # wo_b is row-parallel: sum the ranks' partial outputs (one all-reduce)
             y = self.tp.all_reduce(y)
         return y
 
     # --- checkpoint loading ----------------------------------------------------------------------
     def _convert_checkpoint(self, state_dict, prefix, *args):
-        """Dequantize FP8 block-scaled weights to bf16, and slice full-size head tensors to this shard.
+        """Keep or dequantize FP8 block-scaled weights, and slice full-size head tensors to this shard.
 
         An FP8 ``<name>.weight`` comes with one block scale per 128x128 block,
         ``[ceil(out/128), ceil(in/128)]`` fp32 or ``float8_e8m0fnu``, named ``<name>.scale`` (DeepSeek's
         reference checkpoints) or ``<name>.weight_scale_inv`` (HF-format FP8 checkpoints; the same
-        multiplier despite the name). ``ValueError`` naming the key: an FP8 weight without a scale, a
-        scale of the wrong shape or dtype, a scale without an FP8 weight, or both scale names at once."""
+        multiplier despite the name). With ``weight_format="fp8"`` (or ``"auto"`` on a CUDA device)
+        the e4m3 weights of ``FP8_LINEARS`` stay FP8 (the scale becomes the fp32 ``<name>.scale``
+        buffer); every other FP8 weight, and all of them with ``"bf16"``, is dequantized to bf16.
+        ``ValueError`` naming the key: an FP8 weight without a scale, a scale of the wrong shape or
+        dtype, a scale without an FP8 weight, both scale names at once, or (``"fp8"``) a weight the
+        FP8 GEMM cannot take (input width not a multiple of 128; ``wo_a`` / ``wo_b`` with
+        ``o_lora_rank`` not a multiple of 128, which splits a group inside a weight block)."""
+        keep = self.weight_format == "fp8" or (self.weight_format == "auto" and self.wq_a.weight.device.type == "cuda")
+        fp8_linears = dict(self._fp8_linears())
+        kept = set()
         for wkey in [k for k in state_dict if k.startswith(prefix) and k.endswith(".weight")]:
             base = wkey[: -len(".weight")]
+            name = base[len(prefix):]
             skeys = [base + s for s in WEIGHT_SCALE_SUFFIXES if base + s in state_dict]
             weight = state_dict[wkey]
             if len(skeys) > 1:
@@ -434,13 +508,30 @@ class DeepseekV4Attention(nn.Module):
             if weight.dtype in FP8_WEIGHT_DTYPES and not skeys:
                 raise ValueError(f"{wkey} is {str(weight.dtype).replace('torch.', '')} but the state dict has no "
                                  f"block scale for it ({' or '.join(base + s for s in WEIGHT_SCALE_SUFFIXES)})")
-            if skeys:
-                try:
-                    state_dict[wkey] = dequant_fp8_weight(weight, state_dict.pop(skeys[0]))
-                except ValueError as e:
-                    raise ValueError(f"{skeys[0]}: {e}") from None
+            lin = fp8_linears.get(name)
+            if not skeys:
+                if lin is not None:
+                    set_linear_format(lin, False)
+                continue
+            scale = state_dict.pop(skeys[0])
+            try:
+                check_block_scale(weight, scale)
+            except ValueError as e:
+                raise ValueError(f"{skeys[0]}: {e}") from None
+            why = self._fp8_unusable(name, weight) if keep and lin is not None else "not kept"
+            if why is None:
+                state_dict[base + ".scale"] = scale.float()
+                set_linear_format(lin, True)
+                kept.add(base + ".scale")
+                continue
+            if self.weight_format == "fp8" and lin is not None:
+                raise ValueError(f"{wkey}: weight_format='fp8' cannot keep it in FP8: {why}")
+            state_dict[wkey] = dequant_fp8_weight(weight, scale)
+            if lin is not None:
+                set_linear_format(lin, False)
         for skey in [k for k in state_dict if k.startswith(prefix) and k.endswith(WEIGHT_SCALE_SUFFIXES)]:
-            raise ValueError(f"{skey} is a block scale without its FP8 weight ({skey.rsplit('.', 1)[0]}.weight)")
+            if skey not in kept:
+                raise ValueError(f"{skey} is a block scale without its FP8 weight ({skey.rsplit('.', 1)[0]}.weight)")
         d, hpg, r = self.config.head_dim, self.config.heads_per_group, self.config.o_lora_rank
         h0, h, g0 = self.head_offset, self.n_heads, self.head_offset // hpg
         full = self.config.num_attention_heads
@@ -450,12 +541,33 @@ class DeepseekV4Attention(nn.Module):
             "wo_b.weight": (1, full // hpg * r, slice(g0 * r, (g0 + self.n_groups) * r)),
             "attn_sink": (0, full, slice(h0, h0 + h)),
         }
+        b = WEIGHT_BLOCK  # the block scales of weights kept in FP8 (shards are whole blocks: checked at load)
+        shards.update({
+            "wq_b.scale": (0, -(-full * d // b), slice(h0 * d // b, (h0 + h) * d // b)),
+            "wo_a.scale": (0, -(-full // hpg * r // b), slice(g0 * r // b, (g0 + self.n_groups) * r // b)),
+            "wo_b.scale": (1, -(-full // hpg * r // b), slice(g0 * r // b, (g0 + self.n_groups) * r // b)),
+        })
         for name, (dim, size, sl) in shards.items():
             t = state_dict.get(prefix + name)
             if t is not None and h != full and t.shape[dim] == size:
                 state_dict[prefix + name] = t.narrow(dim, sl.start, sl.stop - sl.start)
 
 
+    def _fp8_unusable(self, name: str, weight: torch.Tensor) -> Optional[str]:
+        """Why ``name``'s FP8 checkpoint weight cannot run as an FP8 GEMM here, or None."""
+        if weight.dtype != FP8:
+            return f"it is {str(weight.dtype).replace('torch.', '')}; the FP8 GEMM takes e4m3"
+        if weight.shape[1] % WEIGHT_BLOCK:
+            return f"its input width {weight.shape[1]} is not a multiple of {WEIGHT_BLOCK}"
+        if name in ("wo_a", "wo_b") and self.config.o_lora_rank % WEIGHT_BLOCK:
+            return (f"o_lora_rank {self.config.o_lora_rank} is not a multiple of {WEIGHT_BLOCK} (an output group "
+                    f"would split a weight block)")
+        return None
+
+
+WEIGHT_FORMATS = ("auto", "bf16", "fp8")
+# the projections DSv4 checkpoints store in FP8 (docs/numerics.md §4.5), kept FP8 under weight_format="fp8"
+FP8_LINEARS = ("wq_a", "wkv", "wq_b", "wo_a", "wo_b", "indexer.wq_b")
 FP8_WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 WEIGHT_SCALE_SUFFIXES = (".scale", ".weight_scale_inv")  # DeepSeek reference / HF-format FP8 checkpoints
 WEIGHT_SCALE_DTYPES = (torch.float32, torch.float8_e8m0fnu)
@@ -465,6 +577,15 @@ def dequant_fp8_weight(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     """bf16 ``weight · scale`` for a checkpoint FP8 weight ``[out, in]`` with one scale per 128x128
     block: ``scale [ceil(out/128), ceil(in/128)]`` fp32 or ``float8_e8m0fnu`` (a power of two either
     way). ``ValueError`` for a non-FP8 weight or a scale of the wrong shape or dtype."""
+    check_block_scale(weight, scale)
+    out, inp = weight.shape
+    s = scale.float().repeat_interleave(WEIGHT_BLOCK, 0)[:out].repeat_interleave(WEIGHT_BLOCK, 1)[:, :inp]
+    return (weight.float() * s).to(torch.bfloat16)
+
+
+def check_block_scale(weight: torch.Tensor, scale: torch.Tensor) -> None:
+    """``ValueError`` unless ``weight`` is FP8 ``[out, in]`` and ``scale`` its fp32 / e8m0 block scales
+    ``[ceil(out/128), ceil(in/128)]``."""
     if weight.dtype not in FP8_WEIGHT_DTYPES:
         raise ValueError(f"a block scale needs an FP8 weight, got {weight.dtype}")
     if scale.dtype not in WEIGHT_SCALE_DTYPES:
@@ -473,5 +594,3 @@ def dequant_fp8_weight(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     want = (math.ceil(out / WEIGHT_BLOCK), math.ceil(inp / WEIGHT_BLOCK))
     if tuple(scale.shape) != want:
         raise ValueError(f"the block scale of a [{out}, {inp}] weight must be {list(want)}, got {list(scale.shape)}")
-    s = scale.float().repeat_interleave(WEIGHT_BLOCK, 0)[:out].repeat_interleave(WEIGHT_BLOCK, 1)[:, :inp]
-    return (weight.float() * s).to(torch.bfloat16)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import layouts
+from .fp8 import project
 
 
 class IndexerQ(nn.Module):
@@ -46,7 +47,7 @@ class IndexerQ(nn.Module):
         # share T (the MXFP4 fusion has no data edge between them to infer it from).
         torch._check(qr.shape[0] == x.shape[0])
         torch._check(qr.shape[0] == positions.shape[0])
-        q = self.wq_b(qr).view(qr.shape[0], self.n_heads, self.head_dim)
+        q = project(self.wq_b, qr).view(qr.shape[0], self.n_heads, self.head_dim)
         q = torch.ops.dsv4.rope(q, positions, cos_sin_cache)
         if self.hadamard:
             q = torch.ops.dsv4.hadamard(q, self.head_dim**-0.5)

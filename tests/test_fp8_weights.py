@@ -1,0 +1,228 @@
+"""``DeepseekV4Attention(weight_format=...)`` with an FP8 checkpoint (issue 15, the model part, CPU):
+the FP8 projections stay e4m3 + fp32 block scales and run through ``fp8_block_gemm``; the layer
+against the same layer with the weights dequantized to bf16 (the documented bound), compiled ==
+eager with one graph and no graph break, the final graph's op list (expecttest), state dict round
+trips, a bf16 load turning the layer back, head-shard slicing of weights and scales, ``.to()`` and
+deepcopy keeping the FP8 bytes, and ValueErrors."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from expecttest import assert_expected_inline
+from torch._dynamo.utils import counters
+
+from dsv4_compile import DSv4AttentionConfig
+from dsv4_compile.lowerings import DSV4PassManager
+from dsv4_compile.lowerings.checks import assert_graph_ok, capture_final_graphs
+from dsv4_compile.model import DeepseekV4Attention, dequant_fp8_weight
+from dsv4_compile.model.attention import FP8_LINEARS
+from dsv4_compile.runtime import CacheConfig, KVCacheManager, StepMetadataBuilder, compile_step
+
+# o_lora_rank 128: each output group's wo_a rows are whole 128-row weight blocks (the FP8 GEMM's unit)
+CFG = dataclasses.replace(DSv4AttentionConfig.tiny(), o_lora_rank=128)
+MAX_LEN = 512
+CC = CacheConfig(max_num_seqs=4, max_model_len=MAX_LEN, max_num_batched_tokens=160, token_budget=2048)
+E4M3 = torch.float8_e4m3fn
+
+
+def _fp8_blocks(w, e8m0=False):
+    """(e4m3 weight, power-of-two scale per 128x128 block) with w ≈ q · s."""
+    out, inp = w.shape
+    blocks = torch.nn.functional.pad(w.float(), (0, -inp % 128, 0, -out % 128)).unflatten(0, (-1, 128)).unflatten(
+        2, (-1, 128))
+    s = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(dim=(1, 3)).clamp_min(1e-4) / 448)))
+    full = s.repeat_interleave(128, 0)[:out].repeat_interleave(128, 1)[:, :inp]
+    return (w.float() / full).to(E4M3), (s.to(torch.float8_e8m0fnu) if e8m0 else s)
+
+
+def fp8_checkpoint(layer, scale_name=".scale", e8m0=False):
+    sd = {k: v.clone() for k, v in layer.state_dict().items()}
+    for name in FP8_LINEARS:
+        if f"{name}.weight" in sd:
+            q, s = _fp8_blocks(sd[f"{name}.weight"], e8m0)
+            sd[f"{name}.weight"], sd[name + scale_name] = q, s
+    return sd
+
+
+def layers(idx, **kw):
+    torch.manual_seed(idx)
+    src = DeepseekV4Attention(CFG, idx, max_model_len=MAX_LEN)
+    sd = fp8_checkpoint(src)
+    fp8 = DeepseekV4Attention(CFG, idx, max_model_len=MAX_LEN, weight_format="fp8", **kw)
+    fp8.load_state_dict(sd)
+    bf16 = DeepseekV4Attention(CFG, idx, max_model_len=MAX_LEN, weight_format="bf16", **kw)
+    bf16.load_state_dict(sd)
+    return fp8, bf16, sd
+
+
+def run(layer, step=None, seed=0):
+    """Outputs of a prefill (two requests) then a decode step, on fresh caches."""
+    mgr = KVCacheManager(CFG, [layer.layer_idx], CC)
+    b = StepMetadataBuilder(mgr)
+    for r in ("a", "b"):
+        mgr.add_request(r)
+    g = torch.Generator().manual_seed(seed)
+    fn = step or (lambda x, meta: layer(x, meta, mgr.caches[0]))
+    outs = []
+    for batch in ([("a", 70), ("b", 9)], [("a", 1), ("b", 1)]):
+        x = torch.randn(sum(n for _, n in batch), CFG.hidden_size, generator=g).bfloat16()
+        outs.append(fn(x, b.build(batch)))
+    return outs, mgr
+
+
+@pytest.mark.parametrize("idx", [0, 1, 2], ids=["swa", "csa", "hca"])
+def test_fp8_layer_against_the_dequantized_bf16_layer(idx):
+    fp8, bf16, _ = layers(idx)
+    for name in FP8_LINEARS:
+        if name.startswith("indexer.") and fp8.indexer is None:
+            continue
+        lin = fp8.get_submodule(name)
+        assert lin.weight.dtype == E4M3 and lin.scale.dtype == torch.float32, name
+        assert torch.equal(dequant_fp8_weight(lin.weight, lin.scale), bf16.get_submodule(name).weight), name
+    a, _ = run(fp8)
+    b, _ = run(bf16)
+    for y, ref in zip(a, b):
+        rel = (y.float() - ref.float()).norm() / ref.float().norm()
+        # the activation quantization of four to six projections (docs/numerics.md §4.5): about 2^-5
+        # each; the top-k choice of CSA may also move an entry across the cut
+        assert rel < 0.1, rel
+
+
+def test_compiled_equals_eager_one_graph_and_op_list(no_compile_cache):
+    fp8, _, _ = layers(1)
+    eager, _ = run(fp8)
+    torch._dynamo.reset()
+    counters.clear()
+    mgr_holder = {}
+
+    def step_fn(x, meta):
+        return fp8(x, meta, mgr_holder["mgr"].caches[0])
+
+    mgr = KVCacheManager(CFG, [1], CC)
+    mgr_holder["mgr"] = mgr
+    builder = StepMetadataBuilder(mgr)
+    for r in ("a", "b"):
+        mgr.add_request(r)
+    pm = DSV4PassManager(record=True)
+    step = compile_step(step_fn, options={"post_grad_custom_post_pass": pm})
+    g = torch.Generator().manual_seed(0)
+    outs = []
+    for k, batch in enumerate(([("a", 70), ("b", 9)], [("a", 1), ("b", 1)])):
+        x = torch.randn(sum(n for _, n in batch), CFG.hidden_size, generator=g).bfloat16()
+        if k == 0:
+            with capture_final_graphs() as graphs:
+                outs.append(step(x, builder.build(batch)))
+        else:
+            outs.append(step(x, builder.build(batch)))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    for y, ref in zip(outs, eager):
+        assert (y.float() - ref.float()).norm() <= 2e-2 * ref.float().norm()
+    gm = graphs[-1]
+    assert_graph_ok(gm.graph)
+    # every pass still fires with FP8 weights (the output-path fusion feeds the FP8 wo_a directly)
+    assert dict(pm.snapshots[-1].matches) == {"compressor": 2, "indexer_q": 1, "inv_rope_quant": 1, "kv_rope_insert": 1}
+    ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("dsv4.")]
+    assert_expected_inline("\n".join(ops), """\
+dsv4.fp8_block_quant.default
+dsv4.fp8_block_gemm.default
+dsv4.fp8_block_quant.default
+dsv4.kv_rope_insert.default
+dsv4.swa_indices.default
+dsv4.compressor_insert.default
+dsv4.compressor_insert.default
+dsv4.fp8_block_quant.default
+dsv4.fp8_block_gemm.default
+dsv4.indexer_q_rope_fp8.default
+dsv4.indexer_topk.default
+dsv4.global_topk_indices.default
+dsv4.fp8_block_gemm.default
+dsv4.rope.default
+dsv4.sparse_attn.default
+dsv4.inv_rope_fp8_quant.default
+dsv4.fp8_block_gemm.default
+dsv4.fp8_block_gemm.default
+dsv4.fp8_block_quant.default
+dsv4.fp8_block_gemm.default""")
+
+
+def test_state_dict_round_trip_scale_names_and_bf16_load_back():
+    fp8, bf16, sd = layers(1)
+    out = fp8.state_dict()
+    for name in FP8_LINEARS:  # DeepSeek's names: the FP8 weight and its fp32 scale
+        assert out[f"{name}.weight"].dtype == E4M3 and out[f"{name}.scale"].dtype == torch.float32
+    again = DeepseekV4Attention(CFG, 1, max_model_len=MAX_LEN, weight_format="fp8")
+    again.load_state_dict(out)
+    assert all(torch.equal(a.view(torch.uint8) if a.dtype == E4M3 else a, b.view(torch.uint8) if b.dtype == E4M3 else b)
+               for a, b in zip(again.state_dict().values(), out.values()))
+    # HF names and e8m0 scales load to the same bytes
+    hf = DeepseekV4Attention(CFG, 1, max_model_len=MAX_LEN, weight_format="fp8")
+    torch.manual_seed(1)
+    src = DeepseekV4Attention(CFG, 1, max_model_len=MAX_LEN)
+    hf.load_state_dict(fp8_checkpoint(src, ".weight_scale_inv", e8m0=True))
+    assert torch.equal(hf.wq_b.weight.view(torch.uint8), fp8.wq_b.weight.view(torch.uint8))
+    assert torch.equal(hf.wq_b.scale, fp8.wq_b.scale)
+    # a bf16 state dict turns the FP8 projections back into bf16 ones (strict: no scale keys left)
+    fp8.load_state_dict(bf16.state_dict())
+    assert fp8.wq_b.weight.dtype == torch.bfloat16 and not hasattr(fp8.wq_b, "scale")
+    assert torch.equal(fp8.x_proj, bf16.x_proj) and fp8.x_proj_fp8 is None
+    a, _ = run(fp8)
+    b, _ = run(bf16)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # auto on a CPU: bf16
+    auto = DeepseekV4Attention(CFG, 1, max_model_len=MAX_LEN)
+    auto.load_state_dict(sd)
+    assert auto.wq_b.weight.dtype == torch.bfloat16
+
+
+def test_fused_views_to_and_deepcopy_keep_the_fp8_bytes():
+    fp8, _, _ = layers(1)
+    ql = CFG.q_lora_rank
+    assert fp8.x_proj_fp8.dtype == E4M3 and fp8.wq_a.weight.data_ptr() == fp8.x_proj_fp8.data_ptr()
+    assert torch.equal(fp8.x_proj_fp8_scale[: ql // 128], fp8.wq_a.scale)
+    assert torch.equal(fp8.x_proj, fp8.indexer.weights_proj.weight)  # the bf16 projection of x alone
+    ref, _ = run(fp8)
+    for other in (fp8.to(torch.bfloat16), copy.deepcopy(fp8), fp8._apply(lambda t: t.clone())):
+        assert other.wq_b.weight.dtype == E4M3 and other.wq_b.scale.dtype == torch.float32
+        assert other.wq_a.weight.data_ptr() == other.x_proj_fp8.data_ptr()
+        got, _ = run(other)
+        assert all(torch.equal(x, y) for x, y in zip(got, ref))
+
+
+def test_head_shard_slices_fp8_weights_and_scales():
+    """Heads 8..15 of 16 (output group 1 of 2, 8 heads each): the shard's FP8 weights and scales are
+    the matching rows / columns of the full checkpoint's."""
+    cfg = dataclasses.replace(CFG, num_attention_heads=16, o_groups=2)
+    torch.manual_seed(3)
+    full = DeepseekV4Attention(cfg, 0, max_model_len=MAX_LEN)
+    sd = fp8_checkpoint(full)
+    shard = DeepseekV4Attention(cfg, 0, n_local_heads=8, head_offset=8, max_model_len=MAX_LEN, weight_format="fp8")
+    shard.load_state_dict(sd)
+    d, r = cfg.head_dim, cfg.o_lora_rank
+    u8 = lambda t: t.view(torch.uint8)  # noqa: E731
+    assert torch.equal(u8(shard.wq_b.weight), u8(sd["wq_b.weight"][8 * d:16 * d]))
+    assert torch.equal(shard.wq_b.scale, sd["wq_b.scale"][8 * d // 128:16 * d // 128])
+    assert torch.equal(u8(shard.wo_a.weight), u8(sd["wo_a.weight"][r:2 * r]))
+    assert torch.equal(shard.wo_a.scale, sd["wo_a.scale"][r // 128:2 * r // 128])
+    assert torch.equal(u8(shard.wo_b.weight), u8(sd["wo_b.weight"][:, r:2 * r]))
+    assert torch.equal(shard.wo_b.scale, sd["wo_b.scale"][:, r // 128:2 * r // 128])
+
+
+def test_value_errors():
+    with pytest.raises(ValueError, match="weight_format must be one of"):
+        DeepseekV4Attention(CFG, 0, max_model_len=MAX_LEN, weight_format="int8")
+    torch.manual_seed(0)
+    tiny = DeepseekV4Attention(DSv4AttentionConfig.tiny(), 0, max_model_len=MAX_LEN, weight_format="fp8")
+    sd = fp8_checkpoint(tiny)  # o_lora_rank 64: an output group splits a 128-row weight block
+    with pytest.raises(ValueError, match=r"wo_a.weight: weight_format='fp8' cannot keep it in FP8: o_lora_rank 64"):
+        tiny.load_state_dict(sd)
+    fp8, _, sd = layers(0)
+    bad = dict(sd)
+    bad["wq_b.scale"] = bad["wq_b.scale"][:1]
+    with pytest.raises(ValueError, match="wq_b.scale: the block scale of a"):
+        fp8.load_state_dict(bad)
+    bad = dict(sd)
+    del bad["wo_b.scale"]
+    with pytest.raises(ValueError, match="wo_b.weight is float8_e4m3fn but the state dict has no block scale"):
+        fp8.load_state_dict(bad)
