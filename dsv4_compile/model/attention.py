@@ -182,9 +182,11 @@ class DeepseekV4Attention(nn.Module):
             ``wq_b``, ``wo_a``, ``wo_b``, indexer ``wq_b``) become at load: ``"fp8"`` keeps them e4m3
             with fp32 128x128 block scales and runs them as ``fp8_block_quant`` + ``fp8_block_gemm``
             (docs/numerics.md §4.5; ``wo_a`` per output group on the FP8 ``o``, no dequant);
-            ``"bf16"`` dequantizes them; ``"auto"`` (default) is ``"fp8"`` on a CUDA device and
-            ``"bf16"`` elsewhere. bf16 checkpoint tensors stay bf16 in every format. Decided per
-            load: the format follows the state dict, so a later bf16 load turns a linear back.
+            ``"bf16"`` dequantizes them; ``"auto"`` (default) is ``"bf16"`` for now: the FP8 GEMM's
+            CUDA kernel has run only under the Triton interpreter and the sm_90 / sm_100 compile
+            check so far, and becomes the CUDA default once the GPU suite has run it. bf16
+            checkpoint tensors stay bf16 in every format. Decided per load: the format follows the
+            state dict, so a later bf16 load turns a linear back.
     """
 
     def __init__(self, config: DSv4AttentionConfig, layer_idx: int, n_local_heads: Optional[int] = None,
@@ -488,14 +490,13 @@ class DeepseekV4Attention(nn.Module):
         An FP8 ``<name>.weight`` comes with one block scale per 128x128 block,
         ``[ceil(out/128), ceil(in/128)]`` fp32 or ``float8_e8m0fnu``, named ``<name>.scale`` (DeepSeek's
         reference checkpoints) or ``<name>.weight_scale_inv`` (HF-format FP8 checkpoints; the same
-        multiplier despite the name). With ``weight_format="fp8"`` (or ``"auto"`` on a CUDA device)
-        the e4m3 weights of ``FP8_LINEARS`` stay FP8 (the scale becomes the fp32 ``<name>.scale``
+        multiplier despite the name). With ``weight_format="fp8"`` the e4m3 weights of ``FP8_LINEARS`` stay FP8 (the scale becomes the fp32 ``<name>.scale``
         buffer); every other FP8 weight, and all of them with ``"bf16"``, is dequantized to bf16.
         ``ValueError`` naming the key: an FP8 weight without a scale, a scale of the wrong shape or
         dtype, a scale without an FP8 weight, both scale names at once, or (``"fp8"``) a weight the
         FP8 GEMM cannot take (input width not a multiple of 128; ``wo_a`` / ``wo_b`` with
         ``o_lora_rank`` not a multiple of 128, which splits a group inside a weight block)."""
-        keep = self.weight_format == "fp8" or (self.weight_format == "auto" and self.wq_a.weight.device.type == "cuda")
+        keep = self.weight_format == "fp8"  # "auto": bf16 until the FP8 GEMM has run on a GPU (see the class doc)
         fp8_linears = dict(self._fp8_linears())
         kept = set()
         for wkey in [k for k in state_dict if k.startswith(prefix) and k.endswith(".weight")]:
