@@ -1,15 +1,18 @@
 """One V4-Flash CSA attention layer, one decode step: eager vs torch.compile without the dsv4 passes
 vs with them vs FULL_DECODE_ONLY CUDA-graph replay (``DecodeGraphRunner``), at B requests x context.
 
-    python benchmarks/decode_step.py [--batches 1 8 32 64] [--contexts 8192 32768] [--out results/decode_step_h100.md]
+    python benchmarks/decode_step.py [--batches 1 8 32 64] [--contexts 8192 32768] [--weight-formats bf16 fp8]
+                                     [--out results/decode_step_h200.md]
     python benchmarks/decode_step.py --plot results/decode_step_h100.json      # PNG from a saved run
 
 Times are GPU time per step from CUDA events around back-to-back steps (for the non-graphed variants
 this includes the host launch gaps, as a user without graphs would see) and around graph replays.
 Caches are filled with valid random records; every request has ``ctx - 1`` cached tokens and
 decodes position ``ctx - 1``, a step that closes a C4 window (the compressors pool and insert: the
-heavier of the two kinds of decode step; real decoding closes a window every 4th step). The memory floor is the bytes one step must read (bf16 weights, SWA + top-k KV
-records, the indexer K entries it scores) over the SM streaming-read bandwidth measured in the same
+heavier of the two kinds of decode step; real decoding closes a window every 4th step). Each weight
+format is a row: ``bf16`` (random bf16 weights) and ``fp8`` (the same weights quantized to the
+checkpoints' 128x128 FP8 blocks, loaded with ``weight_format="fp8"``). The memory floor is the bytes
+one step must read (the weights as stored, SWA + top-k KV records, the indexer K entries it scores) over the SM streaming-read bandwidth measured in the same
 run (``_timing.bandwidth_ceilings``).
 """
 
@@ -27,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dsv4_compile import DSv4AttentionConfig, layouts  # noqa: E402
 from dsv4_compile.model import DeepseekV4Attention  # noqa: E402
+from dsv4_compile.model.attention import FP8_LINEARS  # noqa: E402
+from dsv4_compile.model.fp8 import fp8_checkpoint  # noqa: E402
 from dsv4_compile.runtime import (CacheConfig, DecodeGraphRunner, KVCacheManager, StepMetadataBuilder,  # noqa: E402
                                   compile_step)
 
@@ -66,7 +71,8 @@ def timed(fn, iters: int) -> float:
 
 
 def step_bytes(layer, b: int, ctx: int, cfg) -> int:
-    weights = sum(p.numel() * p.element_size() for p in layer.parameters())
+    # the checkpoint tensors: bf16 or FP8 weights, FP8 block scales (persistent buffers), sink, ape
+    weights = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
     rec = layouts.FP8_DS_MLA_RECORD_BYTES
     idx_rec = layouts.record_bytes("fp8")
     kv = b * (min(ctx + 1, cfg.sliding_window) + min((ctx + 1) // 4, cfg.index_topk)) * rec
@@ -93,7 +99,9 @@ def profile_replay(graph, reps: int = 10) -> str:
     return f"  kernels of one replayed step (sum {total:.1f} µs):\n" + "\n".join(lines)
 
 
-def run(batches, contexts, iters: int, profile_cases=(), options=None):
+def run(batches, contexts, iters: int, profile_cases=(), options=None, weight_format: str = "bf16"):
+    """Rows of one weight format: ``"bf16"`` (random bf16 weights) or ``"fp8"`` (the same weights
+    quantized to the checkpoints' FP8 blocks and loaded with ``weight_format="fp8"``)."""
     from _timing import bandwidth_ceilings, ceiling_fields, ceilings_line
 
     cfg = DSv4AttentionConfig.flash()
@@ -101,7 +109,9 @@ def run(batches, contexts, iters: int, profile_cases=(), options=None):
     max_b, max_ctx = max(batches), max(contexts)
     max_len = max_ctx + 1024
     torch.manual_seed(0)
-    layer = DeepseekV4Attention(cfg, layer_idx, max_model_len=max_len, device="cuda")
+    layer = DeepseekV4Attention(cfg, layer_idx, max_model_len=max_len, device="cuda", weight_format=weight_format)
+    if weight_format == "fp8":
+        layer.load_state_dict(fp8_checkpoint(layer.state_dict(), FP8_LINEARS))
     cc = CacheConfig(max_num_seqs=max_b, max_model_len=max_len, max_num_batched_tokens=max(max_b, 64),
                      token_budget=max_b * max_len)
     mgr = KVCacheManager(cfg, [layer_idx], cc, device="cuda")
@@ -136,7 +146,7 @@ def run(batches, contexts, iters: int, profile_cases=(), options=None):
         x = runners["passes"].x_buf[:b]
         x.copy_(torch.randn(b, cfg.hidden_size, device="cuda").bfloat16())
         runners["nopass"].x_buf[:b].copy_(x)  # both graphs see the same activations
-        row = {"B": b, "ctx": ctx}
+        row = {"B": b, "ctx": ctx, "weights": weight_format}
         with torch.no_grad():
             row["eager_us"] = timed(lambda: fwd(x, meta), max(3, iters // 4))
             for k, s in steps.items():
@@ -154,14 +164,14 @@ def run(batches, contexts, iters: int, profile_cases=(), options=None):
     return rows, ceil
 
 
-HEADER = ("| B | ctx | eager | compile, no passes | compile + passes | no passes, graphed | **passes, graphed** "
+HEADER = ("| weights | B | ctx | eager | compile, no passes | compile + passes | no passes, graphed | **passes, graphed** "
           "| vs eager | vs compile no passes | bytes | floor (bytes / read BW) | replay / floor |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def fmt_row(r) -> str:
     rep = r["passes_replay_us"]
-    return (f"| {r['B']} | {r['ctx'] // 1024}k | {r['eager_us']:.0f} µs | {r['nopass_us']:.0f} µs | "
+    return (f"| {r.get('weights', 'bf16')} | {r['B']} | {r['ctx'] // 1024}k | {r['eager_us']:.0f} µs | {r['nopass_us']:.0f} µs | "
             f"{r['passes_us']:.0f} µs | {r['nopass_replay_us']:.0f} µs | **{rep:.0f} µs** | "
             f"{r['eager_us'] / rep:.1f}x | {r['nopass_us'] / rep:.1f}x | {r['bytes'] / 1e6:.0f} MB | "
             f"{r['floor_us']:.0f} µs | {rep / r['floor_us']:.2f}x |")
@@ -201,11 +211,17 @@ def plot(rows, path):
     series = [("eager_us", "eager"), ("nopass_us", "compile, no passes"), ("passes_us", "compile + passes"),
               ("nopass_replay_us", "no passes, graphed"), ("passes_replay_us", "passes, graphed (FULL_DECODE_ONLY)"),
               ("floor_us", "memory floor (bytes / streaming read)")]
+    formats = sorted({r.get("weights", "bf16") for r in rows})
     for ax, ctx in zip(axes[0], contexts):
-        rs = sorted((r for r in rows if r["ctx"] == ctx), key=lambda r: r["B"])
-        bs = [r["B"] for r in rs]
-        for key, label in series:
-            ax.plot(bs, [r[key] for r in rs], marker="o", label=label, linestyle="--" if key == "floor_us" else "-")
+        for fmt in formats:  # bf16: every variant; other formats: the graphed step and its floor
+            rs = sorted((r for r in rows if r["ctx"] == ctx and r.get("weights", "bf16") == fmt), key=lambda r: r["B"])
+            bs = [r["B"] for r in rs]
+            for key, label in series:
+                if fmt != "bf16" and key not in ("passes_replay_us", "floor_us"):
+                    continue
+                ax.plot(bs, [r[key] for r in rs], marker="o" if fmt == "bf16" else "s",
+                        label=f"{label}, {fmt} weights" if len(formats) > 1 else label,
+                        linestyle="--" if key == "floor_us" else ("-" if fmt == "bf16" else "-."))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(bs, [str(b) for b in bs])
@@ -230,6 +246,8 @@ def main():
                     help="compile both variants with Inductor's max_autotune_gemm (Triton GEMM templates vs cuBLAS)")
     ap.add_argument("--profile", nargs=2, type=int, action="append", default=[], metavar=("B", "CTX"),
                     help="print the per-kernel GPU time of the graphed step for this case (repeatable)")
+    ap.add_argument("--weight-formats", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"],
+                    help="the layer's weights: bf16, and/or FP8 blocks run as FP8 GEMMs (weight_format='fp8')")
     args = ap.parse_args()
     if args.plot:
         try:
@@ -245,8 +263,11 @@ def main():
                  "without one)")
     from _timing import ceilings_line
 
-    rows, ceil = run(args.batches, args.contexts, args.iters, {tuple(p) for p in args.profile},
-                     {"max_autotune_gemm": True} if args.autotune else None)
+    rows = []
+    for wf in args.weight_formats:
+        r, ceil = run(args.batches, args.contexts, args.iters, {tuple(p) for p in args.profile},
+                      {"max_autotune_gemm": True} if args.autotune else None, weight_format=wf)
+        rows += r
     dev = torch.cuda.get_device_name()
     md = (f"V4-Flash CSA layer decode step on {dev}, torch {torch.__version__}. {ceilings_line(ceil)} The floor is "
           f"the bytes a step must read over the streaming read.\n\n" + HEADER + "\n"

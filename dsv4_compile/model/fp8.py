@@ -33,6 +33,29 @@ def set_linear_format(lin: nn.Linear, fp8: bool, dtype=torch.bfloat16) -> None:
         del lin._buffers["scale"]
 
 
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(e4m3 [N, K], fp32 [ceil(N/128), ceil(K/128)])``: a bf16 / fp32 weight in the checkpoints'
+    format, one power-of-two scale per 128x128 block (``amax/448`` rounded up to a power of two,
+    amax floored at 1e-4), ``w ≈ q · scale``. For benchmarks and tests that start from bf16 weights."""
+    n, k = w.shape
+    blocks = torch.nn.functional.pad(w.float(), (0, -k % BLOCK, 0, -n % BLOCK)).unflatten(0, (-1, BLOCK)).unflatten(
+        2, (-1, BLOCK))
+    scale = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(dim=(1, 3)).clamp_min(1e-4) / 448)))
+    full = scale.repeat_interleave(BLOCK, 0)[:n].repeat_interleave(BLOCK, 1)[:, :k]
+    return (w.float() / full).to(FP8), scale
+
+
+def fp8_checkpoint(state_dict: dict, names, prefix: str = "") -> dict:
+    """A copy of a bf16 ``state_dict`` with the weights of ``names`` (e.g. ``FP8_LINEARS``) quantized
+    by ``quantize_weight`` as ``<name>.weight`` (e4m3) + ``<name>.scale`` (fp32)."""
+    out = dict(state_dict)
+    for name in names:
+        key = f"{prefix}{name}.weight"
+        if key in out:
+            out[key], out[f"{prefix}{name}.scale"] = quantize_weight(out[key])
+    return out
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """bf16 ``[T, N]`` = ``x [T, K]`` (bf16) through an FP8 weight: activations quantized per token in
     1x128 blocks, then the block-scaled GEMM."""
