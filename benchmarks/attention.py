@@ -321,12 +321,16 @@ def main():
     ap.add_argument("--chunk", type=int, default=None, help="--indexer: selection chunk (first round)")
     ap.add_argument("--logits-programs", type=int, default=None)
     ap.add_argument("--block-n", type=int, default=None)
+    ap.add_argument("--select-variant", choices=["registers", "looped"], default=None,
+                    help="--indexer: the selection kernel variant (sets DSV4_TOPK_SELECT for the op too)")
     args = ap.parse_args()
     if args.check:
         check()
         return
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention.py needs a CUDA GPU (or --check, which runs on CPU)")
+    if args.select_variant:
+        os.environ["DSV4_TOPK_SELECT"] = args.select_variant
     if args.indexer:
         cases = [(b, ctx, mml, fmt, t) for fmt in args.fmts for ctx in args.contexts
                  for mml in (args.mml or [ctx]) if mml >= ctx

@@ -40,12 +40,21 @@ def _specials(logits, g):
 
 
 def _run(logits, pos, req, k, chunk=None, max_chunk=topk_kernels.MAX_CHUNK, sms=8):
+    """Both selection variants (the looped one with 16-entry sub-blocks on the CPU: several per chunk)."""
+    got = _run_variant(logits, pos, req, k, chunk, max_chunk, sms, "registers", 1024)
+    looped = _run_variant(logits, pos, req, k, chunk, max_chunk, sms, "looped", 1024 if logits.is_cuda else 16)
+    assert torch.equal(got, looped)
+    return got
+
+
+def _run_variant(logits, pos, req, k, chunk, max_chunk, sms, variant, sub):
     n = ref.visible_entries(pos, req, 1, 4, logits.shape[1])
     want = ref.select_topk(logits, n, k)
     # what lies past each row's visible count must never be read: NaN there would win every row
     poisoned = torch.where(torch.arange(logits.shape[1], device=logits.device)[None, :] < n[:, None], logits,
                            float("nan"))
-    got = topk_kernels.select_topk(poisoned, pos, req, 1, 4, k, sms, chunk=chunk, max_chunk=max_chunk)
+    got = topk_kernels.select_topk(poisoned, pos, req, 1, 4, k, sms, chunk=chunk, max_chunk=max_chunk,
+                                   variant=variant, sub=sub)
     assert got.dtype == torch.int32 and got.shape == want.shape
     assert torch.equal(got.cpu(), want.cpu()), (got, want)
     return got
@@ -122,3 +131,23 @@ def test_gpu_many_rows_short_and_long():
     pos = torch.linspace(0, 4 * L - 1, T, device="cuda").long()
     req = torch.zeros(T, dtype=torch.int64, device="cuda")
     _run(logits, pos, req, 512, sms=132)
+
+
+def test_op_variant_switch(kernel_device, monkeypatch):
+    """``DSV4_TOPK_SELECT=looped`` switches the op's selection; same bits; a bad name is a ValueError."""
+    from dsv4_compile.kernels.triton import attention as attn_kernels
+
+    logits, pos, req = _case(5, 200, seed=11, levels=9)
+    logits, pos, req = logits.to(kernel_device), pos.to(kernel_device), req.to(kernel_device)
+    a = topk_kernels.select_topk(logits, pos, req, 1, 4, 8, 8, chunk=32)
+    monkeypatch.setenv(topk_kernels.VARIANT_ENV, "looped")
+    assert torch.equal(topk_kernels.select_topk(logits, pos, req, 1, 4, 8, 8, chunk=32, sub=16), a)
+    from test_attention import _topk_case
+
+    case = [x.to(kernel_device) if isinstance(x, torch.Tensor) else x for x in _topk_case("fp8", seed=3)]
+    looped = attn_kernels.indexer_topk(*case, "fp8", 8, 4, chunk=16)
+    monkeypatch.delenv(topk_kernels.VARIANT_ENV)
+    assert torch.equal(attn_kernels.indexer_topk(*case, "fp8", 8, 4, chunk=16), looped)
+    monkeypatch.setenv(topk_kernels.VARIANT_ENV, "bitonic")
+    with pytest.raises(ValueError, match="variant must be"):
+        topk_kernels.select_topk(logits, pos, req, 1, 4, 8, 8)

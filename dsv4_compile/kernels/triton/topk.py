@@ -23,12 +23,14 @@ follows the live context, not ``L``.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 MAX_CHUNK = 16384  # largest chunk of keys one program holds in registers
+VARIANT_ENV = "DSV4_TOPK_SELECT"  # "looped": the op's selection re-reads chunks (see select_topk)
 _SPLIT_MIN = 4096  # rows at most this long are never split
 
 
@@ -114,10 +116,101 @@ def _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr,
 
 
 @triton.jit
+def _load_keys(src_ptr, src_idx_ptr, row, s, end, FROM_LOGITS: tl.constexpr):
+    """(keys, indices) of row positions ``s`` (key 0 at and past ``end``)."""
+    m = s < end
+    if FROM_LOGITS:
+        key = tl.where(m, _sort_key(tl.load(src_ptr + row + s, mask=m, other=0.0)), 0)
+        idx = s
+    else:
+        key = tl.load(src_ptr + row + s, mask=m, other=0).to(tl.uint32, bitcast=True)
+        idx = tl.load(src_idx_ptr + row + s, mask=m, other=-1)
+    return key, idx
+
+
+@triton.jit
+def _looped_hist(src_ptr, src_idx_ptr, row, start, end, thr, SHIFT: tl.constexpr, BITS: tl.constexpr,
+                 FIRST: tl.constexpr, SUB: tl.constexpr, FROM_LOGITS: tl.constexpr):
+    """Histogram (bins 0..31; 32..63 hold what is outside the set) of key bits ``SHIFT ..
+    SHIFT+BITS−1`` over the valid keys of ``[start, end)`` whose higher bits equal ``thr``'s, read
+    ``SUB`` at a time."""
+    h = tl.zeros([64], tl.int32)
+    for s0 in range(start, end, SUB):
+        key, _ = _load_keys(src_ptr, src_idx_ptr, row, s0 + tl.arange(0, SUB), end, FROM_LOGITS)
+        inset = key != 0
+        if not FIRST:
+            inset = inset & ((key >> (SHIFT + BITS)) == (thr >> (SHIFT + BITS)))
+        digit = ((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32)
+        h += tl.histogram(tl.where(inset, digit, 32), 64)
+    return h
+
+
+@triton.jit
+def _looped_pick(h, need, thr, SHIFT: tl.constexpr):
+    bins = tl.arange(0, 64)
+    hv = tl.where(bins < 32, h, 0)
+    suffix = tl.cumsum(hv, 0, reverse=True)
+    b = tl.sum((suffix >= need).to(tl.int32), 0) - 1
+    above = tl.sum(tl.where(bins > b, hv, 0), 0)
+    return thr | (b.to(tl.uint32) << SHIFT), need - above
+
+
+@triton.jit
+def _select_chunk_looped(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
+                         CH: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr, FROM_LOGITS: tl.constexpr,
+                         FINAL: tl.constexpr):
+    """``_select_chunk`` with the chunk read ``SUB`` entries at a time in every pass (from L1 / L2)
+    instead of held in registers: each pass is a short loop body rather than straight-line code over
+    the whole chunk (the register version's code grows with the chunk: hundreds of KB of PTX for
+    16,384 entries), and the work follows the row, not ``CH``."""
+    end = tl.minimum(start + CH, n)
+    thr = tl.zeros([], tl.uint32)
+    h = _looped_hist(src_ptr, src_idx_ptr, row, start, end, thr, 27, 5, True, SUB, FROM_LOGITS)
+    total = tl.sum(tl.where(tl.arange(0, 64) < 32, h, 0), 0)
+    need = K
+    if total > K:
+        thr, need = _looped_pick(h, need, thr, 27)
+        h = _looped_hist(src_ptr, src_idx_ptr, row, start, end, thr, 22, 5, False, SUB, FROM_LOGITS)
+        thr, need = _looped_pick(h, need, thr, 22)
+        h = _looped_hist(src_ptr, src_idx_ptr, row, start, end, thr, 17, 5, False, SUB, FROM_LOGITS)
+        thr, need = _looped_pick(h, need, thr, 17)
+        h = _looped_hist(src_ptr, src_idx_ptr, row, start, end, thr, 12, 5, False, SUB, FROM_LOGITS)
+        thr, need = _looped_pick(h, need, thr, 12)
+        h = _looped_hist(src_ptr, src_idx_ptr, row, start, end, thr, 7, 5, False, SUB, FROM_LOGITS)
+        thr, need = _looped_pick(h, need, thr, 7)
+        h = _looped_hist(src_ptr, src_idx_ptr, row, start, end, thr, 2, 5, False, SUB, FROM_LOGITS)
+        thr, need = _looped_pick(h, need, thr, 2)
+        h = _looped_hist(src_ptr, src_idx_ptr, row, start, end, thr, 0, 2, False, SUB, FROM_LOGITS)
+        thr, need = _looped_pick(h, need, thr, 0)
+    else:  # the whole chunk: every valid key is above 0
+        need = 0
+    ties = 0
+    kept = 0
+    for s0 in range(start, end, SUB):
+        key, idx = _load_keys(src_ptr, src_idx_ptr, row, s0 + tl.arange(0, SUB), end, FROM_LOGITS)
+        valid = key != 0
+        tie = (valid & (key == thr)).to(tl.int32)
+        rank = ties + tl.cumsum(tie, 0) - tie
+        sel = valid & ((key > thr) | ((tie != 0) & (rank < need)))
+        at = kept + tl.cumsum(sel.to(tl.int32), 0) - 1
+        tl.store(out_idx_ptr + out_row + at, idx, mask=sel)
+        if not FINAL:
+            tl.store(out_key_ptr + out_row + at, key.to(tl.int32, bitcast=True), mask=sel)
+        ties += tl.sum(tie, 0)
+        kept += tl.sum(sel.to(tl.int32), 0)
+    j = tl.arange(0, KB)
+    fill = (j >= kept) & (j < K)
+    tl.store(out_idx_ptr + out_row + j, tl.full([KB], -1, tl.int32), mask=fill)
+    if not FINAL:
+        tl.store(out_key_ptr + out_row + j, tl.zeros([KB], tl.int32), mask=fill)
+
+
+@triton.jit
 def _topk_round_kernel(
     src_ptr, src_idx_ptr, n_ptr, pos_ptr, req_ptr, out_key_ptr, out_idx_ptr, n_out_ptr,
     n_req, ratio, L, src_stride, K, out_stride,
     CH: tl.constexpr, KB: tl.constexpr, FROM_LOGITS: tl.constexpr, FINAL: tl.constexpr,
+    LOOPED: tl.constexpr = False, SUB: tl.constexpr = 1024,
 ):
     """One round for row ``t = program_id(0)``, chunk ``c = program_id(1)`` of ``CH`` positions.
     Row length: the token's visible entries (``FROM_LOGITS``) or the previous round's candidate
@@ -149,8 +242,11 @@ def _topk_round_kernel(
             tl.store(out_idx_ptr + out_row + j, tl.where(j < n, j, -1), mask=j < K)
             return
     rem = n - start
+    if LOOPED:
+        _select_chunk_looped(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
+                             CH, KB, SUB, FROM_LOGITS, FINAL)
     # rows far shorter than the chunk take a smaller block: the cost follows the row, not the chunk
-    if CH >= 4096:
+    elif CH >= 4096:
         if rem <= CH // 16:
             _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
                           CH // 16, KB, FROM_LOGITS, FINAL)
@@ -208,9 +304,19 @@ def _warps(ch: int) -> int:
 
 def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: torch.Tensor, n_req: int,
                 compress_ratio: int, topk: int, sms: int, chunk: int | None = None,
-                max_chunk: int = MAX_CHUNK) -> torch.Tensor:
+                max_chunk: int = MAX_CHUNK, variant: str | None = None, sub: int = 1024,
+                num_warps: int | None = None) -> torch.Tensor:
     """int32 ``[T, topk]`` (``reference.attention.select_topk`` of the visible prefix of each row of
-    the fp32 ``logits [T, L]``; only positions below the row's visible count are read)."""
+    the fp32 ``logits [T, L]``; only positions below the row's visible count are read).
+
+    ``variant``: ``"registers"`` (the default, measured on the H200: the chunk held in registers) or
+    ``"looped"`` (every pass re-reads the chunk ``sub`` entries at a time: a small loop body;
+    not yet measured on a GPU); ``None`` reads ``DSV4_TOPK_SELECT`` (default ``"registers"``), which
+    is how ``dsv4::indexer_topk`` picks it. Both give the same bits."""
+    if variant is None:
+        variant = os.environ.get(VARIANT_ENV, "").strip().lower() or "registers"
+    if variant not in ("registers", "looped"):
+        raise ValueError(f"variant must be 'registers' or 'looped', got {variant!r}")
     T, L = logits.shape
     out = torch.empty((T, topk), dtype=torch.int32, device=logits.device)
     if T == 0:
@@ -232,7 +338,8 @@ def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: tor
         _topk_round_kernel[(T, s)](
             src, src_idx, n_buf, positions, token_to_req, keys, idx, n_next,
             n_req, compress_ratio, L, stride, topk, out_stride,
-            CH=ch, KB=kb, FROM_LOGITS=r == 0, FINAL=final, num_warps=_warps(ch),
+            CH=ch, KB=kb, FROM_LOGITS=r == 0, FINAL=final, LOOPED=variant == "looped", SUB=min(sub, ch),
+            num_warps=num_warps or (4 if variant == "looped" else _warps(ch)),
         )
         src, src_idx, n_buf, stride = keys, idx, n_next, out_stride
     return out
