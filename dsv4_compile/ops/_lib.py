@@ -33,7 +33,8 @@ def debug_checks() -> bool:
 def host_checked(t: torch.Tensor) -> bool:
     """Whether value checks run on ``t``: a real, non-empty tensor on the CPU (free) or on any device
     under ``DSV4_CHECK_INDICES=1`` (a sync)."""
-    return t.numel() > 0 and not _is_fake(t) and (t.device.type == "cpu" or debug_checks())
+    # cheapest test first: on a GPU (the hot path) this is one device-type compare and one environ read
+    return (t.device.type == "cpu" or debug_checks()) and t.numel() > 0 and not _is_fake(t)
 
 
 def check_range(name: str, t: torch.Tensor, lo: int, hi: Optional[int], what: str) -> None:
