@@ -88,7 +88,9 @@ def _own_code(fn):
     other such step, as layers compiled as modules share ``DeepseekV4Attention.forward``. Compiled
     through one code object, the ninth layer would fail with ``FailOnRecompileLimitHit``
     (``BACKEND_MATCH`` and the closure's guards fail for each new one). The trampoline gives each
-    ``compile`` call a cache of its own; ``fn`` is inlined into it."""
+    ``compile`` call a cache of its own; ``fn`` is inlined into it. (With ``fullgraph=False``, a
+    graph break makes Dynamo compile the frames below it on their own code objects, which layers
+    share again: use ``fullgraph=True``, the default, or ``model.compile_layer``, for many layers.)"""
     n = next(_COMPILE_IDS)
 
     def step(*args, **kwargs):

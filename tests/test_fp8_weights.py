@@ -215,8 +215,18 @@ def test_value_errors():
     torch.manual_seed(0)
     tiny = DeepseekV4Attention(DSv4AttentionConfig.tiny(), 0, max_model_len=MAX_LEN, weight_format="fp8")
     sd = fp8_checkpoint(tiny)  # o_lora_rank 64: an output group splits a 128-row weight block
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
     with pytest.raises(ValueError, match=r"wo_a.weight: weight_format='fp8' cannot keep it in FP8: o_lora_rank 64"):
         tiny.load_state_dict(sd)
+    # the failed load changed nothing: same tensors, same formats, and the layer still runs
+    after = tiny.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+    assert tiny.wq_a.weight.dtype == torch.bfloat16 and tiny.x_proj_fp8 is None
+    mgr = KVCacheManager(tiny.config, [0], CC)
+    mgr.add_request("a")
+    y = tiny(torch.randn(3, tiny.config.hidden_size).bfloat16(), StepMetadataBuilder(mgr).build([("a", 3)]),
+             mgr.caches[0])
+    assert y.isfinite().all()
     fp8, _, sd = layers(0)
     bad = dict(sd)
     bad["wq_b.scale"] = bad["wq_b.scale"][:1]

@@ -114,11 +114,11 @@ def test_final_graphs_fused_and_in_place(compiled):
 def test_compiled_stack_equals_whole_stack_graph(compiled):
     """The per-type graphs shared by the layers == the whole stack compiled from outside as one graph
     (``compile_step`` of the stack step: every layer traced with its own parameters): bit for bit on
-    every cache byte and on every input of every attention op (checked by hand on the first step
-    when this was relaxed), outputs within one bf16 ulp (Inductor generates the last layer's output projection and
-    residual differently inside the 12-layer graph; it passed bit for bit until the indexer's top-k
-    order changed, by luck). That whole-stack compile is also a way users compile: one graph, no
-    recompile-limit failure."""
+    every cache byte, outputs within one bf16 ulp. (When the top-k order changed, the outputs
+    stopped being bit-exact; a one-off check then found every input of every attention op identical
+    on the first step, so Inductor generates the last layer's output projection and residual
+    differently inside the 12-layer graph; the earlier bit-exact outputs were luck.) That
+    whole-stack compile is also a way users compile: one graph, no recompile-limit failure."""
     stack = compiled["stack"]
     mgr, builder = runtime(stack)
     step = compile_step(lambda x, meta: stack(x, meta, mgr.caches))
@@ -295,7 +295,7 @@ def test_compile_layer_shares_one_graph_per_type():
 
 def test_compile_step_per_layer_past_the_recompile_limit():
     """The README's way, one ``compile_step`` of a closure per layer, for 12 layers of the three
-    types over two schedules (prefill, then decode + mixed): no ``FailOnRecompileLimitHit`` (before
+    types over three steps (prefill, decode, mixed): no ``FailOnRecompileLimitHit`` (before
     the fix the ninth layer's step raised it: every step shared the closure's code object), no
     recompile of any layer's step after its first call, and each step == its layer's eager forward
     within compiled-vs-eager noise."""

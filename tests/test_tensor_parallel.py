@@ -54,6 +54,7 @@ BAD_CASES = {  # name: the message every rank must raise (a substring)
     "config_differs": "config.sliding_window differs across ranks (rank 0: 16, rank 1: 32)",
     "layer_differs": "layer_idx differs across ranks (rank 0: 1, rank 1: 2)",
     "explicit_offset_wrong": "rank 1: n_local_heads=None, head_offset=0 are not rank 1's shard",
+    "weight_format_differs": "weight_format differs across ranks (rank 0: 'fp8', rank 1: 'FP8')",
 }
 
 
@@ -137,6 +138,9 @@ def _bad_configurations(tp) -> dict:
                                                       max_model_len=MAX_LEN, tp=tp),
         "layer_differs": lambda: DeepseekV4Attention(CFG, 1 + r, max_model_len=MAX_LEN, tp=tp),
         "explicit_offset_wrong": lambda: DeepseekV4Attention(CFG, 0, head_offset=0, max_model_len=MAX_LEN, tp=tp),
+        # a bad value on one rank only: every rank raises (the check runs after the ranks agree)
+        "weight_format_differs": lambda: DeepseekV4Attention(CFG, 0, max_model_len=MAX_LEN, tp=tp,
+                                                             weight_format="FP8" if r else "fp8"),
     }
     out = {}
     for name, build in cases.items():

@@ -107,6 +107,8 @@ def test_plan_depends_on_shapes_only():
     assert topk_kernels.plan(4096, 16384, 512, 132) == [(16384, 1)]
     with pytest.raises(ValueError, match="at most"):
         topk_kernels.plan(1, 100000, 10000, 132)
+    with pytest.raises(ValueError, match="chunk must be a power of two"):
+        topk_kernels.plan(1, 1000, 8, 132, chunk=24)
 
 
 @pytest.mark.cuda

@@ -195,15 +195,15 @@ class DeepseekV4Attention(nn.Module):
                  dtype=torch.bfloat16, device=None, tp: Optional[TensorParallel] = None,
                  weight_format: str = "auto"):
         super().__init__()
-        if weight_format not in WEIGHT_FORMATS:
-            raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
-        self.weight_format = weight_format
         if tp is not None:  # first, before any check that could raise on one rank while the others wait
             n_local_heads, head_offset = layer_shard(
                 tp, config, n_local_heads, head_offset, layer_idx=layer_idx, max_model_len=max_model_len,
                 indexer_fmt=indexer_fmt, hadamard=hadamard, fp8_o_proj=fp8_o_proj, o_rope_bf16=o_rope_bf16,
-                dtype=dtype)
+                dtype=dtype, weight_format=weight_format)
         self.tp = tp
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+        self.weight_format = weight_format
         head_offset = 0 if head_offset is None else head_offset
         if not 0 <= layer_idx < len(config.compress_ratios):
             raise ValueError(f"layer_idx must be in [0, {len(config.compress_ratios)}), got {layer_idx}")
@@ -493,12 +493,14 @@ class DeepseekV4Attention(nn.Module):
         multiplier despite the name). With ``weight_format="fp8"`` the e4m3 weights of ``FP8_LINEARS`` stay FP8 (the scale becomes the fp32 ``<name>.scale``
         buffer); every other FP8 weight, and all of them with ``"bf16"``, is dequantized to bf16.
         ``ValueError`` naming the key: an FP8 weight without a scale, a scale of the wrong shape or
-        dtype, a scale without an FP8 weight, both scale names at once, or (``"fp8"``) a weight the
-        FP8 GEMM cannot take (input width not a multiple of 128; ``wo_a`` / ``wo_b`` with
-        ``o_lora_rank`` not a multiple of 128, which splits a group inside a weight block)."""
+        dtype, a scale without an FP8 weight, both scale names at once, or (``"fp8"``) a weight of
+        ``FP8_LINEARS`` the FP8 GEMM cannot take (e5m2; input width not a multiple of 128; ``wo_a`` /
+        ``wo_b`` with ``o_lora_rank`` not a multiple of 128, which splits a group inside a weight
+        block). Every check runs before any change: a load that raises leaves the layer as it was."""
         keep = self.weight_format == "fp8"  # "auto": bf16 until the FP8 GEMM has run on a GPU (see the class doc)
         fp8_linears = dict(self._fp8_linears())
-        kept = set()
+        # every check first, then any change: a load that raises leaves the layer as it was
+        plan = []  # (wkey, base, linear or None, scale key or None, keep FP8)
         for wkey in [k for k in state_dict if k.startswith(prefix) and k.endswith(".weight")]:
             base = wkey[: -len(".weight")]
             name = base[len(prefix):]
@@ -510,29 +512,31 @@ class DeepseekV4Attention(nn.Module):
                 raise ValueError(f"{wkey} is {str(weight.dtype).replace('torch.', '')} but the state dict has no "
                                  f"block scale for it ({' or '.join(base + s for s in WEIGHT_SCALE_SUFFIXES)})")
             lin = fp8_linears.get(name)
-            if not skeys:
-                if lin is not None:
-                    set_linear_format(lin, False)
-                continue
-            scale = state_dict.pop(skeys[0])
-            try:
-                check_block_scale(weight, scale)
-            except ValueError as e:
-                raise ValueError(f"{skeys[0]}: {e}") from None
-            why = self._fp8_unusable(name, weight) if keep and lin is not None else "not kept"
-            if why is None:
-                state_dict[base + ".scale"] = scale.float()
-                set_linear_format(lin, True)
-                kept.add(base + ".scale")
-                continue
-            if self.weight_format == "fp8" and lin is not None:
-                raise ValueError(f"{wkey}: weight_format='fp8' cannot keep it in FP8: {why}")
-            state_dict[wkey] = dequant_fp8_weight(weight, scale)
-            if lin is not None:
-                set_linear_format(lin, False)
+            kept = False
+            if skeys:
+                try:
+                    check_block_scale(weight, state_dict[skeys[0]])
+                except ValueError as e:
+                    raise ValueError(f"{skeys[0]}: {e}") from None
+                if keep and lin is not None:
+                    why = self._fp8_unusable(name, weight)
+                    if why is not None:
+                        raise ValueError(f"{wkey}: weight_format='fp8' cannot keep it in FP8: {why}")
+                    kept = True
+            plan.append((wkey, base, lin, skeys[0] if skeys else None, kept))
+        planned = {skey for *_, skey, _ in plan if skey is not None}
         for skey in [k for k in state_dict if k.startswith(prefix) and k.endswith(WEIGHT_SCALE_SUFFIXES)]:
-            if skey not in kept:
+            if skey not in planned:
                 raise ValueError(f"{skey} is a block scale without its FP8 weight ({skey.rsplit('.', 1)[0]}.weight)")
+        for wkey, base, lin, skey, kept in plan:
+            if skey is not None:
+                scale = state_dict.pop(skey)
+                if kept:
+                    state_dict[base + ".scale"] = scale.float()
+                else:
+                    state_dict[wkey] = dequant_fp8_weight(state_dict[wkey], scale)
+            if lin is not None:
+                set_linear_format(lin, kept)
         d, hpg, r = self.config.head_dim, self.config.heads_per_group, self.config.o_lora_rank
         h0, h, g0 = self.head_offset, self.n_heads, self.head_offset // hpg
         full = self.config.num_attention_heads

@@ -5,8 +5,11 @@
 
 The inner sum over one 128-wide K block multiplies e4m3 values (exact in fp32) and sums them in fp32;
 each block's partial is scaled by the product of its activation scale (1x128 block, UE8M0) and its
-weight scale (128x128 block) and the partials are summed in fp32, as the GPU kernels do (one
-accumulator per tile, one scale multiply per K block). No host sync, fixed output shape.
+weight scale (128x128 block) and the partials are summed in fp32 in K order. The GPU kernel has the
+same structure (one accumulator per tile, one scale multiply per K block) but its own summation
+order inside a block and, with split-K, across splits: equal to fp32 rounding, not bit for bit.
+No host sync, fixed output shape. Memory: two fp32 ``[K/128, M, N]`` temporaries (fine for tests
+and small layers; the CPU path is the reference, not a fast GEMM).
 """
 
 from __future__ import annotations

@@ -172,18 +172,27 @@ class CUDAGraphRunner:
                 graph = torch.cuda.CUDAGraph()
                 if self.pool is None:
                     self.pool = torch.cuda.graph_pool_handle()
+                reserved = torch.cuda.memory_reserved(self.device)
                 with torch.cuda.graph(graph, pool=self.pool):
                     out = self.step(x, meta)
-                self.graph_memory_bytes = self._pool_bytes()
+                pool_bytes = self._pool_bytes()
+                if pool_bytes is None:  # no snapshot (cudaMallocAsync): what the capture reserved, at least 0
+                    pool_bytes = self.graph_memory_bytes + max(0, torch.cuda.memory_reserved(self.device) - reserved)
+                self.graph_memory_bytes = pool_bytes
             self.graphs[n] = (graph, out, meta)
 
-    def _pool_bytes(self) -> int:
+    def _pool_bytes(self) -> Optional[int]:
         """Bytes of the segments the captures' pool holds (the allocator snapshot's
         ``segment_pool_id``; a difference of ``memory_reserved`` around a capture can be negative, as
-        the allocator may release other cached segments meanwhile)."""
+        the allocator may release other cached segments meanwhile), or ``None`` where the allocator
+        keeps no snapshot (``PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync``)."""
         pool = tuple(self.pool) if isinstance(self.pool, (tuple, list)) else self.pool
         dev = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+        try:
+            segments = torch.cuda.memory_snapshot()
+        except RuntimeError:
+            return None
+        return sum(seg["total_size"] for seg in segments
                    if seg.get("device", dev) == dev and tuple(seg.get("segment_pool_id", ())) == pool)
 
     # --- one step ----------------------------------------------------------------------------------

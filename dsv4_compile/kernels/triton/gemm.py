@@ -58,7 +58,7 @@ def _sms(device: torch.device) -> int:
 def gemm_config(M: int, N: int, KB: int, device: torch.device, block_m: int | None = None,
                 splits: int | None = None, num_warps: int | None = None):
     """(BM, splits, warps): 16-row tiles up to M = 16, then 32 / 64; split-K until the tiles give every
-    SM two programs (at most one K block per split)."""
+    SM two programs (at least one K block per split)."""
     bm = block_m or (16 if M <= 16 else 32 if M <= 32 else 64)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, BLOCK)
     if splits is None:

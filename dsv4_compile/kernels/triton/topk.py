@@ -273,7 +273,11 @@ def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: 
     and the row is longer than ``_SPLIT_MIN``, into chunks of about ``sqrt(L·k)`` (balances a chunk's
     work against the ``S·k`` candidates of the next round), or of ``chunk`` when given; later rounds
     split only rows longer than ``max_chunk``. Every split chunk holds at least ``2k`` entries, so
-    each round at least halves the row. Requires ``2k <= max_chunk``."""
+    every round shrinks the row (to fewer than half of it plus ``k``). Requires ``2k <= max_chunk``;
+    ``chunk`` and ``max_chunk`` are powers of two (the kernels' block sizes)."""
+    for name, v in (("chunk", chunk), ("max_chunk", max_chunk)):
+        if v is not None and (v < 16 or v & (v - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16, got {v}")
     if 2 * k > max_chunk:
         raise ValueError(f"the GPU top-k keeps at most {max_chunk // 2} entries per row, asked for {k}")
     rounds: list[tuple[int, int]] = []
