@@ -16,7 +16,9 @@
 # The token / batch sweeps are those of the *_h100 tables, trimmed so that the whole run fits well
 # inside one 10-minute command on an H200 with cold compile caches. Seen on one (torch 2.11, Triton
 # 3.6, no CuTe DSL), with the full sweeps: attention 60 s, kv_backends 27 s, indexer_q 109 s (10 T),
-# indexer_q_backends 28 s, caches over 150 s (5 T; mostly Inductor compiles), decode_step 60 s.
+# indexer_q_backends 28 s, caches over 150 s (5 T; mostly Inductor compiles), decode_step 60 s (bf16 weights
+# only then: it now also runs weight_format="fp8"). indexer_topk (about 70 s) and projections were added
+# after that run and have not been timed by this script yet.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -60,6 +62,8 @@ PARTS=(
   "indexer_q_backends|$R/indexer_q_backends_h200.md|$B/indexer_q.py --backends --tokens 1 32 128 1024 4096 16384 --out $R/indexer_q_backends_h200.md"
   "caches|$R/caches_h200.md|$B/caches.py --tokens 1 1024 4096 16384 --out $R/caches_h200.md"
   "decode_step|$R/decode_step_h200.md|$B/decode_step.py --batches 1 8 32 64 --contexts 8192 32768 --out $R/decode_step_h200.md"
+  "indexer_topk|$R/indexer_topk_decode_h200.md|$B/attention.py --indexer --batches 1 8 32 64 --contexts 65536 --fmts fp8 mxfp4 --out $R/indexer_topk_decode_h200.md"
+  "projections|$R/projections_h200.md|$B/projections.py --out $R/projections_h200.md"
 )
 ORDER=()
 if [ $# -gt 0 ]; then
