@@ -12,8 +12,8 @@ decodes position ``ctx - 1``, a step that closes a C4 window (the compressors po
 heavier of the two kinds of decode step; real decoding closes a window every 4th step). Each weight
 format is a row: ``bf16`` (random bf16 weights) and ``fp8`` (the same weights quantized to the
 checkpoints' 128x128 FP8 blocks, loaded with ``weight_format="fp8"``). The memory floor is the bytes
-one step must read (the weights as stored, SWA + top-k KV records, the indexer K entries it scores) over the SM streaming-read bandwidth measured in the same
-run (``_timing.bandwidth_ceilings``).
+one step must read (the weights as stored, SWA + top-k KV records, the indexer K entries it
+scores) over the SM streaming-read bandwidth measured in the same run (``_timing.bandwidth_ceilings``).
 """
 
 from __future__ import annotations
