@@ -231,7 +231,7 @@ def indexer_case(b, ctx, mml, fmt, device, per_set_bytes_min=160 << 20, prefill_
         q, qs = (x.to(torch.float8_e4m3fn), None) if fmt == "fp8" else dsv4.mxfp4_quant(x)
         w = torch.rand(T, IDX_H, device=device, generator=g)
         sets.append(dict(q=q, qs=qs, w=w, table=table))
-    return dict(cache=cache, positions=positions, token_to_req=token_to_req, sets=sets, fmt=fmt, T=T, n=n,
+    return dict(cache=cache, positions=positions, token_to_req=token_to_req, sets=sets, fmt=fmt, T=T,
                 L=width * BS, reqs=reqs)
 
 
@@ -242,7 +242,7 @@ def indexer_rows(cases, split=True, topk=TOPK, **config):
     rows = []
     for b, ctx, mml, fmt, prefill_t in cases:
         c = indexer_case(b, ctx, mml, fmt, "cuda", prefill_t=prefill_t)
-        T, n, L = c["T"], c["n"], c["L"]
+        T, L = c["T"], c["L"]
         call = lambda s: lambda: dsv4.indexer_topk(s["q"], s["qs"], s["w"], c["cache"], s["table"],  # noqa: E731
                                                    c["token_to_req"], c["positions"], BS, fmt, topk, 4)
         # visible entries read: decode n per token; prefill Σ over the chunk's causal lengths

@@ -18,6 +18,7 @@ from dsv4_compile.lowerings import DSV4PassManager
 from dsv4_compile.lowerings.checks import assert_graph_ok, capture_final_graphs
 from dsv4_compile.model import DeepseekV4Attention, dequant_fp8_weight
 from dsv4_compile.model.attention import FP8_LINEARS
+from dsv4_compile.model.fp8 import quantize_weight
 from dsv4_compile.runtime import CacheConfig, KVCacheManager, StepMetadataBuilder, compile_step
 
 # o_lora_rank 128: each output group's wo_a rows are whole 128-row weight blocks (the FP8 GEMM's unit)
@@ -27,22 +28,14 @@ CC = CacheConfig(max_num_seqs=4, max_model_len=MAX_LEN, max_num_batched_tokens=1
 E4M3 = torch.float8_e4m3fn
 
 
-def _fp8_blocks(w, e8m0=False):
-    """(e4m3 weight, power-of-two scale per 128x128 block) with w ≈ q · s."""
-    out, inp = w.shape
-    blocks = torch.nn.functional.pad(w.float(), (0, -inp % 128, 0, -out % 128)).unflatten(0, (-1, 128)).unflatten(
-        2, (-1, 128))
-    s = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(dim=(1, 3)).clamp_min(1e-4) / 448)))
-    full = s.repeat_interleave(128, 0)[:out].repeat_interleave(128, 1)[:, :inp]
-    return (w.float() / full).to(E4M3), (s.to(torch.float8_e8m0fnu) if e8m0 else s)
-
-
 def fp8_checkpoint(layer, scale_name=".scale", e8m0=False):
+    """``layer``'s state dict with the ``FP8_LINEARS`` weights quantized (``model.fp8.quantize_weight``),
+    their scales named ``scale_name``, as fp32 or ``float8_e8m0fnu``."""
     sd = {k: v.clone() for k, v in layer.state_dict().items()}
     for name in FP8_LINEARS:
         if f"{name}.weight" in sd:
-            q, s = _fp8_blocks(sd[f"{name}.weight"], e8m0)
-            sd[f"{name}.weight"], sd[name + scale_name] = q, s
+            q, s = quantize_weight(sd[f"{name}.weight"])
+            sd[f"{name}.weight"], sd[name + scale_name] = q, (s.to(torch.float8_e8m0fnu) if e8m0 else s)
     return sd
 
 

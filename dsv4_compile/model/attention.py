@@ -318,14 +318,14 @@ class DeepseekV4Attention(nn.Module):
 
     def _project_x(self, x):
         """``(qa, kva, indexer weights or None)`` from the fused projections of ``x``."""
-        cols = {}
+        cols, groups = {}, self._x_groups()
         for name in ("x_proj_fp8", "x_proj"):
             w = getattr(self, name)
             if w is None:
                 continue
             h = fp8_linear(x, w, self.x_proj_fp8_scale) if name == "x_proj_fp8" else F.linear(x, w)
             c = 0
-            for key, lin in self._x_groups()[name]:
+            for key, lin in groups[name]:
                 n = lin.weight.shape[0]
                 cols[key] = h[:, c:c + n]
                 c += n
@@ -335,11 +335,13 @@ class DeepseekV4Attention(nn.Module):
         self._fuse_projections()
         self._check_rope_table()
 
-    def _fp32_tensors(self) -> list:
-        """(owner, name, tensor) of the tensors kept in fp32 whatever the model dtype (docs/numerics.md §1.4): the sink
-        logits, the compressors' position biases and the RoPE table."""
+    def _dtype_kept_tensors(self) -> list:
+        """(owner, name, tensor) of the tensors whose dtype a model dtype conversion keeps: fp32 ones
+        (docs/numerics.md §1.4: the sink logits, the compressors' position biases, the RoPE table, the
+        FP8 weights' block scales) and the FP8 weights themselves."""
         out = [(self, "attn_sink"), (self, "cos_sin_cache")]
-        out += [(lin, "scale") for _, lin in self._fp8_linears() if is_fp8(lin)]
+        fp8 = [lin for _, lin in self._fp8_linears() if is_fp8(lin)]
+        out += [(lin, "scale") for lin in fp8] + [(lin, "weight") for lin in fp8]
         for comp in (self.compressor, self.indexer.compressor if self.indexer is not None else None):
             if comp is not None:
                 out.append((comp, "ape"))
@@ -347,17 +349,14 @@ class DeepseekV4Attention(nn.Module):
         return [(owner, name, getattr(owner, name).detach()) for owner, name in out]
 
     def _apply(self, fn, recurse=True):
-        keep = self._fp32_tensors()
-        keep8 = [(lin, lin.weight.detach()) for _, lin in self._fp8_linears() if is_fp8(lin)]
+        keep = self._dtype_kept_tensors()
         super()._apply(fn, recurse)
-        for lin, old in keep8:  # FP8 weights keep their bytes through a dtype conversion
-            if lin.weight.dtype != FP8 and old.device.type != "meta":
-                lin.weight.data = old.to(device=lin.weight.device)
-        # a dtype conversion (``.to(torch.bfloat16)``, ``.half()``) leaves the fp32 tensors fp32, with
-        # their exact values (a cast there would round the RoPE table and the sink silently)
+        # a dtype conversion (``.to(torch.bfloat16)``, ``.half()``) leaves the fp32 tensors fp32 and the
+        # FP8 weights FP8, with their exact values (a cast would round the RoPE table and the sink
+        # silently, and turn e4m3 weights into unscaled bf16 ones)
         for owner, name, old in keep:
             new = getattr(owner, name)
-            if new.dtype != torch.float32 and old.dtype == torch.float32 and old.device.type != "meta":
+            if new.dtype != old.dtype and old.dtype in (torch.float32, FP8) and old.device.type != "meta":
                 restored = old.to(device=new.device)
                 if isinstance(new, nn.Parameter):
                     new.data = restored

@@ -22,7 +22,7 @@ from ...reference.attention import select_topk as select_topk_reference
 from ...reference.attention import visible_entries
 from . import topk as _topk
 from ._common import pow2
-from .cache import _e2m1_value, load_fp8_ds_mla, load_fp8_ds_mla_rows, load_indexer_k
+from .cache import _e2m1_value, load_fp8_ds_mla, load_fp8_ds_mla_rows, load_indexer_k, load_indexer_k_fp8
 
 LOG2E = 1.4426950408889634
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "no candidate yet" running max: keeps exp2 free of inf − inf
@@ -52,15 +52,19 @@ def _load_indexer_q(q_ptr, qs_ptr, t, heads, hm, H, q_stride_t, q_stride_h, MXFP
 
 
 @triton.jit
-def _load_indexer_k_fp8(cache_ptr, page_off, k, ok, BS: tl.constexpr, BN: tl.constexpr):
-    """e4m3 ``[BN, 128]`` indexer keys of in-page slots ``k`` (zeros where not ``ok``) and their fp32
-    power-of-two scales ``[BN]`` (0 where not ``ok``)."""
-    d = tl.arange(0, 128)
-    v = tl.load(cache_ptr + (page_off + k * 128)[:, None] + d[None, :], mask=ok[:, None], other=0)
-    b = tl.arange(0, 4)  # the fp32 scale from its 4 bytes (pages need not be 4-byte aligned)
-    sb = tl.load(cache_ptr + (page_off + BS * 128 + k * 4)[:, None] + b[None, :], mask=ok[:, None], other=0)
-    scale = tl.sum(sb.to(tl.int32) << (8 * b[None, :]), axis=1).to(tl.float32, bitcast=True)
-    return v.to(tl.float8e4nv, bitcast=True), tl.where(ok, scale, 0.0)
+def _head_block(q_ptr, qs_ptr, w_row, t, heads, H, q_stride_t, q_stride_h, MXFP4: tl.constexpr,
+                BH: tl.constexpr):
+    """(queries ``[BH, 128]``, weights ``[BH]``) of ``heads`` of token ``t``: MXFP4 decoded to bf16
+    (exact), FP8 kept e4m3 for the tensor-core FP8 dot (its scale is in the weights)."""
+    hm = heads < H
+    w = tl.load(w_row + heads, mask=hm, other=0.0)
+    if MXFP4:
+        q = _load_indexer_q(q_ptr, qs_ptr, t, heads, hm, H, q_stride_t, q_stride_h, MXFP4, BH)
+    else:
+        d = tl.arange(0, 128)
+        q = tl.load(q_ptr + t.to(tl.int64) * q_stride_t + heads[:, None] * q_stride_h + d[None, :],
+                    mask=hm[:, None], other=0).to(tl.float8e4nv, bitcast=True)
+    return q, w
 
 
 @triton.jit
@@ -88,16 +92,8 @@ def _indexer_logits_kernel(
     bt_row = bt_ptr + tl.where(tok_ok, req, 0) * bt_stride
     out_row = out_ptr + t.to(tl.int64) * out_stride
     w_row = w_ptr + t.to(tl.int64) * w_stride_t
-    d = tl.arange(0, 128)
     if ONE_HB:  # every head in one block: the queries and weights stay in registers across tiles
-        heads0 = tl.arange(0, BH)
-        hm0 = heads0 < H
-        w0 = tl.load(w_row + heads0, mask=hm0, other=0.0)
-        if MXFP4:
-            q0 = _load_indexer_q(q_ptr, qs_ptr, t, heads0, hm0, H, q_stride_t, q_stride_h, MXFP4, BH)
-        else:
-            q0 = tl.load(q_ptr + t.to(tl.int64) * q_stride_t + heads0[:, None] * q_stride_h + d[None, :],
-                         mask=hm0[:, None], other=0).to(tl.float8e4nv, bitcast=True)
+        q0, w0 = _head_block(q_ptr, qs_ptr, w_row, t, tl.arange(0, BH), H, q_stride_t, q_stride_h, MXFP4, BH)
     for i in range(tl.program_id(1), n_tiles, n_prog):
         s = i * BN + tl.arange(0, BN)
         vis = s < n
@@ -108,20 +104,14 @@ def _indexer_logits_kernel(
         if MXFP4:
             k = load_indexer_k(cache_ptr, page_off, s % BS, ok, BS, BN, MXFP4).to(tl.bfloat16)
         else:
-            k, kscale = _load_indexer_k_fp8(cache_ptr, page_off, s % BS, ok, BS, BN)
+            k, kscale = load_indexer_k_fp8(cache_ptr, page_off, s % BS, ok, BS, BN)
         for h0 in range(0, H, BH):
             if ONE_HB:
                 q = q0
                 w = w0
             else:
-                heads = h0 + tl.arange(0, BH)
-                hm = heads < H
-                w = tl.load(w_row + heads, mask=hm, other=0.0)
-                if MXFP4:
-                    q = _load_indexer_q(q_ptr, qs_ptr, t, heads, hm, H, q_stride_t, q_stride_h, MXFP4, BH)
-                else:
-                    q = tl.load(q_ptr + t.to(tl.int64) * q_stride_t + heads[:, None] * q_stride_h + d[None, :],
-                                mask=hm[:, None], other=0).to(tl.float8e4nv, bitcast=True)
+                q, w = _head_block(q_ptr, qs_ptr, w_row, t, h0 + tl.arange(0, BH), H, q_stride_t, q_stride_h,
+                                   MXFP4, BH)
             # entries on the MMA's M side: the head sum stays within a warp (heads on M would
             # reduce across warps through shared memory on every tile)
             sc = tl.dot(k, tl.trans(q))  # [BN, BH] fp32

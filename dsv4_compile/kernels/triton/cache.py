@@ -240,6 +240,18 @@ def load_fp8_ds_mla(cache_ptr, page_off, k, ok, BS: tl.constexpr):
 
 
 @triton.jit
+def load_indexer_k_fp8(cache_ptr, page_off, k, ok, BS: tl.constexpr, BT: tl.constexpr):
+    """e4m3 ``[BT, 128]`` indexer keys of in-page slots ``k`` (zeros where not ``ok``) and their fp32
+    power-of-two scales ``[BT]`` (0 where not ``ok``), undequantized (for a tensor-core FP8 dot)."""
+    d = tl.arange(0, 128)
+    v = tl.load(cache_ptr + (page_off + k * 128)[:, None] + d[None, :], mask=ok[:, None], other=0)
+    b = tl.arange(0, 4)  # the fp32 scale from its 4 bytes (pages need not be 4-byte aligned)
+    sb = tl.load(cache_ptr + (page_off + BS * 128 + k * 4)[:, None] + b[None, :], mask=ok[:, None], other=0)
+    scale = tl.sum(sb.to(tl.int32) << (8 * b[None, :]), axis=1).to(tl.float32, bitcast=True)
+    return v.to(tl.float8e4nv, bitcast=True), tl.where(ok, scale, 0.0)
+
+
+@triton.jit
 def load_indexer_k(cache_ptr, page_off, k, ok, BS: tl.constexpr, BT: tl.constexpr, MXFP4: tl.constexpr):
     """fp32 ``[BT, 128]`` dequantized indexer keys of in-page slots ``k``; zeros where not ``ok``."""
     b = tl.arange(0, 4)
@@ -250,12 +262,8 @@ def load_indexer_k(cache_ptr, page_off, k, ok, BS: tl.constexpr, BT: tl.constexp
         sb = tl.load(cache_ptr + (page_off + BS * 64 + k * 4)[:, None] + b[None, :], mask=ok[:, None], other=0)
         val = tl.reshape(vals * pow2(tl.reshape(sb, [BT * 4]).to(tl.int32) - 127)[:, None], [BT, 128])
     else:
-        d = tl.arange(0, 128)
-        v = tl.load(cache_ptr + (page_off + k * 128)[:, None] + d[None, :], mask=ok[:, None], other=0)
-        # the fp32 scale from its 4 bytes (pages need not be 4-byte aligned)
-        sb = tl.load(cache_ptr + (page_off + BS * 128 + k * 4)[:, None] + b[None, :], mask=ok[:, None], other=0)
-        bits = tl.sum(sb.to(tl.int32) << (8 * b[None, :]), axis=1)
-        val = v.to(tl.float8e4nv, bitcast=True).to(tl.float32) * bits.to(tl.float32, bitcast=True)[:, None]
+        v, scale = load_indexer_k_fp8(cache_ptr, page_off, k, ok, BS, BT)
+        val = v.to(tl.float32) * scale[:, None]
     return tl.where(ok[:, None], val, 0.0)
 
 

@@ -68,12 +68,9 @@ def _select_mask(key, valid, n_valid, need):
     """The ``need`` valid entries of largest key, ties to the lower position (requires
     ``need <= n_valid = count(valid)``): the threshold key in seven 5/2-bit radix passes."""
     thr = tl.zeros([], tl.uint32)
-    v, need, n_v, thr = _refine(key, valid, need, n_valid, thr, 27, 5)
-    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 22, 5)
-    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 17, 5)
-    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 12, 5)
-    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 7, 5)
-    v, need, n_v, thr = _refine(key, v, need, n_v, thr, 2, 5)
+    v, n_v = valid, n_valid
+    for i in tl.static_range(6):  # bits 27..31, 22..26, .., 2..6
+        v, need, n_v, thr = _refine(key, v, need, n_v, thr, 27 - 5 * i, 5)
     v, need, n_v, thr = _refine(key, v, need, n_v, thr, 0, 2)
     tie = (valid & (key == thr)).to(tl.int32)
     rank = tl.cumsum(tie, 0) - tie
@@ -170,16 +167,9 @@ def _select_chunk_looped(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_i
     need = K
     if total > K:
         thr, need = _looped_pick(h, need, thr, 27)
-        h = _looped_hist(src_ptr, src_idx_ptr, row, start, end, thr, 22, 5, False, SUB, FROM_LOGITS)
-        thr, need = _looped_pick(h, need, thr, 22)
-        h = _looped_hist(src_ptr, src_idx_ptr, row, start, end, thr, 17, 5, False, SUB, FROM_LOGITS)
-        thr, need = _looped_pick(h, need, thr, 17)
-        h = _looped_hist(src_ptr, src_idx_ptr, row, start, end, thr, 12, 5, False, SUB, FROM_LOGITS)
-        thr, need = _looped_pick(h, need, thr, 12)
-        h = _looped_hist(src_ptr, src_idx_ptr, row, start, end, thr, 7, 5, False, SUB, FROM_LOGITS)
-        thr, need = _looped_pick(h, need, thr, 7)
-        h = _looped_hist(src_ptr, src_idx_ptr, row, start, end, thr, 2, 5, False, SUB, FROM_LOGITS)
-        thr, need = _looped_pick(h, need, thr, 2)
+        for i in tl.static_range(1, 6):  # bits 22..26, 17..21, .., 2..6
+            h = _looped_hist(src_ptr, src_idx_ptr, row, start, end, thr, 27 - 5 * i, 5, False, SUB, FROM_LOGITS)
+            thr, need = _looped_pick(h, need, thr, 27 - 5 * i)
         h = _looped_hist(src_ptr, src_idx_ptr, row, start, end, thr, 0, 2, False, SUB, FROM_LOGITS)
         thr, need = _looped_pick(h, need, thr, 0)
     else:  # the whole chunk: every valid key is above 0
