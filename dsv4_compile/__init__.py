@@ -22,7 +22,8 @@ def inductor_options(**pass_config) -> dict:
     return _inductor_options(**pass_config)
 
 
-def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None, passes: dict | None = None, **kwargs):
+def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None, passes: dict | None = None,
+            name: str | None = None, **kwargs):
     """``torch.compile`` with the dsv4 passes installed; ``fullgraph=True`` by default.
 
     ``passes`` configures the pass manager (``PassConfig`` fields); ``options`` are extra Inductor
@@ -35,6 +36,9 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
     size-oblivious. A ``ValueError`` the function raises while it is traced reaches the caller as that
     ``ValueError`` (Dynamo reports it as a graph break otherwise). The result is a function; the
     ``torch.compile`` object is its ``.compiled``.
+
+    Every call compiles under a code object of its own (``_own_code``), named ``name`` in Dynamo's
+    logs and profiles when given.
     """
     import functools
 
@@ -50,7 +54,7 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
         )
     merged = inductor_options(**(passes or {}))
     merged.update(options or {})
-    compiled = torch.compile(_own_code(fn_or_module), fullgraph=fullgraph, options=merged, **kwargs)
+    compiled = torch.compile(_own_code(fn_or_module, name), fullgraph=fullgraph, options=merged, **kwargs)
 
     def run(*args, **kw):
         metas = [a for a in list(args) + list(kw.values()) if isinstance(a, StepMetadata)]
@@ -78,27 +82,43 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
 _COMPILE_IDS = __import__("itertools").count()
 
 
-def _own_code(fn):
-    """``fn`` (a function or a module) called from a trampoline whose code object is new to this
-    compile.
+def fresh_function(fn, name: str):
+    """A copy of the plain function ``fn`` with a code object of its own, named ``name`` in logs and
+    profiles. Dynamo keeps compiled graphs, recompile counts and automatic-dynamic state per code
+    object, so each copy starts with its own."""
+    import types
+
+    code = fn.__code__.replace(co_name=name)
+    if hasattr(code, "co_qualname"):  # Python >= 3.11
+        code = code.replace(co_qualname=name)
+    new = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__, new.__doc__, new.__module__ = fn.__kwdefaults__, fn.__doc__, fn.__module__
+    return new
+
+
+def _own_code(fn, name=None):
+    """``fn`` (a function, a module or any callable) under a code object new to this compile: a
+    copy of a plain function (``fresh_function``), else a trampoline that calls ``fn`` (inlined).
 
     Dynamo keeps compiled graphs per code object and recompiles one up to its recompile limit (8):
     every ``compile`` call builds a new backend, and a step written as a closure
     (``lambda x, meta: layer(x, meta, cache)``, one per layer) shares its code object with every
     other such step, as layers compiled as modules share ``DeepseekV4Attention.forward``. Compiled
     through one code object, the ninth layer would fail with ``FailOnRecompileLimitHit``
-    (``BACKEND_MATCH`` and the closure's guards fail for each new one). The trampoline gives each
-    ``compile`` call a cache of its own; ``fn`` is inlined into it. (With ``fullgraph=False``, a
-    graph break makes Dynamo compile the frames below it on their own code objects, which layers
-    share again: use ``fullgraph=True``, the default, or ``model.compile_layer``, for many layers.)"""
-    n = next(_COMPILE_IDS)
+    (``BACKEND_MATCH`` and the closure's guards fail for each new one). Its own code object gives
+    each ``compile`` call a cache of its own. (With ``fullgraph=False``, a graph break makes Dynamo
+    compile the frames below it on their own code objects, which layers share again: use
+    ``fullgraph=True``, the default, or ``model.compile_layer``, for many layers.)"""
+    import types
+
+    name = name or f"{getattr(fn, '__name__', type(fn).__name__)}_dsv4_compile_{next(_COMPILE_IDS)}"
+    if isinstance(fn, types.FunctionType):
+        return fresh_function(fn, name)
 
     def step(*args, **kwargs):
         return fn(*args, **kwargs)
 
-    name = getattr(fn, "__name__", type(fn).__name__)
-    step.__code__ = step.__code__.replace(co_name=f"{name}_dsv4_compile_{n}")
-    return step
+    return fresh_function(step, name)
 
 
 def _traced_value_error(e) -> "ValueError | None":

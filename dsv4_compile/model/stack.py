@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
-import types
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -89,17 +88,6 @@ def _freeze(value):
         return (type(value).__name__, id(value))
 
 
-def _fresh_function(fn: Callable, name: str) -> Callable:
-    """A copy of ``fn`` with a code object of its own (Dynamo keeps graphs, recompile counts and
-    automatic-dynamic state per code object), named ``name`` in logs and profiles."""
-    code = fn.__code__.replace(co_name=name)
-    if hasattr(code, "co_qualname"):  # Python >= 3.11
-        code = code.replace(co_qualname=name)
-    new = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-    new.__doc__, new.__module__ = fn.__doc__, fn.__module__
-    return new
-
-
 def layer_signature(layer: DeepseekV4Attention) -> tuple:
     """What a compiled layer graph depends on besides its tensors' values: the config, the layer
     type and the options that change the traced code or the tensors' shapes. Layers with equal
@@ -114,7 +102,8 @@ def layer_signature(layer: DeepseekV4Attention) -> tuple:
 
 def _compiled(fn: Callable, kind: str, layer: DeepseekV4Attention, passes, options, compile_kw) -> Callable:
     """The compiled ``fn`` for layers like ``layer``, from the registry or compiled (lazily: the
-    trace happens on the first call) under a fresh code object."""
+    trace happens on the first call) under a code object of its own named after the layer type
+    (``dsv4_compile.compile``'s ``name``)."""
     from ..runtime.runner import compile_step
 
     key = (kind, layer_signature(layer), _freeze(passes), _freeze(options), _freeze(compile_kw))
@@ -122,7 +111,7 @@ def _compiled(fn: Callable, kind: str, layer: DeepseekV4Attention, passes, optio
         entry = _REGISTRY.get(key)
         if entry is None:
             name = f"dsv4_{kind}_{LAYER_TYPES[layer.compress_ratio]}_{next(_NAMES)}"
-            entry = (compile_step(_fresh_function(fn, name), passes=passes, options=options, **compile_kw),
+            entry = (compile_step(fn, passes=passes, options=options, name=name, **compile_kw),
                      options)  # options kept alive: their ids are part of the key
             _REGISTRY[key] = entry
     return entry[0]

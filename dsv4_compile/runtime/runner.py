@@ -42,10 +42,14 @@ def compile_step(fn: Callable, passes: Optional[dict] = None, options: Optional[
     """``fn(x, meta)`` compiled once for every token count (see the module doc). ``passes`` are
     ``PassConfig`` fields; ``passes=False`` turns every fusion off (plain Inductor, but caches that
     share a storage are still written in place: ``lowerings.shared_storage``)."""
+    import dataclasses
+
     import dsv4_compile
 
-    if passes is False:  # no fusions; the pass manager stays for caches that share a storage
-        passes = {"indexer_q": False, "kv_rope_insert": False, "compressor": False, "inv_rope_quant": False}
+    if passes is False:  # every fusion off; the pass manager stays for caches that share a storage
+        from dsv4_compile.lowerings import PassConfig
+
+        passes = {f.name: False for f in dataclasses.fields(PassConfig) if isinstance(f.default, bool)}
     opts = {"triton.cudagraphs": False, **(options or {})}
     return dsv4_compile.compile(fn, passes=passes or {}, options=opts, **compile_kw)
 
