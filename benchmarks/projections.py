@@ -4,12 +4,15 @@ weight (``F.linear``, cuBLAS) and ``torch._scaled_mm`` with block-wise scales wh
 accepts them (cuBLAS; sm_90 takes 1x128 activation and 128x128 weight scales).
 
 Shapes (N x K, V4-Flash, TP 1): ``wq_a+wkv`` 1536 x 4096 (one fused GEMM of x), ``wq_b`` 32768 x 1024,
-``indexer.wq_b`` 8192 x 1024, ``wo_a`` 8 groups of 1024 x 4096 (timed as one 8192 x 4096), ``wo_b``
-4096 x 8192. Timing: CUDA-graph replay, rotating over enough weight copies that every call reads its
-weight from DRAM; the rate is the weight bytes (FP8 + scales, or bf16) over the time, as % of the
-streaming-read bandwidth measured in the same run.
+``indexer.wq_b`` 8192 x 1024, ``wo_a`` 8 groups of 1024 x 4096 (the FP8 op's grouped form, one call;
+bf16: one batched matmul, as the bf16 model's ``grouped_linear``), ``wo_b`` 4096 x 8192. Timing:
+CUDA-graph replay, rotating over enough weight copies that every call reads its weight from DRAM;
+the rate is the weight bytes (FP8 + scales, or bf16) over the time, as % of the streaming-read
+bandwidth measured in the same run. The activation quant is timed over 32 calls per graph (one call
+alone would time the graph launch).
 
     python benchmarks/projections.py [--m 1 8 32 64 2048 8192] [--out results.md]
+    python benchmarks/projections.py --sweep     # the Triton kernel's configs at decode sizes
     python benchmarks/projections.py --check    # CPU: the op == the reference at small shapes
 """
 
@@ -25,10 +28,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dsv4_compile  # noqa: E402,F401
+from dsv4_compile.kernels.triton import gemm as gemm_kernels  # noqa: E402
 
 from _timing import bandwidth_ceilings, ceiling_fields, ceilings_line, graph_time_us, pct_read, write_results  # noqa: E402
 
 dsv4 = torch.ops.dsv4
+# (N, K) of the weight; wo_a's input is [M, G, K] (group g times weight rows g·N/G ...)
 SHAPES = {"wq_a+wkv": (1536, 4096), "wq_b": (32768, 1024), "indexer.wq_b": (8192, 1024), "wo_a (8 groups)": (8192, 4096),
           "wo_b": (4096, 8192)}
 
@@ -44,13 +49,24 @@ def _weights(N, K, device, copies):
 
 
 def _scaled_mm_call(x_q, x_s, w, s):
-    """``torch._scaled_mm`` with 1x128 / 128x128 scales, or None where this build refuses them."""
+    """``torch._scaled_mm`` with 1x128 / 128x128 scales (in the layouts cuBLAS takes), or the reason
+    this build refuses them."""
     try:
-        fn = lambda: torch._scaled_mm(x_q, w.t(), scale_a=x_s, scale_b=s.t(), out_dtype=torch.bfloat16)  # noqa: E731
+        fn = lambda: gemm_kernels._scaled_mm(x_q, x_s, w, s, torch.bfloat16)  # noqa: E731
         fn()
         return fn
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return None
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+        return str(e).splitlines()[0][:120]
+
+
+GROUPS = {"wo_a (8 groups)": 8}
+
+
+def _activations(name, M, N, K):
+    """(bf16 x as the projection sees it, its FP8 quant): ``[M, K]``, or ``[M, G, K]`` grouped."""
+    g = GROUPS.get(name, 1)
+    x = torch.randn(M, g, K, device="cuda").bfloat16() if g > 1 else torch.randn(M, K, device="cuda").bfloat16()
+    return x, dsv4.fp8_block_quant(x, 128)
 
 
 def run(ms):
@@ -58,19 +74,29 @@ def run(ms):
     print(f"torch {torch.__version__}; " + ceilings_line(ceil), flush=True)
     rows = []
     for name, (N, K) in SHAPES.items():
+        G = GROUPS.get(name, 1)
         copies = max(2, -(-(256 << 20) // (N * K)))
         ws = _weights(N, K, "cuda", copies)
         for M in ms:
-            x = torch.randn(M, K, device="cuda").bfloat16()
-            x_q, x_s = dsv4.fp8_block_quant(x, 128)
+            x, (x_q, x_s) = _activations(name, M, N, K)
             fp8_bytes = N * K + ws[0][1].numel() * 4
             row = dict(name=name, M=M, N=N, K=K, **ceiling_fields(ceil), fp8_weight_bytes=fp8_bytes,
                        bf16_weight_bytes=2 * N * K)
             row["fp8_us"] = graph_time_us([lambda w=w, s=s: dsv4.fp8_block_gemm(x_q, x_s, w, s) for w, s, _ in ws])
-            row["quant_us"] = graph_time_us([lambda: dsv4.fp8_block_quant(x, 128)])
-            row["bf16_us"] = graph_time_us([lambda wb=wb: F.linear(x, wb) for _, _, wb in ws])
-            sm = [_scaled_mm_call(x_q, x_s, w, s) for w, s, _ in ws]
-            row["scaled_mm_us"] = graph_time_us(sm) if all(sm) else None
+            row["quant_us"] = graph_time_us([lambda: dsv4.fp8_block_quant(x, 128)] * 32)
+            if G > 1:
+                xg = x.transpose(0, 1)
+                row["bf16_us"] = graph_time_us([lambda wb=wb: torch.bmm(xg, wb.view(G, N // G, K).transpose(1, 2))
+                                                for _, _, wb in ws])
+                row["scaled_mm_us"], row["scaled_mm_refused"] = None, "grouped: not one cuBLAS call"
+            else:
+                row["bf16_us"] = graph_time_us([lambda wb=wb: F.linear(x, wb) for _, _, wb in ws])
+                sm = [_scaled_mm_call(x_q, x_s, w, s) for w, s, _ in ws[:1]]
+                if callable(sm[0]):
+                    sm = [_scaled_mm_call(x_q, x_s, w, s) for w, s, _ in ws]
+                    row["scaled_mm_us"], row["scaled_mm_refused"] = graph_time_us(sm), None
+                else:
+                    row["scaled_mm_us"], row["scaled_mm_refused"] = None, sm[0]
             rows.append(row)
             print(fmt(row), flush=True)
         del ws
@@ -83,7 +109,7 @@ def fmt(r):
     cells = [r["name"], f"{r['M']}", f"{r['fp8_us']:.1f} µs ({pct_read(r['fp8_weight_bytes'], r['fp8_us'], read):.0f}%)",
              f"{r['quant_us']:.1f} µs",
              f"{r['bf16_us']:.1f} µs ({pct_read(r['bf16_weight_bytes'], r['bf16_us'], read):.0f}%)",
-             f"{r['scaled_mm_us']:.1f} µs" if r["scaled_mm_us"] else "refused"]
+             f"{r['scaled_mm_us']:.1f} µs" if r["scaled_mm_us"] else f"refused ({r.get('scaled_mm_refused')})"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -109,17 +135,50 @@ def check():
     print("all checks passed")
 
 
+def sweep(ms):
+    """The Triton kernel's configurations at decode sizes (``gemm_config`` keywords): per shape and M,
+    the default's time and the three fastest, as % of the streaming-read bandwidth."""
+    ceil = bandwidth_ceilings()
+    print(ceilings_line(ceil), flush=True)
+    configs = [dict(block_n=bn, stages=st, waves=wv) for bn in (64, 128) for st in (3, 4, 6) for wv in (2, 4, 8)]
+    for name, (N, K) in SHAPES.items():
+        G = GROUPS.get(name, 1)
+        ws = _weights(N, K, "cuda", max(2, -(-(256 << 20) // (N * K))))
+        fp8_bytes = N * K + ws[0][1].numel() * 4
+        for M in ms:
+            _, (x_q, x_s) = _activations(name, M, N, K)
+            res = []
+            for cfg in [{}] + configs:
+                calls = [lambda w=w, s=s: gemm_kernels.fp8_block_gemm(x_q, x_s, w, s, backend="triton", **cfg)
+                         for w, s, _ in ws]
+                try:
+                    res.append((graph_time_us(calls), cfg))
+                except Exception as e:  # noqa: BLE001 (a config the GPU cannot run: report, go on)
+                    print(f"  {name} M={M} {cfg}: {type(e).__name__}: {str(e)[:80]}")
+            default = res[0][0]
+            best = sorted(res[1:], key=lambda r: r[0])[:3]
+            cells = "; ".join(f"{t:.1f} µs ({pct_read(fp8_bytes, t, ceil['read_tbs']):.0f}%) {c}" for t, c in best)
+            print(f"| {name} | {M} | default {default:.1f} µs ({pct_read(fp8_bytes, default, ceil['read_tbs']):.0f}%) "
+                  f"| {cells} |", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", nargs="+", type=int, default=[1, 8, 32, 64, 2048])
     ap.add_argument("--out", default=None)
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     if args.check:
         check()
         return
     if not torch.cuda.is_available():
         sys.exit("benchmarks/projections.py needs a CUDA GPU (or --check, which runs on CPU)")
+    if args.sweep:
+        sweep([m for m in args.m if m <= 64])
+        return
     ceil, rows = run(args.m)
     write_results(table(ceil, rows), rows, args.out)
 

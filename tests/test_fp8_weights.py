@@ -135,7 +135,6 @@ dsv4.rope.default
 dsv4.sparse_attn.default
 dsv4.inv_rope_fp8_quant.default
 dsv4.fp8_block_gemm.default
-dsv4.fp8_block_gemm.default
 dsv4.fp8_block_quant.default
 dsv4.fp8_block_gemm.default""")
 

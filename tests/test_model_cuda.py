@@ -1,7 +1,9 @@
 """DeepseekV4Attention on the GPU (``cuda`` marker): FULL_DECODE_ONLY graph replay == the compiled
 step bit for bit over 200 random decode steps (all three layer types in one step), no host sync in a
-warmed-up decode step, no recompiles, and a full-size V4-Flash CSA layer through the runner."""
+warmed-up decode step, no recompiles, and a full-size V4-Flash CSA layer through the runner. Each
+runs with bf16 weights and with an FP8 checkpoint kept FP8 (``weight_format="fp8"``)."""
 
+import dataclasses
 import random
 
 import pytest
@@ -10,6 +12,8 @@ from torch._dynamo.utils import counters
 
 from dsv4_compile import DSv4AttentionConfig
 from dsv4_compile.model import DeepseekV4Attention
+from dsv4_compile.model.attention import FP8_LINEARS
+from dsv4_compile.model.fp8 import fp8_checkpoint
 from dsv4_compile.runtime import CacheConfig, DecodeGraphRunner, KVCacheManager, StepMetadataBuilder, compile_step
 
 from test_model_runtime import CFG, MAX_LEN, Twin
@@ -25,13 +29,25 @@ def all_types_step(layers, caches):
     return step
 
 
-@pytest.fixture(scope="module")
-def twin():
+def make_layer(cfg, idx, weight_format, max_model_len=MAX_LEN):
+    """A layer on the GPU; with ``weight_format="fp8"`` its bf16 init is quantized into an FP8
+    checkpoint (e4m3 + fp32 128x128 block scales) and loaded, so the projections run FP8 GEMMs."""
+    layer = DeepseekV4Attention(cfg, idx, max_model_len=max_model_len, device=DEV, weight_format=weight_format)
+    if weight_format == "fp8":
+        layer.load_state_dict(fp8_checkpoint(layer.state_dict(), FP8_LINEARS))
+        assert layer.wq_b.weight.dtype == torch.float8_e4m3fn
+    return layer
+
+
+@pytest.fixture(scope="module", params=["bf16", "fp8"])
+def twin(request):
     torch.manual_seed(0)
-    layers = [DeepseekV4Attention(CFG, i, max_model_len=MAX_LEN, device=DEV) for i in range(3)]
-    mgr, mgr_b = (KVCacheManager(CFG, [0, 1, 2], CC, device=DEV) for _ in range(2))
+    # FP8: o_lora_rank 128 so each wo_a output group is whole 128-row weight blocks
+    cfg = CFG if request.param == "bf16" else dataclasses.replace(CFG, o_lora_rank=128)
+    layers = [make_layer(cfg, i, request.param) for i in range(3)]
+    mgr, mgr_b = (KVCacheManager(cfg, [0, 1, 2], CC, device=DEV) for _ in range(2))
     builder, builder_b = StepMetadataBuilder(mgr, DEV), StepMetadataBuilder(mgr_b, DEV)
-    runner = DecodeGraphRunner(compile_step(all_types_step(layers, mgr.caches)), builder, CFG.hidden_size,
+    runner = DecodeGraphRunner(compile_step(all_types_step(layers, mgr.caches)), builder, cfg.hidden_size,
                                capture_sizes=(1, 2, 4, 8))
     t = Twin(runner, compile_step(all_types_step(layers, mgr_b.caches)), builder_b, device=DEV)
     return t
@@ -79,11 +95,12 @@ def test_no_host_sync_in_a_warm_decode_step(twin):
     torch.cuda.synchronize()
 
 
-def test_flash_csa_layer_through_the_runner():
+@pytest.mark.parametrize("weight_format", ["bf16", "fp8"])
+def test_flash_csa_layer_through_the_runner(weight_format):
     cfg = DSv4AttentionConfig.flash()
     layer_idx = cfg.compress_ratios.index(4)
     torch.manual_seed(0)
-    layer = DeepseekV4Attention(cfg, layer_idx, max_model_len=8192, device=DEV)
+    layer = make_layer(cfg, layer_idx, weight_format, max_model_len=8192)
     cc = CacheConfig(max_num_seqs=4, max_model_len=8192, max_num_batched_tokens=2048, token_budget=16384)
     mgr = KVCacheManager(cfg, [layer_idx], cc, device=DEV)
     builder = StepMetadataBuilder(mgr, DEV)

@@ -224,6 +224,48 @@ def test_runner_drives_the_stack(compiled):
         assert torch.equal(a, b)
 
 
+@pytest.mark.cuda
+def test_stack_decode_step_replays_as_one_cuda_graph():
+    """On the GPU: the 12-layer stack compiled per layer type (3 Dynamo graphs, no recompile), its
+    whole decode step captured as one CUDA graph per capture size (``FULL_DECODE_ONLY``) and
+    replayed; every step equals the compiled stack called directly on a twin cache manager (decode
+    batches padded to the same capture size), bit for bit on outputs and on every cache byte."""
+    torch._dynamo.reset()
+    clear_compiled()
+    stack = make_stack().to("cuda")
+    stack.compile()
+    mgr, mgr_b = (stack.cache_manager(CC, device="cuda") for _ in range(2))
+    builder, builder_b = StepMetadataBuilder(mgr, "cuda"), StepMetadataBuilder(mgr_b, "cuda")
+    counters.clear()
+    runner = CUDAGraphRunner(lambda x, meta: stack(x, meta, mgr.caches), builder, CFG.hidden_size,
+                             capture_sizes=(1, 2, 4))
+    for r in ("a", "b"):
+        mgr.add_request(r)
+        mgr_b.add_request(r)
+    g = torch.Generator().manual_seed(3)
+    schedule = SCHEDULE + [[("a", 1), ("b", 1)]] * 6 + [[("b", 1)]] * 3
+    decodes = 0
+    for batch in schedule:
+        n = sum(k for _, k in batch)
+        x = torch.randn(n, CFG.hidden_size, generator=g).bfloat16().cuda()
+        y = runner(x, batch).clone()
+        if builder_b.is_decode(batch):
+            decodes += 1
+            rows = runner.padded_size(len(batch))
+            xp = torch.zeros(rows, CFG.hidden_size, dtype=x.dtype, device=x.device)
+            xp[:n] = x
+            ref = stack(xp, builder_b.build(batch, pad_to=rows), mgr_b.caches)[:n]
+        else:
+            ref = stack(x, builder_b.build(batch), mgr_b.caches)
+        assert torch.equal(y, ref), f"{batch}: max |diff| {(y.float() - ref.float()).abs().max()}"
+    assert runner.stats["replays"] == decodes == 11
+    assert set(runner.graphs) == {1, 2}
+    assert counters["stats"]["unique_graphs"] == 3, "one graph per layer type"
+    for a, b in zip(cache_bytes(mgr), cache_bytes(mgr_b)):
+        assert torch.equal(a, b)
+    clear_compiled()
+
+
 # --- checkpoint names and loading -----------------------------------------------------------------
 def test_state_dict_names_and_round_trip():
     stack = make_stack(seed=2, final_norm=True)

@@ -181,7 +181,7 @@ class DeepseekV4Attention(nn.Module):
         weight_format: what an FP8 checkpoint's projections (``FP8_LINEARS``: ``wq_a``, ``wkv``,
             ``wq_b``, ``wo_a``, ``wo_b``, indexer ``wq_b``) become at load: ``"fp8"`` keeps them e4m3
             with fp32 128x128 block scales and runs them as ``fp8_block_quant`` + ``fp8_block_gemm``
-            (docs/numerics.md §4.5; ``wo_a`` per output group on the FP8 ``o``, no dequant);
+            (docs/numerics.md §4.5; ``wo_a`` one grouped GEMM on the FP8 ``o``, no dequant);
             ``"bf16"`` dequantizes them; ``"auto"`` (default) is ``"bf16"`` for now: the FP8 GEMM's
             CUDA kernel has run only under the Triton interpreter and the sm_90 / sm_100 compile
             check so far, and becomes the CUDA default once the GPU suite has run it. bf16
@@ -461,13 +461,9 @@ class DeepseekV4Attention(nn.Module):
         if quant:
             o_fp8, o_scale = dsv4.fp8_block_quant(o, layouts.O_PROJ_QUANT_BLOCK, layouts.INV_ROPE_AMAX_FLOOR)
         if fp8_wo_a:
-            # one FP8 GEMM per group on the FP8 o as quantized (no dequant); group g's rows of wo_a
-            # are whole 128-row blocks (o_lora_rank % 128 == 0, checked at load)
-            r = self.wo_a.weight.shape[0] // self.n_groups
-            rb = r // WEIGHT_BLOCK
-            z = torch.cat([dsv4.fp8_block_gemm(o_fp8[:, g], o_scale[:, g], self.wo_a.weight[g * r:(g + 1) * r],
-                                               self.wo_a.scale[g * rb:(g + 1) * rb]) for g in range(self.n_groups)],
-                          dim=1)
+            # one grouped FP8 GEMM on the FP8 o as quantized (no dequant): group g's input columns
+            # times its rows of wo_a, whole 128-row blocks (o_lora_rank % 128 == 0, checked at load)
+            z = dsv4.fp8_block_gemm(o_fp8, o_scale, self.wo_a.weight, self.wo_a.scale)
         else:
             if quant:
                 # group-major [G, T, D] (the fused quant's native layout) dequantized exactly to bf16: each

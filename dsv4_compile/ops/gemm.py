@@ -13,18 +13,24 @@ _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _check(x_q, x_scale, w_q, w_scale, out_dtype):
-    check_tensor("x_q", x_q, ndim=2, dtypes=(torch.float8_e4m3fn,))
-    check_tensor("x_scale", x_scale, ndim=2, dtypes=(torch.float32,), device=x_q.device)
+    check_tensor("x_q", x_q, min_ndim=2, dtypes=(torch.float8_e4m3fn,))
+    check_tensor("x_scale", x_scale, min_ndim=2, dtypes=(torch.float32,), device=x_q.device)
     check_tensor("w_q", w_q, ndim=2, dtypes=(torch.float8_e4m3fn,), device=x_q.device)
     check_tensor("w_scale", w_scale, ndim=2, dtypes=_W_SCALE_DTYPES, device=x_q.device)
-    M, K = x_q.shape
-    N = w_q.shape[0]
+    if x_q.dim() > 3:
+        raise ValueError(f"x_q must be [M, K] or grouped [M, G, K], got {x_q.dim()} dims")
+    N, K = w_q.shape
     if K % ref.BLOCK:
-        raise ValueError(f"x_q's K = {K} is not a multiple of {ref.BLOCK} (1x128 activation blocks)")
-    if w_q.shape[1] != K:
-        raise ValueError(f"w_q must be [N, K] with K = {K} (x_q's), got {tuple(w_q.shape)}")
-    if tuple(x_scale.shape) != (M, K // ref.BLOCK):
-        raise ValueError(f"x_scale must be fp32 [M, K/128] = {(M, K // ref.BLOCK)}, got {tuple(x_scale.shape)}")
+        raise ValueError(f"w_q's K = {K} is not a multiple of {ref.BLOCK} (1x128 activation blocks)")
+    if x_q.shape[-1] != K:
+        raise ValueError(f"x_q's last dim must be w_q's K = {K}, got {tuple(x_q.shape)}")
+    if x_q.dim() == 3 and (x_q.shape[1] == 0 or N % (x_q.shape[1] * ref.BLOCK)):
+        raise ValueError(f"grouped x_q [M, G, K] with G = {x_q.shape[1]}: w_q's N = {N} must be a multiple of "
+                         f"G·128 (each group's rows whole 128-row blocks)")
+    want_xs = tuple(x_q.shape[:-1]) + (K // ref.BLOCK,)
+    if tuple(x_scale.shape) != want_xs:
+        raise ValueError(f"x_scale must be fp32 {list(want_xs)} (x_q's shape, last dim K/128), got "
+                         f"{tuple(x_scale.shape)}")
     want = (-(-N // ref.BLOCK), K // ref.BLOCK)
     if tuple(w_scale.shape) != want:
         raise ValueError(f"w_scale must be [ceil(N/128), K/128] = {want}, got {tuple(w_scale.shape)}")
@@ -39,12 +45,15 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, 
 
     ``out[m, n] = Σ_kb (Σ_{c<128} x_q[m, 128kb+c] · w_q[n, 128kb+c]) · x_scale[m, kb] · w_scale[n//128, kb]``:
     e4m3 products (exact) summed in fp32 per 128-wide K block, each block's partial scaled and added
-    in fp32, then cast to ``out_dtype``.
+    in fp32, then cast to ``out_dtype``. Grouped (DSv4's ``wo_a``): with ``x_q [M, G, K]``, output
+    columns ``[g·N/G, (g+1)·N/G)`` are group g's ``x_q[:, g]`` times the weight rows of the same range:
+    G GEMMs in one call, their outputs side by side.
 
     Args:
-        x_q: e4m3 ``[M, K]`` activations, ``K`` a multiple of 128 (``fp8_block_quant(x, 128)``).
-        x_scale: fp32 ``[M, K/128]`` activation block scales (UE8M0 powers of two from
-            ``fp8_block_quant``; any positive fp32 works).
+        x_q: e4m3 ``[M, K]``, or ``[M, G, K]`` grouped, ``K`` a multiple of 128
+            (``fp8_block_quant(x, 128)``); any strides.
+        x_scale: fp32 ``[M, K/128]`` (``[M, G, K/128]`` grouped) activation block scales (UE8M0 powers
+            of two from ``fp8_block_quant``; any positive fp32 works); any strides.
         w_q: e4m3 ``[N, K]`` weight as the checkpoint stores it (``nn.Linear`` layout).
         w_scale: ``[ceil(N/128), K/128]`` fp32 or ``float8_e8m0fnu`` weight block scales
             (``<name>.scale`` / ``<name>.weight_scale_inv`` of the checkpoint).
@@ -58,14 +67,17 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, 
 
     Raises:
         ValueError: a tensor of the wrong dtype or rank, or on another device than ``x_q``; ``K`` not a
-            multiple of 128; ``w_q``'s K differs from ``x_q``'s; ``x_scale`` not ``[M, K/128]``;
-            ``w_scale`` not ``[ceil(N/128), K/128]``; ``out_dtype`` not bf16 / fp16 / fp32.
+            multiple of 128; ``x_q``'s K differs from ``w_q``'s; grouped with ``N`` not a multiple of
+            ``G · 128``; ``x_scale`` not ``x_q``'s shape with last dim ``K/128``; ``w_scale`` not
+            ``[ceil(N/128), K/128]``; ``out_dtype`` not bf16 / fp16 / fp32.
 
     Source:
         ``fp8_gemm`` of the DeepSeek-V4 reference ``kernel.py`` (activations from ``act_quant`` in
         1x128 blocks, weights in 128x128 blocks); DeepGEMM's ``fp8_gemm_nt`` and vLLM's
-        ``w8a8_block_fp8_matmul`` compute the same. The CUDA path is a Triton kernel
-        (``kernels/triton/gemm.py``; split-K with a fixed-order sum for small M).
+        ``w8a8_block_fp8_matmul`` compute the same. The CUDA path (``kernels/triton/gemm.py``): a
+        Triton kernel (pipelined weight stream, split-K for small M reduced in split order inside the
+        kernel: deterministic); from 256 rows cuBLAS through ``torch._scaled_mm`` with block-wise
+        scales where this torch / GPU takes them (``DSV4_FP8_GEMM=triton`` forces the kernel).
     """
     _check(x_q, x_scale, w_q, w_scale, out_dtype)
     return ref.fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype)

@@ -27,11 +27,18 @@ def weight_scale_fp32(w_scale: torch.Tensor) -> torch.Tensor:
 def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                    out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``[M, N]`` of ``out_dtype`` from e4m3 ``x_q [M, K]`` with fp32 ``x_scale [M, K/128]`` and e4m3
-    ``w_q [N, K]`` with ``w_scale [ceil(N/128), K/128]`` (see the module doc)."""
+    ``w_q [N, K]`` with ``w_scale [ceil(N/128), K/128]`` (see the module doc). Grouped (DSv4's
+    ``wo_a``): ``x_q [M, G, K]`` with ``x_scale [M, G, K/128]``; output columns ``[g·N/G, (g+1)·N/G)``
+    are group g's input times the weight rows of the same range."""
+    if x_q.dim() == 3:
+        G = x_q.shape[1]
+        n, b = w_q.shape[0] // G, w_q.shape[0] // G // BLOCK
+        return torch.cat([fp8_block_gemm(x_q[:, g], x_scale[:, g], w_q[g * n:(g + 1) * n], w_scale[g * b:(g + 1) * b],
+                                         out_dtype) for g in range(G)], dim=1)
     M, K = x_q.shape
     N = w_q.shape[0]
     kb = K // BLOCK
-    xs = x_q.to(torch.float32).view(M, kb, BLOCK).transpose(0, 1)                # [kb, M, 128]
+    xs = x_q.to(torch.float32).reshape(M, kb, BLOCK).transpose(0, 1)             # [kb, M, 128]
     ws = w_q.to(torch.float32).view(N, kb, BLOCK).permute(1, 2, 0)               # [kb, 128, N]
     partial = torch.bmm(xs, ws)                                                  # [kb, M, N] fp32
     wsc = weight_scale_fp32(w_scale).repeat_interleave(BLOCK, dim=0)[:N]         # [N, kb]

@@ -1,8 +1,24 @@
 """Block-scaled FP8 GEMM for ``dsv4::fp8_block_gemm`` (``reference.gemm``): e4m3 tensor-core dots per
 128-wide K block, each scaled by its activation (1x128) and weight (128x128) scale into one fp32
-accumulator per tile. Small M (decode) is weight-bandwidth bound: the N x K weight is split over
-N blocks and, when those leave SMs idle, over K (split-K partials in fp32, summed in a fixed order
-afterwards, so the result is deterministic)."""
+accumulator per tile.
+
+Small M (decode) is weight-bandwidth bound: the ``N x K`` weight streams through a pipelined K loop
+(``STAGES`` tiles in flight per program), split over N tiles and, when those leave SMs idle, over K.
+A split-K program writes its fp32 partial, then takes a ticket on its tile's counter; the program
+that takes the last ticket sums the partials **in split order** (so the result does not depend on
+which program finished last: deterministic) into the output and resets the counter. One launch per
+GEMM, no second reduction kernel. The counters are one zeroed ``int32`` buffer per (device, stream),
+allocated on first use and left zero by every call.
+
+A grouped ``x_q [M, G, K]`` is DSv4's ``wo_a``: output columns ``[g·N/G, (g+1)·N/G)`` are group g's
+input times the weight rows of the same range, one launch for every group. Activations and their
+scales are read through their strides (the fused output quant's group-major ``o`` and MN-major
+scales need no copy).
+
+Large M (prefill) goes to cuBLAS through ``torch._scaled_mm`` with block-wise scales where this
+torch / GPU takes them (probed once per device), else to the same kernel with 128-row tiles.
+``DSV4_FP8_GEMM=triton`` forces the Triton kernel.
+"""
 
 from __future__ import annotations
 
@@ -15,79 +31,181 @@ import triton.language as tl
 from .. import _device
 
 BLOCK = 128
+COUNTERS = 4096  # split-K tile counters per (device, stream); splitting is used below 2 tiles per SM
+SCALED_MM_MIN_M = 256  # from this many rows the GEMM is compute-bound: cuBLAS when it takes block scales
+GEMM_ENV = "DSV4_FP8_GEMM"
 
 
 @triton.jit
 def _fp8_block_gemm_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, KB, kb_per_split,
-    x_stride, xs_stride, w_stride, ws_stride, out_stride_s, out_stride_m,
-    BM: tl.constexpr, BN: tl.constexpr,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, KB, kb_per_split, n_per_group,
+    x_stride_m, x_stride_g, xs_stride_m, xs_stride_g, xs_stride_k, w_stride, ws_stride, out_stride,
+    BM: tl.constexpr, BN: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr, U8: tl.constexpr,
 ):
-    """Program (m tile, n tile of 128 = one weight-scale row, K split): ``out[split, m, n]`` (fp32
-    partial when split, else the output dtype) = Σ over its K blocks of dot · x_scale · w_scale."""
+    """Program (m tile, n tile of ``BN`` rows inside one 128-row weight-scale block, K split):
+    Σ over its K blocks of dot · x_scale · w_scale; with ``SPLIT`` the partial goes to
+    ``part[split, m, n]`` and the last of the tile's programs sums the partials in split order."""
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     ps = tl.program_id(2)
+    n0 = pn * BN
+    grp = (n0 // n_per_group).to(tl.int64)  # the group of this N tile (0 when not grouped)
     rm = pm * BM + tl.arange(0, BM)
-    rn = pn * BN + tl.arange(0, BN)
+    rn = n0 + tl.arange(0, BN)
     rk = tl.arange(0, 128)
     mm = rm < M
     nm = rn < N
     kb0 = ps * kb_per_split
     kb1 = tl.minimum(kb0 + kb_per_split, KB)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * x_stride + rk[None, :]
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * x_stride_m + grp * x_stride_g + rk[None, :]
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * w_stride + rk[None, :]
-    for kb in range(kb0, kb1):
-        a = tl.load(x_rows + kb * 128, mask=mm[:, None], other=0).to(tl.float8e4nv, bitcast=True)
-        b = tl.load(w_rows + kb * 128, mask=nm[:, None], other=0).to(tl.float8e4nv, bitcast=True)
+    xs_rows = xs_ptr + rm.to(tl.int64) * xs_stride_m + grp * xs_stride_g
+    ws_row = ws_ptr + (n0 // 128) * ws_stride
+    for kb in tl.range(kb0, kb1, num_stages=STAGES):
+        a = tl.load(x_rows + kb * 128, mask=mm[:, None], other=0.0)
+        b = tl.load(w_rows + kb * 128, mask=nm[:, None], other=0.0)
+        if U8:  # the interpreter has no FP8 pointers: bytes, reinterpreted
+            a = a.to(tl.float8e4nv, bitcast=True)
+            b = b.to(tl.float8e4nv, bitcast=True)
         d = tl.dot(a, tl.trans(b))  # [BM, BN] fp32: exact e4m3 products, fp32 sums
-        sa = tl.load(xs_ptr + rm.to(tl.int64) * xs_stride + kb, mask=mm, other=0.0)
-        sb = tl.load(ws_ptr + pn * ws_stride + kb)
+        sa = tl.load(xs_rows + kb * xs_stride_k, mask=mm, other=0.0)
+        sb = tl.load(ws_row + kb)
         acc += d * (sa[:, None] * sb)
-    out = out_ptr + ps.to(tl.int64) * out_stride_s + rm.to(tl.int64)[:, None] * out_stride_m + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+    out = out_ptr + rm.to(tl.int64)[:, None] * out_stride + rn[None, :]
+    omask = mm[:, None] & nm[None, :]
+    if SPLIT:
+        n_split = tl.num_programs(2)
+        tile_elems = (M * N).to(tl.int64)
+        part = part_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        tl.store(part + ps * tile_elems, acc, mask=omask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket (release, GPU scope)
+        cnt = cnt_ptr + pm * tl.num_programs(1) + pn
+        ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_split - 1:  # the last program of the tile: every partial is visible (acquire)
+            total = tl.zeros([BM, BN], dtype=tl.float32)
+            for s in range(0, n_split):
+                total += tl.load(part + s * tile_elems, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt, 0)  # ready for the next GEMM on this stream
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _sms(device: torch.device) -> int:
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda" or _interpreting():
         return 8
     return _device.sm_count(_device.index(device))
 
 
+_counters: dict = {}
+
+
+def _counter_buffer(device: torch.device) -> torch.Tensor:
+    """The zeroed tile counters of ``device``'s current stream (every kernel leaves them zero)."""
+    if device.type == "cuda":
+        key = (_device.index(device), torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (str(device), 0)
+    buf = _counters.get(key)
+    if buf is None:
+        buf = _counters[key] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return buf
+
+
 def gemm_config(M: int, N: int, KB: int, device: torch.device, block_m: int | None = None,
-                splits: int | None = None, num_warps: int | None = None):
-    """(BM, splits, warps): 16-row tiles up to M = 16, then 32 / 64; split-K until the tiles give every
-    SM two programs (at least one K block per split)."""
-    bm = block_m or (16 if M <= 16 else 32 if M <= 32 else 64)
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, BLOCK)
+                block_n: int | None = None, splits: int | None = None, num_warps: int | None = None,
+                stages: int | None = None, n_per_group: int | None = None, waves: int = 4,
+                min_kb: int = 2):
+    """(BM, BN, splits, warps, stages). Decode sizes (M ≤ 64): one M tile of 16 / 32 / 64 rows, 64-row N
+    tiles, split-K until every SM has about ``waves`` programs (at least ``min_kb`` K blocks per
+    split). Larger M: 64 x 128 tiles up to 256 rows, then 128 x 128 with 8 warps, no split."""
+    if M <= 64:
+        bm, bn, warps, st = (16 if M <= 16 else 32 if M <= 32 else 64), 64, 4, 4
+    elif M < 256:
+        bm, bn, warps, st = 64, 128, 4, 3
+    else:
+        bm, bn, warps, st = 128, 128, 8, 3
+    bm, bn = block_m or bm, block_n or bn
+    if n_per_group is not None and n_per_group % bn:
+        bn = 64 if n_per_group % 64 == 0 else bn
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if splits is None:
-        splits = triton.cdiv(2 * _sms(device), tiles) if tiles < 2 * _sms(device) else 1
+        want = waves * _sms(device)
+        splits = triton.cdiv(want, tiles) if (M <= 64 and tiles < want) else 1
+        splits = min(splits, max(1, KB // min_kb))
     splits = max(1, min(splits, KB))
-    return bm, splits, num_warps or 4
+    if splits > 1 and tiles > COUNTERS:
+        splits = 1
+    return bm, bn, splits, num_warps or warps, stages or st
 
 
-def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, **config) -> torch.Tensor:
-    M, K = x_q.shape
-    N = w_q.shape[0]
+_scaled_mm_ok: dict = {}
+
+
+def _scaled_mm_supported(device: torch.device) -> bool:
+    """Whether ``torch._scaled_mm`` takes 1x128 activation and 128x128 weight scales here (cuBLASLt
+    ≥ 12.9 on sm_90): probed once per device, outside any CUDA-graph capture."""
+    if device.type != "cuda" or _interpreting():
+        return False
+    idx = _device.index(device)
+    if idx not in _scaled_mm_ok:
+        if torch.cuda.is_current_stream_capturing():
+            return False  # decided at the first call outside a capture (the runner warms up first)
+        try:
+            q = torch.zeros(128, 128, device=device).to(torch.float8_e4m3fn)
+            _scaled_mm(q, torch.ones(128, 1, device=device), q, torch.ones(1, 1, device=device), torch.bfloat16)
+            _scaled_mm_ok[idx] = True
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            _scaled_mm_ok[idx] = False
+    return _scaled_mm_ok[idx]
+
+
+def _scaled_mm(x_q, x_scale, w_q, w_scale, out_dtype):
+    """cuBLAS block-scaled GEMM: scales in the layouts it takes (activation scales M-major, weight
+    scales ``[K/128, N/128]`` with the K blocks contiguous)."""
+    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale.t().contiguous().t(), scale_b=w_scale.t(),
+                            out_dtype=out_dtype)
+
+
+def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend: str | None = None,
+                   **config) -> torch.Tensor:
+    """See ``dsv4::fp8_block_gemm``; ``backend`` "triton" / "scaled_mm" / None (``DSV4_FP8_GEMM`` or
+    automatic), ``config`` overrides ``gemm_config``."""
+    M = x_q.shape[0]
+    N, K = w_q.shape
     KB = K // BLOCK
     out = torch.empty((M, N), dtype=out_dtype, device=x_q.device)
     if M == 0 or N == 0:
         return out
     if KB == 0:
         return out.zero_()
-    xb = x_q.contiguous().view(torch.uint8)
-    wb = w_q.contiguous().view(torch.uint8)
-    xs = x_scale.to(torch.float32).contiguous()
     ws = w_scale.to(torch.float32).contiguous()
-    bm, splits, warps = gemm_config(M, N, KB, x_q.device, **config)
+    backend = backend or os.environ.get(GEMM_ENV, "auto")
+    grouped = x_q.dim() == 3
+    if (backend == "scaled_mm" or (backend == "auto" and M >= SCALED_MM_MIN_M and not grouped
+                                   and KB % 4 == 0 and N % BLOCK == 0 and _scaled_mm_supported(x_q.device))):
+        return _scaled_mm(x_q, x_scale, w_q, ws, out_dtype)
+    u8 = _interpreting()
+    xb = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
+    wb = w_q.contiguous()
+    if u8:
+        xb, wb = xb.view(torch.uint8), wb.view(torch.uint8)
+    if not grouped:
+        xb, x_scale = xb.unsqueeze(1), x_scale.unsqueeze(1)
+    npg = N // xb.shape[1]
+    bm, bn, splits, warps, stages = gemm_config(M, N, KB, x_q.device, n_per_group=npg if grouped else None,
+                                                **config)
     per = triton.cdiv(KB, splits)
     splits = triton.cdiv(KB, per)
-    dst = out if splits == 1 else torch.empty((splits, M, N), dtype=torch.float32, device=x_q.device)
-    _fp8_block_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, BLOCK), splits)](
-        xb, xs, wb, ws, dst, M, N, KB, per, xb.stride(0), xs.stride(0), wb.stride(0), ws.stride(0),
-        dst.stride(0) if splits > 1 else 0, dst.stride(-2), BM=bm, BN=BLOCK, num_warps=warps,
+    part = torch.empty((splits, M, N), dtype=torch.float32, device=x_q.device) if splits > 1 else out
+    cnt = _counter_buffer(x_q.device) if splits > 1 else out
+    _fp8_block_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), splits)](
+        xb, x_scale, wb, ws, out, part, cnt, M, N, KB, per, npg, xb.stride(0), xb.stride(1), *x_scale.stride(),
+        wb.stride(0), ws.stride(0), out.stride(0), BM=bm, BN=bn, STAGES=stages, SPLIT=splits > 1, U8=u8, num_warps=warps,
     )
-    if splits > 1:
-        out.copy_(dst.sum(dim=0))
     return out
