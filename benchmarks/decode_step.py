@@ -38,28 +38,40 @@ from dsv4_compile.runtime import (CacheConfig, DecodeGraphRunner, KVCacheManager
 dsv4 = torch.ops.dsv4
 
 
-def fill_caches(mgr, cache, g):
-    """Valid random records in every slot of the layer's caches (so attention reads finite values)."""
+def fill_caches(mgr, cache, g, ratio: int = 4):
+    """Valid random records in every slot of one layer's caches (so attention reads finite values): its
+    SWA cache and, for a compressed layer of ``ratio`` 4 or 128, its compressed cache and (CSA) its
+    indexer K cache, on the caches' device (``g`` a generator there). The compressor states stay zero."""
     chunk = 1 << 16
-    for name, tensor, kind, fmt in (("swa", cache.swa, "swa", "fp8_ds_mla"), ("c4", cache.compressed, "c4", "fp8_ds_mla"),
-                                    ("idx", cache.indexer, "c4", mgr.cache_config.indexer_fmt)):
+    parts = [("swa", cache.swa, "fp8_ds_mla")]
+    if cache.compressed is not None:
+        parts.append((f"c{ratio}", cache.compressed, "fp8_ds_mla"))
+    if cache.indexer is not None:
+        parts.append(("c4", cache.indexer, mgr.cache_config.indexer_fmt))
+    for kind, tensor, fmt in parts:
         bs = mgr.kinds[kind].block_size
         slots = tensor.shape[0] * bs
         dim = layouts.KV_HEAD_DIM if fmt == "fp8_ds_mla" else layouts.INDEXER_HEAD_DIM
         for s in range(0, slots, chunk):
             n = min(chunk, slots - s)
-            rows = torch.randn(n, dim, device="cuda", generator=g).bfloat16()
-            idx = torch.arange(s, s + n, device="cuda")
+            rows = torch.randn(n, dim, device=tensor.device, generator=g).bfloat16()
+            idx = torch.arange(s, s + n, device=tensor.device)
             if fmt == "fp8_ds_mla":
                 dsv4.kv_insert(rows, tensor, idx, bs)
             else:
                 dsv4.indexer_k_insert(rows, tensor, idx, bs, fmt)
 
 
-def timed(fn, iters: int) -> float:
-    """GPU µs per call of ``iters`` back-to-back calls (after 3 warm-up calls)."""
+def timed(fn, iters: int, device="cuda") -> float:
+    """µs per call of ``iters`` back-to-back calls (after 3 warm-up calls): GPU time from CUDA events
+    on a CUDA ``device``, wall-clock time on the CPU."""
     for _ in range(3):
         fn()
+    if torch.device(device).type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) * 1e6 / iters
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -71,12 +83,15 @@ def timed(fn, iters: int) -> float:
 
 
 def step_bytes(layer, b: int, ctx: int, cfg) -> int:
+    """Bytes one decode step of ``layer`` must read: B requests at ``ctx`` cached tokens."""
     # the checkpoint tensors: bf16 or FP8 weights, FP8 block scales (persistent buffers), sink, ape
     weights = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
     rec = layouts.FP8_DS_MLA_RECORD_BYTES
     idx_rec = layouts.record_bytes("fp8")
-    kv = b * (min(ctx + 1, cfg.sliding_window) + min((ctx + 1) // 4, cfg.index_topk)) * rec
-    index = b * ((ctx + 1) // 4) * sum(idx_rec)
+    r = layer.compress_ratio
+    entries = {0: 0, 4: min((ctx + 1) // 4, cfg.index_topk), 128: (ctx + 1) // 128}[r]  # compressed records read
+    kv = b * (min(ctx + 1, cfg.sliding_window) + entries) * rec
+    index = b * ((ctx + 1) // 4) * sum(idx_rec) if r == 4 else 0
     return weights + kv + index
 
 
