@@ -141,8 +141,7 @@ def test_grouped_reference_and_kernel(kernel_device):
 
 # Hopper's FP8 tensor-core dot (wgmma) keeps fewer accumulator bits than fp32 inside one 128-wide K
 # block (the DeepSeek-V3 technical report, section 3.3.2: about 14); the kernel promotes to fp32 once
-# per block, as
-# DeepGEMM does. Bound: 2^-11 of the output's Σ|terms| (docs/numerics.md §4.5).
+# per block, as DeepGEMM does. Bound: 2^-11 of the output's Σ|terms| (docs/numerics.md §4.5).
 GPU_BOUND = 2.0**-11
 
 
