@@ -162,7 +162,7 @@ def test_state_dict_round_trip_scale_names_and_bf16_load_back():
     a, _ = run(fp8)
     b, _ = run(bf16)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    # auto: bf16 (until the FP8 GEMM has run on a GPU)
+    # auto on the CPU: bf16 (FP8 is its default on GPUs with FP8 tensor cores: test_model_cuda)
     auto = DeepseekV4Attention(CFG, 1, max_model_len=MAX_LEN)
     auto.load_state_dict(sd)
     assert auto.wq_b.weight.dtype == torch.bfloat16

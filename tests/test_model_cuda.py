@@ -95,6 +95,21 @@ def test_no_host_sync_in_a_warm_decode_step(twin):
     torch.cuda.synchronize()
 
 
+def test_auto_weight_format_keeps_fp8_on_the_gpu():
+    """``weight_format="auto"`` (the default) on an FP8-capable GPU keeps the FP8 projections FP8; a
+    weight the FP8 GEMM cannot take (the tiny config's o_lora_rank 64 splits a 128-row block of
+    ``wo_a`` / ``wo_b``) is dequantized there instead of raising as ``"fp8"`` does."""
+    torch.manual_seed(0)
+    src = DeepseekV4Attention(CFG, 1, max_model_len=MAX_LEN, device=DEV)
+    sd = fp8_checkpoint(src.state_dict(), FP8_LINEARS)
+    auto = DeepseekV4Attention(CFG, 1, max_model_len=MAX_LEN, device=DEV)
+    auto.load_state_dict(sd)
+    assert auto.wq_b.weight.dtype == auto.wkv.weight.dtype == torch.float8_e4m3fn
+    assert auto.wo_a.weight.dtype == auto.wo_b.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="cannot keep it in FP8"):
+        DeepseekV4Attention(CFG, 1, max_model_len=MAX_LEN, device=DEV, weight_format="fp8").load_state_dict(sd)
+
+
 @pytest.mark.parametrize("weight_format", ["bf16", "fp8"])
 def test_flash_csa_layer_through_the_runner(weight_format):
     cfg = DSv4AttentionConfig.flash()

@@ -182,9 +182,9 @@ class DeepseekV4Attention(nn.Module):
             ``wq_b``, ``wo_a``, ``wo_b``, indexer ``wq_b``) become at load: ``"fp8"`` keeps them e4m3
             with fp32 128x128 block scales and runs them as ``fp8_block_quant`` + ``fp8_block_gemm``
             (docs/numerics.md §4.5; ``wo_a`` one grouped GEMM on the FP8 ``o``, no dequant);
-            ``"bf16"`` dequantizes them; ``"auto"`` (default) is ``"bf16"`` for now: the FP8 GEMM's
-            CUDA kernel has run only under the Triton interpreter and the sm_90 / sm_100 compile
-            check so far, and becomes the CUDA default once the GPU suite has run it. bf16
+            ``"bf16"`` dequantizes them; ``"auto"`` (default) is ``"fp8"`` when the layer is on a
+            CUDA GPU with FP8 tensor cores (sm_89+) at load time, else ``"bf16"`` (CPU, older GPUs),
+            and dequantizes any weight the FP8 GEMM cannot take where ``"fp8"`` raises. bf16
             checkpoint tensors stay bf16 in every format. Decided per load: the format follows the
             state dict, so a later bf16 load turns a linear back.
     """
@@ -479,6 +479,14 @@ class DeepseekV4Attention(nn.Module):
         return y
 
     # --- checkpoint loading ----------------------------------------------------------------------
+    def _keep_fp8(self) -> bool:
+        """Whether a load keeps the FP8 projections FP8: ``"fp8"`` always, ``"bf16"`` never, ``"auto"``
+        when the layer sits on a CUDA GPU with FP8 tensor cores (sm_89 or newer)."""
+        if self.weight_format != "auto":
+            return self.weight_format == "fp8"
+        dev = self.wq_b.weight.device
+        return dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9)
+
     def _convert_checkpoint(self, state_dict, prefix, *args):
         """Keep or dequantize FP8 block-scaled weights, and slice full-size head tensors to this shard.
 
@@ -492,7 +500,7 @@ class DeepseekV4Attention(nn.Module):
         ``FP8_LINEARS`` the FP8 GEMM cannot take (e5m2; input width not a multiple of 128; ``wo_a`` /
         ``wo_b`` with ``o_lora_rank`` not a multiple of 128, which splits a group inside a weight
         block). Every check runs before any change: a load that raises leaves the layer as it was."""
-        keep = self.weight_format == "fp8"  # "auto": bf16 until the FP8 GEMM has run on a GPU (see the class doc)
+        keep = self._keep_fp8()
         fp8_linears = dict(self._fp8_linears())
         # every check first, then any change: a load that raises leaves the layer as it was
         plan = []  # (wkey, base, linear or None, scale key or None, keep FP8)
@@ -515,9 +523,9 @@ class DeepseekV4Attention(nn.Module):
                     raise ValueError(f"{skeys[0]}: {e}") from None
                 if keep and lin is not None:
                     why = self._fp8_unusable(name, weight)
-                    if why is not None:
+                    if why is not None and self.weight_format == "fp8":
                         raise ValueError(f"{wkey}: weight_format='fp8' cannot keep it in FP8: {why}")
-                    kept = True
+                    kept = why is None  # "auto": a weight the FP8 GEMM cannot take is dequantized
             plan.append((wkey, base, lin, skeys[0] if skeys else None, kept))
         planned = {skey for *_, skey, _ in plan if skey is not None}
         for skey in [k for k in state_dict if k.startswith(prefix) and k.endswith(WEIGHT_SCALE_SUFFIXES)]:

@@ -119,13 +119,15 @@ def _counter_buffer(device: torch.device) -> torch.Tensor:
 
 def gemm_config(M: int, N: int, KB: int, device: torch.device, block_m: int | None = None,
                 block_n: int | None = None, splits: int | None = None, num_warps: int | None = None,
-                stages: int | None = None, n_per_group: int | None = None, waves: int = 4,
+                stages: int | None = None, n_per_group: int | None = None, waves: int = 2,
                 min_kb: int = 2):
     """(BM, BN, splits, warps, stages). Decode sizes (M ≤ 64): one M tile of 16 / 32 / 64 rows, 64-row N
-    tiles, split-K until every SM has about ``waves`` programs (at least ``min_kb`` K blocks per
-    split). Larger M: 64 x 128 tiles up to 256 rows, then 128 x 128 with 8 warps, no split."""
+    tiles, 3 stages, split-K until every SM has about ``waves`` programs (at least ``min_kb`` K blocks
+    per split). Larger M: 64 x 128 tiles up to 256 rows, then 128 x 128 with 8 warps, no split.
+    The decode defaults are the fastest of ``benchmarks/projections.py --sweep`` on an H200 (block_n
+    64 / 128, stages 3 / 4 / 6, waves 2 / 4 / 8 over the five V4-Flash projections at M = 1, 32, 64)."""
     if M <= 64:
-        bm, bn, warps, st = (16 if M <= 16 else 32 if M <= 32 else 64), 64, 4, 4
+        bm, bn, warps, st = (16 if M <= 16 else 32 if M <= 32 else 64), 64, 4, 3
     elif M < 256:
         bm, bn, warps, st = 64, 128, 4, 3
     else:
