@@ -16,6 +16,7 @@ On CUDA, NCCL's NVLink multicast (NVLS) is turned off (``NCCL_NVLS_ENABLE=0``) u
 """
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -137,11 +138,18 @@ def main():
     sys.stdout.flush()
     failed = torch.tensor([0 if ok else 1], device=device)
     dist.all_reduce(failed)
+    failed = int(failed.item())
+    # free the CUDA graphs (their captured all-reduces hold the NCCL communicator) before destroying
+    # the group: with the graphs alive, destroy_process_group hung after all work was done (H200 x2)
+    runners.clear()
+    runner = None  # noqa: F841 (the timing loop's last runner)
+    gc.collect()
+    sync(device)
     dist.destroy_process_group()
     # leave without the interpreter's teardown: a gloo rank's C++ threads occasionally aborted there
     # ("terminate called without an active exception", SIGABRT after all work was done: 2 of ~20 CPU runs)
     sys.stdout.flush(), sys.stderr.flush()
-    os._exit(1 if int(failed.item()) else 0)
+    os._exit(1 if failed else 0)
 
 
 def sync(device):
