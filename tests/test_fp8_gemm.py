@@ -8,8 +8,10 @@ import torch
 
 import dsv4_compile  # noqa: F401
 from dsv4_compile.kernels.triton import gemm as kernels
+from dsv4_compile.kernels.triton import primitives as quant_kernels
 from dsv4_compile.model.attention import dequant_fp8_weight
 from dsv4_compile.reference import gemm as ref
+from dsv4_compile.reference import quant as ref_quant
 
 dsv4 = torch.ops.dsv4
 
@@ -127,6 +129,19 @@ def _grouped_case(M, G, n, K, seed=0):
     return (x_q, x_scale, w_q, w_scale), want
 
 
+def _op_cases(device):
+    """``(op overload, args, kwargs)`` of the FP8 GEMM ops (shared with ``test_strided_args``): 2-D and
+    grouped ``fp8_block_gemm`` (one with split-K at this size), and ``fp8_linear``."""
+    two_d = _case(3, 200, 256, seed=5)
+    grouped, _ = _grouped_case(5, 2, 128, 256, seed=6)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 256, generator=g).bfloat16()
+    w_q, w_scale = two_d[2], two_d[3]
+    return [(dsv4.fp8_block_gemm.default, tuple(t.to(device) for t in two_d), {}),
+            (dsv4.fp8_block_gemm.default, tuple(t.to(device) for t in grouped), {"out_dtype": torch.float32}),
+            (dsv4.fp8_linear.default, (x.to(device), w_q.to(device), w_scale.to(device)), {})]
+
+
 def test_grouped_reference_and_kernel(kernel_device):
     case, want = _grouped_case(5, 4, 128, 256)
     assert torch.equal(ref.fp8_block_gemm(*case, torch.float32), want)
@@ -137,6 +152,54 @@ def test_grouped_reference_and_kernel(kernel_device):
         torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6 * float(want.abs().max()))
     if kernel_device == "cpu":  # the split-K counters are left zero for the next call
         assert not kernels._counter_buffer(torch.device("cpu")).any()
+
+
+@pytest.mark.parametrize("M,N,K,splits", [(1, 256, 512, None), (3, 200, 384, 3), (17, 128, 256, 1),
+                                          (64, 130, 256, 2), (65, 128, 256, None)])
+def test_fp8_linear_is_quant_then_gemm_bit_for_bit(kernel_device, M, N, K, splits):
+    """``fp8_linear`` (the kernel quantizing x itself up to 64 rows; quant + GEMM above) equals the
+    quant op's kernel then the GEMM kernel bit for bit, with a NaN row, a zero row (the floor's scale)
+    and an fp32 x. (Under the interpreter both quantize with its own e4m3 conversion, which is not the
+    hardware's round-to-nearest-even: the kernels' agreement is what is checked there; on the GPU the
+    quant kernel is bit-exact with the reference, ``test_triton_kernels``.)"""
+    g = torch.Generator().manual_seed(M + K)
+    _, _, w_q, w_scale = _case(1, N, K, seed=N)
+    x = torch.randn(M, K, generator=g) * 5
+    x[0, 3] = float("nan")
+    if M > 2:
+        x[2] = 0
+    dev = [t.to(kernel_device) for t in (w_q, w_scale)]
+    for xin in (x.bfloat16(), x):
+        xd = xin.to(kernel_device)
+        x_q, x_scale = quant_kernels.fp8_block_quant(xd, 128, 1e-4)  # the quant op's kernel
+        want = kernels.fp8_block_gemm(x_q, x_scale, *dev, torch.float32, splits=splits)
+        got = kernels.fp8_linear(xd, *dev, torch.float32, splits=splits)
+        assert torch.equal(_bytes(got), _bytes(want))
+        assert torch.equal(_bytes(dsv4.fp8_linear(xin, w_q, w_scale)), _bytes(ref.fp8_linear(xin, w_q, w_scale)))
+    assert torch.equal(_bytes(ref.fp8_linear(x, w_q, w_scale, torch.float32)),
+                       _bytes(ref.fp8_block_gemm(*ref_quant.fp8_block_quant(x, 128), w_q, w_scale, torch.float32)))
+
+
+def _bytes(t):
+    return t.contiguous().view(torch.uint8)
+
+
+def test_fp8_linear_opcheck_and_errors():
+    op, args, kw = _op_cases("cpu")[2]
+    # test_schema compares inputs with allclose, which torch lacks for e4m3 (as for fp8_block_gemm)
+    torch.library.opcheck(op, args, kw, test_utils=("test_faketensor", "test_aot_dispatch_dynamic",
+                                                   "test_autograd_registration"))
+    x, w_q, w_scale = args
+    bad = [
+        (lambda: dsv4.fp8_linear(x.int(), w_q, w_scale), "x must be one of"),
+        (lambda: dsv4.fp8_linear(x[:, :128], w_q, w_scale), "x must be"),
+        (lambda: dsv4.fp8_linear(x, w_q, w_scale[:1]), "w_scale must be"),
+        (lambda: dsv4.fp8_linear(x, w_q, w_scale, torch.int32), "out_dtype"),
+        (lambda: dsv4.fp8_linear(x, w_q, w_scale, torch.bfloat16, 0.0), "scale_floor"),
+    ]
+    for fn, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            fn()
 
 
 # Hopper's FP8 tensor-core dot (wgmma) keeps fewer accumulator bits than fp32 inside one 128-wide K

@@ -14,7 +14,7 @@ from expecttest import assert_expected_inline
 from torch._dynamo.utils import counters
 
 from dsv4_compile import DSv4AttentionConfig
-from dsv4_compile.lowerings import DSV4PassManager
+from dsv4_compile.lowerings import DSV4PassManager, PassConfig
 from dsv4_compile.lowerings.checks import assert_graph_ok, capture_final_graphs
 from dsv4_compile.model import DeepseekV4Attention, dequant_fp8_weight
 from dsv4_compile.model.attention import FP8_LINEARS
@@ -137,6 +137,53 @@ dsv4.inv_rope_fp8_quant.default
 dsv4.fp8_block_gemm.default
 dsv4.fp8_block_quant.default
 dsv4.fp8_block_gemm.default""")
+
+
+def test_fp8_linear_pass_is_bit_exact_and_drops_the_activation_quants(no_compile_cache):
+    """``PassConfig.fp8_linear``: every ``fp8_block_quant`` feeding 2-D FP8 GEMMs becomes part of one
+    ``fp8_linear`` per GEMM (the grouped ``wo_a`` keeps the fused output quant's FP8 ``o``); the step
+    is bit for bit the one without the pass (outputs and every cache byte), one graph, no break."""
+    fp8, _, _ = layers(1)
+    results = {}
+    for on in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        mgr = KVCacheManager(CFG, [1], CC)
+        builder = StepMetadataBuilder(mgr)
+        for r in ("a", "b"):
+            mgr.add_request(r)
+        pm = DSV4PassManager(PassConfig(fp8_linear=on), record=True)
+        step = compile_step(lambda x, meta: fp8(x, meta, mgr.caches[0]), options={"post_grad_custom_post_pass": pm})
+        g = torch.Generator().manual_seed(0)
+        outs = []
+        with capture_final_graphs() as graphs:
+            for batch in ([("a", 70), ("b", 9)], [("a", 1), ("b", 1)]):
+                x = torch.randn(sum(n for _, n in batch), CFG.hidden_size, generator=g).bfloat16()
+                outs.append(step(x, builder.build(batch)))
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+        assert_graph_ok(graphs[-1].graph)
+        results[on] = (outs, [t.clone() for c in mgr.caches for t in c.tensors()], pm, graphs[-1])
+    for a, b in zip(results[False][0] + results[False][1], results[True][0] + results[True][1]):
+        assert torch.equal(a, b)
+    pm, gm = results[True][2], results[True][3]
+    assert pm.snapshots[-1].matches["fp8_linear"] == 4
+    ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("dsv4.")]
+    assert_expected_inline("\n".join(ops), """\
+dsv4.fp8_linear.default
+dsv4.kv_rope_insert.default
+dsv4.swa_indices.default
+dsv4.compressor_insert.default
+dsv4.compressor_insert.default
+dsv4.fp8_linear.default
+dsv4.indexer_q_rope_fp8.default
+dsv4.indexer_topk.default
+dsv4.global_topk_indices.default
+dsv4.fp8_linear.default
+dsv4.rope.default
+dsv4.sparse_attn.default
+dsv4.inv_rope_fp8_quant.default
+dsv4.fp8_block_gemm.default
+dsv4.fp8_linear.default""")
 
 
 def test_state_dict_round_trip_scale_names_and_bf16_load_back():

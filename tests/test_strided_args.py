@@ -20,6 +20,7 @@ import torch
 import test_attention
 import test_cache_ops
 import test_compressor
+import test_fp8_gemm
 import test_indices
 import test_ops
 import test_output
@@ -35,6 +36,7 @@ def _cases(device):
     for mod in (test_cache_ops, test_compressor, test_indices, test_attention):
         cases += [(op, tuple(args), {}) for op, args in mod._op_cases(device)]
     cases += [(dsv4.inv_rope_fp8_quant.default, tuple(args), {}) for args in test_output._op_cases(device)]
+    cases += test_fp8_gemm._op_cases(device)
     return cases
 
 

@@ -1,12 +1,13 @@
-"""``dsv4::fp8_block_gemm``: the block-scaled FP8 GEMM of DSv4's FP8 projections (docs/numerics.md
-§4.5)."""
+"""``dsv4::fp8_block_gemm``: the block-scaled FP8 GEMM of DSv4's FP8 projections, and
+``dsv4::fp8_linear``: the same with the activation quantization fused in (docs/numerics.md §4.5)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..reference import gemm as ref
-from ._lib import check_tensor, qualname, register_cuda
+from .. import layouts
+from ._lib import FLOAT_DTYPES, check_tensor, qualname, register_cuda
 
 _W_SCALE_DTYPES = (torch.float32, torch.float8_e8m0fnu)
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -83,7 +84,7 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, 
     return ref.fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype)
 
 
-@register_cuda(fp8_block_gemm)
+@register_cuda(fp8_block_gemm, strided=("x_q", "x_scale"))
 def _fp8_block_gemm_cuda(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16):
     _check(x_q, x_scale, w_q, w_scale, out_dtype)
     from ..kernels.triton import gemm
@@ -95,3 +96,68 @@ def _fp8_block_gemm_cuda(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16):
 def _fp8_block_gemm_fake(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16):
     _check(x_q, x_scale, w_q, w_scale, out_dtype)
     return torch.empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype, device=x_q.device)
+
+
+def _check_linear(x, w_q, w_scale, out_dtype, scale_floor):
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("w_q", w_q, ndim=2, dtypes=(torch.float8_e4m3fn,), device=x.device)
+    check_tensor("w_scale", w_scale, ndim=2, dtypes=_W_SCALE_DTYPES, device=x.device)
+    N, K = w_q.shape
+    if K % ref.BLOCK or x.shape[1] != K:
+        raise ValueError(f"x must be [M, K] with K = w_q's {K}, a multiple of {ref.BLOCK}, got {tuple(x.shape)}")
+    want = (-(-N // ref.BLOCK), K // ref.BLOCK)
+    if tuple(w_scale.shape) != want:
+        raise ValueError(f"w_scale must be [ceil(N/128), K/128] = {want}, got {tuple(w_scale.shape)}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    if not scale_floor > 0:
+        raise ValueError(f"scale_floor must be positive (it keeps the scale a normal fp32), got {scale_floor}")
+
+
+@torch.library.custom_op(qualname("fp8_linear"), mutates_args=())
+def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+               scale_floor: float = layouts.FP8_AMAX_FLOOR) -> torch.Tensor:
+    """An FP8 projection of high-precision activations: ``fp8_block_gemm(*fp8_block_quant(x, 128,
+    scale_floor), w_q, w_scale, out_dtype)``, bit for bit, without the FP8 activations in memory.
+
+    Args:
+        x: ``[M, K]`` bf16 / fp16 / fp32 activations (any strides), ``K`` a multiple of 128.
+        w_q: e4m3 ``[N, K]`` weight (``nn.Linear`` layout).
+        w_scale: ``[ceil(N/128), K/128]`` fp32 or ``float8_e8m0fnu`` weight block scales.
+        out_dtype: bfloat16 (default), float16 or float32.
+        scale_floor: the activation quant's amax floor (> 0; 1e-4 as DeepSeek's ``act_quant``).
+
+    Returns:
+        A fresh contiguous ``[M, N]`` tensor of ``out_dtype``.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: a tensor of the wrong dtype or rank, or on another device than ``x``; ``x`` not
+            ``[M, K]`` with ``w_q``'s ``K`` (a multiple of 128); ``w_scale`` not ``[ceil(N/128),
+            K/128]``; ``out_dtype`` not bf16 / fp16 / fp32; ``scale_floor`` not positive.
+
+    Source:
+        ``act_quant`` + ``fp8_gemm`` of the DeepSeek-V4 reference ``kernel.py``. The CUDA path up to 64
+        rows (decode) is one Triton kernel that quantizes each 1x128 block of ``x`` in registers
+        (``kernels/triton/gemm.py``: the quant kernel's own code) as it streams the weight; above that
+        the two ops' kernels. The ``fp8_linear`` pass (``lowerings/fp8_linear.py``) rewrites the plain
+        ``fp8_block_quant`` → ``fp8_block_gemm`` pair into it.
+    """
+    _check_linear(x, w_q, w_scale, out_dtype, scale_floor)
+    return ref.fp8_linear(x, w_q, w_scale, out_dtype, scale_floor)
+
+
+@register_cuda(fp8_linear, strided=("x",))
+def _fp8_linear_cuda(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=layouts.FP8_AMAX_FLOOR):
+    _check_linear(x, w_q, w_scale, out_dtype, scale_floor)
+    from ..kernels.triton import gemm
+
+    return gemm.fp8_linear(x, w_q, w_scale, out_dtype, scale_floor)
+
+
+@fp8_linear.register_fake
+def _fp8_linear_fake(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=layouts.FP8_AMAX_FLOOR):
+    _check_linear(x, w_q, w_scale, out_dtype, scale_floor)
+    return torch.empty((x.shape[0], w_q.shape[0]), dtype=out_dtype, device=x.device)

@@ -15,7 +15,7 @@ from .quant import (  # noqa: F401
     pow2_split,
 )
 from .rope import hadamard, rope  # noqa: F401
-from .gemm import fp8_block_gemm  # noqa: F401
+from .gemm import fp8_block_gemm, fp8_linear  # noqa: F401
 from .indexer_q import indexer_q_rope_fp8, indexer_q_rope_mxfp4  # noqa: F401
 from .output import fp8_dequant_grouped, grouped_o_proj, inv_rope_fp8_quant  # noqa: F401
 from . import attention, cache, compressor, indices  # noqa: F401,E402  (caches, compressor, indices, attention core)

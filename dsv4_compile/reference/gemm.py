@@ -47,3 +47,12 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, 
     for b in range(kb):  # block by block, in K order (as the kernels accumulate)
         out = out + partial[b] * scale[b]
     return out.to(out_dtype)
+
+
+def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+               scale_floor: float = 1e-4) -> torch.Tensor:
+    """``fp8_block_gemm(*fp8_block_quant(x, 128, scale_floor), w_q, w_scale, out_dtype)``: an FP8 projection
+    of bf16 / fp16 / fp32 activations ``x [M, K]``, quantized per token in 1x128 blocks."""
+    from .quant import fp8_block_quant
+
+    return fp8_block_gemm(*fp8_block_quant(x, BLOCK, scale_floor), w_q, w_scale, out_dtype)

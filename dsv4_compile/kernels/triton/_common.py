@@ -1,6 +1,7 @@
 """Triton building blocks shared by the dsv4 kernels, each bit-exact with ``dsv4_compile.reference``.
 
 * ``ceil_log2_ratio`` / ``pow2``: UE8M0 exponents from fp32 bits (no log2, no division).
+* ``fp8_quant_rows``: the UE8M0 FP8 quantization of one block per row (``fp8_block_quant``).
 * ``e2m1_code_sw``: software E2M1 round-to-nearest-even (Hopper has no ``cvt.*.e2m1x2``).
 * ``e2m1x2_hw``: the sm_100 hardware conversion, used only behind an arch check.
 * ``rope_pairs``: the RoPE rotation on (even, odd) pairs.
@@ -18,10 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import layouts
 from ...reference import quant as _ref_quant
 from .. import _device
 
 # jit code reads module globals only as tl.constexpr instances
+FP8_MAX = tl.constexpr(layouts.FP8_E4M3_MAX)
 FP8_MAX_EXP = tl.constexpr(_ref_quant.FP8_MAX_EXP)
 FP8_MAX_MANT = tl.constexpr(_ref_quant.FP8_MAX_MANT)
 E2M1_MAX_EXP = tl.constexpr(_ref_quant.E2M1_MAX_EXP)
@@ -40,6 +43,17 @@ def ceil_log2_ratio(amax, MAX_EXP: tl.constexpr, MAX_MANT: tl.constexpr):
 @triton.jit
 def pow2(e):
     return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fp8_quant_rows(x, amax_floor):
+    """UE8M0 FP8 of fp32 ``x [R, B]``, one block per row (columns past the block zero): ``(q e4m3
+    [R, B], scale fp32 [R] = 2^e)``, ``e = ceil(log2(max(amax, floor) / 448))``, ``q = clamp(x·2^-e,
+    ±448)`` with NaN kept (docs/numerics.md §4.1, §4.2)."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor)
+    e = ceil_log2_ratio(amax, FP8_MAX_EXP, FP8_MAX_MANT)
+    v = tl.clamp(x * pow2(-e)[:, None], -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    return v.to(tl.float8e4nv), pow2(e)
 
 
 @triton.jit

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .. import _device
+from ._common import fp8_quant_rows
 
 BLOCK = 128
 COUNTERS = 4096  # split-K tile counters per (device, stream); splitting is used below 2 tiles per SM
@@ -38,13 +39,17 @@ GEMM_ENV = "DSV4_FP8_GEMM"
 
 @triton.jit
 def _fp8_block_gemm_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, KB, kb_per_split, n_per_group,
-    x_stride_m, x_stride_g, xs_stride_m, xs_stride_g, xs_stride_k, w_stride, ws_stride, out_stride,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, q_tmp_ptr, q_tmp_u8_ptr, M, N, KB, kb_per_split,
+    n_per_group,
+    x_stride_m, x_stride_g, xs_stride_m, xs_stride_g, xs_stride_k, w_stride, ws_stride, out_stride, amax_floor,
     BM: tl.constexpr, BN: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr, U8: tl.constexpr,
+    QUANT_X: tl.constexpr,
 ):
     """Program (m tile, n tile of ``BN`` rows inside one 128-row weight-scale block, K split):
     Σ over its K blocks of dot · x_scale · w_scale; with ``SPLIT`` the partial goes to
-    ``part[split, m, n]`` and the last of the tile's programs sums the partials in split order."""
+    ``part[split, m, n]`` and the last of the tile's programs sums the partials in split order.
+    ``QUANT_X``: ``x`` is bf16 / fp16 / fp32 and each 1x128 block is quantized in registers as
+    ``fp8_block_quant(x, 128, amax_floor)`` does (``xs_ptr`` unused): ``fp8_linear``."""
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     ps = tl.program_id(2)
@@ -66,10 +71,18 @@ def _fp8_block_gemm_kernel(
         a = tl.load(x_rows + kb * 128, mask=mm[:, None], other=0.0)
         b = tl.load(w_rows + kb * 128, mask=nm[:, None], other=0.0)
         if U8:  # the interpreter has no FP8 pointers: bytes, reinterpreted
-            a = a.to(tl.float8e4nv, bitcast=True)
             b = b.to(tl.float8e4nv, bitcast=True)
+        if QUANT_X:  # padding rows are zeros: scale = the floor's, discarded
+            a, sa = fp8_quant_rows(a.to(tl.float32), amax_floor)
+            if U8:  # the interpreter's in-register e4m3 values are not the stored codes: through memory
+                t = tl.arange(0, BM)[:, None] * 128 + rk[None, :]
+                tl.store(q_tmp_ptr + t, a)
+                a = tl.load(q_tmp_u8_ptr + t).to(tl.float8e4nv, bitcast=True)
+        else:
+            if U8:
+                a = a.to(tl.float8e4nv, bitcast=True)
+            sa = tl.load(xs_rows + kb * xs_stride_k, mask=mm, other=0.0)
         d = tl.dot(a, tl.trans(b))  # [BM, BN] fp32: exact e4m3 products, fp32 sums
-        sa = tl.load(xs_rows + kb * xs_stride_k, mask=mm, other=0.0)
         sb = tl.load(ws_row + kb)
         acc += d * (sa[:, None] * sb)
     out = out_ptr + rm.to(tl.int64)[:, None] * out_stride + rn[None, :]
@@ -170,7 +183,7 @@ def _scaled_mm_supported(device: torch.device) -> bool:
 def _scaled_mm(x_q, x_scale, w_q, w_scale, out_dtype):
     """cuBLAS block-scaled GEMM: scales in the layouts it takes (activation scales M-major, weight
     scales ``[K/128, N/128]`` with the K blocks contiguous)."""
-    return torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale.t().contiguous().t(), scale_b=w_scale.t(),
+    return torch._scaled_mm(x_q.contiguous(), w_q.t(), scale_a=x_scale.t().contiguous().t(), scale_b=w_scale.t(),
                             out_dtype=out_dtype)
 
 
@@ -192,22 +205,65 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend
     if (backend == "scaled_mm" or (backend == "auto" and M >= SCALED_MM_MIN_M and not grouped
                                    and KB % 4 == 0 and N % BLOCK == 0 and _scaled_mm_supported(x_q.device))):
         return _scaled_mm(x_q, x_scale, w_q, ws, out_dtype)
+    return _launch(x_q, x_scale, w_q, ws, out, config)
+
+
+def _launch(x, x_scale, w_q, ws, out, config, amax_floor=None):
+    """The Triton kernel on FP8 ``x`` with ``x_scale`` (``[M, K]`` or grouped ``[M, G, K]``), or, with
+    ``amax_floor``, on bf16 / fp16 / fp32 ``x [M, K]`` quantized in the kernel (``x_scale`` None)."""
+    M, (N, K) = x.shape[0], w_q.shape
+    KB = K // BLOCK
+    quant = amax_floor is not None
     u8 = _interpreting()
-    xb = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
+    xb = x if x.stride(-1) == 1 else x.contiguous()
     wb = w_q.contiguous()
     if u8:
-        xb, wb = xb.view(torch.uint8), wb.view(torch.uint8)
+        wb = wb.view(torch.uint8)
+        if not quant:
+            xb = xb.view(torch.uint8)
+    grouped = xb.dim() == 3
     if not grouped:
-        xb, x_scale = xb.unsqueeze(1), x_scale.unsqueeze(1)
+        xb = xb.unsqueeze(1)
+        x_scale = x_scale.unsqueeze(1) if x_scale is not None else None
+    xs_strides = x_scale.stride() if x_scale is not None else (0, 0, 0)
     npg = N // xb.shape[1]
-    bm, bn, splits, warps, stages = gemm_config(M, N, KB, x_q.device, n_per_group=npg if grouped else None,
+    bm, bn, splits, warps, stages = gemm_config(M, N, KB, x.device, n_per_group=npg if grouped else None,
                                                 **config)
     per = triton.cdiv(KB, splits)
     splits = triton.cdiv(KB, per)
-    part = torch.empty((splits, M, N), dtype=torch.float32, device=x_q.device) if splits > 1 else out
-    cnt = _counter_buffer(x_q.device) if splits > 1 else out
+    part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
+    cnt = _counter_buffer(x.device) if splits > 1 else out
+    # interpreter only (programs run one at a time): the quantized x tile goes through memory
+    q_tmp = torch.empty((bm, BLOCK), dtype=torch.float8_e4m3fn, device=x.device) if quant and u8 else None
     _fp8_block_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), splits)](
-        xb, x_scale, wb, ws, out, part, cnt, M, N, KB, per, npg, xb.stride(0), xb.stride(1), *x_scale.stride(),
-        wb.stride(0), ws.stride(0), out.stride(0), BM=bm, BN=bn, STAGES=stages, SPLIT=splits > 1, U8=u8, num_warps=warps,
+        xb, x_scale if x_scale is not None else ws, wb, ws, out, part, cnt,
+        q_tmp if q_tmp is not None else out, q_tmp.view(torch.uint8) if q_tmp is not None else out, M, N, KB, per,
+        npg, xb.stride(0),
+        xb.stride(1), *xs_strides, wb.stride(0), ws.stride(0), out.stride(0),
+        float(amax_floor) if quant else 0.0, BM=bm, BN=bn, STAGES=stages, SPLIT=splits > 1, U8=u8, QUANT_X=quant,
+        num_warps=warps,
     )
     return out
+
+
+FUSED_QUANT_MAX_M = 64  # fp8_linear quantizes x inside the GEMM up to this many rows (decode sizes)
+
+
+def fp8_linear(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=1e-4, backend: str | None = None,
+               **config) -> torch.Tensor:
+    """See ``dsv4::fp8_linear``: ``fp8_block_gemm(*fp8_block_quant(x, 128, scale_floor), w_q, w_scale)``;
+    up to ``FUSED_QUANT_MAX_M`` rows one kernel quantizes ``x`` as it streams the weight (bit-exact
+    with the two ops: the same quantization, the same GEMM), above that the two ops' kernels."""
+    M = x.shape[0]
+    N, K = w_q.shape
+    out = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    if M > FUSED_QUANT_MAX_M or (backend or os.environ.get(GEMM_ENV, "auto")) == "scaled_mm":
+        from .primitives import fp8_block_quant
+
+        x_q, x_scale = fp8_block_quant(x, BLOCK, scale_floor)
+        return fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype, backend=backend, **config)
+    return _launch(x, None, w_q, w_scale.to(torch.float32).contiguous(), out, config, amax_floor=scale_floor)

@@ -20,6 +20,7 @@ from ._common import (
     ceil_log2_ratio,
     e2m1_code_sw,
     e2m1x2_hw,
+    fp8_quant_rows,
     fwht,
     pow2,
     rope_pairs,
@@ -141,11 +142,9 @@ def _fp8_block_quant_kernel(
     m = g_ok[:, None] & (k < BLOCK)[None, :]
     off = g.to(tl.int64)[:, None] * BLOCK + k[None, :]
     x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), amax_floor)
-    e = ceil_log2_ratio(amax, FP8_MAX_EXP, FP8_MAX_MANT)
-    v = tl.clamp(x * pow2(-e)[:, None], -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
-    tl.store(q_ptr + off, v.to(tl.float8e4nv), mask=m)
-    tl.store(s_ptr + g, pow2(e), mask=g_ok)
+    q, scale = fp8_quant_rows(x, amax_floor)
+    tl.store(q_ptr + off, q, mask=m)
+    tl.store(s_ptr + g, scale, mask=g_ok)
 
 
 def fp8_block_quant(x: torch.Tensor, block: int, scale_floor: float):

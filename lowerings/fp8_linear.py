@@ -1,0 +1,78 @@
+"""FP8 projection fusion: ``fp8_block_quant(x, 128) → fp8_block_gemm`` ⇒ ``dsv4::fp8_linear``.
+
+What is matched (post-grad, functional graph)::
+
+    x_q, x_scale = dsv4.fp8_block_quant(x [M, K], 128, floor)
+    y_i = dsv4.fp8_block_gemm(x_q, x_scale, w_i, s_i[, out_dtype])      # one or more GEMMs
+
+where every user of ``x_q`` and ``x_scale`` is such a 2-D GEMM taking them as its activations (the
+model's ``wq_a``+``wkv`` on ``x``, ``wq_b`` and the indexer's ``wq_b`` sharing the q latent's quant,
+``wo_b`` on ``z``). Replacement: each GEMM becomes ``dsv4.fp8_linear(x, w_i, s_i, out_dtype, floor)``
+and the quant goes: no FP8 activations in memory, and no launch for the quant (at decode sizes the
+GEMM kernel quantizes each 1x128 block of ``x`` in registers; bit for bit the same values). A quant
+with any other user (its FP8 values stored, say) is left alone, as is the grouped (3-D) GEMM of
+``wo_a``, whose input comes quantized from the fused output quant.
+
+Off by default (``PassConfig.fp8_linear``) until it is measured on a GPU: the fused kernel's compile
+and interpreter checks are all it has had.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import fx
+
+from dsv4_compile.kernels.triton.gemm import BLOCK
+
+from .graph_utils import bound_args, fake_call, getitem_users, val
+
+dsv4 = torch.ops.dsv4
+
+
+class Fp8LinearFusion:
+    """Finds ``fp8_block_quant(x, 128) → fp8_block_gemm`` and rewrites each GEMM into one
+    ``dsv4::fp8_linear``; ``__call__`` returns the number of GEMMs rewritten."""
+
+    name = "fp8_linear"
+
+    def _match(self, quant: fx.Node) -> Optional[dict]:
+        qa = bound_args(quant)
+        x = qa["x"]
+        xv = val(x)
+        if qa["block"] != BLOCK or xv is None or xv.dim() != 2:
+            return None
+        items = getitem_users(quant)
+        if items is None or set(items) != {0, 1}:
+            return None
+        gemms = list(items[0].users)
+        if not gemms or set(items[1].users) != set(gemms):
+            return None
+        for g in gemms:
+            if g.target is not dsv4.fp8_block_gemm.default:
+                return None
+            ga = bound_args(g)
+            if ga["x_q"] is not items[0] or ga["x_scale"] is not items[1] or items[0] in (ga["w_q"], ga["w_scale"]):
+                return None
+        return dict(x=x, floor=qa["scale_floor"], items=items, gemms=gemms)
+
+    def __call__(self, graph: fx.Graph) -> int:
+        count = 0
+        for quant in list(graph.find_nodes(op="call_function", target=dsv4.fp8_block_quant.default)):
+            m = self._match(quant)
+            if m is None:
+                continue
+            target = dsv4.fp8_linear.default
+            for g in m["gemms"]:
+                ga = bound_args(g)
+                args = (m["x"], ga["w_q"], ga["w_scale"], ga["out_dtype"], m["floor"])
+                with graph.inserting_before(g):
+                    fused = graph.call_function(target, args)
+                fused.meta["val"] = fake_call(target, args, [g, m["x"]])
+                g.replace_all_uses_with(fused)
+                graph.erase_node(g)
+                count += 1
+            for n in (*m["items"].values(), quant):
+                graph.erase_node(n)
+        return count
