@@ -151,7 +151,7 @@ def test_grouped_reference_and_kernel(kernel_device):
         got = kernels.fp8_block_gemm(*dev, torch.float32, splits=splits).cpu()
         torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6 * float(want.abs().max()))
     if kernel_device == "cpu":  # the split-K counters are left zero for the next call
-        assert not kernels._counter_buffer(torch.device("cpu")).any()
+        assert not kernels._counter_buffer(torch.device("cpu"), 1).any()
 
 
 @pytest.mark.parametrize("M,N,K,splits", [(1, 256, 512, None), (3, 200, 384, 3), (17, 128, 256, 1),
@@ -182,6 +182,19 @@ def test_fp8_linear_is_quant_then_gemm_bit_for_bit(kernel_device, M, N, K, split
 
 def _bytes(t):
     return t.contiguous().view(torch.uint8)
+
+
+def test_kernel_rejects_a_tile_that_straddles_a_weight_scale_block():
+    """An N tile reads one weight-scale row: it must sit inside one 128-row block and one group."""
+    case = _case(2, 256, 256)
+    for bn in (256, 96):
+        with pytest.raises(ValueError, match="block_n"):
+            kernels.fp8_block_gemm(*case, block_n=bn)
+    cpu = torch.device("cpu")
+    assert kernels.gemm_config(300, 256, 2, cpu, n_per_group=128)[1] == 128
+    assert kernels.gemm_config(300, 256, 2, cpu, n_per_group=192)[1] == 64
+    with pytest.raises(ValueError, match="block_n"):
+        kernels.gemm_config(2, 256, 2, cpu, n_per_group=96, block_n=64)
 
 
 def test_fp8_linear_opcheck_and_errors():

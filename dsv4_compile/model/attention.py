@@ -479,12 +479,15 @@ class DeepseekV4Attention(nn.Module):
         return y
 
     # --- checkpoint loading ----------------------------------------------------------------------
-    def _keep_fp8(self) -> bool:
+    def _keep_fp8(self, state_dict, prefix) -> bool:
         """Whether a load keeps the FP8 projections FP8: ``"fp8"`` always, ``"bf16"`` never, ``"auto"``
-        when the layer sits on a CUDA GPU with FP8 tensor cores (sm_89 or newer)."""
+        when the layer sits on a CUDA GPU with FP8 tensor cores (sm_89 or newer); a layer on the meta
+        device (``load_state_dict(assign=True)``) goes by the state dict's tensors."""
         if self.weight_format != "auto":
             return self.weight_format == "fp8"
         dev = self.wq_b.weight.device
+        if dev.type == "meta":
+            dev = next((v.device for k, v in state_dict.items() if k.startswith(prefix) and torch.is_tensor(v)), dev)
         return dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 9)
 
     def _convert_checkpoint(self, state_dict, prefix, *args):
@@ -500,7 +503,7 @@ class DeepseekV4Attention(nn.Module):
         ``FP8_LINEARS`` the FP8 GEMM cannot take (e5m2; input width not a multiple of 128; ``wo_a`` /
         ``wo_b`` with ``o_lora_rank`` not a multiple of 128, which splits a group inside a weight
         block). Every check runs before any change: a load that raises leaves the layer as it was."""
-        keep = self._keep_fp8()
+        keep = self._keep_fp8(state_dict, prefix)
         fp8_linears = dict(self._fp8_linears())
         # every check first, then any change: a load that raises leaves the layer as it was
         plan = []  # (wkey, base, linear or None, scale key or None, keep FP8)

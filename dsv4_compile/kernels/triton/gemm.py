@@ -17,7 +17,8 @@ scales need no copy).
 
 Large M (prefill) goes to cuBLAS through ``torch._scaled_mm`` with block-wise scales where this
 torch / GPU takes them (probed once per device), else to the same kernel with 128-row tiles.
-``DSV4_FP8_GEMM=triton`` forces the Triton kernel.
+``DSV4_FP8_GEMM=triton`` forces the Triton kernel (``backend="scaled_mm"`` forces cuBLAS, for tests and
+benchmarks).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def _fp8_block_gemm_kernel(
     omask = mm[:, None] & nm[None, :]
     if SPLIT:
         n_split = tl.num_programs(2)
-        tile_elems = (M * N).to(tl.int64)
+        tile_elems = (tl.zeros([], dtype=tl.int64) + M) * N  # int64 even when M or N is specialized to 1
         part = part_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
         tl.store(part + ps * tile_elems, acc, mask=omask)
         tl.debug_barrier()  # every thread's partial is written before the ticket (release, GPU scope)
@@ -118,15 +119,19 @@ def _sms(device: torch.device) -> int:
 _counters: dict = {}
 
 
-def _counter_buffer(device: torch.device) -> torch.Tensor:
-    """The zeroed tile counters of ``device``'s current stream (every kernel leaves them zero)."""
-    if device.type == "cuda":
-        key = (_device.index(device), torch.cuda.current_stream(device).cuda_stream)
-    else:
-        key = (str(device), 0)
+def _counter_buffer(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed split-K tile counters (every kernel leaves them zero): one buffer per device, created
+    at the first call outside a CUDA-graph capture (the runner's and Inductor's warm-up runs come
+    first). A call captured before any exists gets fresh zeros of its own (a memset in its graph),
+    never cached: memory allocated inside a capture is not zero at capture time. Two split-K GEMMs
+    running at the same time on two streams of one device would share the counters: unsupported."""
+    key = str(device)
     buf = _counters.get(key)
-    if buf is None:
-        buf = _counters[key] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    if buf is not None:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    buf = _counters[key] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
     return buf
 
 
@@ -145,9 +150,12 @@ def gemm_config(M: int, N: int, KB: int, device: torch.device, block_m: int | No
         bm, bn, warps, st = 64, 128, 4, 3
     else:
         bm, bn, warps, st = 128, 128, 8, 3
-    bm, bn = block_m or bm, block_n or bn
     if n_per_group is not None and n_per_group % bn:
-        bn = 64 if n_per_group % 64 == 0 else bn
+        bn = 64
+    bm, bn = block_m or bm, block_n or bn
+    # an N tile must sit inside one 128-row weight-scale block (and one group)
+    if bn not in (16, 32, 64, 128) or (n_per_group is not None and n_per_group % bn):
+        raise ValueError(f"block_n must be 16, 32, 64 or 128 and divide the group's {n_per_group} rows, got {bn}")
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     if splits is None:
         want = waves * _sms(device)
@@ -189,8 +197,8 @@ def _scaled_mm(x_q, x_scale, w_q, w_scale, out_dtype):
 
 def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend: str | None = None,
                    **config) -> torch.Tensor:
-    """See ``dsv4::fp8_block_gemm``; ``backend`` "triton" / "scaled_mm" / None (``DSV4_FP8_GEMM`` or
-    automatic), ``config`` overrides ``gemm_config``."""
+    """See ``dsv4::fp8_block_gemm``; ``backend`` "triton" / "scaled_mm" (forced) / None (automatic;
+    ``DSV4_FP8_GEMM=triton`` forces the kernel), ``config`` overrides ``gemm_config``."""
     M = x_q.shape[0]
     N, K = w_q.shape
     KB = K // BLOCK
@@ -200,12 +208,19 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend
     if KB == 0:
         return out.zero_()
     ws = w_scale.to(torch.float32).contiguous()
-    backend = backend or os.environ.get(GEMM_ENV, "auto")
-    grouped = x_q.dim() == 3
-    if (backend == "scaled_mm" or (backend == "auto" and M >= SCALED_MM_MIN_M and not grouped
-                                   and KB % 4 == 0 and N % BLOCK == 0 and _scaled_mm_supported(x_q.device))):
+    backend = backend or ("triton" if os.environ.get(GEMM_ENV) == "triton" else "auto")
+    if backend == "scaled_mm" or (backend == "auto" and M >= SCALED_MM_MIN_M and _scaled_mm_shape(x_q, N, KB, out_dtype)
+                                  and _scaled_mm_supported(x_q.device)):
         return _scaled_mm(x_q, x_scale, w_q, ws, out_dtype)
     return _launch(x_q, x_scale, w_q, ws, out, config)
+
+
+def _scaled_mm_shape(x_q, N: int, KB: int, out_dtype) -> bool:
+    """Shapes the cuBLAS path is used for: 2-D, M a multiple of 4 (the M-major activation scales'
+    leading dimension is M: 16-byte aligned), whole 128-row weight blocks, K blocks a multiple of 4,
+    bf16 / fp32 out (what torch tests)."""
+    return (x_q.dim() == 2 and x_q.shape[0] % 4 == 0 and N % BLOCK == 0 and KB % 4 == 0
+            and out_dtype in (torch.bfloat16, torch.float32))
 
 
 def _launch(x, x_scale, w_q, ws, out, config, amax_floor=None):
@@ -232,7 +247,7 @@ def _launch(x, x_scale, w_q, ws, out, config, amax_floor=None):
     per = triton.cdiv(KB, splits)
     splits = triton.cdiv(KB, per)
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
-    cnt = _counter_buffer(x.device) if splits > 1 else out
+    cnt = _counter_buffer(x.device, triton.cdiv(M, bm) * triton.cdiv(N, bn)) if splits > 1 else out
     # interpreter only (programs run one at a time): the quantized x tile goes through memory
     q_tmp = torch.empty((bm, BLOCK), dtype=torch.float8_e4m3fn, device=x.device) if quant and u8 else None
     _fp8_block_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), splits)](
@@ -261,7 +276,7 @@ def fp8_linear(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=1e-4, back
         return out
     if K == 0:
         return out.zero_()
-    if M > FUSED_QUANT_MAX_M or (backend or os.environ.get(GEMM_ENV, "auto")) == "scaled_mm":
+    if M > FUSED_QUANT_MAX_M or backend == "scaled_mm":
         from .primitives import fp8_block_quant
 
         x_q, x_scale = fp8_block_quant(x, BLOCK, scale_floor)
