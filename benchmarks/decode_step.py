@@ -114,7 +114,8 @@ def profile_replay(graph, reps: int = 10) -> str:
     return f"  kernels of one replayed step (sum {total:.1f} µs):\n" + "\n".join(lines)
 
 
-def run(batches, contexts, iters: int, profile_cases=(), options=None, weight_format: str = "bf16"):
+def run(batches, contexts, iters: int, profile_cases=(), options=None, weight_format: str = "bf16",
+        enable_passes=()):
     """Rows of one weight format: ``"bf16"`` (random bf16 weights) or ``"fp8"`` (the same weights
     quantized to the checkpoints' FP8 blocks and loaded with ``weight_format="fp8"``)."""
     from _timing import bandwidth_ceilings, ceiling_fields, ceilings_line
@@ -138,7 +139,8 @@ def run(batches, contexts, iters: int, profile_cases=(), options=None, weight_fo
         return layer(x, meta, cache)
 
     t0 = time.perf_counter()
-    steps = {"nopass": compile_step(fwd, passes=False, options=options), "passes": compile_step(fwd, options=options)}
+    steps = {"nopass": compile_step(fwd, passes=False, options=options),
+             "passes": compile_step(fwd, passes={n: True for n in enable_passes}, options=options)}
     runners = {k: DecodeGraphRunner(s, builder, cfg.hidden_size, capture_sizes=batches) for k, s in steps.items()}
     ceil = bandwidth_ceilings()
     read = ceil["read_tbs"]
@@ -263,6 +265,9 @@ def main():
                     help="print the per-kernel GPU time of the graphed step for this case (repeatable)")
     ap.add_argument("--weight-formats", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"],
                     help="the layer's weights: bf16, and/or FP8 blocks run as FP8 GEMMs (weight_format='fp8')")
+    ap.add_argument("--enable-passes", nargs="+", default=[], metavar="NAME",
+                    help="PassConfig fusions that are off by default to turn on in the 'passes' variants "
+                         "(e.g. fp8_linear); the table header names them")
     args = ap.parse_args()
     if args.plot:
         try:
@@ -281,11 +286,13 @@ def main():
     rows = []
     for wf in args.weight_formats:
         r, ceil = run(args.batches, args.contexts, args.iters, {tuple(p) for p in args.profile},
-                      {"max_autotune_gemm": True} if args.autotune else None, weight_format=wf)
+                      {"max_autotune_gemm": True} if args.autotune else None, weight_format=wf,
+                      enable_passes=args.enable_passes)
         rows += r
     dev = torch.cuda.get_device_name()
+    extra = f" Passes turned on beyond the defaults: {', '.join(args.enable_passes)}." if args.enable_passes else ""
     md = (f"V4-Flash CSA layer decode step on {dev}, torch {torch.__version__}. {ceilings_line(ceil)} The floor is "
-          f"the bytes a step must read over the streaming read.\n\n" + HEADER + "\n"
+          f"the bytes a step must read over the streaming read.{extra}\n\n" + HEADER + "\n"
           + "\n".join(fmt_row(r) for r in rows) + "\n")
     print("\n" + md)
     if args.out:

@@ -9,7 +9,8 @@ bf16: one batched matmul, as the bf16 model's ``grouped_linear``), ``wo_b`` 4096
 CUDA-graph replay, rotating over enough weight copies that every call reads its weight from DRAM;
 the rate is the weight bytes (FP8 + scales, or bf16) over the time, as % of the streaming-read
 bandwidth measured in the same run. The activation quant is timed over 32 calls per graph (one call
-alone would time the graph launch).
+alone would time the graph launch); ``fp8_linear`` is the quant fused into the GEMM (compare it with
+the GEMM + the quant).
 
     python benchmarks/projections.py [--m 1 8 32 64 2048 8192] [--out results.md]
     python benchmarks/projections.py --sweep     # the Triton kernel's configs at decode sizes
@@ -84,6 +85,9 @@ def run(ms):
                        bf16_weight_bytes=2 * N * K)
             row["fp8_us"] = graph_time_us([lambda w=w, s=s: dsv4.fp8_block_gemm(x_q, x_s, w, s) for w, s, _ in ws])
             row["quant_us"] = graph_time_us([lambda: dsv4.fp8_block_quant(x, 128)] * 32)
+            # the activation quant fused into the GEMM (2-D projections; the grouped wo_a takes FP8 o)
+            row["linear_us"] = (graph_time_us([lambda w=w, s=s: dsv4.fp8_linear(x, w, s) for w, s, _ in ws])
+                                if G == 1 else None)
             if G > 1:
                 xg = x.transpose(0, 1)
                 row["bf16_us"] = graph_time_us([lambda wb=wb: torch.bmm(xg, wb.view(G, N // G, K).transpose(1, 2))
@@ -108,14 +112,15 @@ def fmt(r):
     read = r["read_tbs"]
     cells = [r["name"], f"{r['M']}", f"{r['fp8_us']:.1f} µs ({pct_read(r['fp8_weight_bytes'], r['fp8_us'], read):.0f}%)",
              f"{r['quant_us']:.1f} µs",
+             f"{r['linear_us']:.1f} µs" if r.get("linear_us") else "—",
              f"{r['bf16_us']:.1f} µs ({pct_read(r['bf16_weight_bytes'], r['bf16_us'], read):.0f}%)",
              f"{r['scaled_mm_us']:.1f} µs" if r["scaled_mm_us"] else f"refused ({r.get('scaled_mm_refused')})"]
     return "| " + " | ".join(cells) + " |"
 
 
 def table(ceil, rows):
-    head = ("| weight | M | fp8_block_gemm (% of read BW, FP8 weight bytes) | act quant | bf16 F.linear "
-            "(% of read BW, bf16 bytes) | torch._scaled_mm block-wise |\n|---|---|---|---|---|---|")
+    head = ("| weight | M | fp8_block_gemm (% of read BW, FP8 weight bytes) | act quant | fp8_linear (quant fused) "
+            "| bf16 F.linear (% of read BW, bf16 bytes) | torch._scaled_mm block-wise |\n|---|---|---|---|---|---|---|")
     return f"{ceilings_line(ceil)}\n\n{head}\n" + "\n".join(fmt(r) for r in rows)
 
 
@@ -142,7 +147,6 @@ def sweep(ms):
     print(ceilings_line(ceil), flush=True)
     configs = [dict(block_n=bn, stages=st, waves=wv) for bn in (64, 128) for st in (3, 4, 6) for wv in (2, 4, 8)]
     for name, (N, K) in SHAPES.items():
-        G = GROUPS.get(name, 1)
         ws = _weights(N, K, "cuda", max(2, -(-(256 << 20) // (N * K))))
         fp8_bytes = N * K + ws[0][1].numel() * 4
         for M in ms:
