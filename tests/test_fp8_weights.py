@@ -50,14 +50,15 @@ def layers(idx, **kw):
     return fp8, bf16, sd
 
 
-def run(layer, step=None, seed=0):
-    """Outputs of a prefill (two requests) then a decode step, on fresh caches."""
+def run(layer, make_step=None, seed=0):
+    """Outputs of a prefill (two requests) then a decode step, on fresh caches; ``make_step(mgr)``
+    gives the step (default: the layer, eager)."""
     mgr = KVCacheManager(CFG, [layer.layer_idx], CC)
     b = StepMetadataBuilder(mgr)
     for r in ("a", "b"):
         mgr.add_request(r)
     g = torch.Generator().manual_seed(seed)
-    fn = step or (lambda x, meta: layer(x, meta, mgr.caches[0]))
+    fn = make_step(mgr) if make_step else (lambda x, meta: layer(x, meta, mgr.caches[0]))
     outs = []
     for batch in ([("a", 70), ("b", 9)], [("a", 1), ("b", 1)]):
         x = torch.randn(sum(n for _, n in batch), CFG.hidden_size, generator=g).bfloat16()
@@ -83,41 +84,33 @@ def test_fp8_layer_against_the_dequantized_bf16_layer(idx):
         assert rel < 0.1, rel
 
 
+def compiled_run(layer, config=None):
+    """``run`` through ``compile_step`` with a recording pass manager: (outputs, cache manager, pass
+    manager, the final graph), after checking one Dynamo graph, no graph break and ``assert_graph_ok``."""
+    torch._dynamo.reset()
+    counters.clear()
+    pm = DSV4PassManager(config, record=True)
+    with capture_final_graphs() as graphs:
+        outs, mgr = run(layer, lambda mgr: compile_step(lambda x, meta: layer(x, meta, mgr.caches[0]),
+                                                        options={"post_grad_custom_post_pass": pm}))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert_graph_ok(graphs[-1].graph)
+    return outs, mgr, pm, graphs[-1]
+
+
+def dsv4_ops(gm) -> str:
+    return "\n".join(str(n.target) for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("dsv4."))
+
+
 def test_compiled_equals_eager_one_graph_and_op_list(no_compile_cache):
     fp8, _, _ = layers(1)
     eager, _ = run(fp8)
-    torch._dynamo.reset()
-    counters.clear()
-    mgr_holder = {}
-
-    def step_fn(x, meta):
-        return fp8(x, meta, mgr_holder["mgr"].caches[0])
-
-    mgr = KVCacheManager(CFG, [1], CC)
-    mgr_holder["mgr"] = mgr
-    builder = StepMetadataBuilder(mgr)
-    for r in ("a", "b"):
-        mgr.add_request(r)
-    pm = DSV4PassManager(record=True)
-    step = compile_step(step_fn, options={"post_grad_custom_post_pass": pm})
-    g = torch.Generator().manual_seed(0)
-    outs = []
-    for k, batch in enumerate(([("a", 70), ("b", 9)], [("a", 1), ("b", 1)])):
-        x = torch.randn(sum(n for _, n in batch), CFG.hidden_size, generator=g).bfloat16()
-        if k == 0:
-            with capture_final_graphs() as graphs:
-                outs.append(step(x, builder.build(batch)))
-        else:
-            outs.append(step(x, builder.build(batch)))
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    outs, _, pm, gm = compiled_run(fp8)
     for y, ref in zip(outs, eager):
         assert (y.float() - ref.float()).norm() <= 2e-2 * ref.float().norm()
-    gm = graphs[-1]
-    assert_graph_ok(gm.graph)
     # every pass still fires with FP8 weights (the output-path fusion feeds the FP8 wo_a directly)
     assert dict(pm.snapshots[-1].matches) == {"compressor": 2, "indexer_q": 1, "inv_rope_quant": 1, "kv_rope_insert": 1}
-    ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("dsv4.")]
-    assert_expected_inline("\n".join(ops), """\
+    assert_expected_inline(dsv4_ops(gm), """\
 dsv4.fp8_block_quant.default
 dsv4.fp8_block_gemm.default
 dsv4.fp8_block_quant.default
@@ -144,31 +137,12 @@ def test_fp8_linear_pass_is_bit_exact_and_drops_the_activation_quants(no_compile
     ``fp8_linear`` per GEMM (the grouped ``wo_a`` keeps the fused output quant's FP8 ``o``); the step
     is bit for bit the one without the pass (outputs and every cache byte), one graph, no break."""
     fp8, _, _ = layers(1)
-    results = {}
-    for on in (False, True):
-        torch._dynamo.reset()
-        counters.clear()
-        mgr = KVCacheManager(CFG, [1], CC)
-        builder = StepMetadataBuilder(mgr)
-        for r in ("a", "b"):
-            mgr.add_request(r)
-        pm = DSV4PassManager(PassConfig(fp8_linear=on), record=True)
-        step = compile_step(lambda x, meta: fp8(x, meta, mgr.caches[0]), options={"post_grad_custom_post_pass": pm})
-        g = torch.Generator().manual_seed(0)
-        outs = []
-        with capture_final_graphs() as graphs:
-            for batch in ([("a", 70), ("b", 9)], [("a", 1), ("b", 1)]):
-                x = torch.randn(sum(n for _, n in batch), CFG.hidden_size, generator=g).bfloat16()
-                outs.append(step(x, builder.build(batch)))
-        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-        assert_graph_ok(graphs[-1].graph)
-        results[on] = (outs, [t.clone() for c in mgr.caches for t in c.tensors()], pm, graphs[-1])
-    for a, b in zip(results[False][0] + results[False][1], results[True][0] + results[True][1]):
+    plain, fused = (compiled_run(fp8, PassConfig(fp8_linear=on)) for on in (False, True))
+    for a, b in zip(plain[0] + [t for c in plain[1].caches for t in c.tensors()],
+                    fused[0] + [t for c in fused[1].caches for t in c.tensors()]):
         assert torch.equal(a, b)
-    pm, gm = results[True][2], results[True][3]
-    assert pm.snapshots[-1].matches["fp8_linear"] == 4
-    ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("dsv4.")]
-    assert_expected_inline("\n".join(ops), """\
+    assert fused[2].snapshots[-1].matches["fp8_linear"] == 4
+    assert_expected_inline(dsv4_ops(fused[3]), """\
 dsv4.fp8_linear.default
 dsv4.kv_rope_insert.default
 dsv4.swa_indices.default
