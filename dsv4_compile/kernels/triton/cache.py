@@ -12,10 +12,10 @@ import triton
 import triton.language as tl
 
 from ... import layouts
-from ._common import FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, ceil_log2_ratio, pow2, rope_pairs, use_hw_e2m1
+from ._common import (FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, ceil_log2_ratio, pow2, rope_pairs,
+                      use_hw_e2m1)
 from .primitives import mxfp4_block
 
-FP8_MAX = tl.constexpr(layouts.FP8_E4M3_MAX)
 AMAX_FLOOR = tl.constexpr(layouts.FP8_AMAX_FLOOR)
 TOKEN_BYTES = tl.constexpr(layouts.FP8_DS_MLA_TOKEN_BYTES)  # 576
 SCALE_BYTES = tl.constexpr(layouts.FP8_DS_MLA_SCALE_BYTES)  # 8

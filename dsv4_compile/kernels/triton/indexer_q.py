@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ... import layouts
 from ._common import (
+    FP8_MAX,
     FP8_MAX_EXP,
     FP8_MAX_MANT,
     LAUNCH_OPTS,
@@ -22,7 +23,7 @@ from ._common import (
     rope_pairs,
     use_hw_e2m1,
 )
-from .primitives import FP8_MAX, mxfp4_block
+from .primitives import mxfp4_block
 
 FP8_AMAX_FLOOR = tl.constexpr(layouts.FP8_AMAX_FLOOR)
 

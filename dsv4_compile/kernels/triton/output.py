@@ -17,9 +17,8 @@ import triton.language as tl
 
 from ... import layouts
 from ...reference import output as _ref_output
-from ._common import FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, ceil_log2_ratio, pow2
+from ._common import FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, ceil_log2_ratio, pow2
 from .cache import load_cos_sin, rope_last_row
-from .primitives import FP8_MAX
 
 AMAX_FLOOR = tl.constexpr(layouts.INV_ROPE_AMAX_FLOOR)
 HEAD_DIM = tl.constexpr(layouts.KV_HEAD_DIM)  # 512

@@ -14,8 +14,6 @@ from .. import _device
 from ._common import (
     E2M1_MAX_EXP,
     E2M1_MAX_MANT,
-    FP8_MAX_EXP,
-    FP8_MAX_MANT,
     LAUNCH_OPTS,
     ceil_log2_ratio,
     e2m1_code_sw,
@@ -27,7 +25,6 @@ from ._common import (
     use_hw_e2m1,
 )
 
-FP8_MAX = tl.constexpr(layouts.FP8_E4M3_MAX)
 E2M1_MAX = tl.constexpr(layouts.E2M1_MAX)
 MXFP4_AMAX_FLOOR = tl.constexpr(layouts.MXFP4_AMAX_FLOOR)
 MXFP4_EXP_MIN = tl.constexpr(layouts.MXFP4_EXP_MIN)
