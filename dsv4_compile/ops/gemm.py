@@ -8,21 +8,33 @@ import torch
 from ..reference import gemm as ref
 from .. import layouts
 from ._lib import FLOAT_DTYPES, check_tensor, qualname, register_cuda
+from .quant import _check_fp8
 
 _W_SCALE_DTYPES = (torch.float32, torch.float8_e8m0fnu)
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _check(x_q, x_scale, w_q, w_scale, out_dtype):
-    check_tensor("x_q", x_q, min_ndim=2, dtypes=(torch.float8_e4m3fn,))
-    check_tensor("x_scale", x_scale, min_ndim=2, dtypes=(torch.float32,), device=x_q.device)
-    check_tensor("w_q", w_q, ndim=2, dtypes=(torch.float8_e4m3fn,), device=x_q.device)
-    check_tensor("w_scale", w_scale, ndim=2, dtypes=_W_SCALE_DTYPES, device=x_q.device)
-    if x_q.dim() > 3:
-        raise ValueError(f"x_q must be [M, K] or grouped [M, G, K], got {x_q.dim()} dims")
+def _check_weight(w_q, w_scale, out_dtype, device) -> tuple[int, int]:
+    """The FP8 weight, its block scales and the output dtype (both ops); returns ``(N, K)``."""
+    check_tensor("w_q", w_q, ndim=2, dtypes=(torch.float8_e4m3fn,), device=device)
+    check_tensor("w_scale", w_scale, ndim=2, dtypes=_W_SCALE_DTYPES, device=device)
     N, K = w_q.shape
     if K % ref.BLOCK:
         raise ValueError(f"w_q's K = {K} is not a multiple of {ref.BLOCK} (1x128 activation blocks)")
+    want = (-(-N // ref.BLOCK), K // ref.BLOCK)
+    if tuple(w_scale.shape) != want:
+        raise ValueError(f"w_scale must be [ceil(N/128), K/128] = {want}, got {tuple(w_scale.shape)}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    return N, K
+
+
+def _check(x_q, x_scale, w_q, w_scale, out_dtype):
+    check_tensor("x_q", x_q, min_ndim=2, dtypes=(torch.float8_e4m3fn,))
+    check_tensor("x_scale", x_scale, min_ndim=2, dtypes=(torch.float32,), device=x_q.device)
+    if x_q.dim() > 3:
+        raise ValueError(f"x_q must be [M, K] or grouped [M, G, K], got {x_q.dim()} dims")
+    N, K = _check_weight(w_q, w_scale, out_dtype, x_q.device)
     if x_q.shape[-1] != K:
         raise ValueError(f"x_q's last dim must be w_q's K = {K}, got {tuple(x_q.shape)}")
     if x_q.dim() == 3 and (x_q.shape[1] == 0 or N % (x_q.shape[1] * ref.BLOCK)):
@@ -32,11 +44,6 @@ def _check(x_q, x_scale, w_q, w_scale, out_dtype):
     if tuple(x_scale.shape) != want_xs:
         raise ValueError(f"x_scale must be fp32 {list(want_xs)} (x_q's shape, last dim K/128), got "
                          f"{tuple(x_scale.shape)}")
-    want = (-(-N // ref.BLOCK), K // ref.BLOCK)
-    if tuple(w_scale.shape) != want:
-        raise ValueError(f"w_scale must be [ceil(N/128), K/128] = {want}, got {tuple(w_scale.shape)}")
-    if out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
 
 
 @torch.library.custom_op(qualname("fp8_block_gemm"), mutates_args=())
@@ -100,18 +107,10 @@ def _fp8_block_gemm_fake(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16):
 
 def _check_linear(x, w_q, w_scale, out_dtype, scale_floor):
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("w_q", w_q, ndim=2, dtypes=(torch.float8_e4m3fn,), device=x.device)
-    check_tensor("w_scale", w_scale, ndim=2, dtypes=_W_SCALE_DTYPES, device=x.device)
-    N, K = w_q.shape
-    if K % ref.BLOCK or x.shape[1] != K:
+    _, K = _check_weight(w_q, w_scale, out_dtype, x.device)
+    if x.shape[1] != K:
         raise ValueError(f"x must be [M, K] with K = w_q's {K}, a multiple of {ref.BLOCK}, got {tuple(x.shape)}")
-    want = (-(-N // ref.BLOCK), K // ref.BLOCK)
-    if tuple(w_scale.shape) != want:
-        raise ValueError(f"w_scale must be [ceil(N/128), K/128] = {want}, got {tuple(w_scale.shape)}")
-    if out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
-    if not scale_floor > 0:
-        raise ValueError(f"scale_floor must be positive (it keeps the scale a normal fp32), got {scale_floor}")
+    _check_fp8(x, ref.BLOCK, scale_floor)  # fp8_block_quant's own checks (the scale floor)
 
 
 @torch.library.custom_op(qualname("fp8_linear"), mutates_args=())
