@@ -496,8 +496,9 @@ class DeepseekV4Attention(nn.Module):
         An FP8 ``<name>.weight`` comes with one block scale per 128x128 block,
         ``[ceil(out/128), ceil(in/128)]`` fp32 or ``float8_e8m0fnu``, named ``<name>.scale`` (DeepSeek's
         reference checkpoints) or ``<name>.weight_scale_inv`` (HF-format FP8 checkpoints; the same
-        multiplier despite the name). With ``weight_format="fp8"`` the e4m3 weights of
-        ``FP8_LINEARS`` stay FP8 (the scale becomes the fp32 ``<name>.scale`` buffer); every other FP8 weight, and all of them with ``"bf16"``, is dequantized to bf16.
+        multiplier despite the name). When the load keeps FP8 (``_keep_fp8``) the e4m3 weights of
+        ``FP8_LINEARS`` stay FP8 (the scale becomes the fp32 ``<name>.scale`` buffer); every other FP8
+        weight, and all of them otherwise, is dequantized to bf16.
         ``ValueError`` naming the key: an FP8 weight without a scale, a scale of the wrong shape or
         dtype, a scale without an FP8 weight, both scale names at once, or (``"fp8"``) a weight of
         ``FP8_LINEARS`` the FP8 GEMM cannot take (e5m2; input width not a multiple of 128; ``wo_a`` /

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import layouts
+
 dsv4 = torch.ops.dsv4
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
@@ -37,10 +39,13 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(e4m3 [N, K], fp32 [ceil(N/128), ceil(K/128)])``: a bf16 / fp32 weight in the checkpoints'
     format, one power-of-two scale per 128x128 block (``amax/448`` rounded up to a power of two,
     amax floored at 1e-4), ``w ≈ q · scale``. For benchmarks and tests that start from bf16 weights."""
+    from ..reference.quant import FP8_MAX_EXP, FP8_MAX_MANT, ceil_log2_ratio, pow2
+
     n, k = w.shape
     blocks = torch.nn.functional.pad(w.float(), (0, -k % BLOCK, 0, -n % BLOCK)).unflatten(0, (-1, BLOCK)).unflatten(
         2, (-1, BLOCK))
-    scale = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(dim=(1, 3)).clamp_min(1e-4) / 448)))
+    amax = blocks.abs().amax(dim=(1, 3)).clamp_min(layouts.FP8_AMAX_FLOOR)
+    scale = pow2(ceil_log2_ratio(amax, FP8_MAX_EXP, FP8_MAX_MANT))  # the activation quant's exact UE8M0 rule
     full = scale.repeat_interleave(BLOCK, 0)[:n].repeat_interleave(BLOCK, 1)[:, :k]
     return (w.float() / full).to(FP8), scale
 
