@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-from dsv4_compile.kernels.triton.gemm import BLOCK
+from dsv4_compile.reference.gemm import BLOCK
 
 from .graph_utils import bound_args, fake_call, getitem_users, val
 
