@@ -18,6 +18,8 @@ INV_ROPE_AMAX_FLOOR = 1e-10  # output-projection activation quant (numerics.md �
 KV_QUANT_BLOCK = 64  # KV nope is quantized in 64-element blocks
 KV_NOPE_BLOCKS = KV_NOPE_DIM // KV_QUANT_BLOCK  # 7
 O_PROJ_QUANT_BLOCK = 128  # 4 blocks per 512-d head for the grouped output projection
+WEIGHT_BLOCK = 128  # FP8 checkpoint weights: one UE8M0 scale per 128x128 block (numerics.md §1.3); FP8 GEMMs
+#                    quantize their activations in 1 x WEIGHT_BLOCK blocks to match (§4.5)
 O_PROJ_SCALE_T_ALIGN = 4  # the MN-major o-proj scale's token dim is padded to a multiple of 4 (16-byte rows)
 
 # --- fp8_ds_mla paged record (SWA cache and compressed caches, numerics.md §5.2) -------------

@@ -43,7 +43,7 @@ from .indexer import IndexerQ
 
 dsv4 = torch.ops.dsv4
 
-WEIGHT_BLOCK = 128  # FP8 checkpoint weights: one UE8M0 scale per 128x128 block (docs/numerics.md §1.3)
+WEIGHT_BLOCK = layouts.WEIGHT_BLOCK  # FP8 checkpoint weights: one scale per 128x128 block
 
 
 def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

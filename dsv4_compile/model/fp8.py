@@ -13,7 +13,7 @@ from .. import layouts
 
 dsv4 = torch.ops.dsv4
 FP8 = torch.float8_e4m3fn
-BLOCK = 128
+BLOCK = layouts.WEIGHT_BLOCK
 
 
 def is_fp8(lin: nn.Linear) -> bool:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
-BLOCK = 128
+from .. import layouts
+
+BLOCK = layouts.WEIGHT_BLOCK
 
 
 def weight_scale_fp32(w_scale: torch.Tensor) -> torch.Tensor:

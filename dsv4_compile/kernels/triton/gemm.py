@@ -29,10 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import layouts
 from .. import _device
 from ._common import fp8_quant_rows
 
-BLOCK = 128
+BLOCK = layouts.WEIGHT_BLOCK  # the kernel's K step and N tile bound are this 128
 COUNTERS = 4096  # split-K tile counters per (device, stream); splitting is used below 2 tiles per SM
 SCALED_MM_MIN_M = 256  # from this many rows the GEMM is compute-bound: cuBLAS when it takes block scales
 GEMM_ENV = "DSV4_FP8_GEMM"
