@@ -64,8 +64,13 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
             x = next((a for a in args if isinstance(a, torch.Tensor)), kw.get("x"))
             for t in ([x] if x is not None else []) + [t for m in metas for t in m.token_tensors()]:
                 torch._dynamo.mark_dynamic(t, 0)
-            with fx_config.patch(backed_size_oblivious=True):
+            # set and restored by hand: fx_config.patch(...) costs ~15 µs of host time per step
+            old = fx_config.backed_size_oblivious
+            fx_config.backed_size_oblivious = True
+            try:
                 return compiled(*args, **kw)
+            finally:
+                fx_config.backed_size_oblivious = old
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.TorchRuntimeError) as e:
             err = _traced_value_error(e)
             if err is None:

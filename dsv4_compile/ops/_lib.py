@@ -52,6 +52,54 @@ def qualname(name: str) -> str:
     return f"{NAMESPACE}::{name}"
 
 
+FULL_DISPATCH_ENV = "DSV4_FULL_DISPATCH"
+
+
+def _full_dispatch() -> bool:
+    """Whether ``DSV4_FULL_DISPATCH=1`` keeps ``custom_op``'s Python dispatch layers (read at import)."""
+    return os.environ.get(FULL_DISPATCH_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+_DIRECT = None  # the Library that holds the direct registrations (created on first use)
+
+
+def register_direct(op, kernels: dict) -> bool:
+    """Register ``op``'s device functions straight on the dispatcher and skip the layers an inference
+    op does not need; returns whether it did.
+
+    ``torch.library.custom_op`` still declares every op (schema, fake, ``register_kernel``, opcheck),
+    but it puts three Python layers in front of each call: an ``Autograd`` kernel, for mutating ops an
+    ``ADInplaceOrView`` kernel that bumps the mutated tensors' version counters, and a backend wrapper
+    (an aliasing check of the outputs and ``torch._disable_dynamo``). Together they cost 15–35 µs per
+    call on the H200 machine's host (``benchmarks/host_dispatch.py``). Here ``kernels`` (dispatch key
+    → function, e.g. ``{"CUDA": ..., "CPU": ...}``) are registered on their keys directly (still under
+    ``torch._disable_dynamo``), and ``Autograd`` and ``ADInplaceOrView`` become C++ fallthroughs.
+
+    What changes for a caller: outputs of an op called on inputs that require grad do not require
+    grad (the ops have no backward either way: ``custom_op``'s layer only deferred the error to
+    ``backward()``), and an op's in-place write does not bump the cache's version counter (nothing
+    autograd saved can alias a cache). ``DSV4_FULL_DISPATCH=1`` at import keeps ``custom_op``'s layers.
+    """
+    global _DIRECT
+    if _full_dispatch():
+        return False
+    import inspect
+
+    from torch.library import Library, fallthrough_kernel
+
+    if _DIRECT is None:
+        _DIRECT = Library(NAMESPACE, "FRAGMENT")
+    kw = {"allow_override": True} if "allow_override" in inspect.signature(Library.impl).parameters else {}
+    schema = op._opoverload._schema
+    regs = [(fallthrough_kernel, "Autograd")]
+    if schema.is_mutable:
+        regs.append((fallthrough_kernel, "ADInplaceOrView"))
+    regs += [(torch._disable_dynamo(fn), key) for key, fn in kernels.items()]
+    for fn, key in regs:
+        _DIRECT.impl(op._name, fn, key, **kw)
+    return True
+
+
 CUDA_KERNELS: dict[str, Callable] = {}
 """The CUDA implementation of every op by short name, as registered (argument normalization
 included): tests call them on CPU tensors under ``TRITON_INTERPRET=1``."""
@@ -93,6 +141,7 @@ def register_cuda(op, *, strided: tuple[str, ...] = ()):
 
         kernel.__name__, kernel.__doc__, kernel.__wrapped__ = fn.__name__, fn.__doc__, fn
         op.register_kernel("cuda")(kernel)
+        register_direct(op, {"CUDA": kernel, "CPU": op._init_fn})
         CUDA_KERNELS[op._name] = kernel
         return kernel
 

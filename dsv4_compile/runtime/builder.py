@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from .cache import KVCacheManager
@@ -58,6 +59,7 @@ class StepMetadataBuilder:
         cc = manager.cache_config
         self.max_tokens = cc.max_num_batched_tokens
         self.host = torch.full((len(_ROWS), self.max_tokens), -1, dtype=torch.int64)
+        self._host_np = self.host.numpy()  # the same memory
         self.tokens = torch.full((len(_ROWS), self.max_tokens), -1, dtype=torch.int64, device=self.device)
         self.tables = {k: t.to(self.device) for k, t in manager.tables.items()}
         cuda = self.device.type == "cuda"
@@ -89,22 +91,29 @@ class StepMetadataBuilder:
         m.begin_step()  # manager.rollback() undoes this step's accounting if its forward raises
         m.check_extend(batch)  # an empty batch is a valid step (an idle data-parallel rank): 0 rows
 
-        host = self.host[:, :rows]
-        host.fill_(-1)
-        host[0].fill_(0)
+        host = self._host_np[:, :rows]  # numpy over self.host: index math on a few ints costs ~1 µs per op
+        host.fill(-1)
+        host[0].fill(0)
         t = 0
+        req_rows, offsets, lens = [], [], []
         for req_id, n in batch:
             row, start = m.extend(req_id, n)
-            host[0, t:t + n] = torch.arange(start, start + n)
-            host[1, t:t + n] = row
+            req_rows.append(row)
+            offsets.append(start - t)  # position of token i of this request = i + start - (its first row)
+            lens.append(n)
             t += n
-        pos, req = host[0, :t], host[1, :t]
-        host[2, :t] = self._slots("swa", req, pos)
-        for r in m.ratios:
-            k = 3 if r == 4 else 5
-            closes = (pos + 1) % r == 0
-            host[k, :t] = torch.where(closes, self._slots(f"c{r}", req, pos // r), -1)
-            host[k + 1, :t] = self._slots(f"c{r}_state", req, pos)
+        if t:
+            req = np.repeat(np.asarray(req_rows, dtype=np.int64), lens)
+            pos = np.arange(t, dtype=np.int64) + np.repeat(np.asarray(offsets, dtype=np.int64), lens)
+            host[0, :t] = pos
+            host[1, :t] = req
+            host[2, :t] = self._slots("swa", req, pos)
+            for r in m.ratios:
+                k = 3 if r == 4 else 5
+                closes = (pos + 1) % r == 0
+                host[k, :t] = np.where(closes, self._slots(f"c{r}", req, pos // r), -1)
+                host[k + 1, :t] = self._slots(f"c{r}_state", req, pos)
+        host = self.host[:, :rows]
 
         self._copy(host, self.tokens[:, :rows], self._token_stage)
         for name in sorted(m.dirty):
@@ -112,15 +121,15 @@ class StepMetadataBuilder:
         m.dirty.clear()
         return self.view(rows)
 
-    def _slots(self, kind: str, req: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def _slots(self, kind: str, req: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """Slots of entries ``idx`` of rows ``req``; −1 past the table (a token that closes no entry may
         name one: with ``max_model_len % r != 0`` its ``p // r`` can be the table's width)."""
         k = self.manager.kinds[kind]
-        table = self.manager.tables[kind]
+        table = self.manager.tables[kind].numpy()
         col = idx // k.block_size
         inside = col < table.shape[1]
-        page = torch.where(inside, table[req, torch.where(inside, col, 0)].to(torch.int64), -1)
-        return torch.where(page >= 0, page * k.block_size + idx % k.block_size, -1)
+        page = np.where(inside, table[req, np.where(inside, col, 0)], -1).astype(np.int64)
+        return np.where(page >= 0, page * k.block_size + idx % k.block_size, -1)
 
     def view(self, rows: int) -> StepMetadata:
         """``StepMetadata`` over the first ``rows`` rows of the persistent buffers (same addresses for
