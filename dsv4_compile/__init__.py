@@ -38,8 +38,11 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
     ``torch.compile`` object is its ``.compiled``.
 
     Every call compiles under a code object of its own (``_own_code``), named ``name`` in Dynamo's
-    logs and profiles when given.
+    logs and profiles when given. While a ``fullgraph=True`` function runs, the ops' CUDA functions
+    skip their per-call argument checks: the ops' fakes ran them when the graph was traced, and
+    Dynamo's guards hold them (``ops._lib.trusted``); a direct op call still checks everything.
     """
+    import contextlib
     import functools
 
     import torch
@@ -56,11 +59,17 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
     merged.update(options or {})
     compiled = torch.compile(_own_code(fn_or_module, name), fullgraph=fullgraph, options=merged, **kwargs)
 
+    from .ops._lib import trusted
+
+    # fullgraph: every op call in the graph was traced and checked on fake tensors (ops._lib.trusted)
+    trust = trusted if fullgraph else contextlib.nullcontext
+
     def run(*args, **kw):
         metas = [a for a in list(args) + list(kw.values()) if isinstance(a, StepMetadata)]
         try:
             if not metas:
-                return compiled(*args, **kw)
+                with trust():
+                    return compiled(*args, **kw)
             x = next((a for a in args if isinstance(a, torch.Tensor)), kw.get("x"))
             for t in ([x] if x is not None else []) + [t for m in metas for t in m.token_tensors()]:
                 torch._dynamo.mark_dynamic(t, 0)
@@ -68,7 +77,8 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
             old = fx_config.backed_size_oblivious
             fx_config.backed_size_oblivious = True
             try:
-                return compiled(*args, **kw)
+                with trust():
+                    return compiled(*args, **kw)
             finally:
                 fx_config.backed_size_oblivious = old
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.TorchRuntimeError) as e:

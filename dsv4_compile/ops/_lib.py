@@ -11,7 +11,9 @@ cache is read or written), and a position outside the RoPE table gives NaN rotat
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -35,6 +37,32 @@ def host_checked(t: torch.Tensor) -> bool:
     under ``DSV4_CHECK_INDICES=1`` (a sync)."""
     # cheapest test first: on a GPU (the hot path) this is one device-type compare and one environ read
     return (t.device.type == "cpu" or debug_checks()) and t.numel() > 0 and not _is_fake(t)
+
+
+_TRUST = threading.local()  # .depth > 0 while a fullgraph compiled function runs (trusted())
+
+
+@contextlib.contextmanager
+def trusted():
+    """Inside: the ops' CUDA functions skip their argument checks (``checks_needed()`` is False).
+
+    ``dsv4_compile.compile`` enters it around every call of a ``fullgraph=True`` compiled function.
+    Every op call such a graph makes was traced: its fake ran the same checks on the traced
+    arguments, and the guards Dynamo installed (dtypes, devices, ranks, the shape relations the
+    checks compared) must hold for the graph to run, so a second check per call would only cost
+    host time (3–20 µs per op). Value checks under ``DSV4_CHECK_INDICES=1`` still run; a direct call
+    of an op outside a compiled graph checks everything. Per thread; nests."""
+    _TRUST.depth = getattr(_TRUST, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _TRUST.depth -= 1
+
+
+def checks_needed() -> bool:
+    """Whether an op's CUDA function validates its arguments: outside ``trusted()``, or under
+    ``DSV4_CHECK_INDICES=1``."""
+    return not getattr(_TRUST, "depth", 0) or debug_checks()
 
 
 def check_range(name: str, t: torch.Tensor, lo: int, hi: Optional[int], what: str) -> None:
@@ -94,10 +122,23 @@ def register_direct(op, kernels: dict) -> bool:
     regs = [(fallthrough_kernel, "Autograd")]
     if schema.is_mutable:
         regs.append((fallthrough_kernel, "ADInplaceOrView"))
-    regs += [(torch._disable_dynamo(fn), key) for key, fn in kernels.items()]
+    regs += [(torch._disable_dynamo(_without_grad(fn)), key) for key, fn in kernels.items()]
     for fn, key in regs:
         _DIRECT.impl(op._name, fn, key, **kw)
     return True
+
+
+def _without_grad(fn):
+    """``fn`` run with grad mode off (as ``custom_op``'s Autograd layer ran it): outputs never carry a
+    ``grad_fn``, whatever torch ops compute them, also for inputs that require grad."""
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
 
 
 CUDA_KERNELS: dict[str, Callable] = {}

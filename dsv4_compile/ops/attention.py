@@ -20,7 +20,7 @@ import torch
 from .. import layouts
 from ..reference import attention as ref
 from ._lib import (INDEX_DTYPES, check_block_entries, check_block_table, check_positive_int, check_range,
-                   check_tensor, qualname, register_cuda)
+                   check_tensor, checks_needed, qualname, register_cuda)
 from .cache import _check_fmt, check_cache
 
 
@@ -139,8 +139,9 @@ def indexer_topk(
 @register_cuda(indexer_topk, strided=('k_cache',))
 def _indexer_topk_cuda(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt, topk,
                        compress_ratio=4):
-    _check_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt, topk,
-                compress_ratio)
+    if checks_needed():
+        _check_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt, topk,
+                    compress_ratio)
     return _triton().indexer_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size,
                                   fmt, topk, compress_ratio)
 
@@ -245,7 +246,8 @@ def sparse_attn(
 @register_cuda(sparse_attn, strided=('q', 'swa_cache', 'comp_cache'))
 def _sparse_attn_cuda(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size,
                       comp_block_size):
-    _check_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size, comp_block_size)
+    if checks_needed():
+        _check_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size, comp_block_size)
     return _triton().sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size,
                                  comp_block_size)
 

@@ -17,8 +17,8 @@ import torch
 
 from .. import layouts
 from ..reference import cache as ref
-from ._lib import (FLOAT_DTYPES, INDEX_DTYPES, check_positive_int, check_range, check_rope_args, check_tensor, qualname,
-                   register_cuda)
+from ._lib import (FLOAT_DTYPES, INDEX_DTYPES, check_positive_int, check_range, check_rope_args, check_tensor,
+                   checks_needed, qualname, register_cuda)
 
 
 def check_cache(name: str, cache, fmt: str, block_size: int, device) -> None:
@@ -149,7 +149,8 @@ def _kv_insert_kernels(device):
 
 @register_cuda(kv_insert, strided=('kv',))
 def _kv_insert_cuda(kv, kv_cache, slot_mapping, block_size):
-    _check_kv(kv, kv_cache, slot_mapping, block_size)
+    if checks_needed():
+        _check_kv(kv, kv_cache, slot_mapping, block_size)
     _kv_insert_kernels(kv.device).kv_insert(kv, None, None, kv_cache, slot_mapping, block_size)
 
 
@@ -205,7 +206,8 @@ def kv_rope_insert(
 
 @register_cuda(kv_rope_insert, strided=('kv', 'cos_sin_cache'))
 def _kv_rope_insert_cuda(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size):
-    _check_kv_rope(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size)
+    if checks_needed():
+        _check_kv_rope(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size)
     _kv_insert_kernels(kv.device).kv_insert(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size)
 
 
@@ -250,7 +252,8 @@ def kv_gather(kv_cache: torch.Tensor, slots: torch.Tensor, block_size: int) -> t
 
 @register_cuda(kv_gather, strided=('kv_cache',))
 def _kv_gather_cuda(kv_cache, slots, block_size):
-    _check_gather(kv_cache, slots, block_size, "fp8_ds_mla")
+    if checks_needed():
+        _check_gather(kv_cache, slots, block_size, "fp8_ds_mla")
     return _triton().gather(kv_cache, slots, block_size, "fp8_ds_mla")
 
 
@@ -306,7 +309,8 @@ def indexer_k_insert(k: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.T
 
 @register_cuda(indexer_k_insert, strided=('k',))
 def _indexer_k_insert_cuda(k, cache, slot_mapping, block_size, fmt):
-    _check_k(k, cache, slot_mapping, block_size, fmt)
+    if checks_needed():
+        _check_k(k, cache, slot_mapping, block_size, fmt)
     _triton().indexer_k_insert(k, cache, slot_mapping, block_size, fmt)
 
 
@@ -355,8 +359,9 @@ def indexer_k_gather(cache: torch.Tensor, slots: torch.Tensor, block_size: int, 
 
 @register_cuda(indexer_k_gather, strided=('cache',))
 def _indexer_k_gather_cuda(cache, slots, block_size, fmt):
-    _check_fmt(fmt)
-    _check_gather(cache, slots, block_size, fmt)
+    if checks_needed():
+        _check_fmt(fmt)
+        _check_gather(cache, slots, block_size, fmt)
     return _triton().gather(cache, slots, block_size, fmt)
 
 

@@ -21,7 +21,7 @@ import torch
 from .. import layouts
 from ..reference import compressor as ref
 from ._lib import (FLOAT_DTYPES, INDEX_DTYPES, check_block_entries, check_block_table, check_positive_int,
-                   check_range, check_rope_args, check_tensor, qualname, register_cuda)
+                   check_range, check_rope_args, check_tensor, checks_needed, qualname, register_cuda)
 from .cache import check_cache, check_slots
 
 
@@ -74,7 +74,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 @register_cuda(rms_norm)
 def _rms_norm_cuda(x, weight, eps):
-    _check_norm(x, weight, eps)
+    if checks_needed():
+        _check_norm(x, weight, eps)
     from ..kernels.triton import compressor as kernels
 
     return kernels.rms_norm(x, weight, eps)
@@ -190,7 +191,8 @@ def compressor_state_save(
 
 @register_cuda(compressor_state_save, strided=('kv_score',))
 def _state_save_cuda(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size):
-    _check_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size)
+    if checks_needed():
+        _check_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size)
     from ..kernels.triton import compressor as kernels
 
     kernels.state_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size)
@@ -259,7 +261,8 @@ def compressor_pool(
 
 @register_cuda(compressor_pool, strided=('state_cache', 'state_block_table'))
 def _pool_cuda(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim):
-    _check_pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim)
+    if checks_needed():
+        _check_pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim)
     from ..kernels.triton import compressor as kernels
 
     return kernels.pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio,
@@ -377,8 +380,9 @@ def compressor_insert(
 def _compressor_insert_cuda(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table,
                             token_to_req, state_block_size, norm_weight, eps, cos_sin_cache, cache, slot_mapping,
                             block_size, fmt, hadamard=False):
-    _check_insert(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table, token_to_req,
-                  state_block_size, norm_weight, eps, cos_sin_cache, cache, slot_mapping, block_size, fmt, hadamard)
+    if checks_needed():
+        _check_insert(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table, token_to_req,
+                      state_block_size, norm_weight, eps, cos_sin_cache, cache, slot_mapping, block_size, fmt, hadamard)
     from ..kernels.triton import compressor as kernels
 
     kernels.compressor_insert(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from .. import layouts, reference
-from ._lib import FLOAT_DTYPES, check_power_of_two, check_rope_args, check_tensor, qualname, register_cuda
+from ._lib import (FLOAT_DTYPES, check_power_of_two, check_rope_args, check_tensor, checks_needed, qualname,
+                   register_cuda)
 
 
 def _check(q, positions, cos_sin_cache, weights, weight_scale):
@@ -135,7 +136,8 @@ def _register_cuda_and_fake(op, kernel_name: str, outputs) -> None:
 
     @register_cuda(op, strided=('q', 'cos_sin_cache'))
     def _cuda(q, positions, cos_sin_cache, weights, weight_scale, hadamard=False):
-        _check(q, positions, cos_sin_cache, weights, weight_scale)
+        if checks_needed():
+            _check(q, positions, cos_sin_cache, weights, weight_scale)
         from ..kernels.cute import backend
 
         if backend(q.device) == "cute":

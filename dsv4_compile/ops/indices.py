@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..reference import indices as ref
-from ._lib import INDEX_DTYPES, check_block_table, check_positive_int, check_tensor, qualname, register_cuda
+from ._lib import (INDEX_DTYPES, check_block_table, check_positive_int, check_tensor, checks_needed, qualname,
+                   register_cuda)
 
 
 def _check_positional(positions, block_table, token_to_req, block_size, **ints) -> None:
@@ -83,7 +84,8 @@ def swa_indices(
 
 @register_cuda(swa_indices, strided=('block_table',))
 def _swa_indices_cuda(positions, block_table, token_to_req, block_size, window):
-    _check_positional(positions, block_table, token_to_req, block_size, window=window)
+    if checks_needed():
+        _check_positional(positions, block_table, token_to_req, block_size, window=window)
     from ..kernels.triton import indices
 
     return indices.swa_indices(positions, block_table, token_to_req, block_size, window)
@@ -138,7 +140,8 @@ def global_topk_indices(
 
 @register_cuda(global_topk_indices, strided=('block_table',))
 def _global_topk_indices_cuda(topk, block_table, token_to_req, block_size):
-    _check_topk(topk, block_table, token_to_req, block_size)
+    if checks_needed():
+        _check_topk(topk, block_table, token_to_req, block_size)
     from ..kernels.triton import indices
 
     return indices.global_topk_indices(topk, block_table, token_to_req, block_size)
@@ -203,7 +206,8 @@ def compressed_indices(
 
 @register_cuda(compressed_indices, strided=('block_table',))
 def _compressed_indices_cuda(positions, block_table, token_to_req, block_size, compress_ratio, width):
-    _check_positional(positions, block_table, token_to_req, block_size, compress_ratio=compress_ratio, width=width)
+    if checks_needed():
+        _check_positional(positions, block_table, token_to_req, block_size, compress_ratio=compress_ratio, width=width)
     from ..kernels.triton import indices
 
     return indices.compressed_indices(positions, block_table, token_to_req, block_size, compress_ratio, width)

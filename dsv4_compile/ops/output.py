@@ -19,7 +19,7 @@ import torch
 
 from .. import layouts, reference
 from ..reference import output as _ref_output
-from ._lib import check_positive_int, check_rope_args, check_tensor, qualname, register_cuda
+from ._lib import check_positive_int, check_rope_args, check_tensor, checks_needed, qualname, register_cuda
 
 
 def _check(o, positions, cos_sin_cache, n_groups):
@@ -84,7 +84,8 @@ def inv_rope_fp8_quant(
 
 @register_cuda(inv_rope_fp8_quant, strided=('o', 'cos_sin_cache'))
 def _inv_rope_fp8_quant_cuda(o, positions, cos_sin_cache, n_groups, round_rope_bf16=True):
-    _check(o, positions, cos_sin_cache, n_groups)
+    if checks_needed():
+        _check(o, positions, cos_sin_cache, n_groups)
     from ..kernels.triton import output
 
     return output.inv_rope_fp8_quant(o, positions, cos_sin_cache, n_groups, round_rope_bf16)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import layouts, reference
-from ._lib import FLOAT_DTYPES, check_tensor, qualname, register_cuda
+from ._lib import FLOAT_DTYPES, check_tensor, checks_needed, qualname, register_cuda
 
 
 def _check_fp8(x, block, scale_floor):
@@ -59,7 +59,8 @@ def fp8_block_quant(
 
 @register_cuda(fp8_block_quant)
 def _fp8_block_quant_cuda(x, block, scale_floor=layouts.FP8_AMAX_FLOOR):
-    _check_fp8(x, block, scale_floor)
+    if checks_needed():
+        _check_fp8(x, block, scale_floor)
     from ..kernels.triton import primitives
 
     return primitives.fp8_block_quant(x, block, scale_floor)
@@ -112,7 +113,8 @@ def mxfp4_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register_cuda(mxfp4_quant)
 def _mxfp4_quant_cuda(x):
-    _check_mxfp4(x)
+    if checks_needed():
+        _check_mxfp4(x)
     from ..kernels.triton import primitives
 
     return primitives.mxfp4_quant(x)

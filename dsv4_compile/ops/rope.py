@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ._lib import FLOAT_DTYPES, check_power_of_two, check_rope_args, check_tensor, qualname, register_cuda
+from ._lib import (FLOAT_DTYPES, check_power_of_two, check_rope_args, check_tensor, checks_needed, qualname,
+                   register_cuda)
 
 
 @torch.library.custom_op(qualname("rope"), mutates_args=())
@@ -47,7 +48,8 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, 
 
 @register_cuda(rope, strided=('cos_sin_cache',))
 def _rope_cuda(x, positions, cos_sin_cache, inverse=False):
-    check_rope_args("x", x, positions, cos_sin_cache)
+    if checks_needed():
+        check_rope_args("x", x, positions, cos_sin_cache)
     from ..kernels.triton import primitives
 
     return primitives.rope(x, positions, cos_sin_cache, inverse)
@@ -98,7 +100,8 @@ def hadamard(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 @register_cuda(hadamard)
 def _hadamard_cuda(x, scale):
-    _check_hadamard(x, scale)
+    if checks_needed():
+        _check_hadamard(x, scale)
     from ..kernels.triton import primitives
 
     return primitives.hadamard(x, scale)
