@@ -17,7 +17,8 @@
 # inside one 10-minute command on an H200 with cold compile caches. Seen on one (torch 2.11, Triton
 # 3.6, no CuTe DSL), with the full sweeps: attention 60 s, kv_backends 27 s, indexer_q 109 s (10 T),
 # indexer_q_backends 28 s, caches over 150 s (5 T; mostly Inductor compiles), decode_step 60 s (bf16 weights
-# only then: it now also runs weight_format="fp8"). indexer_topk (about 70 s), projections, host_dispatch and stack_step
+# only then: it now also runs weight_format="fp8"). indexer_topk (about 70 s), projections, host_dispatch (--step:
+# about 50 s), full_mode (about 30 s), stack_compile (about 70 s, cold + warm) and stack_step
 # were added after that run and have not been timed by this script yet. stack_step runs TP=1 only; its
 # TP=2 rows need two GPUs: torchrun --nproc_per_node 2 benchmarks/stack_step.py --out $R/stack_step_h200.md
 # (they merge into the same table).
@@ -66,7 +67,9 @@ PARTS=(
   "decode_step|$R/decode_step_h200.md|$B/decode_step.py --batches 1 8 32 64 --contexts 8192 32768 --out $R/decode_step_h200.md"
   "indexer_topk|$R/indexer_topk_decode_h200.md|$B/attention.py --indexer --batches 1 8 32 64 --contexts 65536 --fmts fp8 mxfp4 --out $R/indexer_topk_decode_h200.md"
   "projections|$R/projections_h200.md|$B/projections.py --out $R/projections_h200.md"
-  "host_dispatch|$R/host_dispatch_h200.md|$B/host_dispatch.py --device cuda --out $R/host_dispatch_h200.md"
+  "host_dispatch|$R/host_dispatch_h200.md|$B/host_dispatch.py --device cuda --step --out $R/host_dispatch_h200.md"
+  "full_mode|$R/full_mode_h200.md|$B/full_mode.py --out $R/full_mode_h200.md"
+  "stack_compile|$R/stack_compile_h200.md|$B/stack_compile.py --preset real --models flash --ways stack --out $R/stack_compile_h200.md"
   "stack_step|$R/stack_step_h200.md|$B/stack_step.py --out $R/stack_step_h200.md"
 )
 ORDER=()

@@ -13,8 +13,12 @@ GEMM kernel quantizes each 1x128 block of ``x`` in registers; bit for bit the sa
 with any other user (its FP8 values stored, say) is left alone, as is the grouped (3-D) GEMM of
 ``wo_a``, whose input comes quantized from the fused output quant.
 
-Off by default (``PassConfig.fp8_linear``) until it is measured on a GPU: the fused kernel's compile
-and interpreter checks are all it has had.
+Off by default (``PassConfig.fp8_linear``): measured on an H200 it does not pay. The fused GEMM beats
+the plain GEMM plus its quant launch only on the narrow projections at M ≤ 8 (``wq_a+wkv`` at M = 1:
+7.8 µs fused vs 7.1 + 1.6 µs). It loses on the wide ones and from M = 32 (``wq_b`` at M = 1: 13.8 vs
+11.4 + 1.5 µs; at M = 64: 25.2 vs 12.0 + 1.7 µs): every N tile quantizes the same rows again in its
+prologue. A graphed V4-Flash CSA decode step with FP8 weights took 149 / 164 / 269 µs at B = 1 / 8 / 64
+with the pass and 149 / 164 / 250 µs without it (``benchmarks/results/projections_h200.md``).
 """
 
 from __future__ import annotations

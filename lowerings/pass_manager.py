@@ -29,7 +29,7 @@ class PassConfig:
     kv_rope_insert: bool = True
     compressor: bool = True
     inv_rope_quant: bool = True
-    # fp8_block_quant → fp8_block_gemm ⇒ fp8_linear: off until measured on a GPU (lowerings/fp8_linear.py)
+    # fp8_block_quant → fp8_block_gemm ⇒ fp8_linear: off, slower on an H200 (lowerings/fp8_linear.py)
     fp8_linear: bool = False
     dtypes: tuple[str, ...] = ("bfloat16", "float16", "float32")
 
