@@ -109,6 +109,19 @@ def fwht(y, ROWS: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr):
     return y
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` of host ints. Launchers use this, not ``triton.cdiv``: in recent Triton that is
+    a ``constexpr_function``, whose every call from Python unwraps its arguments (a few µs each, and a
+    launcher makes several per call)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two ``>= n`` for host ints ``n >= 1`` (0 for 0, as
+    ``triton.next_power_of_2``), without ``triton.next_power_of_2``'s constexpr-function cost."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def use_hw_e2m1(device: torch.device) -> bool:
     """Hardware E2M1 conversion only on sm_100+ (``DSV4_E2M1=software`` forces the software path)."""
     if _device.software_e2m1_forced():

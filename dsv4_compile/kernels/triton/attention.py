@@ -21,7 +21,7 @@ from .. import _device
 from ...reference.attention import select_topk as select_topk_reference
 from ...reference.attention import visible_entries
 from . import topk as _topk
-from ._common import pow2
+from ._common import cdiv, next_pow2, pow2
 from .cache import _e2m1_value, load_fp8_ds_mla, load_fp8_ds_mla_rows, load_indexer_k, load_indexer_k_fp8
 
 LOG2E = 1.4426950408889634
@@ -130,8 +130,8 @@ def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | N
     bn = block_n or (16 if interp else 128)
     bh = block_h or (16 if interp else 64)
     if programs is None:
-        programs = triton.cdiv(4 * _sm_programs(device), max(T, 1))
-    programs = max(1, min(programs, triton.cdiv(max(L, 1), bn)))
+        programs = cdiv(4 * _sm_programs(device), max(T, 1))
+    programs = max(1, min(programs, cdiv(max(L, 1), bn)))
     return bn, bh, programs, num_warps or 4
 
 
@@ -318,21 +318,21 @@ def launch_config(T: int, H: int, n_cand: int, device: torch.device, block_h: in
 
     Every argument can be forced (the sweep does)."""
     sms = _sm_programs(device)
-    wide = T * triton.cdiv(H, 64) * 4 >= sms
-    bh = block_h or (min(64, max(16, triton.next_power_of_2(H))) if wide else 16)
+    wide = T * cdiv(H, 64) * 4 >= sms
+    bh = block_h or (min(64, max(16, next_pow2(H))) if wide else 16)
     bn = block_n or (64 if bh >= 64 else 32)
     dv = block_dv or 512
     warps = num_warps or (8 if bh >= 64 else 4)
-    base = T * triton.cdiv(H, bh) * (512 // dv)
-    max_splits = max(1, triton.cdiv(n_cand, bn))
+    base = T * cdiv(H, bh) * (512 // dv)
+    max_splits = max(1, cdiv(n_cand, bn))
     if splits is None:
         if wide:
-            splits = min(triton.cdiv(sms, base), max(1, n_cand // 256))
+            splits = min(cdiv(sms, base), max(1, n_cand // 256))
         else:
-            splits = triton.cdiv(2 * sms, base)
+            splits = cdiv(2 * sms, base)
     splits = max(1, min(splits, max_splits))
-    per_split = triton.cdiv(triton.cdiv(max(n_cand, 1), splits), bn) * bn
-    splits = max(1, triton.cdiv(n_cand, per_split))
+    per_split = cdiv(cdiv(max(n_cand, 1), splits), bn) * bn
+    splits = max(1, cdiv(n_cand, per_split))
     return bh, bn, dv, warps, splits, per_split
 
 
@@ -359,7 +359,7 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
         l_ = torch.empty_like(m)
     else:
         part = m = l_ = sink  # unused
-    _sparse_attn_kernel[(T, splits, triton.cdiv(H, bh) * (512 // dv))](
+    _sparse_attn_kernel[(T, splits, cdiv(H, bh) * (512 // dv))](
         q, swa_cache, swa_indices, comp_cache, comp_indices, sink, out, part, m, l_,
         H, W, K, per_split, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         swa_indices.stride(0), comp_indices.stride(0), swa_cache.stride(0), comp_cache.stride(0),
@@ -370,8 +370,8 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     if split:
         # 16 heads x 512 dims per program, or 4 heads x 128 dims when that leaves SMs idle (one token:
         # 4 programs took 11.6 us on the H100 to merge 20 splits, 64 programs take a fraction of it)
-        cbh, dc = (min(bh, 16), 512) if T * triton.cdiv(H, 16) >= _sm_programs(q.device) else (4, 128)
-        _combine_kernel[(T, triton.cdiv(H, cbh), 512 // dc)](
+        cbh, dc = (min(bh, 16), 512) if T * cdiv(H, 16) >= _sm_programs(q.device) else (4, 128)
+        _combine_kernel[(T, cdiv(H, cbh), 512 // dc)](
             part, m, l_, sink, out, H, splits, out.stride(0), out.stride(1), BH=cbh, DC=dc, num_warps=4,
         )
     return out

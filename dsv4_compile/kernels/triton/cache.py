@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ... import layouts
-from ._common import (FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, ceil_log2_ratio, pow2, rope_pairs,
+from ._common import (FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, cdiv, ceil_log2_ratio, pow2, rope_pairs,
                       use_hw_e2m1)
 from .primitives import mxfp4_block
 
@@ -158,7 +158,7 @@ def kv_insert(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size: 
         cs = cs.contiguous()
     bt, warps = _launch_shape(t)
     bt, warps = tokens_per_program or bt, num_warps or warps
-    _kv_insert_kernel[(triton.cdiv(t, bt),)](
+    _kv_insert_kernel[(cdiv(t, bt),)](
         kv, positions if rope else slot_mapping, cs, kv_cache, slot_mapping,
         t, kv.stride(0), cs.shape[0] if rope else 0, cs.stride(0) if rope else 0, kv_cache.stride(0),
         kv_cache.shape[0] * block_size,
@@ -192,7 +192,7 @@ def indexer_k_insert(k, cache, slot_mapping, block_size: int, fmt: str) -> None:
     if k.stride(1) != 1:
         k = k.contiguous()
     bt = 4
-    _indexer_k_insert_kernel[(triton.cdiv(t, bt),)](
+    _indexer_k_insert_kernel[(cdiv(t, bt),)](
         k, cache, slot_mapping, t, k.stride(0), cache.stride(0), cache.shape[0] * block_size,
         BS=block_size, MXFP4=fmt == "mxfp4", HW_E2M1=use_hw_e2m1(k.device), BT=bt, num_warps=4, **LAUNCH_OPTS,
     )
@@ -301,7 +301,7 @@ def gather(cache, slots, block_size: int, fmt: str) -> torch.Tensor:
     if cache.shape[0] == 0:  # nothing is valid and there is no row 0 to point masked loads at
         return out.zero_()
     bt = 4
-    _gather_kernel[(triton.cdiv(n, bt),)](
+    _gather_kernel[(cdiv(n, bt),)](
         cache, slots, out, n, cache.stride(0), cache.shape[0] * block_size,
         BS=block_size, FMT=code, BT=bt, num_warps=4, **LAUNCH_OPTS,
     )

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ... import layouts
 from ...reference import compressor as ref
-from ._common import LAUNCH_OPTS, fwht, pow2, use_hw_e2m1
+from ._common import LAUNCH_OPTS, cdiv, fwht, next_pow2, pow2, use_hw_e2m1
 from .cache import load_cos_sin, rope_last_row, slot_address, store_fp8_ds_mla, store_indexer_fp8, store_indexer_mxfp4
 
 LOG2E = tl.constexpr(ref.LOG2E)
@@ -89,9 +89,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n_rows = x.numel() // d if d else 0
     if n_rows == 0:
         return out
-    bd = triton.next_power_of_2(d)
+    bd = next_pow2(d)
     br = max(1, min(16, 2048 // bd))
-    _rms_norm_kernel[(triton.cdiv(n_rows, br),)](
+    _rms_norm_kernel[(cdiv(n_rows, br),)](
         x, weight.contiguous(), out, n_rows, eps, D=d, BD=bd, LOG2_BD=bd.bit_length() - 1, BR=br, **LAUNCH_OPTS
     )
     return out

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ... import layouts
 from .. import _device
-from ._common import fp8_quant_rows
+from ._common import cdiv, fp8_quant_rows
 
 BLOCK = layouts.WEIGHT_BLOCK  # the kernel's K step and N tile bound are this 128
 COUNTERS = 4096  # split-K tile counters per (device, stream); splitting is used below 2 tiles per SM
@@ -157,10 +157,10 @@ def gemm_config(M: int, N: int, KB: int, device: torch.device, block_m: int | No
     # an N tile must sit inside one 128-row weight-scale block (and one group)
     if bn not in (16, 32, 64, 128) or (n_per_group is not None and n_per_group % bn):
         raise ValueError(f"block_n must be 16, 32, 64 or 128 and divide the group's {n_per_group} rows, got {bn}")
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    tiles = cdiv(M, bm) * cdiv(N, bn)
     if splits is None:
         want = waves * _sms(device)
-        splits = triton.cdiv(want, tiles) if (M <= 64 and tiles < want) else 1
+        splits = cdiv(want, tiles) if (M <= 64 and tiles < want) else 1
         splits = min(splits, max(1, KB // min_kb))
     splits = max(1, min(splits, KB))
     if splits > 1 and tiles > COUNTERS:
@@ -245,13 +245,13 @@ def _launch(x, x_scale, w_q, ws, out, config, amax_floor=None):
     npg = N // xb.shape[1]
     bm, bn, splits, warps, stages = gemm_config(M, N, KB, x.device, n_per_group=npg if grouped else None,
                                                 **config)
-    per = triton.cdiv(KB, splits)
-    splits = triton.cdiv(KB, per)
+    per = cdiv(KB, splits)
+    splits = cdiv(KB, per)
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
-    cnt = _counter_buffer(x.device, triton.cdiv(M, bm) * triton.cdiv(N, bn)) if splits > 1 else out
+    cnt = _counter_buffer(x.device, cdiv(M, bm) * cdiv(N, bn)) if splits > 1 else out
     # interpreter only (programs run one at a time): the quantized x tile goes through memory
     q_tmp = torch.empty((bm, BLOCK), dtype=torch.float8_e4m3fn, device=x.device) if quant and u8 else None
-    _fp8_block_gemm_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn), splits)](
+    _fp8_block_gemm_kernel[(cdiv(M, bm), cdiv(N, bn), splits)](
         xb, x_scale if x_scale is not None else ws, wb, ws, out, part, cnt,
         q_tmp if q_tmp is not None else out, q_tmp.view(torch.uint8) if q_tmp is not None else out, M, N, KB, per,
         npg, xb.stride(0),

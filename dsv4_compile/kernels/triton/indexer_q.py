@@ -12,17 +12,8 @@ import triton
 import triton.language as tl
 
 from ... import layouts
-from ._common import (
-    FP8_MAX,
-    FP8_MAX_EXP,
-    FP8_MAX_MANT,
-    LAUNCH_OPTS,
-    ceil_log2_ratio,
-    fwht,
-    pow2,
-    rope_pairs,
-    use_hw_e2m1,
-)
+from ._common import (FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, cdiv, ceil_log2_ratio, fwht, next_pow2, pow2,
+                      rope_pairs, use_hw_e2m1)
 from .primitives import mxfp4_block
 
 FP8_AMAX_FLOOR = tl.constexpr(layouts.FP8_AMAX_FLOOR)
@@ -93,7 +84,7 @@ def _block_h(n_tokens: int, n_heads: int, head_dim: int) -> int:
     # Measured on an H100 (benchmarks/indexer_q.py --sweep, D=128): 4 heads per program for a few
     # tokens (more programs in flight), 8 up to ~1k tokens, 32 (8 KiB of q) for large batches.
     elems = 512 if n_tokens < 64 else (1024 if n_tokens < 1024 else 4096)
-    return min(triton.next_power_of_2(n_heads), max(1, elems // head_dim))
+    return min(next_pow2(n_heads), max(1, elems // head_dim))
 
 
 def _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, mxfp4, out, scale, w_out, block_h=None,
@@ -105,7 +96,7 @@ def _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, mxfp4,
         q = q.contiguous()
     cs = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
     block_h = block_h or _block_h(t, h, d)
-    grid = (t, triton.cdiv(h, block_h))
+    grid = (t, cdiv(h, block_h))
     _indexer_q_kernel[grid](
         q, positions, cs, weights, out, scale, w_out,
         h, cs.shape[0], cs.stride(0), q.stride(0), q.stride(1), weights.stride(0), weights.stride(1),

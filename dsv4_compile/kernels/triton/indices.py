@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH_OPTS
+from ._common import LAUNCH_OPTS, cdiv, next_pow2
 
 
 @triton.jit
@@ -101,7 +101,7 @@ _TILE = 1024
 
 
 def _block_w(width: int) -> int:
-    return max(16, min(256, triton.next_power_of_2(width)))
+    return max(16, min(256, next_pow2(width)))
 
 
 def _bs_log2(block_size: int) -> int:
@@ -117,7 +117,7 @@ def _window(positions, block_table, token_to_req, block_size, width, ratio, comp
         return out, lens
     block_w = _block_w(width)
     block_t = max(1, _TILE // block_w)
-    grid = (triton.cdiv(t, block_t), triton.cdiv(width, block_w))
+    grid = (cdiv(t, block_t), cdiv(width, block_w))
     n_req, n_blk = block_table.shape
     _window_kernel[grid](
         positions, token_to_req, block_table, out, lens,
@@ -146,7 +146,7 @@ def global_topk_indices(topk, block_table, token_to_req, block_size: int):
     block_k = _block_w(k)
     block_t = max(1, _TILE // block_k)
     n_req, n_blk = block_table.shape
-    _topk_kernel[(triton.cdiv(t, block_t),)](
+    _topk_kernel[(cdiv(t, block_t),)](
         topk, token_to_req, block_table, out, lens,
         t, k, n_req, n_blk, block_table.stride(0), block_table.stride(1), topk.stride(0), topk.stride(1),
         token_to_req.stride(0), block_size,

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ... import layouts
 from ...reference import output as _ref_output
-from ._common import FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, ceil_log2_ratio, pow2
+from ._common import FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, cdiv, ceil_log2_ratio, next_pow2, pow2
 from .cache import load_cos_sin, rope_last_row
 
 AMAX_FLOOR = tl.constexpr(layouts.INV_ROPE_AMAX_FLOOR)
@@ -77,7 +77,7 @@ def _launch_shape(n_tokens: int, n_heads: int) -> tuple[int, int]:
     """(tokens per program, heads per program): 8 head rows (8 KiB of bf16) per program; several
     tokens per program only for large batches (fewer, fuller scale stores)."""
     bt = 4 if n_tokens >= 1024 else 1
-    return bt, max(1, min(triton.next_power_of_2(n_heads), 8 // bt))
+    return bt, max(1, min(next_pow2(n_heads), 8 // bt))
 
 
 def inv_rope_fp8_quant(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, n_groups: int,
@@ -92,7 +92,7 @@ def inv_rope_fp8_quant(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: 
     cs = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
     d_bt, d_bh = _launch_shape(t, h)
     bt, block_h = bt or d_bt, block_h or d_bh
-    grid = (triton.cdiv(t_al, bt), triton.cdiv(h, block_h))
+    grid = (cdiv(t_al, bt), cdiv(h, block_h))
     _inv_rope_fp8_quant_kernel[grid](
         o, positions, cs, o_fp8, scale,
         t, t_al, h, cs.shape[0], cs.stride(0), o.stride(0), o.stride(1),

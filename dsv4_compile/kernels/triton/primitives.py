@@ -11,19 +11,8 @@ import triton.language as tl
 
 from ... import layouts
 from .. import _device
-from ._common import (
-    E2M1_MAX_EXP,
-    E2M1_MAX_MANT,
-    LAUNCH_OPTS,
-    ceil_log2_ratio,
-    e2m1_code_sw,
-    e2m1x2_hw,
-    fp8_quant_rows,
-    fwht,
-    pow2,
-    rope_pairs,
-    use_hw_e2m1,
-)
+from ._common import (E2M1_MAX_EXP, E2M1_MAX_MANT, LAUNCH_OPTS, cdiv, ceil_log2_ratio, e2m1_code_sw, e2m1x2_hw,
+                      fp8_quant_rows, fwht, next_pow2, pow2, rope_pairs, use_hw_e2m1)
 
 E2M1_MAX = tl.constexpr(layouts.E2M1_MAX)
 MXFP4_AMAX_FLOOR = tl.constexpr(layouts.MXFP4_AMAX_FLOOR)
@@ -86,10 +75,10 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, 
     if n_rows == 0:
         return out
     rows_per_token = n_rows // x.shape[0]
-    block_p = triton.next_power_of_2(d // 2)
+    block_p = next_pow2(d // 2)
     # enough programs to spread a small batch over the SMs (64 heads of one token: 64 programs)
-    block_r = max(1, min(64, 4096 // block_p, triton.next_power_of_2(triton.cdiv(n_rows, _target_programs(x.device)))))
-    grid = (triton.cdiv(n_rows, block_r),)
+    block_r = max(1, min(64, 4096 // block_p, next_pow2(cdiv(n_rows, _target_programs(x.device)))))
+    grid = (cdiv(n_rows, block_r),)
     _rope_kernel[grid](
         x, out, positions, cs, n_rows, rows_per_token, cs.shape[0], cs.stride(0),
         D=d, ROT=cs.shape[-1], INVERSE=inverse, BLOCK_R=block_r, BLOCK_P=block_p, **LAUNCH_OPTS,
@@ -119,7 +108,7 @@ def hadamard(x: torch.Tensor, scale: float) -> torch.Tensor:
     if n_rows == 0:
         return out
     block_r = max(1, min(16, 2048 // d))
-    _hadamard_kernel[(triton.cdiv(n_rows, block_r),)](
+    _hadamard_kernel[(cdiv(n_rows, block_r),)](
         x, out, n_rows, scale, D=d, LOG2_D=d.bit_length() - 1, BLOCK_R=block_r, **LAUNCH_OPTS
     )
     return out
@@ -151,9 +140,9 @@ def fp8_block_quant(x: torch.Tensor, block: int, scale_floor: float):
     n_groups = s.numel()
     if n_groups == 0:
         return q, s
-    block_b = triton.next_power_of_2(block)
+    block_b = next_pow2(block)
     block_g = max(1, 4096 // block_b)
-    _fp8_block_quant_kernel[(triton.cdiv(n_groups, block_g),)](
+    _fp8_block_quant_kernel[(cdiv(n_groups, block_g),)](
         x, q, s, n_groups, scale_floor, BLOCK=block, BLOCK_B=block_b, BLOCK_G=block_g, **LAUNCH_OPTS
     )
     return q, s
@@ -200,7 +189,7 @@ def mxfp4_quant(x: torch.Tensor):
     if n_groups == 0:
         return packed, scale
     block_g = 64
-    _mxfp4_quant_kernel[(triton.cdiv(n_groups, block_g),)](
+    _mxfp4_quant_kernel[(cdiv(n_groups, block_g),)](
         x, packed, scale, n_groups, BLOCK_G=block_g, HW_E2M1=use_hw_e2m1(x.device), **LAUNCH_OPTS
     )
     return packed, scale

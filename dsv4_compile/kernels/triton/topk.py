@@ -28,6 +28,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from ._common import cdiv, next_pow2
 
 MAX_CHUNK = 16384  # largest chunk of keys one program holds in registers
 VARIANT_ENV = "DSV4_TOPK_SELECT"  # "looped": the op's selection re-reads chunks (see select_topk)
@@ -252,7 +253,7 @@ def _topk_round_kernel(
 
 
 def _pow2(x: int) -> int:
-    return triton.next_power_of_2(max(int(x), 1))
+    return next_pow2(max(int(x), 1))
 
 
 def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: int = MAX_CHUNK
@@ -284,7 +285,7 @@ def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: 
             return rounds
         ch = chunk if (first and chunk is not None) else _pow2(math.isqrt(length * k))
         ch = min(max(ch, _pow2(2 * k)), max_chunk)
-        s = triton.cdiv(length, ch)
+        s = cdiv(length, ch)
         if s == 1:
             rounds.append((full, 1))
             return rounds
