@@ -2,6 +2,7 @@
 
     python benchmarks/host_dispatch.py [--device cuda|cpu] [--iters 2000] [--out results.md]
                                        [--step] [--profile N]
+    python benchmarks/host_dispatch.py --glue           # our launchers' Python alone (CPU, launches stubbed)
 
 For every op family, on the opcheck inputs of the test suite (small shapes: the host path does
 not depend on them; ``tests/`` must be importable, i.e. run from the repository), three host times
@@ -15,6 +16,11 @@ behind; the launch queue stays far from full):
   (stride normalization), the op's own checks and the Triton launch; on the CPU the op's Python
   function (checks and the pure-PyTorch reference, whose compute is then part of it);
 * **dispatch** = op − ours: what the custom-op machinery adds.
+
+``--glue`` (no GPU needed) times our CUDA functions on CPU tensors with Triton's launch replaced by
+a no-op (``JITFunction.run``): the Python of our launchers alone (stride normalization, checks, launch
+configuration, output allocation), with the checks (CPU tensors: value checks included) and inside
+``ops._lib.trusted()`` (how a fullgraph compiled step calls them: no checks).
 
 ``--step`` adds the host time of whole compiled, non-graphed steps of one V4-Flash CSA layer (real
 dimensions on CUDA, the tiny test config on the CPU): a B=1 decode step and a 2048-token prefill
@@ -164,6 +170,43 @@ def step_host(device: torch.device, profile_top: int = 0):
     return rows
 
 
+def glue(iters: int):
+    """Host µs per call of each op's CUDA function on CPU tensors, Triton launches stubbed out."""
+    from triton.runtime.jit import JITFunction
+
+    from dsv4_compile.ops import _lib
+
+    launches = [0]
+
+    def stub(self, *args, grid, warmup, **kwargs):
+        launches[0] += 1
+
+    real, JITFunction.run = JITFunction.run, stub
+    rows = []
+    try:
+        for name, op, args, kw in cases("cpu"):
+            fn = CUDA_KERNELS[name]
+            launches[0] = 0
+            fn(*args, **kw)
+            n = launches[0]
+            checked = host_us(lambda: fn(*args, **kw), iters, torch.device("cpu"))
+            with _lib.trusted():
+                trusted = host_us(lambda: fn(*args, **kw), iters, torch.device("cpu"))
+            rows.append(dict(op=name, launches=n, checked_us=checked, trusted_us=trusted))
+            print(fmt_glue(rows[-1]), flush=True)
+    finally:
+        JITFunction.run = real
+    return rows
+
+
+GLUE_HEAD = ("| op | Triton launches | our Python, checked (µs) | our Python, trusted (µs) |\n"
+             "|---|---|---|---|")
+
+
+def fmt_glue(r) -> str:
+    return f"| {r['op']} | {r['launches']} | {r['checked_us']:.1f} | {r['trusted_us']:.1f} |"
+
+
 def fmt(r) -> str:
     return f"| {r['op']} | {r['op_us']:.1f} | {r['ours_us']:.1f} | {r['dispatch_us']:.1f} |"
 
@@ -173,9 +216,20 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--glue", action="store_true", help="our launchers' Python alone (CPU, launches stubbed)")
     ap.add_argument("--step", action="store_true", help="also time whole compiled CSA-layer steps")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile's N dearest functions")
     args = ap.parse_args()
+    from _timing import write_results
+
+    if args.glue:
+        print(GLUE_HEAD, flush=True)
+        rows = glue(args.iters)
+        md = (f"Our launchers' Python per op call (`benchmarks/host_dispatch.py --glue`), torch {torch.__version__}: "
+              f"the CUDA functions on CPU tensors, Triton's launch stubbed out. Best of 3 x {args.iters} calls."
+              f"\n\n{GLUE_HEAD}\n" + "\n".join(fmt_glue(r) for r in rows))
+        write_results(md, rows, args.out)
+        return
     device = torch.device(args.device)
     head = "| op | op call (µs) | ours (µs) | dispatch = op − ours (µs) |\n|---|---|---|---|"
     print(head, flush=True)
@@ -188,7 +242,6 @@ def main():
         rows += srows
         step_md = "\n\nHost µs of whole steps, median of 30:\n\n" + shead + "\n" + "\n".join(
             f"| {r['step']} | {r['meta_us']:.0f} | {r['step_us']:.0f} |" for r in srows)
-    from _timing import write_results
 
     what = ("the registered CUDA function (checks + Triton launch)" if device.type == "cuda"
             else "the op's Python function (checks + the CPU reference's compute)")
