@@ -17,7 +17,10 @@ one-token decodes of other requests at ``--context`` (a mixed step). For each ki
   tokens/s.
 
 Every call re-schedules the same batch: the requests are rolled back to their starting length after
-each step (``KVCacheManager.rollback``), so every step computes the same positions.
+each step (``KVCacheManager.rollback``), so every step computes the same positions. The rollback
+returns the compressed pages the step took, so every step also copies those block tables to the
+device again (both modes alike; a few µs of host time a real step pays only when it takes a page).
+The ``replays`` field counts the FULL runner's replays over all step kinds so far.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ configuration, output allocation), with the checks (CPU tensors: value checks in
 dimensions on CUDA, the tiny test config on the CPU): a B=1 decode step and a 2048-token prefill
 chunk, ``compile_step`` with the default passes. Host time of a step = wall time of the call without
 synchronizing, after the GPU has drained (median of 30), beside the metadata build of the same
-batch. ``--profile N`` prints cProfile's N dearest functions (own time) over 20 decode steps.
+batch (for the prefill chunk the request is freed and re-admitted before each build, so its build
+time includes copying the changed block tables). ``--profile N`` prints cProfile's N dearest functions (own time) over 20 decode steps.
 
 Mutated caches are cloned once up front and reused: a call overwrites the same slots each time. The
 target (issue 16): ≤ 15 µs per op call from Python on the H200 machine's host.

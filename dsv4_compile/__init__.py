@@ -38,9 +38,12 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
     ``torch.compile`` object is its ``.compiled``.
 
     Every call compiles under a code object of its own (``_own_code``), named ``name`` in Dynamo's
-    logs and profiles when given. While a ``fullgraph=True`` function runs, the ops' CUDA functions
-    skip their per-call argument checks: the ops' fakes ran them when the graph was traced, and
-    Dynamo's guards hold them (``ops._lib.trusted``); a direct op call still checks everything.
+    logs and profiles when given. While a ``fullgraph=True`` function runs its compiled graph, the
+    ops' CUDA functions skip their per-call argument checks: the ops' fakes ran them when the graph
+    was traced, and Dynamo's guards hold them (``ops._lib.trusted``). Not when the call runs Python
+    instead (``TORCHDYNAMO_DISABLE=1``, ``set_stance("force_eager")`` / ``"eager_on_recompile"``),
+    when guards are skipped (``skip_guard_eval_unsafe``, a ``guard_filter_fn`` option), or for
+    ``fullgraph=False``; a direct op call always checks everything.
     """
     import contextlib
     import functools
@@ -57,12 +60,16 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
         )
     merged = inductor_options(**(passes or {}))
     merged.update(options or {})
+    # fullgraph, every guard kept: each op call of the graph was traced and checked on fake tensors
+    # (ops._lib.trusted); _graph_runs() excludes the ways a call runs the Python function instead.
+    # (torch.compile pops guard_filter_fn from the options: look first.)
+    trustable = fullgraph and "guard_filter_fn" not in merged
     compiled = torch.compile(_own_code(fn_or_module, name), fullgraph=fullgraph, options=merged, **kwargs)
 
     from .ops._lib import trusted
 
-    # fullgraph: every op call in the graph was traced and checked on fake tensors (ops._lib.trusted)
-    trust = trusted if fullgraph else contextlib.nullcontext
+    def trust():
+        return trusted() if trustable and _graph_runs() else contextlib.nullcontext()
 
     def run(*args, **kw):
         metas = [a for a in list(args) + list(kw.values()) if isinstance(a, StepMetadata)]
@@ -92,6 +99,18 @@ def compile(fn_or_module, *, fullgraph: bool = True, options: dict | None = None
         functools.update_wrapper(run, target)
     run.compiled = compiled
     return run
+
+
+def _graph_runs() -> bool:
+    """Whether calling a ``fullgraph=True`` compiled function now runs a compiled graph with its guards
+    evaluated, rather than the Python function: Dynamo enabled (not ``TORCHDYNAMO_DISABLE=1``) and
+    the default stance (``torch.compiler.set_stance``: ``force_eager`` and ``eager_on_recompile`` run
+    Python, ``skip_guard_eval_unsafe`` skips the guards the ops' checks rely on)."""
+    import torch._dynamo
+
+    stance = getattr(torch._dynamo.eval_frame, "_stance", None)
+    return (not torch._dynamo.config.disable and stance is not None and stance.stance == "default"
+            and not stance.skip_guard_eval_unsafe)
 
 
 _COMPILE_IDS = __import__("itertools").count()

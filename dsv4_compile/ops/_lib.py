@@ -46,12 +46,14 @@ _TRUST = threading.local()  # .depth > 0 while a fullgraph compiled function run
 def trusted():
     """Inside: the ops' CUDA functions skip their argument checks (``checks_needed()`` is False).
 
-    ``dsv4_compile.compile`` enters it around every call of a ``fullgraph=True`` compiled function.
-    Every op call such a graph makes was traced: its fake ran the same checks on the traced
-    arguments, and the guards Dynamo installed (dtypes, devices, ranks, the shape relations the
-    checks compared) must hold for the graph to run, so a second check per call would only cost
-    host time (3–20 µs per op). Value checks under ``DSV4_CHECK_INDICES=1`` still run; a direct call
-    of an op outside a compiled graph checks everything. Per thread; nests."""
+    ``dsv4_compile.compile`` enters it around each call of a ``fullgraph=True`` compiled function
+    that will run its graph with its guards (``dsv4_compile._graph_runs``). Every op call such a
+    graph makes was traced: its fake ran the same checks on the traced arguments, and the guards
+    Dynamo installed (dtypes, devices, ranks, strides, the shape relations the checks compared) must
+    hold for the graph to run, so a second check per call would only cost host time (3–20 µs per
+    op). What the guards do not hold, a cache's storage offset, is checked on every call
+    (``check_cache_offset``, ``check_state_offset``). Value checks under ``DSV4_CHECK_INDICES=1``
+    still run; a direct call of an op outside a compiled graph checks everything. Per thread; nests."""
     _TRUST.depth = getattr(_TRUST, "depth", 0) + 1
     try:
         yield
@@ -103,10 +105,16 @@ def register_direct(op, kernels: dict) -> bool:
     → function, e.g. ``{"CUDA": ..., "CPU": ...}``) are registered on their keys directly (still under
     ``torch._disable_dynamo``), and ``Autograd`` and ``ADInplaceOrView`` become C++ fallthroughs.
 
-    What changes for a caller: outputs of an op called on inputs that require grad do not require
-    grad (the ops have no backward either way: ``custom_op``'s layer only deferred the error to
-    ``backward()``), and an op's in-place write does not bump the cache's version counter (nothing
-    autograd saved can alias a cache). ``DSV4_FULL_DISPATCH=1`` at import keeps ``custom_op``'s layers.
+    What changes for a caller:
+    * outputs of an op called on inputs that require grad do not require grad (the ops have no
+      backward either way: ``custom_op``'s layer only deferred the error to ``backward()``);
+    * an op's in-place write does not bump the cache's version counter, fake tensors' included (nothing
+      autograd saved can alias a cache; Dynamo's checks for mutation inside higher-order ops such as
+      ``torch.cond`` then fail later, in functionalization, instead of with their own message);
+    * ``custom_op``'s own per-device machinery is bypassed: ``op.set_kernel_enabled`` and a later
+      ``op.register_kernel`` have no effect, and eager calls skip its output-aliasing check (opcheck
+      in the tests still checks that outputs are fresh).
+    ``DSV4_FULL_DISPATCH=1`` at import keeps ``custom_op``'s layers.
     """
     global _DIRECT
     if _full_dispatch():

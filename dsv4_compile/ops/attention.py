@@ -21,7 +21,7 @@ from .. import layouts
 from ..reference import attention as ref
 from ._lib import (INDEX_DTYPES, check_block_entries, check_block_table, check_positive_int, check_range,
                    check_tensor, checks_needed, qualname, register_cuda)
-from .cache import _check_fmt, check_cache
+from .cache import _check_fmt, check_cache, check_cache_offset
 
 
 def _triton():
@@ -248,6 +248,10 @@ def _sparse_attn_cuda(q, swa_cache, swa_indices, comp_cache, comp_indices, sink,
                       comp_block_size):
     if checks_needed():
         _check_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size, comp_block_size)
+    else:  # what the guards of a traced call do not hold
+        check_cache_offset("swa_cache", swa_cache, "fp8_ds_mla")
+        if comp_cache is not None:
+            check_cache_offset("comp_cache", comp_cache, "fp8_ds_mla")
     return _triton().sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size,
                                  comp_block_size)
 

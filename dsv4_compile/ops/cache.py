@@ -38,6 +38,12 @@ def check_cache(name: str, cache, fmt: str, block_size: int, device) -> None:
         )
     if cache.shape[1] > 1 and cache.stride(1) != 1:
         raise ValueError(f"{name} must have contiguous pages (stride(1) == 1), got strides {cache.stride()}")
+    check_cache_offset(name, cache, fmt)
+
+
+def check_cache_offset(name: str, cache, fmt: str) -> None:
+    """The part of ``check_cache`` Dynamo's guards do not hold (a cache's storage offset is not
+    guarded): ``fp8_ds_mla`` pages start at even byte offsets. Runs on every call, trusted or not."""
     if fmt == "fp8_ds_mla" and (cache.stride(0) % 2 or cache.storage_offset() % 2):
         raise ValueError(f"{name} pages must start at even byte offsets (bf16 rope values), got page stride "
                          f"{cache.stride(0)} and storage offset {cache.storage_offset()}")
@@ -151,6 +157,8 @@ def _kv_insert_kernels(device):
 def _kv_insert_cuda(kv, kv_cache, slot_mapping, block_size):
     if checks_needed():
         _check_kv(kv, kv_cache, slot_mapping, block_size)
+    else:  # what the guards of a traced call do not hold
+        check_cache_offset("kv_cache", kv_cache, "fp8_ds_mla")
     _kv_insert_kernels(kv.device).kv_insert(kv, None, None, kv_cache, slot_mapping, block_size)
 
 
@@ -208,6 +216,8 @@ def kv_rope_insert(
 def _kv_rope_insert_cuda(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size):
     if checks_needed():
         _check_kv_rope(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size)
+    else:  # what the guards of a traced call do not hold
+        check_cache_offset("kv_cache", kv_cache, "fp8_ds_mla")
     _kv_insert_kernels(kv.device).kv_insert(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size)
 
 
@@ -254,6 +264,8 @@ def kv_gather(kv_cache: torch.Tensor, slots: torch.Tensor, block_size: int) -> t
 def _kv_gather_cuda(kv_cache, slots, block_size):
     if checks_needed():
         _check_gather(kv_cache, slots, block_size, "fp8_ds_mla")
+    else:  # what the guards of a traced call do not hold
+        check_cache_offset("kv_cache", kv_cache, "fp8_ds_mla")
     return _triton().gather(kv_cache, slots, block_size, "fp8_ds_mla")
 
 

@@ -22,7 +22,7 @@ from .. import layouts
 from ..reference import compressor as ref
 from ._lib import (FLOAT_DTYPES, INDEX_DTYPES, check_block_entries, check_block_table, check_positive_int,
                    check_range, check_rope_args, check_tensor, checks_needed, qualname, register_cuda)
-from .cache import check_cache, check_slots
+from .cache import check_cache, check_cache_offset, check_slots
 
 
 # --- rms_norm -----------------------------------------------------------------------------------
@@ -102,10 +102,23 @@ def _check_state_cache(state_cache, compress_ratio, head_dim, state_block_size, 
     if state_cache.shape[1] < state_block_size * row:
         raise ValueError(f"state_cache pages hold {state_cache.shape[1]} bytes but {state_block_size} rows of "
                          f"{row} B need {state_block_size * row}")
-    if state_cache.shape[1] % 4 or state_cache.stride(0) % 4 or state_cache.storage_offset() % 4 or (
-            state_cache.shape[1] > 1 and state_cache.stride(1) != 1):
-        raise ValueError("state_cache must be fp32-addressable: contiguous pages whose size, stride and offset "
-                         f"are multiples of 4 bytes, got shape {tuple(state_cache.shape)} strides {state_cache.stride()}")
+    pages_contiguous = state_cache.shape[1] <= 1 or state_cache.stride(1) == 1
+    if state_cache.shape[1] % 4 or state_cache.stride(0) % 4 or not pages_contiguous:
+        _state_cache_error(state_cache)
+    check_state_offset(state_cache)
+
+
+def _state_cache_error(state_cache):
+    raise ValueError("state_cache must be fp32-addressable: contiguous pages whose size, stride and offset are "
+                     f"multiples of 4 bytes, got shape {tuple(state_cache.shape)} strides {state_cache.stride()} "
+                     f"storage offset {state_cache.storage_offset()}")
+
+
+def check_state_offset(state_cache) -> None:
+    """The part of the state-cache check Dynamo's guards do not hold (the storage offset is not
+    guarded): a multiple of 4 bytes. Runs on every call, trusted or not."""
+    if state_cache.storage_offset() % 4:
+        _state_cache_error(state_cache)
 
 
 def _check_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size):
@@ -193,6 +206,8 @@ def compressor_state_save(
 def _state_save_cuda(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size):
     if checks_needed():
         _check_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size)
+    else:  # what the guards of a traced call do not hold
+        check_state_offset(state_cache)
     from ..kernels.triton import compressor as kernels
 
     kernels.state_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_size)
@@ -263,6 +278,8 @@ def compressor_pool(
 def _pool_cuda(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim):
     if checks_needed():
         _check_pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio, head_dim)
+    else:  # what the guards of a traced call do not hold
+        check_state_offset(state_cache)
     from ..kernels.triton import compressor as kernels
 
     return kernels.pool(state_cache, positions, state_block_table, token_to_req, state_block_size, compress_ratio,
@@ -383,6 +400,9 @@ def _compressor_insert_cuda(kv_score, positions, ape, state_cache, state_slot_ma
     if checks_needed():
         _check_insert(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table, token_to_req,
                       state_block_size, norm_weight, eps, cos_sin_cache, cache, slot_mapping, block_size, fmt, hadamard)
+    else:  # what the guards of a traced call do not hold
+        check_state_offset(state_cache)
+        check_cache_offset("cache", cache, fmt)
     from ..kernels.triton import compressor as kernels
 
     kernels.compressor_insert(kv_score, positions, ape, state_cache, state_slot_mapping, state_block_table,
