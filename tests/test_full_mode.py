@@ -133,3 +133,33 @@ def test_cuda_graph_replay_matches_direct_step_over_200_mixed_schedules(mode):
     if mode == "FULL":
         assert twin.runner.stats["ungraphed_prefill_or_mixed_steps"] == 0  # every step had a bucket
         assert twin.runner.graph_memory_bytes > 0
+
+
+@pytest.mark.cuda
+def test_no_host_sync_or_recompile_in_a_warm_full_mode_mixed_step():
+    """FULL mode: a mixed step (a prefill chunk of a new request + decodes of live ones) replays with no
+    host sync (``set_sync_debug_mode("error")``) and no new graph once its bucket is captured."""
+    torch._dynamo.reset()
+    counters.clear()
+    twin = _twin(1, "cuda", "FULL", cuda_graphs=True, seed=7)
+    mgr_a, mgr_b = twin.managers()
+    for rid, n in (("a", 40), ("b", 24)):
+        for m in (mgr_a, mgr_b):
+            m.add_request(rid)
+        twin.step([(rid, n)])
+    for m in (mgr_a, mgr_b):
+        m.add_request("c")
+    batch = [("a", 1), ("b", 1), ("c", 30)]
+    x = torch.randn(32, CFG.hidden_size, device="cuda").bfloat16()
+    twin.runner(x, batch)  # the 32-token bucket (captured by b's 24-token chunk): warm
+    graphs = counters["stats"]["unique_graphs"]
+    batch = [("a", 1), ("b", 1), ("c", 18)]  # the next chunk of c: 20 tokens, same 32-token bucket
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        twin.runner(x[:20], batch)  # metadata build + copies + replay
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert counters["stats"]["unique_graphs"] == graphs, "a warm FULL-mode step recompiled"
+    assert twin.runner.stats["ungraphed_prefill_or_mixed_steps"] == 0
