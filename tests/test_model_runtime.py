@@ -436,3 +436,68 @@ def test_fp8_checkpoint_scale_names_dtypes_and_missing_scales():
     stray = {k: v for k, v in sd.items() if k != "wq_b.weight"}
     with pytest.raises(ValueError, match="wq_b.weight_scale_inv is a block scale without its FP8 weight"):
         make_layer(1).load_state_dict({**stray, "wq_b.weight_scale_inv": s}, strict=False)
+
+
+def _expected_rows(mgr, batch, starts, rows):
+    """The builder's seven host rows for ``batch``, token by token in plain Python from the manager's
+    block tables (read after the step's pages were allocated): position, request row, SWA slot, then
+    per ratio the compressed slot of the entry a token closes and its compressor-state slot."""
+    def slot(kind, row, idx):
+        k, table = mgr.kinds[kind], mgr.tables[kind]
+        col = idx // k.block_size
+        page = int(table[row, col]) if col < table.shape[1] else -1
+        return page * k.block_size + idx % k.block_size if page >= 0 else -1
+
+    out = [[0] * rows] + [[-1] * rows for _ in range(6)]
+    t = 0
+    for (rid, n), start in zip(batch, starts):
+        row = mgr.requests[rid].row
+        for p in range(start, start + n):
+            out[1][t], out[0][t], out[2][t] = row, p, slot("swa", row, p)
+            for r in mgr.ratios:
+                k = 3 if r == 4 else 5
+                out[k][t] = slot(f"c{r}", row, p // r) if (p + 1) % r == 0 else -1
+                out[k + 1][t] = slot(f"c{r}_state", row, p)
+            t += 1
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_builder_rows_match_a_token_by_token_computation(seed):
+    """StepMetadataBuilder's vectorized index math (NumPy) against a scalar recomputation, over random
+    schedules with admissions, retirements, prefill chunks, decodes and padding rows (every ratio:
+    the stack of all three layer types)."""
+    rng = random.Random(seed)
+    cc = CacheConfig(max_num_seqs=5, max_model_len=300, max_num_batched_tokens=96, token_budget=1200,
+                     max_chunk_tokens=48)
+    mgr = KVCacheManager(CFG, [0, 1, 2], cc)
+    builder = StepMetadataBuilder(mgr)
+    live, next_id = [], 0
+    for _ in range(60):
+        if live and rng.random() < 0.1:
+            mgr.free_request(live.pop(rng.randrange(len(live))))
+        if len(live) < cc.max_num_seqs and rng.random() < 0.4:
+            mgr.add_request(next_id)
+            live.append(next_id)
+            next_id += 1
+        batch, budget = [], cc.max_num_batched_tokens
+        cached = cc.token_budget - mgr.used_tokens
+        for rid in rng.sample(live, len(live)):
+            room = cc.max_model_len - mgr.requests[rid].num_tokens
+            n = min(rng.choice([1, 1, rng.randint(1, cc.max_chunk_tokens)]), budget, room, cached)
+            if n >= 1:
+                batch.append((rid, n))
+                budget -= n
+                cached -= n
+        n_tok = sum(n for _, n in batch)
+        rows = n_tok + rng.randint(0, cc.max_num_batched_tokens - n_tok)
+        starts = [mgr.requests[rid].num_tokens for rid, _ in batch]
+        meta = builder.build(batch, pad_to=rows)
+        assert meta.positions.shape[0] == rows
+        assert builder.host[:, :rows].tolist() == _expected_rows(mgr, batch, starts, rows)
+        assert torch.equal(builder.tokens[:, :rows], builder.host[:, :rows])
+        for name, table in mgr.tables.items():
+            assert torch.equal(builder.tables[name], table), name
+        for rid in [r for r in live if mgr.requests[r].num_tokens >= cc.max_model_len or rng.random() < 0.02]:
+            mgr.free_request(rid)  # full requests retire (and a few others)
+            live.remove(rid)
