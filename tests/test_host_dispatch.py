@@ -183,3 +183,11 @@ def test_trusted_calls_still_check_the_cache_offset(monkeypatch):
         CUDA_KERNELS["kv_insert"](kv, flat[:-1].view(2, page), slots, 64)  # even offset: fine
         with pytest.raises(ValueError, match="even byte offsets"):
             CUDA_KERNELS["kv_insert"](kv, odd, slots, 64)
+
+
+def test_import_warns_nothing():
+    """Overriding custom_op's kernels on the dispatcher prints no "Overriding a previously registered
+    kernel" warning (a UserWarning from the dispatcher) at import."""
+    out = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", "import dsv4_compile"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
