@@ -27,9 +27,14 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 DEBUG_ENV = "DSV4_CHECK_INDICES"
 
 
+def _env_flag(name: str) -> bool:
+    """An on/off environment switch: set and not one of "", 0, false, no, off."""
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def debug_checks() -> bool:
     """Whether ``DSV4_CHECK_INDICES`` asks for host-side index checks on every device (read per call)."""
-    return os.environ.get(DEBUG_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
+    return _env_flag(DEBUG_ENV)
 
 
 def host_checked(t: torch.Tensor) -> bool:
@@ -87,15 +92,15 @@ FULL_DISPATCH_ENV = "DSV4_FULL_DISPATCH"
 
 def _full_dispatch() -> bool:
     """Whether ``DSV4_FULL_DISPATCH=1`` keeps ``custom_op``'s Python dispatch layers (read at import)."""
-    return os.environ.get(FULL_DISPATCH_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
+    return _env_flag(FULL_DISPATCH_ENV)
 
 
 _DIRECT = None  # the Library that holds the direct registrations (created on first use)
 
 
-def register_direct(op, kernels: dict) -> bool:
+def register_direct(op, kernels: dict) -> None:
     """Register ``op``'s device functions straight on the dispatcher and skip the layers an inference
-    op does not need; returns whether it did.
+    op does not need.
 
     ``torch.library.custom_op`` still declares every op (schema, fake, ``register_kernel``, opcheck),
     but it puts three Python layers in front of each call: an ``Autograd`` kernel, for mutating ops an
@@ -118,22 +123,17 @@ def register_direct(op, kernels: dict) -> bool:
     """
     global _DIRECT
     if _full_dispatch():
-        return False
-    import inspect
-
+        return
     from torch.library import Library, fallthrough_kernel
 
     if _DIRECT is None:
         _DIRECT = Library(NAMESPACE, "FRAGMENT")
-    kw = {"allow_override": True} if "allow_override" in inspect.signature(Library.impl).parameters else {}
-    schema = op._opoverload._schema
     regs = [(fallthrough_kernel, "Autograd")]
-    if schema.is_mutable:
+    if op._opoverload._schema.is_mutable:
         regs.append((fallthrough_kernel, "ADInplaceOrView"))
     regs += [(torch._disable_dynamo(_without_grad(fn)), key) for key, fn in kernels.items()]
-    for fn, key in regs:
-        _DIRECT.impl(op._name, fn, key, **kw)
-    return True
+    for fn, key in regs:  # custom_op registered these keys already: ours replace its kernels
+        _DIRECT.impl(op._name, fn, key, allow_override=True)
 
 
 def _without_grad(fn):

@@ -122,10 +122,23 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def sm_programs(device: torch.device) -> int:
+    """The SM count launchers size their grids by: the GPU's, or 8 off the GPU and under the
+    interpreter (small shapes still exercise splitting)."""
+    if device.type != "cuda" or interpreting():
+        return 8
+    return _device.sm_count(_device.index(device))
+
+
 def use_hw_e2m1(device: torch.device) -> bool:
     """Hardware E2M1 conversion only on sm_100+ (``DSV4_E2M1=software`` forces the software path)."""
     if _device.software_e2m1_forced():
         return False
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda" or interpreting():
         return False
     return _device.capability(_device.index(device))[0] >= 10

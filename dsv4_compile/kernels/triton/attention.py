@@ -10,18 +10,16 @@ tolerance, not bit for bit (docs/numerics.md §9.1: attention outputs are tolera
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ... import layouts
-from .. import _device
 from ...reference.attention import select_topk as select_topk_reference
 from ...reference.attention import visible_entries
 from . import topk as _topk
-from ._common import cdiv, next_pow2, pow2
+from ._common import cdiv, interpreting, next_pow2, pow2, sm_programs
 from .cache import _e2m1_value, load_fp8_ds_mla, load_fp8_ds_mla_rows, load_indexer_k, load_indexer_k_fp8
 
 LOG2E = 1.4426950408889634
@@ -126,11 +124,11 @@ def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | N
     """(BN, BH, programs per token, warps): one program per 128-entry tile until the tokens alone
     give every SM four programs; 64 heads per block (one wgmma row block; fewer under the
     interpreter)."""
-    interp = device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    interp = device.type != "cuda" or interpreting()
     bn = block_n or (16 if interp else 128)
     bh = block_h or (16 if interp else 64)
     if programs is None:
-        programs = cdiv(4 * _sm_programs(device), max(T, 1))
+        programs = cdiv(4 * sm_programs(device), max(T, 1))
     programs = max(1, min(programs, cdiv(max(L, 1), bn)))
     return bn, bh, programs, num_warps or 4
 
@@ -184,7 +182,7 @@ def indexer_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positi
         n = visible_entries(positions, token_to_req, block_table.shape[0], compress_ratio, L)
         return select_topk_reference(logits, n, topk)
     return _topk.select_topk(logits, positions, token_to_req, block_table.shape[0], compress_ratio, topk,
-                             _sm_programs(q.device), chunk=chunk)
+                             sm_programs(q.device), chunk=chunk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,11 +297,6 @@ def _combine_kernel(part_ptr, m_ptr, l_ptr, sink_ptr, o_ptr, H, n_split, o_strid
              mask=hm[:, None])
 
 
-def _sm_programs(device: torch.device) -> int:
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return 8  # the interpreter: exercise splitting at small shapes
-    return _device.sm_count(_device.index(device))
-
 
 def launch_config(T: int, H: int, n_cand: int, device: torch.device, block_h: int | None = None,
                   block_n: int | None = None, num_warps: int | None = None, splits: int | None = None,
@@ -317,7 +310,7 @@ def launch_config(T: int, H: int, n_cand: int, device: torch.device, block_h: in
     * fewer tokens: 16 heads per program (4 warps) and split-K up to two programs per SM.
 
     Every argument can be forced (the sweep does)."""
-    sms = _sm_programs(device)
+    sms = sm_programs(device)
     wide = T * cdiv(H, 64) * 4 >= sms
     bh = block_h or (min(64, max(16, next_pow2(H))) if wide else 16)
     bn = block_n or (64 if bh >= 64 else 32)
@@ -370,7 +363,7 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     if split:
         # 16 heads x 512 dims per program, or 4 heads x 128 dims when that leaves SMs idle (one token:
         # 4 programs took 11.6 us on the H100 to merge 20 splits, 64 programs take a fraction of it)
-        cbh, dc = (min(bh, 16), 512) if T * cdiv(H, 16) >= _sm_programs(q.device) else (4, 128)
+        cbh, dc = (min(bh, 16), 512) if T * cdiv(H, 16) >= sm_programs(q.device) else (4, 128)
         _combine_kernel[(T, cdiv(H, cbh), 512 // dc)](
             part, m, l_, sink, out, H, splits, out.stride(0), out.stride(1), BH=cbh, DC=dc, num_warps=4,
         )

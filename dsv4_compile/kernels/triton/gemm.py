@@ -7,8 +7,8 @@ Small M (decode) is weight-bandwidth bound: the ``N x K`` weight streams through
 A split-K program writes its fp32 partial, then takes a ticket on its tile's counter; the program
 that takes the last ticket sums the partials **in split order** (so the result does not depend on
 which program finished last: deterministic) into the output and resets the counter. One launch per
-GEMM, no second reduction kernel. The counters are one zeroed ``int32`` buffer per (device, stream),
-allocated on first use and left zero by every call.
+GEMM, no second reduction kernel. The counters are one zeroed ``int32`` buffer per device (see
+``_counter_buffer``), left zero by every call.
 
 A grouped ``x_q [M, G, K]`` is DSv4's ``wo_a``: output columns ``[g·N/G, (g+1)·N/G)`` are group g's
 input times the weight rows of the same range, one launch for every group. Activations and their
@@ -31,10 +31,11 @@ import triton.language as tl
 
 from ... import layouts
 from .. import _device
-from ._common import cdiv, fp8_quant_rows
+from ...reference.gemm import weight_scale_fp32
+from ._common import cdiv, fp8_quant_rows, interpreting, sm_programs
 
 BLOCK = layouts.WEIGHT_BLOCK  # the kernel's K step and N tile bound are this 128
-COUNTERS = 4096  # split-K tile counters per (device, stream); splitting is used below 2 tiles per SM
+COUNTERS = 4096  # split-K tile counters per device; splitting is used below 2 tiles per SM
 SCALED_MM_MIN_M = 256  # from this many rows the GEMM is compute-bound: cuBLAS when it takes block scales
 GEMM_ENV = "DSV4_FP8_GEMM"
 
@@ -107,16 +108,6 @@ def _fp8_block_gemm_kernel(
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _sms(device: torch.device) -> int:
-    if device.type != "cuda" or _interpreting():
-        return 8
-    return _device.sm_count(_device.index(device))
-
-
 _counters: dict = {}
 
 
@@ -159,7 +150,7 @@ def gemm_config(M: int, N: int, KB: int, device: torch.device, block_m: int | No
         raise ValueError(f"block_n must be 16, 32, 64 or 128 and divide the group's {n_per_group} rows, got {bn}")
     tiles = cdiv(M, bm) * cdiv(N, bn)
     if splits is None:
-        want = waves * _sms(device)
+        want = waves * sm_programs(device)
         splits = cdiv(want, tiles) if (M <= 64 and tiles < want) else 1
         splits = min(splits, max(1, KB // min_kb))
     splits = max(1, min(splits, KB))
@@ -174,7 +165,7 @@ _scaled_mm_ok: dict = {}
 def _scaled_mm_supported(device: torch.device) -> bool:
     """Whether ``torch._scaled_mm`` takes 1x128 activation and 128x128 weight scales here (cuBLASLt
     ≥ 12.9 on sm_90): probed once per device, outside any CUDA-graph capture."""
-    if device.type != "cuda" or _interpreting():
+    if device.type != "cuda" or interpreting():
         return False
     idx = _device.index(device)
     if idx not in _scaled_mm_ok:
@@ -203,17 +194,14 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend
     M = x_q.shape[0]
     N, K = w_q.shape
     KB = K // BLOCK
-    out = torch.empty((M, N), dtype=out_dtype, device=x_q.device)
-    if M == 0 or N == 0:
-        return out
-    if KB == 0:
-        return out.zero_()
-    ws = w_scale.to(torch.float32).contiguous()
+    if M == 0 or N == 0 or KB == 0:
+        return torch.zeros((M, N), dtype=out_dtype, device=x_q.device)
+    ws = weight_scale_fp32(w_scale).contiguous()
     backend = backend or ("triton" if os.environ.get(GEMM_ENV) == "triton" else "auto")
     if backend == "scaled_mm" or (backend == "auto" and M >= SCALED_MM_MIN_M and _scaled_mm_shape(x_q, N, KB, out_dtype)
                                   and _scaled_mm_supported(x_q.device)):
         return _scaled_mm(x_q, x_scale, w_q, ws, out_dtype)
-    return _launch(x_q, x_scale, w_q, ws, out, config)
+    return _launch(x_q, x_scale, w_q, ws, torch.empty((M, N), dtype=out_dtype, device=x_q.device), config)
 
 
 def _scaled_mm_shape(x_q, N: int, KB: int, out_dtype) -> bool:
@@ -230,7 +218,7 @@ def _launch(x, x_scale, w_q, ws, out, config, amax_floor=None):
     M, (N, K) = x.shape[0], w_q.shape
     KB = K // BLOCK
     quant = amax_floor is not None
-    u8 = _interpreting()
+    u8 = interpreting()
     xb = x if x.stride(-1) == 1 else x.contiguous()
     wb = w_q.contiguous()
     if u8:
@@ -272,14 +260,12 @@ def fp8_linear(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=1e-4, back
     with the two ops: the same quantization, the same GEMM), above that the two ops' kernels."""
     M = x.shape[0]
     N, K = w_q.shape
-    out = torch.empty((M, N), dtype=out_dtype, device=x.device)
-    if M == 0 or N == 0:
-        return out
-    if K == 0:
-        return out.zero_()
+    if M == 0 or N == 0 or K == 0:
+        return torch.zeros((M, N), dtype=out_dtype, device=x.device)
     if M > FUSED_QUANT_MAX_M or backend == "scaled_mm":
         from .primitives import fp8_block_quant
 
         x_q, x_scale = fp8_block_quant(x, BLOCK, scale_floor)
         return fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype, backend=backend, **config)
-    return _launch(x, None, w_q, w_scale.to(torch.float32).contiguous(), out, config, amax_floor=scale_floor)
+    out = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    return _launch(x, None, w_q, weight_scale_fp32(w_scale).contiguous(), out, config, amax_floor=scale_floor)
