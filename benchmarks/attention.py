@@ -180,9 +180,9 @@ def sweep(b: int, ctx: int):
     kv, _ = attn_bytes(b)
     sets = _sets(c["inputs"], kv)
     print(f"streaming read {read:.2f} TB/s; B={b} ctx={ctx}")
-    for bh, warps in ((16, 4), (32, 4), (32, 8), (64, 4), (64, 8)):
-        for bn in (16, 32, 64):
-            for splits in (None,) if bh < 64 else (None, 2):
+    for bh, warps in ((16, 4), (32, 8), (64, 8)):
+        for bn in (16, 32, 64) if bh < 64 else (32, 64):
+            for splits in {16: (None, 4, 8, 16), 32: (None,), 64: (None, 2, 4)}[bh]:
                 fn = lambda *a, **k: kernels.sparse_attn(*a, block_h=bh, block_n=bn, num_warps=warps,  # noqa: E731
                                                          splits=splits, **k)
                 try:

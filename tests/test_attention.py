@@ -97,7 +97,7 @@ def test_sparse_attn_sink_only_in_the_denominator():
     assert a.abs().max() > 0.1 and b.abs().max() < 1e-6  # the sink takes the mass and adds no value
 
 
-@pytest.mark.parametrize("splits,dv", [(None, None), (1, 512), (3, 512), (1, 256), (3, 128)])
+@pytest.mark.parametrize("splits,dv", [(None, None), (1, 512), (3, 512), (1, 256), (3, 128), (9, 512)])
 def test_sparse_attn_kernel_matches_reference(kernel_device, splits, dv):
     args = _attn_case(t=6, h=20, seed=3)  # 20 heads: two head blocks, the second partly masked
     dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in args]
@@ -105,6 +105,17 @@ def test_sparse_attn_kernel_matches_reference(kernel_device, splits, dv):
     got = kernels.sparse_attn(*dev[:6], SCALE, *dev[6:], splits=splits, block_dv=dv, block_n=16)
     _assert_close_bf16(got.cpu(), want.float())
     assert bool((got[4].cpu() == 0).all())
+
+
+def test_combine_config_bounds_and_covers_every_split():
+    """Every split in one load (NS >= splits, a power of two), at most 8192 partial values per
+    program, value-dim chunks that tile 512, and more programs when the tokens leave SMs idle."""
+    for T, H, splits in ((1, 64, 20), (1, 64, 300), (64, 64, 2), (3, 20, 3), (1, 128, 33), (500, 64, 2)):
+        ns, bh, dc = kernels.combine_config(T, H, splits, sms=132)
+        assert ns >= splits and ns & (ns - 1) == 0 and 512 % dc == 0 and bh & (bh - 1) == 0
+        assert ns * bh * dc <= 8192 or (bh == 1 and dc == 16)
+    assert kernels.combine_config(1, 64, 20, 132) == (32, 2, 64)  # 256 programs for one token
+    assert kernels.combine_config(64, 64, 2, 132) == (2, 16, 256)  # 512 programs
 
 
 def test_sparse_attn_kernel_masks_indices_past_the_cache(kernel_device):

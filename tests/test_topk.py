@@ -101,6 +101,28 @@ def test_all_equal_logits_keep_the_first_entries(kernel_device):
     assert got[0].tolist() == list(range(16))
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_threshold_found_before_the_last_pass(kernel_device, ties):
+    """The radix passes stop once the threshold's bin holds exactly the entries still needed: a few
+    huge logits (one pass: their bin holds exactly k) or k − 2 huge ones plus two equal ones just
+    below (a later pass), with distinct logits, ties and −0.0 around them; random positions of the
+    big ones, against the reference."""
+    g = torch.Generator().manual_seed(11)
+    T, L, k = 5, 200, 6
+    logits = torch.randn(T, L, generator=g)
+    if ties:
+        logits = logits.round()
+        logits[:, ::7] = -0.0
+    for t in range(T):
+        where = torch.randperm(L, generator=g)[:k]
+        logits[t, where[: k - 2]] = 1e30 * (1 + torch.arange(k - 2).float())
+        logits[t, where[k - 2:]] = 1e30 if t % 2 else 3e29  # tie with a big one, or the next bin down
+    pos = torch.full((T,), 4 * L + 3)
+    req = torch.zeros(T, dtype=torch.int64)
+    _run(logits.to(kernel_device), pos.to(kernel_device), req.to(kernel_device), k)
+    _run(logits.to(kernel_device), pos.to(kernel_device), req.to(kernel_device), k, chunk=32)
+
+
 def test_plan_depends_on_shapes_only():
     assert topk_kernels.plan(1, 16384, 512, 132) == [(4096, 4), (2048, 1)]
     assert topk_kernels.plan(1, 262144, 512, 132) == [(16384, 16), (8192, 1)]

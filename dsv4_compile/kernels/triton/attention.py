@@ -23,6 +23,7 @@ from ._common import cdiv, interpreting, next_pow2, pow2, sm_programs
 from .cache import _e2m1_value, load_fp8_ds_mla, load_fp8_ds_mla_rows, load_indexer_k, load_indexer_k_fp8
 
 LOG2E = 1.4426950408889634
+WIDE_SHARE = 8  # launch_config: 64-head programs from T·cdiv(H, 64)·WIDE_SHARE >= SMs
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "no candidate yet" running max: keeps exp2 free of inf − inf
 
 
@@ -274,44 +275,63 @@ def _sparse_attn_kernel(
 
 @triton.jit
 def _combine_kernel(part_ptr, m_ptr, l_ptr, sink_ptr, o_ptr, H, n_split, o_stride_t, o_stride_h,
-                    BH: tl.constexpr, DC: tl.constexpr):
+                    NS: tl.constexpr, BH: tl.constexpr, DC: tl.constexpr):
     """Merge the split-K partials of ``BH`` heads and ``DC`` value dims of one token (program axis 2
-    walks the 512 value dims in ``DC`` chunks, so a one-token step still fills the GPU)."""
+    walks the 512 value dims in ``DC`` chunks, so a one-token step still fills the GPU). All
+    ``n_split <= NS`` splits are loaded at once, ``[NS, BH, DC]``: one round trip to memory instead
+    of a loop of dependent ones (20 splits of a one-token step took 7 µs as a loop on the H200)."""
     t = tl.program_id(0)
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     hm = heads < H
     d = tl.program_id(2) * DC + tl.arange(0, DC)
-    base = t.to(tl.int64) * n_split * H + heads
-    m = tl.full([BH], _NEG_BIG, tl.float32)
-    for sp in range(0, n_split):
-        m = tl.maximum(m, tl.load(m_ptr + base + sp * H, mask=hm, other=_NEG_BIG))
-    l_i = tl.zeros([BH], dtype=tl.float32)
-    acc = tl.zeros([BH, DC], dtype=tl.float32)
-    for sp in range(0, n_split):
-        a = tl.exp2(tl.load(m_ptr + base + sp * H, mask=hm, other=_NEG_BIG) - m)
-        l_i += a * tl.load(l_ptr + base + sp * H, mask=hm, other=0.0)
-        part = tl.load(part_ptr + (base + sp * H)[:, None] * 512 + d[None, :], mask=hm[:, None], other=0.0)
-        acc += a[:, None] * part
+    sp = tl.arange(0, NS)
+    rows = (t.to(tl.int64) * n_split + sp[:, None]) * H + heads[None, :]  # [NS, BH]
+    ok = (sp < n_split)[:, None] & hm[None, :]
+    ms = tl.load(m_ptr + rows, mask=ok, other=_NEG_BIG)
+    m = tl.max(ms, axis=0)
+    a = tl.where(ok, tl.exp2(ms - m[None, :]), 0.0)
+    l_i = tl.sum(a * tl.load(l_ptr + rows, mask=ok, other=0.0), axis=0)
+    part = tl.load(part_ptr + rows[:, :, None] * 512 + d[None, None, :], mask=ok[:, :, None], other=0.0)
+    acc = tl.sum(a[:, :, None] * part, axis=0)
     out = _finish(m, l_i, acc, sink_ptr, heads, hm)
     tl.store(o_ptr + t.to(tl.int64) * o_stride_t + heads[:, None] * o_stride_h + d[None, :], out.to(tl.bfloat16),
              mask=hm[:, None])
 
 
+def combine_config(T: int, H: int, splits: int, sms: int, max_elems: int = 8192):
+    """(NS, BH, DC) of ``_combine_kernel``: every split at once (``NS`` = the next power of two), at
+    most ``max_elems`` partial values per 4-warp program (16 heads x 512 dims when few splits: fewer
+    heads before value-dim chunks under 128), and value-dim chunks down to 64 while the tokens alone
+    leave SMs idle."""
+    ns = next_pow2(splits)
+    bh, dc = min(16, next_pow2(H)), 512
+    while ns * bh * dc > max_elems and dc > 128:  # rows of >= 512 bytes first, then fewer heads
+        dc //= 2
+    while ns * bh * dc > max_elems and bh > 1:
+        bh //= 2
+    while ns * bh * dc > max_elems and dc > 16:
+        dc //= 2
+    while T * cdiv(H, bh) * (512 // dc) < sms and dc > 64:
+        dc //= 2
+    return ns, bh, dc
+
 
 def launch_config(T: int, H: int, n_cand: int, device: torch.device, block_h: int | None = None,
                   block_n: int | None = None, num_warps: int | None = None, splits: int | None = None,
                   block_dv: int | None = None):
-    """(BH, BN, DV, warps, splits, candidates per split), from the H100 sweep
+    """(BH, BN, DV, warps, splits, candidates per split), from the H100 and H200 sweeps
     (``benchmarks/attention.py --sweep``):
 
-    * enough tokens to give every SM a quarter of a program or more: 64 heads per program (the MQA
-      group shares each K/V tile; 8 warps) and at most 2 candidate splits of >= 256 (each split
-      writes fp32 partials of [H, 512] per token, which at this size costs more than it hides);
+    * enough tokens to give every SM an eighth of a program or more (``WIDE_SHARE``): 64 heads per
+      program (the MQA group shares each K/V tile; 8 warps) and at most 2 candidate splits of >= 256
+      (each split writes fp32 partials of [H, 512] per token, which at this size costs more than it
+      hides). On the H200 at B = 32 (64 heads, 64k context) this took 58 µs against 80 µs for the
+      16-head programs below, which a quarter-program threshold had picked (slower than B = 64);
     * fewer tokens: 16 heads per program (4 warps) and split-K up to two programs per SM.
 
     Every argument can be forced (the sweep does)."""
     sms = sm_programs(device)
-    wide = T * cdiv(H, 64) * 4 >= sms
+    wide = T * cdiv(H, 64) * WIDE_SHARE >= sms
     bh = block_h or (min(64, max(16, next_pow2(H))) if wide else 16)
     bn = block_n or (64 if bh >= 64 else 32)
     dv = block_dv or 512
@@ -361,10 +381,8 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
         num_warps=warps,
     )
     if split:
-        # 16 heads x 512 dims per program, or 4 heads x 128 dims when that leaves SMs idle (one token:
-        # 4 programs took 11.6 us on the H100 to merge 20 splits, 64 programs take a fraction of it)
-        cbh, dc = (min(bh, 16), 512) if T * cdiv(H, 16) >= sm_programs(q.device) else (4, 128)
+        ns, cbh, dc = combine_config(T, H, splits, sm_programs(q.device))
         _combine_kernel[(T, cdiv(H, cbh), 512 // dc)](
-            part, m, l_, sink, out, H, splits, out.stride(0), out.stride(1), BH=cbh, DC=dc, num_warps=4,
+            part, m, l_, sink, out, H, splits, out.stride(0), out.stride(1), NS=ns, BH=cbh, DC=dc, num_warps=4,
         )
     return out

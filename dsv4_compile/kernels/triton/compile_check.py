@@ -129,7 +129,7 @@ def _attention_cases():
                                      QUANT_X=quant), dict(num_warps=8 if bm == 128 else 4)
     yield attention._combine_kernel, dict(
         part_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", sink_ptr="*fp32", o_ptr="*bf16", H="i32", n_split="i32",
-        o_stride_t="i32", o_stride_h="i32"), dict(BH=16, DC=512)
+        o_stride_t="i32", o_stride_h="i32"), dict(NS=32, BH=8, DC=32)
 
 
 def compile_all(arch: int) -> list[str]:
