@@ -20,6 +20,7 @@ from ...reference.attention import select_topk as select_topk_reference
 from ...reference.attention import visible_entries
 from . import topk as _topk
 from ._common import cdiv, interpreting, next_pow2, pow2, sm_programs
+from ._launch import prebound
 from .cache import _e2m1_value, load_fp8_ds_mla, load_fp8_ds_mla_rows, load_indexer_k, load_indexer_k_fp8
 
 LOG2E = 1.4426950408889634
@@ -66,6 +67,7 @@ def _head_block(q_ptr, qs_ptr, w_row, t, heads, H, q_stride_t, q_stride_h, MXFP4
     return q, w
 
 
+@prebound
 @triton.jit
 def _indexer_logits_kernel(
     q_ptr, qs_ptr, w_ptr, cache_ptr, bt_ptr, req_ptr, pos_ptr, out_ptr,
@@ -229,6 +231,7 @@ def _finish(m_i, l_i, acc, sink_ptr, heads, hm):
     return acc * (a * inv)[:, None]
 
 
+@prebound
 @triton.jit
 def _sparse_attn_kernel(
     q_ptr, swa_ptr, swa_idx_ptr, comp_ptr, comp_idx_ptr, sink_ptr, o_ptr, part_ptr, m_ptr, l_ptr,
@@ -273,6 +276,7 @@ def _sparse_attn_kernel(
                  out.to(tl.bfloat16), mask=hm[:, None])
 
 
+@prebound
 @triton.jit
 def _combine_kernel(part_ptr, m_ptr, l_ptr, sink_ptr, o_ptr, H, n_split, o_stride_t, o_stride_h,
                     NS: tl.constexpr, BH: tl.constexpr, DC: tl.constexpr):

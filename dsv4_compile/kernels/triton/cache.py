@@ -14,6 +14,7 @@ import triton.language as tl
 from ... import layouts
 from ._common import (FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, cdiv, ceil_log2_ratio, pow2, rope_pairs,
                       use_hw_e2m1)
+from ._launch import prebound
 from .primitives import mxfp4_block
 
 AMAX_FLOOR = tl.constexpr(layouts.FP8_AMAX_FLOOR)
@@ -115,6 +116,7 @@ def store_indexer_mxfp4(cache_ptr, page_off, k, ok, x, BS: tl.constexpr, BT: tl.
 # ---------------------------------------------------------------------------------------------
 # kv_insert / kv_rope_insert
 # ---------------------------------------------------------------------------------------------
+@prebound
 @triton.jit
 def _kv_insert_kernel(
     kv_ptr, pos_ptr, cs_ptr, cache_ptr, slot_ptr,
@@ -169,6 +171,7 @@ def kv_insert(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size: 
 # ---------------------------------------------------------------------------------------------
 # indexer_k_insert
 # ---------------------------------------------------------------------------------------------
+@prebound
 @triton.jit
 def _indexer_k_insert_kernel(
     k_ptr, cache_ptr, slot_ptr, T, k_stride, page_stride, capacity,
@@ -267,6 +270,7 @@ def load_indexer_k(cache_ptr, page_off, k, ok, BS: tl.constexpr, BT: tl.constexp
     return tl.where(ok[:, None], val, 0.0)
 
 
+@prebound
 @triton.jit
 def _gather_kernel(
     cache_ptr, slot_ptr, out_ptr, N, page_stride, capacity,

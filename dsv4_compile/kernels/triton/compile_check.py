@@ -139,6 +139,7 @@ def compile_all(arch: int) -> list[str]:
     names = []
     for fn, sig, constexprs, *opts in _cases(arch):
         signature = {**sig, **{k: "constexpr" for k in constexprs}}
+        fn = getattr(fn, "jit_fn", fn)  # a _launch.PreBound kernel: the triton.jit function it wraps
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
                                 options={**_OPTS, **(opts[0] if opts else {})})
         hw = "+e2m1x2" if "e2m1x2" in kernel.asm["ptx"] else ""

@@ -16,6 +16,7 @@ import triton.language as tl
 from ... import layouts
 from ...reference import compressor as ref
 from ._common import LAUNCH_OPTS, cdiv, fwht, next_pow2, pow2, use_hw_e2m1
+from ._launch import prebound
 from .cache import load_cos_sin, rope_last_row, slot_address, store_fp8_ds_mla, store_indexer_fp8, store_indexer_mxfp4
 
 LOG2E = tl.constexpr(ref.LOG2E)
@@ -69,6 +70,7 @@ def rms_norm_rows(x, w, eps, R: tl.constexpr, BD: tl.constexpr, LOG2_BD: tl.cons
 # ---------------------------------------------------------------------------------------------
 # rms_norm
 # ---------------------------------------------------------------------------------------------
+@prebound
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, eps, D: tl.constexpr, BD: tl.constexpr, LOG2_BD: tl.constexpr,
                      BR: tl.constexpr):
@@ -100,6 +102,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # state save
 # ---------------------------------------------------------------------------------------------
+@prebound
 @triton.jit
 def _state_save_kernel(ks_ptr, pos_ptr, ape_ptr, state_ptr, slot_ptr, ks_stride, page_stride, capacity,
                        R: tl.constexpr, W: tl.constexpr, SBS: tl.constexpr):
@@ -134,6 +137,7 @@ def state_save(kv_score, positions, ape, state_cache, state_slot_mapping, state_
 # ---------------------------------------------------------------------------------------------
 # window pooling
 # ---------------------------------------------------------------------------------------------
+@prebound
 @triton.jit
 def _pool_kernel(
     state_ptr, pos_ptr, bt_ptr, req_ptr, slot_ptr, out_ptr,
@@ -218,6 +222,7 @@ def _max_keep_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
+@prebound
 @triton.jit
 def _norm_rope_insert_kernel(
     pooled_ptr, pos_ptr, w_ptr, cs_ptr, cache_ptr, slot_ptr,

@@ -33,6 +33,7 @@ from ... import layouts
 from .. import _device
 from ...reference.gemm import weight_scale_fp32
 from ._common import cdiv, fp8_quant_rows, interpreting, sm_programs
+from ._launch import prebound
 
 BLOCK = layouts.WEIGHT_BLOCK  # the kernel's K step and N tile bound are this 128
 COUNTERS = 4096  # split-K tile counters per device; splitting is used below 2 tiles per SM
@@ -40,6 +41,7 @@ SCALED_MM_MIN_M = 256  # from this many rows the GEMM is compute-bound: cuBLAS w
 GEMM_ENV = "DSV4_FP8_GEMM"
 
 
+@prebound
 @triton.jit
 def _fp8_block_gemm_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, q_tmp_ptr, q_tmp_u8_ptr, M, N, KB, kb_per_split,

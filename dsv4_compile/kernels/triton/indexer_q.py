@@ -14,11 +14,13 @@ import triton.language as tl
 from ... import layouts
 from ._common import (FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, cdiv, ceil_log2_ratio, fwht, next_pow2, pow2,
                       rope_pairs, use_hw_e2m1)
+from ._launch import prebound
 from .primitives import mxfp4_block
 
 FP8_AMAX_FLOOR = tl.constexpr(layouts.FP8_AMAX_FLOOR)
 
 
+@prebound
 @triton.jit
 def _indexer_q_kernel(
     q_ptr, pos_ptr, cs_ptr, w_ptr,

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import LAUNCH_OPTS, cdiv, next_pow2
+from ._launch import prebound
 
 
 @triton.jit
@@ -40,6 +41,7 @@ def _slots(bt_ptr, bt_stride_r, bt_stride_m, n_blk, block_size, req, idx, ok, BS
     return tl.where(entry >= 0, entry * block_size + within, -1)
 
 
+@prebound
 @triton.jit
 def _window_kernel(
     pos_ptr, req_ptr, bt_ptr, out_ptr, lens_ptr,
@@ -72,6 +74,7 @@ def _window_kernel(
         tl.store(lens_ptr + tok, n.to(tl.int32), mask=t_ok)
 
 
+@prebound
 @triton.jit
 def _topk_kernel(
     topk_ptr, req_ptr, bt_ptr, out_ptr, lens_ptr,

@@ -18,6 +18,7 @@ import triton.language as tl
 from ... import layouts
 from ...reference import output as _ref_output
 from ._common import FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, cdiv, ceil_log2_ratio, next_pow2, pow2
+from ._launch import prebound
 from .cache import load_cos_sin, rope_last_row
 
 AMAX_FLOOR = tl.constexpr(layouts.INV_ROPE_AMAX_FLOOR)
@@ -26,6 +27,7 @@ ROPE_DIM = tl.constexpr(layouts.ROPE_DIM)  # 64: the rotated tail, one row of th
 QBLOCK = tl.constexpr(layouts.O_PROJ_QUANT_BLOCK)  # 128
 
 
+@prebound
 @triton.jit
 def _inv_rope_fp8_quant_kernel(
     o_ptr, pos_ptr, cs_ptr, q_ptr, s_ptr,

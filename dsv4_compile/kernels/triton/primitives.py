@@ -13,6 +13,7 @@ from ... import layouts
 from .. import _device
 from ._common import (E2M1_MAX_EXP, E2M1_MAX_MANT, LAUNCH_OPTS, cdiv, ceil_log2_ratio, e2m1_code_sw, e2m1x2_hw,
                       fp8_quant_rows, fwht, next_pow2, pow2, rope_pairs, use_hw_e2m1)
+from ._launch import prebound
 
 E2M1_MAX = tl.constexpr(layouts.E2M1_MAX)
 MXFP4_AMAX_FLOOR = tl.constexpr(layouts.MXFP4_AMAX_FLOOR)
@@ -23,6 +24,7 @@ MXFP4_EXP_MAX = tl.constexpr(layouts.MXFP4_EXP_MAX)
 # ---------------------------------------------------------------------------------------------
 # rope
 # ---------------------------------------------------------------------------------------------
+@prebound
 @triton.jit
 def _rope_kernel(
     x_ptr, out_ptr, pos_ptr, cs_ptr,
@@ -89,6 +91,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, 
 # ---------------------------------------------------------------------------------------------
 # hadamard
 # ---------------------------------------------------------------------------------------------
+@prebound
 @triton.jit
 def _hadamard_kernel(x_ptr, out_ptr, n_rows, scale, D: tl.constexpr, LOG2_D: tl.constexpr, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -117,6 +120,7 @@ def hadamard(x: torch.Tensor, scale: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # fp8_block_quant: x viewed as [G, block] groups (each block independent)
 # ---------------------------------------------------------------------------------------------
+@prebound
 @triton.jit
 def _fp8_block_quant_kernel(
     x_ptr, q_ptr, s_ptr, n_groups, amax_floor,
@@ -168,6 +172,7 @@ def mxfp4_block(x, ROWS: tl.constexpr, HW_E2M1: tl.constexpr):
     return packed, tl.where(has_nan, 255, e + 127).to(tl.uint8)
 
 
+@prebound
 @triton.jit
 def _mxfp4_quant_kernel(x_ptr, p_ptr, s_ptr, n_groups, BLOCK_G: tl.constexpr, HW_E2M1: tl.constexpr):
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 from ._common import cdiv, next_pow2
+from ._launch import prebound
 
 MAX_CHUNK = 16384  # largest chunk of keys one program holds in registers
 VARIANT_ENV = "DSV4_TOPK_SELECT"  # "looped": the op's selection re-reads chunks (see select_topk)
@@ -206,6 +207,7 @@ def _select_chunk_looped(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_i
         tl.store(out_key_ptr + out_row + j, tl.zeros([KB], tl.int32), mask=fill)
 
 
+@prebound
 @triton.jit
 def _topk_round_kernel(
     src_ptr, src_idx_ptr, n_ptr, pos_ptr, req_ptr, out_key_ptr, out_idx_ptr, n_out_ptr,

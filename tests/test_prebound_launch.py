@@ -1,0 +1,207 @@
+"""Pre-bound Triton launches (``kernels/triton/_launch.py``, issue 16): a call whose arguments
+specialize as an earlier call's goes straight to the compiled kernel's launcher, with every parameter
+in declaration order; anything the key cannot describe takes Triton's own path. CPU: the key and the
+launcher call against a stand-in kernel; GPU: real kernels, results against the reference across
+specializations, and no Triton-path launch in a warm compiled step."""
+
+import inspect
+
+import pytest
+import torch
+
+from dsv4_compile.kernels.triton import _launch
+
+
+class _Param:
+    def __init__(self, name, constexpr=False, default=inspect.Parameter.empty):
+        self.name, self.is_constexpr, self.default = name, constexpr, default
+        self.has_default = default is not inspect.Parameter.empty
+
+
+class _Compiled:
+    """What ``JITFunction.run`` returns: the launcher and its handles."""
+
+    def __init__(self, calls):
+        self.packed_metadata = (4, 1, 0)
+        self.function = 1234
+        self.run = lambda *a: calls.append(("fast", a))
+
+
+class _Jit:
+    """A stand-in ``triton.jit`` kernel ``k(x_ptr, n, scale, BLOCK: constexpr, FLAG: constexpr = 7)``."""
+
+    def __init__(self):
+        self.params = [_Param("x_ptr"), _Param("n"), _Param("scale"), _Param("BLOCK", True),
+                       _Param("FLAG", True, 7)]
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.calls.append(("triton", grid, args, meta))
+            return _Compiled(self.calls)
+        return launch
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 99, raising=False)
+    jit = _Jit()
+    return jit, _launch.PreBound(jit)
+
+
+def test_second_call_of_a_specialization_goes_to_the_launcher(fake):
+    jit, k = fake
+    x = torch.zeros(64)
+    k[(3,)](x, 5, 0.5, BLOCK=32, num_warps=4)
+    k[(3, 2)](x, 5, 0.25, BLOCK=32, num_warps=4)
+    assert (k.launches, k.fast) == (1, 1)
+    kind, args = jit.calls[-1]
+    # grid padded to 3, the current stream, the handles, no launch metadata / hooks, then every
+    # parameter in declaration order: positional ones, the constexpr keyword, the default
+    assert kind == "fast" and args == (3, 2, 1, 99, 1234, (4, 1, 0), None, None, None, x, 5, 0.25, 32, 7)
+
+
+@pytest.mark.parametrize("change", ["misaligned tensor", "int one", "int multiple of 16", "int64", "dtype",
+                                    "constexpr", "option"])
+def test_a_different_specialization_takes_triton_path(fake, change):
+    jit, k = fake
+    x = torch.zeros(64)
+    k[(1,)](x, 5, 0.5, BLOCK=32, num_warps=4)
+    args, meta = [x, 5, 0.5], dict(BLOCK=32, num_warps=4)
+    if change == "misaligned tensor":
+        args[0] = x[1:]
+    elif change == "int one":
+        args[1] = 1
+    elif change == "int multiple of 16":
+        args[1] = 32
+    elif change == "int64":
+        args[1] = 2**40 + 3
+    elif change == "dtype":
+        args[0] = x.double()
+    elif change == "constexpr":
+        meta["BLOCK"] = 64
+    else:
+        meta["num_warps"] = 8
+    k[(1,)](*args, **meta)
+    assert (k.launches, k.fast) == (2, 0)
+    k[(1,)](*args, **meta)
+    assert (k.launches, k.fast) == (2, 1)
+
+
+def test_calls_the_key_cannot_describe_always_take_triton_path(fake, monkeypatch):
+    jit, k = fake
+    x = torch.zeros(64)
+    for _ in range(2):
+        k[(1,)](x, 5, 0.5, 32)                       # a constexpr passed positionally
+        k[(1,)](x, 5, scale=0.5, BLOCK=32)          # a runtime argument passed by keyword
+        k[(1,)](x, [5], 0.5, BLOCK=32)              # an argument of another type
+    assert (k.launches, k.fast) == (6, 0)
+    k[(1,)](x, 5, 0.5, BLOCK=32)
+    k[(1,)](x, 5, 0.5, BLOCK=32)
+    assert (k.launches, k.fast) == (7, 1)
+    from triton import knobs
+
+    monkeypatch.setattr(knobs.runtime, "launch_enter_hook", lambda *a: None)  # e.g. a profiler's hook
+    k[(1,)](x, 5, 0.5, BLOCK=32)
+    assert (k.launches, k.fast) == (8, 1)
+
+
+def test_disabled_passes_every_call_through(fake, monkeypatch):
+    jit, k = fake
+    monkeypatch.setattr(_launch, "ENABLED", False)
+    x = torch.zeros(64)
+    for _ in range(3):
+        k[(1,)](x, 5, 0.5, BLOCK=32)
+    assert (k.launches, k.fast) == (3, 0) and all(c[0] == "triton" for c in jit.calls)
+
+
+def test_every_launched_kernel_is_prebound():
+    """Each ``name[grid](...)`` launch in the Triton kernel modules is of a ``PreBound`` kernel."""
+    import importlib
+    import pkgutil
+    import re
+
+    import dsv4_compile.kernels.triton as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        src = inspect.getsource(mod)
+        for name in set(re.findall(r"(\w+_kernel)\[", src)):
+            obj = getattr(mod, name, None)
+            if obj is not None and callable(getattr(obj, "__getitem__", None)) and name.endswith("_kernel"):
+                assert isinstance(obj, _launch.PreBound), f"{info.name}.{name}"
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@cuda
+def test_gpu_results_across_specializations():
+    """rms_norm's kernel over row counts 1 (a constexpr to Triton), 16 (aligned), 17, misaligned
+    views and both dtypes, twice each (the second call pre-bound), against the reference."""
+    from dsv4_compile.kernels.triton import compressor as kernels
+    from dsv4_compile.reference import compressor as ref
+
+    if not _launch.ENABLED:
+        pytest.skip("pre-bound launches are off in this environment")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    base = torch.randn(40, 512, device="cuda", generator=g)
+    w = torch.randn(512, device="cuda", generator=g).bfloat16()
+    fast0 = kernels._rms_norm_kernel.fast
+    flat = base.view(-1)
+    for rows in (1, 16, 17, 1, 16, 17):
+        misaligned = flat[1:1 + rows * 512].view(rows, 512)  # 4 bytes past a 16-byte boundary
+        for x in (base[:rows], misaligned, base[:rows].bfloat16()):
+            assert torch.equal(kernels.rms_norm(x, w, 1e-6).cpu(), ref.rms_norm(x.cpu(), w.cpu(), 1e-6))
+    assert kernels._rms_norm_kernel.fast > fast0
+
+
+@pytest.mark.cuda
+@cuda
+def test_gpu_warm_compiled_step_launches_only_prebound():
+    """The second identical compiled decode step launches every dsv4 Triton kernel pre-bound."""
+    from dsv4_compile import DSv4AttentionConfig
+    from dsv4_compile.model import DeepseekV4Attention
+    from dsv4_compile.runtime import CacheConfig, KVCacheManager, StepMetadataBuilder, compile_step
+
+    if not _launch.ENABLED:
+        pytest.skip("pre-bound launches are off in this environment")
+    cfg = DSv4AttentionConfig.tiny()
+    li = cfg.compress_ratios.index(4)
+    layer = DeepseekV4Attention(cfg, li, max_model_len=512, device="cuda")
+    cc = CacheConfig(max_num_seqs=4, max_model_len=512, max_num_batched_tokens=64, token_budget=4 * 512)
+    mgr = KVCacheManager(cfg, [li], cc, device="cuda")
+    cache = mgr.caches[0]
+    builder = StepMetadataBuilder(mgr, "cuda")
+    for i in range(2):
+        mgr.add_request(i)
+        mgr.extend(i, 40)
+    step = compile_step(lambda x, meta: layer(x, meta, cache))
+    x = torch.randn(2, cfg.hidden_size, device="cuda").bfloat16()
+    meta = builder.build([(0, 1), (1, 1)])
+    with torch.no_grad():
+        step(x, meta)
+        step(x, meta)
+        kernels = _all_prebound()
+        before = {k: k.launches for k in kernels}
+        fast = sum(k.fast for k in kernels)
+        step(x, meta)
+        torch.cuda.synchronize()
+    assert {k.__name__: k.launches - before[k] for k in kernels if k.launches != before[k]} == {}
+    assert sum(k.fast for k in kernels) > fast
+
+
+def _all_prebound():
+    import importlib
+    import pkgutil
+
+    import dsv4_compile.kernels.triton as pkg
+
+    out = []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        out += [v for v in vars(mod).values() if isinstance(v, _launch.PreBound)]
+    return out
