@@ -86,7 +86,8 @@ class _Bound:
 
 class PreBound:
     """A ``triton.jit`` kernel launched as ``kernel[grid](*args, **meta)``; see the module docstring.
-    ``.jit_fn`` is the wrapped kernel (for ``triton.compile`` / ``ASTSource``); ``.launches`` counts
+    ``.jit_fn`` is the wrapped kernel (for ``triton.compile`` / ``ASTSource``; its other attributes
+    read through: ``arg_names``, ``params``, ...); ``.launches`` counts
     the launches that took Triton's path (compiles and fallbacks), ``.fast`` the pre-bound ones."""
 
     def __init__(self, fn):
@@ -103,6 +104,11 @@ class PreBound:
 
     def __getitem__(self, grid):
         return lambda *args, **meta: self._launch(grid, args, meta)
+
+    def __getattr__(self, name):  # arg_names, params, src, ...: the wrapped kernel's
+        if name == "jit_fn":
+            raise AttributeError(name)
+        return getattr(self.jit_fn, name)
 
     def _key(self, args, meta):
         """The specialization key of a call, or None when it cannot have one."""
