@@ -97,14 +97,21 @@ def test_sparse_attn_sink_only_in_the_denominator():
     assert a.abs().max() > 0.1 and b.abs().max() < 1e-6  # the sink takes the mass and adds no value
 
 
-@pytest.mark.parametrize("splits,dv", [(None, None), (1, 512), (3, 512), (1, 256), (3, 128), (9, 512)])
-def test_sparse_attn_kernel_matches_reference(kernel_device, splits, dv):
-    args = _attn_case(t=6, h=20, seed=3)  # 20 heads: two head blocks, the second partly masked
+@pytest.mark.parametrize("splits,dv,t", [(None, None, 7), (1, 512, 7), (3, 512, 7), (1, 256, 7), (3, 128, 7),
+                                         (9, 512, 7), (9, 512, 1), (3, 128, 1)])
+def test_sparse_attn_kernel_matches_reference(kernel_device, splits, dv, t):
+    """Every split / value-dim share; one token's splits (20 rows of (token, head)) merge in the
+    all-at-once combine kernel, seven tokens' (140 rows) in the loop."""
+    args = _attn_case(t=t, h=20, seed=3)  # 20 heads: two head blocks, the second partly masked
     dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in args]
     want = ref.sparse_attn(*args[:6], SCALE, *args[6:])
+    counts = [k.launches + k.fast for k in (kernels._combine_all_kernel, kernels._combine_kernel)]
     got = kernels.sparse_attn(*dev[:6], SCALE, *dev[6:], splits=splits, block_dv=dv, block_n=16)
     _assert_close_bf16(got.cpu(), want.float())
-    assert bool((got[4].cpu() == 0).all())
+    assert t < 5 or bool((got[4].cpu() == 0).all())
+    merged = [k.launches + k.fast - c for k, c in zip((kernels._combine_all_kernel, kernels._combine_kernel), counts)]
+    if splits and splits > 1:
+        assert merged == ([1, 0] if t == 1 else [0, 1])
 
 
 def test_combine_config_bounds_and_covers_every_split():

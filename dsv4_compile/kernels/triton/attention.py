@@ -24,7 +24,11 @@ from ._launch import prebound
 from .cache import _e2m1_value, load_fp8_ds_mla, load_fp8_ds_mla_rows, load_indexer_k, load_indexer_k_fp8
 
 LOG2E = 1.4426950408889634
-WIDE_SHARE = 8  # launch_config: 64-head programs from T·cdiv(H, 64)·WIDE_SHARE >= SMs
+WIDE_SHARE = 6  # launch_config: 64-head programs from T·cdiv(H, 64)·WIDE_SHARE >= SMs
+# the split-K merge loads every split at once up to this many (token, head) rows; a loop over the
+# splits above (H200, 64 heads, 64k context: one token 11.1 µs against 14.9 µs with the loop, but
+# 4 tokens 21.1 against 20.2, 8 tokens 28.7 against 24.8, 64 tokens 79.1 against 68.9 µs)
+COMBINE_ALL_MAX_ROWS = 128
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "no candidate yet" running max: keeps exp2 free of inf − inf
 
 
@@ -279,11 +283,37 @@ def _sparse_attn_kernel(
 @prebound
 @triton.jit
 def _combine_kernel(part_ptr, m_ptr, l_ptr, sink_ptr, o_ptr, H, n_split, o_stride_t, o_stride_h,
-                    NS: tl.constexpr, BH: tl.constexpr, DC: tl.constexpr):
+                    BH: tl.constexpr, DC: tl.constexpr):
     """Merge the split-K partials of ``BH`` heads and ``DC`` value dims of one token (program axis 2
-    walks the 512 value dims in ``DC`` chunks, so a one-token step still fills the GPU). All
-    ``n_split <= NS`` splits are loaded at once, ``[NS, BH, DC]``: one round trip to memory instead
-    of a loop of dependent ones (20 splits of a one-token step took 7 µs as a loop on the H200)."""
+    walks the 512 value dims in ``DC`` chunks, so a one-token step still fills the GPU), one split
+    after the other."""
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BH + tl.arange(0, BH)
+    hm = heads < H
+    d = tl.program_id(2) * DC + tl.arange(0, DC)
+    base = t.to(tl.int64) * n_split * H + heads
+    m = tl.full([BH], _NEG_BIG, tl.float32)
+    for sp in range(0, n_split):
+        m = tl.maximum(m, tl.load(m_ptr + base + sp * H, mask=hm, other=_NEG_BIG))
+    l_i = tl.zeros([BH], dtype=tl.float32)
+    acc = tl.zeros([BH, DC], dtype=tl.float32)
+    for sp in range(0, n_split):
+        a = tl.exp2(tl.load(m_ptr + base + sp * H, mask=hm, other=_NEG_BIG) - m)
+        l_i += a * tl.load(l_ptr + base + sp * H, mask=hm, other=0.0)
+        part = tl.load(part_ptr + (base + sp * H)[:, None] * 512 + d[None, :], mask=hm[:, None], other=0.0)
+        acc += a[:, None] * part
+    out = _finish(m, l_i, acc, sink_ptr, heads, hm)
+    tl.store(o_ptr + t.to(tl.int64) * o_stride_t + heads[:, None] * o_stride_h + d[None, :], out.to(tl.bfloat16),
+             mask=hm[:, None])
+
+
+@prebound
+@triton.jit
+def _combine_all_kernel(part_ptr, m_ptr, l_ptr, sink_ptr, o_ptr, H, n_split, o_stride_t, o_stride_h,
+                        NS: tl.constexpr, BH: tl.constexpr, DC: tl.constexpr):
+    """``_combine_kernel`` with all ``n_split <= NS`` splits loaded at once, ``[NS, BH, DC]``: one
+    round trip to memory instead of a loop of them. For the smallest steps only (see
+    ``combine_config``)."""
     t = tl.program_id(0)
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     hm = heads < H
@@ -326,11 +356,12 @@ def launch_config(T: int, H: int, n_cand: int, device: torch.device, block_h: in
     """(BH, BN, DV, warps, splits, candidates per split), from the H100 and H200 sweeps
     (``benchmarks/attention.py --sweep``):
 
-    * enough tokens to give every SM an eighth of a program or more (``WIDE_SHARE``): 64 heads per
+    * enough tokens to give every SM a sixth of a program or more (``WIDE_SHARE``): 64 heads per
       program (the MQA group shares each K/V tile; 8 warps) and at most 2 candidate splits of >= 256
       (each split writes fp32 partials of [H, 512] per token, which at this size costs more than it
-      hides). On the H200 at B = 32 (64 heads, 64k context) this took 58 µs against 80 µs for the
-      16-head programs below, which a quarter-program threshold had picked (slower than B = 64);
+      hides). On the H200 at B = 32 (64 heads, 64k context) this took 58–64 µs against 80 µs for
+      the 16-head programs below, which a quarter-program threshold had picked (slower than B = 64);
+      at B = 24 both took 63 µs, at B = 16 the 16-head programs were faster (46 against 54 µs);
     * fewer tokens: 16 heads per program (4 warps) and split-K up to two programs per SM.
 
     Every argument can be forced (the sweep does)."""
@@ -385,8 +416,16 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
         num_warps=warps,
     )
     if split:
-        ns, cbh, dc = combine_config(T, H, splits, sm_programs(q.device))
-        _combine_kernel[(T, cdiv(H, cbh), 512 // dc)](
-            part, m, l_, sink, out, H, splits, out.stride(0), out.stride(1), NS=ns, BH=cbh, DC=dc, num_warps=4,
-        )
+        sms = sm_programs(q.device)
+        if T * H <= COMBINE_ALL_MAX_ROWS:
+            ns, cbh, dc = combine_config(T, H, splits, sms)
+            _combine_all_kernel[(T, cdiv(H, cbh), 512 // dc)](
+                part, m, l_, sink, out, H, splits, out.stride(0), out.stride(1), NS=ns, BH=cbh, DC=dc, num_warps=4,
+            )
+        else:
+            # 16 heads x 512 dims per program, or 4 heads x 128 dims when that leaves SMs idle
+            cbh, dc = (min(bh, 16), 512) if T * cdiv(H, 16) >= sms else (4, 128)
+            _combine_kernel[(T, cdiv(H, cbh), 512 // dc)](
+                part, m, l_, sink, out, H, splits, out.stride(0), out.stride(1), BH=cbh, DC=dc, num_warps=4,
+            )
     return out

@@ -127,9 +127,10 @@ def _attention_cases():
             xs_stride_g="i32", xs_stride_k="i32", w_stride="i32", ws_stride="i32", out_stride="i32",
             amax_floor="fp32"), dict(BM=bm, BN=bn, STAGES=4 if bm < 128 else 3, SPLIT=split, U8=False,
                                      QUANT_X=quant), dict(num_warps=8 if bm == 128 else 4)
-    yield attention._combine_kernel, dict(
-        part_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", sink_ptr="*fp32", o_ptr="*bf16", H="i32", n_split="i32",
-        o_stride_t="i32", o_stride_h="i32"), dict(NS=32, BH=8, DC=32)
+    combine_sig = dict(part_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", sink_ptr="*fp32", o_ptr="*bf16", H="i32",
+                       n_split="i32", o_stride_t="i32", o_stride_h="i32")
+    yield attention._combine_kernel, combine_sig, dict(BH=16, DC=512)
+    yield attention._combine_all_kernel, combine_sig, dict(NS=32, BH=2, DC=64)
 
 
 def compile_all(arch: int) -> list[str]:
