@@ -24,7 +24,7 @@ from ._launch import prebound
 from .cache import _e2m1_value, load_fp8_ds_mla, load_fp8_ds_mla_rows, load_indexer_k, load_indexer_k_fp8
 
 LOG2E = 1.4426950408889634
-WIDE_SHARE = 6  # launch_config: 64-head programs from T·cdiv(H, 64)·WIDE_SHARE >= SMs
+WIDE_SHARE = 9  # launch_config: 64-head programs from T·cdiv(H, 64)·WIDE_SHARE >= SMs
 # the split-K merge loads every split at once up to this many (token, head) rows; a loop over the
 # splits above (H200, 64 heads, 64k context: one token 11.1 µs against 14.9 µs with the loop, but
 # 4 tokens 21.1 against 20.2, 8 tokens 28.7 against 24.8, 64 tokens 79.1 against 68.9 µs)
@@ -356,12 +356,13 @@ def launch_config(T: int, H: int, n_cand: int, device: torch.device, block_h: in
     """(BH, BN, DV, warps, splits, candidates per split), from the H100 and H200 sweeps
     (``benchmarks/attention.py --sweep``):
 
-    * enough tokens to give every SM a sixth of a program or more (``WIDE_SHARE``): 64 heads per
-      program (the MQA group shares each K/V tile; 8 warps) and at most 2 candidate splits of >= 256
-      (each split writes fp32 partials of [H, 512] per token, which at this size costs more than it
-      hides). On the H200 at B = 32 (64 heads, 64k context) this took 58–64 µs against 80 µs for
-      the 16-head programs below, which a quarter-program threshold had picked (slower than B = 64);
-      at B = 24 both took 63 µs, at B = 16 the 16-head programs were faster (46 against 54 µs);
+    * enough tokens to give every SM a ninth of a program or more (``WIDE_SHARE``): 64 heads per
+      program (the MQA group shares each K/V tile; 8 warps), split over the candidates in 4 while
+      those programs fit one wave, else 2 (each split writes fp32 partials of [H, 512] per token).
+      H200, 64 heads, 640 candidates, 64k context: B = 16 / 24 / 32 took 40.6 / 42.4 / 48.5 µs thus
+      against 45.7 / 57.7 / 59.3 µs with the 16-head programs below (80 µs at B = 32 with their
+      former split count, slower than B = 64); with 2 splits 44–59 µs; at B = 48 / 64, 2 splits
+      (62 / 68 µs) beat 4 (83 / 94 µs). At B = 12 the 16-head programs win (29.5 against 40 µs);
     * fewer tokens: 16 heads per program (4 warps) and split-K up to two programs per SM.
 
     Every argument can be forced (the sweep does)."""
@@ -374,8 +375,8 @@ def launch_config(T: int, H: int, n_cand: int, device: torch.device, block_h: in
     base = T * cdiv(H, bh) * (512 // dv)
     max_splits = max(1, cdiv(n_cand, bn))
     if splits is None:
-        if wide:
-            splits = min(cdiv(sms, base), max(1, n_cand // 256))
+        if wide:  # 4 splits while they fit one wave, else 2
+            splits = min(4 if base * 4 <= sms else 2, max(1, n_cand // 128))
         else:
             splits = cdiv(2 * sms, base)
     splits = max(1, min(splits, max_splits))
