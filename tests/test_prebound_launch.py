@@ -108,6 +108,29 @@ def test_calls_the_key_cannot_describe_always_take_triton_path(fake, monkeypatch
     assert (k.launches, k.fast) == (8, 1)
 
 
+def test_keyword_types_callable_grids_and_knobs_are_part_of_the_key(fake, monkeypatch):
+    """``True`` / ``1`` / ``1.0`` are one dict key but three Triton specializations; a callable grid
+    and a pre-run hook take Triton's path; a debug knob switched on recompiles (a new key)."""
+    jit, k = fake
+    x = torch.zeros(64)
+    for flag in (True, 1, 1.0, -0.0, 0.0):
+        k[(1,)](x, 5, 0.5, BLOCK=32, FLAG=flag)
+    assert (k.launches, k.fast) == (5, 0)
+    k[(1,)](x, 5, 0.5, BLOCK=32, FLAG=1)
+    assert (k.launches, k.fast) == (5, 1)
+    k[lambda meta: (1,)](x, 5, 0.5, BLOCK=32, FLAG=1)
+    assert (k.launches, k.fast) == (6, 1)
+    from triton import knobs
+
+    monkeypatch.setattr(knobs.runtime, "debug", True)
+    k[(1,)](x, 5, 0.5, BLOCK=32, FLAG=1)
+    assert (k.launches, k.fast) == (7, 1)
+    monkeypatch.setattr(knobs.runtime, "debug", False)
+    jit.pre_run_hooks = [lambda *a, **kw: None]
+    k[(1,)](x, 5, 0.5, BLOCK=32, FLAG=1)
+    assert (k.launches, k.fast) == (8, 1)
+
+
 def test_disabled_passes_every_call_through(fake, monkeypatch):
     jit, k = fake
     monkeypatch.setattr(_launch, "ENABLED", False)

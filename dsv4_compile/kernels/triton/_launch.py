@@ -11,11 +11,14 @@ whose arguments specialize as an earlier call's did goes straight to that launch
 The key is what Triton specializes on, computed from the arguments: per tensor its dtype and whether
 its address is 16-byte aligned; per int whether it is 1 (a constexpr then), a multiple of 16, and its
 range (int32 / int64 / uint64); bools, floats and ``None`` by kind; the keyword arguments (the
-constexprs and launch options such as ``num_warps``) by value; the current CUDA device. A call the key
+constexprs and launch options such as ``num_warps``) by type and value; the knobs Triton reads on
+every call (debug, instrumentation mode, FP sanitizer); the current CUDA device. A call the key
 cannot describe takes Triton's own path every time: a constexpr passed positionally, a non-constexpr
-argument passed by keyword, an argument of another type, a launch hook installed
-(``triton.knobs.runtime.launch_enter_hook`` / ``launch_exit_hook``, e.g. a profiler), the interpreter
-(``TRITON_INTERPRET=1``), or ``DSV4_TRITON_LAUNCH=triton`` in the environment at import.
+argument passed by keyword, an argument of another type, a callable grid, a launch hook installed
+(``triton.knobs.runtime.launch_enter_hook`` / ``launch_exit_hook``, e.g. a profiler), a pre-run or
+stages-inspection hook, the interpreter (``TRITON_INTERPRET=1``), or ``DSV4_TRITON_LAUNCH=triton`` in
+the environment at import. Skipped on the pre-bound path: Triton's check that the globals a kernel
+captured are unchanged (the kernels here capture only constants).
 """
 
 from __future__ import annotations
@@ -53,6 +56,17 @@ def _hooks_installed() -> bool:
         if hook is not None and getattr(hook, "calls", True):
             return True
     return False
+
+
+def _knob_state(fn):
+    """The settings ``JITFunction.run`` reads on every call that change the compiled kernel (debug,
+    instrumentation, FP sanitizer), or None while a stages-inspection hook is installed (it adds to
+    Triton's key what ours cannot see)."""
+    rt, comp = _knobs.runtime, _knobs.compilation
+    if getattr(rt, "add_stages_inspection_hook", None) is not None:
+        return None
+    return (getattr(fn, "debug", None), rt.debug, getattr(comp, "instrumentation_mode", None),
+            getattr(comp, "fpsan_homomorphic_casts", None))
 
 
 def _arg_key(a):
@@ -110,19 +124,25 @@ class PreBound:
             raise AttributeError(name)
         return getattr(self.jit_fn, name)
 
-    def _key(self, args, meta):
+    def _key(self, grid, args, meta):
         """The specialization key of a call, or None when it cannot have one."""
-        if not ENABLED or len(args) > self._first_constexpr:
+        if (not ENABLED or len(args) > self._first_constexpr or callable(grid)
+                or getattr(self.jit_fn, "pre_run_hooks", None)):
+            return None
+        knobs = _knob_state(self.jit_fn)
+        if knobs is None:
             return None
         try:
-            key = torch.cuda.current_device(), tuple(map(_arg_key, args)), tuple(meta.items())
+            # keyword values by type too: True == 1 == 1.0 as dict keys, not to Triton
+            key = (torch.cuda.current_device(), tuple(map(_arg_key, args)),
+                   tuple((k, v.__class__, repr(v) if v.__class__ is float else v) for k, v in meta.items()), knobs)
             hash(key)
         except TypeError:  # an argument the key cannot describe, or an unhashable keyword value
             return None
         return key
 
     def _launch(self, grid, args, meta):
-        key = self._key(args, meta)
+        key = self._key(grid, args, meta)
         bound = self._cache.get(key) if key is not None else None
         if bound is not None and not _hooks_installed():
             n = len(grid)
