@@ -180,6 +180,10 @@ def sweep(b: int, ctx: int):
     kv, _ = attn_bytes(b)
     sets = _sets(c["inputs"], kv)
     print(f"streaming read {read:.2f} TB/s; B={b} ctx={ctx}")
+    default = kernels.launch_config(b, H, WINDOW + TOPK, torch.device("cuda"))
+    us = graph_time_us([attn_call(kernels.sparse_attn, c, s) for s in sets])
+    print(f"default BH={default[0]} BN={default[1]} warps={default[3]} splits={default[4]}: {us:7.1f} µs "
+          f"{_rate(kv, us, read)}", flush=True)
     for bh, warps in ((16, 4), (32, 8), (64, 8)):
         for bn in (16, 32, 64) if bh < 64 else (32, 64):
             for splits in {16: (None, 4, 8, 16), 32: (None,), 64: (None, 2, 4)}[bh]:
