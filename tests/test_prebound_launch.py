@@ -142,19 +142,24 @@ def test_disabled_passes_every_call_through(fake, monkeypatch):
 
 def test_every_launched_kernel_is_prebound():
     """Each ``name[grid](...)`` launch in the Triton kernel modules is of a ``PreBound`` kernel."""
-    import importlib
-    import pkgutil
     import re
 
-    import dsv4_compile.kernels.triton as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+    for mod in _kernel_modules():
         src = inspect.getsource(mod)
         for name in set(re.findall(r"(\w+_kernel)\[", src)):
             obj = getattr(mod, name, None)
             if obj is not None and callable(getattr(obj, "__getitem__", None)) and name.endswith("_kernel"):
-                assert isinstance(obj, _launch.PreBound), f"{info.name}.{name}"
+                assert isinstance(obj, _launch.PreBound), f"{mod.__name__}.{name}"
+
+
+def _kernel_modules():
+    """Every module of ``dsv4_compile.kernels.triton``, imported."""
+    import importlib
+    import pkgutil
+
+    import dsv4_compile.kernels.triton as pkg
+
+    return [importlib.import_module(f"{pkg.__name__}.{info.name}") for info in pkgutil.iter_modules(pkg.__path__)]
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -218,13 +223,4 @@ def test_gpu_warm_compiled_step_launches_only_prebound():
 
 
 def _all_prebound():
-    import importlib
-    import pkgutil
-
-    import dsv4_compile.kernels.triton as pkg
-
-    out = []
-    for info in pkgutil.iter_modules(pkg.__path__):
-        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        out += [v for v in vars(mod).values() if isinstance(v, _launch.PreBound)]
-    return out
+    return [v for mod in _kernel_modules() for v in vars(mod).values() if isinstance(v, _launch.PreBound)]

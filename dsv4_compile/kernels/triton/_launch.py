@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from ._common import interpreting
+
 ENV = "DSV4_TRITON_LAUNCH"  # "triton": every launch through Triton's JITFunction.run
 _OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_pdl",
                       "launch_cooperative_grid"})
@@ -34,20 +36,12 @@ _I32 = (-(2**31), 2**31)
 _I64 = 2**63
 
 
-def _enabled() -> bool:
-    from ._common import interpreting
-
-    return not interpreting() and os.environ.get(ENV, "").strip().lower() != "triton"
-
-
-ENABLED = _enabled()
-
-
 try:
     from triton import knobs as _knobs
 except ImportError:  # an older Triton: no pre-bound launches
     _knobs = None
-    ENABLED = False
+
+ENABLED = _knobs is not None and not interpreting() and os.environ.get(ENV, "").strip().lower() != "triton"
 
 
 def _hooks_installed() -> bool:
@@ -134,16 +128,17 @@ class PreBound:
             return None
         try:
             # keyword values by type too: True == 1 == 1.0 as dict keys, not to Triton
-            key = (torch.cuda.current_device(), tuple(map(_arg_key, args)),
-                   tuple((k, v.__class__, repr(v) if v.__class__ is float else v) for k, v in meta.items()), knobs)
-            hash(key)
-        except TypeError:  # an argument the key cannot describe, or an unhashable keyword value
+            return (torch.cuda.current_device(), tuple(map(_arg_key, args)),
+                    tuple((k, v.__class__, repr(v) if v.__class__ is float else v) for k, v in meta.items()), knobs)
+        except TypeError:  # an argument the key cannot describe
             return None
-        return key
 
     def _launch(self, grid, args, meta):
         key = self._key(grid, args, meta)
-        bound = self._cache.get(key) if key is not None else None
+        try:
+            bound = self._cache.get(key) if key is not None else None
+        except TypeError:  # an unhashable keyword value
+            key = bound = None
         if bound is not None and not _hooks_installed():
             n = len(grid)
             bound.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,

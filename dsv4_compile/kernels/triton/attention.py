@@ -333,7 +333,7 @@ def _combine_all_kernel(part_ptr, m_ptr, l_ptr, sink_ptr, o_ptr, H, n_split, o_s
 
 
 def combine_config(T: int, H: int, splits: int, sms: int, max_elems: int = 8192):
-    """(NS, BH, DC) of ``_combine_kernel``: every split at once (``NS`` = the next power of two), at
+    """(NS, BH, DC) of ``_combine_all_kernel``: every split at once (``NS`` = the next power of two), at
     most ``max_elems`` partial values per 4-warp program (16 heads x 512 dims when few splits: fewer
     heads before value-dim chunks under 128), and value-dim chunks down to 64 while the tokens alone
     leave SMs idle."""

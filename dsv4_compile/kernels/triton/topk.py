@@ -28,6 +28,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from ._common import cdiv, next_pow2
 from ._launch import prebound
 
