@@ -18,6 +18,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ... import layouts
 from ...reference import quant as _ref_quant
@@ -31,6 +32,22 @@ E2M1_MAX_EXP = tl.constexpr(_ref_quant.E2M1_MAX_EXP)
 E2M1_MAX_MANT = tl.constexpr(_ref_quant.E2M1_MAX_MANT)
 
 LAUNCH_OPTS = {"enable_fp_fusion": False}
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """First statement of every launched kernel (programmatic dependent launch, sm_90+; ``PDL`` is the
+    kernels' last parameter, set by ``_launch.PreBound`` together with the ``launch_pdl`` option, False
+    under the interpreter and below sm_90, which have no grid-dependency control). With ``PDL``:
+    ``griddepcontrol.wait``: nothing below runs before
+    the previous kernel on the stream has completed and its writes are visible (so a kernel launched
+    with ``launch_pdl`` reads and writes exactly as a normally launched one); then
+    ``griddepcontrol.launch_dependents``: the next kernel, if launched with ``launch_pdl``, may be
+    scheduled now, so its launch and CTA setup overlap this kernel's run instead of following it.
+    Both are no-ops in a kernel launched without ``launch_pdl``."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit

@@ -19,6 +19,12 @@ argument passed by keyword, an argument of another type, a callable grid, a laun
 stages-inspection hook, the interpreter (``TRITON_INTERPRET=1``), or ``DSV4_TRITON_LAUNCH=triton`` in
 the environment at import. Skipped on the pre-bound path: Triton's check that the globals a kernel
 captured are unchanged (the kernels here capture only constants).
+
+Programmatic dependent launch (PDL): on sm_90+ every launch adds ``PDL=True`` (the kernels' last
+constexpr: they start with ``_common.pdl_enter``, a grid-dependency wait, then the trigger that lets the
+next kernel launch) and Triton's ``launch_pdl=True`` option, so under CUDA-graph replay the next
+kernel's launch and CTA setup overlap the running one; ``DSV4_PDL=0`` in the environment at import
+turns it off (also on Triton's path: the same two keywords decide it).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 from ._common import interpreting
 
 ENV = "DSV4_TRITON_LAUNCH"  # "triton": every launch through Triton's JITFunction.run
+PDL_ENV = "DSV4_PDL"  # "0": launch without programmatic dependent launch
 _OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_pdl",
                       "launch_cooperative_grid"})
 _I32 = (-(2**31), 2**31)
@@ -42,6 +49,18 @@ except ImportError:  # an older Triton: no pre-bound launches
     _knobs = None
 
 ENABLED = _knobs is not None and not interpreting() and os.environ.get(ENV, "").strip().lower() != "triton"
+PDL = not interpreting() and os.environ.get(PDL_ENV, "").strip() != "0"
+_PDL_META = {"PDL": True, "launch_pdl": True}
+_pdl_devices: dict = {}
+
+
+def pdl_meta(device: int) -> dict | None:
+    """The keywords that launch a kernel with PDL on CUDA device ``device``, or None (PDL off, or
+    below sm_90)."""
+    ok = _pdl_devices.get(device)
+    if ok is None:
+        ok = _pdl_devices[device] = PDL and torch.cuda.get_device_capability(device)[0] >= 9
+    return _PDL_META if ok else None
 
 
 def _hooks_installed() -> bool:
@@ -134,6 +153,10 @@ class PreBound:
             return None
 
     def _launch(self, grid, args, meta):
+        if PDL and "PDL" not in meta:
+            pdl = pdl_meta(torch.cuda.current_device())
+            if pdl is not None:
+                meta = {**meta, **pdl}
         key = self._key(grid, args, meta)
         try:
             bound = self._cache.get(key) if key is not None else None

@@ -19,7 +19,7 @@ from ... import layouts
 from ...reference.attention import select_topk as select_topk_reference
 from ...reference.attention import visible_entries
 from . import topk as _topk
-from ._common import cdiv, interpreting, next_pow2, pow2, sm_programs
+from ._common import cdiv, interpreting, next_pow2, pdl_enter, pow2, sm_programs
 from ._launch import prebound
 from .cache import _e2m1_value, load_fp8_ds_mla, load_fp8_ds_mla_rows, load_indexer_k, load_indexer_k_fp8
 
@@ -77,6 +77,7 @@ def _indexer_logits_kernel(
     q_ptr, qs_ptr, w_ptr, cache_ptr, bt_ptr, req_ptr, pos_ptr, out_ptr,
     H, n_req, num_pages, page_stride, L, ratio, q_stride_t, q_stride_h, w_stride_t, bt_stride, out_stride,
     BS: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, MXFP4: tl.constexpr, ONE_HB: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Token ``t = program_id(0)``: program ``j`` of ``num_programs(1)`` scores tiles ``j, j+P, ..``
     of ``BN`` entries below the token's visible count ``n`` and writes them; nothing at or past ``n``
@@ -85,6 +86,7 @@ def _indexer_logits_kernel(
     FP8: the e4m3 dot product on the tensor cores (exact products, fp32 sums), times the key's
     power-of-two scale (exact), ReLU, times the head weight, summed over heads. MXFP4: keys and
     queries decoded to bf16 (exact) for a bf16 dot."""
+    pdl_enter(PDL)
     t = tl.program_id(0)
     n_prog = tl.num_programs(1)
     req = tl.load(req_ptr + t).to(tl.int64)
@@ -243,8 +245,10 @@ def _sparse_attn_kernel(
     swa_page_stride, comp_page_stride, swa_cap, comp_cap, qk_scale,
     SWA_BS: tl.constexpr, COMP_BS: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, DV: tl.constexpr,
     SPLIT: tl.constexpr, HAS_COMP: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # grid: (token, candidate split, head block × value-dim share)
+    pdl_enter(PDL)
     t = tl.program_id(0)
     sp = tl.program_id(1)
     hb = tl.program_id(2) // (512 // DV)
@@ -283,10 +287,11 @@ def _sparse_attn_kernel(
 @prebound
 @triton.jit
 def _combine_kernel(part_ptr, m_ptr, l_ptr, sink_ptr, o_ptr, H, n_split, o_stride_t, o_stride_h,
-                    BH: tl.constexpr, DC: tl.constexpr):
+                    BH: tl.constexpr, DC: tl.constexpr, PDL: tl.constexpr = False):
     """Merge the split-K partials of ``BH`` heads and ``DC`` value dims of one token (program axis 2
     walks the 512 value dims in ``DC`` chunks, so a one-token step still fills the GPU), one split
     after the other."""
+    pdl_enter(PDL)
     t = tl.program_id(0)
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     hm = heads < H
@@ -310,10 +315,11 @@ def _combine_kernel(part_ptr, m_ptr, l_ptr, sink_ptr, o_ptr, H, n_split, o_strid
 @prebound
 @triton.jit
 def _combine_all_kernel(part_ptr, m_ptr, l_ptr, sink_ptr, o_ptr, H, n_split, o_stride_t, o_stride_h,
-                        NS: tl.constexpr, BH: tl.constexpr, DC: tl.constexpr):
+                        NS: tl.constexpr, BH: tl.constexpr, DC: tl.constexpr, PDL: tl.constexpr = False):
     """``_combine_kernel`` with all ``n_split <= NS`` splits loaded at once, ``[NS, BH, DC]``: one
     round trip to memory instead of a loop of them. For the smallest steps only (see
     ``combine_config``)."""
+    pdl_enter(PDL)
     t = tl.program_id(0)
     heads = tl.program_id(1) * BH + tl.arange(0, BH)
     hm = heads < H

@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from ... import layouts
-from ._common import (FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, cdiv, ceil_log2_ratio, pow2, rope_pairs,
-                      use_hw_e2m1)
+from ._common import (FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, cdiv, ceil_log2_ratio, pdl_enter, pow2,
+                      rope_pairs, use_hw_e2m1)
 from ._launch import prebound
 from .primitives import mxfp4_block
 
@@ -122,7 +122,9 @@ def _kv_insert_kernel(
     kv_ptr, pos_ptr, cs_ptr, cache_ptr, slot_ptr,
     T, kv_stride, max_pos, cs_stride, page_stride, capacity,
     BS: tl.constexpr, ROPE: tl.constexpr, BT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     ok, page_off, k = slot_address(slot_ptr, t, t < T, capacity, page_stride, BS)
     r = tl.arange(0, 8)
@@ -176,7 +178,9 @@ def kv_insert(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size: 
 def _indexer_k_insert_kernel(
     k_ptr, cache_ptr, slot_ptr, T, k_stride, page_stride, capacity,
     BS: tl.constexpr, MXFP4: tl.constexpr, HW_E2M1: tl.constexpr, BT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     ok, page_off, k = slot_address(slot_ptr, t, t < T, capacity, page_stride, BS)
     d = tl.arange(0, 128)
@@ -275,8 +279,10 @@ def load_indexer_k(cache_ptr, page_off, k, ok, BS: tl.constexpr, BT: tl.constexp
 def _gather_kernel(
     cache_ptr, slot_ptr, out_ptr, N, page_stride, capacity,
     BS: tl.constexpr, FMT: tl.constexpr, BT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # FMT 0 = fp8_ds_mla -> bf16 [N, 512]; 1 = indexer fp8 -> fp32 [N, 128]; 2 = indexer mxfp4
+    pdl_enter(PDL)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     t_ok = t < N
     ok, page_off, k = slot_address(slot_ptr, t, t_ok, capacity, page_stride, BS)

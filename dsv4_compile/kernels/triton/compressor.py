@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ... import layouts
 from ...reference import compressor as ref
-from ._common import LAUNCH_OPTS, cdiv, fwht, next_pow2, pow2, use_hw_e2m1
+from ._common import LAUNCH_OPTS, cdiv, fwht, next_pow2, pdl_enter, pow2, use_hw_e2m1
 from ._launch import prebound
 from .cache import load_cos_sin, rope_last_row, slot_address, store_fp8_ds_mla, store_indexer_fp8, store_indexer_mxfp4
 
@@ -73,7 +73,8 @@ def rms_norm_rows(x, w, eps, R: tl.constexpr, BD: tl.constexpr, LOG2_BD: tl.cons
 @prebound
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_rows, eps, D: tl.constexpr, BD: tl.constexpr, LOG2_BD: tl.constexpr,
-                     BR: tl.constexpr):
+                     BR: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     d = tl.arange(0, BD)
     m = (rows < n_rows)[:, None] & (d < D)[None, :]
@@ -105,8 +106,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @prebound
 @triton.jit
 def _state_save_kernel(ks_ptr, pos_ptr, ape_ptr, state_ptr, slot_ptr, ks_stride, page_stride, capacity,
-                       R: tl.constexpr, W: tl.constexpr, SBS: tl.constexpr):
+                       R: tl.constexpr, W: tl.constexpr, SBS: tl.constexpr, PDL: tl.constexpr = False):
     # state_ptr is the state cache as fp32 (page_stride in fp32 elements); one program per token
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if (slot >= 0) & (slot < capacity):
@@ -144,8 +146,10 @@ def _pool_kernel(
     T, page_stride, n_pages, bt_stride, n_bt_cols, n_reqs, slot_capacity,
     R: tl.constexpr, COFF: tl.constexpr, D: tl.constexpr, SBS: tl.constexpr, BC: tl.constexpr,
     FUSED: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # grid (T, D / BC): one token, BC channels, all ROWS window rows
+    pdl_enter(PDL)
     ROWS: tl.constexpr = COFF * R
     LOG2_ROWS: tl.constexpr = 3 if COFF == 2 else 7
     W: tl.constexpr = COFF * D
@@ -229,8 +233,10 @@ def _norm_rope_insert_kernel(
     T, eps, max_pos, cs_stride, page_stride, capacity, hadamard_scale,
     R: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr, BS: tl.constexpr, FMT: tl.constexpr,
     HADAMARD: tl.constexpr, HW_E2M1: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # FMT 0 = fp8_ds_mla (D = 512), 1 = indexer fp8, 2 = indexer mxfp4 (D = 128); one token per program
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64) + tl.zeros([1], tl.int64)
     ok, page_off, k = slot_address(slot_ptr, t, t < T, capacity, page_stride, BS)
     if tl.max(ok.to(tl.int32), axis=0) > 0:

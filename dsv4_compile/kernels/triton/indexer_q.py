@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from ... import layouts
-from ._common import (FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, cdiv, ceil_log2_ratio, fwht, next_pow2, pow2,
-                      rope_pairs, use_hw_e2m1)
+from ._common import (FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, cdiv, ceil_log2_ratio, fwht, next_pow2,
+                      pdl_enter, pow2, rope_pairs, use_hw_e2m1)
 from ._launch import prebound
 from .primitives import mxfp4_block
 
@@ -29,7 +29,9 @@ def _indexer_q_kernel(
     weight_scale, hadamard_scale,
     D: tl.constexpr, ROT: tl.constexpr, BLOCK_H: tl.constexpr,
     HADAMARD: tl.constexpr, LOG2_D: tl.constexpr, MXFP4: tl.constexpr, HW_E2M1: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < H

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH_OPTS, cdiv, next_pow2
+from ._common import LAUNCH_OPTS, cdiv, next_pow2, pdl_enter
 from ._launch import prebound
 
 
@@ -47,9 +47,11 @@ def _window_kernel(
     pos_ptr, req_ptr, bt_ptr, out_ptr, lens_ptr,
     T, n_req, n_blk, bt_stride_r, bt_stride_m, pos_stride, req_stride, block_size, width, ratio,
     COMPRESSED: tl.constexpr, BS_LOG2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # Row t: logical entries start + j for j < n (SWA: start = max(0, p-window+1), n = min(p+1, window);
     # compressed: start = 0, n = min((p+1)//ratio, width)); width columns in all (SWA: width = window).
+    pdl_enter(PDL)
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     col = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     t_ok = tok < T
@@ -80,7 +82,9 @@ def _topk_kernel(
     topk_ptr, req_ptr, bt_ptr, out_ptr, lens_ptr,
     T, K, n_req, n_blk, bt_stride_r, bt_stride_m, topk_stride_t, topk_stride_k, req_stride, block_size,
     BS_LOG2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = tok < T
     t64 = tok.to(tl.int64)

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ... import layouts
 from ...reference import output as _ref_output
-from ._common import FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, cdiv, ceil_log2_ratio, next_pow2, pow2
+from ._common import FP8_MAX, FP8_MAX_EXP, FP8_MAX_MANT, LAUNCH_OPTS, cdiv, ceil_log2_ratio, next_pow2, pdl_enter, pow2
 from ._launch import prebound
 from .cache import load_cos_sin, rope_last_row
 
@@ -33,8 +33,10 @@ def _inv_rope_fp8_quant_kernel(
     o_ptr, pos_ptr, cs_ptr, q_ptr, s_ptr,
     T, T_AL, H, max_pos, cs_stride, o_stride_t, o_stride_h,
     HPG: tl.constexpr, BT: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_BF16: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # rows = (token, head) pairs of this program; each row is one 512-d head as [8, 64]
+    pdl_enter(PDL)
     ROWS: tl.constexpr = BT * BLOCK_H
     NR: tl.constexpr = HEAD_DIM // ROPE_DIM  # 8 rows of 64, the last one rotated
     NQ: tl.constexpr = HEAD_DIM // QBLOCK  # 4 quant blocks per head

@@ -12,7 +12,7 @@ import triton.language as tl
 from ... import layouts
 from .. import _device
 from ._common import (E2M1_MAX_EXP, E2M1_MAX_MANT, LAUNCH_OPTS, cdiv, ceil_log2_ratio, e2m1_code_sw, e2m1x2_hw,
-                      fp8_quant_rows, fwht, next_pow2, pow2, rope_pairs, use_hw_e2m1)
+                      fp8_quant_rows, fwht, next_pow2, pdl_enter, pow2, rope_pairs, use_hw_e2m1)
 from ._launch import prebound
 
 E2M1_MAX = tl.constexpr(layouts.E2M1_MAX)
@@ -31,8 +31,10 @@ def _rope_kernel(
     n_rows, rows_per_token, max_pos, cs_stride,
     D: tl.constexpr, ROT: tl.constexpr, INVERSE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     # rows of x viewed [T * M, D]; each row's token is row // M. Pairs j cover all D/2 pairs.
+    pdl_enter(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     pairs = tl.arange(0, BLOCK_P)
     row_ok = rows < n_rows
@@ -93,7 +95,9 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, 
 # ---------------------------------------------------------------------------------------------
 @prebound
 @triton.jit
-def _hadamard_kernel(x_ptr, out_ptr, n_rows, scale, D: tl.constexpr, LOG2_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _hadamard_kernel(x_ptr, out_ptr, n_rows, scale, D: tl.constexpr, LOG2_D: tl.constexpr, BLOCK_R: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, D)
     off = rows.to(tl.int64)[:, None] * D + cols[None, :]
@@ -125,7 +129,9 @@ def hadamard(x: torch.Tensor, scale: float) -> torch.Tensor:
 def _fp8_block_quant_kernel(
     x_ptr, q_ptr, s_ptr, n_groups, amax_floor,
     BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     k = tl.arange(0, BLOCK_B)
     g_ok = g < n_groups
@@ -174,7 +180,9 @@ def mxfp4_block(x, ROWS: tl.constexpr, HW_E2M1: tl.constexpr):
 
 @prebound
 @triton.jit
-def _mxfp4_quant_kernel(x_ptr, p_ptr, s_ptr, n_groups, BLOCK_G: tl.constexpr, HW_E2M1: tl.constexpr):
+def _mxfp4_quant_kernel(x_ptr, p_ptr, s_ptr, n_groups, BLOCK_G: tl.constexpr, HW_E2M1: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     g_ok = g < n_groups
     k = tl.arange(0, 32)

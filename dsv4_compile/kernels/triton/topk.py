@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, next_pow2
+from ._common import cdiv, next_pow2, pdl_enter
 from ._launch import prebound
 
 MAX_CHUNK = 16384  # largest chunk of keys one program holds in registers
@@ -47,44 +47,20 @@ def _sort_key(x):
 
 
 @triton.jit
-def _add_words(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7):
-    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7
-
-
-@triton.jit
-def _digit_counts(digit, v):
-    """int32 ``[32]``: how many of the entries ``v`` have each 5-bit ``digit``, from one 8-way tuple
-    reduction of int64 words that each pack four 16-bit counters (word ``d >> 2``, counter
-    ``d & 3``; a block holds at most ``MAX_CHUNK`` = 16,384 < 2**16 entries, so no counter carries).
-    ``tl.histogram`` lowers to one shared-memory atomic per entry on the bin's address, so the
-    entries of one warp that share a digit (most of them, in the high digits of similar logits)
-    serialize; a reduction has no atomics and one barrier round."""
-    one = tl.where(v, tl.full(digit.shape, 1, tl.int64) << ((digit & 3) * 16).to(tl.int64), 0)
-    w = digit >> 2
-    c0, c1, c2, c3, c4, c5, c6, c7 = tl.reduce(
-        (tl.where(w == 0, one, 0), tl.where(w == 1, one, 0), tl.where(w == 2, one, 0), tl.where(w == 3, one, 0),
-         tl.where(w == 4, one, 0), tl.where(w == 5, one, 0), tl.where(w == 6, one, 0), tl.where(w == 7, one, 0)),
-        0, _add_words)
-    bins = tl.arange(0, 32)
-    q = bins >> 2
-    word = tl.where(q == 0, c0, tl.where(q == 1, c1, tl.where(q == 2, c2, tl.where(q == 3, c3, tl.where(
-        q == 4, c4, tl.where(q == 5, c5, tl.where(q == 6, c6, c7)))))))
-    return ((word >> ((bins & 3) * 16).to(tl.int64)) & 0xFFFF).to(tl.int32)
-
-
-@triton.jit
-def _refine(key, v, need, n_v, thr, shift, HIST: tl.constexpr):
+def _refine(key, v, need, n_v, thr, shift):
     """One radix pass over the 5 key bits ``shift .. shift+4`` among the entries ``v`` (``n_v`` of
     them) that share the threshold's higher bits: the digit ``b`` holding the ``need``-th largest;
     returns the entries with that digit, how many of them are still needed, their count and the
-    threshold with ``b`` set. ``HIST`` 1: the counts from ``_digit_counts``; 0: ``tl.histogram``."""
+    threshold with ``b`` set. A 32-bin ``tl.histogram`` (one shared-memory atomic per entry). Tried on
+    the H200: a 4096-bin variant (8-bit digits, 16 counters per digit to spread the atomics of one
+    warp) made the selection 9× slower, 2048 bins (11-bit digits) 3× slower, and counts from one
+    8-way tuple reduction of int64 words of four 16-bit counters (no atomics) 1.7–2.2× slower than
+    seven 32-bin passes: a pass is bound by its block-wide reductions and barriers, not by the
+    atomics."""
     digit = ((key >> shift) & 31).to(tl.int32)
     bins = tl.arange(0, 32)
-    if HIST == 1:
-        h = _digit_counts(digit, v)
-    else:
-        h = tl.histogram(tl.where(v, digit, 0), 32)
-        h = h - tl.where(bins == 0, digit.shape[0] - n_v, 0)  # entries outside v were counted in bin 0
+    h = tl.histogram(tl.where(v, digit, 0), 32)
+    h = h - tl.where(bins == 0, digit.shape[0] - n_v, 0)  # entries outside v were counted in bin 0
     suffix = tl.cumsum(h, 0, reverse=True)
     b = tl.sum((suffix >= need).to(tl.int32), 0) - 1
     above = tl.sum(tl.where(bins > b, h, 0), 0)
@@ -93,7 +69,7 @@ def _refine(key, v, need, n_v, thr, shift, HIST: tl.constexpr):
 
 
 @triton.jit
-def _select_mask(key, valid, n_valid, need, HIST: tl.constexpr):
+def _select_mask(key, valid, n_valid, need):
     """The ``need`` valid entries of largest key, ties to the lower position (requires
     ``need <= n_valid = count(valid)``): the threshold key in seven radix passes over bits 27..31,
     22..26, .., 2..6, then 0..4 (whose bits 2..4 the sixth pass fixed already: OR-ing them into the
@@ -109,7 +85,7 @@ def _select_mask(key, valid, n_valid, need, HIST: tl.constexpr):
     i = 0
     while (i < 7) & (n_v > need):  # n_v == need: every entry of the bin is kept, thr's low bits 0
         shift = tl.maximum(27 - 5 * i, 0).to(tl.uint32)
-        v, need, n_v, thr = _refine(key, v, need, n_v, thr, shift, HIST)
+        v, need, n_v, thr = _refine(key, v, need, n_v, thr, shift)
         i += 1
     if n_v == need:  # every tie is kept: no rank needed
         sel = valid & (key >= thr)
@@ -122,8 +98,7 @@ def _select_mask(key, valid, n_valid, need, HIST: tl.constexpr):
 
 @triton.jit
 def _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
-                  BLOCK: tl.constexpr, KB: tl.constexpr, FROM_LOGITS: tl.constexpr, FINAL: tl.constexpr,
-                  HIST: tl.constexpr):
+                  BLOCK: tl.constexpr, KB: tl.constexpr, FROM_LOGITS: tl.constexpr, FINAL: tl.constexpr):
     """Keep the best ``min(K, valid)`` entries of row positions ``start .. start+BLOCK−1`` (< ``n``),
     written compacted in position order at ``out_row``: indices (−1 fill) when ``FINAL``, else
     (key, index) candidates (key 0 fill)."""
@@ -139,7 +114,7 @@ def _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr,
     valid = key != 0
     cnt = tl.sum(valid.to(tl.int32), 0)
     if cnt > K:
-        sel = _select_mask(key, valid, cnt, K, HIST)
+        sel = _select_mask(key, valid, cnt, K)
         kept = K
     else:
         sel = valid
@@ -245,12 +220,14 @@ def _topk_round_kernel(
     src_ptr, src_idx_ptr, n_ptr, pos_ptr, req_ptr, out_key_ptr, out_idx_ptr, n_out_ptr,
     n_req, ratio, L, src_stride, K, out_stride,
     CH: tl.constexpr, KB: tl.constexpr, FROM_LOGITS: tl.constexpr, FINAL: tl.constexpr,
-    LOOPED: tl.constexpr = False, SUB: tl.constexpr = 1024, HIST: tl.constexpr = 1,
+    LOOPED: tl.constexpr = False, SUB: tl.constexpr = 1024,
+    PDL: tl.constexpr = False,
 ):
     """One round for row ``t = program_id(0)``, chunk ``c = program_id(1)`` of ``CH`` positions.
     Row length: the token's visible entries (``FROM_LOGITS``) or the previous round's candidate
     count (``n_ptr``). Non-final rounds write candidates at ``[t, c·K .. c·K+K)`` and (chunk 0) the
     next round's row length ``cdiv(n, CH)·K``."""
+    pdl_enter(PDL)
     t = tl.program_id(0)
     c = tl.program_id(1)
     if FROM_LOGITS:
@@ -284,16 +261,16 @@ def _topk_round_kernel(
     elif CH >= 4096:
         if rem <= CH // 16:
             _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
-                          CH // 16, KB, FROM_LOGITS, FINAL, HIST)
+                          CH // 16, KB, FROM_LOGITS, FINAL)
         elif rem <= CH // 4:
             _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
-                          CH // 4, KB, FROM_LOGITS, FINAL, HIST)
+                          CH // 4, KB, FROM_LOGITS, FINAL)
         else:
             _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
-                          CH, KB, FROM_LOGITS, FINAL, HIST)
+                          CH, KB, FROM_LOGITS, FINAL)
     else:
         _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
-                      CH, KB, FROM_LOGITS, FINAL, HIST)
+                      CH, KB, FROM_LOGITS, FINAL)
 
 
 def _pow2(x: int) -> int:
@@ -351,7 +328,7 @@ def _warps(ch: int) -> int:
 def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: torch.Tensor, n_req: int,
                 compress_ratio: int, topk: int, sms: int, chunk: int | None = None,
                 max_chunk: int = MAX_CHUNK, variant: str | None = None, sub: int = 1024,
-                num_warps: int | None = None, hist: int = 1) -> torch.Tensor:
+                num_warps: int | None = None) -> torch.Tensor:
     """int32 ``[T, topk]`` (``reference.attention.select_topk`` of the visible prefix of each row of
     the fp32 ``logits [T, L]``; only positions below the row's visible count are read).
 
@@ -384,7 +361,7 @@ def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: tor
         _topk_round_kernel[(T, s)](
             src, src_idx, n_buf, positions, token_to_req, keys, idx, n_next,
             n_req, compress_ratio, L, stride, topk, out_stride,
-            CH=ch, KB=kb, FROM_LOGITS=r == 0, FINAL=final, LOOPED=variant == "looped", SUB=min(sub, ch), HIST=hist,
+            CH=ch, KB=kb, FROM_LOGITS=r == 0, FINAL=final, LOOPED=variant == "looped", SUB=min(sub, ch),
             num_warps=num_warps or (4 if variant == "looped" else _warps(ch)),
         )
         src, src_idx, n_buf, stride = keys, idx, n_next, out_stride
