@@ -118,16 +118,15 @@ def _attention_cases():
             swa_cap="i64", comp_cap="i64", qk_scale="fp32"), dict(
             SWA_BS=64, COMP_BS=2 if split else 64, BH=bh, BN=32, DV=256 if split else 512, SPLIT=split,
             HAS_COMP=comp), dict(num_warps=warps)
-    for bm, bn, split, out, quant, pf in ((16, 64, True, "*bf16", False, 4), (64, 64, True, "*fp32", False, 0),
-                                          (128, 128, False, "*bf16", False, 0), (16, 64, True, "*bf16", True, 0),
-                                          (16, 64, False, "*bf16", False, 8)):
+    for bm, bn, split, out, quant in ((16, 64, True, "*bf16", False), (64, 64, True, "*fp32", False),
+                                      (128, 128, False, "*bf16", False), (16, 64, True, "*bf16", True)):
         yield gemm._fp8_block_gemm_kernel, dict(
             x_ptr="*bf16" if quant else "*fp8e4nv", xs_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32", out_ptr=out,
             part_ptr="*fp32", cnt_ptr="*i32", q_tmp_ptr="*fp8e4nv", q_tmp_u8_ptr="*u8", M="i32", N="i32", KB="i32",
             kb_per_split="i32", n_per_group="i32", x_stride_m="i32", x_stride_g="i32", xs_stride_m="i32",
             xs_stride_g="i32", xs_stride_k="i32", w_stride="i32", ws_stride="i32", out_stride="i32",
             amax_floor="fp32"), dict(BM=bm, BN=bn, STAGES=4 if bm < 128 else 3, SPLIT=split, U8=False,
-                                     QUANT_X=quant, PF_KB=pf), dict(num_warps=8 if bm == 128 else 4)
+                                     QUANT_X=quant), dict(num_warps=8 if bm == 128 else 4)
     combine_sig = dict(part_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", sink_ptr="*fp32", o_ptr="*bf16", H="i32",
                        n_split="i32", o_stride_t="i32", o_stride_h="i32")
     yield attention._combine_kernel, combine_sig, dict(BH=16, DC=512)

@@ -32,15 +32,13 @@ import triton.language as tl
 from ... import layouts
 from .. import _device
 from ...reference.gemm import weight_scale_fp32
-from ._common import cdiv, fp8_quant_rows, interpreting, next_pow2, pdl_enter, sm_programs
+from ._common import cdiv, fp8_quant_rows, interpreting, pdl_enter, sm_programs
 from ._launch import prebound
 
 BLOCK = layouts.WEIGHT_BLOCK  # the kernel's K step and N tile bound are this 128
 COUNTERS = 4096  # split-K tile counters per device; splitting is used below 2 tiles per SM
 SCALED_MM_MIN_M = 256  # from this many rows the GEMM is compute-bound: cuBLAS when it takes block scales
 GEMM_ENV = "DSV4_FP8_GEMM"
-PREFETCH_MAX_M = 64  # decode sizes: the program prefetches its weight slab to L2 (``PF_KB``)
-PREFETCH_ENV = "DSV4_GEMM_PREFETCH"  # "0": no prefetch
 
 
 @prebound
@@ -50,38 +48,27 @@ def _fp8_block_gemm_kernel(
     n_per_group,
     x_stride_m, x_stride_g, xs_stride_m, xs_stride_g, xs_stride_k, w_stride, ws_stride, out_stride, amax_floor,
     BM: tl.constexpr, BN: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr, U8: tl.constexpr,
-    QUANT_X: tl.constexpr, PF_KB: tl.constexpr = 0,
+    QUANT_X: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     """Program (m tile, n tile of ``BN`` rows inside one 128-row weight-scale block, K split):
     Σ over its K blocks of dot · x_scale · w_scale; with ``SPLIT`` the partial goes to
     ``part[split, m, n]`` and the last of the tile's programs sums the partials in split order.
     ``QUANT_X``: ``x`` is bf16 / fp16 / fp32 and each 1x128 block is quantized in registers as
-    ``fp8_block_quant(x, 128, amax_floor)`` does (``xs_ptr`` unused): ``fp8_linear``.
-    ``PF_KB`` > 0 (a power of two >= the program's K blocks): before the grid-dependency wait, the
-    program asks L2 to prefetch its whole weight slab (one ``prefetch.global.L2`` per 128-byte row
-    segment: nothing a previous kernel writes), so under PDL the weight stream starts while the
-    previous kernel still runs, and every line of the slab is in flight at once."""
+    ``fp8_block_quant(x, 128, amax_floor)`` does (``xs_ptr`` unused): ``fp8_linear``."""
+    pdl_enter(PDL)
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     ps = tl.program_id(2)
     n0 = pn * BN
+    grp = (n0 // n_per_group).to(tl.int64)  # the group of this N tile (0 when not grouped)
+    rm = pm * BM + tl.arange(0, BM)
     rn = n0 + tl.arange(0, BN)
+    rk = tl.arange(0, 128)
+    mm = rm < M
     nm = rn < N
     kb0 = ps * kb_per_split
     kb1 = tl.minimum(kb0 + kb_per_split, KB)
-    if PF_KB > 0:
-        kbs = kb0 + tl.arange(0, PF_KB)
-        lines = w_ptr + rn.to(tl.int64)[:, None] * w_stride + kbs[None, :].to(tl.int64) * 128
-        live = (nm[:, None] & (kbs < kb1)[None, :]).to(tl.int32)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-            "=r,l,r", [lines, live], dtype=tl.int32, is_pure=False, pack=1)
-    pdl_enter(PDL)
-    grp = (n0 // n_per_group).to(tl.int64)  # the group of this N tile (0 when not grouped)
-    rm = pm * BM + tl.arange(0, BM)
-    rk = tl.arange(0, 128)
-    mm = rm < M
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * x_stride_m + grp * x_stride_g + rk[None, :]
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * w_stride + rk[None, :]
@@ -248,15 +235,10 @@ def _launch(x, x_scale, w_q, ws, out, config, amax_floor=None):
         x_scale = x_scale.unsqueeze(1) if x_scale is not None else None
     xs_strides = x_scale.stride() if x_scale is not None else (0, 0, 0)
     npg = N // xb.shape[1]
-    config = dict(config)
-    prefetch = config.pop("prefetch", None)
     bm, bn, splits, warps, stages = gemm_config(M, N, KB, x.device, n_per_group=npg if grouped else None,
                                                 **config)
     per = cdiv(KB, splits)
     splits = cdiv(KB, per)
-    if prefetch is None:
-        prefetch = M <= PREFETCH_MAX_M and os.environ.get(PREFETCH_ENV, "") != "0"
-    pf_kb = next_pow2(per) if prefetch and not u8 else 0
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
     cnt = _counter_buffer(x.device, cdiv(M, bm) * cdiv(N, bn)) if splits > 1 else out
     # interpreter only (programs run one at a time): the quantized x tile goes through memory
@@ -267,7 +249,7 @@ def _launch(x, x_scale, w_q, ws, out, config, amax_floor=None):
         npg, xb.stride(0),
         xb.stride(1), *xs_strides, wb.stride(0), ws.stride(0), out.stride(0),
         float(amax_floor) if quant else 0.0, BM=bm, BN=bn, STAGES=stages, SPLIT=splits > 1, U8=u8, QUANT_X=quant,
-        PF_KB=pf_kb, num_warps=warps,
+        num_warps=warps,
     )
     return out
 
