@@ -45,6 +45,7 @@ class _Jit:
 @pytest.fixture
 def fake(monkeypatch):
     monkeypatch.setattr(_launch, "ENABLED", True)
+    monkeypatch.setattr(_launch, "PDL", False)  # test_pdl_* turn it on
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 99, raising=False)
     jit = _Jit()
@@ -150,6 +151,46 @@ def test_every_launched_kernel_is_prebound():
             obj = getattr(mod, name, None)
             if obj is not None and callable(getattr(obj, "__getitem__", None)) and name.endswith("_kernel"):
                 assert isinstance(obj, _launch.PreBound), f"{mod.__name__}.{name}"
+
+
+@pytest.mark.parametrize("sm90", [True, False])
+def test_pdl_launch_sets_the_constexpr_and_the_option(fake, monkeypatch, sm90):
+    """With PDL on, a launch on an sm_90+ device gets ``PDL=True`` (the kernel's constexpr: its
+    grid-dependency wait) and ``launch_pdl=True`` on both paths; below sm_90 neither."""
+    jit, _ = fake
+    jit.params.append(_Param("PDL", True, False))
+    k = _launch.PreBound(jit)
+    monkeypatch.setattr(_launch, "PDL", True)
+    monkeypatch.setattr(_launch, "_pdl_devices", {0: sm90})
+    x = torch.zeros(64)
+    k[(1,)](x, 5, 0.5, BLOCK=32)
+    k[(1,)](x, 5, 0.5, BLOCK=32)
+    assert (k.launches, k.fast) == (1, 1)
+    meta = jit.calls[0][3]
+    if sm90:
+        assert meta == dict(BLOCK=32, PDL=True, launch_pdl=True)
+        assert jit.calls[1][1][-3:] == (32, 7, True)  # BLOCK, FLAG's default, PDL
+    else:
+        assert meta == dict(BLOCK=32)
+        assert jit.calls[1][1][-3:] == (32, 7, False)
+
+
+def test_every_launched_kernel_starts_with_pdl_enter():
+    """Every ``PreBound`` kernel ends its parameters with ``PDL: tl.constexpr = False`` and starts its
+    body (after the docstring) with ``pdl_enter(PDL)``: a kernel launched with ``launch_pdl`` but no
+    grid-dependency wait could run before the kernel it depends on has finished."""
+    import ast
+    import textwrap
+
+    kernels = {id(k): k for k in _all_prebound()}.values()
+    assert len(kernels) >= 21
+    for k in kernels:
+        py_fn = getattr(k.jit_fn, "fn", k.jit_fn)  # the Python function (JITFunction / InterpretedFunction)
+        last = list(inspect.signature(py_fn).parameters.values())[-1]
+        assert (last.name, str(last.annotation), last.default) == ("PDL", "tl.constexpr", False), k.__name__
+        fn = ast.parse(textwrap.dedent(inspect.getsource(py_fn))).body[0]
+        body = [st for st in fn.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
+        assert ast.unparse(body[0]) == "pdl_enter(PDL)", k.__name__
 
 
 def _kernel_modules():
