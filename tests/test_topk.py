@@ -123,6 +123,19 @@ def test_threshold_found_before_the_last_pass(kernel_device, ties):
     _run(logits.to(kernel_device), pos.to(kernel_device), req.to(kernel_device), k, chunk=32)
 
 
+def test_rows_in_every_block_class_of_a_long_chunk(kernel_device):
+    """A 4,096-entry chunk selects a row of ``n`` live entries in a block of 256, 1,024, 2,048 or 4,096
+    (the smallest class holding ``n``): one row per class and rows at the class edges, with ties."""
+    L, k = 4096, 100
+    lengths = [4096, 2049, 2048, 1900, 1025, 1000, 256, 200]
+    g = torch.Generator().manual_seed(13)
+    logits = (torch.randint(0, 60, (len(lengths), L), generator=g).float() - 30).to(kernel_device)
+    pos = torch.tensor([4 * n - 1 for n in lengths], device=kernel_device)
+    req = torch.zeros(len(lengths), dtype=torch.int64, device=kernel_device)
+    assert topk_kernels.plan(len(lengths), L, k, 8) == [(4096, 1)]
+    _run_variant(logits, pos, req, k, None, topk_kernels.MAX_CHUNK, 8, "registers", 1024)
+
+
 def test_plan_depends_on_shapes_only():
     assert topk_kernels.plan(1, 16384, 512, 132) == [(4096, 4), (2048, 1)]
     assert topk_kernels.plan(1, 262144, 512, 132) == [(16384, 16), (8192, 1)]

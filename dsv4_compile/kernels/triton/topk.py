@@ -265,6 +265,9 @@ def _topk_round_kernel(
         elif rem <= CH // 4:
             _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
                           CH // 4, KB, FROM_LOGITS, FINAL)
+        elif rem <= CH // 2:  # each radix pass costs per entry of the block: half the block, half the pass
+            _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
+                          CH // 2, KB, FROM_LOGITS, FINAL)
         else:
             _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr, out_row, K,
                           CH, KB, FROM_LOGITS, FINAL)
