@@ -167,6 +167,9 @@ def test_pdl_launch_sets_the_constexpr_and_the_option(fake, monkeypatch, sm90):
     k[(1,)](x, 5, 0.5, BLOCK=32)
     assert (k.launches, k.fast) == (1, 1)
     meta = jit.calls[0][3]
+    plain = _Jit()  # a kernel without the PDL constexpr (no grid-dependency wait): never launched with PDL
+    _launch.PreBound(plain)[(1,)](x, 5, 0.5, BLOCK=32)
+    assert plain.calls[0][3] == dict(BLOCK=32)
     if sm90:
         assert meta == dict(BLOCK=32, PDL=True, launch_pdl=True)
         assert jit.calls[1][1][-3:] == (32, 7, True)  # BLOCK, FLAG's default, PDL

@@ -20,11 +20,12 @@ stages-inspection hook, the interpreter (``TRITON_INTERPRET=1``), or ``DSV4_TRIT
 the environment at import. Skipped on the pre-bound path: Triton's check that the globals a kernel
 captured are unchanged (the kernels here capture only constants).
 
-Programmatic dependent launch (PDL): on sm_90+ every launch adds ``PDL=True`` (the kernels' last
-constexpr: they start with ``_common.pdl_enter``, a grid-dependency wait, then the trigger that lets the
-next kernel launch) and Triton's ``launch_pdl=True`` option, so under CUDA-graph replay the next
-kernel's launch and CTA setup overlap the running one; ``DSV4_PDL=0`` in the environment at import
-turns it off (also on Triton's path: the same two keywords decide it).
+Programmatic dependent launch (PDL): on sm_90+ every launch of a kernel that declares the ``PDL``
+constexpr (the package's kernels: they start with ``_common.pdl_enter``, a grid-dependency wait, then
+the trigger that lets the next kernel launch) adds ``PDL=True`` and Triton's ``launch_pdl=True``
+option, so under CUDA-graph replay the next kernel's launch and CTA setup overlap the running one;
+``DSV4_PDL=0`` in the environment at import turns it off (also on Triton's path: the same two
+keywords decide it).
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ class PreBound:
         self._params = list(params) if params is not None else []
         self._constexpr = {p.name: p.is_constexpr for p in self._params}
         self._first_constexpr = next((i for i, p in enumerate(self._params) if p.is_constexpr), len(self._params))
+        self._pdl = self._constexpr.get("PDL", False)  # the kernel takes the PDL constexpr (pdl_enter)
         self._cache: dict = {}
         self.launches = 0
         self.fast = 0
@@ -153,7 +155,7 @@ class PreBound:
             return None
 
     def _launch(self, grid, args, meta):
-        if PDL and "PDL" not in meta:
+        if PDL and self._pdl and "PDL" not in meta:
             pdl = pdl_meta(torch.cuda.current_device())
             if pdl is not None:
                 meta = {**meta, **pdl}
