@@ -63,6 +63,22 @@ def test_kernel_matches_reference(kernel_device, M, N, K, splits):
     torch.testing.assert_close(got16.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+def test_k_unroll_gives_the_same_bits(kernel_device, splits):
+    """``k_unroll`` K blocks per loop step (tails past a split's K range included) sum in the same
+    K-block order: bit-identical to one block per step, also with the activation quant in the kernel."""
+    case = _case(3, 200, 640, seed=7)  # 5 K blocks: every unroll leaves a tail
+    dev = [t.to(kernel_device) for t in case]
+    want = kernels.fp8_block_gemm(*dev, torch.float32, splits=splits, k_unroll=1)
+    x = (torch.randn(3, 640, generator=torch.Generator().manual_seed(8)) * 3).bfloat16().to(kernel_device)
+    want_lin = kernels.fp8_linear(x, *dev[2:], torch.float32, splits=splits, k_unroll=1)
+    for ku in (2, 3, 4, 8):
+        got = kernels.fp8_block_gemm(*dev, torch.float32, splits=splits, k_unroll=ku)
+        assert torch.equal(_bytes(got), _bytes(want)), ku
+        assert torch.equal(_bytes(kernels.fp8_linear(x, *dev[2:], torch.float32, splits=splits, k_unroll=ku)),
+                           _bytes(want_lin)), ku
+
+
 def test_fp8_path_against_the_dequantized_bf16_weight():
     """What the model gains or loses: the FP8 path (activations quantized 1x128) against a bf16
     matmul of the bf16-dequantized weight. Documented bound (docs/numerics.md §4.5): relative RMS
