@@ -58,25 +58,12 @@ def test_kernel_matches_reference(kernel_device, M, N, K, splits):
     dev = [t.to(kernel_device) for t in case]
     want = ref.fp8_block_gemm(*case, torch.float32)
     got = kernels.fp8_block_gemm(*dev, torch.float32, splits=splits).cpu()
-    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6 * float(want.abs().max()))
+    if kernel_device.type == "cuda":  # Hopper's FP8 wgmma (64-row tiles) accumulates below fp32: the GPU bound
+        assert float(((got.double() - want.double()).abs() / _l1(*case)).max()) <= GPU_BOUND
+    else:
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6 * float(want.abs().max()))
     got16 = kernels.fp8_block_gemm(*dev, torch.bfloat16, splits=splits).cpu()
     torch.testing.assert_close(got16.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
-
-
-@pytest.mark.parametrize("splits", [1, 2])
-def test_k_unroll_gives_the_same_bits(kernel_device, splits):
-    """``k_unroll`` K blocks per loop step (tails past a split's K range included) sum in the same
-    K-block order: bit-identical to one block per step, also with the activation quant in the kernel."""
-    case = _case(3, 200, 640, seed=7)  # 5 K blocks: every unroll leaves a tail
-    dev = [t.to(kernel_device) for t in case]
-    want = kernels.fp8_block_gemm(*dev, torch.float32, splits=splits, k_unroll=1)
-    x = (torch.randn(3, 640, generator=torch.Generator().manual_seed(8)) * 3).bfloat16().to(kernel_device)
-    want_lin = kernels.fp8_linear(x, *dev[2:], torch.float32, splits=splits, k_unroll=1)
-    for ku in (2, 3, 4, 8):
-        got = kernels.fp8_block_gemm(*dev, torch.float32, splits=splits, k_unroll=ku)
-        assert torch.equal(_bytes(got), _bytes(want)), ku
-        assert torch.equal(_bytes(kernels.fp8_linear(x, *dev[2:], torch.float32, splits=splits, k_unroll=ku)),
-                           _bytes(want_lin)), ku
 
 
 def test_fp8_path_against_the_dequantized_bf16_weight():
@@ -166,7 +153,7 @@ def test_grouped_reference_and_kernel(kernel_device):
     for splits in (1, 2):
         got = kernels.fp8_block_gemm(*dev, torch.float32, splits=splits).cpu()
         torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6 * float(want.abs().max()))
-    if kernel_device == "cpu":  # the split-K counters are left zero for the next call
+    if kernel_device.type == "cpu":  # the split-K counters are left zero for the next call
         assert not kernels._counter_buffer(torch.device("cpu"), 1).any()
 
 

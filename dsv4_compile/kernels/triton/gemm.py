@@ -39,37 +39,6 @@ BLOCK = layouts.WEIGHT_BLOCK  # the kernel's K step and N tile bound are this 12
 COUNTERS = 4096  # split-K tile counters per device; splitting is used below 2 tiles per SM
 SCALED_MM_MIN_M = 256  # from this many rows the GEMM is compute-bound: cuBLAS when it takes block scales
 GEMM_ENV = "DSV4_FP8_GEMM"
-K_UNROLL = 1  # K blocks per step of the kernel's loop (``k_unroll``; ``DSV4_GEMM_K_UNROLL`` overrides)
-K_UNROLL_ENV = "DSV4_GEMM_K_UNROLL"
-
-
-@triton.jit
-def _k_block(acc, x_rows, w_rows, xs_rows, ws_row, q_tmp_ptr, q_tmp_u8_ptr, kb, kb1, mm, nm, xs_stride_k,
-             amax_floor, BM: tl.constexpr, U8: tl.constexpr, QUANT_X: tl.constexpr):
-    """``acc + dot(x block kb, w block kb)ᵀ · x_scale · w_scale`` (``acc`` unchanged at and past the
-    program's end block ``kb1``, where nothing is loaded)."""
-    live = kb < kb1
-    rk = tl.arange(0, 128)
-    # the masks built from vectors: the interpreter takes no scalar condition inside a load mask
-    lm = mm & ((tl.zeros_like(mm.to(tl.int32)) + kb) < kb1)
-    ln = nm & ((tl.zeros_like(nm.to(tl.int32)) + kb) < kb1)
-    a = tl.load(x_rows + kb * 128, mask=lm[:, None], other=0.0)
-    b = tl.load(w_rows + kb * 128, mask=ln[:, None], other=0.0)
-    if U8:  # the interpreter has no FP8 pointers: bytes, reinterpreted
-        b = b.to(tl.float8e4nv, bitcast=True)
-    if QUANT_X:  # padding rows are zeros: scale = the floor's, discarded
-        a, sa = fp8_quant_rows(a.to(tl.float32), amax_floor)
-        if U8:  # the interpreter's in-register e4m3 values are not the stored codes: through memory
-            t = tl.arange(0, BM)[:, None] * 128 + rk[None, :]
-            tl.store(q_tmp_ptr + t, a)
-            a = tl.load(q_tmp_u8_ptr + t).to(tl.float8e4nv, bitcast=True)
-    else:
-        if U8:
-            a = a.to(tl.float8e4nv, bitcast=True)
-        sa = tl.load(xs_rows + kb * xs_stride_k, mask=lm, other=0.0)
-    d = tl.dot(a, tl.trans(b))  # [BM, BN] fp32: exact e4m3 products, fp32 sums
-    sb = tl.load(ws_row + tl.where(live, kb, 0))  # a block in range (its product is dropped when not live)
-    return tl.where(live, acc + d * (sa[:, None] * sb), acc)
 
 
 @prebound
@@ -79,15 +48,14 @@ def _fp8_block_gemm_kernel(
     n_per_group,
     x_stride_m, x_stride_g, xs_stride_m, xs_stride_g, xs_stride_k, w_stride, ws_stride, out_stride, amax_floor,
     BM: tl.constexpr, BN: tl.constexpr, STAGES: tl.constexpr, SPLIT: tl.constexpr, U8: tl.constexpr,
-    QUANT_X: tl.constexpr, KU: tl.constexpr = 1,
+    QUANT_X: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     """Program (m tile, n tile of ``BN`` rows inside one 128-row weight-scale block, K split):
     Σ over its K blocks of dot · x_scale · w_scale; with ``SPLIT`` the partial goes to
     ``part[split, m, n]`` and the last of the tile's programs sums the partials in split order.
     ``QUANT_X``: ``x`` is bf16 / fp16 / fp32 and each 1x128 block is quantized in registers as
-    ``fp8_block_quant(x, 128, amax_floor)`` does (``xs_ptr`` unused): ``fp8_linear``. ``KU`` K blocks
-    per loop step (their loads issued together; the sum is in K-block order whatever ``KU``)."""
+    ``fp8_block_quant(x, 128, amax_floor)`` does (``xs_ptr`` unused): ``fp8_linear``."""
     pdl_enter(PDL)
     pm = tl.program_id(0)
     pn = tl.program_id(1)
@@ -106,10 +74,24 @@ def _fp8_block_gemm_kernel(
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * w_stride + rk[None, :]
     xs_rows = xs_ptr + rm.to(tl.int64) * xs_stride_m + grp * xs_stride_g
     ws_row = ws_ptr + (n0 // 128) * ws_stride
-    for kb_u in tl.range(kb0, kb1, KU, num_stages=STAGES):
-        for u in tl.static_range(KU):  # KU adjacent K blocks: each weight row read KU·128 bytes at a time
-            acc = _k_block(acc, x_rows, w_rows, xs_rows, ws_row, q_tmp_ptr, q_tmp_u8_ptr, kb_u + u, kb1, mm, nm,
-                           xs_stride_k, amax_floor, BM, U8, QUANT_X)
+    for kb in tl.range(kb0, kb1, num_stages=STAGES):
+        a = tl.load(x_rows + kb * 128, mask=mm[:, None], other=0.0)
+        b = tl.load(w_rows + kb * 128, mask=nm[:, None], other=0.0)
+        if U8:  # the interpreter has no FP8 pointers: bytes, reinterpreted
+            b = b.to(tl.float8e4nv, bitcast=True)
+        if QUANT_X:  # padding rows are zeros: scale = the floor's, discarded
+            a, sa = fp8_quant_rows(a.to(tl.float32), amax_floor)
+            if U8:  # the interpreter's in-register e4m3 values are not the stored codes: through memory
+                t = tl.arange(0, BM)[:, None] * 128 + rk[None, :]
+                tl.store(q_tmp_ptr + t, a)
+                a = tl.load(q_tmp_u8_ptr + t).to(tl.float8e4nv, bitcast=True)
+        else:
+            if U8:
+                a = a.to(tl.float8e4nv, bitcast=True)
+            sa = tl.load(xs_rows + kb * xs_stride_k, mask=mm, other=0.0)
+        d = tl.dot(a, tl.trans(b))  # [BM, BN] fp32: exact e4m3 products, fp32 sums
+        sb = tl.load(ws_row + kb)
+        acc += d * (sa[:, None] * sb)
     out = out_ptr + rm.to(tl.int64)[:, None] * out_stride + rn[None, :]
     omask = mm[:, None] & nm[None, :]
     if SPLIT:
@@ -253,8 +235,6 @@ def _launch(x, x_scale, w_q, ws, out, config, amax_floor=None):
         x_scale = x_scale.unsqueeze(1) if x_scale is not None else None
     xs_strides = x_scale.stride() if x_scale is not None else (0, 0, 0)
     npg = N // xb.shape[1]
-    config = dict(config)
-    ku = config.pop("k_unroll", None) or int(os.environ.get(K_UNROLL_ENV, "") or K_UNROLL)
     bm, bn, splits, warps, stages = gemm_config(M, N, KB, x.device, n_per_group=npg if grouped else None,
                                                 **config)
     per = cdiv(KB, splits)
@@ -269,7 +249,7 @@ def _launch(x, x_scale, w_q, ws, out, config, amax_floor=None):
         npg, xb.stride(0),
         xb.stride(1), *xs_strides, wb.stride(0), ws.stride(0), out.stride(0),
         float(amax_floor) if quant else 0.0, BM=bm, BN=bn, STAGES=stages, SPLIT=splits > 1, U8=u8, QUANT_X=quant,
-        KU=ku, num_warps=warps,
+        num_warps=warps,
     )
     return out
 
