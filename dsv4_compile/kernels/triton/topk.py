@@ -51,12 +51,13 @@ def _refine(key, v, need, n_v, thr, shift):
     """One radix pass over the 5 key bits ``shift .. shift+4`` among the entries ``v`` (``n_v`` of
     them) that share the threshold's higher bits: the digit ``b`` holding the ``need``-th largest;
     returns the entries with that digit, how many of them are still needed, their count and the
-    threshold with ``b`` set. A 32-bin ``tl.histogram`` (one shared-memory atomic per entry). Tried on
-    the H200: a 4096-bin variant (8-bit digits, 16 counters per digit to spread the atomics of one
-    warp) made the selection 9× slower, 2048 bins (11-bit digits) 3× slower, and counts from one
-    8-way tuple reduction of int64 words of four 16-bit counters (no atomics) 1.7–2.2× slower than
-    seven 32-bin passes: a pass is bound by its block-wide reductions and barriers, not by the
-    atomics."""
+    threshold with ``b`` set. A 32-bin ``tl.histogram`` (Triton 3.6 lowers it to warp ballots,
+    3.9 to one shared-memory atomic per entry). Tried on the H200: a 4096-bin variant (8-bit digits,
+    16 counters per digit to spread the atomics of one warp) made the selection 9× slower, 2048 bins
+    (11-bit digits) 3× slower, and counts from one 8-way tuple reduction of int64 words of four
+    16-bit counters (no atomics) 1.7–2.2× slower than seven 32-bin passes. A pass costs about a
+    dozen instructions per entry of the block (ncu: 346 per warp per pass for 8 entries per thread),
+    so the block should be no larger than the row (``_topk_round_kernel``'s size classes)."""
     digit = ((key >> shift) & 31).to(tl.int32)
     bins = tl.arange(0, 32)
     h = tl.histogram(tl.where(v, digit, 0), 32)
