@@ -178,6 +178,19 @@ def test_pdl_launch_sets_the_constexpr_and_the_option(fake, monkeypatch, sm90):
         assert jit.calls[1][1][-3:] == (32, 7, False)
 
 
+def test_pdl_meta_follows_the_capability_and_the_switch(monkeypatch):
+    """``pdl_meta``: the PDL keywords on sm_90+ only (asked once per device), none with PDL off."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: asked.append(d) or {0: (8, 9), 1: (9, 0)}[d])
+    monkeypatch.setattr(_launch, "_pdl_devices", {})
+    monkeypatch.setattr(_launch, "PDL", True)
+    assert _launch.pdl_meta(0) is None and _launch.pdl_meta(1) == dict(PDL=True, launch_pdl=True)
+    assert _launch.pdl_meta(1) is not None and asked == [0, 1]
+    monkeypatch.setattr(_launch, "_pdl_devices", {})
+    monkeypatch.setattr(_launch, "PDL", False)
+    assert _launch.pdl_meta(1) is None
+
+
 def test_every_launched_kernel_starts_with_pdl_enter():
     """Every ``PreBound`` kernel ends its parameters with ``PDL: tl.constexpr = False`` and starts its
     body (after the docstring) with ``pdl_enter(PDL)``: a kernel launched with ``launch_pdl`` but no

@@ -165,17 +165,17 @@ def global_topk_indices(topk, block_table, token_to_req, block_size: int):
 def compile_cases(arch: int):
     """``(kernel, signature, constexprs)`` for every kernel variant, in ``compile_check._cases``'s format:
     both kernels, SWA and compressed rows, power-of-two and general block sizes, int32 and int64
-    positions / requests, at the tiles the launchers pick for the serving widths; ``PDL`` as launched on
-    sm_90+."""
-    del arch  # no arch-dependent variant
+    positions / requests, at the tiles the launchers pick for the serving widths; ``PDL`` as launched (on
+    sm_90+)."""
+    pdl = arch >= 90  # launched with PDL from sm_90 (ptxas rejects griddepcontrol below)
     table = dict(bt_ptr="*i32", out_ptr="*i32", lens_ptr="*i32", n_req="i32", n_blk="i32", bt_stride_r="i32",
                  bt_stride_m="i32", req_stride="i32", block_size="i32")
     for idx_dt, compressed, bs_log2 in [("*i64", False, 6), ("*i32", False, -1), ("*i64", True, -1), ("*i32", True, 6)]:
         yield _window_kernel, dict(
             pos_ptr=idx_dt, req_ptr=idx_dt, **table, T="i32", pos_stride="i32", width="i32", ratio="i32",
         ), dict(COMPRESSED=compressed, BS_LOG2=bs_log2, BLOCK_T=4 if compressed else 8,
-                BLOCK_W=256 if compressed else 128, PDL=True)
+                BLOCK_W=256 if compressed else 128, PDL=pdl)
     for idx_dt, bs_log2 in [("*i64", 6), ("*i32", -1)]:
         yield _topk_kernel, dict(
             topk_ptr="*i32", req_ptr=idx_dt, **table, T="i32", K="i32", topk_stride_t="i32", topk_stride_k="i32",
-        ), dict(BS_LOG2=bs_log2, BLOCK_T=4, BLOCK_K=256, PDL=True)
+        ), dict(BS_LOG2=bs_log2, BLOCK_T=4, BLOCK_K=256, PDL=pdl)
