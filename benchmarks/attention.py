@@ -21,6 +21,8 @@ plain Inductor, and with the SM streaming-read bandwidth measured in the same ru
 
     python benchmarks/attention.py [--batches 1 8 32 64] [--contexts 8192 32768 65536] [--out results.md]
     python benchmarks/attention.py --sweep --batches 64 --contexts 65536   # sparse_attn launch configurations
+    python benchmarks/attention.py --layers csa hca swa --models flash pro --batches 1 8 32 64 --contexts 65536
+    python benchmarks/attention.py --layers csa --prefill 4096 --contexts 65536   # prefill TFLOPS
     python benchmarks/attention.py --check        # CPU: small shapes, ops == plain forms, then exit
 """
 
@@ -198,6 +200,105 @@ def sweep(b: int, ctx: int):
                       f"{_rate(kv, us, read)}", flush=True)
 
 
+# --- sparse_attn by layer type and model, decode and prefill -----------------------------------------
+MODELS = {"flash": (64, 512), "pro": (128, 1024)}  # V4-Flash / V4-Pro: query heads, compressed top-k
+COMP = {"csa": (4, layouts.C4_BLOCK_SIZE), "hca": (128, layouts.C128_BLOCK_SIZE)}  # ratio, entries per page
+
+
+def layer_case(layer, model, b, ctx, device, prefill_t=0, seed=0):
+    """``sparse_attn`` inputs of one layer type (``csa``: the window + the top-k of the C4 entries;
+    ``hca``: the window + every visible C128 entry; ``swa``: the window alone) for ``b`` decode tokens
+    (one per request, position ``ctx − 1``) or, with ``prefill_t``, one request's last ``prefill_t``
+    positions (causal: each token's own window and visible entries). Each input set has its own q,
+    picks and cache pages (one pool), so a pass over the sets reads distinct records."""
+    heads, topk = MODELS[model]
+    reqs, T = (1, prefill_t) if prefill_t else (b, b)
+    positions = (torch.arange(ctx - T, ctx, device=device) if prefill_t
+                 else torch.full((b,), ctx - 1, dtype=torch.int64, device=device))
+    token_to_req = torch.zeros(T, dtype=torch.int64, device=device) if prefill_t else torch.arange(b, device=device)
+    swa_pages = -(-(WINDOW + T) // BS) + 1  # the pages the tokens' windows touch (per request)
+    ratio, cbs = COMP.get(layer, (1, 1))
+    n_comp = ctx // ratio if layer != "swa" else 0
+    comp_pages = -(-n_comp // cbs)
+    vis = ((positions + 1) // ratio).clamp(max=n_comp) if n_comp else None
+    g = torch.Generator(device=device).manual_seed(seed)
+    live = int(torch.clamp(positions + 1, max=WINDOW).sum())
+    if n_comp:
+        live += int(vis.clamp(max=topk).sum()) if layer == "csa" else int(vis.sum())
+    kv_bytes = live * REC
+    n_sets = max(1, min(16, -(-(160 << 20) // max(kv_bytes, 1))))
+
+    def kv_pool(pages, bs):  # random fp8_ds_mla records: any e4m3 byte but NaN, finite bf16 rope, sane scales
+        pool = torch.randint(0, 126, (pages, layouts.page_bytes("fp8_ds_mla", bs)), dtype=torch.uint8, device=device,
+                             generator=g)
+        pool[:, : bs * 576].view(pages, bs, 576)[:, :, 448:] = torch.randn(
+            pages, bs, 64, device=device, generator=g).bfloat16().view(torch.uint8).view(pages, bs, 128)
+        pool[:, bs * 576: bs * 576 + bs * 8] = 124 + torch.randint(0, 6, (pages, bs * 8), dtype=torch.uint8,
+                                                                  device=device, generator=g)
+        return pool
+
+    swa = kv_pool(n_sets * reqs * swa_pages, BS)
+    comp = kv_pool(n_sets * reqs * comp_pages, cbs) if n_comp else None
+    sink = torch.randn(heads, device=device, generator=g)
+    sets = []
+    for i in range(n_sets):
+        table = torch.full((reqs, (ctx - 1) // BS + 1), -1, dtype=torch.int32, device=device)
+        table[:, -swa_pages:] = (i * reqs * swa_pages + torch.arange(reqs * swa_pages, device=device)
+                                 ).view(reqs, swa_pages).int()
+        swa_idx, _ = dsv4.swa_indices(positions, table, token_to_req, BS, WINDOW)
+        q = (torch.randn(T, heads, 512, device=device, generator=g) * 0.3).bfloat16()
+        comp_idx = None
+        if n_comp:
+            ctable = (i * reqs * comp_pages + torch.randperm(reqs * comp_pages, device=device, generator=g)
+                      ).view(reqs, comp_pages).int()
+            entries = torch.arange(n_comp, device=device).expand(T, n_comp)
+            if layer == "csa":  # top-k of random scores among each token's visible entries (−1 past them)
+                score = torch.rand(T, n_comp, device=device, generator=g).masked_fill(entries >= vis[:, None], -1)
+                val, local = score.topk(min(topk, n_comp), dim=1)
+                local = torch.where(val >= 0, local, -1)
+            else:  # every visible entry
+                local = torch.where(entries < vis[:, None], entries, -1)
+            comp_idx, _ = dsv4.global_topk_indices(local.int(), ctable, token_to_req, cbs)
+        sets.append(dict(q=q, swa_idx=swa_idx, comp_idx=comp_idx))
+    return dict(swa=swa, comp=comp, cbs=cbs, sink=sink, sets=sets, T=T, heads=heads, kv_bytes=kv_bytes,
+                flop=4 * heads * 512 * live)
+
+
+def layer_call(fn, c, s):
+    return lambda: fn(s["q"], c["swa"], s["swa_idx"], c["comp"], s["comp_idx"], c["sink"], SCALE, BS, c["cbs"])
+
+
+def layer_rows(cases):
+    """GPU µs of ``sparse_attn`` per (layer, model, B, ctx, prefill T) case."""
+    ceil = bandwidth_ceilings()
+    print(f"torch {torch.__version__}; " + ceilings_line(ceil), flush=True)
+    rows = []
+    for layer, model, b, ctx, prefill_t in cases:
+        c = layer_case(layer, model, b, ctx, "cuda", prefill_t=prefill_t)
+        row = dict(layer=layer, model=model, B=b, T=c["T"], ctx=ctx, prefill=bool(prefill_t), heads=c["heads"],
+                   **ceiling_fields(ceil), kv_bytes=c["kv_bytes"], flop=c["flop"])
+        row["attn_us"] = graph_time_us([layer_call(dsv4.sparse_attn, c, s) for s in c["sets"]],
+                                       reps=10 if prefill_t else 20)
+        rows.append(row)
+        print(layer_fmt(row), flush=True)
+        del c
+        torch.cuda.empty_cache()
+    return ceil, rows
+
+
+def layer_fmt(r):
+    return "| " + " | ".join([
+        r["layer"].upper(), f"V4-{r['model'].capitalize()} ({r['heads']} heads)",
+        f"{r['T']}" + (" (prefill)" if r["prefill"] else ""), f"{r['ctx'] // 1024}k", f"{r['attn_us']:.1f} µs",
+        _rate(r["kv_bytes"], r["attn_us"], r["read_tbs"]), f"{r['flop'] / (r['attn_us'] * 1e-6) / 1e12:.1f}"]) + " |"
+
+
+def layer_table(ceil, rows):
+    head = ("| layer | model | tokens | ctx | sparse_attn | KV read (% of read BW) | TFLOPS (4·H·512 per live "
+            "candidate) |\n|---|---|---|---|---|---|---|")
+    return f"{ceilings_line(ceil)}\n\n{head}\n" + "\n".join(layer_fmt(r) for r in rows)
+
+
 # --- indexer_topk: logits and selection apart, context / max_model_len sweeps, prefill ---------------
 IDX_REC_BYTES = {"fp8": layouts.INDEXER_FP8_RECORD_BYTES, "mxfp4": 64 + 4}
 
@@ -303,6 +404,14 @@ def check():
     sel = topk_call(dsv4.indexer_topk, c, s)()
     sel2 = topk_call(torch.compile(ref.indexer_topk, fullgraph=True), c, s)()
     assert all(set(a.tolist()) == set(b.tolist()) for a, b in zip(sel, sel2))
+    plain = torch.compile(ref.sparse_attn, fullgraph=True, dynamic=True)
+    for layer, model, b, t in (("csa", "flash", 2, 0), ("hca", "pro", 2, 0), ("swa", "flash", 1, 0),
+                               ("csa", "pro", 1, 6)):
+        c = layer_case(layer, model, b, 2048 if layer != "hca" else 4096, "cpu", prefill_t=t)
+        s = c["sets"][0]
+        assert s["q"].shape[1] == MODELS[model][0] and (s["comp_idx"] is None) == (layer == "swa")
+        torch.testing.assert_close(layer_call(dsv4.sparse_attn, c, s)().float(), layer_call(plain, c, s)().float(),
+                                   rtol=1e-2, atol=1e-2)
     print("all checks passed")
 
 
@@ -319,12 +428,16 @@ def main():
                          "--mml x --fmts (max_model_len below the context is skipped)")
     ap.add_argument("--mml", nargs="+", type=int, default=None, help="max_model_len values (default: each context)")
     ap.add_argument("--fmts", nargs="+", default=["fp8"])
-    ap.add_argument("--prefill", nargs="+", type=int, default=[], help="--indexer: prefill chunks of T tokens "
-                    "of one request at each context (instead of decode batches)")
+    ap.add_argument("--prefill", nargs="+", type=int, default=[], help="--indexer / --layers: prefill chunks of "
+                    "T tokens of one request at each context (instead of decode batches)")
     ap.add_argument("--op-only", action="store_true", help="--indexer: the op alone (older trees)")
     ap.add_argument("--chunk", type=int, default=None, help="--indexer: selection chunk (first round)")
     ap.add_argument("--logits-programs", type=int, default=None)
     ap.add_argument("--block-n", type=int, default=None)
+    ap.add_argument("--layers", nargs="+", choices=["csa", "hca", "swa"], default=None,
+                    help="sparse_attn alone per layer type (x --models x --batches x --contexts, or --prefill T "
+                         "tokens of one request), KV bandwidth and TFLOPS")
+    ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["flash"])
     ap.add_argument("--select-variant", choices=["registers", "looped"], default=None,
                     help="--indexer: the selection kernel variant (sets DSV4_TOPK_SELECT for the op too)")
     args = ap.parse_args()
@@ -335,6 +448,12 @@ def main():
         sys.exit("benchmarks/attention.py needs a CUDA GPU (or --check, which runs on CPU)")
     if args.select_variant:
         os.environ["DSV4_TOPK_SELECT"] = args.select_variant
+    if args.layers:
+        cases = [(layer, model, b, ctx, t) for model in args.models for layer in args.layers for ctx in args.contexts
+                 for b, t in ([(1, t) for t in args.prefill] if args.prefill else [(b, 0) for b in args.batches])]
+        ceil, rows = layer_rows(cases)
+        write_results(layer_table(ceil, rows), rows, args.out)
+        return
     if args.indexer:
         cases = [(b, ctx, mml, fmt, t) for fmt in args.fmts for ctx in args.contexts
                  for mml in (args.mml or [ctx]) if mml >= ctx
