@@ -109,6 +109,11 @@ def _attention_cases():
             else "*i32", pos_ptr="*i64", req_ptr="*i64", out_key_ptr="*i32", out_idx_ptr="*i32", n_out_ptr="*i32",
             n_req="i32", ratio="i32", L="i32", src_stride="i32", K="i32", out_stride="i32"), dict(
             CH=16384, KB=512, FROM_LOGITS=first, FINAL=final, LOOPED=True, SUB=1024), dict(num_warps=4)
+    for block in (16384, 2048):
+        yield topk._topk_threshold_kernel, dict(
+            src_ptr="*fp32", pos_ptr="*i64", req_ptr="*i64", cand_key_ptr="*i32", cand_idx_ptr="*i32",
+            out_ptr="*i32", n_req="i32", ratio="i32", L="i32", src_stride="i32", K="i32"), dict(
+            BLOCK=block, SAMPLE=topk.THRESHOLD_SAMPLE, CAP=1024, KB=512), dict(num_warps=topk._warps(block))
     for split, comp, bh, warps in ((False, True, 64, 8), (True, True, 64, 8), (False, False, 16, 4)):
         yield attention._sparse_attn_kernel, dict(
             q_ptr="*bf16", swa_ptr="*u8", swa_idx_ptr="*i32", comp_ptr="*u8", comp_idx_ptr="*i32", sink_ptr="*fp32",
