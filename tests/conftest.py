@@ -67,8 +67,13 @@ if not HAS_CUDA:
 import dsv4_compile  # noqa: E402,F401  (registers the ops after TRITON_INTERPRET is set)
 
 
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
+        # a test on ``kernel_device`` runs its kernels on the GPU here: ``-m cuda`` (the GPU suite) selects it
+        for item in items:
+            if "kernel_device" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.cuda)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
