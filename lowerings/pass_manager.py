@@ -29,6 +29,7 @@ class PassConfig:
     kv_rope_insert: bool = True
     compressor: bool = True
     inv_rope_quant: bool = True
+    quant_cse: bool = True  # identical fp8_block_quant / mxfp4_quant calls ⇒ one (lowerings/quant_cse.py)
     # fp8_block_quant → fp8_block_gemm ⇒ fp8_linear: off, slower on an H200 (lowerings/fp8_linear.py)
     fp8_linear: bool = False
     dtypes: tuple[str, ...] = ("bfloat16", "float16", "float32")
@@ -100,6 +101,10 @@ class DSV4PassManager(CustomGraphPass):
             from .fp8_linear import Fp8LinearFusion
 
             passes.append(Fp8LinearFusion())
+        if self.config.quant_cse:  # last: the fusions above consume quants of their own first
+            from .quant_cse import QuantCSE
+
+            passes.append(QuantCSE())
         return passes
 
     def __call__(self, graph: torch.fx.Graph) -> None:
