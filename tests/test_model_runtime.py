@@ -78,7 +78,7 @@ def fusions(idx) -> str:
 
 def test_fusions_swa():
     assert_expected_inline(fusions(0), """\
-{'indexer_q': 0, 'compressor': 0, 'kv_rope_insert': 1, 'inv_rope_quant': 1}
+{'indexer_q': 0, 'compressor': 0, 'kv_rope_insert': 1, 'inv_rope_quant': 1, 'quant_cse': 0}
 af2(dsv4.kv_rope_insert.default)
 dsv4.swa_indices.default
 dsv4.rope.default
@@ -88,7 +88,7 @@ dsv4.inv_rope_fp8_quant.default""")
 
 def test_fusions_csa():
     assert_expected_inline(fusions(1), """\
-{'indexer_q': 1, 'compressor': 2, 'kv_rope_insert': 1, 'inv_rope_quant': 1}
+{'indexer_q': 1, 'compressor': 2, 'kv_rope_insert': 1, 'inv_rope_quant': 1, 'quant_cse': 0}
 af2(dsv4.kv_rope_insert.default)
 dsv4.swa_indices.default
 af2(dsv4.compressor_insert.default)
@@ -103,7 +103,7 @@ dsv4.inv_rope_fp8_quant.default""")
 
 def test_fusions_hca():
     assert_expected_inline(fusions(2), """\
-{'indexer_q': 0, 'compressor': 1, 'kv_rope_insert': 1, 'inv_rope_quant': 1}
+{'indexer_q': 0, 'compressor': 1, 'kv_rope_insert': 1, 'inv_rope_quant': 1, 'quant_cse': 0}
 af2(dsv4.kv_rope_insert.default)
 dsv4.swa_indices.default
 af2(dsv4.compressor_insert.default)
