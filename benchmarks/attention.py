@@ -51,6 +51,18 @@ REC = layouts.FP8_DS_MLA_RECORD_BYTES
 IDX_REC = layouts.INDEXER_FP8_RECORD_BYTES
 
 
+def _random_kv_pages(pages, bs, device, g):
+    """``pages`` ``fp8_ds_mla`` pages of ``bs`` slots filled with random records: any e4m3 byte but NaN,
+    finite bf16 rope, UE8M0 scales near 2^0."""
+    c = torch.randint(0, 126, (pages, layouts.page_bytes("fp8_ds_mla", bs)), dtype=torch.uint8, device=device,
+                      generator=g)
+    c[:, : bs * 576].view(pages, bs, 576)[:, :, 448:] = torch.randn(pages, bs, 64, device=device, generator=g
+                                                                   ).bfloat16().view(torch.uint8).view(pages, bs, 128)
+    c[:, bs * 576: bs * 576 + bs * 8] = 124 + torch.randint(0, 6, (pages, bs * 8), dtype=torch.uint8, device=device,
+                                                           generator=g)
+    return c
+
+
 def _random_caches(b, ctx, device, g):
     """Per-request SWA, C4 and indexer K caches filled with random records (bytes written directly:
     any e4m3 byte but NaN, exponents near 127, finite bf16 rope)."""
@@ -58,17 +70,8 @@ def _random_caches(b, ctx, device, g):
     swa_pages = -(-WINDOW // BS) + 1
     comp_pages = -(-n_comp // BS)
 
-    def kv_cache(pages):
-        c = torch.randint(0, 126, (pages, layouts.page_bytes("fp8_ds_mla", BS)), dtype=torch.uint8, device=device,
-                          generator=g)
-        c[:, : BS * 576].view(pages, BS, 576)[:, :, 448:] = torch.randn(pages, BS, 64, device=device, generator=g
-                                                                       ).bfloat16().view(torch.uint8).view(pages, BS, 128)
-        c[:, BS * 576: BS * 576 + BS * 8] = 124 + torch.randint(0, 6, (pages, BS * 8), dtype=torch.uint8,
-                                                               device=device, generator=g)
-        return c
-
-    swa = kv_cache(b * swa_pages)
-    comp = kv_cache(b * comp_pages)
+    swa = _random_kv_pages(b * swa_pages, BS, device, g)
+    comp = _random_kv_pages(b * comp_pages, BS, device, g)
     idx = torch.zeros(b * comp_pages, layouts.page_bytes("fp8", BS), dtype=torch.uint8, device=device)
     k = torch.randn(b * comp_pages * BS, 128, device=device, generator=g)
     dsv4.indexer_k_insert(k, idx, torch.arange(k.shape[0], device=device), BS, "fp8")
@@ -228,17 +231,8 @@ def layer_case(layer, model, b, ctx, device, prefill_t=0, seed=0):
     kv_bytes = live * REC
     n_sets = max(1, min(16, -(-(160 << 20) // max(kv_bytes, 1))))
 
-    def kv_pool(pages, bs):  # random fp8_ds_mla records: any e4m3 byte but NaN, finite bf16 rope, sane scales
-        pool = torch.randint(0, 126, (pages, layouts.page_bytes("fp8_ds_mla", bs)), dtype=torch.uint8, device=device,
-                             generator=g)
-        pool[:, : bs * 576].view(pages, bs, 576)[:, :, 448:] = torch.randn(
-            pages, bs, 64, device=device, generator=g).bfloat16().view(torch.uint8).view(pages, bs, 128)
-        pool[:, bs * 576: bs * 576 + bs * 8] = 124 + torch.randint(0, 6, (pages, bs * 8), dtype=torch.uint8,
-                                                                  device=device, generator=g)
-        return pool
-
-    swa = kv_pool(n_sets * reqs * swa_pages, BS)
-    comp = kv_pool(n_sets * reqs * comp_pages, cbs) if n_comp else None
+    swa = _random_kv_pages(n_sets * reqs * swa_pages, BS, device, g)
+    comp = _random_kv_pages(n_sets * reqs * comp_pages, cbs, device, g) if n_comp else None
     sink = torch.randn(heads, device=device, generator=g)
     sets = []
     for i in range(n_sets):

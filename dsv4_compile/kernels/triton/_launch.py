@@ -139,8 +139,8 @@ class PreBound:
             raise AttributeError(name)
         return getattr(self.jit_fn, name)
 
-    def _key(self, grid, args, meta):
-        """The specialization key of a call, or None when it cannot have one."""
+    def _key(self, device, grid, args, meta):
+        """The specialization key of a call on CUDA device ``device``, or None when it cannot have one."""
         if (not ENABLED or len(args) > self._first_constexpr or callable(grid)
                 or getattr(self.jit_fn, "pre_run_hooks", None)):
             return None
@@ -149,17 +149,20 @@ class PreBound:
             return None
         try:
             # keyword values by type too: True == 1 == 1.0 as dict keys, not to Triton
-            return (torch.cuda.current_device(), tuple(map(_arg_key, args)),
+            return (device, tuple(map(_arg_key, args)),
                     tuple((k, v.__class__, repr(v) if v.__class__ is float else v) for k, v in meta.items()), knobs)
         except TypeError:  # an argument the key cannot describe
             return None
 
     def _launch(self, grid, args, meta):
-        if PDL and self._pdl and "PDL" not in meta:
-            pdl = pdl_meta(torch.cuda.current_device())
+        pdl_kernel = PDL and self._pdl
+        # one device query per launch, none where neither needs it (the interpreter: no CUDA)
+        device = torch.cuda.current_device() if ENABLED or pdl_kernel else None
+        if pdl_kernel and "PDL" not in meta:
+            pdl = pdl_meta(device)
             if pdl is not None:
                 meta = {**meta, **pdl}
-        key = self._key(grid, args, meta)
+        key = self._key(device, grid, args, meta)
         try:
             bound = self._cache.get(key) if key is not None else None
         except TypeError:  # an unhashable keyword value

@@ -10,7 +10,6 @@ tolerance, not bit for bit (docs/numerics.md §9.1: attention outputs are tolera
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

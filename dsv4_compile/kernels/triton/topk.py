@@ -144,6 +144,16 @@ def _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr,
 
 
 @triton.jit
+def _visible_count(pos_ptr, req_ptr, t, n_req, ratio, L):
+    """Token ``t``'s visible entries: ``min((position + 1) // ratio, L)``, 0 for a padding token
+    (negative position, request outside ``[0, n_req)``)."""
+    p = tl.load(pos_ptr + t).to(tl.int64)
+    r = tl.load(req_ptr + t).to(tl.int64)
+    n = tl.minimum((p + 1) // ratio, L)
+    return tl.where((r >= 0) & (r < n_req) & (p >= 0), n, 0).to(tl.int32)
+
+
+@triton.jit
 def _load_keys(src_ptr, src_idx_ptr, row, s, end, FROM_LOGITS: tl.constexpr):
     """(keys, indices) of row positions ``s`` (key 0 at and past ``end``)."""
     m = s < end
@@ -243,10 +253,7 @@ def _topk_round_kernel(
     t = tl.program_id(0)
     c = tl.program_id(1)
     if FROM_LOGITS:
-        p = tl.load(pos_ptr + t).to(tl.int64)
-        r = tl.load(req_ptr + t).to(tl.int64)
-        n = tl.minimum((p + 1) // ratio, L)
-        n = tl.where((r >= 0) & (r < n_req) & (p >= 0), n, 0).to(tl.int32)
+        n = _visible_count(pos_ptr, req_ptr, t, n_req, ratio, L)
     else:
         n = tl.load(n_ptr + t)
     start = c * CH
@@ -299,7 +306,7 @@ def _threshold_row(src_ptr, row, n, cand_key_ptr, cand_idx_ptr, cand_row, out_pt
     whole row. Either way the result is the exact selection of the row."""
     s = tl.arange(0, BLOCK)
     m = s < n
-    key = tl.where(m, _sort_key(tl.load(src_ptr + row + s, mask=m, other=0.0)), 0)
+    key, _ = _load_keys(src_ptr, src_ptr, row, s, n, True)
     js = tl.arange(0, SAMPLE)
     sp = (js.to(tl.int64) * n) // SAMPLE  # positions < n (repeated when n < SAMPLE)
     sk = _sort_key(tl.load(src_ptr + row + sp))
@@ -335,10 +342,7 @@ def _topk_threshold_kernel(src_ptr, pos_ptr, req_ptr, cand_key_ptr, cand_idx_ptr
     ``_threshold_row`` over a block of ``BLOCK`` or, for rows of at most a quarter of it, ``BLOCK/4``."""
     pdl_enter(PDL)
     t = tl.program_id(0)
-    p = tl.load(pos_ptr + t).to(tl.int64)
-    r = tl.load(req_ptr + t).to(tl.int64)
-    n = tl.minimum((p + 1) // ratio, L)
-    n = tl.where((r >= 0) & (r < n_req) & (p >= 0), n, 0).to(tl.int32)
+    n = _visible_count(pos_ptr, req_ptr, t, n_req, ratio, L)
     row = t.to(tl.int64) * src_stride
     out_row = t.to(tl.int64) * K
     cand_row = t.to(tl.int64) * CAP
