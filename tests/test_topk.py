@@ -40,12 +40,10 @@ def _specials(logits, g):
 
 
 def _run(logits, pos, req, k, chunk=None, max_chunk=topk_kernels.MAX_CHUNK, sms=8):
-    """Every selection variant (the looped one with 16-entry sub-blocks on the CPU: several per chunk; the
-    threshold one: the registers plan for rows longer than ``max_chunk``)."""
+    """Both selection variants (the looped one with 16-entry sub-blocks on the CPU: several per chunk)."""
     got = _run_variant(logits, pos, req, k, chunk, max_chunk, sms, "registers", 1024)
     looped = _run_variant(logits, pos, req, k, chunk, max_chunk, sms, "looped", 1024 if logits.is_cuda else 16)
-    threshold = _run_variant(logits, pos, req, k, chunk, max_chunk, sms, "threshold", 1024)
-    assert torch.equal(got, looped) and torch.equal(got, threshold)
+    assert torch.equal(got, looped)
     return got
 
 
@@ -136,34 +134,6 @@ def test_rows_in_every_block_class_of_a_long_chunk(kernel_device):
     req = torch.zeros(len(lengths), dtype=torch.int64, device=kernel_device)
     assert topk_kernels.plan(len(lengths), L, k, 8) == [(4096, 1)]
     _run_variant(logits, pos, req, k, None, topk_kernels.MAX_CHUNK, 8, "registers", 1024)
-
-
-@pytest.mark.parametrize("levels", [None, 4])
-def test_threshold_variant_selects_from_the_candidates(kernel_device, levels):
-    """The threshold variant on rows where the sampled threshold leaves between k and 2k candidates
-    (random logits) uses them: the candidate scratch holds each such row's candidates, in position
-    order, a superset of the selection; with 4 levels most rows have too many (ties) and take the
-    whole-row path. Both against the reference."""
-    T, L, k = 6, 512, 16
-    g = torch.Generator().manual_seed(21 + (levels or 0))
-    logits = torch.randn(T, L, generator=g) if levels is None else torch.randint(0, levels, (T, L), generator=g).float()
-    pos = torch.tensor([4 * L - 1, 4 * 300 - 1, 4 * 17 - 1, 4 * 100 - 1, 4 * L + 7, 4 * 129 - 1])
-    req = torch.zeros(T, dtype=torch.int64)
-    n = ref.visible_entries(pos, req, 1, 4, L)
-    want = ref.select_topk(logits, n, k)
-    cap = 2 * k
-    ck = torch.full((T, cap), -7, dtype=torch.int32, device=kernel_device)
-    ci = torch.full((T, cap), -7, dtype=torch.int32, device=kernel_device)
-    got = topk_kernels.threshold_select(logits.to(kernel_device), pos.to(kernel_device), req.to(kernel_device), 1, 4,
-                                        k, cand_keys=ck, cand_idx=ci)
-    assert torch.equal(got.cpu(), want)
-    used = 0
-    for t in range(T):
-        c = ci[t][ci[t] != -7].cpu()
-        if n[t] > k and len(c) >= k:  # this row went through its candidates
-            used += 1
-            assert torch.equal(c, c.sort().values) and set(want[t].tolist()) <= set(c.tolist())
-    assert used >= (3 if levels is None else 0)
 
 
 def test_plan_depends_on_shapes_only():

@@ -109,11 +109,6 @@ def _attention_cases():
             else "*i32", pos_ptr="*i64", req_ptr="*i64", out_key_ptr="*i32", out_idx_ptr="*i32", n_out_ptr="*i32",
             n_req="i32", ratio="i32", L="i32", src_stride="i32", K="i32", out_stride="i32"), dict(
             CH=16384, KB=512, FROM_LOGITS=first, FINAL=final, LOOPED=True, SUB=1024), dict(num_warps=4)
-    for block in (16384, 2048):
-        yield topk._topk_threshold_kernel, dict(
-            src_ptr="*fp32", pos_ptr="*i64", req_ptr="*i64", cand_key_ptr="*i32", cand_idx_ptr="*i32",
-            out_ptr="*i32", n_req="i32", ratio="i32", L="i32", src_stride="i32", K="i32"), dict(
-            BLOCK=block, SAMPLE=topk.THRESHOLD_SAMPLE, CAP=1024, KB=512), dict(num_warps=topk._warps(block))
     for split, comp, bh, warps in ((False, True, 64, 8), (True, True, 64, 8), (False, False, 16, 4)):
         yield attention._sparse_attn_kernel, dict(
             q_ptr="*bf16", swa_ptr="*u8", swa_idx_ptr="*i32", comp_ptr="*u8", comp_idx_ptr="*i32", sink_ptr="*fp32",
@@ -143,17 +138,28 @@ def compile_all(arch: int) -> list[str]:
     (``+e2m1x2`` when its PTX uses the hardware E2M1 conversion)."""
     target = GPUTarget("cuda", arch, 32)
     names = []
+    seen = set()
     for fn, sig, constexprs, *opts in _cases(arch):
         fn = getattr(fn, "jit_fn", fn)  # a _launch.PreBound kernel: the triton.jit function it wraps
         if "PDL" in fn.arg_names:  # as launched: with the grid-dependency wait from sm_90 (none below)
             constexprs = {**constexprs, "PDL": arch >= 90}
-        signature = {**sig, **{k: "constexpr" for k in constexprs}}
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
-                                options={**_OPTS, **(opts[0] if opts else {})})
-        if constexprs.get("PDL") and "griddepcontrol.wait" not in kernel.asm["ptx"]:
-            raise AssertionError(f"{kernel.metadata.name}: launched with PDL but has no griddepcontrol.wait")
-        hw = "+e2m1x2" if "e2m1x2" in kernel.asm["ptx"] else ""
-        names.append(f"{kernel.metadata.name}@sm_{arch}{hw}")
+        variants = [(sig, constexprs, "")]
+        if fn not in seen:
+            # Triton turns an integer argument equal to 1 into a constexpr when it launches (k = 1, a
+            # stride or count of 1): the first case of each kernel also compiles with all of them 1
+            seen.add(fn)
+            ints = {k for k, t in sig.items() if t in ("i32", "i64")}
+            if ints:
+                variants.append(({k: t for k, t in sig.items() if k not in ints},
+                                 {**{k: 1 for k in ints}, **constexprs}, "+ones"))
+        for sig_v, const_v, tag in variants:
+            signature = {**sig_v, **{k: "constexpr" for k in const_v}}
+            kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=const_v), target=target,
+                                    options={**_OPTS, **(opts[0] if opts else {})})
+            if const_v.get("PDL") and "griddepcontrol.wait" not in kernel.asm["ptx"]:
+                raise AssertionError(f"{kernel.metadata.name}: launched with PDL but has no griddepcontrol.wait")
+            hw = "+e2m1x2" if "e2m1x2" in kernel.asm["ptx"] else ""
+            names.append(f"{kernel.metadata.name}@sm_{arch}{hw}{tag}")
     return names
 
 

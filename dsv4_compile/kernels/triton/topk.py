@@ -33,8 +33,7 @@ from ._common import cdiv, next_pow2, pdl_enter
 from ._launch import prebound
 
 MAX_CHUNK = 16384  # largest chunk of keys one program holds in registers
-VARIANT_ENV = "DSV4_TOPK_SELECT"  # "looped" / "threshold": the op's selection variant (see select_topk)
-THRESHOLD_SAMPLE = 1024  # sampled positions per row of the threshold variant
+VARIANT_ENV = "DSV4_TOPK_SELECT"  # "looped": the op's selection variant (see select_topk)
 _SPLIT_MIN = 4096  # rows at most this long are never split
 
 
@@ -86,6 +85,7 @@ def _radix_threshold(key, valid, n_valid, need):
     thr = tl.zeros([], tl.uint32)
     v = valid
     n_v = n_valid
+    need = need + tl.zeros([], tl.int32)  # a tensor: k == 1 arrives as a constexpr (Triton specializes 1)
     i = 0
     while (i < 7) & (n_v > need):  # n_v == need: every entry of the bin is kept, thr's low bits 0
         shift = tl.maximum(27 - 5 * i, 0).to(tl.uint32)
@@ -295,92 +295,6 @@ def _topk_round_kernel(
                       CH, KB, FROM_LOGITS, FINAL)
 
 
-@triton.jit
-def _threshold_row(src_ptr, row, n, cand_key_ptr, cand_idx_ptr, cand_row, out_ptr, out_row, K,
-                   BLOCK: tl.constexpr, SAMPLE: tl.constexpr, CAP: tl.constexpr):
-    """The ``K < n`` best of row positions ``0 .. n−1`` (``n <= BLOCK``) written in position order.
-    A threshold from a sample (``SAMPLE`` positions spread over the row, its ~1.25·K·SAMPLE/n + 8
-    best) keeps the candidates at or above it; when they are at least ``K`` and at most ``CAP``
-    they hold every entry of the top ``K`` and every tie of its last key, and the exact selection
-    runs on them (written in position order to the candidate scratch and read back), else on the
-    whole row. Either way the result is the exact selection of the row."""
-    s = tl.arange(0, BLOCK)
-    m = s < n
-    key, _ = _load_keys(src_ptr, src_ptr, row, s, n, True)
-    js = tl.arange(0, SAMPLE)
-    sp = (js.to(tl.int64) * n) // SAMPLE  # positions < n (repeated when n < SAMPLE)
-    sk = _sort_key(tl.load(src_ptr + row + sp))
-    want = (K * SAMPLE) // n
-    r_s = tl.minimum(want + want // 4 + 8, SAMPLE)
-    thr, _, _ = _radix_threshold(sk, js < SAMPLE, SAMPLE, r_s)
-    cand = m & (key >= thr)
-    c = tl.sum(cand.to(tl.int32), 0)
-    if (c >= K) & (c <= CAP):
-        at = tl.cumsum(cand.to(tl.int32), 0) - 1
-        tl.store(cand_key_ptr + cand_row + at, key.to(tl.int32, bitcast=True), mask=cand)
-        tl.store(cand_idx_ptr + cand_row + at, s, mask=cand)
-        tl.debug_barrier()  # the CTA's candidate stores are visible to its loads below
-        ci = tl.arange(0, CAP)
-        cm = ci < c
-        ck = tl.load(cand_key_ptr + cand_row + ci, mask=cm, other=0, cache_modifier=".cg").to(tl.uint32,
-                                                                                             bitcast=True)
-        cidx = tl.load(cand_idx_ptr + cand_row + ci, mask=cm, other=-1, cache_modifier=".cg")
-        sel_c = _select_mask(ck, cm, c, K)  # (names differ per branch: the blocks differ in shape)
-        tl.store(out_ptr + out_row + tl.cumsum(sel_c.to(tl.int32), 0) - 1, cidx, mask=sel_c)
-    else:
-        sel_r = _select_mask(key, m, n, K)
-        tl.store(out_ptr + out_row + tl.cumsum(sel_r.to(tl.int32), 0) - 1, s, mask=sel_r)
-
-
-@prebound
-@triton.jit
-def _topk_threshold_kernel(src_ptr, pos_ptr, req_ptr, cand_key_ptr, cand_idx_ptr, out_ptr, n_req, ratio, L,
-                           src_stride, K, BLOCK: tl.constexpr, SAMPLE: tl.constexpr, CAP: tl.constexpr,
-                           KB: tl.constexpr, PDL: tl.constexpr = False):
-    """The ``threshold`` selection of row ``t = program_id(0)`` (its visible count ``n`` as in
-    ``_topk_round_kernel``): ``n <= K`` gives ``0 .. n−1`` then −1 (no logit read); else
-    ``_threshold_row`` over a block of ``BLOCK`` or, for rows of at most a quarter of it, ``BLOCK/4``."""
-    pdl_enter(PDL)
-    t = tl.program_id(0)
-    n = _visible_count(pos_ptr, req_ptr, t, n_req, ratio, L)
-    row = t.to(tl.int64) * src_stride
-    out_row = t.to(tl.int64) * K
-    cand_row = t.to(tl.int64) * CAP
-    if n <= K:
-        j = tl.arange(0, KB)
-        tl.store(out_ptr + out_row + j, tl.where(j < n, j, -1), mask=j < K)
-    elif n <= BLOCK // 4:  # the cost of a pass follows the block: a short row takes a quarter block
-        _threshold_row(src_ptr, row, n, cand_key_ptr, cand_idx_ptr, cand_row, out_ptr, out_row, K,
-                       BLOCK // 4, SAMPLE, CAP)
-    else:
-        _threshold_row(src_ptr, row, n, cand_key_ptr, cand_idx_ptr, cand_row, out_ptr, out_row, K,
-                       BLOCK, SAMPLE, CAP)
-
-
-def threshold_select(logits, positions, token_to_req, n_req: int, compress_ratio: int, topk: int,
-                     cand_keys=None, cand_idx=None, num_warps: int | None = None) -> torch.Tensor:
-    """The ``threshold`` variant of ``select_topk`` for rows of at most ``MAX_CHUNK`` entries: one
-    program per row (see ``_threshold_row``); ``cand_keys`` / ``cand_idx`` (int32 ``[T, cap]``,
-    ``cap = 2·next_pow2(topk)``) are its candidate scratch, allocated when not given."""
-    T, L = logits.shape
-    block = max(_pow2(L), 16)
-    if block > MAX_CHUNK:
-        raise ValueError(f"the threshold selection takes rows of at most {MAX_CHUNK} entries, got {L}")
-    kb = _pow2(topk)
-    cap = 2 * kb
-    out = torch.empty((T, topk), dtype=torch.int32, device=logits.device)
-    if T == 0:
-        return out
-    if cand_keys is None:
-        cand_keys = torch.empty((T, cap), dtype=torch.int32, device=logits.device)
-        cand_idx = torch.empty_like(cand_keys)
-    _topk_threshold_kernel[(T,)](
-        logits, positions, token_to_req, cand_keys, cand_idx, out, n_req, compress_ratio, L, logits.stride(0), topk,
-        BLOCK=block, SAMPLE=min(THRESHOLD_SAMPLE, block), CAP=cap, KB=kb, num_warps=num_warps or _warps(block),
-    )
-    return out
-
-
 def _pow2(x: int) -> int:
     return next_pow2(max(int(x), 1))
 
@@ -441,20 +355,14 @@ def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: tor
     the fp32 ``logits [T, L]``; only positions below the row's visible count are read).
 
     ``variant``: ``"registers"`` (the default, measured on the H200: the chunk held in registers),
-    ``"looped"`` (every pass re-reads the chunk ``sub`` entries at a time: a small loop body; slower
-    on the H200) or ``"threshold"`` (``threshold_select``: one program per row, the radix passes on a
-    sample and on the candidates above its threshold; rows of more than ``max_chunk`` entries take
-    the registers plan; not yet measured on a GPU); ``None`` reads ``DSV4_TOPK_SELECT`` (default
-    ``"registers"``), which is how ``dsv4::indexer_topk`` picks it. All give the same bits."""
+    or ``"looped"`` (every pass re-reads the chunk ``sub`` entries at a time: a small loop body; slower
+    on the H200); ``None`` reads ``DSV4_TOPK_SELECT`` (default ``"registers"``), which is how
+    ``dsv4::indexer_topk`` picks it. Both give the same bits."""
     if variant is None:
         variant = os.environ.get(VARIANT_ENV, "").strip().lower() or "registers"
-    if variant not in ("registers", "looped", "threshold"):
-        raise ValueError(f"variant must be 'registers', 'looped' or 'threshold', got {variant!r}")
+    if variant not in ("registers", "looped"):
+        raise ValueError(f"variant must be 'registers' or 'looped', got {variant!r}")
     T, L = logits.shape
-    if variant == "threshold" and max(_pow2(L), 16) <= max_chunk:
-        if logits.stride(1) != 1:
-            logits = logits.contiguous()
-        return threshold_select(logits, positions, token_to_req, n_req, compress_ratio, topk, num_warps=num_warps)
     out = torch.empty((T, topk), dtype=torch.int32, device=logits.device)
     if T == 0:
         return out
