@@ -1,8 +1,9 @@
 """Activation-quant CSE: identical ``fp8_block_quant`` / ``mxfp4_quant`` calls ⇒ the first one.
 
 A model that feeds one activation to two FP8 projections quantizes it once per projection. DSv4's
-``q_norm`` output ``qr`` feeds both ``wq_b`` and the indexer's ``wq_b``, each written as
-``fp8_block_quant(qr, 128)`` + ``fp8_block_gemm``. That makes two identical calls: two kernel
+``q_norm`` output ``qr`` feeds both ``wq_b`` and the indexer's ``wq_b``; written as two projections
+(each ``fp8_block_quant(qr, 128)`` + ``fp8_block_gemm``; ``DeepseekV4Attention`` fuses them into one
+GEMM instead) that makes two identical calls: two kernel
 launches and two passes over the activation for one result. Inductor does not merge custom-op
 calls (it cannot know they are pure); these two ops are pure: fresh outputs, nothing written.
 

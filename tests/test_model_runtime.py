@@ -304,11 +304,18 @@ def test_load_fp8_checkpoint_and_head_shard():
         ql, d = CFG.q_lora_rank, CFG.head_dim
         assert layer.wq_a.weight.data_ptr() == layer.x_proj.data_ptr()
         assert torch.equal(layer.x_proj[:ql], layer.wq_a.weight) and torch.equal(layer.x_proj[ql:ql + d], layer.wkv.weight)
-        assert torch.equal(layer.x_proj[ql + d:], layer.indexer.weights_proj.weight)
+        assert layer.x_proj.shape[0] == ql + d
+        # the fp32-out GEMM: the indexer's weights_proj, then the compressors' [wkv | wgate], the indexer's last
+        n = CFG.index_n_heads
+        assert torch.equal(layer.comp_proj[:n], layer.indexer.weights_proj.weight)
         w = layer.compressor.wkv.weight.shape[0]
-        assert torch.equal(layer.comp_proj[w:2 * w], layer.compressor.wgate.weight)
-        assert torch.equal(layer.comp_proj[2 * w:], torch.cat([layer.indexer.compressor.wkv.weight,
-                                                                layer.indexer.compressor.wgate.weight]))
+        assert torch.equal(layer.comp_proj[n + w:n + 2 * w], layer.compressor.wgate.weight)
+        assert torch.equal(layer.comp_proj[n + 2 * w:], torch.cat([layer.indexer.compressor.wkv.weight,
+                                                                    layer.indexer.compressor.wgate.weight]))
+        # wq_b and the indexer's wq_b: one projection of qr
+        hd = layer.wq_b.weight.shape[0]
+        assert layer.wq_b.weight.data_ptr() == layer.q_proj.data_ptr()
+        assert torch.equal(layer.q_proj[hd:], layer.indexer.wq_b.weight)
     assert torch.equal(loaded.x_proj[:CFG.q_lora_rank], dequant_fp8_weight(sd["wq_a.weight"], sd["wq_a.scale"]))
 
     # a head shard (heads 2..3 = output group 1) slices the full checkpoint on load
@@ -372,6 +379,7 @@ def test_fused_projections_survive_deepcopy_reload_and_to_empty():
     meta_layer.load_state_dict(sd)
     assert torch.equal(meta_layer.cos_sin_cache, ref.cos_sin_cache)  # the non-persistent table is rebuilt
     assert torch.equal(meta_layer.x_proj, ref.x_proj) and torch.equal(meta_layer.comp_proj, ref.comp_proj)
+    assert torch.equal(meta_layer.q_proj, ref.q_proj)
 
 
 def test_runtime_input_checks():

@@ -132,13 +132,14 @@ class Indexer(IndexerQ):
                                      hadamard, dtype, device)
         self.requires_grad_(False)
 
-    def forward(self, qr, x, positions, cos_sin_cache, token_to_req, cache: LayerCache, c4, weights, kv_score):
+    def forward(self, qr, x, positions, cos_sin_cache, token_to_req, cache: LayerCache, c4, weights, kv_score,
+                q=None):
         """``weights = weights_proj(x)`` and the compressor's ``kv_score`` come from the layer's fused
-        projections of ``x``."""
+        projections of ``x``; ``q = wq_b(qr)`` from its fused projection of ``qr`` (None: computed here)."""
         bs = layouts.INDEXER_BLOCK_SIZE
         self.compressor(kv_score, positions, cos_sin_cache, token_to_req, cache.indexer_state, c4.state_slot_mapping,
                         c4.state_block_table, cache.indexer, c4.slot_mapping, bs)
-        q = super().forward(qr, x, positions, cos_sin_cache, weights)
+        q = super().forward(qr, x, positions, cos_sin_cache, weights, q)
         q, q_scale, weights = (q[0], None, q[1]) if self.fmt == "fp8" else q
         return dsv4.indexer_topk(q, q_scale, weights, cache.indexer, c4.block_table, token_to_req, positions, bs,
                                  self.fmt, self.topk, 4)
@@ -251,37 +252,41 @@ class DeepseekV4Attention(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, keys: module._refresh())
         self._fuse_projections()
 
-    # --- fused projections of x ------------------------------------------------------------------
+    # --- fused projections ---------------------------------------------------------------------
     def _x_groups(self) -> dict:
-        """The fused projections of ``x``, each ``[(name, linear), ...]`` in the column order of its
-        output: ``x_proj`` the bf16 linears (``wq_a``, ``wkv`` [, indexer ``weights_proj``]),
-        ``x_proj_fp8`` those of ``wq_a``, ``wkv`` kept in FP8 (one FP8 GEMM), ``comp_proj`` the
-        fp32-out ones (each compressor's ``wkv``, ``wgate``)."""
+        """The fused projections, each ``[(name, linear), ...]`` in the column order of its output:
+        ``x_proj`` the bf16 linears of ``x`` among ``wq_a``, ``wkv`` (one bf16 GEMM);
+        ``x_proj_fp8`` those kept in FP8 (one FP8 GEMM); ``comp_proj`` the fp32-out GEMM of ``x``:
+        the indexer's ``weights_proj`` (its fp32 sums feed the fp32 indexer weights unrounded), then
+        each compressor's ``wkv``, ``wgate`` (``kv_score``); ``q_proj`` ``wq_b`` and the indexer's
+        ``wq_b``, both projections of ``qr`` (one GEMM when both have one format)."""
         xs = [("wq_a", self.wq_a), ("wkv", self.wkv)]
-        if self.indexer is not None:
-            xs.append(("weights_proj", self.indexer.weights_proj))
-        fp32 = (self.compressor.projections if self.compressor is not None else []) + (
-            self.indexer.compressor.projections if self.indexer is not None else [])
+        comp = [("weights_proj", self.indexer.weights_proj)] if self.indexer is not None else []
+        comp += [("", lin) for lin in (self.compressor.projections if self.compressor is not None else []) + (
+            self.indexer.compressor.projections if self.indexer is not None else [])]
+        qs = [("wq_b", self.wq_b)]
+        if self.indexer is not None and is_fp8(self.indexer.wq_b) == is_fp8(self.wq_b):
+            qs.append(("index_q", self.indexer.wq_b))
         return {"x_proj": [p for p in xs if not is_fp8(p[1])], "x_proj_fp8": [p for p in xs if is_fp8(p[1])],
-                "comp_proj": [("", lin) for lin in fp32]}
+                "comp_proj": comp, "q_proj": qs if len(qs) > 1 else []}
 
     def _fuse_projections(self) -> None:
-        """One weight per GEMM of ``x`` (vLLM's ``fused_wqa_wkv``): the checkpoint-named parameters become
-        row views of a fused buffer (FP8 weights: their block scales too), so loading a state dict writes
-        into it and one GEMM replaces two to six per step. Re-run after anything that may replace
-        parameters (``.to()``, ``load_state_dict``, deepcopy); a no-op while they still are the views
-        (the buffer keeps its address, so captured CUDA graphs stay valid across in-place weight
-        reloads)."""
+        """One weight per GEMM (vLLM's ``fused_wqa_wkv``): the checkpoint-named parameters become row
+        views of a fused buffer (FP8 weights: their block scales too, ``<group>_scale``), so loading a
+        state dict writes into it and one GEMM replaces two to seven per step. Re-run after anything
+        that may replace parameters (``.to()``, ``load_state_dict``, deepcopy); a no-op while they
+        still are the views (the buffer keeps its address, so captured CUDA graphs stay valid across
+        in-place weight reloads)."""
         for name, members in self._x_groups().items():
             linears = [lin for _, lin in members]
-            fp8 = name == "x_proj_fp8"
+            fp8 = bool(linears) and is_fp8(linears[0])
+            if not fp8:
+                self.register_buffer(name + "_scale", None, persistent=False)
             if not linears:
                 self.register_buffer(name, None, persistent=False)
-                if fp8:
-                    self.register_buffer("x_proj_fp8_scale", None, persistent=False)
                 continue
             if self._still_fused(getattr(self, name, None), [lin.weight for lin in linears]) and (
-                    not fp8 or self._still_fused(self.x_proj_fp8_scale, [lin.scale for lin in linears])):
+                    not fp8 or self._still_fused(getattr(self, name + "_scale", None), [lin.scale for lin in linears])):
                 continue
             fused = torch.cat([lin.weight.detach() for lin in linears], dim=0)
             row = 0
@@ -290,14 +295,14 @@ class DeepseekV4Attention(nn.Module):
                 lin.weight = nn.Parameter(fused[row:row + n], requires_grad=False)
                 row += n
             self.register_buffer(name, fused, persistent=False)
-            if fp8:
+            if fp8:  # whole 128-row blocks (wq_a, wkv, wq_b, the indexer's wq_b): the scales line up
                 scales = torch.cat([lin.scale for lin in linears], dim=0)
                 row = 0
                 for lin in linears:
                     n = lin.scale.shape[0]
                     lin._buffers["scale"] = scales[row:row + n]
                     row += n
-                self.register_buffer("x_proj_fp8_scale", scales, persistent=False)
+                self.register_buffer(name + "_scale", scales, persistent=False)
 
     @staticmethod
     def _still_fused(fused, tensors) -> bool:
@@ -316,20 +321,46 @@ class DeepseekV4Attention(nn.Module):
         return [(name, self.get_submodule(name)) for name in FP8_LINEARS
                 if not name.startswith("indexer.") or self.indexer is not None]
 
+    def _split(self, group: str, h: torch.Tensor) -> tuple[dict, int]:
+        """The columns of each named member of ``group`` in its GEMM output ``h``, and the column
+        where its unnamed members (the compressors') start."""
+        cols, c = {}, 0
+        for key, lin in self._x_groups()[group]:
+            if not key:
+                break
+            n = lin.weight.shape[0]
+            cols[key] = h[:, c:c + n]
+            c += n
+        return cols, c
+
     def _project_x(self, x):
-        """``(qa, kva, indexer weights or None)`` from the fused projections of ``x``."""
-        cols, groups = {}, self._x_groups()
-        for name in ("x_proj_fp8", "x_proj"):
-            w = getattr(self, name)
-            if w is None:
-                continue
-            h = fp8_linear(x, w, self.x_proj_fp8_scale) if name == "x_proj_fp8" else F.linear(x, w)
-            c = 0
-            for key, lin in groups[name]:
-                n = lin.weight.shape[0]
-                cols[key] = h[:, c:c + n]
-                c += n
-        return cols["wq_a"], cols["wkv"], cols.get("weights_proj")
+        """``(qa, kva, indexer weights (fp32) or None, kv_score or None)`` from the fused projections
+        of ``x`` (``kv_score``: the compressors' fp32 ``[kv | score]`` columns, the indexer's last)."""
+        cols, kv_score = {}, None
+        if self.x_proj_fp8 is not None:
+            cols.update(self._split("x_proj_fp8", fp8_linear(x, self.x_proj_fp8, self.x_proj_fp8_scale))[0])
+        if self.x_proj is not None:
+            cols.update(self._split("x_proj", F.linear(x, self.x_proj))[0])
+        if self.comp_proj is not None:
+            h = linear_fp32(x, self.comp_proj)
+            named, c = self._split("comp_proj", h)
+            cols.update(named)
+            kv_score = h[:, c:]
+        return cols["wq_a"], cols["wkv"], cols.get("weights_proj"), kv_score
+
+    def _project_q(self, qr):
+        """``(q [T, n_heads, head_dim], indexer q [T, index_n_heads, index_head_dim] or None)``:
+        ``wq_b(qr)`` and the indexer's ``wq_b(qr)``, one GEMM when they are fused (``q_proj``). Each
+        is a head view of the whole ``[T, N]`` output, never a view of a column slice: viewing a
+        slice tests ``T == 1`` (its strides depend on it), which would specialize the compiled step."""
+        t, d = qr.shape[0], self.config.head_dim
+        if self.q_proj is None:
+            return project(self.wq_b, qr).view(t, self.n_heads, d), None
+        h = fp8_linear(qr, self.q_proj, self.q_proj_scale) if self.q_proj_scale is not None else F.linear(
+            qr, self.q_proj)
+        n, di = h.shape[1], self.indexer.head_dim
+        q = h.view(t, n // d, d)[:, :self.n_heads]
+        return q, h.view(t, n // di, di)[:, self.n_heads * d // di:]
 
     def _refresh(self) -> None:
         self._fuse_projections()
@@ -419,11 +450,13 @@ class DeepseekV4Attention(nn.Module):
 
         # one GEMM for every bf16 projection of x (q latent, K=V head, indexer weights), one fp32-out GEMM
         # for both compressors' [kv | score]
-        qa, kva, index_weights = self._project_x(x)
+        qa, kva, index_weights, kv_score = self._project_x(x)
 
         # query: low-rank projection, RMSNorm, per-head unweighted RMSNorm, RoPE on the last 64 dims
+        # (wq_b and the indexer's wq_b: one GEMM of qr)
         qr = self.q_norm(qa)
-        q = rms_normalize(project(self.wq_b, qr).view(t, self.n_heads, self.config.head_dim), self.eps)
+        q, index_q = self._project_q(qr)
+        q = rms_normalize(q, self.eps)
         q = dsv4.rope(q, positions, cos_sin)
 
         # the single K=V head: RMSNorm, RoPE, FP8 into the paged SWA cache
@@ -435,13 +468,12 @@ class DeepseekV4Attention(nn.Module):
         if self.compress_ratio:
             r, bs = self.compress_ratio, self.comp_block_size
             cm = meta.compressed(r)
-            kv_score = linear_fp32(x, self.comp_proj)
             w_main = self.compressor.wkv.weight.shape[0] * 2
             self.compressor(kv_score[:, :w_main], positions, cos_sin, token_to_req, cache.compressor_state,
                             cm.state_slot_mapping, cm.state_block_table, cache.compressed, cm.slot_mapping, bs)
             if r == 4:
                 topk = self.indexer(qr, x, positions, cos_sin, token_to_req, cache, cm, weights=index_weights,
-                                    kv_score=kv_score[:, w_main:])
+                                    kv_score=kv_score[:, w_main:], q=index_q)
                 comp_indices, _ = dsv4.global_topk_indices(topk, cm.block_table, token_to_req, bs)
             else:
                 comp_indices, _ = dsv4.compressed_indices(positions, cm.block_table, token_to_req, bs, r,

@@ -41,13 +41,15 @@ class IndexerQ(nn.Module):
         # Inference-only: the dsv4 ops have no autograd formulas, so the weights never require grad.
         self.requires_grad_(False)
 
-    def forward(self, qr, x, positions, cos_sin_cache, weights=None):
-        """``weights``: ``weights_proj(x)`` when the caller already has it (a fused projection of ``x``)."""
+    def forward(self, qr, x, positions, cos_sin_cache, weights=None, q=None):
+        """``weights``: ``weights_proj(x)``, ``q``: ``wq_b(qr)`` as ``[T, n_heads, head_dim]``, when the
+        caller already has them (fused projections of ``x`` and ``qr``)."""
         # One token dimension: under dynamic shapes this tells the compiler that q and the weights
         # share T (the MXFP4 fusion has no data edge between them to infer it from).
         torch._check(qr.shape[0] == x.shape[0])
         torch._check(qr.shape[0] == positions.shape[0])
-        q = project(self.wq_b, qr).view(qr.shape[0], self.n_heads, self.head_dim)
+        if q is None:
+            q = project(self.wq_b, qr).view(qr.shape[0], self.n_heads, self.head_dim)
         q = torch.ops.dsv4.rope(q, positions, cos_sin_cache)
         if self.hadamard:
             q = torch.ops.dsv4.hadamard(q, self.head_dim**-0.5)

@@ -115,7 +115,8 @@ def indexer_scores(layer, qr: torch.Tensor, x: torch.Tensor, positions: torch.Te
     if idx.hadamard:
         q = hadamard(q, hd**-0.5)
     q_hat = fake_quant_indexer(q, idx.fmt)
-    w = F.linear(x, idx.weights_proj.weight).float() * (hd**-0.5 * n_heads**-0.5)  # one rounded constant
+    # x @ weights_proj^T summed in fp32, not rounded to bf16 (docs/numerics.md §7.1); one rounded constant
+    w = F.linear(x.float(), idx.weights_proj.weight.float()) * (hd**-0.5 * n_heads**-0.5)
     logits = (torch.relu(torch.einsum("phd,id->phi", q_hat, k_hat)) * w.unsqueeze(-1)).sum(dim=1)
     visible = torch.arange(k_hat.shape[0], device=x.device)[None, :] < ((positions + 1) // 4)[:, None]
     return torch.where(visible, logits, float("-inf"))
