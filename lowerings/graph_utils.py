@@ -115,3 +115,15 @@ def base_getitems(node: fx.Node) -> dict[int, fx.Node]:
 def single_user_call(node, target) -> bool:
     """``node`` is a call of ``target`` whose only user is the node being matched."""
     return isinstance(node, fx.Node) and node.target is target and len(node.users) == 1
+
+
+def fp32_of(node) -> Optional[fx.Node]:
+    """X for ``X.float()`` (``convert_element_type`` / ``_to_copy`` to fp32 and nothing else), else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.target is torch.ops.prims.convert_element_type.default and node.args[1] == torch.float32:
+        return node.args[0] if isinstance(node.args[0], fx.Node) else None
+    if (node.target is torch.ops.aten._to_copy.default and node.kwargs.get("dtype") == torch.float32
+            and set(node.kwargs) <= {"dtype"}):
+        return node.args[0] if isinstance(node.args[0], fx.Node) else None
+    return None

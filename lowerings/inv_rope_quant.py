@@ -37,10 +37,9 @@ from torch import fx
 
 from dsv4_compile import layouts
 
-from .graph_utils import bound_args, fake_call, getitem_users, only_user, same_sizes, val
+from .graph_utils import bound_args, fake_call, fp32_of, getitem_users, only_user, same_sizes, val
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 dsv4 = torch.ops.dsv4
 
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
@@ -48,18 +47,6 @@ _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 def _f32(x: float) -> float:
     return torch.tensor(x, dtype=torch.float32).item()
-
-
-def _fp32_of(node) -> Optional[fx.Node]:
-    """X for ``X.float()`` (``convert_element_type`` / ``_to_copy`` to fp32), else None."""
-    if not isinstance(node, fx.Node):
-        return None
-    if node.target is prims.convert_element_type.default and node.args[1] == torch.float32:
-        return node.args[0] if isinstance(node.args[0], fx.Node) else None
-    if (node.target is aten._to_copy.default and node.kwargs.get("dtype") == torch.float32
-            and set(node.kwargs) <= {"dtype"}):
-        return node.args[0] if isinstance(node.args[0], fx.Node) else None
-    return None
 
 
 class InvRopeQuantFusion:
@@ -90,7 +77,7 @@ class InvRopeQuantFusion:
             return None
         ra = bound_args(src)
         # rope(o.float()): an fp32 rotation of a bf16 o, i.e. the fused op's vLLM mode
-        o_node = _fp32_of(ra["x"])
+        o_node = fp32_of(ra["x"])
         round_bf16 = o_node is None
         o_node = ra["x"] if round_bf16 else o_node
         o, table, grouped = val(o_node), val(ra["cos_sin_cache"]), val(view or src)

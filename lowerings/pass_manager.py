@@ -30,6 +30,7 @@ class PassConfig:
     compressor: bool = True
     inv_rope_quant: bool = True
     quant_cse: bool = True  # identical fp8_block_quant / mxfp4_quant calls ⇒ one (lowerings/quant_cse.py)
+    rms_norm_quant: bool = True  # RMSNorm → fp8_block_quant ⇒ rms_norm_fp8_quant (lowerings/norm_quant.py)
     # fp8_block_quant → fp8_block_gemm ⇒ fp8_linear: off, slower on an H200 (lowerings/fp8_linear.py)
     fp8_linear: bool = False
     dtypes: tuple[str, ...] = ("bfloat16", "float16", "float32")
@@ -105,6 +106,10 @@ class DSV4PassManager(CustomGraphPass):
             from .quant_cse import QuantCSE
 
             passes.append(QuantCSE())
+        if self.config.rms_norm_quant:  # after quant_cse: a norm's duplicate quants are one by then
+            from .norm_quant import RmsNormQuantFusion
+
+            passes.append(RmsNormQuantFusion(self.config.torch_dtypes))
         return passes
 
     def __call__(self, graph: torch.fx.Graph) -> None:

@@ -7,5 +7,5 @@ raises ``ValueError``. This package never imports ``torch._inductor``.
 
 from . import attention, cache, compressor, gemm, indexer_q, indices, output, quant, rope  # noqa: F401
 from .indexer_q import indexer_q_rope_fp8, indexer_q_rope_mxfp4  # noqa: F401
-from .quant import fp8_block_quant, mxfp4_quant  # noqa: F401
+from .quant import fp8_block_quant, mxfp4_quant, rms_norm_fp8_quant  # noqa: F401
 from .rope import hadamard, rope as rope_op  # noqa: F401

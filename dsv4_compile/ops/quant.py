@@ -127,3 +127,66 @@ def _mxfp4_quant_fake(x):
     packed = torch.empty(x.shape[:-1] + (d // 2,), dtype=torch.uint8, device=x.device)
     scale = torch.empty(x.shape[:-1] + (d // layouts.MXFP4_BLOCK,), dtype=torch.uint8, device=x.device)
     return packed, scale
+
+
+def _check_norm_quant(x, weight, eps, block, scale_floor):
+    from .compressor import _check_norm
+
+    _check_norm(x, weight, eps)
+    if not isinstance(block, int) or block < 16 or block & (block - 1):
+        raise ValueError(f"block must be a power of two of at least 16, got {block!r}")
+    _check_fp8(x, block, scale_floor)
+
+
+@torch.library.custom_op(qualname("rms_norm_fp8_quant"), mutates_args=())
+def rms_norm_fp8_quant(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, block: int = 128, scale_floor: float = layouts.FP8_AMAX_FLOOR
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted RMSNorm, rounded to ``x.dtype``, then FP8 e4m3 with UE8M0 scales per ``block``.
+
+    Equals ``fp8_block_quant(rms_norm(x, weight, eps), block, scale_floor)`` bit for bit: the
+    fixed-order norm of ``dsv4::rms_norm`` (docs/numerics.md §6.4), then the quantization of
+    ``dsv4::fp8_block_quant`` (§4.1, §4.2), in one pass over ``x``. What ``lowerings/norm_quant.py``
+    turns a plain RMSNorm feeding an activation quant into (DSv4's ``q_norm`` before the FP8 ``wq_b``;
+    docs/numerics.md §4.5).
+
+    Args:
+        x: ``[..., D]`` bf16 / fp16 / fp32, ``D <= 8192`` a multiple of ``block``; any strides.
+        weight: ``[D]`` bf16 / fp16 / fp32 on ``x``'s device.
+        eps: a positive Python number added to the mean square (1e-6 in DSv4).
+        block: elements per scale, a power of two of at least 16 (128: the FP8 GEMM's 1x128 blocks).
+        scale_floor: lower bound of each block's amax (> 0), ``layouts.FP8_AMAX_FLOOR`` = 1e-4.
+
+    Returns:
+        ``(q, scale)``: ``q`` float8_e4m3fn ``[..., D]`` and ``scale`` fp32 ``[..., D/block]`` = ``2^e``,
+        both fresh and contiguous.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: the conditions of ``rms_norm`` (``x``, ``weight``, ``eps``) and of
+            ``fp8_block_quant`` (``block`` divides ``D``, ``scale_floor`` positive); ``block`` not a
+            power of two of at least 16.
+
+    Source:
+        The DeepSeek-V4 reference's ``q_norm`` followed by ``act_quant`` (1x128 blocks, UE8M0) before
+        its FP8 ``wq_b``; vLLM fuses the same pair (RMSNorm + per-token-group FP8 quant).
+    """
+    _check_norm_quant(x, weight, eps, block, scale_floor)
+    return reference.compressor.rms_norm_fp8_quant(x, weight, eps, block, scale_floor)
+
+
+@register_cuda(rms_norm_fp8_quant)
+def _rms_norm_fp8_quant_cuda(x, weight, eps, block=128, scale_floor=layouts.FP8_AMAX_FLOOR):
+    if checks_needed():
+        _check_norm_quant(x, weight, eps, block, scale_floor)
+    from ..kernels.triton import compressor
+
+    return compressor.rms_norm_fp8_quant(x, weight, eps, block, scale_floor)
+
+
+@rms_norm_fp8_quant.register_fake
+def _rms_norm_fp8_quant_fake(x, weight, eps, block=128, scale_floor=layouts.FP8_AMAX_FLOOR):
+    _check_norm_quant(x, weight, eps, block, scale_floor)
+    return _fp8_block_quant_fake(x, block, scale_floor)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import layouts
-from .quant import pow2
+from .quant import fp8_block_quant, pow2
 
 LOG2E = 1.4426950408889634
 LN2_HI = 0.693145751953125  # 0x3f317200: n·LN2_HI is exact for |n| < 2^9
@@ -63,6 +63,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     ss = tree_sum(xf * xf, -1)
     inv = 1.0 / torch.sqrt(ss / x.shape[-1] + eps)
     return ((xf * inv.unsqueeze(-1)) * weight.to(torch.float32)).to(x.dtype)
+
+
+def rms_norm_fp8_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, block: int, scale_floor: float):
+    """``fp8_block_quant(rms_norm(x, weight, eps), block, scale_floor)``: the RMSNorm rounded to
+    ``x.dtype``, then quantized (``(q e4m3 [..., D], scale fp32 [..., D/block])``)."""
+    return fp8_block_quant(rms_norm(x, weight, eps), block, scale_floor)
 
 
 def _state_rows(state_cache: torch.Tensor) -> torch.Tensor:

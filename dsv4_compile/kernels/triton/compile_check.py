@@ -74,6 +74,10 @@ def _cache_cases(hw: bool):
 def _compressor_cases(hw: bool):
     yield compressor._rms_norm_kernel, dict(x_ptr="*fp32", w_ptr="*bf16", out_ptr="*fp32", n_rows="i32",
                                             eps="fp32"), dict(D=512, BD=512, LOG2_BD=9, BR=4)
+    for d, bd, br in ((1024, 1024, 2), (1536, 2048, 1)):  # q_norm → FP8 wq_b: V4-Flash / V4-Pro q_lora_rank
+        yield compressor._rms_norm_fp8_quant_kernel, dict(
+            x_ptr="*bf16", w_ptr="*bf16", q_ptr="*fp8e4nv", s_ptr="*fp32", n_rows="i32", x_stride="i32", eps="fp32",
+            amax_floor="fp32"), dict(D=d, BD=bd, LOG2_BD=bd.bit_length() - 1, BLOCK=128, BR=br)
     yield compressor._state_save_kernel, dict(ks_ptr="*fp32", pos_ptr="*i64", ape_ptr="*fp32", state_ptr="*fp32",
                                               slot_ptr="*i64", ks_stride="i32", page_stride="i32",
                                               capacity="i64"), dict(R=4, W=1024, SBS=4)

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ... import layouts
 from ...reference import compressor as ref
-from ._common import LAUNCH_OPTS, cdiv, fwht, next_pow2, pdl_enter, pow2, use_hw_e2m1
+from ._common import LAUNCH_OPTS, cdiv, fp8_quant_rows, fwht, next_pow2, pdl_enter, pow2, use_hw_e2m1
 from ._launch import prebound
 from .cache import load_cos_sin, rope_last_row, slot_address, store_fp8_ds_mla, store_indexer_fp8, store_indexer_mxfp4
 
@@ -98,6 +98,50 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x, weight.contiguous(), out, n_rows, eps, D=d, BD=bd, LOG2_BD=bd.bit_length() - 1, BR=br, **LAUNCH_OPTS
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# rms_norm_fp8_quant: the norm of each row, rounded to x's dtype, quantized in blocks; x read once
+# ---------------------------------------------------------------------------------------------
+@prebound
+@triton.jit
+def _rms_norm_fp8_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, n_rows, x_stride, eps, amax_floor, D: tl.constexpr,
+                               BD: tl.constexpr, LOG2_BD: tl.constexpr, BLOCK: tl.constexpr, BR: tl.constexpr,
+                               PDL: tl.constexpr = False):
+    """Rows ``BR·pid ..``: ``rms_norm_rows`` (the fixed-order norm), rounded to ``x``'s dtype, then
+    ``fp8_quant_rows`` over each ``BLOCK`` of it (``BD / BLOCK`` blocks per row, those past ``D``
+    masked). ``x`` rows are ``x_stride`` apart (a column slice of a GEMM output reads in place)."""
+    pdl_enter(PDL)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    d = tl.arange(0, BD)
+    r_ok = rows < n_rows
+    m = r_ok[:, None] & (d < D)[None, :]
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * x_stride + d[None, :], mask=m, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+    y = rms_norm_rows(x, w, eps, BR, BD, LOG2_BD, D).to(x_ptr.dtype.element_ty).to(tl.float32)
+    NB: tl.constexpr = BD // BLOCK
+    q, scale = fp8_quant_rows(tl.reshape(y, [BR * NB, BLOCK]), amax_floor)
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * D + d[None, :], tl.reshape(q, [BR, BD]), mask=m)
+    b = tl.arange(0, NB)
+    tl.store(s_ptr + rows.to(tl.int64)[:, None] * (D // BLOCK) + b[None, :], tl.reshape(scale, [BR, NB]),
+             mask=r_ok[:, None] & (b < D // BLOCK)[None, :])
+
+
+def rms_norm_fp8_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, block: int, scale_floor: float):
+    d = x.shape[-1]
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(x.shape[:-1] + (d // block,), dtype=torch.float32, device=x.device)
+    n_rows = q.numel() // d if d else 0
+    if n_rows == 0:
+        return q, s
+    x2 = x if x.dim() == 2 and x.stride(-1) == 1 else x.reshape(n_rows, d).contiguous()
+    bd = max(next_pow2(d), block)
+    br = max(1, min(16, 2048 // bd))
+    _rms_norm_fp8_quant_kernel[(cdiv(n_rows, br),)](
+        x2, weight.contiguous(), q, s, n_rows, x2.stride(0), eps, scale_floor, D=d, BD=bd,
+        LOG2_BD=bd.bit_length() - 1, BLOCK=block, BR=br, **LAUNCH_OPTS
+    )
+    return q, s
 
 
 # ---------------------------------------------------------------------------------------------
