@@ -115,7 +115,7 @@ def profile_replay(graph, reps: int = 10) -> str:
 
 
 def run(batches, contexts, iters: int, profile_cases=(), options=None, weight_format: str = "bf16",
-        enable_passes=()):
+        enable_passes=(), disable_passes=()):
     """Rows of one weight format: ``"bf16"`` (random bf16 weights) or ``"fp8"`` (the same weights
     quantized to the checkpoints' FP8 blocks and loaded with ``weight_format="fp8"``)."""
     from _timing import bandwidth_ceilings, ceiling_fields, ceilings_line
@@ -140,7 +140,8 @@ def run(batches, contexts, iters: int, profile_cases=(), options=None, weight_fo
 
     t0 = time.perf_counter()
     steps = {"nopass": compile_step(fwd, passes=False, options=options),
-             "passes": compile_step(fwd, passes={n: True for n in enable_passes}, options=options)}
+             "passes": compile_step(fwd, passes={**{n: True for n in enable_passes}, **{n: False for n in disable_passes}},
+                                    options=options)}
     runners = {k: DecodeGraphRunner(s, builder, cfg.hidden_size, capture_sizes=batches) for k, s in steps.items()}
     ceil = bandwidth_ceilings()
     read = ceil["read_tbs"]
@@ -268,6 +269,8 @@ def main():
     ap.add_argument("--enable-passes", nargs="+", default=[], metavar="NAME",
                     help="PassConfig fusions that are off by default to turn on in the 'passes' variants "
                          "(e.g. fp8_linear); the table header names them")
+    ap.add_argument("--disable-passes", nargs="+", default=[], metavar="NAME",
+                    help="PassConfig fusions that are on by default to turn off in the 'passes' variants (A/B)")
     args = ap.parse_args()
     if args.plot:
         try:
@@ -287,10 +290,12 @@ def main():
     for wf in args.weight_formats:
         r, ceil = run(args.batches, args.contexts, args.iters, {tuple(p) for p in args.profile},
                       {"max_autotune_gemm": True} if args.autotune else None, weight_format=wf,
-                      enable_passes=args.enable_passes)
+                      enable_passes=args.enable_passes, disable_passes=args.disable_passes)
         rows += r
     dev = torch.cuda.get_device_name()
     extra = f" Passes turned on beyond the defaults: {', '.join(args.enable_passes)}." if args.enable_passes else ""
+    if args.disable_passes:
+        extra += f" Passes turned off: {', '.join(args.disable_passes)}."
     md = (f"V4-Flash CSA layer decode step on {dev}, torch {torch.__version__}. {ceilings_line(ceil)} The floor is "
           f"the bytes a step must read over the streaming read.{extra}\n\n" + HEADER + "\n"
           + "\n".join(fmt_row(r) for r in rows) + "\n")

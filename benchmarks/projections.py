@@ -4,7 +4,8 @@ weight (``F.linear``, cuBLAS) and ``torch._scaled_mm`` with block-wise scales wh
 accepts them (cuBLAS; sm_90 takes 1x128 activation and 128x128 weight scales).
 
 Shapes (N x K, V4-Flash, TP 1): ``wq_a+wkv`` 1536 x 4096 (one fused GEMM of x), ``wq_b`` 32768 x 1024,
-``indexer.wq_b`` 8192 x 1024, ``wo_a`` 8 groups of 1024 x 4096 (the FP8 op's grouped form, one call;
+``indexer.wq_b`` 8192 x 1024, ``q_proj`` 40960 x 1024 (the layer runs ``wq_b`` and ``indexer.wq_b`` as this
+one GEMM of ``qr``), ``wo_a`` 8 groups of 1024 x 4096 (the FP8 op's grouped form, one call;
 bf16: one batched matmul, as the bf16 model's ``grouped_linear``), ``wo_b`` 4096 x 8192. Timing:
 CUDA-graph replay, rotating over enough weight copies that every call reads its weight from DRAM;
 the rate is the weight bytes (FP8 + scales, or bf16) over the time, as % of the streaming-read
@@ -35,8 +36,8 @@ from _timing import bandwidth_ceilings, ceiling_fields, ceilings_line, graph_tim
 
 dsv4 = torch.ops.dsv4
 # (N, K) of the weight; wo_a's input is [M, G, K] (group g times weight rows g·N/G ...)
-SHAPES = {"wq_a+wkv": (1536, 4096), "wq_b": (32768, 1024), "indexer.wq_b": (8192, 1024), "wo_a (8 groups)": (8192, 4096),
-          "wo_b": (4096, 8192)}
+SHAPES = {"wq_a+wkv": (1536, 4096), "wq_b": (32768, 1024), "indexer.wq_b": (8192, 1024),
+          "q_proj (wq_b+indexer.wq_b)": (40960, 1024), "wo_a (8 groups)": (8192, 4096), "wo_b": (4096, 8192)}
 
 
 def _weights(N, K, device, copies):
