@@ -109,14 +109,13 @@ def test_compiled_equals_eager_one_graph_and_op_list(no_compile_cache):
     for y, ref in zip(outs, eager):
         assert (y.float() - ref.float()).norm() <= 2e-2 * ref.float().norm()
     # every pass still fires with FP8 weights (the output-path fusion feeds the FP8 wo_a directly)
-    # (no quant to merge: wq_b and the indexer's wq_b are one GEMM of qr, its output quantized once,
-    # in the q_norm kernel)
+    # (no quant to merge: wq_b and the indexer's wq_b are one GEMM of qr, its output quantized once)
     assert dict(pm.snapshots[-1].matches) == {"compressor": 2, "indexer_q": 1, "inv_rope_quant": 1, "kv_rope_insert": 1,
-                                              "quant_cse": 0, "rms_norm_quant": 1}
+                                              "quant_cse": 0}
     assert_expected_inline(dsv4_ops(gm), """\
 dsv4.fp8_block_quant.default
 dsv4.fp8_block_gemm.default
-dsv4.rms_norm_fp8_quant.default
+dsv4.fp8_block_quant.default
 dsv4.kv_rope_insert.default
 dsv4.swa_indices.default
 dsv4.compressor_insert.default

@@ -82,7 +82,7 @@ def q_norm_then_quant(qa, w):
 def test_pass_fuses_the_plain_norm_and_quant(no_compile_cache):
     qa, w = _x(5, 384, torch.bfloat16, "cpu", False, seed=9)
     w = w[:256].contiguous()
-    (q, s), pm = compile_checked(q_norm_then_quant, qa, w)
+    (q, s), pm = compile_checked(q_norm_then_quant, qa, w, rms_norm_quant=True)
     snap = pm.snapshots[-1]
     assert snap.matches["rms_norm_quant"] == 1
     assert_expected_inline(snap.before, """\
@@ -118,10 +118,10 @@ def unweighted(qa):
 
 def test_pass_leaves_other_forms_alone(no_compile_cache):
     qa, w = _x(3, 256, torch.bfloat16, "cpu", False, seed=2)
-    _, pm = compile_checked(norm_used_twice, qa, w)  # the bf16 norm is needed too
+    _, pm = compile_checked(norm_used_twice, qa, w, rms_norm_quant=True)  # the bf16 norm is needed too
     assert pm.snapshots[-1].matches["rms_norm_quant"] == 0
-    _, pm = compile_checked(unweighted, qa)  # no weight: not the op's form
+    _, pm = compile_checked(unweighted, qa, rms_norm_quant=True)  # no weight: not the op's form
     assert pm.snapshots[-1].matches["rms_norm_quant"] == 0
-    _, pm = compile_checked(q_norm_then_quant, torch.cat([qa, qa[:, :128]], 1), w, rms_norm_quant=False)
-    assert "rms_norm_quant" not in pm.snapshots[-1].matches  # the switch
+    _, pm = compile_checked(q_norm_then_quant, torch.cat([qa, qa[:, :128]], 1), w)
+    assert "rms_norm_quant" not in pm.snapshots[-1].matches  # off by default
     assert "dsv4.fp8_block_quant" in pm.snapshots[-1].after and "rms_norm_fp8" not in pm.snapshots[-1].after
