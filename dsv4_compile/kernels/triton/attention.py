@@ -362,12 +362,15 @@ def launch_config(T: int, H: int, n_cand: int, device: torch.device, block_h: in
     (``benchmarks/attention.py --sweep``):
 
     * enough tokens to give every SM a ninth of a program or more (``WIDE_SHARE``): 64 heads per
-      program (the MQA group shares each K/V tile; 8 warps), split over the candidates in 4 while
-      those programs fit one wave, else 2 (each split writes fp32 partials of [H, 512] per token).
-      H200, 64 heads, 640 candidates, 64k context: B = 16 / 24 / 32 took 40.6 / 42.4 / 48.5 µs thus
-      against 45.7 / 57.7 / 59.3 µs with the 16-head programs below (80 µs at B = 32 with their
-      former split count, slower than B = 64); with 2 splits 44–59 µs; at B = 48 / 64, 2 splits
-      (62 / 68 µs) beat 4 (83 / 94 µs). At B = 12 the 16-head programs win (29.5 against 40 µs);
+      program (the MQA group shares each K/V tile; 8 warps), split over the candidates in as many
+      parts as fit one wave, at least 2 (each split writes fp32 partials of [H, 512] per token;
+      each a whole number of ``BN``-candidate tiles). H200, 64 heads, 640 candidates, 64k context:
+      B = 16 / 24 / 32 took 40.6 / 42.4 / 48.5 µs with 4 splits against 45.7 / 57.7 / 59.3 µs with
+      the 16-head programs below (80 µs at B = 32 with their former split count, slower than B =
+      64); with 2 splits 44–59 µs; at B = 48 / 64, 2 splits (62 / 68 µs) beat 4 (83 / 94 µs); at B
+      = 16, 5 splits (8 fit, rounded to whole 64-candidate tiles: 128 each) 34.8 µs against 40.1
+      with 4. The SWA-only layer (128 candidates) at B = 32: 2 splits 16.2 µs, 1 split 20.1 µs.
+      At B = 12 the 16-head programs win (29.5 against 40 µs);
     * fewer tokens: 16 heads per program (4 warps) and split-K up to two programs per SM.
 
     Every argument can be forced (the sweep does)."""
@@ -380,8 +383,8 @@ def launch_config(T: int, H: int, n_cand: int, device: torch.device, block_h: in
     base = T * cdiv(H, bh) * (512 // dv)
     max_splits = max(1, cdiv(n_cand, bn))
     if splits is None:
-        if wide:  # 4 splits while they fit one wave, else 2
-            splits = min(4 if base * 4 <= sms else 2, max(1, n_cand // 128))
+        if wide:  # as many splits as fit one wave, at least 2
+            splits = max(2, sms // base)
         else:
             splits = cdiv(2 * sms, base)
     splits = max(1, min(splits, max_splits))
