@@ -147,7 +147,8 @@ def rms_norm_fp8_quant(
     Equals ``fp8_block_quant(rms_norm(x, weight, eps), block, scale_floor)`` bit for bit: the
     fixed-order norm of ``dsv4::rms_norm`` (docs/numerics.md §6.4), then the quantization of
     ``dsv4::fp8_block_quant`` (§4.1, §4.2), in one pass over ``x``. What ``lowerings/norm_quant.py``
-    turns a plain RMSNorm feeding an activation quant into (DSv4's ``q_norm`` before the FP8 ``wq_b``;
+    (``PassConfig(rms_norm_quant=True)``; off by default, no faster at decode sizes on an H200) turns a
+    plain RMSNorm feeding an activation quant into (DSv4's ``q_norm`` before the FP8 ``q_proj``;
     docs/numerics.md §4.5).
 
     Args:
