@@ -127,3 +127,35 @@ def fp32_of(node) -> Optional[fx.Node]:
             and set(node.kwargs) <= {"dtype"}):
         return node.args[0] if isinstance(node.args[0], fx.Node) else None
     return None
+
+
+def refresh_eager_input_vals(graph: fx.Graph) -> int:
+    """Point the recorded eager inputs of every ``dsv4`` op call at its current inputs; returns how
+    many changed.
+
+    Inductor lays out a custom op's inputs with the strides they had when the graph was traced
+    (``node.meta["eager_input_vals"]``, its ``needs_exact_strides`` default). When a pass gives an
+    existing call a new producer with other strides (the output-path fusion's group-major FP8 ``o``
+    feeding the grouped ``wo_a`` GEMM), that record would make Inductor copy the new input back into
+    the old layout before the call. Every ``dsv4`` op gives the same results for any input strides
+    (its contract), so the current inputs' strides are as good, and no copy is needed."""
+    changed = 0
+    for n in graph.nodes:
+        if (n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload)
+                or n.target.namespace != "dsv4" or "eager_input_vals" not in n.meta):
+            continue
+        nodes = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, fx.Node)]
+        if any(val(a) is None for a in nodes):
+            continue
+        args = tuple(val(a) if isinstance(a, fx.Node) else a for a in n.args)
+        kwargs = {k: val(v) if isinstance(v, fx.Node) else v for k, v in n.kwargs.items()}
+        old_args, old_kwargs = n.meta["eager_input_vals"]
+        if len(old_args) != len(args) or any(_layout(a) != _layout(b) for a, b in zip(old_args, args)):
+            n.meta["eager_input_vals"] = (args, kwargs)
+            changed += 1
+    return changed
+
+
+def _layout(x):
+    """Shape and strides as text: comparing symbolic sizes directly would add shape guards."""
+    return (str(tuple(x.shape)), str(x.stride())) if isinstance(x, torch.Tensor) else None

@@ -8,8 +8,9 @@ What is matched (post-grad, functional graph):
 * FP8: ``q_fp8, q_scale = dsv4.fp8_block_quant(y, block=D, scale_floor=1e-4)`` and the product
   ``weights.float() · c1 · c2 · … · q_scale.squeeze(-1)`` (any order, any number of scalar factors,
   ``q_scale`` reduced to ``[T, H]`` by squeeze / reshape / select);
-* MXFP4: ``packed, scale = dsv4.mxfp4_quant(y)`` and the one product ``weights.float() · c1 · …`` of
-  shape ``[T, H]`` in the graph (no data edge ties it to the quant, so it must be unambiguous).
+* MXFP4: ``packed, scale = dsv4.mxfp4_quant(y)`` and the one product ``weights.float() · c1 · …`` (or
+  ``weights · c1 · …`` for fp32 weights, as the layer's fp32 ``weights_proj`` columns) of shape
+  ``[T, H]`` in the graph (no data edge ties it to the quant, so it must be unambiguous).
 
 Scale folding: Python-constant factors are folded into ``weight_scale``. One constant gives
 ``weights_out`` bit-identical to eager; a chain of k constants is folded into their product,
@@ -134,6 +135,18 @@ def _walk_product(leaf: fx.Node, scale_leaf: Optional[fx.Node], t_h) -> Optional
     return prod
 
 
+def _mxfp4_leaf(node: fx.Node, t_h) -> bool:
+    """A possible start of the MXFP4 weights product: ``X.float()``, or an fp32 ``[T, H]`` value that is
+    not itself a product (the layer's fp32 ``weights_proj`` columns)."""
+    if node.op not in ("call_function", "placeholder"):
+        return False
+    if node.op == "call_function" and _weights_leaf(node) is not None:
+        return True
+    v = val(node)
+    return (node.target not in _MULS and isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.dim() == 2
+            and same_sizes(v.shape, t_h))
+
+
 class IndexerQFusion:
     """Finds indexer-q regions and rewrites each into one fused op; ``__call__`` returns the count."""
 
@@ -198,8 +211,7 @@ class IndexerQFusion:
                 leaf = _chain_leaf(only_user(scale_leaf), scale_leaf) if scale_leaf is not None else None
                 prod = _walk_product(leaf, scale_leaf, t_h) if leaf is not None else None
             else:
-                cands = [p for p in (_walk_product(n, None, t_h) for n in graph.nodes
-                                     if n.op == "call_function" and _weights_leaf(n) is not None) if p]
+                cands = [p for p in (_walk_product(n, None, t_h) for n in graph.nodes if _mxfp4_leaf(n, t_h)) if p]
                 prod = cands[0] if len(cands) == 1 else None
             if prod is None:
                 continue

@@ -89,7 +89,7 @@ class RmsNormQuantFusion:
         if only_user(r) is not normed or not isinstance(add, fx.Node) or add.target not in (aten.add.Tensor, aten.add.Scalar):
             return None
         mean, eps = add.args[:2]
-        if (only_user(add) is not r or not isinstance(eps, float) or eps <= 0 or not isinstance(mean, fx.Node)
+        if (add.kwargs or mean.kwargs.get("dtype") is not None or only_user(add) is not r or not isinstance(eps, float) or eps <= 0 or not isinstance(mean, fx.Node)
                 or mean.target is not aten.mean.dim or only_user(mean) is not add):
             return None
         sq = mean.args[0]

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from .graph_utils import op_list
+from .graph_utils import op_list, refresh_eager_input_vals
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -126,6 +126,8 @@ class DSV4PassManager(CustomGraphPass):
             stable_topological_sort(graph)
             graph.eliminate_dead_code()
             graph.lint()
+            # a call fed by a fused op's output (other strides) keeps them: no copy to the traced layout
+            refresh_eager_input_vals(graph)
         # always (caches sharing a storage are a layout, not a fusion), after the fusions: it
         # rewrites the mutations they produced
         from .shared_storage import inplace_shared_storage_mutations

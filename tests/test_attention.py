@@ -121,7 +121,7 @@ def test_launch_config_wide_splits_fill_one_wave(monkeypatch):
     monkeypatch.setattr(kernels, "sm_programs", lambda device: 132)
     cpu = torch.device("cpu")
     for T, n_cand, want in ((16, 640, 5), (24, 640, 5), (32, 640, 4), (48, 640, 2), (64, 640, 2), (256, 640, 2),
-                            (32, 128, 2), (64, 128, 2)):
+                            (32, 128, 2), (64, 128, 2), (256, 128, 1), (4096, 128, 1), (4096, 640, 2)):
         bh, bn, dv, warps, splits, per_split = kernels.launch_config(T, 64, n_cand, cpu)
         assert (bh, warps) == (64, 8) and splits == want and splits * per_split >= n_cand, (T, n_cand, splits)
     assert kernels.launch_config(8, 64, 640, cpu)[0] == 16  # few tokens: 16-head programs

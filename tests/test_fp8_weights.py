@@ -254,3 +254,56 @@ def test_value_errors():
     del bad["wo_b.scale"]
     with pytest.raises(ValueError, match="wo_b.weight is float8_e4m3fn but the state dict has no block scale"):
         fp8.load_state_dict(bad)
+
+
+def test_wq_a_rows_not_whole_blocks_are_not_kept_fp8():
+    """wq_a / wkv share one FP8 GEMM with their block scales stacked: a q_lora_rank that is not a
+    multiple of 128 would misalign wkv's scales, so "fp8" refuses it (naming the key) and "auto"
+    dequantizes it (as the other weights the FP8 GEMM cannot take)."""
+    cfg = dataclasses.replace(CFG, q_lora_rank=192)
+    torch.manual_seed(0)
+    sd = fp8_checkpoint(DeepseekV4Attention(cfg, 1, max_model_len=MAX_LEN))
+    strict = DeepseekV4Attention(cfg, 1, max_model_len=MAX_LEN, weight_format="fp8")
+    with pytest.raises(ValueError, match=r"wq_a.weight: weight_format='fp8' cannot keep it in FP8: its output width 192"):
+        strict.load_state_dict(sd)
+
+
+def test_q_proj_unfused_when_the_indexer_rows_are_not_whole_heads():
+    """index_n_heads = 2 gives the indexer's wq_b 256 rows, not whole 512-wide main heads: wq_b and the
+    indexer's wq_b stay two GEMMs, and the layer matches the dequantized bf16 layer as with 4 heads."""
+    cfg = dataclasses.replace(CFG, index_n_heads=2)
+    torch.manual_seed(1)
+    src = DeepseekV4Attention(cfg, 1, max_model_len=MAX_LEN)
+    sd = fp8_checkpoint(src)
+    fp8 = DeepseekV4Attention(cfg, 1, max_model_len=MAX_LEN, weight_format="fp8")
+    fp8.load_state_dict(sd)
+    assert fp8.q_proj is None and fp8.q_proj_scale is None
+    outs = []
+    for layer in (fp8, src):
+        mgr = KVCacheManager(cfg, [1], CC)
+        mgr.add_request("a")
+        x = torch.randn(7, cfg.hidden_size, generator=torch.Generator().manual_seed(3)).bfloat16()
+        outs.append(layer(x, StepMetadataBuilder(mgr).build([("a", 7)]), mgr.caches[0]).float())
+    assert (outs[0] - outs[1]).norm() <= 0.1 * outs[1].norm()
+
+
+def test_fused_output_quant_feeds_wo_a_without_a_copy(no_compile_cache):
+    """The output-path fusion's FP8 o is group-major and its scales MN-major; the grouped wo_a GEMM
+    reads them through their strides. The passes point every dsv4 call's recorded eager inputs at
+    its current ones, so Inductor does not copy o back to the traced token-major layout."""
+    fp8, _, _ = layers(1)
+    _, _, _, gm = compiled_run(fp8)
+    checked = 0
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and str(n.target).startswith("dsv4.") and "eager_input_vals" in n.meta:
+            eager = n.meta["eager_input_vals"][0]
+            for a, e in zip(n.args, eager):
+                if isinstance(a, torch.fx.Node) and isinstance(e, torch.Tensor):
+                    assert str(a.meta["val"].stride()) == str(e.stride()), (n.name, a.name)
+                    checked += 1
+    assert checked > 10
+    gemm = [n for n in gm.graph.nodes if n.target is torch.ops.dsv4.fp8_block_gemm.default]
+    fed = [g for g in gemm if any(getattr(a, "args", (None,))[0] is not None and
+                                  getattr(a.args[0], "target", None) is torch.ops.dsv4.inv_rope_fp8_quant.default
+                                  for a in g.args[:1] if isinstance(a, torch.fx.Node))]
+    assert len(fed) == 1  # wo_a reads the fused quant's output directly

@@ -45,11 +45,12 @@ def dsv4_ops(op_list: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled(idx):
+def compiled(idx, **layer_kw):
     """(layer, cache manager, builder, compiled step, pass manager, final graphs, graph breaks) of one
     layer compiled on a 40 + 25 token prefill of two requests; the pass manager records op lists."""
-    layer = make_layer(idx)
-    mgr, builder = make_runtime(idx)
+    layer = make_layer(idx, **layer_kw)
+    fmt = layer_kw.get("indexer_fmt", CC.indexer_fmt)
+    mgr, builder = make_runtime(idx, cc=dataclasses.replace(CC, indexer_fmt=fmt))
     pm = DSV4PassManager(record=True)
     step = compile_step(lambda x, meta: layer(x, meta, mgr.caches[0]),
                         options={"post_grad_custom_post_pass": pm, "fx_graph_cache": False})
@@ -71,8 +72,8 @@ def test_fullgraph_no_breaks_and_graph_checks(idx):
         assert_graph_ok(gm.graph)
 
 
-def fusions(idx) -> str:
-    snap = compiled(idx)[4].snapshots[-1]
+def fusions(idx, **layer_kw) -> str:
+    snap = compiled(idx, **layer_kw)[4].snapshots[-1]
     return f"{snap.matches}\n{dsv4_ops(snap.after)}"
 
 
@@ -94,6 +95,23 @@ dsv4.swa_indices.default
 af2(dsv4.compressor_insert.default)
 af2(dsv4.compressor_insert.default)
 dsv4.indexer_q_rope_fp8.default
+dsv4.indexer_topk.default
+dsv4.global_topk_indices.default
+dsv4.rope.default
+dsv4.sparse_attn.default
+dsv4.inv_rope_fp8_quant.default""")
+
+
+def test_fusions_csa_mxfp4():
+    """The MXFP4 indexer query fuses too: its weights are the fp32 weights_proj columns of the layer's
+    fp32-out GEMM (no bf16 → fp32 convert to start the product from)."""
+    assert_expected_inline(fusions(1, indexer_fmt="mxfp4"), """\
+{'indexer_q': 1, 'compressor': 2, 'kv_rope_insert': 1, 'inv_rope_quant': 1, 'quant_cse': 0}
+af2(dsv4.kv_rope_insert.default)
+dsv4.swa_indices.default
+af2(dsv4.compressor_insert.default)
+af2(dsv4.compressor_insert.default)
+dsv4.indexer_q_rope_mxfp4.default
 dsv4.indexer_topk.default
 dsv4.global_topk_indices.default
 dsv4.rope.default

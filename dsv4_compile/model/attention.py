@@ -38,21 +38,12 @@ from ..reference.layer import rms_normalize
 from ..rope import layer_cos_sin_cache
 from ..runtime.cache import LayerCache
 from ..runtime.metadata import StepMetadata
-from .fp8 import FP8, fp8_linear, is_fp8, project, set_linear_format
+from .fp8 import FP8, fp8_linear, is_fp8, linear_fp32, project, set_linear_format
 from .indexer import IndexerQ
 
 dsv4 = torch.ops.dsv4
 
 WEIGHT_BLOCK = layouts.WEIGHT_BLOCK  # FP8 checkpoint weights: one scale per 128x128 block
-
-
-def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight^T`` with fp32 output (the compressor GEMM, docs/numerics.md §2.3): bf16 operands with fp32
-    accumulation and output on CUDA (``mm`` with ``out_dtype``), fp32 operands on CPU (which has no
-    such kernel). Both are the exact products of the bf16 values, summed in fp32."""
-    if x.is_cuda:
-        return torch.mm(x, weight.t(), out_dtype=torch.float32)
-    return F.linear(x.float(), weight.float())
 
 
 def grouped_linear(xg: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -259,13 +250,16 @@ class DeepseekV4Attention(nn.Module):
         ``x_proj_fp8`` those kept in FP8 (one FP8 GEMM); ``comp_proj`` the fp32-out GEMM of ``x``:
         the indexer's ``weights_proj`` (its fp32 sums feed the fp32 indexer weights unrounded), then
         each compressor's ``wkv``, ``wgate`` (``kv_score``); ``q_proj`` ``wq_b`` and the indexer's
-        ``wq_b``, both projections of ``qr`` (one GEMM when both have one format)."""
+        ``wq_b``, both projections of ``qr`` (one GEMM when both have one format and the indexer's
+        rows are whole main heads: ``index_n_heads`` a multiple of 4)."""
         xs = [("wq_a", self.wq_a), ("wkv", self.wkv)]
         comp = [("weights_proj", self.indexer.weights_proj)] if self.indexer is not None else []
         comp += [("", lin) for lin in (self.compressor.projections if self.compressor is not None else []) + (
             self.indexer.compressor.projections if self.indexer is not None else [])]
         qs = [("wq_b", self.wq_b)]
-        if self.indexer is not None and is_fp8(self.indexer.wq_b) == is_fp8(self.wq_b):
+        # one format, and whole main heads of columns before and after the indexer's (head views)
+        if (self.indexer is not None and is_fp8(self.indexer.wq_b) == is_fp8(self.wq_b)
+                and self.indexer.wq_b.weight.shape[0] % self.config.head_dim == 0):
             qs.append(("index_q", self.indexer.wq_b))
         return {"x_proj": [p for p in xs if not is_fp8(p[1])], "x_proj_fp8": [p for p in xs if is_fp8(p[1])],
                 "comp_proj": comp, "q_proj": qs if len(qs) > 1 else []}
@@ -295,7 +289,7 @@ class DeepseekV4Attention(nn.Module):
                 lin.weight = nn.Parameter(fused[row:row + n], requires_grad=False)
                 row += n
             self.register_buffer(name, fused, persistent=False)
-            if fp8:  # whole 128-row blocks (wq_a, wkv, wq_b, the indexer's wq_b): the scales line up
+            if fp8:  # whole 128-row blocks (checked at load, _fp8_unusable): the scales line up
                 scales = torch.cat([lin.scale for lin in linears], dim=0)
                 row = 0
                 for lin in linears:
@@ -603,6 +597,9 @@ class DeepseekV4Attention(nn.Module):
             return f"it is {str(weight.dtype).replace('torch.', '')}; the FP8 GEMM takes e4m3"
         if weight.shape[1] % WEIGHT_BLOCK:
             return f"its input width {weight.shape[1]} is not a multiple of {WEIGHT_BLOCK}"
+        if name in ("wq_a", "wkv") and weight.shape[0] % WEIGHT_BLOCK:
+            return (f"its output width {weight.shape[0]} is not a multiple of {WEIGHT_BLOCK} (its block scales "
+                    f"would not line up in the fused FP8 projection of x)")
         if name in ("wo_a", "wo_b") and self.config.o_lora_rank % WEIGHT_BLOCK:
             return (f"o_lora_rank {self.config.o_lora_rank} is not a multiple of {WEIGHT_BLOCK} (an output group "
                     f"would split a weight block)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .. import layouts
 
@@ -71,3 +72,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
 def project(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``lin(x)`` for a bf16 linear, ``fp8_linear`` for an FP8 one (``x`` 2-D)."""
     return fp8_linear(x, lin.weight, lin.scale) if is_fp8(lin) else lin(x)
+
+
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight^T`` with fp32 output (the compressor GEMM, docs/numerics.md §2.3): bf16 operands with fp32
+    accumulation and output on CUDA (``mm`` with ``out_dtype``), fp32 operands on CPU (which has no
+    such kernel). Both are the exact products of the bf16 values, summed in fp32."""
+    if x.is_cuda:
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return F.linear(x.float(), weight.float())

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import layouts
-from .fp8 import project
+from .fp8 import linear_fp32, project
 
 
 class IndexerQ(nn.Module):
@@ -53,8 +53,8 @@ class IndexerQ(nn.Module):
         q = torch.ops.dsv4.rope(q, positions, cos_sin_cache)
         if self.hadamard:
             q = torch.ops.dsv4.hadamard(q, self.head_dim**-0.5)
-        if weights is None:
-            weights = self.weights_proj(x)
+        if weights is None:  # fp32 sums, unrounded (docs/numerics.md §7.1)
+            weights = linear_fp32(x, self.weights_proj.weight)
         if self.fmt == "fp8":
             q_fp8, q_scale = torch.ops.dsv4.fp8_block_quant(q, self.head_dim, layouts.FP8_AMAX_FLOOR)
             return q_fp8, weights.float() * self.weight_scale * q_scale.squeeze(-1)

@@ -178,7 +178,7 @@ def rms_norm_fp8_quant(
     return reference.compressor.rms_norm_fp8_quant(x, weight, eps, block, scale_floor)
 
 
-@register_cuda(rms_norm_fp8_quant)
+@register_cuda(rms_norm_fp8_quant, strided=("x",))
 def _rms_norm_fp8_quant_cuda(x, weight, eps, block=128, scale_floor=layouts.FP8_AMAX_FLOOR):
     if checks_needed():
         _check_norm_quant(x, weight, eps, block, scale_floor)

@@ -364,7 +364,8 @@ def launch_config(T: int, H: int, n_cand: int, device: torch.device, block_h: in
     * enough tokens to give every SM a ninth of a program or more (``WIDE_SHARE``): 64 heads per
       program (the MQA group shares each K/V tile; 8 warps), split over the candidates in as many
       parts as fit one wave, at least 2 (each split writes fp32 partials of [H, 512] per token;
-      each a whole number of ``BN``-candidate tiles). H200, 64 heads, 640 candidates, 64k context:
+      each a whole number of ``BN``-candidate tiles); when two splits no longer fit one wave, 2 from
+      256 candidates, else none (a prefill of the 128-candidate SWA layer). H200, 64 heads, 640 candidates, 64k context:
       B = 16 / 24 / 32 took 40.6 / 42.4 / 48.5 µs with 4 splits against 45.7 / 57.7 / 59.3 µs with
       the 16-head programs below (80 µs at B = 32 with their former split count, slower than B =
       64); with 2 splits 44–59 µs; at B = 48 / 64, 2 splits (62 / 68 µs) beat 4 (83 / 94 µs); at B
@@ -383,8 +384,8 @@ def launch_config(T: int, H: int, n_cand: int, device: torch.device, block_h: in
     base = T * cdiv(H, bh) * (512 // dv)
     max_splits = max(1, cdiv(n_cand, bn))
     if splits is None:
-        if wide:  # as many splits as fit one wave, at least 2
-            splits = max(2, sms // base)
+        if wide:  # as many splits as fit one wave, at least 2 (beyond one wave: 2 from 256 candidates)
+            splits = sms // base if 2 * base <= sms else (2 if n_cand >= 256 else 1)
         else:
             splits = cdiv(2 * sms, base)
     splits = max(1, min(splits, max_splits))
