@@ -43,6 +43,23 @@ def test_op_matches_reference_and_an_independent_norm(kernel_device, dtype, t, d
     assert ((deq - y).abs() <= y.abs() * 2**-4 * 1.05 + s.cpu().double().repeat_interleave(block, -1) * 2**-9).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_reads_strided_rows_in_place(kernel_device, dtype):
+    """The Triton launcher itself (the op's CPU kernel is the reference): rows of a wider buffer read
+    through their stride (as the layer's q latent, a column slice of its x GEMM), a 3-D input, D not a
+    power of two, one row and several rows per program; bit for bit the reference."""
+    from dsv4_compile.kernels.triton import compressor as kernels
+
+    for t, d, block in ((1, 384, 128), (5, 384, 128), (9, 128, 16), (3, 1024, 128)):
+        x, w = _x(t, d, dtype, kernel_device, strided=True, seed=d + t)
+        assert x.stride(0) == d + 96 and x.stride(1) == 1
+        for inp in (x, x.unsqueeze(0)):  # 2-D: read through the row stride; 3-D: flattened first
+            q, s = kernels.rms_norm_fp8_quant(inp, w, EPS, block, 1e-4)
+            want_q, want_s = ref.rms_norm_fp8_quant(inp.cpu(), w.cpu(), EPS, block, 1e-4)
+            assert q.shape == inp.shape and torch.equal(q.cpu().view(torch.uint8), want_q.view(torch.uint8))
+            assert torch.equal(s.cpu(), want_s)
+
+
 def test_3d_input_and_opcheck():
     x, w = _x(6, 256, torch.bfloat16, "cpu", False, seed=4)
     x3 = x.view(2, 3, 256)
