@@ -84,6 +84,20 @@ def getitem_users(node: fx.Node) -> Optional[dict[int, fx.Node]]:
     return out
 
 
+def call_with_outputs(graph: fx.Graph, target, args: tuple, ref_nodes: list[fx.Node]):
+    """A call of the multi-output op ``target`` at the graph's insertion point and one getitem per
+    output right after it, each with its fake value: ``(call, [getitem, ...])``."""
+    call = graph.call_function(target, args)
+    call.meta["val"] = fake_call(target, args, ref_nodes)
+    outs = []
+    with graph.inserting_after(call):
+        for i in reversed(range(len(call.meta["val"]))):  # each goes right after the call
+            g = graph.call_function(operator.getitem, (call, i))
+            g.meta["val"] = call.meta["val"][i]
+            outs.append(g)
+    return call, outs[::-1]
+
+
 def fake_call(target, args: tuple, ref_nodes: list[fx.Node]):
     """Run ``target`` on the fake values of ``args`` (nodes replaced by their meta['val'])."""
     from torch._guards import detect_fake_mode
@@ -129,9 +143,8 @@ def fp32_of(node) -> Optional[fx.Node]:
     return None
 
 
-def refresh_eager_input_vals(graph: fx.Graph) -> int:
-    """Point the recorded eager inputs of every ``dsv4`` op call at its current inputs; returns how
-    many changed.
+def refresh_eager_input_vals(graph: fx.Graph) -> None:
+    """Point the recorded eager inputs of every ``dsv4`` op call at its current inputs.
 
     Inductor lays out a custom op's inputs with the strides they had when the graph was traced
     (``node.meta["eager_input_vals"]``, its ``needs_exact_strides`` default). When a pass gives an
@@ -139,23 +152,11 @@ def refresh_eager_input_vals(graph: fx.Graph) -> int:
     feeding the grouped ``wo_a`` GEMM), that record would make Inductor copy the new input back into
     the old layout before the call. Every ``dsv4`` op gives the same results for any input strides
     (its contract), so the current inputs' strides are as good, and no copy is needed."""
-    changed = 0
     for n in graph.nodes:
         if (n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload)
                 or n.target.namespace != "dsv4" or "eager_input_vals" not in n.meta):
             continue
-        nodes = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, fx.Node)]
-        if any(val(a) is None for a in nodes):
+        if any(val(a) is None for a in (*n.args, *n.kwargs.values()) if isinstance(a, fx.Node)):
             continue
-        args = tuple(val(a) if isinstance(a, fx.Node) else a for a in n.args)
-        kwargs = {k: val(v) if isinstance(v, fx.Node) else v for k, v in n.kwargs.items()}
-        old_args, old_kwargs = n.meta["eager_input_vals"]
-        if len(old_args) != len(args) or any(_layout(a) != _layout(b) for a, b in zip(old_args, args)):
-            n.meta["eager_input_vals"] = (args, kwargs)
-            changed += 1
-    return changed
-
-
-def _layout(x):
-    """Shape and strides as text: comparing symbolic sizes directly would add shape guards."""
-    return (str(tuple(x.shape)), str(x.stride())) if isinstance(x, torch.Tensor) else None
+        n.meta["eager_input_vals"] = (tuple(val(a) if isinstance(a, fx.Node) else a for a in n.args),
+                                      {k: val(v) if isinstance(v, fx.Node) else v for k, v in n.kwargs.items()})

@@ -27,7 +27,6 @@ configured model dtypes, which the kernels support.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -36,10 +35,9 @@ from torch import fx
 
 from dsv4_compile import layouts
 
-from .graph_utils import bound_args, fake_call, getitem_users, only_user, same_sizes, val
+from .graph_utils import bound_args, call_with_outputs, fake_call, fp32_of, getitem_users, only_user, same_sizes, val
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 dsv4 = torch.ops.dsv4
 
 _MULS = (aten.mul.Tensor, aten.mul.Scalar)
@@ -86,19 +84,10 @@ def _scale_leaf(getitem_scale: fx.Node, t_h) -> Optional[fx.Node]:
         node = user
 
 
-def _weights_leaf(node: fx.Node) -> Optional[fx.Node]:
-    """The fused op's ``weights`` for a product leaf: X for ``X.float()``, else the fp32 leaf itself."""
-    if node.target is prims.convert_element_type.default and node.args[1] == torch.float32:
-        return node.args[0]
-    if node.target is aten._to_copy.default and node.kwargs.get("dtype") == torch.float32:
-        return node.args[0]
-    return None
-
-
 def _walk_product(leaf: fx.Node, scale_leaf: Optional[fx.Node], t_h) -> Optional[_Product]:
     """Walk up from the weights leaf through single-user multiplies. Every other operand must be a
     Python number, a 0-d runtime scalar, or (once, FP8) the q-scale leaf."""
-    weights = _weights_leaf(leaf)
+    weights = fp32_of(leaf)  # X for X.float(), else the fp32 leaf itself (below)
     if weights is None:
         v = val(leaf)
         if v is None or v.dtype != torch.float32:
@@ -140,7 +129,7 @@ def _mxfp4_leaf(node: fx.Node, t_h) -> bool:
     not itself a product (the layer's fp32 ``weights_proj`` columns)."""
     if node.op not in ("call_function", "placeholder"):
         return False
-    if node.op == "call_function" and _weights_leaf(node) is not None:
+    if fp32_of(node) is not None:
         return True
     v = val(node)
     return (node.target not in _MULS and isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.dim() == 2
@@ -235,14 +224,7 @@ class IndexerQFusion:
         order = {n: i for i, n in enumerate(graph.nodes)}
         anchor = max((a for a in op_args if isinstance(a, fx.Node)), key=order.__getitem__)
         with graph.inserting_after(anchor):
-            fused = graph.call_function(target, op_args)
-        fused.meta["val"] = fake_call(target, op_args, [rope])
-        outs = []
-        with graph.inserting_after(fused):
-            for i in range(len(fused.meta["val"])):
-                g = graph.call_function(operator.getitem, (fused, i))
-                g.meta["val"] = fused.meta["val"][i]
-                outs.append(g)
+            fused, outs = call_with_outputs(graph, target, op_args, [rope])
         w_out = outs[-1]
         if runtime:
             # Re-apply the unfoldable chain (minus the power-of-two q scale) in its original order.

@@ -29,7 +29,6 @@ rewrites only regions whose ``o`` dtype is bf16 and one of the configured model 
 from __future__ import annotations
 
 import functools
-import operator
 from typing import Optional
 
 import torch
@@ -37,7 +36,7 @@ from torch import fx
 
 from dsv4_compile import layouts
 
-from .graph_utils import bound_args, fake_call, fp32_of, getitem_users, only_user, same_sizes, val
+from .graph_utils import bound_args, call_with_outputs, fake_call, fp32_of, getitem_users, only_user, same_sizes, val
 
 aten = torch.ops.aten
 dsv4 = torch.ops.dsv4
@@ -117,12 +116,7 @@ class InvRopeQuantFusion:
         if not m["round_bf16"]:
             op_args += (False,)
         with graph.inserting_before(quant):
-            fused = graph.call_function(target, op_args)
-            fused.meta["val"] = fake_call(target, op_args, [m["rope"]])
-            o_fp8 = graph.call_function(operator.getitem, (fused, 0))
-            o_fp8.meta["val"] = fused.meta["val"][0]
-            scale = graph.call_function(operator.getitem, (fused, 1))
-            scale.meta["val"] = fused.meta["val"][1]
+            _, (o_fp8, scale) = call_with_outputs(graph, target, op_args, [m["rope"]])
         if 0 in items:
             items[0].replace_all_uses_with(o_fp8)
         if 1 in items:

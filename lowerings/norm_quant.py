@@ -29,13 +29,12 @@ quant kernel, chained by programmatic dependent launch, cost what the one fused 
 
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
 from torch import fx
 
-from .graph_utils import bound_args, fake_call, fp32_of, getitem_users, only_user, val
+from .graph_utils import bound_args, call_with_outputs, fp32_of, getitem_users, single_user_call, val
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -61,42 +60,37 @@ class RmsNormQuantFusion:
 
     def _match(self, quant: fx.Node) -> Optional[dict]:
         qa = bound_args(quant)
-        block = qa["block"]
-        y = qa["x"]
-        if not isinstance(y, fx.Node) or only_user(y) is not quant or y.target is not prims.convert_element_type.default:
+        block, y = qa["block"], qa["x"]
+        if not single_user_call(y, prims.convert_element_type.default):
             return None
-        out_dtype = y.args[1]
-        scaled = y.args[0]
-        if not isinstance(scaled, fx.Node) or scaled.target is not aten.mul.Tensor or only_user(scaled) is not y:
+        out_dtype, scaled = y.args[1], y.args[0]
+        if not single_user_call(scaled, aten.mul.Tensor):
             return None
         # (xf * r) * weight.float(): find the weight side, then the normalized side
         for side in scaled.args[:2]:
             w = fp32_of(side)
             normed = _other(scaled, side) if w is not None else None
-            if isinstance(normed, fx.Node) and normed.target is aten.mul.Tensor:
+            if single_user_call(normed, aten.mul.Tensor):
                 break
         else:
             return None
-        if only_user(normed) is not scaled:
-            return None
         for r in normed.args[:2]:
             xf = _other(normed, r)
-            if isinstance(r, fx.Node) and r.target is aten.rsqrt.default and isinstance(xf, fx.Node):
+            if single_user_call(r, aten.rsqrt.default) and isinstance(xf, fx.Node):
                 break
         else:
             return None
         add = r.args[0]
-        if only_user(r) is not normed or not isinstance(add, fx.Node) or add.target not in (aten.add.Tensor, aten.add.Scalar):
+        if not (single_user_call(add, aten.add.Tensor) or single_user_call(add, aten.add.Scalar)) or add.kwargs:
             return None
         mean, eps = add.args[:2]
-        if (add.kwargs or mean.kwargs.get("dtype") is not None or only_user(add) is not r or not isinstance(eps, float) or eps <= 0 or not isinstance(mean, fx.Node)
-                or mean.target is not aten.mean.dim or only_user(mean) is not add):
+        if (not isinstance(eps, float) or eps <= 0 or not single_user_call(mean, aten.mean.dim)
+                or mean.kwargs.get("dtype") is not None):
             return None
         sq = mean.args[0]
         dims = mean.args[1] if len(mean.args) > 1 else None
         keep = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
-        if (not isinstance(sq, fx.Node) or sq.target is not aten.pow.Tensor_Scalar or sq.args[0] is not xf
-                or sq.args[1] != 2 or only_user(sq) is not mean or not keep):
+        if not single_user_call(sq, aten.pow.Tensor_Scalar) or sq.args[0] is not xf or sq.args[1] != 2 or not keep:
             return None
         x = fp32_of(xf)
         xv, wv, yv = val(x), val(w), val(y)
@@ -123,12 +117,9 @@ class RmsNormQuantFusion:
             target = dsv4.rms_norm_fp8_quant.default
             args = (m["x"], m["weight"], m["eps"], m["block"], m["floor"])
             with graph.inserting_before(quant):
-                fused = graph.call_function(target, args)
-                fused.meta["val"] = fake_call(target, args, [m["x"]])
-                for i, item in m["items"].items():
-                    out = graph.call_function(operator.getitem, (fused, i))
-                    out.meta["val"] = fused.meta["val"][i]
-                    item.replace_all_uses_with(out)
+                _, outs = call_with_outputs(graph, target, args, [m["x"]])
+            for i, item in m["items"].items():
+                item.replace_all_uses_with(outs[i])
             for n in [*m["items"].values(), quant, *m["chain"]]:  # consumers first
                 if not n.users:
                     graph.erase_node(n)

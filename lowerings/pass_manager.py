@@ -103,7 +103,7 @@ class DSV4PassManager(CustomGraphPass):
             from .fp8_linear import Fp8LinearFusion
 
             passes.append(Fp8LinearFusion())
-        if self.config.quant_cse:  # last: the fusions above consume quants of their own first
+        if self.config.quant_cse:  # after the fusions above: they consume quants of their own first
             from .quant_cse import QuantCSE
 
             passes.append(QuantCSE())

@@ -315,11 +315,12 @@ class DeepseekV4Attention(nn.Module):
         return [(name, self.get_submodule(name)) for name in FP8_LINEARS
                 if not name.startswith("indexer.") or self.indexer is not None]
 
-    def _split(self, group: str, h: torch.Tensor) -> tuple[dict, int]:
-        """The columns of each named member of ``group`` in its GEMM output ``h``, and the column
-        where its unnamed members (the compressors') start."""
+    @staticmethod
+    def _split(members: list, h: torch.Tensor) -> tuple[dict, int]:
+        """The columns of each named member of a group (``_x_groups``) in its GEMM output ``h``, and
+        the column where its unnamed members (the compressors') start."""
         cols, c = {}, 0
-        for key, lin in self._x_groups()[group]:
+        for key, lin in members:
             if not key:
                 break
             n = lin.weight.shape[0]
@@ -330,14 +331,14 @@ class DeepseekV4Attention(nn.Module):
     def _project_x(self, x):
         """``(qa, kva, indexer weights (fp32) or None, kv_score or None)`` from the fused projections
         of ``x`` (``kv_score``: the compressors' fp32 ``[kv | score]`` columns, the indexer's last)."""
-        cols, kv_score = {}, None
+        cols, kv_score, groups = {}, None, self._x_groups()
         if self.x_proj_fp8 is not None:
-            cols.update(self._split("x_proj_fp8", fp8_linear(x, self.x_proj_fp8, self.x_proj_fp8_scale))[0])
+            cols.update(self._split(groups["x_proj_fp8"], fp8_linear(x, self.x_proj_fp8, self.x_proj_fp8_scale))[0])
         if self.x_proj is not None:
-            cols.update(self._split("x_proj", F.linear(x, self.x_proj))[0])
+            cols.update(self._split(groups["x_proj"], F.linear(x, self.x_proj))[0])
         if self.comp_proj is not None:
             h = linear_fp32(x, self.comp_proj)
-            named, c = self._split("comp_proj", h)
+            named, c = self._split(groups["comp_proj"], h)
             cols.update(named)
             kv_score = h[:, c:]
         return cols["wq_a"], cols["wkv"], cols.get("weights_proj"), kv_score

@@ -365,13 +365,13 @@ def launch_config(T: int, H: int, n_cand: int, device: torch.device, block_h: in
       program (the MQA group shares each K/V tile; 8 warps), split over the candidates in as many
       parts as fit one wave, at least 2 (each split writes fp32 partials of [H, 512] per token;
       each a whole number of ``BN``-candidate tiles); when two splits no longer fit one wave, 2 from
-      256 candidates, else none (a prefill of the 128-candidate SWA layer). H200, 64 heads, 640 candidates, 64k context:
-      B = 16 / 24 / 32 took 40.6 / 42.4 / 48.5 µs with 4 splits against 45.7 / 57.7 / 59.3 µs with
-      the 16-head programs below (80 µs at B = 32 with their former split count, slower than B =
-      64); with 2 splits 44–59 µs; at B = 48 / 64, 2 splits (62 / 68 µs) beat 4 (83 / 94 µs); at B
-      = 16, 5 splits (8 fit, rounded to whole 64-candidate tiles: 128 each) 34.8 µs against 40.1
-      with 4. The SWA-only layer (128 candidates) at B = 32: 2 splits 16.2 µs, 1 split 20.1 µs.
-      At B = 12 the 16-head programs win (29.5 against 40 µs);
+      256 candidates, else none (a prefill of the 128-candidate SWA layer). H200, 64 heads, 640
+      candidates, 64k context: B = 16 / 24 / 32 took 40.6 / 42.4 / 48.5 µs with 4 splits against
+      45.7 / 57.7 / 59.3 µs with the 16-head programs below (80 µs at B = 32 with their former split
+      count, slower than B = 64); with 2 splits 44–59 µs; at B = 48 / 64, 2 splits (62 / 68 µs) beat
+      4 (83 / 94 µs); at B = 16, 5 splits (8 fit, rounded to whole 64-candidate tiles: 128 each)
+      34.8 µs against 40.1 with 4. The SWA-only layer (128 candidates) at B = 32: 2 splits 16.2 µs,
+      1 split 20.1 µs. At B = 12 the 16-head programs win (29.5 against 40 µs);
     * fewer tokens: 16 heads per program (4 warps) and split-K up to two programs per SM.
 
     Every argument can be forced (the sweep does)."""

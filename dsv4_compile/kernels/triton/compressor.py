@@ -135,7 +135,7 @@ def rms_norm_fp8_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, block:
     if n_rows == 0:
         return q, s
     x2 = x if x.dim() == 2 and x.stride(-1) == 1 else x.reshape(n_rows, d).contiguous()
-    bd = max(next_pow2(d), block)
+    bd = next_pow2(d)  # a multiple of block: block is a power of two dividing d
     br = max(1, min(16, 2048 // bd))
     _rms_norm_fp8_quant_kernel[(cdiv(n_rows, br),)](
         x2, weight.contiguous(), q, s, n_rows, x2.stride(0), eps, scale_floor, D=d, BD=bd,

@@ -70,13 +70,13 @@ def _refine(key, v, need, n_v, thr, shift):
 
 
 @triton.jit
-def _radix_threshold(key, valid, n_valid, need):
-    """``(thr, need', n_v)`` for the ``need`` valid entries of largest key (requires
-    ``need <= n_valid = count(valid)``): seven radix passes over bits 27..31, 22..26, .., 2..6, then
-    0..4 (whose bits 2..4 the sixth pass fixed already: OR-ing them into the threshold again changes
-    nothing). The entries above ``thr`` are kept, and ``need'`` of the ``n_v`` entries equal to it
-    (``n_v == need'``: every one, with ``thr``'s lower bits 0 when the passes stopped early; so the
-    valid keys ``>= thr`` are at least ``need`` entries either way).
+def _select_mask(key, valid, n_valid, need):
+    """The ``need`` valid entries of largest key, ties to the lower position (requires
+    ``need <= n_valid = count(valid)``): the threshold key in seven radix passes over bits 27..31,
+    22..26, .., 2..6, then 0..4 (whose bits 2..4 the sixth pass fixed already: OR-ing them into the
+    threshold again changes nothing). The entries above it are kept, and ``need`` of the ``n_v``
+    entries equal to it, the first in position order (``n_v == need``: every one, with the
+    threshold's lower bits 0 when the passes stopped early).
 
     The passes are a loop the compiler keeps as a loop (seven unrolled copies made the sm_90 code of a
     4,096-entry round 20 % longer), and it stops as soon as the digit's bin holds exactly the entries
@@ -91,14 +91,6 @@ def _radix_threshold(key, valid, n_valid, need):
         shift = tl.maximum(27 - 5 * i, 0).to(tl.uint32)
         v, need, n_v, thr = _refine(key, v, need, n_v, thr, shift)
         i += 1
-    return thr, need, n_v
-
-
-@triton.jit
-def _select_mask(key, valid, n_valid, need):
-    """The ``need`` valid entries of largest key, ties to the lower position (requires
-    ``need <= n_valid = count(valid)``), from ``_radix_threshold``."""
-    thr, need, n_v = _radix_threshold(key, valid, n_valid, need)
     if n_v == need:  # every tie is kept: no rank needed
         sel = valid & (key >= thr)
     else:
@@ -141,16 +133,6 @@ def _select_chunk(src_ptr, src_idx_ptr, row, start, n, out_key_ptr, out_idx_ptr,
         tl.store(out_key_ptr + out_row + at, key.to(tl.int32, bitcast=True), mask=sel)
         tl.store(out_key_ptr + out_row + j, tl.zeros([KB], tl.int32), mask=fill)
         tl.store(out_idx_ptr + out_row + j, tl.full([KB], -1, tl.int32), mask=fill)
-
-
-@triton.jit
-def _visible_count(pos_ptr, req_ptr, t, n_req, ratio, L):
-    """Token ``t``'s visible entries: ``min((position + 1) // ratio, L)``, 0 for a padding token
-    (negative position, request outside ``[0, n_req)``)."""
-    p = tl.load(pos_ptr + t).to(tl.int64)
-    r = tl.load(req_ptr + t).to(tl.int64)
-    n = tl.minimum((p + 1) // ratio, L)
-    return tl.where((r >= 0) & (r < n_req) & (p >= 0), n, 0).to(tl.int32)
 
 
 @triton.jit
@@ -253,7 +235,10 @@ def _topk_round_kernel(
     t = tl.program_id(0)
     c = tl.program_id(1)
     if FROM_LOGITS:
-        n = _visible_count(pos_ptr, req_ptr, t, n_req, ratio, L)
+        p = tl.load(pos_ptr + t).to(tl.int64)
+        r = tl.load(req_ptr + t).to(tl.int64)
+        n = tl.minimum((p + 1) // ratio, L)
+        n = tl.where((r >= 0) & (r < n_req) & (p >= 0), n, 0).to(tl.int32)  # 0 for a padding token
     else:
         n = tl.load(n_ptr + t)
     start = c * CH
