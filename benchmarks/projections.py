@@ -9,7 +9,8 @@ one GEMM of ``qr``), ``wo_a`` 8 groups of 1024 x 4096 (the FP8 op's grouped form
 bf16: one batched matmul, as the bf16 model's ``grouped_linear``), ``wo_b`` 4096 x 8192. Timing:
 CUDA-graph replay, rotating over enough weight copies that every call reads its weight from DRAM;
 the rate is the weight bytes (FP8 + scales, or bf16) over the time, as % of the streaming-read
-bandwidth measured in the same run. The activation quant is timed over 32 calls per graph (one call
+bandwidth measured in the same run. At M = 1 the op runs the GEMV (``kernels/triton/gemm.py``); the
+tiled kernel's time is beside it. The activation quant is timed over 32 calls per graph (one call
 alone would time the graph launch); ``fp8_linear`` is the quant fused into the GEMM (compare it with
 the GEMM + the quant).
 
@@ -85,6 +86,9 @@ def run(ms):
             row = dict(name=name, M=M, N=N, K=K, **ceiling_fields(ceil), fp8_weight_bytes=fp8_bytes,
                        bf16_weight_bytes=2 * N * K)
             row["fp8_us"] = graph_time_us([lambda w=w, s=s: dsv4.fp8_block_gemm(x_q, x_s, w, s) for w, s, _ in ws])
+            # at M <= GEMV_MAX_M the op runs the GEMV: the tiled kernel beside it
+            row["tiled_us"] = (graph_time_us([lambda w=w, s=s: gemm_kernels.fp8_block_gemm(x_q, x_s, w, s, backend="triton")
+                                              for w, s, _ in ws]) if M <= gemm_kernels.GEMV_MAX_M else None)
             row["quant_us"] = graph_time_us([lambda: dsv4.fp8_block_quant(x, 128)] * 32)
             # the activation quant fused into the GEMM (2-D projections; the grouped wo_a takes FP8 o)
             row["linear_us"] = (graph_time_us([lambda w=w, s=s: dsv4.fp8_linear(x, w, s) for w, s, _ in ws])
@@ -112,6 +116,7 @@ def run(ms):
 def fmt(r):
     read = r["read_tbs"]
     cells = [r["name"], f"{r['M']}", f"{r['fp8_us']:.1f} µs ({pct_read(r['fp8_weight_bytes'], r['fp8_us'], read):.0f}%)",
+             f"{r['tiled_us']:.1f} µs" if r.get("tiled_us") else "—",
              f"{r['quant_us']:.1f} µs",
              f"{r['linear_us']:.1f} µs" if r.get("linear_us") else "—",
              f"{r['bf16_us']:.1f} µs ({pct_read(r['bf16_weight_bytes'], r['bf16_us'], read):.0f}%)",
@@ -120,8 +125,9 @@ def fmt(r):
 
 
 def table(ceil, rows):
-    head = ("| weight | M | fp8_block_gemm (% of read BW, FP8 weight bytes) | act quant | fp8_linear (quant fused) "
-            "| bf16 F.linear (% of read BW, bf16 bytes) | torch._scaled_mm block-wise |\n|---|---|---|---|---|---|---|")
+    head = ("| weight | M | fp8_block_gemm (% of read BW, FP8 weight bytes) | tiled kernel (M = 1: beside the GEMV) "
+            "| act quant | fp8_linear (quant fused) | bf16 F.linear (% of read BW, bf16 bytes) "
+            "| torch._scaled_mm block-wise |\n|---|---|---|---|---|---|---|---|")
     return f"{ceilings_line(ceil)}\n\n{head}\n" + "\n".join(fmt(r) for r in rows)
 
 

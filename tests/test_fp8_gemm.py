@@ -183,6 +183,67 @@ def test_fp8_linear_is_quant_then_gemm_bit_for_bit(kernel_device, M, N, K, split
                        _bytes(ref.fp8_block_gemm(*ref_quant.fp8_block_quant(x, 128), w_q, w_scale, torch.float32)))
 
 
+@pytest.mark.parametrize("M,N,K,cfg", [(1, 256, 512, {}), (1, 200, 384, {}), (1, 384, 1024, {"k_chunk": 256}),
+                                       (2, 130, 640, {"k_chunk": 128, "rows": 8}), (4, 256, 256, {"rows": 16})])
+def test_gemv_matches_reference(kernel_device, M, N, K, cfg):
+    """The GEMV (one row by default; up to 4 forced): against the reference within fp32 rounding,
+    against the float64 product within the GPU bound, ragged N (masked rows), K split over programs
+    (``k_chunk`` below K: the split-order reduction) with a ragged last split, deterministic, and the
+    counters left zero."""
+    case = _case(M, N, K, seed=N + K)
+    dev = [t.to(kernel_device) for t in case]
+    want = ref.fp8_block_gemm(*case, torch.float32)
+    got = kernels.fp8_block_gemm(*dev, torch.float32, backend="gemv", **cfg)
+    assert torch.equal(got, kernels.fp8_block_gemm(*dev, torch.float32, backend="gemv", **cfg))
+    got = got.cpu()
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6 * float(want.abs().max()))
+    assert float(((got.double() - _float64(*case)).abs() / _l1(*case)).max()) <= GPU_BOUND
+    assert not kernels._counter_buffer(kernel_device, 1).any()
+
+
+def test_gemv_grouped_and_fp8_linear(kernel_device):
+    """The grouped form (``wo_a``: group-major x, MN-major scales) and the fused quant through the GEMV."""
+    case, want = _grouped_case(1, 4, 128, 256, seed=3)
+    got = kernels.fp8_block_gemm(*(t.to(kernel_device) for t in case), torch.float32, backend="gemv").cpu()
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6 * float(want.abs().max()))
+    _, _, w_q, w_scale = _case(1, 256, 512, seed=9)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(9)).to(kernel_device)
+    dev = [t.to(kernel_device) for t in (w_q, w_scale)]
+    for cfg in ({}, {"k_chunk": 128}):
+        x_q, x_scale = quant_kernels.fp8_block_quant(x, 128, 1e-4)
+        a = kernels.fp8_block_gemm(x_q, x_scale, *dev, torch.float32, backend="gemv", **cfg)
+        b = kernels.fp8_linear(x, *dev, torch.float32, backend="gemv", **cfg)
+        assert torch.equal(_bytes(a), _bytes(b))
+
+
+def test_gemv_dispatch(monkeypatch):
+    """One row goes to the GEMV unless a tiled configuration or ``DSV4_FP8_GEMM=triton`` asks for the
+    tiled kernel; two rows go to the tiled kernel; the GEMV refuses more than 4 rows; its config rule."""
+    case = _case(2, 256, 512, seed=1)
+    one = (case[0][:1], case[1][:1], case[2], case[3])
+
+    def launches(**kw):
+        before = (kernels._fp8_gemv_kernel.launches + kernels._fp8_gemv_kernel.fast,
+                  kernels._fp8_block_gemm_kernel.launches + kernels._fp8_block_gemm_kernel.fast)
+        kernels.fp8_block_gemm(*kw.pop("args", one), **kw)
+        return (kernels._fp8_gemv_kernel.launches + kernels._fp8_gemv_kernel.fast - before[0],
+                kernels._fp8_block_gemm_kernel.launches + kernels._fp8_block_gemm_kernel.fast - before[1])
+
+    assert launches() == (1, 0)
+    assert launches(splits=2) == (0, 1)
+    assert launches(args=case) == (0, 1)
+    assert launches(args=case, backend="gemv") == (1, 0)
+    monkeypatch.setenv(kernels.GEMM_ENV, "triton")
+    assert launches() == (0, 1)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        kernels.fp8_block_gemm(*_case(5, 128, 128), backend="gemv")
+    assert kernels.gemv_config(40960, 1024) == (16, 1024, 1)  # q_proj: 16 KiB slabs
+    assert kernels.gemv_config(4096, 8192) == (4, 8192, 1)  # wo_b: 32 KiB
+    assert kernels.gemv_config(1024, 16384) == (4, 8192, 2)
+    with pytest.raises(ValueError, match="power of two"):
+        kernels.gemv_config(256, 512, rows=3)
+
+
 def _bytes(t):
     return t.contiguous().view(torch.uint8)
 
@@ -226,7 +287,7 @@ GPU_BOUND = 2.0**-11
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("M,backend", [(1, "triton"), (8, "triton"), (64, "triton"), (300, "triton"),
-                                       (300, "scaled_mm"), (2048, "scaled_mm")])
+                                       (300, "scaled_mm"), (2048, "scaled_mm"), (1, "gemv"), (4, "gemv")])
 def test_gpu_op_matches_reference(M, backend):
     """The op dispatches to cuBLAS from 256 rows only (cuBLAS refuses block-wise scales at M = 1 on the
     H200's torch 2.11), so the scaled_mm backend is checked there."""

@@ -15,10 +15,19 @@ input times the weight rows of the same range, one launch for every group. Activ
 scales are read through their strides (the fused output quant's group-major ``o`` and MN-major
 scales need no copy).
 
+One row (M = 1, the B = 1 decode step) goes to a CUDA-core GEMV (``_fp8_gemv_kernel``) instead: the
+tiled kernel's tensor-core dot buys nothing for one row and its K pipeline starts loading only after
+the grid-dependency wait. Each GEMV program owns ``R`` whole weight rows (up to 8192 K columns: one
+contiguous 16-32 KiB slab) and issues all of its weight loads *before* the wait, so under
+programmatic dependent launch the weight stream overlaps the previous kernel's tail; then the
+activation row is dequantized once per program with both block scales folded in (``x_q · x_scale ·
+w_scale``: the ``R`` rows share one 128-row weight-scale block) and each output is one fp32 dot of
+the weight row with it. Longer K splits over programs, reduced in split order as above.
+
 Large M (prefill) goes to cuBLAS through ``torch._scaled_mm`` with block-wise scales where this
 torch / GPU takes them (probed once per device), else to the same kernel with 128-row tiles.
-``DSV4_FP8_GEMM=triton`` forces the Triton kernel (``backend="scaled_mm"`` forces cuBLAS, for tests and
-benchmarks).
+``DSV4_FP8_GEMM=triton`` forces the tiled Triton kernel (``backend="scaled_mm"`` forces cuBLAS, ``"gemv"``
+the GEMV, for tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -32,13 +41,17 @@ import triton.language as tl
 from ... import layouts
 from .. import _device
 from ...reference.gemm import weight_scale_fp32
-from ._common import cdiv, fp8_quant_rows, interpreting, pdl_enter, sm_programs
+from ._common import cdiv, fp8_quant_rows, interpreting, next_pow2, pdl_enter, sm_programs
 from ._launch import prebound
 
 BLOCK = layouts.WEIGHT_BLOCK  # the kernel's K step and N tile bound are this 128
 COUNTERS = 4096  # split-K tile counters per device; splitting is used below 2 tiles per SM
 SCALED_MM_MIN_M = 256  # from this many rows the GEMM is compute-bound: cuBLAS when it takes block scales
 GEMM_ENV = "DSV4_FP8_GEMM"
+GEMV_MAX_M = 1  # rows the automatic dispatch gives the GEMV (at M = 2 the tiled kernel is faster on an H200)
+GEMV_FORCED_MAX_M = 4  # rows the GEMV takes at all (one unrolled pass over the tile per row)
+GEMV_MAX_KC = 8192  # K columns of one GEMV program's slab; longer K splits over programs
+GEMV_TILE = 16384  # bytes of weight a GEMV program loads at least (rows = max(4, GEMV_TILE // KC), ≤ 16)
 
 
 @prebound
@@ -110,6 +123,86 @@ def _fp8_block_gemm_kernel(
             tl.atomic_xchg(cnt, 0)  # ready for the next GEMM on this stream
     else:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+
+@triton.jit
+def _gemv_x_eff(x_ptr, xs_ptr, ws_row, rk, km, kbs, kbm, xs_stride_k, amax_floor, KC: tl.constexpr,
+                U8: tl.constexpr, QUANT_X: tl.constexpr):
+    """fp32 ``[KC]``: the activation row's e4m3 values times their 1x128 scale times the tile's weight
+    scale (``QUANT_X``: the row quantized here first, as ``fp8_block_quant(x, 128, amax_floor)``)."""
+    KCB: tl.constexpr = KC // 128
+    sb = tl.load(ws_row + kbs, mask=kbm, other=0.0)
+    if QUANT_X:  # columns past K are zeros: their block's scale is the floor's, multiplied by zeros
+        xb = tl.reshape(tl.load(x_ptr + rk, mask=km, other=0.0).to(tl.float32), (KCB, 128))
+        q, sa = fp8_quant_rows(xb, amax_floor)
+        xq = q.to(tl.float32)
+    else:
+        xv = tl.load(x_ptr + rk, mask=km, other=0.0)
+        if U8:
+            xv = xv.to(tl.float8e4nv, bitcast=True)
+        xq = tl.reshape(xv.to(tl.float32), (KCB, 128))
+        sa = tl.load(xs_ptr + kbs * xs_stride_k, mask=kbm, other=0.0)
+    return tl.reshape(xq * (sa * sb)[:, None], (KC,))
+
+
+@prebound
+@triton.jit
+def _fp8_gemv_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, n_per_group,
+    x_stride_m, x_stride_g, xs_stride_m, xs_stride_g, xs_stride_k, w_stride, ws_stride, out_stride, amax_floor,
+    R: tl.constexpr, KC: tl.constexpr, MB: tl.constexpr, SPLIT: tl.constexpr, U8: tl.constexpr,
+    QUANT_X: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """Program (``R`` weight rows inside one 128-row scale block and one group, K split of ``KC``
+    columns): its ``[R, KC]`` weight slab is loaded before the grid-dependency wait (the weight is
+    never written by a kernel); then for each of the ``M ≤ MB`` activation rows
+    ``out[m, n] = Σ_k w[n, k] · x_eff[m, k]`` in fp32 (``_gemv_x_eff``). With ``SPLIT`` the partials
+    go to ``part[split, m, n]`` and the last program of the rows sums them in split order."""
+    KCB: tl.constexpr = KC // 128
+    pn = tl.program_id(0)
+    ps = tl.program_id(1)
+    n0 = pn * R
+    rn = n0 + tl.arange(0, R)
+    nm = rn < N
+    rk = ps * KC + tl.arange(0, KC)
+    km = rk < K
+    w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * w_stride + rk[None, :], mask=nm[:, None] & km[None, :],
+                other=0.0)
+    pdl_enter(PDL)  # nothing above reads what an earlier kernel writes
+    if U8:
+        w = w.to(tl.float8e4nv, bitcast=True)
+    wf = w.to(tl.float32)
+    grp = (n0 // n_per_group).to(tl.int64)
+    kbs = ps * KCB + tl.arange(0, KCB)
+    kbm = kbs * 128 < K
+    ws_row = ws_ptr + (n0 // 128) * ws_stride
+    tile_elems = (tl.zeros([], dtype=tl.int64) + M) * N  # int64 even when M or N is specialized to 1
+    for m in tl.static_range(MB):
+        if m < M:
+            xe = _gemv_x_eff(x_ptr + m * x_stride_m + grp * x_stride_g, xs_ptr + m * xs_stride_m + grp * xs_stride_g,
+                             ws_row, rk, km, kbs, kbm, xs_stride_k, amax_floor, KC, U8, QUANT_X)
+            acc = tl.sum(wf * xe[None, :], axis=1)  # [R]
+            if SPLIT:
+                tl.store(part_ptr + ps * tile_elems + m * N + rn, acc, mask=nm)
+            else:
+                tl.store(out_ptr + m * out_stride + rn, acc.to(out_ptr.dtype.element_ty), mask=nm)
+    if SPLIT:
+        tl.debug_barrier()  # every thread's partial is written before the ticket (release, GPU scope)
+        n_split = tl.num_programs(1)
+        cnt = cnt_ptr + pn
+        ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+        if ticket == n_split - 1:  # the last program of these rows: every partial is visible (acquire)
+            rm = tl.arange(0, MB)
+            omask = (rm < M)[:, None] & nm[None, :]
+            part = part_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+            total = tl.zeros([MB, R], dtype=tl.float32)
+            for s in range(0, n_split):
+                total += tl.load(part + s * tile_elems, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + rm.to(tl.int64)[:, None] * out_stride + rn[None, :],
+                     total.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt, 0)  # ready for the next GEMM on this stream
 
 
 _counters: dict = {}
@@ -201,11 +294,76 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend
     if M == 0 or N == 0 or KB == 0:
         return torch.zeros((M, N), dtype=out_dtype, device=x_q.device)
     ws = weight_scale_fp32(w_scale).contiguous()
-    backend = backend or ("triton" if os.environ.get(GEMM_ENV) == "triton" else "auto")
+    backend = _backend(backend)
     if backend == "scaled_mm" or (backend == "auto" and M >= SCALED_MM_MIN_M and _scaled_mm_shape(x_q, N, KB, out_dtype)
                                   and _scaled_mm_supported(x_q.device)):
         return _scaled_mm(x_q, x_scale, w_q, ws, out_dtype)
-    return _launch(x_q, x_scale, w_q, ws, torch.empty((M, N), dtype=out_dtype, device=x_q.device), config)
+    out = torch.empty((M, N), dtype=out_dtype, device=x_q.device)
+    if _use_gemv(backend, M, N, K, config):
+        return _launch_gemv(x_q, x_scale, w_q, ws, out, config)
+    return _launch(x_q, x_scale, w_q, ws, out, config)
+
+
+def gemv_config(N: int, K: int, rows: int | None = None, k_chunk: int | None = None):
+    """(rows R, K columns KC, splits) of the GEMV: ``KC = min(next_pow2(K), GEMV_MAX_KC)`` and
+    ``R = max(4, GEMV_TILE // KC)`` up to 16 rows, so a program loads a 16-32 KiB slab (on an H200 at
+    M = 1, ``.old_tree/gemv_exp3.py``: the fastest of R 2-32, 16 / 32 KiB slabs, 4 / 8 warps within 5 %
+    for the five V4-Flash projections). ``R`` is a power of two up to 128: its rows sit in one
+    128-row weight-scale block and, for groups of whole 128-row blocks, in one group."""
+    kc = k_chunk or min(next_pow2(K), GEMV_MAX_KC)
+    r = rows or min(16, max(4, GEMV_TILE // kc))
+    if r & (r - 1) or not 1 <= r <= 128 or kc & (kc - 1) or kc < 128:
+        raise ValueError(f"GEMV rows must be a power of two up to 128 and k_chunk a power of two >= 128, got "
+                         f"{r}, {kc}")
+    return r, kc, cdiv(K, kc)
+
+
+def _use_gemv(backend, M: int, N: int, K: int, config: dict) -> bool:
+    """The GEMV runs ``backend="gemv"`` (up to ``GEMV_FORCED_MAX_M`` rows) and, automatically, one row
+    with no tiled-kernel configuration given, on the GPU and under the interpreter, unless its split-K
+    would need more tile counters than there are."""
+    if backend == "gemv":
+        if M > GEMV_FORCED_MAX_M:
+            raise ValueError(f"the GEMV takes at most {GEMV_FORCED_MAX_M} rows, got {M}")
+        return True
+    if backend != "auto" or M > GEMV_MAX_M or any(k not in ("rows", "k_chunk") for k in config):
+        return False
+    r, _, splits = gemv_config(N, K, **config)
+    return splits == 1 or cdiv(N, r) <= COUNTERS
+
+
+def _launch_gemv(x, x_scale, w_q, ws, out, config, amax_floor=None):
+    """``_fp8_gemv_kernel`` on FP8 ``x`` with ``x_scale`` (``[M, K]`` or grouped ``[M, G, K]``), or, with
+    ``amax_floor``, on bf16 / fp16 / fp32 ``x [M, K]`` quantized in the kernel (``x_scale`` None)."""
+    M, (N, K) = x.shape[0], w_q.shape
+    quant = amax_floor is not None
+    R, KC, splits = gemv_config(N, K, **config)
+    u8 = interpreting()
+    xb = x if x.stride(-1) == 1 else x.contiguous()
+    wb = w_q.contiguous()
+    if u8:
+        wb = wb.view(torch.uint8)
+        if not quant:
+            xb = xb.view(torch.uint8)
+    if xb.dim() == 2:
+        xb = xb.unsqueeze(1)
+        x_scale = x_scale.unsqueeze(1) if x_scale is not None else None
+    xs_strides = x_scale.stride() if x_scale is not None else (0, 0, 0)
+    tiles = cdiv(N, R)
+    part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
+    cnt = _counter_buffer(x.device, tiles) if splits > 1 else out
+    _fp8_gemv_kernel[(tiles, splits)](
+        xb, x_scale if x_scale is not None else ws, wb, ws, out, part, cnt, M, N, K, N // xb.shape[1],
+        xb.stride(0), xb.stride(1), *xs_strides, wb.stride(0), ws.stride(0), out.stride(0),
+        float(amax_floor) if quant else 0.0, R=R, KC=KC, MB=next_pow2(M), SPLIT=splits > 1, U8=u8,
+        QUANT_X=quant, num_warps=4,
+    )
+    return out
+
+
+def _backend(backend: str | None) -> str:
+    """The forced backend, or "triton" under ``DSV4_FP8_GEMM=triton``, else "auto"."""
+    return backend or ("triton" if os.environ.get(GEMM_ENV) == "triton" else "auto")
 
 
 def _scaled_mm_shape(x_q, N: int, KB: int, out_dtype) -> bool:
@@ -272,4 +430,7 @@ def fp8_linear(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=1e-4, back
         x_q, x_scale = fp8_block_quant(x, BLOCK, scale_floor)
         return fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype, backend=backend, **config)
     out = torch.empty((M, N), dtype=out_dtype, device=x.device)
-    return _launch(x, None, w_q, weight_scale_fp32(w_scale).contiguous(), out, config, amax_floor=scale_floor)
+    ws = weight_scale_fp32(w_scale).contiguous()
+    if _use_gemv(_backend(backend), M, N, K, config):
+        return _launch_gemv(x, None, w_q, ws, out, config, amax_floor=scale_floor)
+    return _launch(x, None, w_q, ws, out, config, amax_floor=scale_floor)
