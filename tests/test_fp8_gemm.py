@@ -223,10 +223,10 @@ def test_gemv_dispatch(monkeypatch):
     one = (case[0][:1], case[1][:1], case[2], case[3])
 
     def launches(**kw):
-        before = (kernels._fp8_gemv_kernel.launches + kernels._fp8_gemv_kernel.fast,
+        before = (kernels._gemv_kernel.launches + kernels._gemv_kernel.fast,
                   kernels._fp8_block_gemm_kernel.launches + kernels._fp8_block_gemm_kernel.fast)
         kernels.fp8_block_gemm(*kw.pop("args", one), **kw)
-        return (kernels._fp8_gemv_kernel.launches + kernels._fp8_gemv_kernel.fast - before[0],
+        return (kernels._gemv_kernel.launches + kernels._gemv_kernel.fast - before[0],
                 kernels._fp8_block_gemm_kernel.launches + kernels._fp8_block_gemm_kernel.fast - before[1])
 
     assert launches() == (1, 0)
@@ -242,6 +242,36 @@ def test_gemv_dispatch(monkeypatch):
     assert kernels.gemv_config(1024, 16384) == (4, 8192, 2)
     with pytest.raises(ValueError, match="power of two"):
         kernels.gemv_config(256, 512, rows=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_linear_fp32_reference_and_gemv(kernel_device, dtype):
+    """``dsv4::linear_fp32``: the reference is the float64 product of the 16-bit values within fp32
+    summation error; the GEMV (one row, forced up to 4, K split, ragged N and K) matches it."""
+    g = torch.Generator().manual_seed(5)
+    for M, N, K, cfg in ((1, 200, 512, {}), (3, 130, 384, {}), (1, 64, 1024, {"k_chunk": 256}), (2, 40, 100, {})):
+        x = torch.randn(M, K, generator=g).to(dtype)
+        w = torch.randn(N, K, generator=g).to(dtype)
+        want = ref.linear_fp32(x, w)
+        exact = x.double() @ w.double().T
+        bound = K * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
+        if dtype != torch.float32:  # 16-bit products are exact in fp32: only the sums round
+            assert ((want.double() - exact).abs() <= bound).all()
+        assert torch.equal(dsv4.linear_fp32(x, w), want)
+        got = kernels.linear_fp32(x.to(kernel_device), w.to(kernel_device), backend="gemv", **cfg).cpu()
+        assert got.dtype == torch.float32
+        assert ((got.double() - exact).abs() <= 2 * bound + 1e-30).all()
+
+
+def test_linear_fp32_opcheck_and_errors():
+    x = torch.randn(3, 256).bfloat16()
+    w = torch.randn(64, 256).bfloat16()
+    torch.library.opcheck(dsv4.linear_fp32.default, (x, w))
+    torch.library.opcheck(dsv4.linear_fp32.default, (x[:, :128], w[:, 128:]))  # strided views
+    for bad, match in (((x, w.float()), "weight"), ((x, w[:, :128]), "K"), ((x[0], w), "x"),
+                       ((x.to(torch.int32), w), "x")):
+        with pytest.raises(ValueError, match=match):
+            dsv4.linear_fp32(*bad)
 
 
 def _bytes(t):
@@ -309,6 +339,21 @@ def test_gpu_op_matches_reference(M, backend):
     if M == 8:  # through the op, default dispatch
         torch.testing.assert_close(dsv4.fp8_block_gemm(*dev).float().cpu(), want, rtol=1e-2,
                                    atol=1e-2 * float(want.abs().max()))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 8])
+def test_gpu_linear_fp32(M):
+    """The op on the GPU (one row: the GEMV; 8 rows: cuBLAS) against the float64 product, the
+    comp_proj shape of V4-Flash (2624 x 4096)."""
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 4096, generator=g).bfloat16()
+    w = (torch.randn(2624, 4096, generator=g) * 0.02).bfloat16()
+    exact = x.double() @ w.double().T
+    got = dsv4.linear_fp32(x.cuda(), w.cuda())
+    assert torch.equal(got, dsv4.linear_fp32(x.cuda(), w.cuda()))
+    bound = 4096 * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
+    assert ((got.cpu().double() - exact).abs() <= bound).all()
 
 
 @pytest.mark.cuda

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .. import layouts
 
@@ -75,9 +74,7 @@ def project(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight^T`` with fp32 output (the compressor GEMM, docs/numerics.md §2.3): bf16 operands with fp32
-    accumulation and output on CUDA (``mm`` with ``out_dtype``), fp32 operands on CPU (which has no
-    such kernel). Both are the exact products of the bf16 values, summed in fp32."""
-    if x.is_cuda:
-        return torch.mm(x, weight.t(), out_dtype=torch.float32)
-    return F.linear(x.float(), weight.float())
+    """``x @ weight^T`` with fp32 output (the compressor GEMM, docs/numerics.md §2.3): ``dsv4::linear_fp32``,
+    the exact products of the 16-bit values summed in fp32 (one row through the package's GEMV on
+    CUDA, cuBLAS ``mm`` with ``out_dtype`` above)."""
+    return dsv4.linear_fp32(x, weight)

@@ -1,5 +1,7 @@
-"""``dsv4::fp8_block_gemm``: the block-scaled FP8 GEMM of DSv4's FP8 projections, and
-``dsv4::fp8_linear``: the same with the activation quantization fused in (docs/numerics.md §4.5)."""
+"""``dsv4::fp8_block_gemm``: the block-scaled FP8 GEMM of DSv4's FP8 projections;
+``dsv4::fp8_linear``: the same with the activation quantization fused in (docs/numerics.md §4.5);
+``dsv4::linear_fp32``: the fp32-output GEMM of 16-bit operands (the compressors' and the indexer
+weights' projection, docs/numerics.md §2.8)."""
 
 from __future__ import annotations
 
@@ -82,9 +84,11 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, 
     Source:
         ``fp8_gemm`` of the DeepSeek-V4 reference ``kernel.py`` (activations from ``act_quant`` in
         1x128 blocks, weights in 128x128 blocks); DeepGEMM's ``fp8_gemm_nt`` and vLLM's
-        ``w8a8_block_fp8_matmul`` compute the same. The CUDA path (``kernels/triton/gemm.py``): a
-        Triton kernel (pipelined weight stream, split-K for small M reduced in split order inside the
-        kernel: deterministic); from 256 rows cuBLAS through ``torch._scaled_mm`` with block-wise
+        ``w8a8_block_fp8_matmul`` compute the same. The CUDA path (``kernels/triton/gemm.py``): one
+        row through a GEMV (each program's weight slab loaded before the grid-dependency wait, the
+        activation row dequantized once per program, one fp32 dot per output); more rows through a
+        tiled Triton kernel (pipelined weight stream, split-K for small M reduced in split order inside
+        the kernel: deterministic); from 256 rows cuBLAS through ``torch._scaled_mm`` with block-wise
         scales where this torch / GPU takes them (``DSV4_FP8_GEMM=triton`` forces the kernel).
     """
     _check(x_q, x_scale, w_q, w_scale, out_dtype)
@@ -140,7 +144,7 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dt
 
     Source:
         ``act_quant`` + ``fp8_gemm`` of the DeepSeek-V4 reference ``kernel.py``. The CUDA path up to 64
-        rows (decode) is one Triton kernel that quantizes each 1x128 block of ``x`` in registers
+        rows (decode) is one Triton kernel (one row: the GEMV) that quantizes each 1x128 block of ``x`` in registers
         (``kernels/triton/gemm.py``: the quant kernel's own code) as it streams the weight; above that
         the two ops' kernels. The ``fp8_linear`` pass (``lowerings/fp8_linear.py``) rewrites the plain
         ``fp8_block_quant`` → ``fp8_block_gemm`` pair into it.
@@ -162,3 +166,56 @@ def _fp8_linear_cuda(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=layo
 def _fp8_linear_fake(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=layouts.FP8_AMAX_FLOOR):
     _check_linear(x, w_q, w_scale, out_dtype, scale_floor)
     return torch.empty((x.shape[0], w_q.shape[0]), dtype=out_dtype, device=x.device)
+
+
+def _check_linear_fp32(x, weight):
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x.device)
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be [N, K] with x's K = {x.shape[1]}, got {tuple(weight.shape)}")
+
+
+@torch.library.custom_op(qualname("linear_fp32"), mutates_args=())
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x · weightᵀ`` with an fp32 result: each product of the two 16-bit values exact in fp32, the
+    products summed in fp32, the sum not rounded back to 16 bits.
+
+    Args:
+        x: ``[M, K]`` bf16 / fp16 / fp32 activations (any strides).
+        weight: ``[N, K]`` of ``x``'s dtype (``nn.Linear`` layout, any strides).
+
+    Returns:
+        A fresh contiguous fp32 ``[M, N]`` tensor.
+
+    Mutates:
+        Nothing.
+
+    Raises:
+        ValueError: a tensor not 2-D, of another dtype than bf16 / fp16 / fp32, ``weight`` of another
+            dtype or device than ``x``, or ``weight``'s K not ``x``'s.
+
+    Source:
+        DSv4's compressors compute ``kv_score = x @ [wkv; wgate]ᵀ`` and the indexer its head weights
+        ``x @ weights_projᵀ`` in fp32 (the DeepSeek-V4 reference ``model.py``: ``F.linear`` of the
+        ``.float()`` operands); the layer runs them as one GEMM (docs/numerics.md §2.8). The CUDA path
+        (``kernels/triton/gemm.py``): one row (the B = 1 decode step) through the GEMV that also runs
+        the FP8 projections (the weight slab loaded before the grid-dependency wait, one fp32 dot per
+        output), more rows through cuBLAS (``torch.mm`` with ``out_dtype=float32``).
+    """
+    _check_linear_fp32(x, weight)
+    return ref.linear_fp32(x, weight)
+
+
+@register_cuda(linear_fp32, strided=("x", "weight"))
+def _linear_fp32_cuda(x, weight):
+    if checks_needed():
+        _check_linear_fp32(x, weight)
+    from ..kernels.triton import gemm
+
+    return gemm.linear_fp32(x, weight)
+
+
+@linear_fp32.register_fake
+def _linear_fp32_fake(x, weight):
+    _check_linear_fp32(x, weight)
+    return torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32, device=x.device)

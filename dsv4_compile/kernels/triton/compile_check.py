@@ -131,14 +131,15 @@ def _attention_cases():
             xs_stride_g="i32", xs_stride_k="i32", w_stride="i32", ws_stride="i32", out_stride="i32",
             amax_floor="fp32"), dict(BM=bm, BN=bn, STAGES=4 if bm < 128 else 3, SPLIT=split, U8=False,
                                      QUANT_X=quant), dict(num_warps=8 if bm == 128 else 4)
-    for r, kc, mb, split, out, quant in ((16, 1024, 1, False, "*bf16", False), (4, 8192, 1, True, "*bf16", True),
-                                         (4, 256, 4, True, "*fp32", False)):
-        yield gemm._fp8_gemv_kernel, dict(
-            x_ptr="*bf16" if quant else "*fp8e4nv", xs_ptr="*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32", out_ptr=out,
+    for r, kc, mb, split, out, mode in ((16, 1024, 1, False, "*bf16", 0), (4, 8192, 1, True, "*bf16", 1),
+                                        (4, 256, 4, True, "*fp32", 0), (4, 4096, 1, False, "*fp32", 2)):
+        yield gemm._gemv_kernel, dict(
+            x_ptr="*fp8e4nv" if mode == 0 else "*bf16", xs_ptr="*fp32",
+            w_ptr="*bf16" if mode == 2 else "*fp8e4nv", ws_ptr="*fp32", out_ptr=out,
             part_ptr="*fp32", cnt_ptr="*i32", M="i32", N="i32", K="i32", n_per_group="i32", x_stride_m="i32",
             x_stride_g="i32", xs_stride_m="i32", xs_stride_g="i32", xs_stride_k="i32", w_stride="i32",
             ws_stride="i32", out_stride="i32", amax_floor="fp32"), dict(
-            R=r, KC=kc, MB=mb, SPLIT=split, U8=False, QUANT_X=quant), dict(num_warps=4)
+            R=r, KC=kc, MB=mb, SPLIT=split, U8=False, X_MODE=mode), dict(num_warps=4)
     combine_sig = dict(part_ptr="*fp32", m_ptr="*fp32", l_ptr="*fp32", sink_ptr="*fp32", o_ptr="*bf16", H="i32",
                        n_split="i32", o_stride_t="i32", o_stride_h="i32")
     yield attention._combine_kernel, combine_sig, dict(BH=16, DC=512)

@@ -15,7 +15,7 @@ input times the weight rows of the same range, one launch for every group. Activ
 scales are read through their strides (the fused output quant's group-major ``o`` and MN-major
 scales need no copy).
 
-One row (M = 1, the B = 1 decode step) goes to a CUDA-core GEMV (``_fp8_gemv_kernel``) instead: the
+One row (M = 1, the B = 1 decode step) goes to a CUDA-core GEMV (``_gemv_kernel``) instead: the
 tiled kernel's tensor-core dot buys nothing for one row and its K pipeline starts loading only after
 the grid-dependency wait. Each GEMV program owns ``R`` whole weight rows (up to 8192 K columns: one
 contiguous 16-32 KiB slab) and issues all of its weight loads *before* the wait, so under
@@ -128,12 +128,15 @@ def _fp8_block_gemm_kernel(
 
 @triton.jit
 def _gemv_x_eff(x_ptr, xs_ptr, ws_row, rk, km, kbs, kbm, xs_stride_k, amax_floor, KC: tl.constexpr,
-                U8: tl.constexpr, QUANT_X: tl.constexpr):
-    """fp32 ``[KC]``: the activation row's e4m3 values times their 1x128 scale times the tile's weight
-    scale (``QUANT_X``: the row quantized here first, as ``fp8_block_quant(x, 128, amax_floor)``)."""
+                U8: tl.constexpr, X_MODE: tl.constexpr):
+    """fp32 ``[KC]`` of one activation row, as the weight row is dotted with it. ``X_MODE`` 0: e4m3
+    values times their 1x128 scale times the tile's weight scale; 1: the row quantized here first, as
+    ``fp8_block_quant(x, 128, amax_floor)``, then the same; 2 (float weights): the values as they are."""
     KCB: tl.constexpr = KC // 128
+    if X_MODE == 2:
+        return tl.load(x_ptr + rk, mask=km, other=0.0).to(tl.float32)
     sb = tl.load(ws_row + kbs, mask=kbm, other=0.0)
-    if QUANT_X:  # columns past K are zeros: their block's scale is the floor's, multiplied by zeros
+    if X_MODE == 1:  # columns past K are zeros: their block's scale is the floor's, multiplied by zeros
         xb = tl.reshape(tl.load(x_ptr + rk, mask=km, other=0.0).to(tl.float32), (KCB, 128))
         q, sa = fp8_quant_rows(xb, amax_floor)
         xq = q.to(tl.float32)
@@ -148,18 +151,19 @@ def _gemv_x_eff(x_ptr, xs_ptr, ws_row, rk, km, kbs, kbm, xs_stride_k, amax_floor
 
 @prebound
 @triton.jit
-def _fp8_gemv_kernel(
+def _gemv_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, n_per_group,
     x_stride_m, x_stride_g, xs_stride_m, xs_stride_g, xs_stride_k, w_stride, ws_stride, out_stride, amax_floor,
     R: tl.constexpr, KC: tl.constexpr, MB: tl.constexpr, SPLIT: tl.constexpr, U8: tl.constexpr,
-    QUANT_X: tl.constexpr,
+    X_MODE: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     """Program (``R`` weight rows inside one 128-row scale block and one group, K split of ``KC``
     columns): its ``[R, KC]`` weight slab is loaded before the grid-dependency wait (the weight is
     never written by a kernel); then for each of the ``M ≤ MB`` activation rows
-    ``out[m, n] = Σ_k w[n, k] · x_eff[m, k]`` in fp32 (``_gemv_x_eff``). With ``SPLIT`` the partials
-    go to ``part[split, m, n]`` and the last program of the rows sums them in split order."""
+    ``out[m, n] = Σ_k w[n, k] · x_eff[m, k]`` in fp32 (``_gemv_x_eff``; ``X_MODE`` 2: a bf16 / fp16 /
+    fp32 weight and activation, ``linear_fp32``). With ``SPLIT`` the partials go to
+    ``part[split, m, n]`` and the last program of the rows sums them in split order."""
     KCB: tl.constexpr = KC // 128
     pn = tl.program_id(0)
     ps = tl.program_id(1)
@@ -171,7 +175,7 @@ def _fp8_gemv_kernel(
     w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * w_stride + rk[None, :], mask=nm[:, None] & km[None, :],
                 other=0.0)
     pdl_enter(PDL)  # nothing above reads what an earlier kernel writes
-    if U8:
+    if U8 and X_MODE != 2:
         w = w.to(tl.float8e4nv, bitcast=True)
     wf = w.to(tl.float32)
     grp = (n0 // n_per_group).to(tl.int64)
@@ -182,7 +186,7 @@ def _fp8_gemv_kernel(
     for m in tl.static_range(MB):
         if m < M:
             xe = _gemv_x_eff(x_ptr + m * x_stride_m + grp * x_stride_g, xs_ptr + m * xs_stride_m + grp * xs_stride_g,
-                             ws_row, rk, km, kbs, kbm, xs_stride_k, amax_floor, KC, U8, QUANT_X)
+                             ws_row, rk, km, kbs, kbm, xs_stride_k, amax_floor, KC, U8, X_MODE)
             acc = tl.sum(wf * xe[None, :], axis=1)  # [R]
             if SPLIT:
                 tl.store(part_ptr + ps * tile_elems + m * N + rn, acc, mask=nm)
@@ -305,12 +309,12 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend
 
 
 def gemv_config(N: int, K: int, rows: int | None = None, k_chunk: int | None = None):
-    """(rows R, K columns KC, splits) of the GEMV: ``KC = min(next_pow2(K), GEMV_MAX_KC)`` and
+    """(rows R, K columns KC, splits) of the GEMV: ``KC = min(max(128, next_pow2(K)), GEMV_MAX_KC)`` and
     ``R = max(4, GEMV_TILE // KC)`` up to 16 rows, so a program loads a 16-32 KiB slab (on an H200 at
     M = 1, ``.old_tree/gemv_exp3.py``: the fastest of R 2-32, 16 / 32 KiB slabs, 4 / 8 warps within 5 %
     for the five V4-Flash projections). ``R`` is a power of two up to 128: its rows sit in one
     128-row weight-scale block and, for groups of whole 128-row blocks, in one group."""
-    kc = k_chunk or min(next_pow2(K), GEMV_MAX_KC)
+    kc = k_chunk or min(max(BLOCK, next_pow2(K)), GEMV_MAX_KC)
     r = rows or min(16, max(4, GEMV_TILE // kc))
     if r & (r - 1) or not 1 <= r <= 128 or kc & (kc - 1) or kc < 128:
         raise ValueError(f"GEMV rows must be a power of two up to 128 and k_chunk a power of two >= 128, got "
@@ -333,12 +337,14 @@ def _use_gemv(backend, M: int, N: int, K: int, config: dict) -> bool:
 
 
 def _launch_gemv(x, x_scale, w_q, ws, out, config, amax_floor=None):
-    """``_fp8_gemv_kernel`` on FP8 ``x`` with ``x_scale`` (``[M, K]`` or grouped ``[M, G, K]``), or, with
-    ``amax_floor``, on bf16 / fp16 / fp32 ``x [M, K]`` quantized in the kernel (``x_scale`` None)."""
+    """``_gemv_kernel`` on FP8 ``x`` with ``x_scale`` (``[M, K]`` or grouped ``[M, G, K]``); with
+    ``amax_floor``, on bf16 / fp16 / fp32 ``x [M, K]`` quantized in the kernel (``x_scale`` None); with
+    ``ws`` None, on a float weight ``w_q`` and float ``x`` (``linear_fp32``)."""
     M, (N, K) = x.shape[0], w_q.shape
     quant = amax_floor is not None
+    mode = 2 if ws is None else 1 if quant else 0
     R, KC, splits = gemv_config(N, K, **config)
-    u8 = interpreting()
+    u8 = interpreting() and mode != 2
     xb = x if x.stride(-1) == 1 else x.contiguous()
     wb = w_q.contiguous()
     if u8:
@@ -352,13 +358,34 @@ def _launch_gemv(x, x_scale, w_q, ws, out, config, amax_floor=None):
     tiles = cdiv(N, R)
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
     cnt = _counter_buffer(x.device, tiles) if splits > 1 else out
-    _fp8_gemv_kernel[(tiles, splits)](
-        xb, x_scale if x_scale is not None else ws, wb, ws, out, part, cnt, M, N, K, N // xb.shape[1],
-        xb.stride(0), xb.stride(1), *xs_strides, wb.stride(0), ws.stride(0), out.stride(0),
-        float(amax_floor) if quant else 0.0, R=R, KC=KC, MB=next_pow2(M), SPLIT=splits > 1, U8=u8,
-        QUANT_X=quant, num_warps=4,
+    _gemv_kernel[(tiles, splits)](
+        xb, x_scale if x_scale is not None else out, wb, ws if ws is not None else out, out, part, cnt, M, N, K,
+        N // xb.shape[1], xb.stride(0), xb.stride(1), *xs_strides, wb.stride(0), ws.stride(0) if ws is not None else 0,
+        out.stride(0), float(amax_floor) if quant else 0.0, R=R, KC=KC, MB=next_pow2(M), SPLIT=splits > 1, U8=u8,
+        X_MODE=mode, num_warps=4,
     )
     return out
+
+
+LINEAR_FP32_GEMV_MAX_M = 1  # rows linear_fp32 gives the GEMV on CUDA (cuBLAS above)
+
+
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor, backend: str | None = None, **config) -> torch.Tensor:
+    """See ``dsv4::linear_fp32``: one row through the GEMV (``backend="gemv"`` forces it, up to
+    ``GEMV_FORCED_MAX_M`` rows), else ``torch.mm`` with an fp32 output (cuBLAS; fp32 operands: fp32 mm)."""
+    M, (N, K) = x.shape[0], weight.shape
+    if M == 0 or N == 0 or K == 0:
+        return torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    if backend == "gemv" or (backend is None and M <= LINEAR_FP32_GEMV_MAX_M):
+        if M > GEMV_FORCED_MAX_M:
+            raise ValueError(f"the GEMV takes at most {GEMV_FORCED_MAX_M} rows, got {M}")
+        r, _, splits = gemv_config(N, K, **config)
+        if splits == 1 or cdiv(N, r) <= COUNTERS:
+            out = torch.empty((M, N), dtype=torch.float32, device=x.device)
+            return _launch_gemv(x, None, weight, None, out, config)
+    if x.dtype == torch.float32:
+        return torch.mm(x, weight.t())
+    return torch.mm(x, weight.t(), out_dtype=torch.float32)
 
 
 def _backend(backend: str | None) -> str:
