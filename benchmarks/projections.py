@@ -6,7 +6,8 @@ accepts them (cuBLAS; sm_90 takes 1x128 activation and 128x128 weight scales).
 Shapes (N x K, V4-Flash, TP 1): ``wq_a+wkv`` 1536 x 4096 (one fused GEMM of x), ``wq_b`` 32768 x 1024,
 ``indexer.wq_b`` 8192 x 1024, ``q_proj`` 40960 x 1024 (the layer runs ``wq_b`` and ``indexer.wq_b`` as this
 one GEMM of ``qr``), ``wo_a`` 8 groups of 1024 x 4096 (the FP8 op's grouped form, one call;
-bf16: one batched matmul, as the bf16 model's ``grouped_linear``), ``wo_b`` 4096 x 8192. Timing:
+bf16: one batched matmul, as the bf16 model's ``grouped_linear``), ``wo_b`` 4096 x 8192; and the
+bf16 ``comp_proj`` 2624 x 4096 with fp32 output (``dsv4::linear_fp32`` against cuBLAS). Timing:
 CUDA-graph replay, rotating over enough weight copies that every call reads its weight from DRAM;
 the rate is the weight bytes (FP8 + scales, or bf16) over the time, as % of the streaming-read
 bandwidth measured in the same run. At M = 1 the op runs the GEMV (``kernels/triton/gemm.py``); the
@@ -191,7 +192,41 @@ def main():
         sweep([m for m in args.m if m <= 64])
         return
     ceil, rows = run(args.m)
-    write_results(table(ceil, rows), rows, args.out)
+    comp = run_comp_proj(args.m, ceil)
+    write_results(table(ceil, rows) + "\n\n" + comp_table(comp), rows + comp, args.out)
+
+
+# comp_proj of a V4-Flash CSA layer: the indexer's weights_proj (64) + the main compressor's [wkv; wgate]
+# (2·2·512) + the indexer compressor's (2·2·128) rows of bf16 weight, fp32 output
+COMP_PROJ = (64 + 2048 + 512, 4096)
+
+
+def run_comp_proj(ms, ceil):
+    """``dsv4::linear_fp32`` (one row: the GEMV) against cuBLAS ``mm(..., out_dtype=float32)``, over
+    rotating bf16 weights."""
+    N, K = COMP_PROJ
+    ws = [torch.randn(N, K, device="cuda").bfloat16() for _ in range(max(2, -(-(256 << 20) // (2 * N * K))))]
+    rows = []
+    for M in ms:
+        x = torch.randn(M, K, device="cuda").bfloat16()
+        row = dict(name="comp_proj (bf16, fp32 out)", M=M, N=N, K=K, **ceiling_fields(ceil), bf16_weight_bytes=2 * N * K)
+        row["linear_fp32_us"] = graph_time_us([lambda w=w: dsv4.linear_fp32(x, w) for w in ws])
+        row["mm_us"] = graph_time_us([lambda w=w: torch.mm(x, w.t(), out_dtype=torch.float32) for w in ws])
+        rows.append(row)
+        print(comp_fmt(row), flush=True)
+    return rows
+
+
+def comp_fmt(r):
+    read, b = r["read_tbs"], r["bf16_weight_bytes"]
+    return (f"| {r['name']} | {r['M']} | {r['linear_fp32_us']:.1f} µs ({pct_read(b, r['linear_fp32_us'], read):.0f}%) "
+            f"| {r['mm_us']:.1f} µs ({pct_read(b, r['mm_us'], read):.0f}%) |")
+
+
+def comp_table(rows):
+    head = ("| weight | M | dsv4::linear_fp32 (% of read BW, bf16 bytes) | cuBLAS mm, out_dtype=float32 |\n"
+            "|---|---|---|---|")
+    return head + "\n" + "\n".join(comp_fmt(r) for r in rows)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,7 @@ dsv4.fp8_block_gemm.default
 dsv4.fp8_block_quant.default
 dsv4.kv_rope_insert.default
 dsv4.swa_indices.default
+dsv4.linear_fp32.default
 dsv4.compressor_insert.default
 dsv4.compressor_insert.default
 dsv4.fp8_block_gemm.default
@@ -146,6 +147,7 @@ def test_fp8_linear_pass_is_bit_exact_and_drops_the_activation_quants(no_compile
 dsv4.fp8_linear.default
 dsv4.kv_rope_insert.default
 dsv4.swa_indices.default
+dsv4.linear_fp32.default
 dsv4.compressor_insert.default
 dsv4.compressor_insert.default
 dsv4.fp8_linear.default

@@ -92,6 +92,7 @@ def test_fusions_csa():
 {'indexer_q': 1, 'compressor': 2, 'kv_rope_insert': 1, 'inv_rope_quant': 1, 'quant_cse': 0}
 af2(dsv4.kv_rope_insert.default)
 dsv4.swa_indices.default
+dsv4.linear_fp32.default
 af2(dsv4.compressor_insert.default)
 af2(dsv4.compressor_insert.default)
 dsv4.indexer_q_rope_fp8.default
@@ -109,6 +110,7 @@ def test_fusions_csa_mxfp4():
 {'indexer_q': 1, 'compressor': 2, 'kv_rope_insert': 1, 'inv_rope_quant': 1, 'quant_cse': 0}
 af2(dsv4.kv_rope_insert.default)
 dsv4.swa_indices.default
+dsv4.linear_fp32.default
 af2(dsv4.compressor_insert.default)
 af2(dsv4.compressor_insert.default)
 dsv4.indexer_q_rope_mxfp4.default
@@ -124,6 +126,7 @@ def test_fusions_hca():
 {'indexer_q': 0, 'compressor': 1, 'kv_rope_insert': 1, 'inv_rope_quant': 1, 'quant_cse': 0}
 af2(dsv4.kv_rope_insert.default)
 dsv4.swa_indices.default
+dsv4.linear_fp32.default
 af2(dsv4.compressor_insert.default)
 dsv4.compressed_indices.default
 dsv4.rope.default
