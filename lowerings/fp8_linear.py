@@ -13,12 +13,12 @@ GEMM kernel quantizes each 1x128 block of ``x`` in registers; bit for bit the sa
 with any other user (its FP8 values stored, say) is left alone, as is the grouped (3-D) GEMM of
 ``wo_a``, whose input comes quantized from the fused output quant.
 
-Off by default (``PassConfig.fp8_linear``): measured on an H200 it does not pay. The fused GEMM beats
-the plain GEMM plus its quant launch only on the narrow projections at M ≤ 8 (``wq_a+wkv`` at M = 1:
-7.8 µs fused vs 7.1 + 1.6 µs). It loses on the wide ones and from M = 32 (``wq_b`` at M = 1: 13.8 vs
-11.4 + 1.5 µs; at M = 64: 25.2 vs 12.0 + 1.7 µs): every N tile quantizes the same rows again in its
-prologue. A graphed V4-Flash CSA decode step with FP8 weights took 149 / 164 / 269 µs at B = 1 / 8 / 64
-with the pass and 149 / 164 / 250 µs without it (``benchmarks/results/projections_h200.md``).
+On by default (``PassConfig.fp8_linear``). The op decides at run time where the quant goes
+(``kernels/triton/gemm.py``): one row with K ≤ 4096 quantizes inside the GEMV, everything else runs
+the quant kernel, then the GEMM, so the rewrite costs nothing where fusing does not pay. Measured on an
+H200 at M = 1: ``wq_a+wkv`` 3.2 µs fused against 3.1 + 1.3 µs, ``q_proj`` 13.5 against 13.1 + 1.1 µs
+(``benchmarks/results/projections_h200.md``). Before the GEMV (the tiled kernel quantizing in its
+prologue, every N tile again) it lost from M = 32 and on the wide projections, and was off.
 """
 
 from __future__ import annotations

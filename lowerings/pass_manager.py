@@ -32,8 +32,8 @@ class PassConfig:
     quant_cse: bool = True  # identical fp8_block_quant / mxfp4_quant calls ⇒ one (lowerings/quant_cse.py)
     # RMSNorm → fp8_block_quant ⇒ rms_norm_fp8_quant: off, no faster on an H200 (lowerings/norm_quant.py)
     rms_norm_quant: bool = False
-    # fp8_block_quant → fp8_block_gemm ⇒ fp8_linear: off, slower on an H200 (lowerings/fp8_linear.py)
-    fp8_linear: bool = False
+    # fp8_block_quant → fp8_block_gemm ⇒ fp8_linear (the quant inside the one-row GEMV; lowerings/fp8_linear.py)
+    fp8_linear: bool = True
     dtypes: tuple[str, ...] = ("bfloat16", "float16", "float32")
 
     def __post_init__(self):

@@ -160,8 +160,8 @@ def test_grouped_reference_and_kernel(kernel_device):
 @pytest.mark.parametrize("M,N,K,splits", [(1, 256, 512, None), (3, 200, 384, 3), (17, 128, 256, 1),
                                           (64, 130, 256, 2), (65, 128, 256, None)])
 def test_fp8_linear_is_quant_then_gemm_bit_for_bit(kernel_device, M, N, K, splits):
-    """``fp8_linear`` (the kernel quantizing x itself up to 64 rows; quant + GEMM above) equals the
-    quant op's kernel then the GEMM kernel bit for bit, with a NaN row, a zero row (the floor's scale)
+    """``fp8_linear`` (the GEMV or the tiled kernel quantizing x itself; quant + GEMM otherwise) equals
+    the quant op's kernel then the GEMM kernel bit for bit, with a NaN row, a zero row (the floor's scale)
     and an fp32 x. (Under the interpreter both quantize with its own e4m3 conversion, which is not the
     hardware's round-to-nearest-even: the kernels' agreement is what is checked there; on the GPU the
     quant kernel is bit-exact with the reference, ``test_triton_kernels``.)"""
@@ -175,9 +175,10 @@ def test_fp8_linear_is_quant_then_gemm_bit_for_bit(kernel_device, M, N, K, split
     for xin in (x.bfloat16(), x):
         xd = xin.to(kernel_device)
         x_q, x_scale = quant_kernels.fp8_block_quant(xd, 128, 1e-4)  # the quant op's kernel
-        want = kernels.fp8_block_gemm(x_q, x_scale, *dev, torch.float32, splits=splits)
-        got = kernels.fp8_linear(xd, *dev, torch.float32, splits=splits)
-        assert torch.equal(_bytes(got), _bytes(want))
+        for backend in (None, "triton"):  # automatic (one row: the fused GEMV), the fused tiled kernel
+            want = kernels.fp8_block_gemm(x_q, x_scale, *dev, torch.float32, splits=splits, backend=backend)
+            got = kernels.fp8_linear(xd, *dev, torch.float32, splits=splits, backend=backend)
+            assert torch.equal(_bytes(got), _bytes(want))
         assert torch.equal(_bytes(dsv4.fp8_linear(xin, w_q, w_scale)), _bytes(ref.fp8_linear(xin, w_q, w_scale)))
     assert torch.equal(_bytes(ref.fp8_linear(x, w_q, w_scale, torch.float32)),
                        _bytes(ref.fp8_block_gemm(*ref_quant.fp8_block_quant(x, 128), w_q, w_scale, torch.float32)))
@@ -214,6 +215,23 @@ def test_gemv_grouped_and_fp8_linear(kernel_device):
         a = kernels.fp8_block_gemm(x_q, x_scale, *dev, torch.float32, backend="gemv", **cfg)
         b = kernels.fp8_linear(x, *dev, torch.float32, backend="gemv", **cfg)
         assert torch.equal(_bytes(a), _bytes(b))
+
+
+def test_fp8_linear_fuses_the_quant_only_where_it_pays():
+    """One row with K up to 4096 quantizes inside the GEMV (one launch); a longer K or more rows run
+    the quant kernel, then the GEMM."""
+    from dsv4_compile.kernels.triton import primitives
+
+    def launches(M, K):
+        _, _, w_q, w_scale = _case(1, 128, K, seed=K)
+        q = primitives._fp8_block_quant_kernel
+        before = q.launches + q.fast, kernels._gemv_kernel.launches + kernels._gemv_kernel.fast
+        kernels.fp8_linear(torch.randn(M, K), w_q, w_scale)
+        return q.launches + q.fast - before[0], kernels._gemv_kernel.launches + kernels._gemv_kernel.fast - before[1]
+
+    assert launches(1, 4096) == (0, 1)
+    assert launches(1, 8192) == (1, 1)
+    assert launches(2, 512) == (1, 0)
 
 
 def test_gemv_dispatch(monkeypatch):

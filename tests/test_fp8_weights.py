@@ -111,17 +111,15 @@ def test_compiled_equals_eager_one_graph_and_op_list(no_compile_cache):
     # every pass still fires with FP8 weights (the output-path fusion feeds the FP8 wo_a directly)
     # (no quant to merge: wq_b and the indexer's wq_b are one GEMM of qr, its output quantized once)
     assert dict(pm.snapshots[-1].matches) == {"compressor": 2, "indexer_q": 1, "inv_rope_quant": 1, "kv_rope_insert": 1,
-                                              "quant_cse": 0}
+                                              "fp8_linear": 3, "quant_cse": 0}
     assert_expected_inline(dsv4_ops(gm), """\
-dsv4.fp8_block_quant.default
-dsv4.fp8_block_gemm.default
-dsv4.fp8_block_quant.default
+dsv4.fp8_linear.default
 dsv4.kv_rope_insert.default
 dsv4.swa_indices.default
 dsv4.linear_fp32.default
 dsv4.compressor_insert.default
 dsv4.compressor_insert.default
-dsv4.fp8_block_gemm.default
+dsv4.fp8_linear.default
 dsv4.indexer_q_rope_fp8.default
 dsv4.indexer_topk.default
 dsv4.global_topk_indices.default
@@ -129,8 +127,7 @@ dsv4.rope.default
 dsv4.sparse_attn.default
 dsv4.inv_rope_fp8_quant.default
 dsv4.fp8_block_gemm.default
-dsv4.fp8_block_quant.default
-dsv4.fp8_block_gemm.default""")
+dsv4.fp8_linear.default""")
 
 
 def test_fp8_linear_pass_is_bit_exact_and_drops_the_activation_quants(no_compile_cache):

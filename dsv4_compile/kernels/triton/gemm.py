@@ -439,25 +439,33 @@ def _launch(x, x_scale, w_q, ws, out, config, amax_floor=None):
     return out
 
 
-FUSED_QUANT_MAX_M = 64  # fp8_linear quantizes x inside the GEMM up to this many rows (decode sizes)
+FUSED_QUANT_MAX_K = 4096  # the GEMV quantizes x itself up to this K (each program quantizes its K columns of x)
 
 
 def fp8_linear(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=1e-4, backend: str | None = None,
                **config) -> torch.Tensor:
-    """See ``dsv4::fp8_linear``: ``fp8_block_gemm(*fp8_block_quant(x, 128, scale_floor), w_q, w_scale)``;
-    up to ``FUSED_QUANT_MAX_M`` rows one kernel quantizes ``x`` as it streams the weight (bit-exact
-    with the two ops: the same quantization, the same GEMM), above that the two ops' kernels."""
+    """See ``dsv4::fp8_linear``: ``fp8_block_gemm(*fp8_block_quant(x, 128, scale_floor), w_q, w_scale)``,
+    bit for bit. One row with ``K ≤ FUSED_QUANT_MAX_K``: the GEMV quantizes ``x`` in registers as it
+    streams the weight (one launch); otherwise the quant kernel, then ``fp8_block_gemm``: every GEMV
+    program or tiled-kernel N tile quantizes the same activations again, which pays only where the
+    weight rows per program are many against K (on an H200 at M = 1: ``wq_a+wkv`` 3.2 µs fused against
+    3.1 + 1.3, ``q_proj`` 13.5 against 13.1 + 1.1, but ``wo_b`` (K = 8192) 13.9 against 10.6 + 1.3;
+    the tiled kernel's fused form lost from 2 rows). ``backend="gemv"`` / ``"triton"`` force the fused
+    GEMV (up to ``GEMV_FORCED_MAX_M`` rows) / the fused tiled kernel (up to 64 rows)."""
     M = x.shape[0]
     N, K = w_q.shape
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=out_dtype, device=x.device)
-    if M > FUSED_QUANT_MAX_M or backend == "scaled_mm":
-        from .primitives import fp8_block_quant
-
-        x_q, x_scale = fp8_block_quant(x, BLOCK, scale_floor)
-        return fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype, backend=backend, **config)
-    out = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    backend = _backend(backend)
     ws = weight_scale_fp32(w_scale).contiguous()
-    if _use_gemv(_backend(backend), M, N, K, config):
+    if backend == "gemv" or (backend == "auto" and M == 1 and K <= FUSED_QUANT_MAX_K and _use_gemv(backend, M, N, K, config)):
+        out = torch.empty((M, N), dtype=out_dtype, device=x.device)
         return _launch_gemv(x, None, w_q, ws, out, config, amax_floor=scale_floor)
-    return _launch(x, None, w_q, ws, out, config, amax_floor=scale_floor)
+    if backend == "triton" and M <= 64:
+        out = torch.empty((M, N), dtype=out_dtype, device=x.device)
+        return _launch(x, None, w_q, ws, out, config, amax_floor=scale_floor)
+    from .primitives import fp8_block_quant
+
+    x_q, x_scale = fp8_block_quant(x, BLOCK, scale_floor)
+    return fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype, backend=None if backend == "auto" else backend,
+                          **config)
