@@ -345,16 +345,7 @@ def _launch_gemv(x, x_scale, w_q, ws, out, config, amax_floor=None):
     mode = 2 if ws is None else 1 if quant else 0
     R, KC, splits = gemv_config(N, K, **config)
     u8 = interpreting() and mode != 2
-    xb = x if x.stride(-1) == 1 else x.contiguous()
-    wb = w_q.contiguous()
-    if u8:
-        wb = wb.view(torch.uint8)
-        if not quant:
-            xb = xb.view(torch.uint8)
-    if xb.dim() == 2:
-        xb = xb.unsqueeze(1)
-        x_scale = x_scale.unsqueeze(1) if x_scale is not None else None
-    xs_strides = x_scale.stride() if x_scale is not None else (0, 0, 0)
+    xb, wb, x_scale, xs_strides = _operands(x, x_scale, w_q, u8, quant)
     tiles = cdiv(N, R)
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
     cnt = _counter_buffer(x.device, tiles) if splits > 1 else out
@@ -401,6 +392,22 @@ def _scaled_mm_shape(x_q, N: int, KB: int, out_dtype) -> bool:
             and out_dtype in (torch.bfloat16, torch.float32))
 
 
+def _operands(x, x_scale, w_q, u8: bool, quant: bool):
+    """What both kernels read: ``x`` with a unit last stride as ``[M, G, K]`` (G = 1 for 2-D), the
+    weight contiguous, ``x_scale`` as ``[M, G, K/128]`` (or None) and its strides ((0, 0, 0) without);
+    with ``u8`` (the interpreter, which has no FP8 pointers) the FP8 tensors as bytes."""
+    xb = x if x.stride(-1) == 1 else x.contiguous()
+    wb = w_q.contiguous()
+    if u8:
+        wb = wb.view(torch.uint8)
+        if not quant:
+            xb = xb.view(torch.uint8)
+    if xb.dim() == 2:
+        xb = xb.unsqueeze(1)
+        x_scale = x_scale.unsqueeze(1) if x_scale is not None else None
+    return xb, wb, x_scale, (x_scale.stride() if x_scale is not None else (0, 0, 0))
+
+
 def _launch(x, x_scale, w_q, ws, out, config, amax_floor=None):
     """The Triton kernel on FP8 ``x`` with ``x_scale`` (``[M, K]`` or grouped ``[M, G, K]``), or, with
     ``amax_floor``, on bf16 / fp16 / fp32 ``x [M, K]`` quantized in the kernel (``x_scale`` None)."""
@@ -408,17 +415,8 @@ def _launch(x, x_scale, w_q, ws, out, config, amax_floor=None):
     KB = K // BLOCK
     quant = amax_floor is not None
     u8 = interpreting()
-    xb = x if x.stride(-1) == 1 else x.contiguous()
-    wb = w_q.contiguous()
-    if u8:
-        wb = wb.view(torch.uint8)
-        if not quant:
-            xb = xb.view(torch.uint8)
-    grouped = xb.dim() == 3
-    if not grouped:
-        xb = xb.unsqueeze(1)
-        x_scale = x_scale.unsqueeze(1) if x_scale is not None else None
-    xs_strides = x_scale.stride() if x_scale is not None else (0, 0, 0)
+    grouped = x.dim() == 3
+    xb, wb, x_scale, xs_strides = _operands(x, x_scale, w_q, u8, quant)
     npg = N // xb.shape[1]
     bm, bn, splits, warps, stages = gemm_config(M, N, KB, x.device, n_per_group=npg if grouped else None,
                                                 **config)
