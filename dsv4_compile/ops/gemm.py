@@ -143,9 +143,9 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dt
             K/128]``; ``out_dtype`` not bf16 / fp16 / fp32; ``scale_floor`` not positive.
 
     Source:
-        ``act_quant`` + ``fp8_gemm`` of the DeepSeek-V4 reference ``kernel.py``. The CUDA path up to 64
-        rows (decode) is one Triton kernel (one row: the GEMV) that quantizes each 1x128 block of ``x`` in registers
-        (``kernels/triton/gemm.py``: the quant kernel's own code) as it streams the weight; above that
+        ``act_quant`` + ``fp8_gemm`` of the DeepSeek-V4 reference ``kernel.py``. The CUDA path for one
+        row with K ≤ 4096 is the GEMV quantizing each 1x128 block of ``x`` in registers
+        (``kernels/triton/gemm.py``: the quant kernel's own code) as it streams the weight; elsewhere
         the two ops' kernels. The ``fp8_linear`` pass (``lowerings/fp8_linear.py``) rewrites the plain
         ``fp8_block_quant`` → ``fp8_block_gemm`` pair into it.
     """
