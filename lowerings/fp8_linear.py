@@ -3,15 +3,15 @@
 What is matched (post-grad, functional graph)::
 
     x_q, x_scale = dsv4.fp8_block_quant(x [M, K], 128, floor)
-    y_i = dsv4.fp8_block_gemm(x_q, x_scale, w_i, s_i[, out_dtype])      # one or more GEMMs
+    y = dsv4.fp8_block_gemm(x_q, x_scale, w, s[, out_dtype])      # its one user
 
-where every user of ``x_q`` and ``x_scale`` is such a 2-D GEMM taking them as its activations (the
-model's ``wq_a``+``wkv`` on ``x``, ``wq_b`` and the indexer's ``wq_b`` sharing the q latent's quant,
-``wo_b`` on ``z``). Replacement: each GEMM becomes ``dsv4.fp8_linear(x, w_i, s_i, out_dtype, floor)``
-and the quant goes: no FP8 activations in memory, and no launch for the quant (at decode sizes the
-GEMM kernel quantizes each 1x128 block of ``x`` in registers; bit for bit the same values). A quant
-with any other user (its FP8 values stored, say) is left alone, as is the grouped (3-D) GEMM of
-``wo_a``, whose input comes quantized from the fused output quant.
+where the one user of ``x_q`` and ``x_scale`` is such a 2-D GEMM taking them as its activations
+(the model's ``wq_a``+``wkv`` on ``x``, ``q_proj`` on the q latent, ``wo_b`` on ``z``). Replacement:
+the GEMM becomes ``dsv4.fp8_linear(x, w, s, out_dtype, floor)`` and the quant goes; where the op
+fuses (below) no FP8 activations reach memory and the quant costs no launch. A quant with any other
+user (its FP8 values stored, say) is left alone, as is one feeding several GEMMs (the quant-CSE pass,
+which runs first, makes one of repeated quants: fused, each GEMM would quantize again), and the
+grouped (3-D) GEMM of ``wo_a``, whose input comes quantized from the fused output quant.
 
 On by default (``PassConfig.fp8_linear``). The op decides at run time where the quant goes
 (``kernels/triton/gemm.py``): one row with K ≤ 4096 quantizes inside the GEMV, everything else runs
@@ -36,8 +36,8 @@ dsv4 = torch.ops.dsv4
 
 
 class Fp8LinearFusion:
-    """Finds ``fp8_block_quant(x, 128) → fp8_block_gemm`` and rewrites each GEMM into one
-    ``dsv4::fp8_linear``; ``__call__`` returns the number of GEMMs rewritten."""
+    """Finds ``fp8_block_quant(x, 128) → fp8_block_gemm`` (the quant's one user) and rewrites the GEMM
+    into one ``dsv4::fp8_linear``; ``__call__`` returns the number of GEMMs rewritten."""
 
     name = "fp8_linear"
 
@@ -51,7 +51,7 @@ class Fp8LinearFusion:
         if items is None or set(items) != {0, 1}:
             return None
         gemms = list(items[0].users)
-        if not gemms or set(items[1].users) != set(gemms):
+        if len(gemms) != 1 or set(items[1].users) != set(gemms):  # one quant for several GEMMs stays one
             return None
         for g in gemms:
             if g.target is not dsv4.fp8_block_gemm.default:

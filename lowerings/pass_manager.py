@@ -99,14 +99,14 @@ class DSV4PassManager(CustomGraphPass):
             from .inv_rope_quant import InvRopeQuantFusion
 
             passes.append(InvRopeQuantFusion(self.config.torch_dtypes))
-        if self.config.fp8_linear:  # after inv_rope_quant: the output quant it fuses is not a GEMM input then
-            from .fp8_linear import Fp8LinearFusion
-
-            passes.append(Fp8LinearFusion())
         if self.config.quant_cse:  # after the fusions above: they consume quants of their own first
             from .quant_cse import QuantCSE
 
             passes.append(QuantCSE())
+        if self.config.fp8_linear:  # after quant_cse (a merged quant feeds several GEMMs: left alone) and
+            from .fp8_linear import Fp8LinearFusion  # inv_rope_quant (its output quant is no GEMM input then)
+
+            passes.append(Fp8LinearFusion())
         if self.config.rms_norm_quant:  # after quant_cse: a norm's duplicate quants are one by then
             from .norm_quant import RmsNormQuantFusion
 

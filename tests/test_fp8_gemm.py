@@ -202,6 +202,22 @@ def test_gemv_matches_reference(kernel_device, M, N, K, cfg):
     assert not kernels._counter_buffer(kernel_device, 1).any()
 
 
+def test_gemv_and_tiled_kernel_read_a_column_slice_weight(kernel_device):
+    """A weight with a unit last stride but a longer row (a column slice) is read through its row
+    stride by both kernels (no copy), and a weight with another last stride is copied first."""
+    x_q, x_scale, w_q, w_scale = _case(2, 256, 512, seed=4)
+    wide = torch.cat([w_q.view(torch.uint8), w_q.view(torch.uint8)], 1).view(torch.float8_e4m3fn)  # [256, 1024]
+    sl = wide[:, 512:]
+    tr = w_q.t().contiguous().t()  # last stride 256
+    dev = lambda *t: [a.to(kernel_device) for a in t]  # noqa: E731
+    want = ref.fp8_block_gemm(x_q, x_scale, w_q, w_scale, torch.float32)
+    for w in (sl, tr):
+        for backend, xs in (("gemv", (x_q[:1], x_scale[:1])), ("triton", (x_q, x_scale))):
+            got = kernels.fp8_block_gemm(*dev(*xs), dev(w)[0] if w is tr else wide.to(kernel_device)[:, 512:],
+                                         w_scale.to(kernel_device), torch.float32, backend=backend).cpu()
+            torch.testing.assert_close(got, want[: got.shape[0]], rtol=2e-6, atol=1e-6 * float(want.abs().max()))
+
+
 def test_gemv_grouped_and_fp8_linear(kernel_device):
     """The grouped form (``wo_a``: group-major x, MN-major scales) and the fused quant through the GEMV."""
     case, want = _grouped_case(1, 4, 128, 256, seed=3)
@@ -251,10 +267,19 @@ def test_gemv_dispatch(monkeypatch):
     assert launches(splits=2) == (0, 1)
     assert launches(args=case) == (0, 1)
     assert launches(args=case, backend="gemv") == (1, 0)
-    monkeypatch.setenv(kernels.GEMM_ENV, "triton")
-    assert launches() == (0, 1)
+    assert launches(splits=None) == (1, 0)  # None is the default, not a tiled configuration
+    assert launches(args=case, rows=8) == (0, 1)  # GEMV keys do not reach the tiled kernel's config
     with pytest.raises(ValueError, match="at most 4 rows"):
         kernels.fp8_block_gemm(*_case(5, 128, 128), backend="gemv")
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        kernels.fp8_linear(torch.randn(5, 128), *_case(1, 128, 128)[2:], backend="gemv")
+    # a forced split K with more row tiles than counters: refused (the automatic path falls back)
+    big = _case(1, 4097, 256, seed=2)
+    with pytest.raises(ValueError, match="tile counters"):
+        kernels.fp8_block_gemm(*big, backend="gemv", rows=1, k_chunk=128)
+    assert launches(args=big, rows=1, k_chunk=128) == (0, 1)
+    monkeypatch.setenv(kernels.GEMM_ENV, "triton")
+    assert launches() == (0, 1)
     assert kernels.gemv_config(40960, 1024) == (16, 1024, 1)  # q_proj: 16 KiB slabs
     assert kernels.gemv_config(4096, 8192) == (4, 8192, 1)  # wo_b: 32 KiB
     assert kernels.gemv_config(1024, 16384) == (4, 8192, 2)

@@ -41,8 +41,8 @@ def test_identical_quants_merge_and_the_result_is_unchanged(no_compile_cache):
     x = torch.randn(5, 256).bfloat16()
     (w1, s1), (w2, s2) = _weights(384, 256, 1), _weights(128, 256, 2)
     eager = two_projections(x, w1, s1, w2, s2)
-    # fp8_linear off: it would take each quant into its GEMM before the CSE sees them
-    out, pm = compile_checked(two_projections, x, w1, s1, w2, s2, fp8_linear=False)
+    # default passes: the CSE runs before fp8_linear, which leaves the merged quant (two GEMM users) alone
+    out, pm = compile_checked(two_projections, x, w1, s1, w2, s2)
     for got, want in zip(out, eager):
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     snap = pm.snapshots[-1]
@@ -102,6 +102,7 @@ def test_a_write_to_the_input_between_keeps_both():
 def test_config_switch(on, no_compile_cache):
     x = torch.randn(3, 128).bfloat16()
     (w1, s1), (w2, s2) = _weights(128, 128, 3), _weights(256, 128, 4)
+    # fp8_linear off: without the CSE it would fuse each single-user quant into its GEMM
     _, pm = compile_checked(two_projections, x, w1, s1, w2, s2, quant_cse=on, fp8_linear=False)
     snap = pm.snapshots[-1]
     assert ("quant_cse" in snap.matches) == on

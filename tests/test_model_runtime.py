@@ -79,7 +79,7 @@ def fusions(idx, **layer_kw) -> str:
 
 def test_fusions_swa():
     assert_expected_inline(fusions(0), """\
-{'indexer_q': 0, 'compressor': 0, 'kv_rope_insert': 1, 'inv_rope_quant': 1, 'fp8_linear': 0, 'quant_cse': 0}
+{'indexer_q': 0, 'compressor': 0, 'kv_rope_insert': 1, 'inv_rope_quant': 1, 'quant_cse': 0, 'fp8_linear': 0}
 af2(dsv4.kv_rope_insert.default)
 dsv4.swa_indices.default
 dsv4.rope.default
@@ -89,7 +89,7 @@ dsv4.inv_rope_fp8_quant.default""")
 
 def test_fusions_csa():
     assert_expected_inline(fusions(1), """\
-{'indexer_q': 1, 'compressor': 2, 'kv_rope_insert': 1, 'inv_rope_quant': 1, 'fp8_linear': 0, 'quant_cse': 0}
+{'indexer_q': 1, 'compressor': 2, 'kv_rope_insert': 1, 'inv_rope_quant': 1, 'quant_cse': 0, 'fp8_linear': 0}
 af2(dsv4.kv_rope_insert.default)
 dsv4.swa_indices.default
 dsv4.linear_fp32.default
@@ -107,7 +107,7 @@ def test_fusions_csa_mxfp4():
     """The MXFP4 indexer query fuses too: its weights are the fp32 weights_proj columns of the layer's
     fp32-out GEMM (no bf16 → fp32 convert to start the product from)."""
     assert_expected_inline(fusions(1, indexer_fmt="mxfp4"), """\
-{'indexer_q': 1, 'compressor': 2, 'kv_rope_insert': 1, 'inv_rope_quant': 1, 'fp8_linear': 0, 'quant_cse': 0}
+{'indexer_q': 1, 'compressor': 2, 'kv_rope_insert': 1, 'inv_rope_quant': 1, 'quant_cse': 0, 'fp8_linear': 0}
 af2(dsv4.kv_rope_insert.default)
 dsv4.swa_indices.default
 dsv4.linear_fp32.default
@@ -123,7 +123,7 @@ dsv4.inv_rope_fp8_quant.default""")
 
 def test_fusions_hca():
     assert_expected_inline(fusions(2), """\
-{'indexer_q': 0, 'compressor': 1, 'kv_rope_insert': 1, 'inv_rope_quant': 1, 'fp8_linear': 0, 'quant_cse': 0}
+{'indexer_q': 0, 'compressor': 1, 'kv_rope_insert': 1, 'inv_rope_quant': 1, 'quant_cse': 0, 'fp8_linear': 0}
 af2(dsv4.kv_rope_insert.default)
 dsv4.swa_indices.default
 dsv4.linear_fp32.default

@@ -65,6 +65,9 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, 
         x_scale: fp32 ``[M, K/128]`` (``[M, G, K/128]`` grouped) activation block scales (UE8M0 powers
             of two from ``fp8_block_quant``; any positive fp32 works); any strides.
         w_q: e4m3 ``[N, K]`` weight as the checkpoint stores it (``nn.Linear`` layout).
+            Under programmatic dependent launch the one-row GEMV reads it before waiting for the
+            kernel launched just before it on the stream: it must not be that kernel's output
+            (checkpoint weights never are).
         w_scale: ``[ceil(N/128), K/128]`` fp32 or ``float8_e8m0fnu`` weight block scales
             (``<name>.scale`` / ``<name>.weight_scale_inv`` of the checkpoint).
         out_dtype: bfloat16 (default), float16 or float32.
@@ -127,6 +130,9 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dt
     Args:
         x: ``[M, K]`` bf16 / fp16 / fp32 activations (any strides), ``K`` a multiple of 128.
         w_q: e4m3 ``[N, K]`` weight (``nn.Linear`` layout).
+            Under programmatic dependent launch the one-row GEMV reads it before waiting for the
+            kernel launched just before it on the stream: it must not be that kernel's output
+            (checkpoint weights never are).
         w_scale: ``[ceil(N/128), K/128]`` fp32 or ``float8_e8m0fnu`` weight block scales.
         out_dtype: bfloat16 (default), float16 or float32.
         scale_floor: the activation quant's amax floor (> 0; 1e-4 as DeepSeek's ``act_quant``).
@@ -183,6 +189,9 @@ def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     Args:
         x: ``[M, K]`` bf16 / fp16 / fp32 activations (any strides).
         weight: ``[N, K]`` of ``x``'s dtype (``nn.Linear`` layout, any strides).
+            Under programmatic dependent launch the one-row GEMV reads it before waiting for the
+            kernel launched just before it on the stream: it must not be that kernel's output
+            (checkpoint weights never are).
 
     Returns:
         A fresh contiguous fp32 ``[M, N]`` tensor.

@@ -63,5 +63,5 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dt
 def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight^T`` in fp32 for bf16 / fp16 / fp32 ``x [M, K]`` and ``weight [N, K]`` of one dtype: every
     product of the two values exact in fp32 (a 16-bit float has an 8- or 11-bit significand), summed in
-    fp32 in K order; the fp32 sum is the result (no rounding to 16 bits)."""
+    fp32 (in ``F.linear``'s order); the fp32 sum is the result (no rounding to 16 bits)."""
     return torch.nn.functional.linear(x.float(), weight.float())

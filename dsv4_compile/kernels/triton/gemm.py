@@ -51,7 +51,8 @@ GEMM_ENV = "DSV4_FP8_GEMM"
 GEMV_MAX_M = 1  # rows the automatic dispatch gives the GEMV (at M = 2 the tiled kernel is faster on an H200)
 GEMV_FORCED_MAX_M = 4  # rows the GEMV takes at all (one unrolled pass over the tile per row)
 GEMV_MAX_KC = 8192  # K columns of one GEMV program's slab; longer K splits over programs
-GEMV_TILE = 16384  # bytes of weight a GEMV program loads at least (rows = max(4, GEMV_TILE // KC), ≤ 16)
+GEMV_TILE = 16384  # weight elements of a GEMV program (rows = max(4, GEMV_TILE // KC), ≤ 16: fewer when K < 1024)
+GEMV_KEYS = ("rows", "k_chunk")  # configuration keywords of the GEMV (the tiled kernel's: gemm_config's)
 
 
 @prebound
@@ -297,6 +298,7 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend
     KB = K // BLOCK
     if M == 0 or N == 0 or KB == 0:
         return torch.zeros((M, N), dtype=out_dtype, device=x_q.device)
+    config = {k: v for k, v in config.items() if v is not None}  # None: the default
     ws = weight_scale_fp32(w_scale).contiguous()
     backend = _backend(backend)
     if backend == "scaled_mm" or (backend == "auto" and M >= SCALED_MM_MIN_M and _scaled_mm_shape(x_q, N, KB, out_dtype)
@@ -310,9 +312,9 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend
 
 def gemv_config(N: int, K: int, rows: int | None = None, k_chunk: int | None = None):
     """(rows R, K columns KC, splits) of the GEMV: ``KC = min(max(128, next_pow2(K)), GEMV_MAX_KC)`` and
-    ``R = max(4, GEMV_TILE // KC)`` up to 16 rows, so a program loads a 16-32 KiB slab (on an H200 at
-    M = 1, ``.old_tree/gemv_exp3.py``: the fastest of R 2-32, 16 / 32 KiB slabs, 4 / 8 warps within 5 %
-    for the five V4-Flash projections). ``R`` is a power of two up to 128: its rows sit in one
+    ``R = max(4, GEMV_TILE // KC)`` up to 16 rows, so a program loads 16-32 Ki weight elements for
+    K ≥ 1024 (on an H200 at M = 1, ``.old_tree/gemv_exp3.py``: the fastest of R 2-32, 16 / 32 KiB FP8
+    slabs, 4 / 8 warps within 5 % for the five V4-Flash projections). ``R`` is a power of two up to 128: its rows sit in one
     128-row weight-scale block and, for groups of whole 128-row blocks, in one group."""
     kc = k_chunk or min(max(BLOCK, next_pow2(K)), GEMV_MAX_KC)
     r = rows or min(16, max(4, GEMV_TILE // kc))
@@ -327,10 +329,8 @@ def _use_gemv(backend, M: int, N: int, K: int, config: dict) -> bool:
     with no tiled-kernel configuration given, on the GPU and under the interpreter, unless its split-K
     would need more tile counters than there are."""
     if backend == "gemv":
-        if M > GEMV_FORCED_MAX_M:
-            raise ValueError(f"the GEMV takes at most {GEMV_FORCED_MAX_M} rows, got {M}")
-        return True
-    if backend != "auto" or M > GEMV_MAX_M or any(k not in ("rows", "k_chunk") for k in config):
+        return True  # _launch_gemv checks the rows and the counters
+    if backend != "auto" or M > GEMV_MAX_M or any(k not in GEMV_KEYS for k in config):
         return False
     r, _, splits = gemv_config(N, K, **config)
     return splits == 1 or cdiv(N, r) <= COUNTERS
@@ -339,21 +339,29 @@ def _use_gemv(backend, M: int, N: int, K: int, config: dict) -> bool:
 def _launch_gemv(x, x_scale, w_q, ws, out, config, amax_floor=None):
     """``_gemv_kernel`` on FP8 ``x`` with ``x_scale`` (``[M, K]`` or grouped ``[M, G, K]``); with
     ``amax_floor``, on bf16 / fp16 / fp32 ``x [M, K]`` quantized in the kernel (``x_scale`` None); with
-    ``ws`` None, on a float weight ``w_q`` and float ``x`` (``linear_fp32``)."""
+    ``ws`` None, on a float weight ``w_q`` and float ``x`` (``linear_fp32``). The kernel reads the
+    weight before its grid-dependency wait; a weight this launcher has to copy first (a last stride
+    other than 1) is launched without PDL, so the copy is finished before the kernel starts."""
     M, (N, K) = x.shape[0], w_q.shape
+    if M > GEMV_FORCED_MAX_M:
+        raise ValueError(f"the GEMV takes at most {GEMV_FORCED_MAX_M} rows, got {M}")
     quant = amax_floor is not None
     mode = 2 if ws is None else 1 if quant else 0
     R, KC, splits = gemv_config(N, K, **config)
+    tiles = cdiv(N, R)
+    if splits > 1 and tiles > COUNTERS:
+        raise ValueError(f"the GEMV's split K needs {tiles} tile counters, more than {COUNTERS}: more rows per "
+                         f"program or a longer k_chunk")
     u8 = interpreting() and mode != 2
     xb, wb, x_scale, xs_strides = _operands(x, x_scale, w_q, u8, quant)
-    tiles = cdiv(N, R)
+    pdl = {} if wb.data_ptr() == w_q.data_ptr() else {"PDL": False}
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
     cnt = _counter_buffer(x.device, tiles) if splits > 1 else out
     _gemv_kernel[(tiles, splits)](
         xb, x_scale if x_scale is not None else out, wb, ws if ws is not None else out, out, part, cnt, M, N, K,
         N // xb.shape[1], xb.stride(0), xb.stride(1), *xs_strides, wb.stride(0), ws.stride(0) if ws is not None else 0,
         out.stride(0), float(amax_floor) if quant else 0.0, R=R, KC=KC, MB=next_pow2(M), SPLIT=splits > 1, U8=u8,
-        X_MODE=mode, num_warps=4,
+        X_MODE=mode, num_warps=4, **pdl,
     )
     return out
 
@@ -367,9 +375,8 @@ def linear_fp32(x: torch.Tensor, weight: torch.Tensor, backend: str | None = Non
     M, (N, K) = x.shape[0], weight.shape
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    config = {k: v for k, v in config.items() if v is not None}
     if backend == "gemv" or (backend is None and M <= LINEAR_FP32_GEMV_MAX_M):
-        if M > GEMV_FORCED_MAX_M:
-            raise ValueError(f"the GEMV takes at most {GEMV_FORCED_MAX_M} rows, got {M}")
         r, _, splits = gemv_config(N, K, **config)
         if splits == 1 or cdiv(N, r) <= COUNTERS:
             out = torch.empty((M, N), dtype=torch.float32, device=x.device)
@@ -394,10 +401,10 @@ def _scaled_mm_shape(x_q, N: int, KB: int, out_dtype) -> bool:
 
 def _operands(x, x_scale, w_q, u8: bool, quant: bool):
     """What both kernels read: ``x`` with a unit last stride as ``[M, G, K]`` (G = 1 for 2-D), the
-    weight contiguous, ``x_scale`` as ``[M, G, K/128]`` (or None) and its strides ((0, 0, 0) without);
+    weight with a unit last stride, ``x_scale`` as ``[M, G, K/128]`` (or None) and its strides ((0, 0, 0) without);
     with ``u8`` (the interpreter, which has no FP8 pointers) the FP8 tensors as bytes."""
     xb = x if x.stride(-1) == 1 else x.contiguous()
-    wb = w_q.contiguous()
+    wb = w_q if w_q.stride(-1) == 1 else w_q.contiguous()  # the kernels take the row stride
     if u8:
         wb = wb.view(torch.uint8)
         if not quant:
@@ -419,7 +426,7 @@ def _launch(x, x_scale, w_q, ws, out, config, amax_floor=None):
     xb, wb, x_scale, xs_strides = _operands(x, x_scale, w_q, u8, quant)
     npg = N // xb.shape[1]
     bm, bn, splits, warps, stages = gemm_config(M, N, KB, x.device, n_per_group=npg if grouped else None,
-                                                **config)
+                                                **{k: v for k, v in config.items() if k not in GEMV_KEYS})
     per = cdiv(KB, splits)
     splits = cdiv(KB, per)
     part = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
@@ -455,13 +462,13 @@ def fp8_linear(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=1e-4, back
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=out_dtype, device=x.device)
     backend = _backend(backend)
-    ws = weight_scale_fp32(w_scale).contiguous()
-    if backend == "gemv" or (backend == "auto" and M == 1 and K <= FUSED_QUANT_MAX_K and _use_gemv(backend, M, N, K, config)):
+    config = {k: v for k, v in config.items() if v is not None}
+    gemv = backend == "gemv" or (backend == "auto" and M == 1 and K <= FUSED_QUANT_MAX_K
+                                 and _use_gemv(backend, M, N, K, config))
+    if gemv or (backend == "triton" and M <= 64):
         out = torch.empty((M, N), dtype=out_dtype, device=x.device)
-        return _launch_gemv(x, None, w_q, ws, out, config, amax_floor=scale_floor)
-    if backend == "triton" and M <= 64:
-        out = torch.empty((M, N), dtype=out_dtype, device=x.device)
-        return _launch(x, None, w_q, ws, out, config, amax_floor=scale_floor)
+        launch = _launch_gemv if gemv else _launch
+        return launch(x, None, w_q, weight_scale_fp32(w_scale).contiguous(), out, config, amax_floor=scale_floor)
     from .primitives import fp8_block_quant
 
     x_q, x_scale = fp8_block_quant(x, BLOCK, scale_floor)
