@@ -195,8 +195,9 @@ def test_every_launched_kernel_starts_with_pdl_enter():
     """Every ``PreBound`` kernel ends its parameters with ``PDL: tl.constexpr = False`` and starts its
     body (after the docstring) with ``pdl_enter(PDL)``: a kernel launched with ``launch_pdl`` but no
     grid-dependency wait could run before the kernel it depends on has finished. The one exception,
-    the GEMV, loads its weight slab first (a weight is never written by a kernel): what comes before
-    its top-level ``pdl_enter(PDL)`` is index arithmetic and loads through ``w_ptr`` alone."""
+    the GEMV, loads its weight slab first (the ops require that a weight is not the previous kernel's
+    output): what comes before its top-level ``pdl_enter(PDL)`` is index arithmetic and loads through
+    ``w_ptr`` alone."""
     import ast
     import textwrap
 

@@ -22,7 +22,10 @@ contiguous 16-32 KiB slab) and issues all of its weight loads *before* the wait,
 programmatic dependent launch the weight stream overlaps the previous kernel's tail; then the
 activation row is dequantized once per program with both block scales folded in (``x_q · x_scale ·
 w_scale``: the ``R`` rows share one 128-row weight-scale block) and each output is one fp32 dot of
-the weight row with it. Longer K splits over programs, reduced in split order as above.
+the weight row with it. Longer K splits over programs, reduced in split order as above. The ops
+therefore require that a weight is not the output of the kernel launched just before them (a
+checkpoint weight never is); a weight the launcher has to copy first is launched without PDL. The
+same GEMV runs ``linear_fp32`` (bf16 / fp16 / fp32 weight, fp32 output) for one row.
 
 Large M (prefill) goes to cuBLAS through ``torch._scaled_mm`` with block-wise scales where this
 torch / GPU takes them (probed once per device), else to the same kernel with 128-row tiles.
@@ -160,8 +163,8 @@ def _gemv_kernel(
     PDL: tl.constexpr = False,
 ):
     """Program (``R`` weight rows inside one 128-row scale block and one group, K split of ``KC``
-    columns): its ``[R, KC]`` weight slab is loaded before the grid-dependency wait (the weight is
-    never written by a kernel); then for each of the ``M ≤ MB`` activation rows
+    columns): its ``[R, KC]`` weight slab is loaded before the grid-dependency wait (the ops require
+    that the weight is not the previous kernel's output; checkpoint weights never are); then for each of the ``M ≤ MB`` activation rows
     ``out[m, n] = Σ_k w[n, k] · x_eff[m, k]`` in fp32 (``_gemv_x_eff``; ``X_MODE`` 2: a bf16 / fp16 /
     fp32 weight and activation, ``linear_fp32``). With ``SPLIT`` the partials go to
     ``part[split, m, n]`` and the last program of the rows sums them in split order."""
@@ -175,7 +178,7 @@ def _gemv_kernel(
     km = rk < K
     w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * w_stride + rk[None, :], mask=nm[:, None] & km[None, :],
                 other=0.0)
-    pdl_enter(PDL)  # nothing above reads what an earlier kernel writes
+    pdl_enter(PDL)  # nothing above reads what the previous kernel writes
     if U8 and X_MODE != 2:
         w = w.to(tl.float8e4nv, bitcast=True)
     wf = w.to(tl.float32)
