@@ -30,7 +30,7 @@ from torch import fx
 
 from dsv4_compile.reference.gemm import BLOCK
 
-from .graph_utils import bound_args, fake_call, getitem_users, val
+from .graph_utils import bound_args, fake_call, getitem_users, only_user, val
 
 dsv4 = torch.ops.dsv4
 
@@ -50,16 +50,13 @@ class Fp8LinearFusion:
         items = getitem_users(quant)
         if items is None or set(items) != {0, 1}:
             return None
-        gemms = list(items[0].users)
-        if len(gemms) != 1 or set(items[1].users) != set(gemms):  # one quant for several GEMMs stays one
+        g = only_user(items[0])  # one quant for several GEMMs stays one
+        if g is None or g.target is not dsv4.fp8_block_gemm.default or only_user(items[1]) is not g:
             return None
-        for g in gemms:
-            if g.target is not dsv4.fp8_block_gemm.default:
-                return None
-            ga = bound_args(g)
-            if ga["x_q"] is not items[0] or ga["x_scale"] is not items[1] or items[0] in (ga["w_q"], ga["w_scale"]):
-                return None
-        return dict(x=x, floor=qa["scale_floor"], items=items, gemms=gemms)
+        ga = bound_args(g)
+        if ga["x_q"] is not items[0] or ga["x_scale"] is not items[1] or items[0] in (ga["w_q"], ga["w_scale"]):
+            return None
+        return dict(x=x, floor=qa["scale_floor"], items=items, gemm=g, gemm_args=ga)
 
     def __call__(self, graph: fx.Graph) -> int:
         count = 0
@@ -67,16 +64,13 @@ class Fp8LinearFusion:
             m = self._match(quant)
             if m is None:
                 continue
-            target = dsv4.fp8_linear.default
-            for g in m["gemms"]:
-                ga = bound_args(g)
-                args = (m["x"], ga["w_q"], ga["w_scale"], ga["out_dtype"], m["floor"])
-                with graph.inserting_before(g):
-                    fused = graph.call_function(target, args)
-                fused.meta["val"] = fake_call(target, args, [g, m["x"]])
-                g.replace_all_uses_with(fused)
-                graph.erase_node(g)
-                count += 1
-            for n in (*m["items"].values(), quant):
+            g, ga, target = m["gemm"], m["gemm_args"], dsv4.fp8_linear.default
+            args = (m["x"], ga["w_q"], ga["w_scale"], ga["out_dtype"], m["floor"])
+            with graph.inserting_before(g):
+                fused = graph.call_function(target, args)
+            fused.meta["val"] = fake_call(target, args, [g, m["x"]])
+            g.replace_all_uses_with(fused)
+            for n in (g, *m["items"].values(), quant):
                 graph.erase_node(n)
+            count += 1
         return count

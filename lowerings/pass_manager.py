@@ -30,7 +30,9 @@ class PassConfig:
     compressor: bool = True
     inv_rope_quant: bool = True
     quant_cse: bool = True  # identical fp8_block_quant / mxfp4_quant calls ⇒ one (lowerings/quant_cse.py)
-    # RMSNorm → fp8_block_quant ⇒ rms_norm_fp8_quant: off, no faster on an H200 (lowerings/norm_quant.py)
+    # RMSNorm → fp8_block_quant ⇒ rms_norm_fp8_quant: off, no faster on an H200 (lowerings/norm_quant.py);
+    # it runs after fp8_linear, so with both on it gets only the quants fp8_linear leaves (the q_norm
+    # quant feeding q_proj goes into the GEMM)
     rms_norm_quant: bool = False
     # fp8_block_quant → fp8_block_gemm ⇒ fp8_linear (the quant inside the one-row GEMV; lowerings/fp8_linear.py)
     fp8_linear: bool = True

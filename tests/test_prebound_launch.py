@@ -213,7 +213,8 @@ def test_every_launched_kernel_starts_with_pdl_enter():
             head = body[:[ast.unparse(st) for st in body].index("pdl_enter(PDL)")]
             calls = {ast.unparse(c.func) for st in head for c in ast.walk(st) if isinstance(c, ast.Call)}
             assert calls <= {"tl.program_id", "tl.arange", "tl.load", "rn.to"}, calls
-            loads = [c for st in head for c in ast.walk(st) if isinstance(c, ast.Call) and ast.unparse(c.func) == "tl.load"]
+            loads = [c for st in head for c in ast.walk(st)
+                     if isinstance(c, ast.Call) and ast.unparse(c.func) == "tl.load"]
             assert len(loads) == 1 and ast.unparse(loads[0].args[0]).startswith("w_ptr +"), k.__name__
             continue
         assert ast.unparse(body[0]) == "pdl_enter(PDL)", k.__name__

@@ -105,9 +105,12 @@ def test_final_graphs_fused_and_in_place(compiled):
         assert_graph_ok(gm.graph)
     matches = sorted(tuple(sorted(s.matches.items())) for s in compiled["pm"].snapshots)
     assert [dict(m) for m in matches] == [
-        {"compressor": 0, "indexer_q": 0, "inv_rope_quant": 1, "kv_rope_insert": 1, "fp8_linear": 0, "quant_cse": 0},  # SWA
-        {"compressor": 1, "indexer_q": 0, "inv_rope_quant": 1, "kv_rope_insert": 1, "fp8_linear": 0, "quant_cse": 0},  # HCA
-        {"compressor": 2, "indexer_q": 1, "inv_rope_quant": 1, "kv_rope_insert": 1, "fp8_linear": 0, "quant_cse": 0},  # CSA
+        {"compressor": 0, "indexer_q": 0, "inv_rope_quant": 1, "kv_rope_insert": 1,  # SWA
+         "fp8_linear": 0, "quant_cse": 0},
+        {"compressor": 1, "indexer_q": 0, "inv_rope_quant": 1, "kv_rope_insert": 1,  # HCA
+         "fp8_linear": 0, "quant_cse": 0},
+        {"compressor": 2, "indexer_q": 1, "inv_rope_quant": 1, "kv_rope_insert": 1,  # CSA
+         "fp8_linear": 0, "quant_cse": 0},
     ]
 
 

@@ -51,7 +51,8 @@ BLOCK = layouts.WEIGHT_BLOCK  # the kernel's K step and N tile bound are this 12
 COUNTERS = 4096  # split-K tile counters per device; splitting is used below 2 tiles per SM
 SCALED_MM_MIN_M = 256  # from this many rows the GEMM is compute-bound: cuBLAS when it takes block scales
 GEMM_ENV = "DSV4_FP8_GEMM"
-GEMV_MAX_M = 1  # rows the automatic dispatch gives the GEMV (at M = 2 the tiled kernel is faster on an H200)
+GEMV_MAX_M = 1  # rows the automatic dispatch gives the GEMV (FP8: at M = 2 the tiled kernel is faster on an
+# H200; linear_fp32: cuBLAS above)
 GEMV_FORCED_MAX_M = 4  # rows the GEMV takes at all (one unrolled pass over the tile per row)
 GEMV_MAX_KC = 8192  # K columns of one GEMV program's slab; longer K splits over programs
 GEMV_TILE = 16384  # weight elements of a GEMV program (rows = max(4, GEMV_TILE // KC), ≤ 16: fewer when K < 1024)
@@ -129,7 +130,6 @@ def _fp8_block_gemm_kernel(
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-
 @triton.jit
 def _gemv_x_eff(x_ptr, xs_ptr, ws_row, rk, km, kbs, kbm, xs_stride_k, amax_floor, KC: tl.constexpr,
                 U8: tl.constexpr, X_MODE: tl.constexpr):
@@ -164,10 +164,11 @@ def _gemv_kernel(
 ):
     """Program (``R`` weight rows inside one 128-row scale block and one group, K split of ``KC``
     columns): its ``[R, KC]`` weight slab is loaded before the grid-dependency wait (the ops require
-    that the weight is not the previous kernel's output; checkpoint weights never are); then for each of the ``M ≤ MB`` activation rows
-    ``out[m, n] = Σ_k w[n, k] · x_eff[m, k]`` in fp32 (``_gemv_x_eff``; ``X_MODE`` 2: a bf16 / fp16 /
-    fp32 weight and activation, ``linear_fp32``). With ``SPLIT`` the partials go to
-    ``part[split, m, n]`` and the last program of the rows sums them in split order."""
+    that the weight is not the previous kernel's output; checkpoint weights never are); then for each
+    of the ``M ≤ MB`` activation rows ``out[m, n] = Σ_k w[n, k] · x_eff[m, k]`` in fp32
+    (``_gemv_x_eff``; ``X_MODE`` 2: a bf16 / fp16 / fp32 weight and activation, ``linear_fp32``).
+    With ``SPLIT`` the partials go to ``part[split, m, n]`` and the last program of the rows sums
+    them in split order."""
     KCB: tl.constexpr = KC // 128
     pn = tl.program_id(0)
     ps = tl.program_id(1)
@@ -301,7 +302,7 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend
     KB = K // BLOCK
     if M == 0 or N == 0 or KB == 0:
         return torch.zeros((M, N), dtype=out_dtype, device=x_q.device)
-    config = {k: v for k, v in config.items() if v is not None}  # None: the default
+    config = _given(config)
     ws = weight_scale_fp32(w_scale).contiguous()
     backend = _backend(backend)
     if backend == "scaled_mm" or (backend == "auto" and M >= SCALED_MM_MIN_M and _scaled_mm_shape(x_q, N, KB, out_dtype)
@@ -317,8 +318,9 @@ def gemv_config(N: int, K: int, rows: int | None = None, k_chunk: int | None = N
     """(rows R, K columns KC, splits) of the GEMV: ``KC = min(max(128, next_pow2(K)), GEMV_MAX_KC)`` and
     ``R = max(4, GEMV_TILE // KC)`` up to 16 rows, so a program loads 16-32 Ki weight elements for
     K ≥ 1024 (on an H200 at M = 1, ``.old_tree/gemv_exp3.py``: the fastest of R 2-32, 16 / 32 KiB FP8
-    slabs, 4 / 8 warps within 5 % for the five V4-Flash projections). ``R`` is a power of two up to 128: its rows sit in one
-    128-row weight-scale block and, for groups of whole 128-row blocks, in one group."""
+    slabs, 4 / 8 warps within 5 % for the five V4-Flash projections). ``R`` is a power of two up to
+    128: its rows sit in one 128-row weight-scale block and, for groups of whole 128-row blocks, in
+    one group."""
     kc = k_chunk or min(max(BLOCK, next_pow2(K)), GEMV_MAX_KC)
     r = rows or min(16, max(4, GEMV_TILE // kc))
     if r & (r - 1) or not 1 <= r <= 128 or kc & (kc - 1) or kc < 128:
@@ -335,8 +337,18 @@ def _use_gemv(backend, M: int, N: int, K: int, config: dict) -> bool:
         return True  # _launch_gemv checks the rows and the counters
     if backend != "auto" or M > GEMV_MAX_M or any(k not in GEMV_KEYS for k in config):
         return False
+    return _gemv_counters_suffice(N, K, config)
+
+
+def _gemv_counters_suffice(N: int, K: int, config: dict) -> bool:
+    """Whether the GEMV's split K (if any) has a tile counter for each of its row tiles."""
     r, _, splits = gemv_config(N, K, **config)
     return splits == 1 or cdiv(N, r) <= COUNTERS
+
+
+def _given(config: dict) -> dict:
+    """The configuration keywords given a value (None means the default)."""
+    return {k: v for k, v in config.items() if v is not None}
 
 
 def _launch_gemv(x, x_scale, w_q, ws, out, config, amax_floor=None):
@@ -369,21 +381,16 @@ def _launch_gemv(x, x_scale, w_q, ws, out, config, amax_floor=None):
     return out
 
 
-LINEAR_FP32_GEMV_MAX_M = 1  # rows linear_fp32 gives the GEMV on CUDA (cuBLAS above)
-
-
 def linear_fp32(x: torch.Tensor, weight: torch.Tensor, backend: str | None = None, **config) -> torch.Tensor:
     """See ``dsv4::linear_fp32``: one row through the GEMV (``backend="gemv"`` forces it, up to
     ``GEMV_FORCED_MAX_M`` rows), else ``torch.mm`` with an fp32 output (cuBLAS; fp32 operands: fp32 mm)."""
     M, (N, K) = x.shape[0], weight.shape
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=torch.float32, device=x.device)
-    config = {k: v for k, v in config.items() if v is not None}
-    if backend == "gemv" or (backend is None and M <= LINEAR_FP32_GEMV_MAX_M):
-        r, _, splits = gemv_config(N, K, **config)
-        if splits == 1 or cdiv(N, r) <= COUNTERS:
-            out = torch.empty((M, N), dtype=torch.float32, device=x.device)
-            return _launch_gemv(x, None, weight, None, out, config)
+    config = _given(config)
+    if (backend == "gemv" or (backend is None and M <= GEMV_MAX_M)) and _gemv_counters_suffice(N, K, config):
+        out = torch.empty((M, N), dtype=torch.float32, device=x.device)
+        return _launch_gemv(x, None, weight, None, out, config)
     if x.dtype == torch.float32:
         return torch.mm(x, weight.t())
     return torch.mm(x, weight.t(), out_dtype=torch.float32)
@@ -404,8 +411,9 @@ def _scaled_mm_shape(x_q, N: int, KB: int, out_dtype) -> bool:
 
 def _operands(x, x_scale, w_q, u8: bool, quant: bool):
     """What both kernels read: ``x`` with a unit last stride as ``[M, G, K]`` (G = 1 for 2-D), the
-    weight with a unit last stride, ``x_scale`` as ``[M, G, K/128]`` (or None) and its strides ((0, 0, 0) without);
-    with ``u8`` (the interpreter, which has no FP8 pointers) the FP8 tensors as bytes."""
+    weight with a unit last stride, ``x_scale`` as ``[M, G, K/128]`` (or None) and its strides
+    ((0, 0, 0) without); with ``u8`` (the interpreter, which has no FP8 pointers) the FP8 tensors as
+    bytes."""
     xb = x if x.stride(-1) == 1 else x.contiguous()
     wb = w_q if w_q.stride(-1) == 1 else w_q.contiguous()  # the kernels take the row stride
     if u8:
@@ -465,9 +473,8 @@ def fp8_linear(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=1e-4, back
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=out_dtype, device=x.device)
     backend = _backend(backend)
-    config = {k: v for k, v in config.items() if v is not None}
-    gemv = backend == "gemv" or (backend == "auto" and M == 1 and K <= FUSED_QUANT_MAX_K
-                                 and _use_gemv(backend, M, N, K, config))
+    config = _given(config)
+    gemv = _use_gemv(backend, M, N, K, config) and (backend == "gemv" or K <= FUSED_QUANT_MAX_K)
     if gemv or (backend == "triton" and M <= 64):
         out = torch.empty((M, N), dtype=out_dtype, device=x.device)
         launch = _launch_gemv if gemv else _launch
