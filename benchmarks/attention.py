@@ -432,7 +432,7 @@ def main():
                     help="sparse_attn alone per layer type (x --models x --batches x --contexts, or --prefill T "
                          "tokens of one request), KV bandwidth and TFLOPS")
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["flash"])
-    ap.add_argument("--select-variant", choices=["registers", "looped"], default=None,
+    ap.add_argument("--select-variant", choices=["cute", "registers", "looped"], default=None,
                     help="--indexer: the selection kernel variant (sets DSV4_TOPK_SELECT for the op too)")
     args = ap.parse_args()
     if args.check:

@@ -40,11 +40,20 @@ def _specials(logits, g):
 
 
 def _run(logits, pos, req, k, chunk=None, max_chunk=topk_kernels.MAX_CHUNK, sms=8):
-    """Both selection variants (the looped one with 16-entry sub-blocks on the CPU: several per chunk)."""
+    """Every selection variant of the device (the looped one with 16-entry sub-blocks on the CPU:
+    several per chunk; the CuTe one on a GPU where CuTe DSL runs)."""
     got = _run_variant(logits, pos, req, k, chunk, max_chunk, sms, "registers", 1024)
     looped = _run_variant(logits, pos, req, k, chunk, max_chunk, sms, "looped", 1024 if logits.is_cuda else 16)
     assert torch.equal(got, looped)
+    if _cute_runs(logits.device):
+        assert torch.equal(_run_variant(logits, pos, req, k, chunk, max_chunk, sms, "cute", 0), got)
     return got
+
+
+def _cute_runs(device):
+    from dsv4_compile.kernels.cute._common import backend
+
+    return device.type == "cuda" and backend(device) == "cute"
 
 
 def _run_variant(logits, pos, req, k, chunk, max_chunk, sms, variant, sub):

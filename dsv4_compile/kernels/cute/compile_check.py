@@ -5,6 +5,7 @@ Beyond "it compiles", the PTX is checked for what the numerics and the target re
 * no ``fma`` anywhere: the reference rounds every fp32 product and sum separately;
 * sm_90a: no ``e2m1x2`` conversion (it does not exist there) and no 256-bit global accesses;
 * sm_100a: the MXFP4 variants use the hardware ``cvt.rn.satfinite.e2m1x2.f32``;
+* the top-k rounds count digits with shared-memory atomics and place kept entries by warp ballots;
 * the cache inserts read kv rows with 128-bit loads and write the record with 128-bit stores (the
   e4m3 bytes, the bf16 rope bytes) and one 64-bit store (the scale record), never byte by byte.
 
@@ -22,7 +23,7 @@ import tempfile
 
 from cutlass import BFloat16, Float32, Int32, Int64
 
-from . import cache, indexer_q
+from . import cache, indexer_q, topk
 from ._common import use_hw_e2m1
 
 ARCHS = ("sm_90a", "sm_100a")
@@ -50,6 +51,23 @@ def _kv_insert_cases():
     yield dict(bs=64, rope=True, slot=Int64, pos=Int64, cs=Float32)
     yield dict(bs=2, rope=True, slot=Int64, pos=Int64, cs=Float32)
     yield dict(bs=16, rope=True, slot=Int32, pos=Int32, cs=BFloat16)
+
+
+def _topk_cases():
+    # the selection rounds the plans use (first round over the logits, later rounds over candidates,
+    # final or not) at the largest chunk and small ones, both position / request dtypes, PDL on and off
+    yield dict(chunk=16384, logits=True, final=True, pos=Int64, req=Int64, pdl=True)
+    yield dict(chunk=16384, logits=True, final=False, pos=Int64, req=Int64, pdl=True)
+    yield dict(chunk=8192, logits=False, final=True, pos=Int64, req=Int64, pdl=True)
+    yield dict(chunk=32, logits=False, final=False, pos=Int64, req=Int64, pdl=False)
+    yield dict(chunk=64, logits=True, final=True, pos=Int32, req=Int32, pdl=False)
+
+
+def _check_topk_ptx(name: str, arch: str, ptx: str) -> None:
+    # the histograms are shared-memory atomics; the output positions come from warp ballots
+    for op in ("atom.shared", "vote.sync.ballot"):
+        if op not in ptx:
+            raise AssertionError(f"{name}@{arch}: no {op} in the PTX")
 
 
 def _global_accesses(ptx: str) -> list[str]:
@@ -128,6 +146,18 @@ def compile_all(arch: str) -> list[str]:
             if case["rope"]:
                 name += f"_pos{case['pos'].__name__.lower()}_cs{case['cs'].__name__.lower()}"
             _check_kv_insert_ptx(name, arch, ptx, case["rope"])
+            names.append(_check_ptx(name, arch, ptx, False))
+        for case in _topk_cases():
+            with tempfile.TemporaryDirectory(dir=dump_dir) as case_dir:
+                compiled = topk.TopkRoundKernel.compile(
+                    case["chunk"], case["logits"], case["final"], case["pos"], case["req"], case["pdl"], arch,
+                    extra_options=f"--keep-ptx --dump-dir {case_dir}",
+                )
+                ptx = _ptx_text(compiled, case_dir)
+            name = "topk_{}_{}_c{}_pos{}_req{}{}".format(
+                "logits" if case["logits"] else "candidates", "final" if case["final"] else "round", case["chunk"],
+                case["pos"].__name__.lower(), case["req"].__name__.lower(), "_pdl" if case["pdl"] else "")
+            _check_topk_ptx(name, arch, ptx)
             names.append(_check_ptx(name, arch, ptx, False))
     return names
 

@@ -33,7 +33,8 @@ from ._common import cdiv, next_pow2, pdl_enter
 from ._launch import prebound
 
 MAX_CHUNK = 16384  # largest chunk of keys one program holds in registers
-VARIANT_ENV = "DSV4_TOPK_SELECT"  # "looped": the op's selection variant (see select_topk)
+VARIANT_ENV = "DSV4_TOPK_SELECT"  # the op's selection variant (see select_variant)
+VARIANTS = ("cute", "registers", "looped")
 _SPLIT_MIN = 4096  # rows at most this long are never split
 
 
@@ -284,12 +285,12 @@ def _pow2(x: int) -> int:
     return next_pow2(max(int(x), 1))
 
 
-def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: int = MAX_CHUNK
-         ) -> list[tuple[int, int]]:
+def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: int = MAX_CHUNK,
+         split_min: int = _SPLIT_MIN) -> list[tuple[int, int]]:
     """``[(chunk, programs per row), ...]``, one entry per round; the last has one program per row.
 
     The first round (over the logits) splits a row when the rows alone leave SMs idle (``2·T < sms``)
-    and the row is longer than ``_SPLIT_MIN``, into chunks of about ``sqrt(L·k)`` (balances a chunk's
+    and the row is longer than ``split_min``, into chunks of about ``sqrt(L·k)`` (balances a chunk's
     work against the ``S·k`` candidates of the next round), or of ``chunk`` when given; later rounds
     split only rows longer than ``max_chunk``. Every split chunk holds at least ``2k`` entries, so
     every round shrinks the row (to fewer than half of it plus ``k``). Requires ``2k <= max_chunk``;
@@ -306,7 +307,7 @@ def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: 
         if first and chunk is not None:
             split = chunk < length
         else:
-            split = first and 2 * T < sms and length > max(_SPLIT_MIN, 2 * k)
+            split = first and 2 * T < sms and length > max(split_min, 2 * k)
         full = max(_pow2(length), 16)
         if full <= max_chunk and not split:
             rounds.append((full, 1))
@@ -332,6 +333,23 @@ def _warps(ch: int) -> int:
     return max(4, min(16, ch // 256))
 
 
+def select_variant(device: torch.device, variant: str | None = None) -> str:
+    """The selection kernel for ``device``: ``variant`` if given, else ``DSV4_TOPK_SELECT``, else
+    ``"cute"`` where ``kernels.cute.backend`` picks CuTe DSL (sm_90 / sm_100 with the packages
+    installed), else ``"registers"``. A ``ValueError`` names a bad variant."""
+    if variant is None:
+        variant = os.environ.get(VARIANT_ENV, "").strip().lower() or None
+    if variant is None:
+        from ..cute._common import backend
+
+        variant = "cute" if backend(device) == "cute" else "registers"
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "cute" and device.type != "cuda":
+        raise ValueError(f"the 'cute' selection runs on CUDA devices only, got {device}")
+    return variant
+
+
 def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: torch.Tensor, n_req: int,
                 compress_ratio: int, topk: int, sms: int, chunk: int | None = None,
                 max_chunk: int = MAX_CHUNK, variant: str | None = None, sub: int = 1024,
@@ -339,14 +357,19 @@ def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: tor
     """int32 ``[T, topk]`` (``reference.attention.select_topk`` of the visible prefix of each row of
     the fp32 ``logits [T, L]``; only positions below the row's visible count are read).
 
-    ``variant``: ``"registers"`` (the default, measured on the H200: the chunk held in registers),
-    or ``"looped"`` (every pass re-reads the chunk ``sub`` entries at a time: a small loop body; slower
-    on the H200); ``None`` reads ``DSV4_TOPK_SELECT`` (default ``"registers"``), which is how
-    ``dsv4::indexer_topk`` picks it. Both give the same bits."""
-    if variant is None:
-        variant = os.environ.get(VARIANT_ENV, "").strip().lower() or "registers"
-    if variant not in ("registers", "looped"):
-        raise ValueError(f"variant must be 'registers' or 'looped', got {variant!r}")
+    ``variant`` (``select_variant``): ``"cute"`` (``kernels.cute.topk``: shared-memory histograms
+    over 8-bit digits; the default where CuTe DSL runs), ``"registers"`` (the Triton default: the
+    chunk held in registers), or ``"looped"`` (Triton, every pass re-reads the chunk ``sub`` entries
+    at a time; slower on the H200). ``dsv4::indexer_topk`` takes the default. All give the same
+    bits."""
+    variant = select_variant(logits.device, variant)
+    if variant == "cute":
+        from ..cute import topk as cute_topk
+        from ._launch import pdl_meta
+
+        pdl = logits.is_cuda and pdl_meta(logits.device.index or 0) is not None
+        return cute_topk.select_topk(logits, positions, token_to_req, n_req, compress_ratio, topk, sms, chunk=chunk,
+                                     max_chunk=max_chunk, pdl=pdl)
     T, L = logits.shape
     out = torch.empty((T, topk), dtype=torch.int32, device=logits.device)
     if T == 0:

@@ -1,0 +1,394 @@
+"""CuTe-DSL top-k selection of ``indexer_topk``: a radix select over shared-memory histograms.
+
+Same contract and bits as ``kernels.triton.topk`` (``reference.attention.select_topk``,
+docs/numerics.md §7.2): a row with ``n`` visible entries keeps, when ``n > k``, the ``k`` entries of
+largest logit with ties going to the lower entry index (NaN above +inf, −0.0 equal to +0.0), written
+in increasing index order; ``n <= k`` gives ``0 .. n−1`` then −1; a padding row gives −1. Only
+positions below a row's visible count are read.
+
+Method. A CTA of up to 1,024 threads holds a chunk of up to 16,384 keys in registers, thread ``i``
+the positions ``start + j·threads + i`` (coalesced loads). The key is the Triton kernel's
+(``_sort_key``: unsigned order == float order, 0 = absent). The k-th largest key is found with at
+most four passes over 8 key bits (bits 24..31, then 16..23, ...): each pass counts the digits of the
+keys still sharing the threshold's higher bits into a 256-bin shared-memory histogram (one plain
+atomic per key: on the H200 that beat both per-lane copies of the bins and ``match.any``
+aggregation of equal digits, 12.2 against 13.4 and 19.6 µs for one 16,384-entry row), and one warp
+finds the bin holding the k-th largest from the suffix sums. The passes stop once that bin holds
+exactly the entries still needed. Entries above the threshold are kept, then the first ``need``
+entries equal to it in position order; each kept entry's output position comes from warp ballots
+and one block-wide prefix sum over the (slot, warp) counts, so the kept entries are written
+compacted in index order without a sort.
+
+Rows longer than one chunk are split over CTAs in rounds as the Triton selection does
+(``kernels.triton.topk.plan``): each chunk keeps its best ``k`` (key, index) candidates and the next
+round selects from them. A CTA here holds four times the keys of a Triton program, so rows are split
+only when the rows leave most SMs idle (``select_topk``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import cutlass
+import cutlass.cute as cute
+import torch
+from cutlass import Boolean, Float32, Int32, Int64, Uint32, const_expr
+
+from ..triton import topk as _ttopk
+from ._common import arch_name
+from ._math import TORCH_TO_CUTE
+
+WARP = 32
+BINS = 256  # 8-bit digits
+MAX_THREADS = 1024  # a CTA; 16 keys per thread at the largest chunk
+MAX_PER_THREAD = 32
+MAX_CHUNK = MAX_THREADS * MAX_PER_THREAD  # 16,384: the Triton selection's largest chunk too
+_FULL = 0xFFFFFFFF
+
+
+def chunk_threads(chunk: int, max_threads: int = MAX_THREADS) -> tuple[int, int]:
+    """(threads, keys per thread) of a CTA holding ``chunk`` keys (a power of two, 16..16,384):
+    up to ``max_threads`` threads, at least one warp."""
+    threads = max(WARP, min(max_threads, chunk))
+    return threads, max(1, chunk // threads)
+
+
+def _sort_key(x):
+    """uint32 key of fp32 ``x``: unsigned order == float order, NaN highest, −0 == +0, never 0."""
+    b = x.bitcast(Uint32)
+    key = cutlass.select_((b >> 31) != Uint32(0), b ^ Uint32(_FULL), b | Uint32(0x80000000))
+    key = cutlass.select_(x == Float32(0.0), Uint32(0x80000000), key)
+    return cutlass.select_(x != x, Uint32(_FULL), key)
+
+
+class TopkRoundKernel:
+    """One round of the selection; see ``compile`` for the cache key.
+
+    ``from_logits``: the source is fp32 logits (the row length from positions / requests), else the
+    previous round's (key, index) candidates (the row length from ``mN``). ``final``: write indices
+    (−1 fill) into ``[T, K]``, else (key, index) candidates (key 0 / −1 fill) and the next row length."""
+
+    def __init__(self, chunk: int, from_logits: bool, final: bool, pdl: bool, max_threads: int = MAX_THREADS):
+        self.threads, self.per_thread = chunk_threads(chunk, max_threads)
+        self.chunk = chunk  # positions per chunk (the plan's); the CTA holds threads·per_thread >= chunk
+        self.warps = self.threads // WARP
+        self.slots = self.per_thread * self.warps  # (slot, warp) counts of the ordering scan
+        assert self.slots <= self.threads
+        self.from_logits = from_logits
+        self.final = final
+        self.pdl = pdl
+
+    @cute.jit
+    def __call__(
+        self,
+        mSrc: cute.Tensor,  # fp32 logits [T, >= L] or int32 candidate keys [T, W]
+        mSrcIdx: Optional[cute.Tensor],  # int32 candidate indices [T, W] (not from_logits)
+        mN: Optional[cute.Tensor],  # int32 [T] row lengths (not from_logits)
+        mPos: Optional[cute.Tensor],  # int32/int64 [T] (from_logits)
+        mReq: Optional[cute.Tensor],  # int32/int64 [T] (from_logits)
+        mOutKey: Optional[cute.Tensor],  # int32 [T, S·K] (not final)
+        mOutIdx: cute.Tensor,  # int32 [T, S·K] (final: [T, K])
+        mNOut: Optional[cute.Tensor],  # int32 [T] (not final)
+        n_req: Int32,
+        ratio: Int32,
+        L: Int32,
+        K: Int32,
+        chunks: Int32,
+        stream,
+    ):
+        self.kernel(mSrc, mSrcIdx, mN, mPos, mReq, mOutKey, mOutIdx, mNOut, n_req, ratio, L, K).launch(
+            grid=[mOutIdx.shape[0], chunks, 1],
+            block=[self.threads, 1, 1],
+            stream=stream,
+            use_pdl=self.pdl,
+        )
+
+    @cute.kernel
+    def kernel(
+        self,
+        mSrc: cute.Tensor,
+        mSrcIdx: Optional[cute.Tensor],
+        mN: Optional[cute.Tensor],
+        mPos: Optional[cute.Tensor],
+        mReq: Optional[cute.Tensor],
+        mOutKey: Optional[cute.Tensor],
+        mOutIdx: cute.Tensor,
+        mNOut: Optional[cute.Tensor],
+        n_req: Int32,
+        ratio: Int32,
+        L: Int32,
+        K: Int32,
+    ):
+        NT = self.threads
+        tid, _, _ = cute.arch.thread_idx()
+        t, c, _ = cute.arch.block_idx()
+        warp = tid // WARP
+        lane = tid % WARP
+        lt_mask = (Uint32(1) << Uint32(lane)) - Uint32(1)
+        if const_expr(self.pdl):
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
+
+        smem = cutlass.memory.SmemAllocator()
+        hist = smem.allocate_tensor(Int32, cute.make_layout(2 * BINS), byte_alignment=16)
+        counts = smem.allocate_tensor(Int32, cute.make_layout(self.slots), byte_alignment=16)
+        wsum = smem.allocate_tensor(Int32, cute.make_layout(WARP), byte_alignment=16)
+        res = smem.allocate_tensor(Int32, cute.make_layout(8), byte_alignment=16)
+
+        # ---- the row's length ----
+        if const_expr(self.from_logits):
+            p = Int64(mPos[t])
+            r = Int64(mReq[t])
+            nv = cutlass.min((p + 1) // Int64(ratio), Int64(L))
+            n = Int32(0)
+            if (r >= 0) & (r < Int64(n_req)) & (p >= 0):
+                n = Int32(nv)
+        else:
+            n = mN[t]
+        start = c * self.chunk
+        out_base = c * K
+
+        if const_expr(not self.final):
+            if c == 0:
+                if tid == 0:
+                    mNOut[t] = (n + (self.chunk - 1)) // self.chunk * K
+
+        if start >= n:
+            if const_expr(self.final):  # only chunk 0 exists: an empty row
+                for j in cutlass.range(tid, K, NT):
+                    mOutIdx[t, j] = Int32(-1)
+        else:
+            if const_expr(self.from_logits and self.final):
+                if n <= K:  # the whole row, no logit read
+                    for j in cutlass.range(tid, K, NT):
+                        mOutIdx[t, j] = cutlass.select_(j < n, j, Int32(-1))
+                else:
+                    self._select(mSrc, mSrcIdx, mOutKey, mOutIdx, hist, counts, wsum, res, t, start, n,
+                                 out_base, K, tid, warp, lane, lt_mask)
+            else:
+                self._select(mSrc, mSrcIdx, mOutKey, mOutIdx, hist, counts, wsum, res, t, start, n, out_base,
+                             K, tid, warp, lane, lt_mask)
+
+    @cute.jit
+    def _select(self, mSrc, mSrcIdx, mOutKey, mOutIdx, hist, counts, wsum, res, t, start, n, out_base, K,
+                tid, warp, lane, lt_mask):
+        NT = self.threads
+        E = self.per_thread
+        NW = self.warps
+        # ---- keys (and candidate indices) in registers; slot j of every thread: one row of NT ----
+        end = cutlass.min(n, start + self.chunk)
+        keys = cute.make_rmem_tensor((E,), Uint32)
+        idx = cute.make_rmem_tensor((E,), Int32)
+        src = mSrc[t, None]  # the row: one base address, 32-bit offsets
+        src_idx = None
+        if const_expr(not self.from_logits):
+            src_idx = mSrcIdx[t, None]
+        for j in cutlass.range_constexpr(E):
+            pos = start + j * NT + tid
+            keys[j] = Uint32(0)
+            idx[j] = pos
+            if pos < end:
+                if const_expr(self.from_logits):
+                    keys[j] = _sort_key(Float32(src[pos]))
+                else:
+                    keys[j] = Uint32(src[pos])
+                    idx[j] = src_idx[pos]
+        live = end - start  # slot j holds some live position when j·NT < live
+
+        # pass p counts into buffer p % 2 (plain shared atomics: the hardware serializes a warp's
+        # lanes that hit one bin; per-lane copies of the bins or match.any groups measured slower);
+        # its scan zeroes the other buffer for the next pass
+        for b in cutlass.range(tid, BINS, NT):
+            hist[b] = Int32(0)
+        cute.arch.sync_threads()
+
+        thr = Uint32(0)
+        need = K
+        total = Int32(0)
+        done = Boolean(False)
+        exact = Boolean(False)
+        for p in cutlass.range_constexpr(4):
+            shift = 24 - 8 * p
+            cur = (p % 2) * BINS
+            nxt = ((p + 1) % 2) * BINS
+            if not done:
+                for j in cutlass.range_constexpr(E):
+                    if j * NT < live:
+                        k = keys[j]
+                        part = k != Uint32(0)
+                        if const_expr(p > 0):
+                            part = part & ((k >> Uint32(shift + 8)) == (thr >> Uint32(shift + 8)))
+                        if part:
+                            digit = Int32((k >> Uint32(shift)) & Uint32(BINS - 1))
+                            cute.arch.atomic_add(hist.iterator + cur + digit, Int32(1), scope="cta")
+                cute.arch.sync_threads()
+                if warp == 0:
+                    h = cute.make_rmem_tensor((BINS // WARP,), Int32)
+                    s = Int32(0)
+                    for i in cutlass.range_constexpr(BINS // WARP):
+                        h[i] = hist[cur + lane * (BINS // WARP) + i]
+                        s += h[i]
+                        hist[nxt + lane * (BINS // WARP) + i] = Int32(0)
+                    suffix = s  # inclusive suffix sum over lanes >= lane
+                    for off in cutlass.range_constexpr(5):
+                        other = cute.arch.shuffle_sync_down(suffix, 1 << off)
+                        if lane + (1 << off) < WARP:
+                            suffix += other
+                    if const_expr(p == 0):
+                        if lane == 0:
+                            res[3] = suffix
+                    run = suffix - s
+                    for i in cutlass.range_constexpr(BINS // WARP - 1, -1, -1):
+                        nrun = run + h[i]
+                        if (run < need) & (nrun >= need):
+                            res[0] = lane * (BINS // WARP) + i
+                            res[1] = run
+                            res[2] = h[i]
+                        run = nrun
+                cute.arch.sync_threads()
+                if const_expr(p == 0):
+                    total = res[3]
+                if total <= K:  # the whole chunk (only pass 0 can see this): every valid key is kept
+                    done = Boolean(True)
+                else:
+                    thr = thr | (Uint32(res[0]) << Uint32(shift))
+                    need = need - res[1]
+                    if res[2] == need:  # every entry of the bin is kept: thr's lower bits stay 0
+                        done = Boolean(True)
+                    else:
+                        if const_expr(p == 3):
+                            exact = Boolean(True)
+                # no barrier needed before the next pass: its scan rewrites res only after the barrier
+                # that follows its counting, which every thread reaches after reading res here
+        kept = cutlass.min(total, K)
+
+        # ---- (slot, warp) counts of kept entries above / at the threshold, packed 16 | 16 bits ----
+        for j in cutlass.range_constexpr(E):
+            cnt = Int32(0)
+            if j * NT < live:
+                k = keys[j]
+                above = (k != Uint32(0)) & cutlass.select_(exact, k > thr, k >= thr)
+                tie = exact & (k == thr)
+                cnt = cute.arch.popc(cute.arch.vote_ballot_sync(above)) | (
+                    cute.arch.popc(cute.arch.vote_ballot_sync(tie)) << 16)
+            if lane == 0:
+                counts[j * NW + warp] = cnt
+        cute.arch.sync_threads()
+        # exclusive prefix sum over the E·NW counts in position order (slot-major, then warp)
+        v = Int32(0)
+        if tid < self.slots:
+            v = counts[tid]
+        incl = v
+        for off in cutlass.range_constexpr(5):
+            other = cute.arch.shuffle_sync_up(incl, 1 << off)
+            if lane >= (1 << off):
+                incl += other
+        if lane == WARP - 1:
+            wsum[warp] = incl
+        cute.arch.sync_threads()
+        if warp == 0:
+            w = Int32(0)
+            if lane < NW:
+                w = wsum[lane]
+            wi = w
+            for off in cutlass.range_constexpr(5):
+                other = cute.arch.shuffle_sync_up(wi, 1 << off)
+                if lane >= (1 << off):
+                    wi += other
+            wsum[lane] = wi - w
+        cute.arch.sync_threads()
+        if tid < self.slots:
+            counts[tid] = incl - v + wsum[warp]
+        cute.arch.sync_threads()
+
+        # ---- compacted writes in position order ----
+        out_idx = mOutIdx[t, None]
+        out_key = None
+        if const_expr(not self.final):
+            out_key = mOutKey[t, None]
+        for j in cutlass.range_constexpr(E):
+            if j * NT < live:
+                k = keys[j]
+                above = (k != Uint32(0)) & cutlass.select_(exact, k > thr, k >= thr)
+                tie = exact & (k == thr)
+                a_mask = Uint32(cute.arch.vote_ballot_sync(above))
+                t_mask = Uint32(cute.arch.vote_ballot_sync(tie))
+                pre = counts[j * NW + warp]
+                a_before = (pre & 0xFFFF) + Int32(cute.arch.popc(a_mask & lt_mask))
+                t_before = (pre >> 16) + Int32(cute.arch.popc(t_mask & lt_mask))
+                take = above | (tie & (t_before < need))
+                if take:
+                    at = a_before + cutlass.min(t_before, need)
+                    out_idx[out_base + at] = idx[j]
+                    if const_expr(not self.final):
+                        out_key[out_base + at] = Int32(k)
+        for j in cutlass.range(kept + tid, K, NT):  # fewer valid keys than K: fill
+            out_idx[out_base + j] = Int32(-1)
+            if const_expr(not self.final):
+                out_key[out_base + j] = Int32(0)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def compile(chunk: int, from_logits: bool, final: bool, pos_dtype, req_dtype, pdl: bool, arch: str,
+                extra_options: str = "", max_threads: int = MAX_THREADS):
+        """Compile one round variant over fake tensors (no GPU needed): tokens, row widths and
+        strides are symbolic."""
+        tokens = cute.sym_int()
+        mk = cute.runtime.make_fake_tensor
+        src_w = cute.sym_int()
+        out_w = cute.sym_int()
+        src = mk(Float32 if from_logits else Int32, (tokens, src_w), stride=(cute.sym_int64(), 1), assumed_align=4)
+        src_idx = None if from_logits else mk(Int32, (tokens, src_w), stride=(cute.sym_int64(), 1), assumed_align=4)
+        n = None if from_logits else mk(Int32, (tokens,), stride=(1,), assumed_align=4)
+        pos = mk(pos_dtype, (tokens,), stride=(1,), assumed_align=pos_dtype.width // 8) if from_logits else None
+        req = mk(req_dtype, (tokens,), stride=(1,), assumed_align=req_dtype.width // 8) if from_logits else None
+        out_key = None if final else mk(Int32, (tokens, out_w), stride=(cute.sym_int64(), 1), assumed_align=4)
+        out_idx = mk(Int32, (tokens, out_w), stride=(cute.sym_int64(), 1), assumed_align=4)
+        n_out = None if final else mk(Int32, (tokens,), stride=(1,), assumed_align=4)
+        kernel = TopkRoundKernel(chunk, from_logits, final, pdl, max_threads)
+        return cute.compile(
+            kernel, src, src_idx, n, pos, req, out_key, out_idx, n_out,
+            Int32(0), Int32(1), Int32(0), Int32(1), Int32(1),
+            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+            options=f"--enable-tvm-ffi --gpu-arch {arch} {extra_options}".strip(),
+        )
+
+
+def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: torch.Tensor, n_req: int,
+                compress_ratio: int, topk: int, sms: int, chunk: int | None = None,
+                max_chunk: int = MAX_CHUNK, pdl: bool = False, max_threads: int = MAX_THREADS) -> torch.Tensor:
+    """int32 ``[T, topk]``: ``kernels.triton.topk.select_topk``'s result (same plan of rounds, same
+    bits) from the CuTe-DSL rounds. ``logits``: fp32 ``[T, L]``, unit stride along entries; only
+    positions below each row's visible count are read. Requires ``2·topk <= max_chunk <= 16,384``."""
+    T, L = logits.shape
+    out = torch.empty((T, topk), dtype=torch.int32, device=logits.device)
+    if T == 0:
+        return out
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    if positions.stride(0) != 1:
+        positions = positions.contiguous()
+    if token_to_req.stride(0) != 1:
+        token_to_req = token_to_req.contiguous()
+    # split a row (> 4,096 entries) only while 8·T <= SMs: one 16,384-entry row took 12.2 µs in one CTA,
+    # 10.3 µs as four 4,096-entry chunks + a round over their 2,048 candidates (H200); 64 rows took
+    # 13.6 µs unsplit, 16.2 µs split
+    rounds = _ttopk.plan(T, L, topk, max(1, sms // 4), chunk, min(max_chunk, MAX_CHUNK))
+    arch = arch_name(logits.device)
+    src, src_idx, n_buf = logits, None, None
+    for r, (ch, s) in enumerate(rounds):
+        final = r == len(rounds) - 1
+        first = r == 0
+        if final:
+            keys, idx, n_next = None, out, None
+        else:
+            keys = torch.empty((T, s * topk), dtype=torch.int32, device=logits.device)
+            idx = torch.empty_like(keys)
+            n_next = torch.empty((T,), dtype=torch.int32, device=logits.device)
+        compiled = TopkRoundKernel.compile(ch, first, final, TORCH_TO_CUTE[positions.dtype],
+                                           TORCH_TO_CUTE[token_to_req.dtype], pdl, arch, "", max_threads)
+        compiled(src, src_idx, n_buf, positions if first else None, token_to_req if first else None,
+                 keys, idx, n_next, n_req, compress_ratio, L, topk, s)
+        src, src_idx, n_buf = keys, idx, n_next
+    return out
