@@ -221,6 +221,11 @@ def test_indexer_logits_kernel_matches_reference(kernel_device, fmt):
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     fin = torch.isfinite(want)
     torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-5)
+    # two programs per token (each walks every other tile), page indices loaded one tile ahead or not:
+    # the same bits
+    for prefetch in (False, True):
+        other = kernels.indexer_logits(*dev, fmt, 4, block_n=16, block_h=16, programs=2, prefetch=prefetch).cpu()
+        assert torch.equal(other, got)
     for topk in (8, 20):
         _check_topk(kernels.indexer_topk(*dev, fmt, topk, 4).cpu(), _dense_logits(*case, fmt), topk, tol=1e-5)
 

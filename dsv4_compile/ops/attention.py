@@ -128,7 +128,8 @@ def indexer_topk(
         entries, then top-k, −1 for unused slots), computed in vLLM by DeepGEMM's
         ``fp8_fp4_paged_mqa_logits`` and its top-k kernels (``persistent_topk``). The CUDA path
         writes each row's logits only up to its visible count and selects with a radix select
-        (``kernels/triton/topk.py``): its cost follows the context, not ``M·block_size``.
+        (``kernels/cute/topk.py`` where CuTe DSL runs, else ``kernels/triton/topk.py``;
+        ``DSV4_TOPK_SELECT`` forces one): its cost follows the context, not ``M·block_size``.
     """
     _check_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt, topk,
                 compress_ratio)

@@ -167,8 +167,20 @@ class TopkRoundKernel:
                     self._select(mSrc, mSrcIdx, mOutKey, mOutIdx, hist, counts, wsum, res, t, start, n,
                                  out_base, K, tid, warp, lane, lt_mask)
             else:
-                self._select(mSrc, mSrcIdx, mOutKey, mOutIdx, hist, counts, wsum, res, t, start, n, out_base,
-                             K, tid, warp, lane, lt_mask)
+                if const_expr(self.final):
+                    if n <= K:  # one chunk's candidates: already the answer, in index order
+                        for j in cutlass.range(tid, K, NT):
+                            v = Int32(-1)
+                            if j < n:
+                                if mSrc[t, j] != 0:
+                                    v = mSrcIdx[t, j]
+                            mOutIdx[t, j] = v
+                    else:
+                        self._select(mSrc, mSrcIdx, mOutKey, mOutIdx, hist, counts, wsum, res, t, start, n,
+                                     out_base, K, tid, warp, lane, lt_mask)
+                else:
+                    self._select(mSrc, mSrcIdx, mOutKey, mOutIdx, hist, counts, wsum, res, t, start, n,
+                                 out_base, K, tid, warp, lane, lt_mask)
 
     @cute.jit
     def _select(self, mSrc, mSrcIdx, mOutKey, mOutIdx, hist, counts, wsum, res, t, start, n, out_base, K,

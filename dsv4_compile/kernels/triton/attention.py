@@ -76,7 +76,7 @@ def _indexer_logits_kernel(
     q_ptr, qs_ptr, w_ptr, cache_ptr, bt_ptr, req_ptr, pos_ptr, out_ptr,
     H, n_req, num_pages, page_stride, L, ratio, q_stride_t, q_stride_h, w_stride_t, bt_stride, out_stride,
     BS: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, MXFP4: tl.constexpr, ONE_HB: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Token ``t = program_id(0)``: program ``j`` of ``num_programs(1)`` scores tiles ``j, j+P, ..``
     of ``BN`` entries below the token's visible count ``n`` and writes them; nothing at or past ``n``
@@ -100,10 +100,21 @@ def _indexer_logits_kernel(
     w_row = w_ptr + t.to(tl.int64) * w_stride_t
     if ONE_HB:  # every head in one block: the queries and weights stay in registers across tiles
         q0, w0 = _head_block(q_ptr, qs_ptr, w_row, t, tl.arange(0, BH), H, q_stride_t, q_stride_h, MXFP4, BH)
-    for i in range(tl.program_id(1), n_tiles, n_prog):
+    # PREFETCH: each tile's page indices are loaded one tile ahead (the key load then waits on no
+    # dependent load of the block table)
+    i0 = tl.program_id(1)
+    if PREFETCH:
+        s0 = i0 * BN + tl.arange(0, BN)
+        page_nx = tl.load(bt_row + s0 // BS, mask=s0 < n, other=-1)
+    for i in range(i0, n_tiles, n_prog):
         s = i * BN + tl.arange(0, BN)
         vis = s < n
-        page = tl.load(bt_row + s // BS, mask=vis, other=-1).to(tl.int64)
+        if PREFETCH:
+            page = page_nx.to(tl.int64)
+            s_nx = s + n_prog * BN
+            page_nx = tl.load(bt_row + s_nx // BS, mask=s_nx < n, other=-1)
+        else:
+            page = tl.load(bt_row + s // BS, mask=vis, other=-1).to(tl.int64)
         ok = vis & (page >= 0) & (page < num_pages)
         page_off = tl.where(ok, page, 0) * page_stride
         acc = tl.zeros([BN], dtype=tl.float32)
@@ -128,17 +139,21 @@ def _indexer_logits_kernel(
 
 
 def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | None = None,
-                  block_h: int | None = None, programs: int | None = None, num_warps: int | None = None):
-    """(BN, BH, programs per token, warps): one program per 128-entry tile until the tokens alone
-    give every SM four programs; 64 heads per block (one wgmma row block; fewer under the
-    interpreter)."""
+                  block_h: int | None = None, programs: int | None = None, num_warps: int | None = None,
+                  prefetch: bool | None = None):
+    """(BN, BH, programs per token, warps, page-index prefetch): 64-entry tiles (one page of the
+    indexer cache), 64 heads per block (one wgmma row block; fewer under the interpreter), programs
+    until the tokens give every SM eight, and each tile's page indices loaded one tile ahead.
+    Swept on the H200 (64k context, BN 64 / 128, 1-4x the programs,
+    prefetch on / off): B = 64 went from 73.1 µs (BN 128, four programs per SM, no prefetch) to
+    58.5 µs, B = 32 from 40.8 to 33.0 µs, B = 8 from 14.0 to 12.2 µs."""
     interp = device.type != "cuda" or interpreting()
-    bn = block_n or (16 if interp else 128)
+    bn = block_n or (16 if interp else 64)
     bh = block_h or (16 if interp else 64)
     if programs is None:
-        programs = cdiv(4 * sm_programs(device), max(T, 1))
+        programs = cdiv(8 * sm_programs(device), max(T, 1))
     programs = max(1, min(programs, cdiv(max(L, 1), bn)))
-    return bn, bh, programs, num_warps or 4
+    return bn, bh, programs, num_warps or 4, True if prefetch is None else bool(prefetch)
 
 
 def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int,
@@ -155,12 +170,12 @@ def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to
     if mxfp4:
         q_scale = q_scale.contiguous()
     qb = q.view(torch.uint8)
-    bn, bh, programs, warps = logits_config(T, L, H, q.device, **config)
+    bn, bh, programs, warps, prefetch = logits_config(T, L, H, q.device, **config)
     _indexer_logits_kernel[(T, programs)](
         qb, q_scale if mxfp4 else qb, weights, k_cache, block_table, token_to_req, positions, out,
         H, block_table.shape[0], k_cache.shape[0], k_cache.stride(0), L, compress_ratio,
         qb.stride(0), qb.stride(1), weights.stride(0), block_table.stride(0), out.stride(0),
-        BS=block_size, BN=bn, BH=bh, MXFP4=mxfp4, ONE_HB=H <= bh, num_warps=warps,
+        BS=block_size, BN=bn, BH=bh, MXFP4=mxfp4, ONE_HB=H <= bh, PREFETCH=prefetch, num_warps=warps,
     )
     return out
 

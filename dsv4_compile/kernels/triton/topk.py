@@ -285,12 +285,12 @@ def _pow2(x: int) -> int:
     return next_pow2(max(int(x), 1))
 
 
-def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: int = MAX_CHUNK,
-         split_min: int = _SPLIT_MIN) -> list[tuple[int, int]]:
+def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: int = MAX_CHUNK
+         ) -> list[tuple[int, int]]:
     """``[(chunk, programs per row), ...]``, one entry per round; the last has one program per row.
 
     The first round (over the logits) splits a row when the rows alone leave SMs idle (``2·T < sms``)
-    and the row is longer than ``split_min``, into chunks of about ``sqrt(L·k)`` (balances a chunk's
+    and the row is longer than ``_SPLIT_MIN``, into chunks of about ``sqrt(L·k)`` (balances a chunk's
     work against the ``S·k`` candidates of the next round), or of ``chunk`` when given; later rounds
     split only rows longer than ``max_chunk``. Every split chunk holds at least ``2k`` entries, so
     every round shrinks the row (to fewer than half of it plus ``k``). Requires ``2k <= max_chunk``;
@@ -307,7 +307,7 @@ def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: 
         if first and chunk is not None:
             split = chunk < length
         else:
-            split = first and 2 * T < sms and length > max(split_min, 2 * k)
+            split = first and 2 * T < sms and length > max(_SPLIT_MIN, 2 * k)
         full = max(_pow2(length), 16)
         if full <= max_chunk and not split:
             rounds.append((full, 1))
