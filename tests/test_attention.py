@@ -221,8 +221,8 @@ def test_indexer_logits_kernel_matches_reference(kernel_device, fmt):
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     fin = torch.isfinite(want)
     torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-5)
-    # two programs per token (each walks every other tile), page indices loaded one tile ahead or not:
-    # the same bits
+    # two programs per token (each walks every other tile), page indices loaded one tile ahead or not
+    # (FP8; MXFP4 never prefetches): the same bits
     for prefetch in (False, True):
         other = kernels.indexer_logits(*dev, fmt, 4, block_n=16, block_h=16, programs=2, prefetch=prefetch).cpu()
         assert torch.equal(other, got)

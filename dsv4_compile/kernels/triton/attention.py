@@ -140,20 +140,24 @@ def _indexer_logits_kernel(
 
 def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | None = None,
                   block_h: int | None = None, programs: int | None = None, num_warps: int | None = None,
-                  prefetch: bool | None = None):
-    """(BN, BH, programs per token, warps, page-index prefetch): 64-entry tiles (one page of the
-    indexer cache), 64 heads per block (one wgmma row block; fewer under the interpreter), programs
-    until the tokens give every SM eight, and each tile's page indices loaded one tile ahead.
+                  prefetch: bool | None = None, mxfp4: bool = False):
+    """(BN, BH, programs per token, warps, page-index prefetch): FP8 takes 64-entry tiles (one page
+    of the indexer cache) with each tile's page indices loaded one tile ahead; MXFP4 keeps 128-entry
+    tiles and never prefetches (with 64-entry tiles and the prefetch its kernel failed to compile
+    under Triton 3.6 on the H200, "PassManager::run failed"; which of the two is not established);
+    64 heads per block (one wgmma row block; fewer under the interpreter), programs until the tokens
+    give every SM eight.
     Swept on the H200 (64k context, BN 64 / 128, 1-4x the programs,
     prefetch on / off): B = 64 went from 73.1 µs (BN 128, four programs per SM, no prefetch) to
     58.5 µs, B = 32 from 40.8 to 33.0 µs, B = 8 from 14.0 to 12.2 µs."""
     interp = device.type != "cuda" or interpreting()
-    bn = block_n or (16 if interp else 64)
+    bn = block_n or (16 if interp else 128 if mxfp4 else 64)
     bh = block_h or (16 if interp else 64)
     if programs is None:
         programs = cdiv(8 * sm_programs(device), max(T, 1))
     programs = max(1, min(programs, cdiv(max(L, 1), bn)))
-    return bn, bh, programs, num_warps or 4, True if prefetch is None else bool(prefetch)
+    prefetch = (True if prefetch is None else bool(prefetch)) and not mxfp4
+    return bn, bh, programs, num_warps or 4, prefetch
 
 
 def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int,
@@ -170,7 +174,7 @@ def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to
     if mxfp4:
         q_scale = q_scale.contiguous()
     qb = q.view(torch.uint8)
-    bn, bh, programs, warps, prefetch = logits_config(T, L, H, q.device, **config)
+    bn, bh, programs, warps, prefetch = logits_config(T, L, H, q.device, mxfp4=mxfp4, **config)
     _indexer_logits_kernel[(T, programs)](
         qb, q_scale if mxfp4 else qb, weights, k_cache, block_table, token_to_req, positions, out,
         H, block_table.shape[0], k_cache.shape[0], k_cache.stride(0), L, compress_ratio,
