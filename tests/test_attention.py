@@ -226,6 +226,11 @@ def test_indexer_logits_kernel_matches_reference(kernel_device, fmt):
     for prefetch in (False, True):
         other = kernels.indexer_logits(*dev, fmt, 4, block_n=16, block_h=16, programs=2, prefetch=prefetch).cpu()
         assert torch.equal(other, got)
+    # one head block of every head (queries kept across tiles) against head blocks of 16 (20 heads:
+    # a masked block)
+    one = kernels.indexer_logits(*dev, fmt, 4, block_n=16, block_h=32).cpu()
+    assert torch.equal(torch.isinf(one), torch.isinf(want))
+    torch.testing.assert_close(one[fin], want[fin], rtol=1e-5, atol=1e-5)
     for topk in (8, 20):
         _check_topk(kernels.indexer_topk(*dev, fmt, topk, 4).cpu(), _dense_logits(*case, fmt), topk, tol=1e-5)
 
