@@ -62,6 +62,23 @@ def _sort_key(x):
     return cutlass.select_(x != x, Uint32(_FULL), key)
 
 
+def _warp_inclusive_sum(v, lane):
+    """Inclusive prefix sum of ``v`` over the lanes of a warp (shuffles up)."""
+    for off in (1, 2, 4, 8, 16):
+        other = cute.arch.shuffle_sync_up(v, off)
+        v = v + cutlass.select_(lane >= off, other, Int32(0))
+    return v
+
+
+def _kept(k, thr, exact):
+    """(above, tie) flags of key ``k``: kept outright, or equal to the exact threshold (then kept in
+    position order while ties are still needed). Without an exact threshold (the passes stopped
+    early, or the chunk holds at most k valid keys, ``thr == 0``) every valid key at or above it is
+    kept."""
+    above = (k != Uint32(0)) & cutlass.select_(exact, k > thr, k >= thr)
+    return above, exact & (k == thr)
+
+
 class TopkRoundKernel:
     """One round of the selection; see ``compile`` for the cache key.
 
@@ -279,9 +296,7 @@ class TopkRoundKernel:
         for j in cutlass.range_constexpr(E):
             cnt = Int32(0)
             if j * NT < live:
-                k = keys[j]
-                above = (k != Uint32(0)) & cutlass.select_(exact, k > thr, k >= thr)
-                tie = exact & (k == thr)
+                above, tie = _kept(keys[j], thr, exact)
                 cnt = cute.arch.popc(cute.arch.vote_ballot_sync(above)) | (
                     cute.arch.popc(cute.arch.vote_ballot_sync(tie)) << 16)
             if lane == 0:
@@ -291,11 +306,7 @@ class TopkRoundKernel:
         v = Int32(0)
         if tid < self.slots:
             v = counts[tid]
-        incl = v
-        for off in cutlass.range_constexpr(5):
-            other = cute.arch.shuffle_sync_up(incl, 1 << off)
-            if lane >= (1 << off):
-                incl += other
+        incl = _warp_inclusive_sum(v, lane)
         if lane == WARP - 1:
             wsum[warp] = incl
         cute.arch.sync_threads()
@@ -303,12 +314,7 @@ class TopkRoundKernel:
             w = Int32(0)
             if lane < NW:
                 w = wsum[lane]
-            wi = w
-            for off in cutlass.range_constexpr(5):
-                other = cute.arch.shuffle_sync_up(wi, 1 << off)
-                if lane >= (1 << off):
-                    wi += other
-            wsum[lane] = wi - w
+            wsum[lane] = _warp_inclusive_sum(w, lane) - w
         cute.arch.sync_threads()
         if tid < self.slots:
             counts[tid] = incl - v + wsum[warp]
@@ -322,8 +328,7 @@ class TopkRoundKernel:
         for j in cutlass.range_constexpr(E):
             if j * NT < live:
                 k = keys[j]
-                above = (k != Uint32(0)) & cutlass.select_(exact, k > thr, k >= thr)
-                tie = exact & (k == thr)
+                above, tie = _kept(k, thr, exact)
                 a_mask = Uint32(cute.arch.vote_ballot_sync(above))
                 t_mask = Uint32(cute.arch.vote_ballot_sync(tie))
                 pre = counts[j * NW + warp]
@@ -395,9 +400,7 @@ def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: tor
         if final:
             keys, idx, n_next = None, out, None
         else:
-            keys = torch.empty((T, s * topk), dtype=torch.int32, device=logits.device)
-            idx = torch.empty_like(keys)
-            n_next = torch.empty((T,), dtype=torch.int32, device=logits.device)
+            keys, idx, n_next = _ttopk.round_buffers(T, s, topk, logits.device)
         compiled = TopkRoundKernel.compile(ch, first, final, TORCH_TO_CUTE[positions.dtype],
                                            TORCH_TO_CUTE[token_to_req.dtype], pdl, arch, "", max_threads)
         compiled(src, src_idx, n_buf, positions if first else None, token_to_req if first else None,

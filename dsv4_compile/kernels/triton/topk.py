@@ -322,6 +322,13 @@ def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: 
         length = s * k
 
 
+def round_buffers(T: int, s: int, k: int, device: torch.device):
+    """(keys, indices, next row lengths) a non-final round writes: int32 ``[T, s·k]`` twice (``s``
+    chunks keep ``k`` candidates each) and int32 ``[T]``."""
+    keys = torch.empty((T, s * k), dtype=torch.int32, device=device)
+    return keys, torch.empty_like(keys), torch.empty((T,), dtype=torch.int32, device=device)
+
+
 def _warps(ch: int) -> int:
     """Warps of a register-variant program: 8 keys per thread, at most 16 warps. The chunk unrolls
     into straight-line code per key a thread holds, so fewer keys per thread is less code: sm_90 SASS
@@ -384,9 +391,7 @@ def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: tor
         if final:
             keys, idx, n_next, out_stride = out, out, positions, topk
         else:
-            keys = torch.empty((T, s * topk), dtype=torch.int32, device=logits.device)
-            idx = torch.empty_like(keys)
-            n_next = torch.empty((T,), dtype=torch.int32, device=logits.device)
+            keys, idx, n_next = round_buffers(T, s, topk, logits.device)
             out_stride = s * topk
         _topk_round_kernel[(T, s)](
             src, src_idx, n_buf, positions, token_to_req, keys, idx, n_next,
