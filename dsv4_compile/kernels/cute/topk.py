@@ -21,8 +21,8 @@ compacted in index order without a sort.
 
 Rows longer than one chunk are split over CTAs in rounds as the Triton selection does
 (``kernels.triton.topk.plan``): each chunk keeps its best ``k`` (key, index) candidates and the next
-round selects from them. A CTA here holds four times the keys of a Triton program, so rows are split
-only when the rows leave most SMs idle (``select_topk``).
+round selects from them. Rows are split less often than the Triton selection splits them (only while
+8·T <= SMs: the H200 timings in ``select_topk``); the bits are the same.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from ._math import TORCH_TO_CUTE
 WARP = 32
 BINS = 256  # 8-bit digits
 MAX_THREADS = 1024  # a CTA; 16 keys per thread at the largest chunk
-MAX_PER_THREAD = 32
+MAX_PER_THREAD = 16
 MAX_CHUNK = MAX_THREADS * MAX_PER_THREAD  # 16,384: the Triton selection's largest chunk too
 _FULL = 0xFFFFFFFF
 
@@ -375,8 +375,8 @@ class TopkRoundKernel:
 def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: torch.Tensor, n_req: int,
                 compress_ratio: int, topk: int, sms: int, chunk: int | None = None,
                 max_chunk: int = MAX_CHUNK, pdl: bool = False, max_threads: int = MAX_THREADS) -> torch.Tensor:
-    """int32 ``[T, topk]``: ``kernels.triton.topk.select_topk``'s result (same plan of rounds, same
-    bits) from the CuTe-DSL rounds. ``logits``: fp32 ``[T, L]``, unit stride along entries; only
+    """int32 ``[T, topk]``: ``kernels.triton.topk.select_topk``'s result (the same bits; rows split
+    into rounds less often) from the CuTe-DSL rounds. ``logits``: fp32 ``[T, L]``, unit stride along entries; only
     positions below each row's visible count are read. Requires ``2·topk <= max_chunk <= 16,384``."""
     T, L = logits.shape
     out = torch.empty((T, topk), dtype=torch.int32, device=logits.device)

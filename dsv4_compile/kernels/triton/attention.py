@@ -77,11 +77,12 @@ def _mx_q_block(q_ptr, qs_ptr, t, heads, H, q_stride_t, q_stride_h, b: tl.conste
 def _mx_scores(k_rows, ks_rows, ok, q0, q1, q2, q3, s0, s1, s2, s3, BN: tl.constexpr):
     """fp32 ``[BN, BH]`` ``k̂·q̂`` of MXFP4 keys (packed values at the pointers ``k_rows``, UE8M0
     block scales at ``ks_rows``) and queries given per 32-block: four e4m3 tensor-core dots of the
-    E2M1 values (exact sums), each times its key and query block scales (powers of two), in fp32."""
-    sc = tl.dot(_mx_block(k_rows, ok, 0, BN), tl.trans(q0)) * _mx_k_scale(ks_rows, ok, 0)[:, None] * s0[None, :]
-    sc += tl.dot(_mx_block(k_rows, ok, 1, BN), tl.trans(q1)) * _mx_k_scale(ks_rows, ok, 1)[:, None] * s1[None, :]
-    sc += tl.dot(_mx_block(k_rows, ok, 2, BN), tl.trans(q2)) * _mx_k_scale(ks_rows, ok, 2)[:, None] * s2[None, :]
-    sc += tl.dot(_mx_block(k_rows, ok, 3, BN), tl.trans(q3)) * _mx_k_scale(ks_rows, ok, 3)[:, None] * s3[None, :]
+    E2M1 values (exact sums), each times the product of its key and query block scales (powers of
+    two: one rounding, as the reference's products of dequantized values), summed in fp32."""
+    sc = tl.dot(_mx_block(k_rows, ok, 0, BN), tl.trans(q0)) * (_mx_k_scale(ks_rows, ok, 0)[:, None] * s0[None, :])
+    sc += tl.dot(_mx_block(k_rows, ok, 1, BN), tl.trans(q1)) * (_mx_k_scale(ks_rows, ok, 1)[:, None] * s1[None, :])
+    sc += tl.dot(_mx_block(k_rows, ok, 2, BN), tl.trans(q2)) * (_mx_k_scale(ks_rows, ok, 2)[:, None] * s2[None, :])
+    sc += tl.dot(_mx_block(k_rows, ok, 3, BN), tl.trans(q3)) * (_mx_k_scale(ks_rows, ok, 3)[:, None] * s3[None, :])
     return sc
 
 
