@@ -181,6 +181,27 @@ def test_gpu_many_rows_short_and_long():
     _run(logits, pos, req, 512, sms=132)
 
 
+def test_select_variant_defaults_and_errors(monkeypatch):
+    """The default follows the kernel backend (``registers`` off CUDA / without CuTe DSL); the
+    environment variable forces a variant; ``cute`` off CUDA and unknown names are ValueErrors."""
+    from dsv4_compile.kernels.cute import _common
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv(topk_kernels.VARIANT_ENV, raising=False)
+    assert topk_kernels.select_variant(cpu) == "registers"
+    monkeypatch.setattr(_common, "HAVE_CUTE", True)
+    monkeypatch.setattr(_common, "device_capability", lambda index: (9, 0))
+    assert topk_kernels.select_variant(torch.device("cuda", 0)) == "cute"
+    monkeypatch.setenv(_common.BACKEND_ENV, "triton")
+    assert topk_kernels.select_variant(torch.device("cuda", 0)) == "registers"
+    monkeypatch.setenv(topk_kernels.VARIANT_ENV, "looped")
+    assert topk_kernels.select_variant(torch.device("cuda", 0)) == "looped"
+    with pytest.raises(ValueError, match="CUDA devices only"):
+        topk_kernels.select_variant(cpu, "cute")
+    with pytest.raises(ValueError, match="variant must be"):
+        topk_kernels.select_variant(cpu, "bitonic")
+
+
 def test_op_variant_switch(kernel_device, monkeypatch):
     """``DSV4_TOPK_SELECT=looped`` switches the op's selection; same bits; a bad name is a ValueError."""
     from dsv4_compile.kernels.triton import attention as attn_kernels
