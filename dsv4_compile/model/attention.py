@@ -38,7 +38,7 @@ from ..reference.layer import rms_normalize
 from ..rope import layer_cos_sin_cache
 from ..runtime.cache import LayerCache
 from ..runtime.metadata import StepMetadata
-from .fp8 import FP8, fp8_linear, is_fp8, linear_fp32, project, set_linear_format
+from .fp8 import FP8, fp8_linear, is_fp8, project, set_linear_format
 from .indexer import IndexerQ
 
 dsv4 = torch.ops.dsv4
@@ -96,7 +96,7 @@ class Compressor(nn.Module):
 
     def forward(self, kv_score, positions, cos_sin_cache, token_to_req, state_cache, state_slot_mapping,
                 state_block_table, cache, slot_mapping, block_size: int):
-        """``kv_score [T, 2·coff·d]`` fp32 = ``[x @ wkv^T | x @ wgate^T]`` (``linear_fp32``)."""
+        """``kv_score [T, 2·coff·d]`` fp32 = ``[x @ wkv^T | x @ wgate^T]`` (``dsv4::linear_fp32``)."""
         r, d, sbs = self.ratio, self.head_dim, self.state_block_size
         dsv4.compressor_state_save(kv_score, positions, self.ape, state_cache, state_slot_mapping, sbs)
         pooled = dsv4.compressor_pool(state_cache, positions, state_block_table, token_to_req, sbs, r, d)
@@ -337,7 +337,7 @@ class DeepseekV4Attention(nn.Module):
         if self.x_proj is not None:
             cols.update(self._split(groups["x_proj"], F.linear(x, self.x_proj))[0])
         if self.comp_proj is not None:
-            h = linear_fp32(x, self.comp_proj)
+            h = dsv4.linear_fp32(x, self.comp_proj)
             named, c = self._split(groups["comp_proj"], h)
             cols.update(named)
             kv_score = h[:, c:]

@@ -71,10 +71,3 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
 def project(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``lin(x)`` for a bf16 linear, ``fp8_linear`` for an FP8 one (``x`` 2-D)."""
     return fp8_linear(x, lin.weight, lin.scale) if is_fp8(lin) else lin(x)
-
-
-def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight^T`` with fp32 output (the compressor GEMM, docs/numerics.md §2.3): ``dsv4::linear_fp32``,
-    the exact products of the 16-bit values summed in fp32 (one row through the package's GEMV on
-    CUDA, cuBLAS ``mm`` with ``out_dtype`` above)."""
-    return dsv4.linear_fp32(x, weight)

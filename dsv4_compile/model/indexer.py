@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import layouts
-from .fp8 import linear_fp32, project
+from .fp8 import project
 
 
 class IndexerQ(nn.Module):
@@ -54,7 +54,7 @@ class IndexerQ(nn.Module):
         if self.hadamard:
             q = torch.ops.dsv4.hadamard(q, self.head_dim**-0.5)
         if weights is None:  # fp32 sums, unrounded (docs/numerics.md §7.1)
-            weights = linear_fp32(x, self.weights_proj.weight)
+            weights = torch.ops.dsv4.linear_fp32(x, self.weights_proj.weight)
         if self.fmt == "fp8":
             q_fp8, q_scale = torch.ops.dsv4.fp8_block_quant(q, self.head_dim, layouts.FP8_AMAX_FLOOR)
             return q_fp8, weights.float() * self.weight_scale * q_scale.squeeze(-1)

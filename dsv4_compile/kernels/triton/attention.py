@@ -64,13 +64,23 @@ def _mx_block(rows, ok, b: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
-def _mx_q_block(q_ptr, qs_ptr, t, heads, H, q_stride_t, q_stride_h, b: tl.constexpr, BH: tl.constexpr):
-    """(e4m3 ``[BH, 32]`` E2M1 values, fp32 ``[BH]`` block scales 2^(byte−127), 0 for heads >= H) of
-    block ``b`` of token ``t``'s MXFP4 queries."""
+def _ue8m0_scales(ptrs, ok):
+    """fp32 ``2^(byte−127)`` of the UE8M0 bytes at ``ptrs``; 0 where not ``ok`` (nothing read there)."""
+    return tl.where(ok, pow2(tl.load(ptrs, mask=ok, other=0).to(tl.int32) - 127), 0.0)
+
+
+@triton.jit
+def _mx_head_block(q_ptr, qs_ptr, w_row, t, heads, H, q_stride_t, q_stride_h, BH: tl.constexpr):
+    """(weights ``[BH]``, the e4m3 ``[BH, 32]`` E2M1 values of blocks 0-3, their fp32 ``[BH]`` block
+    scales) of ``heads`` of token ``t``'s MXFP4 queries (scales ``[T, H, 4]`` contiguous; heads
+    ``>= H`` give zeros)."""
     hm = heads < H
-    qb = _mx_block(q_ptr + t.to(tl.int64) * q_stride_t + heads * q_stride_h, hm, b, BH)
-    sb = tl.load(qs_ptr + (t.to(tl.int64) * H + heads) * 4 + b, mask=hm, other=0)
-    return qb, tl.where(hm, pow2(sb.to(tl.int32) - 127), 0.0)
+    w = tl.load(w_row + heads, mask=hm, other=0.0)
+    rows = q_ptr + t.to(tl.int64) * q_stride_t + heads * q_stride_h
+    srows = qs_ptr + (t.to(tl.int64) * H + heads) * 4
+    return (w, _mx_block(rows, hm, 0, BH), _mx_block(rows, hm, 1, BH), _mx_block(rows, hm, 2, BH),
+            _mx_block(rows, hm, 3, BH), _ue8m0_scales(srows, hm), _ue8m0_scales(srows + 1, hm),
+            _ue8m0_scales(srows + 2, hm), _ue8m0_scales(srows + 3, hm))
 
 
 @triton.jit
@@ -79,17 +89,11 @@ def _mx_scores(k_rows, ks_rows, ok, q0, q1, q2, q3, s0, s1, s2, s3, BN: tl.const
     block scales at ``ks_rows``) and queries given per 32-block: four e4m3 tensor-core dots of the
     E2M1 values (exact sums), each times the product of its key and query block scales (powers of
     two: one rounding, as the reference's products of dequantized values), summed in fp32."""
-    sc = tl.dot(_mx_block(k_rows, ok, 0, BN), tl.trans(q0)) * (_mx_k_scale(ks_rows, ok, 0)[:, None] * s0[None, :])
-    sc += tl.dot(_mx_block(k_rows, ok, 1, BN), tl.trans(q1)) * (_mx_k_scale(ks_rows, ok, 1)[:, None] * s1[None, :])
-    sc += tl.dot(_mx_block(k_rows, ok, 2, BN), tl.trans(q2)) * (_mx_k_scale(ks_rows, ok, 2)[:, None] * s2[None, :])
-    sc += tl.dot(_mx_block(k_rows, ok, 3, BN), tl.trans(q3)) * (_mx_k_scale(ks_rows, ok, 3)[:, None] * s3[None, :])
+    sc = tl.dot(_mx_block(k_rows, ok, 0, BN), tl.trans(q0)) * (_ue8m0_scales(ks_rows + 0, ok)[:, None] * s0[None, :])
+    sc += tl.dot(_mx_block(k_rows, ok, 1, BN), tl.trans(q1)) * (_ue8m0_scales(ks_rows + 1, ok)[:, None] * s1[None, :])
+    sc += tl.dot(_mx_block(k_rows, ok, 2, BN), tl.trans(q2)) * (_ue8m0_scales(ks_rows + 2, ok)[:, None] * s2[None, :])
+    sc += tl.dot(_mx_block(k_rows, ok, 3, BN), tl.trans(q3)) * (_ue8m0_scales(ks_rows + 3, ok)[:, None] * s3[None, :])
     return sc
-
-
-@triton.jit
-def _mx_k_scale(ks_rows, ok, b: tl.constexpr):
-    sb = tl.load(ks_rows + b, mask=ok, other=0)
-    return tl.where(ok, pow2(sb.to(tl.int32) - 127), 0.0)
 
 
 @prebound
@@ -125,12 +129,8 @@ def _indexer_logits_kernel(
     w_row = w_ptr + t.to(tl.int64) * w_stride_t
     if ONE_HB:  # every head in one block: the queries and weights stay in registers across tiles
         if MXFP4:
-            heads = tl.arange(0, BH)
-            w0 = tl.load(w_row + heads, mask=heads < H, other=0.0)
-            qb0, qs0 = _mx_q_block(q_ptr, qs_ptr, t, heads, H, q_stride_t, q_stride_h, 0, BH)
-            qb1, qs1 = _mx_q_block(q_ptr, qs_ptr, t, heads, H, q_stride_t, q_stride_h, 1, BH)
-            qb2, qs2 = _mx_q_block(q_ptr, qs_ptr, t, heads, H, q_stride_t, q_stride_h, 2, BH)
-            qb3, qs3 = _mx_q_block(q_ptr, qs_ptr, t, heads, H, q_stride_t, q_stride_h, 3, BH)
+            w0, qb0, qb1, qb2, qb3, qs0, qs1, qs2, qs3 = _mx_head_block(
+                q_ptr, qs_ptr, w_row, t, tl.arange(0, BH), H, q_stride_t, q_stride_h, BH)
         else:
             q0, w0 = _head_block(q_ptr, w_row, t, tl.arange(0, BH), H, q_stride_t, q_stride_h, BH)
     # PREFETCH: each tile's page indices are loaded one tile ahead (the key load then waits on no
@@ -158,12 +158,8 @@ def _indexer_logits_kernel(
                 if ONE_HB:
                     w = w0
                 else:
-                    heads = h0 + tl.arange(0, BH)
-                    w = tl.load(w_row + heads, mask=heads < H, other=0.0)
-                    qb0, qs0 = _mx_q_block(q_ptr, qs_ptr, t, heads, H, q_stride_t, q_stride_h, 0, BH)
-                    qb1, qs1 = _mx_q_block(q_ptr, qs_ptr, t, heads, H, q_stride_t, q_stride_h, 1, BH)
-                    qb2, qs2 = _mx_q_block(q_ptr, qs_ptr, t, heads, H, q_stride_t, q_stride_h, 2, BH)
-                    qb3, qs3 = _mx_q_block(q_ptr, qs_ptr, t, heads, H, q_stride_t, q_stride_h, 3, BH)
+                    w, qb0, qb1, qb2, qb3, qs0, qs1, qs2, qs3 = _mx_head_block(
+                        q_ptr, qs_ptr, w_row, t, h0 + tl.arange(0, BH), H, q_stride_t, q_stride_h, BH)
                 sc = _mx_scores(k_rows, ks_rows, ok, qb0, qb1, qb2, qb3, qs0, qs1, qs2, qs3, BN)
                 acc += tl.sum(tl.maximum(sc, 0.0) * w[None, :], axis=1)
         else:

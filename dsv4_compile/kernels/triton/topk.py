@@ -370,19 +370,23 @@ def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: tor
     at a time; slower on the H200). ``dsv4::indexer_topk`` takes the default. All give the same
     bits."""
     variant = select_variant(logits.device, variant)
-    if variant == "cute":
-        from ..cute import topk as cute_topk
-        from ._launch import pdl_meta
-
-        pdl = logits.is_cuda and pdl_meta(logits.device.index or 0) is not None
-        return cute_topk.select_topk(logits, positions, token_to_req, n_req, compress_ratio, topk, sms, chunk=chunk,
-                                     max_chunk=max_chunk, pdl=pdl)
     T, L = logits.shape
     out = torch.empty((T, topk), dtype=torch.int32, device=logits.device)
     if T == 0:
         return out
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    if positions.stride(0) != 1:
+        positions = positions.contiguous()
+    if token_to_req.stride(0) != 1:
+        token_to_req = token_to_req.contiguous()
+    if variant == "cute":
+        from ..cute import topk as cute_topk
+        from ._launch import pdl_meta
+
+        pdl = pdl_meta(logits.device.index or 0) is not None
+        return cute_topk.select_into(out, logits, positions, token_to_req, n_req, compress_ratio, topk, sms,
+                                     chunk=chunk, max_chunk=max_chunk, pdl=pdl)
     rounds = plan(T, L, topk, sms, chunk, max_chunk)
     kb = _pow2(topk)
     src, src_idx, n_buf, stride = logits, logits, positions, logits.stride(0)
