@@ -89,10 +89,10 @@ def _mx_scores(k_rows, ks_rows, ok, q0, q1, q2, q3, s0, s1, s2, s3, BN: tl.const
     block scales at ``ks_rows``) and queries given per 32-block: four e4m3 tensor-core dots of the
     E2M1 values (exact sums), each times the product of its key and query block scales (powers of
     two: one rounding, as the reference's products of dequantized values), summed in fp32."""
-    sc = tl.dot(_mx_block(k_rows, ok, 0, BN), tl.trans(q0)) * (_ue8m0_scales(ks_rows + 0, ok)[:, None] * s0[None, :])
-    sc += tl.dot(_mx_block(k_rows, ok, 1, BN), tl.trans(q1)) * (_ue8m0_scales(ks_rows + 1, ok)[:, None] * s1[None, :])
-    sc += tl.dot(_mx_block(k_rows, ok, 2, BN), tl.trans(q2)) * (_ue8m0_scales(ks_rows + 2, ok)[:, None] * s2[None, :])
-    sc += tl.dot(_mx_block(k_rows, ok, 3, BN), tl.trans(q3)) * (_ue8m0_scales(ks_rows + 3, ok)[:, None] * s3[None, :])
+    sc = (tl.dot(_mx_block(k_rows, ok, 0, BN), tl.trans(q0)) * _ue8m0_scales(ks_rows + 0, ok)[:, None]) * s0[None, :]
+    sc += (tl.dot(_mx_block(k_rows, ok, 1, BN), tl.trans(q1)) * _ue8m0_scales(ks_rows + 1, ok)[:, None]) * s1[None, :]
+    sc += (tl.dot(_mx_block(k_rows, ok, 2, BN), tl.trans(q2)) * _ue8m0_scales(ks_rows + 2, ok)[:, None]) * s2[None, :]
+    sc += (tl.dot(_mx_block(k_rows, ok, 3, BN), tl.trans(q3)) * _ue8m0_scales(ks_rows + 3, ok)[:, None]) * s3[None, :]
     return sc
 
 
@@ -485,16 +485,24 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
         num_warps=warps,
     )
     if split:
-        sms = sm_programs(q.device)
-        if T * H <= COMBINE_ALL_MAX_ROWS:
-            ns, cbh, dc = combine_config(T, H, splits, sms)
-            _combine_all_kernel[(T, cdiv(H, cbh), 512 // dc)](
-                part, m, l_, sink, out, H, splits, out.stride(0), out.stride(1), NS=ns, BH=cbh, DC=dc, num_warps=4,
-            )
-        else:
-            # 16 heads x 512 dims per program, or 4 heads x 128 dims when that leaves SMs idle
-            cbh, dc = (min(bh, 16), 512) if T * cdiv(H, 16) >= sms else (4, 128)
-            _combine_kernel[(T, cdiv(H, cbh), 512 // dc)](
-                part, m, l_, sink, out, H, splits, out.stride(0), out.stride(1), BH=cbh, DC=dc, num_warps=4,
-            )
+        combine_splits(part, m, l_, sink, out, min(bh, 16))
     return out
+
+
+def combine_splits(part, m, l_, sink, out, max_bh: int = 16) -> None:
+    """Merge split-K partials ``part`` fp32 ``[T, S, H, 512]``, ``m`` / ``l_`` fp32 ``[T, S, H]``
+    (base-2 running max and sum of each split) with the sink into bf16 ``out [T, H, 512]``: all
+    splits at once for up to ``COMBINE_ALL_MAX_ROWS`` (token, head) rows, else one split after the
+    other (``max_bh`` heads × 512 dims per program, or 4 heads × 128 dims when that leaves SMs idle)."""
+    T, splits, H, _ = part.shape
+    sms = sm_programs(out.device)
+    if T * H <= COMBINE_ALL_MAX_ROWS:
+        ns, cbh, dc = combine_config(T, H, splits, sms)
+        _combine_all_kernel[(T, cdiv(H, cbh), 512 // dc)](
+            part, m, l_, sink, out, H, splits, out.stride(0), out.stride(1), NS=ns, BH=cbh, DC=dc, num_warps=4,
+        )
+    else:
+        cbh, dc = (max_bh, 512) if T * cdiv(H, 16) >= sms else (4, 128)
+        _combine_kernel[(T, cdiv(H, cbh), 512 // dc)](
+            part, m, l_, sink, out, H, splits, out.stride(0), out.stride(1), BH=cbh, DC=dc, num_warps=4,
+        )
