@@ -41,10 +41,10 @@ def _indices(t, width, capacity, g, fill):
     return torch.stack(rows) if rows else torch.empty(0, width, dtype=torch.int32)
 
 
-def _attn_case(t=6, h=8, w=16, k=24, swa_bs=16, comp_bs=2, seed=0, with_comp=True):
+def _attn_case(t=6, h=8, w=16, k=24, swa_bs=16, comp_bs=2, seed=0, with_comp=True, swa_blocks=3, comp_blocks=12):
     g = torch.Generator().manual_seed(seed)
-    swa = _filled_kv_cache(3, swa_bs, seed + 1)
-    comp = _filled_kv_cache(12, comp_bs, seed + 2, extra=64) if with_comp else None
+    swa = _filled_kv_cache(swa_blocks, swa_bs, seed + 1)
+    comp = _filled_kv_cache(comp_blocks, comp_bs, seed + 2, extra=64) if with_comp else None
     q = (torch.randn(t, h, 512, generator=g) * 0.5).bfloat16()
     sink = torch.randn(h, generator=g)
     sink[0] = float("-inf")  # a padded head
@@ -366,6 +366,64 @@ def test_sparse_attn_gpu_matches_reference(t, h, w, k):
     for splits in (1, 4):
         _assert_close_bf16(kernels.sparse_attn(*args, SCALE, 64, 64, splits=splits).cpu(), want.float())
 
+
+
+def _cute_attn():
+    """The wgmma sparse_attn module where it runs (CuTe DSL on a Hopper GPU), else None."""
+    if not torch.cuda.is_available():
+        return None
+    from dsv4_compile.kernels.cute._common import backend
+
+    if backend(torch.device("cuda")) != "cute" or torch.cuda.get_device_capability()[0] != 9:
+        return None
+    from dsv4_compile.kernels.cute import sparse_attn as cute_attn
+
+    return cute_attn
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("splits,t,h,idx", [(None, 7, 20, torch.int32), (1, 7, 20, torch.int32),
+                                            (3, 7, 20, torch.int64), (None, 1, 64, torch.int32),
+                                            (2, 3, 128, torch.int32), (None, 70, 8, torch.int64)])
+def test_sparse_attn_wgmma_kernel_matches_reference(splits, t, h, idx):
+    """The Hopper kernel: partial head blocks (20 heads), 128 heads (two CTAs per token), forced and
+    default splits (merged by the combine kernels), int64 indices, the C128 page size with pages
+    padded past their records, −1 holes anywhere, a row without candidates, a −inf sink."""
+    cute_attn = _cute_attn()
+    if cute_attn is None:
+        pytest.skip("needs CuTe DSL on a Hopper GPU")
+    q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=t, h=h, w=80, k=100, swa_bs=16, comp_bs=2, seed=11,
+                                                   swa_blocks=8, comp_blocks=80)
+    want = _dense(q, swa, si, comp, ci, sink, sbs, cbs)
+    dev = [x.cuda() for x in (q, swa, si.to(idx), comp, ci.to(idx), sink)]
+    assert cute_attn.supports(dev[0], dev[1], dev[3])
+    got = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits)
+    _assert_close_bf16(got.cpu(), want)
+    if t > 4:
+        assert bool((got[4].cpu() == 0).all())  # row 4 has no candidate
+
+
+@pytest.mark.cuda
+def test_sparse_attn_wgmma_kernel_swa_only_skips_past_the_cache_and_is_the_op():
+    cute_attn = _cute_attn()
+    if cute_attn is None:
+        pytest.skip("needs CuTe DSL on a Hopper GPU")
+    q, swa, si, _, _, sink, sbs, _ = _attn_case(t=12, h=64, w=128, swa_bs=64, seed=13, with_comp=False)
+    past = si.clone()
+    past[past < 0] = swa.shape[0] * sbs + 7  # beyond the cache: skipped like −1, never read
+    want = _dense(q, swa, si, None, None, sink, sbs, 64)
+    dev = lambda *xs: [x.cuda() for x in xs]  # noqa: E731
+    a = cute_attn.sparse_attn(*dev(q, swa, si), None, None, sink.cuda(), SCALE, sbs, 64)
+    b = cute_attn.sparse_attn(*dev(q, swa, past), None, None, sink.cuda(), SCALE, sbs, 64)
+    _assert_close_bf16(a.cpu(), want)
+    assert torch.equal(a, b)
+    assert cute_attn.preferred(q.cuda())
+    assert torch.equal(dsv4.sparse_attn(*dev(q, swa, si), None, None, sink.cuda(), SCALE, sbs, 64), a)
+    # a cache view 8 bytes into its storage cannot feed 16-byte cp.async: the op takes the Triton kernel
+    odd = torch.zeros(swa.shape[0], swa.shape[1] + 8, dtype=torch.uint8, device="cuda")[:, 8:]
+    odd.copy_(swa.cuda())
+    assert not cute_attn.supports(q.cuda(), odd, None)
+    _assert_close_bf16(dsv4.sparse_attn(q.cuda(), odd, si.cuda(), None, None, sink.cuda(), SCALE, sbs, 64).cpu(), want)
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])

@@ -253,6 +253,14 @@ def _sparse_attn_cuda(q, swa_cache, swa_indices, comp_cache, comp_indices, sink,
         check_cache_offset("swa_cache", swa_cache, "fp8_ds_mla")
         if comp_cache is not None:
             check_cache_offset("comp_cache", comp_cache, "fp8_ds_mla")
+    from ..kernels.cute import backend
+
+    if backend(q.device) == "cute":
+        from ..kernels.cute import sparse_attn as cute_attn
+
+        if cute_attn.preferred(q) and cute_attn.supports(q, swa_cache, comp_cache):
+            return cute_attn.sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale,
+                                         swa_block_size, comp_block_size)
     return _triton().sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size,
                                  comp_block_size)
 

@@ -7,7 +7,11 @@ Beyond "it compiles", the PTX is checked for what the numerics and the target re
 * sm_100a: the MXFP4 variants use the hardware ``cvt.rn.satfinite.e2m1x2.f32``;
 * the top-k rounds count digits with shared-memory atomics and place kept entries by warp ballots;
 * the cache inserts read kv rows with 128-bit loads and write the record with 128-bit stores (the
-  e4m3 bytes, the bf16 rope bytes) and one 64-bit store (the scale record), never byte by byte.
+  e4m3 bytes, the bf16 rope bytes) and one 64-bit store (the scale record), never byte by byte;
+* sparse attention (sm_90a only: wgmma does not exist on sm_100a, where the op keeps the Triton
+  kernel) multiplies with ``wgmma`` (36 per tile: 32 for Q·Kᵀ, 4 for P·V) and gathers the records
+  with 16-byte ``cp.async``. It is not bit-exact by design (a softmax), so the no-``fma`` rule does
+  not apply to it.
 
     python -m dsv4_compile.kernels.cute.compile_check [sm_90a sm_100a]
 
@@ -23,7 +27,7 @@ import tempfile
 
 from cutlass import BFloat16, Float32, Int32, Int64
 
-from . import cache, indexer_q, topk
+from . import cache, indexer_q, sparse_attn, topk
 from ._common import use_hw_e2m1
 
 ARCHS = ("sm_90a", "sm_100a")
@@ -61,6 +65,22 @@ def _topk_cases():
     yield dict(chunk=8192, logits=False, final=True, pos=Int64, req=Int64, pdl=True)
     yield dict(chunk=32, logits=False, final=False, pos=Int64, req=Int64, pdl=False)
     yield dict(chunk=64, logits=True, final=True, pos=Int32, req=Int32, pdl=False)
+
+
+def _sparse_attn_cases():
+    # V4 CSA (SWA + C4 pages, split into partials), HCA's C128 pages with int64 indices written
+    # unsplit, the SWA-only layer
+    yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True)
+    yield dict(swa_bs=64, comp_bs=2, comp=True, split=False, idx=Int64, pdl=False)
+    yield dict(swa_bs=64, comp_bs=64, comp=False, split=False, idx=Int32, pdl=True)
+
+
+def _check_sparse_attn_ptx(name: str, arch: str, ptx: str) -> None:
+    n = len(re.findall(r"\bwgmma\.mma_async\.sync\.aligned\.m64n(64|256)k16\.f32\.bf16\.bf16", ptx))
+    if n != 36:
+        raise AssertionError(f"{name}@{arch}: {n} bf16 wgmma in the PTX, want 36 (32 Q·Kᵀ + 4 P·V per tile)")
+    if "cp.async.cg.shared.global" not in ptx:
+        raise AssertionError(f"{name}@{arch}: the records are not gathered with 16-byte cp.async")
 
 
 def _check_topk_ptx(name: str, arch: str, ptx: str) -> None:
@@ -159,6 +179,18 @@ def compile_all(arch: str) -> list[str]:
                 case["pos"].__name__.lower(), case["req"].__name__.lower(), "_pdl" if case["pdl"] else "")
             _check_topk_ptx(name, arch, ptx)
             names.append(_check_ptx(name, arch, ptx, False))
+        for case in _sparse_attn_cases() if arch == "sm_90a" else ():
+            with tempfile.TemporaryDirectory(dir=dump_dir) as case_dir:
+                compiled = sparse_attn.SparseAttnKernel.compile(
+                    case["swa_bs"], case["comp_bs"], case["comp"], case["split"], case["idx"], case["pdl"], arch,
+                    extra_options=f"--keep-ptx --dump-dir {case_dir}",
+                )
+                ptx = _ptx_text(compiled, case_dir)
+            name = "sparse_attn_swa{}_{}_idx{}{}{}".format(
+                case["swa_bs"], f"comp{case['comp_bs']}" if case["comp"] else "swa_only", case["idx"].__name__.lower(),
+                "_split" if case["split"] else "", "_pdl" if case["pdl"] else "")
+            _check_sparse_attn_ptx(name, arch, ptx)
+            names.append(f"{name}@{arch}")
     return names
 
 

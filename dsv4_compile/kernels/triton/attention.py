@@ -87,8 +87,10 @@ def _mx_head_block(q_ptr, qs_ptr, w_row, t, heads, H, q_stride_t, q_stride_h, BH
 def _mx_scores(k_rows, ks_rows, ok, q0, q1, q2, q3, s0, s1, s2, s3, BN: tl.constexpr):
     """fp32 ``[BN, BH]`` ``k̂·q̂`` of MXFP4 keys (packed values at the pointers ``k_rows``, UE8M0
     block scales at ``ks_rows``) and queries given per 32-block: four e4m3 tensor-core dots of the
-    E2M1 values (exact sums), each times the product of its key and query block scales (powers of
-    two: one rounding, as the reference's products of dequantized values), summed in fp32."""
+    E2M1 values (exact sums), each times its key block scale, then its query block scale (powers of
+    two: exact short of under/overflow; multiplying by the product of both scales instead built a
+    ``[BN, BH]`` scale operand per block, spilled, and took 398 against 172 µs at B = 64 on the
+    H200), summed in fp32."""
     sc = (tl.dot(_mx_block(k_rows, ok, 0, BN), tl.trans(q0)) * _ue8m0_scales(ks_rows + 0, ok)[:, None]) * s0[None, :]
     sc += (tl.dot(_mx_block(k_rows, ok, 1, BN), tl.trans(q1)) * _ue8m0_scales(ks_rows + 1, ok)[:, None]) * s1[None, :]
     sc += (tl.dot(_mx_block(k_rows, ok, 2, BN), tl.trans(q2)) * _ue8m0_scales(ks_rows + 2, ok)[:, None]) * s2[None, :]
