@@ -11,10 +11,13 @@ warpgroups):
 * the 64 query heads (bf16, 64 KB) sit in shared memory for the CTA's life, in the 128-byte swizzled
   K-major layout wgmma reads;
 * candidates come in tiles of 64. Each tile's records (576 token bytes and 8 scale bytes each) are
-  gathered with 16-byte ``cp.async`` into one of two staging buffers one tile ahead, so the gather of
-  tile ``i + 1`` is in flight while tile ``i`` is decoded and multiplied;
+  gathered with 16-byte ``cp.async`` (four threads per record: one slot load, one address) into one of
+  two staging buffers; tile ``i + 1``'s gather is issued once tile ``i`` is decoded, so it is in
+  flight while tile ``i`` is multiplied (after the decode's proxy fence, which on the hardware is a
+  memory barrier that would wait for it);
 * the decode turns the staged e4m3 bytes times their UE8M0 block scales (exact) and the bf16 rope dims
-  into one bf16 ``[64 candidates, 512]`` tile in shared memory. Invalid candidates decode to zeros;
+  into one bf16 ``[64 candidates, 512]`` tile in shared memory with 16-byte stores (a quarter warp
+  per 128-byte row: no bank conflicts). Invalid candidates decode to zeros;
 * ``S = Q·Kᵀ`` (``wgmma`` m64n64k16, both operands from shared memory): each warpgroup computes all of
   ``S`` and keeps the online-softmax state of all 64 heads;
 * ``O += P·V`` (``wgmma`` m64n256k16, ``P`` from registers): ``V`` is the same shared tile read
@@ -23,12 +26,15 @@ warpgroups):
 Splits write fp32 partials ``(acc, m, l)`` in the layout of the Triton kernel's, merged by its
 combine kernels; an unsplit CTA applies the sink and writes bf16.
 
-Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay): V4-Flash
-B = 8 / 32 / 64 19.5 / 36.8 / 55.7 µs (the Triton kernel 24.5 / 46.9 / 67.1; FlashMLA 15.1 / 25.0 /
-44.5 in the issue's measurement), V4-Pro B = 64 159 against 201 µs. One CTA per SM runs gather,
-decode, both multiplies and the softmax one after another (``ncu``: a quarter of the issue slots
-used); the warp-specialized form (producer warps decoding the next tile while the multiplies run)
-is what remains.
+Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, partial
+merge included): V4-Flash B = 1 / 8 / 32 / 64 12.8 / 16.4 / 28.6 / 40.2 µs (the Triton kernel 11.0 /
+24.5 / 46.6 / 67.3; FlashMLA 12.4 / 15.1 / 25.0 / 44.5 in issue 14's measurement), V4-Pro B = 1 / 64
+13.9 / 100.6 against 20.7 / 206.5 µs. One CTA per SM runs gather, decode, both multiplies and the
+softmax one after another (``ncu``, an earlier form: about a quarter of the issue slots used). Tried
+and slower: a warp-specialized form (a producer warpgroup decoding 32-candidate tiles into a double-
+buffered K tile for two consumer warpgroups): 79 against 56 µs at B = 64 then, its Q·Kᵀ on 32-wide
+tiles costing more than the overlap saved; each warpgroup multiplying half the dims with the partial
+scores exchanged through shared memory (spilled).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import cutlass.cute as cute
 import torch
 from cutlass import BFloat16, Float32, Int32, Int64, Uint8, Uint32, const_expr
 from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
+from cutlass.tensor_utils.layout import LayoutEnum
 from cutlass.utils import hopper_helpers as sm90
 
 from ... import layouts
@@ -59,6 +66,8 @@ STAGE_REC = TOKEN_BYTES + 16  # staged record: 576 token bytes, then the 8 scale
 CHUNKS = TOKEN_BYTES // 16  # 36 16-byte chunks of token data per record
 NEG_BIG = -1.0e30  # the "no candidate yet" running max (finite, as the Triton kernel's)
 LOG2E = 1.4426950408889634
+_ROW = LayoutEnum.ROW_MAJOR  # K-major wgmma operands
+_COL = LayoutEnum.COL_MAJOR  # MN-major
 
 
 def _cp_async16(smem_addr, gmem_addr):
@@ -115,8 +124,8 @@ def _e4m3x8_bf16(w0, w1, scale):
 def _tile_offset(row, chunk):
     """Byte offset of 16-byte ``chunk`` (0..63: dims 8·chunk .. +7) of ``row`` (0..63) in a bf16
     ``[64, 512]`` tile laid out as the 128-byte swizzled K-major wgmma layout (``make_smem_layout_a/b``
-    of a (64, 512) tile): 64-dim column blocks of 8 KB, 128-byte rows, the 16-byte chunk index XOR
-    the row's low three bits (the tile starts 1,024-byte aligned)."""
+    of a (64, 512) tile): 64-dim column blocks of 8 KB, 128-byte rows, the 16-byte chunk index XOR the
+    row's low three bits (the tile starts 1,024-byte aligned)."""
     return (chunk // 8) * 8192 + row * 128 + (((chunk % 8) ^ (row % 8)) * 16)
 
 
@@ -142,6 +151,76 @@ class SparseAttnKernel:
             stream=stream,
             use_pdl=self.pdl,
         )
+
+    @cute.jit
+    def _gather(self, swa_row, comp_row, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W, j0, end,
+                stage_base, valid_stage, buf, tid):
+        """cp.async of the records of candidates ``j0 .. j0+63`` into staging buffer ``buf`` and their
+        valid flags into ``valid_stage``: four threads per candidate (one slot load, one address), each
+        copying every fourth of the record's 36 16-byte token chunks and the first one its 8 scale
+        bytes; invalid candidates are not read."""
+        c = tid // 4
+        q = tid % 4
+        j = j0 + c
+        slot = Int64(-1)
+        if j < end:
+            if j < W:
+                slot = Int64(swa_row[j])
+            else:
+                if const_expr(self.has_comp):
+                    slot = Int64(comp_row[j - W])
+        is_swa = j < W
+        ok = (slot >= 0) & (slot < cutlass.select_(is_swa, swa_cap, comp_cap))
+        if q == 0:
+            valid_stage[buf * BN + c] = Int32(ok)
+        if ok:
+            bs = Int64(self.swa_bs)
+            base = swa_base
+            page = swa_page
+            if const_expr(self.has_comp):
+                if not is_swa:
+                    bs = Int64(self.comp_bs)
+                    base = comp_base
+                    page = comp_page
+            page_off = base + (slot // bs) * page
+            k = slot % bs
+            src = page_off + k * TOKEN_BYTES + Int64(q * 16)
+            dst = stage_base + Int32((buf * BN + c) * STAGE_REC + q * 16)
+            for i in cutlass.range_constexpr((CHUNKS + 3) // 4):
+                if const_expr(4 * i + 3 < CHUNKS):
+                    _cp_async16(dst + Int32(64 * i), src + Int64(64 * i))
+                else:
+                    if 4 * i + q < CHUNKS:
+                        _cp_async16(dst + Int32(64 * i), src + Int64(64 * i))
+            if q == 0:
+                _cp_async8(stage_base + Int32((buf * BN + c) * STAGE_REC + TOKEN_BYTES),
+                           page_off + bs * TOKEN_BYTES + k * SCALE_BYTES)
+
+    @cute.jit
+    def _decode(self, stage_base, k_base, valid_stage, valid, buf, tid):
+        """Staged tile → the bf16 ``[64, 512]`` K tile (zeros for invalid candidates) and ``valid``.
+        Thread ``tid`` decodes 16-byte chunk ``tid % 8`` of every 64-dim block of candidates
+        ``tid / 8`` and ``tid / 8 + 32``: the block (e4m3 or rope) is the same for the whole CTA at each
+        step, and the 8 lanes of a quarter warp write one 128-byte row (no bank conflicts)."""
+        ch = tid % 8
+        for h in cutlass.range_constexpr(2):
+            c = tid // 8 + 32 * h
+            ok = valid_stage[buf * BN + c] != 0
+            if ch == 0:
+                valid[c] = Int32(ok)
+            rec = stage_base + Int32((buf * BN + c) * STAGE_REC)
+            for blk in cutlass.range_constexpr(D // 64):
+                dst = k_base + Int32(_tile_offset(c, blk * 8 + ch))
+                if const_expr(blk < NOPE // 64):
+                    x0, x1 = _ld_shared_v2(rec + Int32(blk * 64 + ch * 8))
+                    sb = Int32(cute.arch.inline_ptx("ld.shared.u8 {$w0}, [{$r0}];", write_only_types=[Uint32],
+                                                    read_only_args=[rec + Int32(TOKEN_BYTES + blk)]))
+                    w0, w1, w2, w3 = _e4m3x8_bf16(x0, x1, (sb << 23).bitcast(Float32))  # 2^(byte − 127)
+                else:  # rope dims: bf16 as stored
+                    w0, w1, w2, w3 = _ld_shared_v4(rec + Int32(NOPE + ch * 16))
+                z = Uint32(0)
+                _st_shared_v4(dst, cutlass.select_(ok, w0, z), cutlass.select_(ok, w1, z), cutlass.select_(ok, w2, z),
+                              cutlass.select_(ok, w3, z))
 
     @cute.kernel
     def kernel(self, mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split: Int32,
@@ -235,15 +314,17 @@ class SparseAttnKernel:
 
         for it in cutlass.range(n_tiles):
             buf = it % 2
+            cute.arch.cp_async_wait_group(0)
+            cute.arch.sync_threads()  # staging[buf] landed for all; the last P·V finished reading sK
+            self._decode(stage_base, k_base, valid_stage, valid, buf, tid)
+            # the proxy fence is a MEMBAR too: it would wait for copies still in flight, so the next
+            # tile's gather is issued after it
+            cute.arch.fence_view_async_shared()
+            cute.arch.sync_threads()
             if it + 1 < n_tiles:
                 self._gather(swa_row, comp_row, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W,
                              start + (it + 1) * BN, end, stage_base, valid_stage, 1 - buf, tid)
             cute.arch.cp_async_commit_group()
-            cute.arch.cp_async_wait_group(1)
-            cute.arch.sync_threads()  # staging[buf] landed for all; the last P·V finished reading sK
-            self._decode(stage_base, k_base, valid_stage, valid, buf, tid)
-            cute.arch.fence_view_async_shared()
-            cute.arch.sync_threads()
 
             # S = Q·Kᵀ
             warpgroup.fence()
@@ -254,32 +335,7 @@ class SparseAttnKernel:
             warpgroup.commit_group()
             warpgroup.wait_group(0)
 
-            # online softmax (base 2) of the thread's two rows; the four lanes of a quad share a row
-            row_max = cute.make_rmem_tensor(2, Float32)
-            for r in cutlass.range_constexpr(2):
-                row_max[r] = m_i[r]
-            for i in cutlass.range_constexpr(cute.size(acc_s)):
-                r = (i // 2) % 2
-                s = acc_s[i] * qk_scale
-                if valid[cS[i][1]] == 0:
-                    s = -Float32.inf
-                acc_s[i] = s
-                row_max[r] = cute.arch.fmax(row_max[r], s)
-            alpha = cute.make_rmem_tensor(2, Float32)
-            for r in cutlass.range_constexpr(2):
-                mx = row_max[r]
-                mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=1))
-                mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=2))
-                alpha[r] = cute.math.exp2(m_i[r] - mx, fastmath=True)
-                m_i[r] = mx
-                l_i[r] = l_i[r] * alpha[r]
-            for i in cutlass.range_constexpr(cute.size(acc_s)):
-                r = (i // 2) % 2
-                p = cute.math.exp2(acc_s[i] - m_i[r], fastmath=True)
-                l_i[r] = l_i[r] + p
-                tOrP[i] = BFloat16(p)
-            for i in cutlass.range_constexpr(cute.size(acc_o)):
-                acc_o[i] = acc_o[i] * alpha[(i // 2) % 2]
+            _online_softmax(acc_s, acc_o, tOrP, m_i, l_i, cS, valid, 0, qk_scale)
 
             # O += P·V
             warpgroup.fence()
@@ -289,161 +345,123 @@ class SparseAttnKernel:
             warpgroup.commit_group()
             warpgroup.wait_group(0)
 
-        # ---- row sums over the quad, then partials or the finished output ----
-        for r in cutlass.range_constexpr(2):
-            s = l_i[r]
-            s = s + cute.arch.shuffle_sync_bfly(s, offset=1)
-            s = s + cute.arch.shuffle_sync_bfly(s, offset=2)
-            l_i[r] = s
-        col0 = wg * DV
-        if const_expr(self.split):
-            n_split = mPart.shape[1]
-            part_base = mPart.iterator.toint()
-            for r in cutlass.range_constexpr(2):
-                h = h0 + cO[2 * r][0]
-                if h < H:
-                    row = part_base + ((Int64(t) * n_split + sp) * H + h) * (D * 4)
-                    for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
-                        i = 4 * j + 2 * r
-                        _st_global_v2_f32(row + Int64((col0 + cO[i][1]) * 4), acc_o[i], acc_o[i + 1])
-                    if wg == 0:
-                        if wtid % 4 == 0:
-                            mM[t, sp, h] = m_i[r]
-                            mL[t, sp, h] = l_i[r]
-        else:
-            out_base = mOut.iterator.toint()
-            for r in cutlass.range_constexpr(2):
-                h = h0 + cO[2 * r][0]
-                if h < H:
-                    sink = mSink[h] * Float32(LOG2E)
-                    m = cute.arch.fmax(m_i[r], sink)
-                    a = cute.math.exp2(m_i[r] - m, fastmath=True)
-                    den = l_i[r] * a + cute.math.exp2(sink - m, fastmath=True)
-                    inv = Float32(0.0)
-                    if den > Float32(0.0):
-                        inv = Float32(1.0) / den
-                    f = a * inv
-                    row = out_base + (Int64(t) * H + h) * (D * 2)
-                    for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
-                        i = 4 * j + 2 * r
-                        _st_global_bf16x2(row + Int64((col0 + cO[i][1]) * 2), acc_o[i] * f, acc_o[i + 1] * f)
-
-    @cute.jit
-    def _gather(self, swa_row, comp_row, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W, j0, end,
-                stage_base, valid_stage, buf, tid):
-        """cp.async of the records of candidates ``j0 .. j0+63`` into staging buffer ``buf`` (token bytes
-        and scale bytes; invalid candidates are not read) and their valid flags into ``valid_stage``.
-        Every slot index is loaded before the first copy is issued (the copies are inline PTX, which
-        later loads do not move above: issued in between, each index load's latency came in series)."""
-        per_rec = CHUNKS + 1  # 36 token chunks + the scale bytes
-        n_items = (BN * per_rec + THREADS - 1) // THREADS
-        slots = cute.make_rmem_tensor(n_items, Int64)
-        for i in cutlass.range_constexpr(n_items):
-            u = tid + i * THREADS
-            j = j0 + u // per_rec
-            v = Int64(-1)
-            if (u < BN * per_rec) & (j < end):
-                if j < W:
-                    v = Int64(swa_row[j])
-                else:
-                    if const_expr(self.has_comp):
-                        v = Int64(comp_row[j - W])
-            slots[i] = v
-        for i in cutlass.range_constexpr(n_items):
-            u = tid + i * THREADS
-            c = u // per_rec
-            part = u % per_rec
-            j = j0 + c
-            slot = slots[i]
-            if u < BN * per_rec:
-                is_swa = j < W
-                ok = (slot >= 0) & (slot < cutlass.select_(is_swa, swa_cap, comp_cap))
-                if ok:
-                    bs = Int64(self.swa_bs)
-                    base = swa_base
-                    page = swa_page
-                    if not is_swa:
-                        bs = Int64(self.comp_bs)
-                        base = comp_base
-                        page = comp_page
-                    page_off = (slot // bs) * page
-                    k = slot % bs
-                    dst = stage_base + Int32((buf * BN + c) * STAGE_REC)
-                    if part < CHUNKS:
-                        _cp_async16(dst + Int32(part * 16), base + page_off + k * TOKEN_BYTES + Int64(part * 16))
-                    else:
-                        _cp_async8(dst + Int32(TOKEN_BYTES), base + page_off + bs * TOKEN_BYTES + k * SCALE_BYTES)
-                if part == CHUNKS:
-                    valid_stage[buf * BN + c] = Int32(ok)
-
-    @cute.jit
-    def _decode(self, stage_base, k_base, valid_stage, valid, buf, tid):
-        """Staged tile → the bf16 ``[64, 512]`` K tile (zeros for invalid candidates) and ``valid``.
-        One item = 8 dims of one candidate (a 16-byte chunk of the tile); the 8 lanes of a quarter warp
-        write one 128-byte row of a column block (no bank conflicts)."""
-        for i in cutlass.range_constexpr(BN * (D // 8) // THREADS):
-            u = tid + i * THREADS
-            ch = u % 8
-            blk = (u // 8) % 8
-            c = u // 64
-            ok = valid_stage[buf * BN + c] != 0
-            if blk == 0:
-                if ch == 0:
-                    valid[c] = Int32(ok)
-            rec = stage_base + Int32((buf * BN + c) * STAGE_REC)
-            dst = k_base + Int32(_tile_offset(c, blk * 8 + ch))
-            w0 = Uint32(0)
-            w1 = Uint32(0)
-            w2 = Uint32(0)
-            w3 = Uint32(0)
-            if ok:
-                if blk < NOPE // 64:
-                    x0, x1 = _ld_shared_v2(rec + Int32(blk * 64 + ch * 8))
-                    sb = Int32(cute.arch.inline_ptx("ld.shared.u8 {$w0}, [{$r0}];", write_only_types=[Uint32],
-                                                    read_only_args=[rec + Int32(TOKEN_BYTES + blk)]))
-                    w0, w1, w2, w3 = _e4m3x8_bf16(x0, x1, (sb << 23).bitcast(Float32))  # 2^(byte − 127)
-                else:  # rope dims: bf16 as stored
-                    w0, w1, w2, w3 = _ld_shared_v4(rec + Int32(NOPE + ch * 16))
-            _st_shared_v4(dst, w0, w1, w2, w3)
+        _finish(self.split, acc_o, m_i, l_i, cO, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def compile(swa_bs: int, comp_bs: int, has_comp: bool, split: bool, idx_dtype, pdl: bool, arch: str,
                 extra_options: str = ""):
-        """Compile one variant over fake tensors (no GPU needed): tokens, heads, widths, pages and
-        strides are symbolic."""
-        mk = cute.runtime.make_fake_tensor
-        T = cute.sym_int()
-        H = cute.sym_int()
-        q = mk(BFloat16, (T, H, D), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=16)
-        swa = mk(Uint8, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=16)
-        swa_idx = mk(idx_dtype, (T, cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=idx_dtype.width // 8)
-        comp = comp_idx = None
-        if has_comp:
-            comp = mk(Uint8, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=16)
-            comp_idx = mk(idx_dtype, (T, cute.sym_int()), stride=(cute.sym_int64(), 1),
-                          assumed_align=idx_dtype.width // 8)
-        sink = mk(Float32, (H,), stride=(1,), assumed_align=4)
-        out = mk(BFloat16, (T, H, D), stride=(cute.sym_int64(), D, 1), assumed_align=16)
-        part = m = l_ = None
-        if split:
-            S = cute.sym_int()
-            part = mk(Float32, (T, S, H, D), stride=(cute.sym_int64(), cute.sym_int64(), D, 1), assumed_align=16)
-            m = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
-            l_ = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
-        kernel = SparseAttnKernel(swa_bs, comp_bs, has_comp, split, pdl)
-        return cute.compile(
-            kernel, q, swa, swa_idx, comp, comp_idx, sink, out, part, m, l_,
-            Int32(64), Int64(1), Int64(1), Float32(1.0), Int32(1),
-            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
-            options=f"--enable-tvm-ffi --gpu-arch {arch} {extra_options}".strip(),
-        )
+        return _compile(SparseAttnKernel(swa_bs, comp_bs, has_comp, split, pdl), has_comp, split, idx_dtype, arch,
+                        extra_options)
 
 
-from cutlass.tensor_utils.layout import LayoutEnum as _LayoutEnum  # noqa: E402
+@cute.jit
+def _online_softmax(acc_s, acc_o, tOrP, m_i, l_i, cS, valid, v0, qk_scale):
+    """One tile's online softmax (base 2) on the thread's two rows (the four lanes of a quad share a
+    row): scores of invalid candidates (``valid[v0 + col] == 0``) to −inf, the running max ``m_i`` and
+    sum ``l_i`` (this lane's columns), ``O`` rescaled, ``P`` as bf16 into the A fragment of P·V."""
+    row_max = cute.make_rmem_tensor(2, Float32)
+    for r in cutlass.range_constexpr(2):
+        row_max[r] = m_i[r]
+    for i in cutlass.range_constexpr(cute.size(acc_s)):
+        r = (i // 2) % 2
+        s = acc_s[i] * qk_scale
+        if valid[v0 + cS[i][1]] == 0:
+            s = -Float32.inf
+        acc_s[i] = s
+        row_max[r] = cute.arch.fmax(row_max[r], s)
+    alpha = cute.make_rmem_tensor(2, Float32)
+    for r in cutlass.range_constexpr(2):
+        mx = row_max[r]
+        mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=1))
+        mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=2))
+        alpha[r] = cute.math.exp2(m_i[r] - mx, fastmath=True)
+        m_i[r] = mx
+        l_i[r] = l_i[r] * alpha[r]
+    for i in cutlass.range_constexpr(cute.size(acc_s)):
+        r = (i // 2) % 2
+        p = cute.math.exp2(acc_s[i] - m_i[r], fastmath=True)
+        l_i[r] = l_i[r] + p
+        tOrP[i] = BFloat16(p)
+    # O rescaled only where some row of the warp has a new max (× 1.0 is exact: skipping it changes nothing)
+    if cute.arch.vote_any_sync((alpha[0] != Float32(1.0)) | (alpha[1] != Float32(1.0))):
+        for i in cutlass.range_constexpr(cute.size(acc_o)):
+            acc_o[i] = acc_o[i] * alpha[(i // 2) % 2]
 
-_ROW = _LayoutEnum.ROW_MAJOR
-_COL = _LayoutEnum.COL_MAJOR
+
+@cute.jit
+def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid):
+    """Row sums over the quad, then this CTA's fp32 partials ``(acc, m, l)`` (split) or the output
+    with the sink applied (bf16), written as pairs of value dims."""
+    for r in cutlass.range_constexpr(2):
+        s = l_i[r]
+        s = s + cute.arch.shuffle_sync_bfly(s, offset=1)
+        s = s + cute.arch.shuffle_sync_bfly(s, offset=2)
+        l_i[r] = s
+    col0 = wg * DV
+    if const_expr(split):
+        n_split = mPart.shape[1]
+        part_base = mPart.iterator.toint()
+        for r in cutlass.range_constexpr(2):
+            h = h0 + cO[2 * r][0]
+            if h < H:
+                row = part_base + ((Int64(t) * n_split + sp) * H + h) * (D * 4)
+                for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
+                    i = 4 * j + 2 * r
+                    _st_global_v2_f32(row + Int64((col0 + cO[i][1]) * 4), acc_o[i], acc_o[i + 1])
+                if wg == 0:
+                    if wtid % 4 == 0:
+                        mM[t, sp, h] = m_i[r]
+                        mL[t, sp, h] = l_i[r]
+    else:
+        out_base = mOut.iterator.toint()
+        for r in cutlass.range_constexpr(2):
+            h = h0 + cO[2 * r][0]
+            if h < H:
+                sink = mSink[h] * Float32(LOG2E)
+                m = cute.arch.fmax(m_i[r], sink)
+                a = cute.math.exp2(m_i[r] - m, fastmath=True)
+                den = l_i[r] * a + cute.math.exp2(sink - m, fastmath=True)
+                inv = Float32(0.0)
+                if den > Float32(0.0):
+                    inv = Float32(1.0) / den
+                f = a * inv
+                row = out_base + (Int64(t) * H + h) * (D * 2)
+                for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
+                    i = 4 * j + 2 * r
+                    _st_global_bf16x2(row + Int64((col0 + cO[i][1]) * 2), acc_o[i] * f, acc_o[i + 1] * f)
+
+
+
+def _compile(kernel, has_comp: bool, split: bool, idx_dtype, arch: str, extra_options: str):
+    """Compile one variant over fake tensors (no GPU needed): tokens, heads, widths, pages and
+    strides are symbolic."""
+    mk = cute.runtime.make_fake_tensor
+    T = cute.sym_int()
+    H = cute.sym_int()
+    q = mk(BFloat16, (T, H, D), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=16)
+    swa = mk(Uint8, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=16)
+    swa_idx = mk(idx_dtype, (T, cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=idx_dtype.width // 8)
+    comp = comp_idx = None
+    if has_comp:
+        comp = mk(Uint8, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=16)
+        comp_idx = mk(idx_dtype, (T, cute.sym_int()), stride=(cute.sym_int64(), 1),
+                      assumed_align=idx_dtype.width // 8)
+    sink = mk(Float32, (H,), stride=(1,), assumed_align=4)
+    out = mk(BFloat16, (T, H, D), stride=(cute.sym_int64(), D, 1), assumed_align=16)
+    part = m = l_ = None
+    if split:
+        S = cute.sym_int()
+        part = mk(Float32, (T, S, H, D), stride=(cute.sym_int64(), cute.sym_int64(), D, 1), assumed_align=16)
+        m = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
+        l_ = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
+    return cute.compile(
+        kernel, q, swa, swa_idx, comp, comp_idx, sink, out, part, m, l_,
+        Int32(64), Int64(1), Int64(1), Float32(1.0), Int32(1),
+        cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+        options=f"--enable-tvm-ffi --gpu-arch {arch} {extra_options}".strip(),
+    )
+
 
 
 def supports(q: torch.Tensor, swa_cache: torch.Tensor, comp_cache) -> bool:
@@ -460,14 +478,14 @@ def supports(q: torch.Tensor, swa_cache: torch.Tensor, comp_cache) -> bool:
 
 def preferred(q: torch.Tensor) -> bool:
     """Whether the op takes this kernel over the Triton one (given ``supports``): from two (token,
-    64-head block) CTAs on. H200, 64k context, CSA (640 candidates): V4-Flash B = 1 15.3 against
-    11.1 µs (one token's 64 heads: the Triton kernel's 16-head programs fill the GPU better), V4-Pro
-    B = 1 16.2 against 20.3 µs, V4-Flash B = 8 / 32 / 64 19.5 / 36.8 / 55.7 against 24.5 / 46.9 / 67.1 µs."""
+    64-head block) CTAs on. H200, 64k context, CSA (640 candidates): V4-Flash B = 1 12.8 against
+    11.0 µs (one token's 64 heads: the Triton kernel's 16-head programs fill the GPU better), V4-Pro
+    B = 1 13.9 against 20.7 µs, V4-Flash B = 8 / 32 / 64 16.4 / 28.6 / 40.2 against 24.5 / 46.6 / 67.3 µs."""
     return q.shape[0] * ((q.shape[1] + BH - 1) // BH) >= 2
 
 
 def splits_for(T: int, H: int, n_cand: int, sms: int) -> tuple[int, int]:
-    """(splits, candidates per split): one CTA per SM at most (its 200 KB of shared memory), so the
+    """(splits, candidates per split): one CTA per SM at most (its ~200 KB of shared memory), so the
     candidates of each (token, head block) split in as many whole 64-candidate tiles as leave no SM
     idle within one wave."""
     ctas = T * ((H + BH - 1) // BH)
