@@ -13,8 +13,8 @@ warpgroups):
 * candidates come in tiles of 64. Each tile's records (576 token bytes and 8 scale bytes each) are
   gathered with 16-byte ``cp.async`` (four threads per record: one slot load, one address) into one of
   two staging buffers; tile ``i + 1``'s gather is issued once tile ``i`` is decoded, so it is in
-  flight while tile ``i`` is multiplied (after the decode's proxy fence, which on the hardware is a
-  memory barrier that would wait for it);
+  flight while tile ``i`` is multiplied (issued after the decode's proxy fence, which ptxas emits as
+  ``MEMBAR.ALL.CTA`` + ``FENCE.VIEW.ASYNC.S``; issuing it before the decode measured the same);
 * the decode turns the staged e4m3 bytes times their UE8M0 block scales (exact) and the bf16 rope dims
   into one bf16 ``[64 candidates, 512]`` tile in shared memory with 16-byte stores (a quarter warp
   per 128-byte row: no bank conflicts). Invalid candidates decode to zeros;
@@ -317,8 +317,8 @@ class SparseAttnKernel:
             cute.arch.cp_async_wait_group(0)
             cute.arch.sync_threads()  # staging[buf] landed for all; the last P·V finished reading sK
             self._decode(stage_base, k_base, valid_stage, valid, buf, tid)
-            # the proxy fence is a MEMBAR too: it would wait for copies still in flight, so the next
-            # tile's gather is issued after it
+            # generic-proxy writes of sQ / sK made visible to wgmma (ptxas: MEMBAR.ALL.CTA +
+            # FENCE.VIEW.ASYNC.S); the next tile's gather goes after it, into the other staging buffer
             cute.arch.fence_view_async_shared()
             cute.arch.sync_threads()
             if it + 1 < n_tiles:
