@@ -381,6 +381,30 @@ def _cute_attn():
     return cute_attn
 
 
+def test_sparse_attn_wgmma_launch_plan():
+    """Host side of the Hopper kernel (no GPU needed): splits cover every candidate in whole
+    64-candidate tiles within one wave of CTAs; the op prefers it from two (token, 64-head) CTAs on;
+    it never claims a CPU tensor."""
+    from dsv4_compile.kernels.cute import HAVE_CUTE
+
+    if not HAVE_CUTE:
+        pytest.skip("CuTe DSL not installed")
+    from dsv4_compile.kernels.cute import sparse_attn as cute_attn
+
+    for t, h, n, sms in ((1, 64, 640, 132), (8, 64, 640, 132), (64, 64, 640, 132), (64, 128, 1152, 132),
+                         (4096, 64, 640, 132), (3, 20, 180, 132), (1, 64, 0, 132), (1, 64, 1, 8)):
+        splits, per = cute_attn.splits_for(t, h, n, sms)
+        ctas = t * -(-h // 64)
+        assert per % 64 == 0 and per > 0
+        assert splits * per >= n and (splits - 1) * per < max(n, 1)  # every candidate, no empty split
+        assert splits == 1 or ctas * splits <= sms  # split only within one wave
+    assert cute_attn.splits_for(64, 64, 640, 132) == (2, 320)
+    assert cute_attn.splits_for(1, 64, 640, 132) == (10, 64)
+    q = torch.zeros(1, 64, 512, dtype=torch.bfloat16)
+    assert not cute_attn.preferred(q) and cute_attn.preferred(torch.zeros(2, 64, 512, dtype=torch.bfloat16))
+    assert cute_attn.preferred(torch.zeros(1, 128, 512, dtype=torch.bfloat16))
+    assert not cute_attn.supports(q, torch.zeros(2, 37440, dtype=torch.uint8), None)
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("splits,t,h,idx", [(None, 7, 20, torch.int32), (1, 7, 20, torch.int32),
                                             (3, 7, 20, torch.int64), (None, 1, 64, torch.int32),
@@ -402,6 +426,38 @@ def test_sparse_attn_wgmma_kernel_matches_reference(splits, t, h, idx):
     if t > 4:
         assert bool((got[4].cpu() == 0).all())  # row 4 has no candidate
 
+
+@pytest.mark.cuda
+def test_sparse_attn_wgmma_kernel_edge_inputs():
+    """A query view 2 bytes into its storage (copied to aligned rows, not rejected), int32 SWA with
+    int64 compressed indices one of which lies past the cache beyond 2^32 (skipped, not wrapped), a
+    compressed cache without pages, and no candidates at all (zeros, also with a −inf sink)."""
+    cute_attn = _cute_attn()
+    if cute_attn is None:
+        pytest.skip("needs CuTe DSL on a Hopper GPU")
+    q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=6, h=64, w=40, k=60, swa_bs=16, comp_bs=2, seed=17,
+                                                      swa_blocks=4, comp_blocks=40)
+    want = _dense(q, swa, si, comp, ci, sink, sbs, cbs)
+    store = torch.zeros(q.numel() + 1, dtype=torch.bfloat16, device="cuda")
+    q_odd = store[1:].view(q.shape)
+    q_odd.copy_(q.cuda())
+    assert q_odd.data_ptr() % 16 != 0
+    dev = [x.cuda() for x in (swa, si, comp)]
+    got = cute_attn.sparse_attn(q_odd, *dev, ci.cuda(), sink.cuda(), SCALE, sbs, cbs)
+    _assert_close_bf16(got.cpu(), want)
+    far = ci.long()
+    far[1, 0] = 2**32 + 3  # row 1 has no compressed candidate; past the cache, as int32 it would be slot 3
+    assert int(ci[1, 0]) == -1
+    a = cute_attn.sparse_attn(q.cuda(), *dev, ci.long().cuda(), sink.cuda(), SCALE, sbs, cbs)
+    b = cute_attn.sparse_attn(q.cuda(), *dev, far.cuda(), sink.cuda(), SCALE, sbs, cbs)
+    assert torch.equal(a, b)
+    no_pages = comp[:0].cuda()
+    want_swa = _dense(q, swa, si, None, None, sink, sbs, cbs)
+    _assert_close_bf16(cute_attn.sparse_attn(q.cuda(), dev[0], dev[1], no_pages, ci.cuda(), sink.cuda(), SCALE, sbs,
+                                             cbs).cpu(), want_swa)
+    for s in (sink, torch.full_like(sink, float("-inf"))):
+        empty = cute_attn.sparse_attn(q.cuda(), dev[0], si[:, :0].cuda(), None, None, s.cuda(), SCALE, sbs, cbs)
+        assert bool((empty == 0).all())
 
 @pytest.mark.cuda
 def test_sparse_attn_wgmma_kernel_swa_only_skips_past_the_cache_and_is_the_op():

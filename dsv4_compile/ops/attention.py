@@ -203,7 +203,8 @@ def sparse_attn(
     ``m = max(max_j s_j, sink[h])``, ``o = Σ_j e^(s_j−m) kv_j / (Σ_j e^(s_j−m) + e^(sink[h]−m))`` in
     fp32 (docs/numerics.md §8.2). The sink is not scaled and has no value. Prefill and decode both
     go through it. On a Hopper GPU with CuTe DSL, calls of two or more (token, 64-head block) pairs
-    run a wgmma kernel (``kernels/cute/sparse_attn.py``), the rest the Triton kernel.
+    run a wgmma kernel (``kernels/cute/sparse_attn.py``; caches whose base or page stride is not a
+    multiple of 16 bytes go to the Triton kernel), the rest the Triton kernel.
 
     Args:
         q: ``[T, H, 512]`` bf16 (any strides), ``H >= 1``: the rotated, normalized queries.

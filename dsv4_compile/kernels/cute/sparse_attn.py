@@ -345,6 +345,7 @@ class SparseAttnKernel:
             warpgroup.commit_group()
             warpgroup.wait_group(0)
 
+        cute.arch.cp_async_wait_group(0)  # no copy outlives the CTA (one without tiles: the queries')
         _finish(self.split, acc_o, m_i, l_i, cO, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid)
 
     @staticmethod
@@ -500,32 +501,37 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     """``kernels.triton.attention.sparse_attn``'s result from the wgmma kernel (``supports`` must hold).
     ``splits`` forces the number of candidate splits (tests)."""
     from ..triton import attention as _tattn
-    from ..triton._common import sm_programs
+    from ..triton._common import cdiv, sm_programs
 
     T, H, _ = q.shape
     out = torch.empty((T, H, D), dtype=torch.bfloat16, device=q.device)
     if T == 0:
         return out
     if q.stride(-1) != 1 or q.stride(0) % 8 or q.stride(1) % 8 or q.data_ptr() % 16:
-        q = q.contiguous()
-    has_comp = comp_indices is not None and comp_indices.shape[1] > 0 and comp_cache is not None
+        # 16-byte aligned rows for cp.async (a fresh tensor: .contiguous() keeps a misaligned view)
+        q = torch.empty(q.shape, dtype=q.dtype, device=q.device).copy_(q)
+    has_comp = (comp_indices is not None and comp_indices.shape[1] > 0 and comp_cache is not None
+                and comp_cache.shape[0] > 0)  # a cache without pages has nothing to attend to
+    if has_comp and comp_indices.dtype != swa_indices.dtype:  # one index dtype, wide enough for both
+        dt = torch.promote_types(swa_indices.dtype, comp_indices.dtype)
+        swa_indices, comp_indices = swa_indices.to(dt), comp_indices.to(dt)
     swa_indices = swa_indices.contiguous()
     if has_comp:
-        comp_indices = comp_indices.to(swa_indices.dtype).contiguous()
+        comp_indices = comp_indices.contiguous()
     sink = sink.contiguous()
     W = swa_indices.shape[1]
     K = comp_indices.shape[1] if has_comp else 0
     n_split, per_split = splits_for(T, H, W + K, sm_programs(q.device))
     if splits is not None:
-        per_split = -(-(-(-max(W + K, 1) // splits)) // BN) * BN  # whole tiles
-        n_split = max(1, -(-(W + K) // per_split))
+        per_split = cdiv(cdiv(max(W + K, 1), splits), BN) * BN  # whole tiles
+        n_split = max(1, cdiv(W + K, per_split))
     split = n_split > 1
     part = m = l_ = None
     if split:
         part = torch.empty((T, n_split, H, D), dtype=torch.float32, device=q.device)
         m = torch.empty((T, n_split, H), dtype=torch.float32, device=q.device)
         l_ = torch.empty_like(m)
-    compiled = SparseAttnKernel.compile(swa_block_size, comp_block_size, has_comp, split,
+    compiled = SparseAttnKernel.compile(swa_block_size, comp_block_size if has_comp else 1, has_comp, split,
                                         TORCH_TO_CUTE[swa_indices.dtype], pdl, arch_name(q.device))
     compiled(q, swa_cache, swa_indices, comp_cache if has_comp else None, comp_indices if has_comp else None, sink,
              out, part, m, l_, per_split, swa_cache.shape[0] * swa_block_size,
