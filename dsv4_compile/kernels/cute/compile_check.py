@@ -138,6 +138,13 @@ def _check_ptx(name: str, arch: str, ptx: str, expect_hw_e2m1: bool) -> str:
     return f"{name}@{arch}" + ("+e2m1x2" if hw else "")
 
 
+def _case_ptx(dump_dir: str, compile_fn, *args) -> str:
+    """The PTX of ``compile_fn(*args, extra_options=...)`` dumped into a directory of its own under
+    ``dump_dir`` (one PTX file per variant)."""
+    with tempfile.TemporaryDirectory(dir=dump_dir) as case_dir:
+        return _ptx_text(compile_fn(*args, extra_options=f"--keep-ptx --dump-dir {case_dir}"), case_dir)
+
+
 def compile_all(arch: str) -> list[str]:
     """Compile every variant for ``arch``; returns ``name@arch[+e2m1x2]`` per kernel."""
     names = []
@@ -155,12 +162,8 @@ def compile_all(arch: str) -> list[str]:
             )
             names.append(_check_ptx(name, arch, _ptx_text(compiled, dump_dir), hw))
         for case in _kv_insert_cases():
-            with tempfile.TemporaryDirectory(dir=dump_dir) as case_dir:  # one PTX file per variant
-                compiled = cache.KVInsertKernel.compile(
-                    case["bs"], case["rope"], case["slot"], case["pos"], case["cs"], arch,
-                    extra_options=f"--keep-ptx --dump-dir {case_dir}",
-                )
-                ptx = _ptx_text(compiled, case_dir)
+            ptx = _case_ptx(dump_dir, cache.KVInsertKernel.compile, case["bs"], case["rope"], case["slot"],
+                            case["pos"], case["cs"], arch)
             name = "kv_rope_insert" if case["rope"] else "kv_insert"
             name += f"_bs{case['bs']}_slot{case['slot'].__name__.lower()}"
             if case["rope"]:
@@ -168,24 +171,16 @@ def compile_all(arch: str) -> list[str]:
             _check_kv_insert_ptx(name, arch, ptx, case["rope"])
             names.append(_check_ptx(name, arch, ptx, False))
         for case in _topk_cases():
-            with tempfile.TemporaryDirectory(dir=dump_dir) as case_dir:
-                compiled = topk.TopkRoundKernel.compile(
-                    case["chunk"], case["logits"], case["final"], case["pos"], case["req"], case["pdl"], arch,
-                    extra_options=f"--keep-ptx --dump-dir {case_dir}",
-                )
-                ptx = _ptx_text(compiled, case_dir)
+            ptx = _case_ptx(dump_dir, topk.TopkRoundKernel.compile, case["chunk"], case["logits"], case["final"],
+                            case["pos"], case["req"], case["pdl"], arch)
             name = "topk_{}_{}_c{}_pos{}_req{}{}".format(
                 "logits" if case["logits"] else "candidates", "final" if case["final"] else "round", case["chunk"],
                 case["pos"].__name__.lower(), case["req"].__name__.lower(), "_pdl" if case["pdl"] else "")
             _check_topk_ptx(name, arch, ptx)
             names.append(_check_ptx(name, arch, ptx, False))
         for case in _sparse_attn_cases() if arch == "sm_90a" else ():
-            with tempfile.TemporaryDirectory(dir=dump_dir) as case_dir:
-                compiled = sparse_attn.SparseAttnKernel.compile(
-                    case["swa_bs"], case["comp_bs"], case["comp"], case["split"], case["idx"], case["pdl"], arch,
-                    extra_options=f"--keep-ptx --dump-dir {case_dir}",
-                )
-                ptx = _ptx_text(compiled, case_dir)
+            ptx = _case_ptx(dump_dir, sparse_attn.SparseAttnKernel.compile, case["swa_bs"], case["comp_bs"],
+                            case["comp"], case["split"], case["idx"], case["pdl"], arch)
             name = "sparse_attn_swa{}_{}_idx{}{}{}".format(
                 case["swa_bs"], f"comp{case['comp_bs']}" if case["comp"] else "swa_only", case["idx"].__name__.lower(),
                 "_split" if case["split"] else "", "_pdl" if case["pdl"] else "")

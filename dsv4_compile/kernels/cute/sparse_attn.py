@@ -50,6 +50,8 @@ from cutlass.tensor_utils.layout import LayoutEnum
 from cutlass.utils import hopper_helpers as sm90
 
 from ... import layouts
+from ..triton import attention as _tattn
+from ..triton._common import cdiv, sm_programs
 from ._common import _capability, arch_name
 from ._math import TORCH_TO_CUTE
 
@@ -64,8 +66,8 @@ WG = 128
 DV = D // 2  # value dims per warpgroup
 STAGE_REC = TOKEN_BYTES + 16  # staged record: 576 token bytes, then the 8 scale bytes (16-byte aligned)
 CHUNKS = TOKEN_BYTES // 16  # 36 16-byte chunks of token data per record
-NEG_BIG = -1.0e30  # the "no candidate yet" running max (finite, as the Triton kernel's)
-LOG2E = 1.4426950408889634
+NEG_BIG = _tattn._NEG_BIG.value  # "no candidate yet" running max: the Triton kernel's (its combine assumes it)
+LOG2E = _tattn.LOG2E
 _ROW = LayoutEnum.ROW_MAJOR  # K-major wgmma operands
 _COL = LayoutEnum.COL_MAJOR  # MN-major
 
@@ -335,7 +337,7 @@ class SparseAttnKernel:
             warpgroup.commit_group()
             warpgroup.wait_group(0)
 
-            _online_softmax(acc_s, acc_o, tOrP, m_i, l_i, cS, valid, 0, qk_scale)
+            _online_softmax(acc_s, acc_o, tOrP, m_i, l_i, cS, valid, qk_scale)
 
             # O += P·V
             warpgroup.fence()
@@ -352,14 +354,40 @@ class SparseAttnKernel:
     @functools.lru_cache(maxsize=None)
     def compile(swa_bs: int, comp_bs: int, has_comp: bool, split: bool, idx_dtype, pdl: bool, arch: str,
                 extra_options: str = ""):
-        return _compile(SparseAttnKernel(swa_bs, comp_bs, has_comp, split, pdl), has_comp, split, idx_dtype, arch,
-                        extra_options)
+        """Compile one variant over fake tensors (no GPU needed): tokens, heads, widths, pages and
+        strides are symbolic."""
+        mk = cute.runtime.make_fake_tensor
+        T = cute.sym_int()
+        H = cute.sym_int()
+        q = mk(BFloat16, (T, H, D), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=16)
+        swa = mk(Uint8, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=16)
+        swa_idx = mk(idx_dtype, (T, cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=idx_dtype.width // 8)
+        comp = comp_idx = None
+        if has_comp:
+            comp = mk(Uint8, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=16)
+            comp_idx = mk(idx_dtype, (T, cute.sym_int()), stride=(cute.sym_int64(), 1),
+                          assumed_align=idx_dtype.width // 8)
+        sink = mk(Float32, (H,), stride=(1,), assumed_align=4)
+        out = mk(BFloat16, (T, H, D), stride=(cute.sym_int64(), D, 1), assumed_align=16)
+        part = m = l_ = None
+        if split:
+            S = cute.sym_int()
+            part = mk(Float32, (T, S, H, D), stride=(cute.sym_int64(), cute.sym_int64(), D, 1), assumed_align=16)
+            m = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
+            l_ = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
+        kernel = SparseAttnKernel(swa_bs, comp_bs, has_comp, split, pdl)
+        return cute.compile(
+            kernel, q, swa, swa_idx, comp, comp_idx, sink, out, part, m, l_,
+            Int32(64), Int64(1), Int64(1), Float32(1.0), Int32(1),
+            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+            options=f"--enable-tvm-ffi --gpu-arch {arch} {extra_options}".strip(),
+        )
 
 
 @cute.jit
-def _online_softmax(acc_s, acc_o, tOrP, m_i, l_i, cS, valid, v0, qk_scale):
+def _online_softmax(acc_s, acc_o, tOrP, m_i, l_i, cS, valid, qk_scale):
     """One tile's online softmax (base 2) on the thread's two rows (the four lanes of a quad share a
-    row): scores of invalid candidates (``valid[v0 + col] == 0``) to −inf, the running max ``m_i`` and
+    row): scores of invalid candidates (``valid[col] == 0``) to −inf, the running max ``m_i`` and
     sum ``l_i`` (this lane's columns), ``O`` rescaled, ``P`` as bf16 into the A fragment of P·V."""
     row_max = cute.make_rmem_tensor(2, Float32)
     for r in cutlass.range_constexpr(2):
@@ -367,7 +395,7 @@ def _online_softmax(acc_s, acc_o, tOrP, m_i, l_i, cS, valid, v0, qk_scale):
     for i in cutlass.range_constexpr(cute.size(acc_s)):
         r = (i // 2) % 2
         s = acc_s[i] * qk_scale
-        if valid[v0 + cS[i][1]] == 0:
+        if valid[cS[i][1]] == 0:
             s = -Float32.inf
         acc_s[i] = s
         row_max[r] = cute.arch.fmax(row_max[r], s)
@@ -433,38 +461,6 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, mSink, mOut, mPart, m
                     _st_global_bf16x2(row + Int64((col0 + cO[i][1]) * 2), acc_o[i] * f, acc_o[i + 1] * f)
 
 
-
-def _compile(kernel, has_comp: bool, split: bool, idx_dtype, arch: str, extra_options: str):
-    """Compile one variant over fake tensors (no GPU needed): tokens, heads, widths, pages and
-    strides are symbolic."""
-    mk = cute.runtime.make_fake_tensor
-    T = cute.sym_int()
-    H = cute.sym_int()
-    q = mk(BFloat16, (T, H, D), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=16)
-    swa = mk(Uint8, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=16)
-    swa_idx = mk(idx_dtype, (T, cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=idx_dtype.width // 8)
-    comp = comp_idx = None
-    if has_comp:
-        comp = mk(Uint8, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=16)
-        comp_idx = mk(idx_dtype, (T, cute.sym_int()), stride=(cute.sym_int64(), 1),
-                      assumed_align=idx_dtype.width // 8)
-    sink = mk(Float32, (H,), stride=(1,), assumed_align=4)
-    out = mk(BFloat16, (T, H, D), stride=(cute.sym_int64(), D, 1), assumed_align=16)
-    part = m = l_ = None
-    if split:
-        S = cute.sym_int()
-        part = mk(Float32, (T, S, H, D), stride=(cute.sym_int64(), cute.sym_int64(), D, 1), assumed_align=16)
-        m = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
-        l_ = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
-    return cute.compile(
-        kernel, q, swa, swa_idx, comp, comp_idx, sink, out, part, m, l_,
-        Int32(64), Int64(1), Int64(1), Float32(1.0), Int32(1),
-        cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
-        options=f"--enable-tvm-ffi --gpu-arch {arch} {extra_options}".strip(),
-    )
-
-
-
 def supports(q: torch.Tensor, swa_cache: torch.Tensor, comp_cache) -> bool:
     """Whether this kernel can run the call: a Hopper GPU (wgmma), and caches whose base and page
     stride allow 16-byte ``cp.async`` (every ``kv_insert``-made cache does; a view at an odd offset
@@ -482,27 +478,24 @@ def preferred(q: torch.Tensor) -> bool:
     64-head block) CTAs on. H200, 64k context, CSA (640 candidates): V4-Flash B = 1 12.8 against
     11.0 µs (one token's 64 heads: the Triton kernel's 16-head programs fill the GPU better), V4-Pro
     B = 1 13.9 against 20.7 µs, V4-Flash B = 8 / 32 / 64 16.4 / 28.6 / 40.2 against 24.5 / 46.6 / 67.3 µs."""
-    return q.shape[0] * ((q.shape[1] + BH - 1) // BH) >= 2
+    return q.shape[0] * cdiv(q.shape[1], BH) >= 2
 
 
 def splits_for(T: int, H: int, n_cand: int, sms: int) -> tuple[int, int]:
     """(splits, candidates per split): one CTA per SM at most (its ~200 KB of shared memory), so the
     candidates of each (token, head block) split in as many whole 64-candidate tiles as leave no SM
     idle within one wave."""
-    ctas = T * ((H + BH - 1) // BH)
-    tiles = max(1, (n_cand + BN - 1) // BN)
+    ctas = T * cdiv(H, BH)
+    tiles = max(1, cdiv(n_cand, BN))
     splits = max(1, min(tiles, sms // max(ctas, 1)))
-    per_split = (tiles + splits - 1) // splits * BN
-    return max(1, (n_cand + per_split - 1) // per_split), per_split
+    per_split = cdiv(tiles, splits) * BN
+    return max(1, cdiv(n_cand, per_split)), per_split
 
 
 def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale: float, swa_block_size: int,
                 comp_block_size: int, splits: int | None = None, pdl: bool = False) -> torch.Tensor:
     """``kernels.triton.attention.sparse_attn``'s result from the wgmma kernel (``supports`` must hold).
     ``splits`` forces the number of candidate splits (tests)."""
-    from ..triton import attention as _tattn
-    from ..triton._common import cdiv, sm_programs
-
     T, H, _ = q.shape
     out = torch.empty((T, H, D), dtype=torch.bfloat16, device=q.device)
     if T == 0:
