@@ -18,18 +18,22 @@ warpgroups):
 * the decode turns the staged e4m3 bytes times their UE8M0 block scales (exact) and the bf16 rope dims
   into one bf16 ``[64 candidates, 512]`` tile in shared memory with 16-byte stores (a quarter warp
   per 128-byte row: no bank conflicts). Invalid candidates decode to zeros;
-* ``S = Q·Kᵀ`` (``wgmma`` m64n64k16, both operands from shared memory): each warpgroup computes all of
-  ``S`` and keeps the online-softmax state of all 64 heads;
-* ``O += P·V`` (``wgmma`` m64n256k16, ``P`` from registers): ``V`` is the same shared tile read
-  N-major, each warpgroup owning 256 of the 512 value dims (``O`` is 128 fp32 registers per thread).
+* ``S = Q·Kᵀ`` (``wgmma`` m64n32k16, both operands from shared memory): each warpgroup computes the
+  scores of half of the tile's candidates; the row maxima of the two halves meet in shared memory,
+  and each warpgroup writes its half of ``P`` (bf16) into one shared ``[64, 64]`` tile;
+* ``O += P·V`` (``wgmma`` m64n256k16, both operands from shared memory): ``V`` is the same shared
+  tile read N-major, each warpgroup owning 256 of the 512 value dims (``O`` is 128 fp32 registers per
+  thread). Before this split each warpgroup computed all of ``S`` (P in registers): H200, 64k, graph
+  replay, V4-Flash CSA B = 8 / 32 / 64 16.9 / 28.8 / 40.3 → 16.6 / 27.9 / 38.7 µs, V4-Pro B = 64
+  100.0 → 92.8 µs, prefill T = 4096 1710 → 1579 µs.
 
 Splits write fp32 partials ``(acc, m, l)`` in the layout of the Triton kernel's, merged by its
 combine kernels; an unsplit CTA applies the sink and writes bf16.
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, partial
-merge included): V4-Flash B = 1 / 8 / 32 / 64 12.8 / 16.4 / 28.6 / 40.2 µs (the Triton kernel 11.0 /
-24.5 / 46.6 / 67.3; FlashMLA 12.4 / 15.1 / 25.0 / 44.5 in issue 14's measurement), V4-Pro B = 1 / 64
-13.9 / 100.6 against 20.7 / 206.5 µs. One CTA per SM runs gather, decode, both multiplies and the
+merge included, kernel against kernel on the same inputs): V4-Flash B = 1 / 8 / 32 / 64 12.2 / 16.6 / 27.9 / 38.7 µs
+(the Triton kernel 11.0 / 24.6 / 47.3 / 67.7; FlashMLA 12.4 / 15.1 / 25.0 / 44.5 in issue 14's
+measurement), V4-Pro B = 1 / 64 13.4 / 92.8 against 20.3 / 204.6 µs. One CTA per SM runs gather, decode, both multiplies and the
 softmax one after another (``ncu``, an earlier form: about a quarter of the issue slots used). Tried
 and slower: a warp-specialized form (a producer warpgroup decoding 32-candidate tiles into a double-
 buffered K tile for two consumer warpgroups): 79 against 56 µs at B = 64 then, its Q·Kᵀ on 32-wide
@@ -61,6 +65,7 @@ TOKEN_BYTES = layouts.FP8_DS_MLA_TOKEN_BYTES  # 576
 SCALE_BYTES = layouts.FP8_DS_MLA_SCALE_BYTES  # 8
 BH = 64  # heads per CTA (one wgmma row block)
 BN = 64  # candidates per tile
+SN = BN // 2  # candidates of a tile whose scores one warpgroup computes
 THREADS = 256  # two warpgroups
 WG = 128
 DV = D // 2  # value dims per warpgroup
@@ -92,6 +97,11 @@ def _ld_shared_v4(addr):
 
 def _st_shared_v4(addr, a, b, c, d):
     cute.arch.inline_ptx("st.shared.v4.b32 [{$r0}], { {$r1}, {$r2}, {$r3}, {$r4} };", read_only_args=[addr, a, b, c, d])
+
+
+def _st_shared_bf16x2(addr, lo, hi):
+    cute.arch.inline_ptx("{ .reg .b32 w; cvt.rn.bf16x2.f32 w, {$r2}, {$r1}; st.shared.b32 [{$r0}], w; }",
+                         read_only_args=[addr, lo, hi])
 
 
 def _st_global_v2_f32(addr, a, b):
@@ -253,6 +263,9 @@ class SparseAttnKernel:
         stage = smem.allocate_tensor(Uint8, cute.make_layout(2 * BN * STAGE_REC), byte_alignment=128)
         valid_stage = smem.allocate_tensor(Int32, cute.make_layout(2 * BN), byte_alignment=16)
         valid = smem.allocate_tensor(Int32, cute.make_layout(BN), byte_alignment=16)
+        p_layout = sm90.make_smem_layout_a(_ROW, (BH, DV, BN), BFloat16, 1)
+        sP = smem.allocate_tensor(BFloat16, p_layout.outer, byte_alignment=1024, swizzle=p_layout.inner)
+        red = smem.allocate_tensor(Float32, cute.make_layout(4 * BH), byte_alignment=16)  # [max | sum][wg][row]
         q_base = sQ.iterator.toint()
         k_base = sK.iterator.toint()
         stage_base = stage.iterator.toint()
@@ -292,20 +305,22 @@ class SparseAttnKernel:
         cute.arch.cp_async_commit_group()
 
         # ---- MMAs ----
+        # each warpgroup computes S for its half of the tile's candidates (SN of them); both read all of
+        # P from shared memory
         qk_mma = sm90.make_trivial_tiled_mma(BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32,
-                                             (1, 1, 1), (BH, BN))
+                                             (1, 1, 1), (BH, SN))
         pv_mma = sm90.make_trivial_tiled_mma(BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.MN, Float32,
-                                             (1, 1, 1), (BH, DV), a_source=warpgroup.OperandSource.RMEM)
+                                             (1, 1, 1), (BH, DV))
         thr_qk = qk_mma.get_slice(wtid)
         thr_pv = pv_mma.get_slice(wtid)
         tSrQ = qk_mma.make_fragment_A(thr_qk.partition_A(sQ[None, None, 0]))
-        tSrK = qk_mma.make_fragment_B(thr_qk.partition_B(sK[None, None, 0]))
+        tSrK = qk_mma.make_fragment_B(thr_qk.partition_B(cute.local_tile(sK[None, None, 0], (SN, D), (wg, 0))))
         tOrV = pv_mma.make_fragment_B(thr_pv.partition_B(cute.local_tile(sV[None, None, 0], (DV, BN), (wg, 0))))
-        acc_s = cute.make_rmem_tensor(thr_qk.partition_shape_C((BH, BN)), Float32)
+        tOrP = pv_mma.make_fragment_A(thr_pv.partition_A(sP[None, None, 0]))
+        acc_s = cute.make_rmem_tensor(thr_qk.partition_shape_C((BH, SN)), Float32)
         acc_o = cute.make_rmem_tensor(thr_pv.partition_shape_C((BH, DV)), Float32)
-        tOrP = pv_mma.make_fragment_A(thr_pv.partition_shape_A((BH, BN)))
         # (row, col) of each accumulator element: rows 16·warp + lane/4 (+8), columns 2·(lane%4) (+1) + 8·j
-        cS = thr_qk.partition_C(cute.make_identity_tensor((BH, BN)))
+        cS = thr_qk.partition_C(cute.make_identity_tensor((BH, SN)))
         cO = thr_pv.partition_C(cute.make_identity_tensor((BH, DV)))
         acc_o.fill(0.0)
         m_i = cute.make_rmem_tensor(2, Float32)
@@ -337,7 +352,7 @@ class SparseAttnKernel:
             warpgroup.commit_group()
             warpgroup.wait_group(0)
 
-            _online_softmax(acc_s, acc_o, tOrP, m_i, l_i, cS, valid, qk_scale)
+            _online_softmax(acc_s, acc_o, sP.iterator.toint(), red, m_i, l_i, cS, valid, qk_scale, wg, wtid)
 
             # O += P·V
             warpgroup.fence()
@@ -348,7 +363,7 @@ class SparseAttnKernel:
             warpgroup.wait_group(0)
 
         cute.arch.cp_async_wait_group(0)  # no copy outlives the CTA (one without tiles: the queries')
-        _finish(self.split, acc_o, m_i, l_i, cO, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid)
+        _finish(self.split, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -385,48 +400,68 @@ class SparseAttnKernel:
 
 
 @cute.jit
-def _online_softmax(acc_s, acc_o, tOrP, m_i, l_i, cS, valid, qk_scale):
-    """One tile's online softmax (base 2) on the thread's two rows (the four lanes of a quad share a
-    row): scores of invalid candidates (``valid[col] == 0``) to −inf, the running max ``m_i`` and
-    sum ``l_i`` (this lane's columns), ``O`` rescaled, ``P`` as bf16 into the A fragment of P·V."""
+def _online_softmax(acc_s, acc_o, p_base, red, m_i, l_i, cS, valid, qk_scale, wg, wtid):
+    """One tile's online softmax (base 2) for a warpgroup holding the scores of its half of the
+    candidates (columns ``SN·wg ..``), on the thread's two rows (the four lanes of a quad share a row):
+    scores of invalid candidates (``valid[col] == 0``) to −inf; the row maxima of both halves meet in
+    ``red`` (one barrier); ``O`` rescaled; ``P`` to shared memory as bf16 in the swizzled K-major
+    layout P·V reads (then a barrier: both halves written and visible to wgmma). ``l_i`` sums this
+    half's columns only (``_finish`` adds the two)."""
     row_max = cute.make_rmem_tensor(2, Float32)
     for r in cutlass.range_constexpr(2):
         row_max[r] = m_i[r]
     for i in cutlass.range_constexpr(cute.size(acc_s)):
         r = (i // 2) % 2
         s = acc_s[i] * qk_scale
-        if valid[cS[i][1]] == 0:
+        if valid[cS[i][1] + wg * SN] == 0:
             s = -Float32.inf
         acc_s[i] = s
         row_max[r] = cute.arch.fmax(row_max[r], s)
-    alpha = cute.make_rmem_tensor(2, Float32)
     for r in cutlass.range_constexpr(2):
         mx = row_max[r]
         mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=1))
         mx = cute.arch.fmax(mx, cute.arch.shuffle_sync_bfly(mx, offset=2))
+        row_max[r] = mx
+        if wtid % 4 == 0:
+            red[wg * BH + cS[2 * r][0]] = mx
+    cute.arch.sync_threads()
+    alpha = cute.make_rmem_tensor(2, Float32)
+    for r in cutlass.range_constexpr(2):
+        mx = cute.arch.fmax(row_max[r], red[(1 - wg) * BH + cS[2 * r][0]])
         alpha[r] = cute.math.exp2(m_i[r] - mx, fastmath=True)
         m_i[r] = mx
         l_i[r] = l_i[r] * alpha[r]
-    for i in cutlass.range_constexpr(cute.size(acc_s)):
+    for j in cutlass.range_constexpr(cute.size(acc_s) // 2):
+        i = 2 * j
         r = (i // 2) % 2
-        p = cute.math.exp2(acc_s[i] - m_i[r], fastmath=True)
-        l_i[r] = l_i[r] + p
-        tOrP[i] = BFloat16(p)
-    # O rescaled only where some row of the warp has a new max (× 1.0 is exact: skipping it changes nothing)
+        p0 = cute.math.exp2(acc_s[i] - m_i[r], fastmath=True)
+        p1 = cute.math.exp2(acc_s[i + 1] - m_i[r], fastmath=True)
+        l_i[r] = l_i[r] + p0 + p1
+        col = cS[i][1] + wg * SN
+        _st_shared_bf16x2(p_base + Int32(_tile_offset(cS[i][0], col // 8) + (col % 8) * 2), p0, p1)
     if cute.arch.vote_any_sync((alpha[0] != Float32(1.0)) | (alpha[1] != Float32(1.0))):
         for i in cutlass.range_constexpr(cute.size(acc_o)):
             acc_o[i] = acc_o[i] * alpha[(i // 2) % 2]
+    cute.arch.fence_view_async_shared()
+    cute.arch.sync_threads()
 
 
 @cute.jit
-def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid):
-    """Row sums over the quad, then this CTA's fp32 partials ``(acc, m, l)`` (split) or the output
-    with the sink applied (bf16), written as pairs of value dims."""
+def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid):
+    """Row sums over the quad and both warpgroups' halves (through ``red``), then this CTA's fp32
+    partials ``(acc, m, l)`` (split) or the output with the sink applied (bf16), written as pairs of
+    value dims."""
     for r in cutlass.range_constexpr(2):
         s = l_i[r]
         s = s + cute.arch.shuffle_sync_bfly(s, offset=1)
         s = s + cute.arch.shuffle_sync_bfly(s, offset=2)
         l_i[r] = s
+    for r in cutlass.range_constexpr(2):
+        if wtid % 4 == 0:
+            red[2 * BH + wg * BH + cO[2 * r][0]] = l_i[r]
+    cute.arch.sync_threads()
+    for r in cutlass.range_constexpr(2):
+        l_i[r] = l_i[r] + red[2 * BH + (1 - wg) * BH + cO[2 * r][0]]
     col0 = wg * DV
     if const_expr(split):
         n_split = mPart.shape[1]
@@ -475,9 +510,9 @@ def supports(q: torch.Tensor, swa_cache: torch.Tensor, comp_cache) -> bool:
 
 def preferred(q: torch.Tensor) -> bool:
     """Whether the op takes this kernel over the Triton one (given ``supports``): from two (token,
-    64-head block) CTAs on. H200, 64k context, CSA (640 candidates): V4-Flash B = 1 12.8 against
+    64-head block) CTAs on. H200, 64k context, CSA (640 candidates): V4-Flash B = 1 12.2 against
     11.0 µs (one token's 64 heads: the Triton kernel's 16-head programs fill the GPU better), V4-Pro
-    B = 1 13.9 against 20.7 µs, V4-Flash B = 8 / 32 / 64 16.4 / 28.6 / 40.2 against 24.5 / 46.6 / 67.3 µs."""
+    B = 1 13.4 against 20.3 µs, V4-Flash B = 8 / 32 / 64 16.6 / 27.9 / 38.7 against 24.6 / 47.3 / 67.7 µs."""
     return q.shape[0] * cdiv(q.shape[1], BH) >= 2
 
 
