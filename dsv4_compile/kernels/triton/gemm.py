@@ -235,15 +235,21 @@ def _counter_buffer(device: torch.device, tiles: int) -> torch.Tensor:
 
 def gemm_config(M: int, N: int, KB: int, device: torch.device, block_m: int | None = None,
                 block_n: int | None = None, splits: int | None = None, num_warps: int | None = None,
-                stages: int | None = None, n_per_group: int | None = None, waves: int = 2,
+                stages: int | None = None, n_per_group: int | None = None, waves: int | None = None,
                 min_kb: int = 2):
     """(BM, BN, splits, warps, stages). Decode sizes (M ≤ 64): one M tile of 16 / 32 / 64 rows, 64-row N
-    tiles, 3 stages, split-K until every SM has about ``waves`` programs (at least ``min_kb`` K blocks
-    per split). Larger M: 64 x 128 tiles up to 256 rows, then 128 x 128 with 8 warps, no split.
-    The decode defaults are the fastest of ``benchmarks/projections.py --sweep`` on an H200 (block_n
-    64 / 128, stages 3 / 4 / 6, waves 2 / 4 / 8 over the five V4-Flash projections at M = 1, 32, 64)."""
+    tiles, 4 stages, split-K to about ``waves`` programs per SM (2 up to 32 rows, then 1; rounded to
+    the nearest split count), with at least ``min_kb`` K blocks per split and at most ``8·KB / M``
+    splits: each split writes an fp32 ``M x N`` partial that is read back, so the cap keeps that
+    traffic within half the weight bytes. Larger M: 64 x 128 tiles up to 256 rows, then 128 x 128
+    with 8 warps, no split.
+    The decode defaults come from sweeps on an H200 (``benchmarks/projections.py --sweep`` and a
+    forced-split sweep, V4-Flash projections at M = 8, 32, 64). The fixed 2 waves and 3 stages before
+    them split ``wq_a+wkv`` (N = 1536) 11 ways at M = 64, writing 1.4x its weight bytes in partials:
+    12.3 against 8.1 µs with 4 splits; ``wo_a`` 19.7 against 14.8 µs unsplit, ``wo_b`` 20.5 against
+    17.6 µs with 2 (M = 64), ``wo_b`` 19.7 against 15.2 µs with 4 (M = 32)."""
     if M <= 64:
-        bm, bn, warps, st = (16 if M <= 16 else 32 if M <= 32 else 64), 64, 4, 3
+        bm, bn, warps, st = (16 if M <= 16 else 32 if M <= 32 else 64), 64, 4, 4
     elif M < 256:
         bm, bn, warps, st = 64, 128, 4, 3
     else:
@@ -256,9 +262,9 @@ def gemm_config(M: int, N: int, KB: int, device: torch.device, block_m: int | No
         raise ValueError(f"block_n must be 16, 32, 64 or 128 and divide the group's {n_per_group} rows, got {bn}")
     tiles = cdiv(M, bm) * cdiv(N, bn)
     if splits is None:
-        want = waves * sm_programs(device)
-        splits = cdiv(want, tiles) if (M <= 64 and tiles < want) else 1
-        splits = min(splits, max(1, KB // min_kb))
+        want = (waves or (2 if M <= 32 else 1)) * sm_programs(device)
+        splits = (want + tiles // 2) // tiles if (M <= 64 and tiles < want) else 1
+        splits = min(splits, max(1, KB // min_kb), max(1, 8 * KB // M))
     splits = max(1, min(splits, KB))
     if splits > 1 and tiles > COUNTERS:
         splits = 1
