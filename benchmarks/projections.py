@@ -16,7 +16,7 @@ alone would time the graph launch); ``fp8_linear`` is the quant fused into the G
 the GEMM + the quant).
 
     python benchmarks/projections.py [--m 1 8 32 64 2048 8192] [--out results.md]
-    python benchmarks/projections.py --sweep     # the Triton kernel's configs at decode sizes
+    python benchmarks/projections.py --sweep     # the Triton kernel's configs (N tile, stages, split-K) at decode sizes
     python benchmarks/projections.py --check    # CPU: the op == the reference at small shapes
 """
 
@@ -153,7 +153,8 @@ def sweep(ms):
     the default's time and the three fastest, as % of the streaming-read bandwidth."""
     ceil = bandwidth_ceilings()
     print(ceilings_line(ceil), flush=True)
-    configs = [dict(block_n=bn, stages=st, waves=wv) for bn in (64, 128) for st in (3, 4, 6) for wv in (2, 4, 8)]
+    configs = [dict(block_n=bn, stages=st, splits=sp) for bn in (64, 128) for st in (3, 4)
+               for sp in (1, 2, 3, 4, 6, 8, 12, 16)]
     for name, (N, K) in SHAPES.items():
         ws = _weights(N, K, "cuda", max(2, -(-(256 << 20) // (N * K))))
         fp8_bytes = N * K + ws[0][1].numel() * 4

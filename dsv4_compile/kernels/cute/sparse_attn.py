@@ -31,14 +31,15 @@ Splits write fp32 partials ``(acc, m, l)`` in the layout of the Triton kernel's,
 combine kernels; an unsplit CTA applies the sink and writes bf16.
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, partial
-merge included, kernel against kernel on the same inputs): V4-Flash B = 1 / 8 / 32 / 64 12.2 / 16.6 / 27.9 / 38.7 µs
-(the Triton kernel 11.0 / 24.6 / 47.3 / 67.7; FlashMLA 12.4 / 15.1 / 25.0 / 44.5 in issue 14's
-measurement), V4-Pro B = 1 / 64 13.4 / 92.8 against 20.3 / 204.6 µs. One CTA per SM runs gather, decode, both multiplies and the
-softmax one after another (``ncu``, an earlier form: about a quarter of the issue slots used). Tried
-and slower: a warp-specialized form (a producer warpgroup decoding 32-candidate tiles into a double-
-buffered K tile for two consumer warpgroups): 79 against 56 µs at B = 64 then, its Q·Kᵀ on 32-wide
-tiles costing more than the overlap saved; each warpgroup multiplying half the dims with the partial
-scores exchanged through shared memory (spilled).
+merge included, kernel against kernel on the same inputs): V4-Flash B = 1 / 8 / 32 / 64 12.2 / 16.6 /
+27.9 / 38.7 µs (the Triton kernel 11.0 / 24.6 / 47.3 / 67.7; FlashMLA 12.4 / 15.1 / 25.0 / 44.5 in
+issue 14's measurement), V4-Pro B = 1 / 64 13.4 / 92.8 against 20.3 / 204.6 µs; prefill (T = 4096)
+219 TFLOPS. One CTA per SM runs gather, decode, both multiplies and the softmax one after another
+(``ncu``, an earlier form: about a quarter of the issue slots used). Tried and slower: a
+warp-specialized form (a producer warpgroup decoding 32-candidate tiles into a double-buffered K tile
+for two consumer warpgroups): 79 against 56 µs at B = 64 then, its Q·Kᵀ on 32-wide tiles costing more
+than the overlap saved; each warpgroup multiplying half the dims with the partial scores exchanged
+through shared memory (spilled).
 """
 
 from __future__ import annotations

@@ -243,8 +243,8 @@ def gemm_config(M: int, N: int, KB: int, device: torch.device, block_m: int | No
     splits: each split writes an fp32 ``M x N`` partial that is read back, so the cap keeps that
     traffic within half the weight bytes. Larger M: 64 x 128 tiles up to 256 rows, then 128 x 128
     with 8 warps, no split.
-    The decode defaults come from sweeps on an H200 (``benchmarks/projections.py --sweep`` and a
-    forced-split sweep, V4-Flash projections at M = 8, 32, 64). The fixed 2 waves and 3 stages before
+    The decode defaults come from ``benchmarks/projections.py --sweep`` on an H200 (block_n 64 / 128,
+    stages 3 / 4, splits 1-16; V4-Flash projections at M = 8, 32, 64). The fixed 2 waves and 3 stages before
     them split ``wq_a+wkv`` (N = 1536) 11 ways at M = 64, writing 1.4x its weight bytes in partials:
     12.3 against 8.1 µs with 4 splits; ``wo_a`` 19.7 against 14.8 µs unsplit, ``wo_b`` 20.5 against
     17.6 µs with 2 (M = 64), ``wo_b`` 19.7 against 15.2 µs with 4 (M = 32)."""
