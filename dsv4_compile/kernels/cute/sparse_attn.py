@@ -100,18 +100,15 @@ def _st_shared_v4(addr, a, b, c, d):
     cute.arch.inline_ptx("st.shared.v4.b32 [{$r0}], { {$r1}, {$r2}, {$r3}, {$r4} };", read_only_args=[addr, a, b, c, d])
 
 
-def _st_shared_bf16x2(addr, lo, hi):
-    cute.arch.inline_ptx("{ .reg .b32 w; cvt.rn.bf16x2.f32 w, {$r2}, {$r1}; st.shared.b32 [{$r0}], w; }",
-                         read_only_args=[addr, lo, hi])
-
-
 def _st_global_v2_f32(addr, a, b):
     cute.arch.inline_ptx("st.global.v2.f32 [{$r0}], { {$r1}, {$r2} };", read_only_args=[addr, a, b])
 
 
-def _st_global_bf16x2(addr, a, b):
-    cute.arch.inline_ptx("{ .reg .b32 w; cvt.rn.bf16x2.f32 w, {$r2}, {$r1}; st.global.b32 [{$r0}], w; }",
-                         read_only_args=[addr, a, b])
+def _st_bf16x2(space: str, addr, lo, hi):
+    """``lo``, ``hi`` rounded to bf16 and stored as one 32-bit word (``lo`` in the low half) at ``addr`` in
+    state space ``space`` ("shared" / "global")."""
+    cute.arch.inline_ptx(f"{{ .reg .b32 w; cvt.rn.bf16x2.f32 w, {{$r2}}, {{$r1}}; st.{space}.b32 [{{$r0}}], w; }}",
+                         read_only_args=[addr, lo, hi])
 
 
 def _e4m3x8_bf16(w0, w1, scale):
@@ -439,7 +436,7 @@ def _online_softmax(acc_s, acc_o, p_base, red, m_i, l_i, cS, valid, qk_scale, wg
         p1 = cute.math.exp2(acc_s[i + 1] - m_i[r], fastmath=True)
         l_i[r] = l_i[r] + p0 + p1
         col = cS[i][1] + wg * SN
-        _st_shared_bf16x2(p_base + Int32(_tile_offset(cS[i][0], col // 8) + (col % 8) * 2), p0, p1)
+        _st_bf16x2("shared", p_base + Int32(_tile_offset(cS[i][0], col // 8) + (col % 8) * 2), p0, p1)
     if cute.arch.vote_any_sync((alpha[0] != Float32(1.0)) | (alpha[1] != Float32(1.0))):
         for i in cutlass.range_constexpr(cute.size(acc_o)):
             acc_o[i] = acc_o[i] * alpha[(i // 2) % 2]
@@ -494,7 +491,7 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, red, mSink, mOut, mPa
                 row = out_base + (Int64(t) * H + h) * (D * 2)
                 for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
                     i = 4 * j + 2 * r
-                    _st_global_bf16x2(row + Int64((col0 + cO[i][1]) * 2), acc_o[i] * f, acc_o[i + 1] * f)
+                    _st_bf16x2("global", row + Int64((col0 + cO[i][1]) * 2), acc_o[i] * f, acc_o[i + 1] * f)
 
 
 def supports(q: torch.Tensor, swa_cache: torch.Tensor, comp_cache) -> bool:

@@ -238,14 +238,14 @@ def gemm_config(M: int, N: int, KB: int, device: torch.device, block_m: int | No
                 stages: int | None = None, n_per_group: int | None = None, waves: int | None = None,
                 min_kb: int = 2):
     """(BM, BN, splits, warps, stages). Decode sizes (M ≤ 64): one M tile of 16 / 32 / 64 rows, 64-row N
-    tiles, 4 stages (3 unsplit up to 32 rows), split-K to about ``waves`` programs per SM (2 up to 32 rows, then 1; rounded to
-    the nearest split count), with at least ``min_kb`` K blocks per split and at most ``8·KB / M``
-    splits: each split writes an fp32 ``M x N`` partial that is read back, so the cap keeps that
-    traffic within half the weight bytes. Larger M: 64 x 128 tiles up to 256 rows, then 128 x 128
-    with 8 warps, no split.
+    tiles, 4 stages (3 unsplit up to 32 rows), split-K to about ``waves`` programs per SM (2 up to 32
+    rows, then 1; rounded to the nearest split count), with at least ``min_kb`` K blocks per split and
+    at most ``8·KB / M`` splits: each split writes an fp32 ``M x N`` partial that is read back, so the
+    cap keeps that traffic within half the weight bytes. Larger M: 64 x 128 tiles up to 256 rows, then
+    128 x 128 with 8 warps, no split.
     The decode defaults come from ``benchmarks/projections.py --sweep`` on an H200 (block_n 64 / 128,
-    stages 3 / 4, splits 1-16; V4-Flash projections at M = 8, 32, 64). The fixed 2 waves and 3 stages before
-    them split ``wq_a+wkv`` (N = 1536) 11 ways at M = 64, writing 1.4x its weight bytes in partials:
+    stages 3 / 4, splits 1-16; V4-Flash projections at M = 8, 32, 64). The fixed 2 waves and 3 stages
+    before them split ``wq_a+wkv`` (N = 1536) 11 ways at M = 64, writing 1.4x its weight bytes in partials:
     12.3 against 8.1 µs with 4 splits; ``wo_a`` 19.7 against 14.8 µs unsplit, ``wo_b`` 20.5 against
     17.6 µs with 2 (M = 64), ``wo_b`` 19.7 against 15.2 µs with 4 (M = 32); unsplit ``q_proj`` 14.1 / 14.6
     µs with 3 stages against 14.7 / 15.2 with 4 at M = 8 / 32, 17.2 against 16.5 at M = 64."""
