@@ -235,6 +235,41 @@ def test_indexer_logits_kernel_matches_reference(kernel_device, fmt):
         _check_topk(kernels.indexer_topk(*dev, fmt, topk, 4).cpu(), _dense_logits(*case, fmt), topk, tol=1e-5)
 
 
+def _set_mx_scales(scales, row, exps):
+    """Rewrite one MXFP4 row's four UE8M0 scale bytes in place (``scales`` a uint8 view)."""
+    scales[row] = torch.tensor(exps, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("block_h", [16, 32])
+def test_indexer_logits_mxfp4_fold_boundary(kernel_device, block_h):
+    """The MXFP4 kernel folds rows whose block exponents lie within ``MX_FOLD_SPREAD`` of their
+    largest into e4m3 and takes exact per-block dots for the rest: keys and a query head at the
+    spread limit (5, folded) and past it (6, 9: exact pass), against the fp64 recomputation."""
+    q, qs, w, cache, table, req, pos, bs = _topk_case("mxfp4", h=20, seed=2)
+    spread = int(kernels.MX_FOLD_SPREAD)
+    page_scales = cache[:, bs * 64:bs * 68].view(cache.shape[0], bs, 4)
+    # keys: entry 3 of page table[0, 0] at the limit, entry 5 one past it, entry 9 of page table[1, 0]
+    # four past it (0.5·2^-9 is an e4m3 subnormal: folding it would lose bits)
+    _set_mx_scales(page_scales[int(table[0, 0])], 3, (127, 127 - spread, 126, 127))
+    _set_mx_scales(page_scales[int(table[0, 0])], 5, (127, 126, 127 - spread - 1, 125))
+    _set_mx_scales(page_scales[int(table[1, 0])], 9, (130, 121, 130, 130))
+    # queries: token 2's head 7 one past the limit (its whole row takes the exact pass), token 4's
+    # head 11 at it
+    qs[2, 7] = torch.tensor((120, 127, 120 + spread + 1, 125), dtype=torch.uint8)
+    qs[4, 11] = torch.tensor((127, 127 - spread, 127, 124), dtype=torch.uint8)
+    case = (q, qs, w, cache, table, req, pos, bs)
+    want = _dense_logits(*case, "mxfp4")
+    dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in case]
+    got = kernels.indexer_logits(*dev, "mxfp4", 4, block_n=16, block_h=block_h).cpu()
+    for t, row in enumerate(want):
+        n = row.shape[0]
+        assert torch.isinf(got[t, n:]).all()
+        torch.testing.assert_close(got[t, :n].double(), row, rtol=1e-5, atol=1e-5)
+    if kernel_device.type == "cuda":  # the byte-permute decode against the arithmetic one: same bits
+        other = kernels.indexer_logits(*dev, "mxfp4", 4, block_n=16, block_h=block_h, prmt=False).cpu()
+        assert torch.equal(other, got)
+
+
 def test_indexer_topk_kernel_on_an_empty_cache(kernel_device):
     q, qs, w, cache, table, req, pos, bs = _topk_case("fp8")
     empty = cache[:0]

@@ -28,6 +28,12 @@ WIDE_SHARE = 9  # launch_config: 64-head programs from T·cdiv(H, 64)·WIDE_SHAR
 # splits above (H200, 64 heads, 64k context: one token 11.1 µs against 14.9 µs with the loop, but
 # 4 tokens 21.1 against 20.2, 8 tokens 28.7 against 24.8, 64 tokens 79.1 against 68.9 µs)
 COMBINE_ALL_MAX_ROWS = 128
+# indexer MXFP4: a row (key or query) whose four block exponents lie within this many binades of its
+# largest folds 2^(e_b − e_max) into its e4m3 values exactly (0.5·2^-5 is still an e4m3 normal)
+MX_FOLD_SPREAD = tl.constexpr(5)
+# the MXFP4 logits kernel's register cap: the folded pass fits in it (121 for sm_90a), the rare exact pass
+# spills; uncapped, ptxas gives the exact pass 253 and the whole kernel two CTAs per SM
+MX_MAX_REGS = 128
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "no candidate yet" running max: keeps exp2 free of inf − inf
 
 
@@ -47,20 +53,23 @@ def _head_block(q_ptr, w_row, t, heads, H, q_stride_t, q_stride_h, BH: tl.conste
 
 
 @triton.jit
-def _e2m1_e4m3(code):
-    """e4m3 bytes holding the values of the E2M1 nibbles ``code`` (uint8, low 4 bits; exact: e4m3 has
-    0, ±0.5 .. ±6): magnitude m → 0, 0x30 (0.5), then 4m + 0x30 (1, 1.5, 2, 3, 4, 6); sign to bit 7."""
+def _e2m1_e4m3(code, c=48):
+    """e4m3 bytes (uint8) holding the values of the E2M1 nibbles ``code`` (uint8, low 4 bits) times
+    ``2^((c − 48) / 8)``: magnitude m → 0, then ``c`` (0.5·2^..), then ``4m + c`` (1, 1.5, 2, 3, 4,
+    6 times 2^..); sign to bit 7. Exact for ``c = 48 − 8d``, ``0 <= d <= 5`` (the e4m3 exponent of
+    0.5·2^-d stays normal; ``c = 48``, the values themselves)."""
     m = code & 7
-    return tl.where(m >= 2, m * 4 + 48, m * 48) | ((code & 8) << 4)
+    return (tl.where(m >= 2, m * 4 + c, m * c) | ((code & 8) << 4)).to(tl.uint8)
 
 
 @triton.jit
-def _mx_block(rows, ok, b: tl.constexpr, R: tl.constexpr):
+def _mx_block(rows, ok, b, R: tl.constexpr, c=48):
     """e4m3 ``[R, 32]``: the E2M1 values of 32-block ``b`` of the MXFP4 rows whose 64 packed bytes
-    start at the pointers ``rows [R]`` (low nibble first; zeros where not ``ok``)."""
+    start at the pointers ``rows [R]`` (low nibble first; zeros where not ``ok``), times the powers
+    of two ``c`` encodes (``_e2m1_e4m3``; ``c`` a scalar or ``[R, 1]``)."""
     j = tl.arange(0, 16)
     p = tl.load(rows[:, None] + (16 * b + j)[None, :], mask=ok[:, None], other=0)
-    return tl.reshape(tl.join(_e2m1_e4m3(p & 0xF), _e2m1_e4m3(p >> 4)), [R, 32]).to(tl.float8e4nv, bitcast=True)
+    return tl.reshape(tl.join(_e2m1_e4m3(p & 0xF, c), _e2m1_e4m3(p >> 4, c)), [R, 32]).to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit
@@ -70,32 +79,127 @@ def _ue8m0_scales(ptrs, ok):
 
 
 @triton.jit
-def _mx_head_block(q_ptr, qs_ptr, w_row, t, heads, H, q_stride_t, q_stride_h, BH: tl.constexpr):
-    """(weights ``[BH]``, the e4m3 ``[BH, 32]`` E2M1 values of blocks 0-3, their fp32 ``[BH]`` block
-    scales) of ``heads`` of token ``t``'s MXFP4 queries (scales ``[T, H, 4]`` contiguous; heads
-    ``>= H`` give zeros)."""
-    hm = heads < H
-    w = tl.load(w_row + heads, mask=hm, other=0.0)
-    rows = q_ptr + t.to(tl.int64) * q_stride_t + heads * q_stride_h
-    srows = qs_ptr + (t.to(tl.int64) * H + heads) * 4
-    return (w, _mx_block(rows, hm, 0, BH), _mx_block(rows, hm, 1, BH), _mx_block(rows, hm, 2, BH),
-            _mx_block(rows, hm, 3, BH), _ue8m0_scales(srows, hm), _ue8m0_scales(srows + 1, hm),
-            _ue8m0_scales(srows + 2, hm), _ue8m0_scales(srows + 3, hm))
+def _mx_scores_exact(k_rows, ks_rows, ok, q_rows, qs_rows, hm, BN: tl.constexpr, BH: tl.constexpr):
+    """fp32 ``[BN, BH]`` ``k̂·q̂`` of MXFP4 keys and queries (packed values at the pointers ``k_rows`` /
+    ``q_rows``, UE8M0 block scales at ``ks_rows`` / ``qs_rows``), any scales: per 32-block an e4m3
+    tensor-core dot of the E2M1 values (an exact sum), times the key block scale, then the query
+    block scale (powers of two: exact short of under/overflow), summed in fp32 in block order. The
+    blocks run in a loop, so one block's product is live at a time (unrolled, the four took every
+    register and spilled)."""
+    sc = tl.zeros([BN, BH], dtype=tl.float32)
+    for b in range(4):
+        d = tl.dot(_mx_block(k_rows, ok, b, BN), tl.trans(_mx_block(q_rows, hm, b, BH)))
+        sc += (d * _ue8m0_scales(ks_rows + b, ok)[:, None]) * _ue8m0_scales(qs_rows + b, hm)[None, :]
+    return sc
 
 
 @triton.jit
-def _mx_scores(k_rows, ks_rows, ok, q0, q1, q2, q3, s0, s1, s2, s3, BN: tl.constexpr):
-    """fp32 ``[BN, BH]`` ``k̂·q̂`` of MXFP4 keys (packed values at the pointers ``k_rows``, UE8M0
-    block scales at ``ks_rows``) and queries given per 32-block: four e4m3 tensor-core dots of the
-    E2M1 values (exact sums), each times its key block scale, then its query block scale (powers of
-    two: exact short of under/overflow; multiplying by the product of both scales instead built a
-    ``[BN, BH]`` scale operand per block, spilled, and took 398 against 172 µs at B = 64 on the
-    H200), summed in fp32."""
-    sc = (tl.dot(_mx_block(k_rows, ok, 0, BN), tl.trans(q0)) * _ue8m0_scales(ks_rows + 0, ok)[:, None]) * s0[None, :]
-    sc += (tl.dot(_mx_block(k_rows, ok, 1, BN), tl.trans(q1)) * _ue8m0_scales(ks_rows + 1, ok)[:, None]) * s1[None, :]
-    sc += (tl.dot(_mx_block(k_rows, ok, 2, BN), tl.trans(q2)) * _ue8m0_scales(ks_rows + 2, ok)[:, None]) * s2[None, :]
-    sc += (tl.dot(_mx_block(k_rows, ok, 3, BN), tl.trans(q3)) * _ue8m0_scales(ks_rows + 3, ok)[:, None]) * s3[None, :]
-    return sc
+def _mx_fold(ptrs, ok):
+    """The folded form of MXFP4 rows whose four UE8M0 scale bytes start at ``ptrs [R]``: (the rows'
+    largest scale byte ``e [R]`` int32, ``c [R, 4]`` that folds each block's ``2^(e_b − e)`` into its
+    e4m3 values (``_e2m1_e4m3``), ``fold [R]``: every block within ``MX_FOLD_SPREAD`` binades of the
+    largest, and no NaN scale 0xFF). Rows not ``ok`` read nothing and fold."""
+    sb = tl.load(ptrs[:, None] + tl.arange(0, 4)[None, :], mask=ok[:, None], other=0).to(tl.int32)
+    e = tl.max(sb, axis=1)
+    fold = (e - tl.min(sb, axis=1) <= MX_FOLD_SPREAD) & (e < 255)
+    return e, 48 - 8 * (e[:, None] - sb), fold
+
+
+@triton.jit
+def _mx_head_block_folded(q_ptr, qs_ptr, w_row, t, heads, H, q_stride_t, q_stride_h, BH: tl.constexpr,
+                          PRMT: tl.constexpr):
+    """(weights times each head's largest query block scale ``[BH]``, the e4m3 even and odd halves
+    ``[BH, 64]`` with ``2^(e_b − e_max)`` folded in (``_mx_fold``, ``_mx_halves``; exact where the
+    heads fold)) of ``heads`` of token ``t``'s MXFP4 queries."""
+    hm = heads < H
+    rows = q_ptr + t.to(tl.int64) * q_stride_t + heads * q_stride_h
+    e, c, _ = _mx_fold(qs_ptr + (t.to(tl.int64) * H + heads) * 4, hm)
+    w = tl.load(w_row + heads, mask=hm, other=0.0) * tl.where(hm, pow2(e - 127), 0.0)
+    q_lo, q_hi = _mx_halves(rows, hm, c, BH, PRMT)
+    return w, q_lo, q_hi
+
+
+@triton.jit
+def _mx_queries_fold(qs_ptr, t, H, BH: tl.constexpr):
+    """Whether every head of token ``t``'s MXFP4 queries folds (``_mx_fold``), as an int32 scalar."""
+    fold = 1
+    for h0 in range(0, H, BH):
+        heads = h0 + tl.arange(0, BH)
+        hm = heads < H
+        _, _, f = _mx_fold(qs_ptr + (t.to(tl.int64) * H + heads) * 4, hm)
+        fold = tl.minimum(fold, tl.min(tl.where(hm, f, True).to(tl.int32)))
+    return fold
+
+
+# One word of 4 packed MXFP4 bytes ($2) to the e4m3 bytes of its 4 low ($0) and 4 high ($1) nibbles:
+# the 3-bit magnitudes, gathered into the nibbles of a byte-permute selector, index an 8-byte table
+# ($3, $7: _mx_halves), then the sign bit moves to bit 7.
+_E2M1_E4M3_PRMT = tl.constexpr("""
+{
+.reg .b32 m, t, s, g;
+and.b32 m, $2, 0x07070707;
+shr.u32 t, m, 4;
+or.b32 t, t, m;
+prmt.b32 s, t, 0, 0x3320;
+prmt.b32 $0, $3, $7, s;
+and.b32 g, $2, 0x08080808;
+shl.b32 g, g, 4;
+or.b32 $0, $0, g;
+shr.u32 m, $2, 4;
+and.b32 m, m, 0x07070707;
+shr.u32 t, m, 4;
+or.b32 t, t, m;
+prmt.b32 s, t, 0, 0x3320;
+prmt.b32 $1, $3, $7, s;
+and.b32 g, $2, 0x80808080;
+or.b32 $1, $1, g;
+}
+""")
+
+
+@triton.jit
+def _mx_halves(rows, ok, c, R: tl.constexpr, PRMT: tl.constexpr):
+    """(e4m3 ``[R, 64]`` of the even elements, e4m3 ``[R, 64]`` of the odd elements) of the MXFP4 rows
+    whose 64 packed bytes start at ``rows [R]`` (zeros where not ``ok``), block ``b`` times the power
+    of two ``c [R, 4]`` encodes (``_e2m1_e4m3``). Even then odd is a permutation of the dot's K axis,
+    taken alike by keys and queries; unlike interleaving the two nibbles, it keeps each thread's bytes
+    contiguous. PRMT: a byte-permute table lookup per four values (``_E2M1_E4M3_PRMT``; not under
+    the interpreter), else the same bytes from ``_e2m1_e4m3``."""
+    b = tl.arange(0, 4)
+    j = tl.arange(0, 16)
+    p = tl.load(rows[:, None, None] + (16 * b)[None, :, None] + j[None, None, :], mask=ok[:, None, None], other=0)
+    c3 = c[:, :, None]
+    if PRMT:
+        # table bytes of magnitudes 0..7: 0, c, c + 8, c + 12 | c + 16, c + 20, c + 24, c + 28
+        lut_lo = c3 * 0x01010100 + 0x0C080000
+        lut_hi = c3 * 0x01010101 + 0x1C181410
+        lo, hi = tl.inline_asm_elementwise(_E2M1_E4M3_PRMT, "=r,=r,r,r,r,r,r,r,r,r,r", [p, lut_lo, lut_hi],
+                                           dtype=(tl.uint8, tl.uint8), is_pure=True, pack=4)
+    else:
+        lo = _e2m1_e4m3(p & 0xF, c3)
+        hi = _e2m1_e4m3(p >> 4, c3)
+    return (tl.reshape(lo, [R, 64]).to(tl.float8e4nv, bitcast=True),
+            tl.reshape(hi, [R, 64]).to(tl.float8e4nv, bitcast=True))
+
+
+@triton.jit
+def _mx_scores_folded(k_rows, c, ok, q_lo, q_hi, BN: tl.constexpr, PRMT: tl.constexpr):
+    """fp32 ``[BN, BH]`` ``Σ_b 2^(e_b − e_max)·(k_b·q_b)`` of MXFP4 keys (packed values at ``k_rows``,
+    folded by ``c``) and folded queries (``_mx_head_block_folded``): two e4m3 tensor-core dots, the
+    even and the odd halves, on one accumulator."""
+    k_lo, k_hi = _mx_halves(k_rows, ok, c, BN, PRMT)
+    acc = tl.dot(k_lo, tl.trans(q_lo))
+    return tl.dot(k_hi, tl.trans(q_hi), acc)
+
+
+@triton.jit
+def _tile_pages(bt_row, i, n, num_pages, page_stride, BS: tl.constexpr, BN: tl.constexpr):
+    """(entries ``s [BN]`` of tile ``i``, visible ``s < n``, readable, byte offsets of their pages)."""
+    s = i * BN + tl.arange(0, BN)
+    vis = s < n
+    page = tl.load(bt_row + s // BS, mask=vis, other=-1).to(tl.int64)
+    ok = vis & (page >= 0) & (page < num_pages)
+    return s, vis, ok, tl.where(ok, page, 0) * page_stride
 
 
 @prebound
@@ -104,18 +208,25 @@ def _indexer_logits_kernel(
     q_ptr, qs_ptr, w_ptr, cache_ptr, bt_ptr, req_ptr, pos_ptr, out_ptr,
     H, n_req, num_pages, page_stride, L, ratio, q_stride_t, q_stride_h, w_stride_t, bt_stride, out_stride,
     BS: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, MXFP4: tl.constexpr, ONE_HB: tl.constexpr,
-    PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, PRMT: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Token ``t = program_id(0)``: program ``j`` of ``num_programs(1)`` scores tiles ``j, j+P, ..``
     of ``BN`` entries below the token's visible count ``n`` and writes them; nothing at or past ``n``
     is read or written (the cost follows the context, not the row width ``L``).
 
     FP8: the e4m3 dot product on the tensor cores (exact products, fp32 sums), times the key's
-    power-of-two scale (exact), ReLU, times the head weight, summed over heads. MXFP4: per 32-block,
-    the E2M1 values of keys and queries as e4m3 (exact) in a tensor-core dot (an exact block sum),
-    times both block scales (powers of two), the four blocks summed in fp32 (``_mx_scores``; on the
-    H200, 64k context: 170.9 against 216.4 µs at B = 64, 9.2 against 10.4 µs at B = 1 for the
-    former bf16 decode of every key and one bf16 dot, same results)."""
+    power-of-two scale (exact), ReLU, times the head weight, summed over heads.
+
+    MXFP4, folded: a row (key or query) whose four block exponents ``e_b`` lie within
+    ``MX_FOLD_SPREAD`` binades of their largest ``e`` holds ``2^(e_b − e)·E2M1`` exactly in e4m3, so
+    the four blocks chain on one tensor-core accumulator, times the key's ``2^e``; the query's goes
+    into the head weights (``ReLU(a·x) = a·ReLU(x)``, ``a > 0``). Exact, as the per-block form: on the
+    H200 at B = 64, 64k context, 170 µs with four accumulators and eight ``[BN, BH]`` scale multiplies
+    per tile (255 registers, spilling), see ``benchmarks/results/indexer_topk_h200.md`` for the
+    folded form. Rows that do not fold (a wider spread, a NaN scale 0xFF) take the exact per-block
+    pass: per 32-block, the E2M1 values as e4m3 in a tensor-core dot (an exact block sum), times both
+    block scales, the four summed in fp32 (``_mx_scores_exact``); a program's tiles that hold such a key are
+    redone there after the folded pass, all of them when a query head does not fold."""
     pdl_enter(PDL)
     t = tl.program_id(0)
     n_prog = tl.num_programs(1)
@@ -129,42 +240,74 @@ def _indexer_logits_kernel(
     bt_row = bt_ptr + tl.where(tok_ok, req, 0) * bt_stride
     out_row = out_ptr + t.to(tl.int64) * out_stride
     w_row = w_ptr + t.to(tl.int64) * w_stride_t
-    if ONE_HB:  # every head in one block: the queries and weights stay in registers across tiles
-        if MXFP4:
-            w0, qb0, qb1, qb2, qb3, qs0, qs1, qs2, qs3 = _mx_head_block(
-                q_ptr, qs_ptr, w_row, t, tl.arange(0, BH), H, q_stride_t, q_stride_h, BH)
-        else:
-            q0, w0 = _head_block(q_ptr, w_row, t, tl.arange(0, BH), H, q_stride_t, q_stride_h, BH)
-    # PREFETCH: each tile's page indices are loaded one tile ahead (the key load then waits on no
-    # dependent load of the block table)
     i0 = tl.program_id(1)
-    if PREFETCH:
-        s0 = i0 * BN + tl.arange(0, BN)
-        page_nx = tl.load(bt_row + s0 // BS, mask=s0 < n, other=-1)
-    for i in range(i0, n_tiles, n_prog):
-        s = i * BN + tl.arange(0, BN)
-        vis = s < n
-        if PREFETCH:
-            page = page_nx.to(tl.int64)
-            s_nx = s + n_prog * BN
-            page_nx = tl.load(bt_row + s_nx // BS, mask=s_nx < n, other=-1)
-        else:
-            page = tl.load(bt_row + s // BS, mask=vis, other=-1).to(tl.int64)
-        ok = vis & (page >= 0) & (page < num_pages)
-        page_off = tl.where(ok, page, 0) * page_stride
-        acc = tl.zeros([BN], dtype=tl.float32)
-        if MXFP4:  # four per-block e4m3 dots of the E2M1 values (_mx_scores), decoded at use
+    if MXFP4:
+        # Folded pass: keys and queries whose block exponents fold (_mx_fold) take one chained e4m3
+        # dot per tile; the first tile that does not fold is remembered, and the exact pass redoes
+        # the tiles from there on that do not (every tile when the queries do not fold).
+        n_tiles = n_tiles.to(tl.int32)
+        q_fold = _mx_queries_fold(qs_ptr, t, H, BH)
+        if ONE_HB:
+            w0, ql0, qh0 = _mx_head_block_folded(
+                q_ptr, qs_ptr, w_row, t, tl.arange(0, BH), H, q_stride_t, q_stride_h, BH, PRMT)
+        first_exact = n_tiles
+        for i in range(i0, tl.where(q_fold != 0, n_tiles, i0), n_prog):
+            s, vis, ok, page_off = _tile_pages(bt_row, i, n, num_pages, page_stride, BS, BN)
             k_rows = cache_ptr + page_off + (s % BS) * 64
-            ks_rows = cache_ptr + page_off + BS * 64 + (s % BS) * 4
+            e, c, fold = _mx_fold(cache_ptr + page_off + BS * 64 + (s % BS) * 4, ok)
+            kscale = tl.where(ok, pow2(e - 127), 0.0)
+            acc = tl.zeros([BN], dtype=tl.float32)
             for h0 in range(0, H, BH):
                 if ONE_HB:
                     w = w0
+                    q_lo = ql0
+                    q_hi = qh0
                 else:
-                    w, qb0, qb1, qb2, qb3, qs0, qs1, qs2, qs3 = _mx_head_block(
-                        q_ptr, qs_ptr, w_row, t, h0 + tl.arange(0, BH), H, q_stride_t, q_stride_h, BH)
-                sc = _mx_scores(k_rows, ks_rows, ok, qb0, qb1, qb2, qb3, qs0, qs1, qs2, qs3, BN)
+                    w, q_lo, q_hi = _mx_head_block_folded(
+                        q_ptr, qs_ptr, w_row, t, h0 + tl.arange(0, BH), H, q_stride_t, q_stride_h, BH, PRMT)
+                sc = _mx_scores_folded(k_rows, c, ok, q_lo, q_hi, BN, PRMT) * kscale[:, None]
                 acc += tl.sum(tl.maximum(sc, 0.0) * w[None, :], axis=1)
-        else:
+            tl.store(out_row + s, acc, mask=vis)
+            unfolded = tl.max((ok & (fold == 0)).to(tl.int32))
+            first_exact = tl.minimum(first_exact, tl.where(unfolded != 0, i, n_tiles))
+        # exact pass: per-block dots, each times both block scales (_mx_scores_exact); the barrier orders
+        # its stores after the folded pass's to the same entries (by other threads, maybe)
+        tl.debug_barrier()
+        for i in range(tl.where(q_fold != 0, first_exact, i0), n_tiles, n_prog):
+            s, vis, ok, page_off = _tile_pages(bt_row, i, n, num_pages, page_stride, BS, BN)
+            ks_rows = cache_ptr + page_off + BS * 64 + (s % BS) * 4
+            _, _, fold = _mx_fold(ks_rows, ok)
+            if (q_fold == 0) | (tl.max((ok & (fold == 0)).to(tl.int32)) != 0):
+                k_rows = cache_ptr + page_off + (s % BS) * 64
+                acc = tl.zeros([BN], dtype=tl.float32)
+                for h0 in range(0, H, BH):
+                    heads = h0 + tl.arange(0, BH)
+                    hm = heads < H
+                    sc = _mx_scores_exact(k_rows, ks_rows, ok, q_ptr + t.to(tl.int64) * q_stride_t + heads * q_stride_h,
+                                          qs_ptr + (t.to(tl.int64) * H + heads) * 4, hm, BN, BH)
+                    w = tl.load(w_row + heads, mask=hm, other=0.0)
+                    acc += tl.sum(tl.maximum(sc, 0.0) * w[None, :], axis=1)
+                tl.store(out_row + s, acc, mask=vis)
+    else:
+        if ONE_HB:  # every head in one block: the queries and weights stay in registers across tiles
+            q0, w0 = _head_block(q_ptr, w_row, t, tl.arange(0, BH), H, q_stride_t, q_stride_h, BH)
+        # PREFETCH: each tile's page indices are loaded one tile ahead (the key load then waits on no
+        # dependent load of the block table)
+        if PREFETCH:
+            s0 = i0 * BN + tl.arange(0, BN)
+            page_nx = tl.load(bt_row + s0 // BS, mask=s0 < n, other=-1)
+        for i in range(i0, n_tiles, n_prog):
+            s = i * BN + tl.arange(0, BN)
+            vis = s < n
+            if PREFETCH:
+                page = page_nx.to(tl.int64)
+                s_nx = s + n_prog * BN
+                page_nx = tl.load(bt_row + s_nx // BS, mask=s_nx < n, other=-1)
+            else:
+                page = tl.load(bt_row + s // BS, mask=vis, other=-1).to(tl.int64)
+            ok = vis & (page >= 0) & (page < num_pages)
+            page_off = tl.where(ok, page, 0) * page_stride
+            acc = tl.zeros([BN], dtype=tl.float32)
             k, kscale = load_indexer_k_fp8(cache_ptr, page_off, s % BS, ok, BS, BN)
             for h0 in range(0, H, BH):
                 if ONE_HB:
@@ -176,13 +319,15 @@ def _indexer_logits_kernel(
                 # reduce across warps through shared memory on every tile)
                 sc = tl.dot(k, tl.trans(q))  # [BN, BH] fp32
                 acc += tl.sum(tl.maximum(sc * kscale[:, None], 0.0) * w[None, :], axis=1)
-        tl.store(out_row + s, acc, mask=vis)
+            tl.store(out_row + s, acc, mask=vis)
 
 
 def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | None = None,
                   block_h: int | None = None, programs: int | None = None, num_warps: int | None = None,
-                  prefetch: bool | None = None, mxfp4: bool = False):
-    """(BN, BH, programs per token, warps, page-index prefetch): FP8 takes 64-entry tiles (one page
+                  prefetch: bool | None = None, mxfp4: bool = False, prmt: bool | None = None,
+                  max_regs: int | None = None):
+    """(BN, BH, programs per token, warps, page-index prefetch, MXFP4 decode by byte permutes, register
+    cap or None): FP8 takes 64-entry tiles (one page
     of the indexer cache) with each tile's page indices loaded one tile ahead; MXFP4 takes 128-entry
     tiles (its per-block dots: 170.9 µs at B = 64 against 209.6 µs with 64) and never prefetches (the
     former bf16-decode kernel failed to compile under Triton 3.6 with 64-entry tiles and the prefetch,
@@ -199,7 +344,10 @@ def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | N
         programs = cdiv(8 * sm_programs(device), max(T, 1))
     programs = max(1, min(programs, cdiv(max(L, 1), bn)))
     prefetch = (True if prefetch is None else bool(prefetch)) and not mxfp4
-    return bn, bh, programs, num_warps or 4, prefetch
+    prmt = (not interp if prmt is None else bool(prmt)) and mxfp4 and not interp
+    if max_regs is None and mxfp4:
+        max_regs = MX_MAX_REGS
+    return bn, bh, programs, num_warps or 4, prefetch, prmt, max_regs or None
 
 
 def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int,
@@ -216,12 +364,14 @@ def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to
     if mxfp4:
         q_scale = q_scale.contiguous()
     qb = q.view(torch.uint8)
-    bn, bh, programs, warps, prefetch = logits_config(T, L, H, q.device, mxfp4=mxfp4, **config)
+    bn, bh, programs, warps, prefetch, prmt, max_regs = logits_config(T, L, H, q.device, mxfp4=mxfp4, **config)
+    regs = {} if max_regs is None or interpreting() else {"maxnreg": max_regs}
     _indexer_logits_kernel[(T, programs)](
         qb, q_scale if mxfp4 else qb, weights, k_cache, block_table, token_to_req, positions, out,
         H, block_table.shape[0], k_cache.shape[0], k_cache.stride(0), L, compress_ratio,
         qb.stride(0), qb.stride(1), weights.stride(0), block_table.stride(0), out.stride(0),
-        BS=block_size, BN=bn, BH=bh, MXFP4=mxfp4, ONE_HB=H <= bh, PREFETCH=prefetch, num_warps=warps,
+        BS=block_size, BN=bn, BH=bh, MXFP4=mxfp4, ONE_HB=H <= bh, PREFETCH=prefetch, PRMT=prmt, num_warps=warps,
+        **regs,
     )
     return out
 
