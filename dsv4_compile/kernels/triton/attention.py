@@ -94,15 +94,28 @@ def _mx_scores_exact(k_rows, ks_rows, ok, q_rows, qs_rows, hm, BN: tl.constexpr,
 
 
 @triton.jit
-def _mx_fold(ptrs, ok):
-    """The folded form of MXFP4 rows whose four UE8M0 scale bytes start at ``ptrs [R]``: (the rows'
-    largest scale byte ``e [R]`` int32, ``c [R, 4]`` that folds each block's ``2^(e_b − e)`` into its
-    e4m3 values (``_e2m1_e4m3``), ``fold [R]``: every block within ``MX_FOLD_SPREAD`` binades of the
-    largest, and no NaN scale 0xFF). Rows not ``ok`` read nothing and fold."""
-    sb = tl.load(ptrs[:, None] + tl.arange(0, 4)[None, :], mask=ok[:, None], other=0).to(tl.int32)
+def _mx_scale_bytes(ptrs, ok):
+    """int32 ``[R, 4]``: the four UE8M0 scale bytes of the MXFP4 rows at ``ptrs [R]`` (0 where not ``ok``)."""
+    return tl.load(ptrs[:, None] + tl.arange(0, 4)[None, :], mask=ok[:, None], other=0).to(tl.int32)
+
+
+@triton.jit
+def _mx_fold(sb):
+    """The folded form of MXFP4 rows with UE8M0 scale bytes ``sb [R, 4]``: (the rows' largest scale
+    byte ``e [R]``, ``c [R, 4]`` that folds each block's ``2^(e_b − e)`` into its e4m3 values
+    (``_e2m1_e4m3``), ``fold [R]``: every block within ``MX_FOLD_SPREAD`` binades of the largest, and
+    no NaN scale 0xFF)."""
     e = tl.max(sb, axis=1)
     fold = (e - tl.min(sb, axis=1) <= MX_FOLD_SPREAD) & (e < 255)
     return e, 48 - 8 * (e[:, None] - sb), fold
+
+
+@triton.jit
+def _mx_rows(rows, ok, R: tl.constexpr):
+    """uint8 ``[R, 4, 16]``: the 64 packed bytes of the MXFP4 rows at ``rows [R]`` by block (0 where not ``ok``)."""
+    b = tl.arange(0, 4)
+    j = tl.arange(0, 16)
+    return tl.load(rows[:, None, None] + (16 * b)[None, :, None] + j[None, None, :], mask=ok[:, None, None], other=0)
 
 
 @triton.jit
@@ -113,9 +126,9 @@ def _mx_head_block_folded(q_ptr, qs_ptr, w_row, t, heads, H, q_stride_t, q_strid
     heads fold)) of ``heads`` of token ``t``'s MXFP4 queries."""
     hm = heads < H
     rows = q_ptr + t.to(tl.int64) * q_stride_t + heads * q_stride_h
-    e, c, _ = _mx_fold(qs_ptr + (t.to(tl.int64) * H + heads) * 4, hm)
+    e, c, _ = _mx_fold(_mx_scale_bytes(qs_ptr + (t.to(tl.int64) * H + heads) * 4, hm))
     w = tl.load(w_row + heads, mask=hm, other=0.0) * tl.where(hm, pow2(e - 127), 0.0)
-    q_lo, q_hi = _mx_halves(rows, hm, c, BH, PRMT)
+    q_lo, q_hi = _mx_halves(_mx_rows(rows, hm, BH), c, BH, PRMT)
     return w, q_lo, q_hi
 
 
@@ -126,7 +139,7 @@ def _mx_queries_fold(qs_ptr, t, H, BH: tl.constexpr):
     for h0 in range(0, H, BH):
         heads = h0 + tl.arange(0, BH)
         hm = heads < H
-        _, _, f = _mx_fold(qs_ptr + (t.to(tl.int64) * H + heads) * 4, hm)
+        _, _, f = _mx_fold(_mx_scale_bytes(qs_ptr + (t.to(tl.int64) * H + heads) * 4, hm))
         fold = tl.minimum(fold, tl.min(tl.where(hm, f, True).to(tl.int32)))
     return fold
 
@@ -158,16 +171,13 @@ or.b32 $1, $1, g;
 
 
 @triton.jit
-def _mx_halves(rows, ok, c, R: tl.constexpr, PRMT: tl.constexpr):
+def _mx_halves(p, c, R: tl.constexpr, PRMT: tl.constexpr):
     """(e4m3 ``[R, 64]`` of the even elements, e4m3 ``[R, 64]`` of the odd elements) of the MXFP4 rows
-    whose 64 packed bytes start at ``rows [R]`` (zeros where not ``ok``), block ``b`` times the power
+    of packed bytes ``p [R, 4, 16]`` (``_mx_rows``), block ``b`` times the power
     of two ``c [R, 4]`` encodes (``_e2m1_e4m3``). Even then odd is a permutation of the dot's K axis,
     taken alike by keys and queries; unlike interleaving the two nibbles, it keeps each thread's bytes
     contiguous. PRMT: a byte-permute table lookup per four values (``_E2M1_E4M3_PRMT``; not under
     the interpreter), else the same bytes from ``_e2m1_e4m3``."""
-    b = tl.arange(0, 4)
-    j = tl.arange(0, 16)
-    p = tl.load(rows[:, None, None] + (16 * b)[None, :, None] + j[None, None, :], mask=ok[:, None, None], other=0)
     c3 = c[:, :, None]
     if PRMT:
         # table bytes of magnitudes 0..7: 0, c, c + 8, c + 12 | c + 16, c + 20, c + 24, c + 28
@@ -183,13 +193,21 @@ def _mx_halves(rows, ok, c, R: tl.constexpr, PRMT: tl.constexpr):
 
 
 @triton.jit
-def _mx_scores_folded(k_rows, c, ok, q_lo, q_hi, BN: tl.constexpr, PRMT: tl.constexpr):
-    """fp32 ``[BN, BH]`` ``Σ_b 2^(e_b − e_max)·(k_b·q_b)`` of MXFP4 keys (packed values at ``k_rows``,
-    folded by ``c``) and folded queries (``_mx_head_block_folded``): two e4m3 tensor-core dots, the
-    even and the odd halves, on one accumulator."""
-    k_lo, k_hi = _mx_halves(k_rows, ok, c, BN, PRMT)
+def _mx_scores_folded(p, c, q_lo, q_hi, BN: tl.constexpr, PRMT: tl.constexpr):
+    """fp32 ``[BN, BH]`` ``Σ_b 2^(e_b − e_max)·(k_b·q_b)`` of MXFP4 keys (packed bytes ``p``, folded by
+    ``c``) and folded queries (``_mx_head_block_folded``): two e4m3 tensor-core dots, the even and the
+    odd halves, on one accumulator."""
+    k_lo, k_hi = _mx_halves(p, c, BN, PRMT)
     acc = tl.dot(k_lo, tl.trans(q_lo))
     return tl.dot(k_hi, tl.trans(q_hi), acc)
+
+
+@triton.jit
+def _prefetch_l1(ptrs):
+    """Prefetch the lines at ``ptrs`` into L1 (PTX ``prefetch.global.L1``; a line outside the tensor
+    is harmless: a prefetch never faults)."""
+    tl.inline_asm_elementwise("prefetch.global.L1 [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -251,11 +269,18 @@ def _indexer_logits_kernel(
             w0, ql0, qh0 = _mx_head_block_folded(
                 q_ptr, qs_ptr, w_row, t, tl.arange(0, BH), H, q_stride_t, q_stride_h, BH, PRMT)
         first_exact = n_tiles
+        # PREFETCH: the next tile's rows are prefetched into L1 while this one computes (its page
+        # indices loaded a tile before that)
+        s_b, vis_b, ok_b, off_b = _tile_pages(bt_row, i0, n, num_pages, page_stride, BS, BN)
         for i in range(i0, tl.where(q_fold != 0, n_tiles, i0), n_prog):
-            s, vis, ok, page_off = _tile_pages(bt_row, i, n, num_pages, page_stride, BS, BN)
-            k_rows = cache_ptr + page_off + (s % BS) * 64
-            e, c, fold = _mx_fold(cache_ptr + page_off + BS * 64 + (s % BS) * 4, ok)
-            kscale = tl.where(ok, pow2(e - 127), 0.0)
+            s_a, vis_a, ok_a, off_a = s_b, vis_b, ok_b, off_b
+            s_b, vis_b, ok_b, off_b = _tile_pages(bt_row, i + n_prog, n, num_pages, page_stride, BS, BN)
+            if PREFETCH:
+                _prefetch_l1(cache_ptr + off_b + (s_b % BS) * 64)
+                _prefetch_l1(cache_ptr + off_b + BS * 64 + (s_b % BS) * 4)
+            p_a = _mx_rows(cache_ptr + off_a + (s_a % BS) * 64, ok_a, BN)
+            e, c, fold = _mx_fold(_mx_scale_bytes(cache_ptr + off_a + BS * 64 + (s_a % BS) * 4, ok_a))
+            kscale = tl.where(ok_a, pow2(e - 127), 0.0)
             acc = tl.zeros([BN], dtype=tl.float32)
             for h0 in range(0, H, BH):
                 if ONE_HB:
@@ -265,10 +290,10 @@ def _indexer_logits_kernel(
                 else:
                     w, q_lo, q_hi = _mx_head_block_folded(
                         q_ptr, qs_ptr, w_row, t, h0 + tl.arange(0, BH), H, q_stride_t, q_stride_h, BH, PRMT)
-                sc = _mx_scores_folded(k_rows, c, ok, q_lo, q_hi, BN, PRMT) * kscale[:, None]
+                sc = _mx_scores_folded(p_a, c, q_lo, q_hi, BN, PRMT) * kscale[:, None]
                 acc += tl.sum(tl.maximum(sc, 0.0) * w[None, :], axis=1)
-            tl.store(out_row + s, acc, mask=vis)
-            unfolded = tl.max((ok & (fold == 0)).to(tl.int32))
+            tl.store(out_row + s_a, acc, mask=vis_a)
+            unfolded = tl.max((ok_a & (fold == 0)).to(tl.int32))
             first_exact = tl.minimum(first_exact, tl.where(unfolded != 0, i, n_tiles))
         # exact pass: per-block dots, each times both block scales (_mx_scores_exact); the barrier orders
         # its stores after the folded pass's to the same entries (by other threads, maybe)
@@ -276,7 +301,7 @@ def _indexer_logits_kernel(
         for i in range(tl.where(q_fold != 0, first_exact, i0), n_tiles, n_prog):
             s, vis, ok, page_off = _tile_pages(bt_row, i, n, num_pages, page_stride, BS, BN)
             ks_rows = cache_ptr + page_off + BS * 64 + (s % BS) * 4
-            _, _, fold = _mx_fold(ks_rows, ok)
+            _, _, fold = _mx_fold(_mx_scale_bytes(ks_rows, ok))
             if (q_fold == 0) | (tl.max((ok & (fold == 0)).to(tl.int32)) != 0):
                 k_rows = cache_ptr + page_off + (s % BS) * 64
                 acc = tl.zeros([BN], dtype=tl.float32)
@@ -343,7 +368,7 @@ def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | N
     if programs is None:
         programs = cdiv(8 * sm_programs(device), max(T, 1))
     programs = max(1, min(programs, cdiv(max(L, 1), bn)))
-    prefetch = (True if prefetch is None else bool(prefetch)) and not mxfp4
+    prefetch = (True if prefetch is None else bool(prefetch)) and not (mxfp4 and interp)
     prmt = (not interp if prmt is None else bool(prmt)) and mxfp4 and not interp
     if max_regs is None and mxfp4:
         max_regs = MX_MAX_REGS
