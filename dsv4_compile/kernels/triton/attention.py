@@ -268,7 +268,7 @@ def _indexer_logits_kernel(
         if ONE_HB:
             w0, ql0, qh0 = _mx_head_block_folded(
                 q_ptr, qs_ptr, w_row, t, tl.arange(0, BH), H, q_stride_t, q_stride_h, BH, PRMT)
-        first_exact = n_tiles
+        first_exact = tl.full([BN], n_tiles, tl.int32)
         # PREFETCH: the next tile's rows are prefetched into L1 while this one computes (its page
         # indices loaded a tile before that)
         s_b, vis_b, ok_b, off_b = _tile_pages(bt_row, i0, n, num_pages, page_stride, BS, BN)
@@ -290,11 +290,13 @@ def _indexer_logits_kernel(
                 else:
                     w, q_lo, q_hi = _mx_head_block_folded(
                         q_ptr, qs_ptr, w_row, t, h0 + tl.arange(0, BH), H, q_stride_t, q_stride_h, BH, PRMT)
-                sc = _mx_scores_folded(p_a, c, q_lo, q_hi, BN, PRMT) * kscale[:, None]
+                sc = _mx_scores_folded(p_a, c, q_lo, q_hi, BN, PRMT)
                 acc += tl.sum(tl.maximum(sc, 0.0) * w[None, :], axis=1)
-            tl.store(out_row + s_a, acc, mask=vis_a)
-            unfolded = tl.max((ok_a & (fold == 0)).to(tl.int32))
-            first_exact = tl.minimum(first_exact, tl.where(unfolded != 0, i, n_tiles))
+            # the key scale after the head sum: ReLU(a·x) = a·ReLU(x) for a = 2^e > 0, exact
+            tl.store(out_row + s_a, acc * kscale, mask=vis_a)
+            # per entry, reduced once after the loop (no cross-warp reduction per tile)
+            first_exact = tl.minimum(first_exact, tl.where(ok_a & (fold == 0), i, n_tiles))
+        first_exact = tl.min(first_exact)
         # exact pass: per-block dots, each times both block scales (_mx_scores_exact); the barrier orders
         # its stores after the folded pass's to the same entries (by other threads, maybe)
         tl.debug_barrier()
@@ -343,8 +345,9 @@ def _indexer_logits_kernel(
                 # entries on the MMA's M side: the head sum stays within a warp (heads on M would
                 # reduce across warps through shared memory on every tile)
                 sc = tl.dot(k, tl.trans(q))  # [BN, BH] fp32
-                acc += tl.sum(tl.maximum(sc * kscale[:, None], 0.0) * w[None, :], axis=1)
-            tl.store(out_row + s, acc, mask=vis)
+                acc += tl.sum(tl.maximum(sc, 0.0) * w[None, :], axis=1)
+            # the key scale after the head sum: ReLU(a·x) = a·ReLU(x) for a = 2^e > 0, exact
+            tl.store(out_row + s, acc * kscale, mask=vis)
 
 
 def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | None = None,
