@@ -203,14 +203,6 @@ def _mx_scores_folded(p, c, q_lo, q_hi, BN: tl.constexpr, PRMT: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l1(ptrs):
-    """Prefetch the lines at ``ptrs`` into L1 (PTX ``prefetch.global.L1``; a line outside the tensor
-    is harmless: a prefetch never faults)."""
-    tl.inline_asm_elementwise("prefetch.global.L1 [$1];\nmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _tile_pages(bt_row, i, n, num_pages, page_stride, BS: tl.constexpr, BN: tl.constexpr):
     """(entries ``s [BN]`` of tile ``i``, visible ``s < n``, readable, byte offsets of their pages)."""
     s = i * BN + tl.arange(0, BN)
@@ -269,15 +261,8 @@ def _indexer_logits_kernel(
             w0, ql0, qh0 = _mx_head_block_folded(
                 q_ptr, qs_ptr, w_row, t, tl.arange(0, BH), H, q_stride_t, q_stride_h, BH, PRMT)
         first_exact = tl.full([BN], n_tiles, tl.int32)
-        # PREFETCH: the next tile's rows are prefetched into L1 while this one computes (its page
-        # indices loaded a tile before that)
-        s_b, vis_b, ok_b, off_b = _tile_pages(bt_row, i0, n, num_pages, page_stride, BS, BN)
         for i in range(i0, tl.where(q_fold != 0, n_tiles, i0), n_prog):
-            s_a, vis_a, ok_a, off_a = s_b, vis_b, ok_b, off_b
-            s_b, vis_b, ok_b, off_b = _tile_pages(bt_row, i + n_prog, n, num_pages, page_stride, BS, BN)
-            if PREFETCH:
-                _prefetch_l1(cache_ptr + off_b + (s_b % BS) * 64)
-                _prefetch_l1(cache_ptr + off_b + BS * 64 + (s_b % BS) * 4)
+            s_a, vis_a, ok_a, off_a = _tile_pages(bt_row, i, n, num_pages, page_stride, BS, BN)
             p_a = _mx_rows(cache_ptr + off_a + (s_a % BS) * 64, ok_a, BN)
             e, c, fold = _mx_fold(_mx_scale_bytes(cache_ptr + off_a + BS * 64 + (s_a % BS) * 4, ok_a))
             kscale = tl.where(ok_a, pow2(e - 127), 0.0)
@@ -355,23 +340,28 @@ def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | N
                   prefetch: bool | None = None, mxfp4: bool = False, prmt: bool | None = None,
                   max_regs: int | None = None):
     """(BN, BH, programs per token, warps, page-index prefetch, MXFP4 decode by byte permutes, register
-    cap or None): FP8 takes 64-entry tiles (one page
-    of the indexer cache) with each tile's page indices loaded one tile ahead; MXFP4 takes 128-entry
-    tiles (its per-block dots: 170.9 µs at B = 64 against 209.6 µs with 64) and never prefetches (the
-    former bf16-decode kernel failed to compile under Triton 3.6 with 64-entry tiles and the prefetch,
-    "PassManager::run failed"; not retried with the per-block dots);
-    64 heads per block (one wgmma row block; fewer under the interpreter), programs until the tokens
-    give every SM eight.
-    Swept on the H200 (64k context, BN 64 / 128, 1-4x the programs,
-    prefetch on / off): B = 64 went from 73.1 µs (BN 128, four programs per SM, no prefetch) to
-    58.5 µs, B = 32 from 40.8 to 33.0 µs, B = 8 from 14.0 to 12.2 µs."""
+    cap or None); 64 heads per block (one wgmma row block; 16 under the interpreter).
+
+    FP8: 64-entry tiles (one page of the indexer cache), each tile's page indices loaded one tile
+    ahead, programs until the tokens give every SM eight. Swept on the H200 (64k context, BN 64 /
+    128, 1-4x the programs, prefetch on / off): B = 64 went from 73.1 µs (BN 128, four programs per
+    SM, no prefetch) to 58.5 µs, B = 32 from 40.8 to 33.0 µs, B = 8 from 14.0 to 12.2 µs.
+
+    MXFP4 (the folded kernel): 128-entry tiles, ``MX_MAX_REGS`` registers, the byte-permute decode,
+    programs until every SM has four (the register cap's occupancy: one wave). Swept on the H200
+    (64k context, logits alone, B = 64 / 32 / 8 / 1; ``.old_tree/mx_sweep2.py``): BN 64 110.7 /
+    51.5 / 18.3 / 5.2 against BN 128 93.9 / 46.0 / 17.4 / 5.1 µs; the arithmetic decode
+    (``prmt=False``) 137.0 / 67.6 / 23.8 / 7.2 against 92.3 / 44.2 / 16.0 / 4.7 µs; 168 registers
+    90.2 / 47.0 / 17.7 / 4.8; eight programs per SM 93.9 / 46.0 / 17.4 against four 88.0 / 46.5 / 15.2
+    µs; an L1 prefetch of the next tile's rows did not help (93.9 against 92.2 µs at B = 64) and
+    was removed."""
     interp = device.type != "cuda" or interpreting()
     bn = block_n or (16 if interp else 128 if mxfp4 else 64)
     bh = block_h or (16 if interp else 64)
     if programs is None:
-        programs = cdiv(8 * sm_programs(device), max(T, 1))
+        programs = cdiv((4 if mxfp4 else 8) * sm_programs(device), max(T, 1))
     programs = max(1, min(programs, cdiv(max(L, 1), bn)))
-    prefetch = (True if prefetch is None else bool(prefetch)) and not (mxfp4 and interp)
+    prefetch = (True if prefetch is None else bool(prefetch)) and not mxfp4
     prmt = (not interp if prmt is None else bool(prmt)) and mxfp4 and not interp
     if max_regs is None and mxfp4:
         max_regs = MX_MAX_REGS
