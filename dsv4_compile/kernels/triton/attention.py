@@ -348,7 +348,7 @@ def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | N
     SM, no prefetch) to 58.5 µs, B = 32 from 40.8 to 33.0 µs, B = 8 from 14.0 to 12.2 µs.
 
     MXFP4 (the folded kernel): 128-entry tiles, ``MX_MAX_REGS`` registers, the byte-permute decode,
-    programs until every SM has four (the register cap's occupancy: one wave). Swept on the H200
+    at most four programs per SM (the register cap's occupancy: one wave). Swept on the H200
     (64k context, logits alone, B = 64 / 32 / 8 / 1; ``.old_tree/mx_sweep2.py``): BN 64 110.7 /
     51.5 / 18.3 / 5.2 against BN 128 93.9 / 46.0 / 17.4 / 5.1 µs; the arithmetic decode
     (``prmt=False``) 137.0 / 67.6 / 23.8 / 7.2 against 92.3 / 44.2 / 16.0 / 4.7 µs; 168 registers
@@ -359,7 +359,10 @@ def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | N
     bn = block_n or (16 if interp else 128 if mxfp4 else 64)
     bh = block_h or (16 if interp else 64)
     if programs is None:
-        programs = cdiv((4 if mxfp4 else 8) * sm_programs(device), max(T, 1))
+        if mxfp4:  # whole programs per token within the one wave (a second, partial wave: +20 %)
+            programs = max(1, 4 * sm_programs(device) // max(T, 1))
+        else:
+            programs = cdiv(8 * sm_programs(device), max(T, 1))
     programs = max(1, min(programs, cdiv(max(L, 1), bn)))
     prefetch = (True if prefetch is None else bool(prefetch)) and not mxfp4
     prmt = (not interp if prmt is None else bool(prmt)) and mxfp4 and not interp
