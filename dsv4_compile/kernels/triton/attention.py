@@ -34,6 +34,7 @@ MX_FOLD_SPREAD = tl.constexpr(5)
 # the MXFP4 logits kernel's register cap: the folded pass fits in it (121 for sm_90a), the rare exact pass
 # spills; uncapped, ptxas gives the exact pass 253 and the whole kernel two CTAs per SM
 MX_MAX_REGS = 128
+FP8_STAGES = 3  # the FP8 logits kernel's software-pipelining stages (cp.async of the next tiles' keys)
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "no candidate yet" running max: keeps exp2 free of inf − inf
 
 
@@ -218,7 +219,7 @@ def _indexer_logits_kernel(
     q_ptr, qs_ptr, w_ptr, cache_ptr, bt_ptr, req_ptr, pos_ptr, out_ptr,
     H, n_req, num_pages, page_stride, L, ratio, q_stride_t, q_stride_h, w_stride_t, bt_stride, out_stride,
     BS: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, MXFP4: tl.constexpr, ONE_HB: tl.constexpr,
-    PREFETCH: tl.constexpr = False, PRMT: tl.constexpr = False, PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, PRMT: tl.constexpr = False, STAGES: tl.constexpr = 1, PDL: tl.constexpr = False,
 ):
     """Token ``t = program_id(0)``: program ``j`` of ``num_programs(1)`` scores tiles ``j, j+P, ..``
     of ``BN`` entries below the token's visible count ``n`` and writes them; nothing at or past ``n``
@@ -308,7 +309,7 @@ def _indexer_logits_kernel(
         if PREFETCH:
             s0 = i0 * BN + tl.arange(0, BN)
             page_nx = tl.load(bt_row + s0 // BS, mask=s0 < n, other=-1)
-        for i in range(i0, n_tiles, n_prog):
+        for i in tl.range(i0, n_tiles, n_prog, num_stages=STAGES):
             s = i * BN + tl.arange(0, BN)
             vis = s < n
             if PREFETCH:
@@ -319,18 +320,17 @@ def _indexer_logits_kernel(
                 page = tl.load(bt_row + s // BS, mask=vis, other=-1).to(tl.int64)
             ok = vis & (page >= 0) & (page < num_pages)
             page_off = tl.where(ok, page, 0) * page_stride
-            acc = tl.zeros([BN], dtype=tl.float32)
             k, kscale = load_indexer_k_fp8(cache_ptr, page_off, s % BS, ok, BS, BN)
-            for h0 in range(0, H, BH):
-                if ONE_HB:
-                    q = q0
-                    w = w0
-                else:
+            # entries on the MMA's M side: the head sum stays within a warp (heads on M would reduce
+            # across warps through shared memory on every tile)
+            if ONE_HB:  # no head loop: the dot sits in the tile loop itself, which Triton pipelines
+                acc = tl.sum(tl.maximum(tl.dot(k, tl.trans(q0)), 0.0) * w0[None, :], axis=1)
+            else:
+                acc = tl.zeros([BN], dtype=tl.float32)
+                for h0 in range(0, H, BH):
                     q, w = _head_block(q_ptr, w_row, t, h0 + tl.arange(0, BH), H, q_stride_t, q_stride_h, BH)
-                # entries on the MMA's M side: the head sum stays within a warp (heads on M would
-                # reduce across warps through shared memory on every tile)
-                sc = tl.dot(k, tl.trans(q))  # [BN, BH] fp32
-                acc += tl.sum(tl.maximum(sc, 0.0) * w[None, :], axis=1)
+                    sc = tl.dot(k, tl.trans(q))  # [BN, BH] fp32
+                    acc += tl.sum(tl.maximum(sc, 0.0) * w[None, :], axis=1)
             # the key scale after the head sum: ReLU(a·x) = a·ReLU(x) for a = 2^e > 0, exact
             tl.store(out_row + s, acc * kscale, mask=vis)
 
@@ -338,14 +338,19 @@ def _indexer_logits_kernel(
 def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | None = None,
                   block_h: int | None = None, programs: int | None = None, num_warps: int | None = None,
                   prefetch: bool | None = None, mxfp4: bool = False, prmt: bool | None = None,
-                  max_regs: int | None = None):
+                  max_regs: int | None = None, stages: int | None = None):
     """(BN, BH, programs per token, warps, page-index prefetch, MXFP4 decode by byte permutes, register
     cap or None); 64 heads per block (one wgmma row block; 16 under the interpreter).
 
-    FP8: 64-entry tiles (one page of the indexer cache), each tile's page indices loaded one tile
-    ahead, programs until the tokens give every SM eight. Swept on the H200 (64k context, BN 64 /
-    128, 1-4x the programs, prefetch on / off): B = 64 went from 73.1 µs (BN 128, four programs per
-    SM, no prefetch) to 58.5 µs, B = 32 from 40.8 to 33.0 µs, B = 8 from 14.0 to 12.2 µs.
+    FP8: 128-entry tiles, each tile's page indices loaded one tile ahead, the tile loop software
+    pipelined over ``FP8_STAGES`` stages (``cp.async`` of the next tiles' keys), at most six programs
+    per SM. Swept on the H200 (64k context, logits alone, B = 64 / 32 / 8 / 1;
+    ``.old_tree/fp8_sweep.py``): 51.6 / 29.7 / 11.7 / 3.2 µs against 61.7 / 33.8 / 11.4 / 3.2 µs
+    for the former 64-entry tiles, no pipelining and eight programs per SM (its sweep, from 73.1 µs
+    at B = 64 with 128-entry tiles and four programs per SM, chose those); with 64-entry tiles the
+    pipelined loop is slower at B >= 32 (76.0 µs at B = 64, three stages), two and four stages are
+    within 5 % of three, eight warps slower (76.6 µs at B = 64), and without the page prefetch
+    59.7 against 54.8 µs at B = 64.
 
     MXFP4 (the folded kernel): 128-entry tiles, ``MX_MAX_REGS`` registers, the byte-permute decode,
     at most four programs per SM (the register cap's occupancy: one wave). Swept on the H200
@@ -356,19 +361,17 @@ def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | N
     µs; an L1 prefetch of the next tile's rows did not help (93.9 against 92.2 µs at B = 64) and
     was removed."""
     interp = device.type != "cuda" or interpreting()
-    bn = block_n or (16 if interp else 128 if mxfp4 else 64)
+    bn = block_n or (16 if interp else 128)
     bh = block_h or (16 if interp else 64)
-    if programs is None:
-        if mxfp4:  # whole programs per token within the one wave (a second, partial wave: +20 %)
-            programs = max(1, 4 * sm_programs(device) // max(T, 1))
-        else:
-            programs = cdiv(8 * sm_programs(device), max(T, 1))
+    if programs is None:  # whole programs per token within one wave (a second, partial wave: +20 %)
+        programs = max(1, (4 if mxfp4 else 6) * sm_programs(device) // max(T, 1))
     programs = max(1, min(programs, cdiv(max(L, 1), bn)))
     prefetch = (True if prefetch is None else bool(prefetch)) and not mxfp4
     prmt = (not interp if prmt is None else bool(prmt)) and mxfp4 and not interp
     if max_regs is None and mxfp4:
         max_regs = MX_MAX_REGS
-    return bn, bh, programs, num_warps or 4, prefetch, prmt, max_regs or None
+    stages = 1 if (mxfp4 or interp) else (stages or FP8_STAGES)
+    return bn, bh, programs, num_warps or 4, prefetch, prmt, max_regs or None, stages
 
 
 def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int,
@@ -385,14 +388,15 @@ def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to
     if mxfp4:
         q_scale = q_scale.contiguous()
     qb = q.view(torch.uint8)
-    bn, bh, programs, warps, prefetch, prmt, max_regs = logits_config(T, L, H, q.device, mxfp4=mxfp4, **config)
+    bn, bh, programs, warps, prefetch, prmt, max_regs, stages = logits_config(T, L, H, q.device, mxfp4=mxfp4,
+                                                                             **config)
     regs = {} if max_regs is None or interpreting() else {"maxnreg": max_regs}
     _indexer_logits_kernel[(T, programs)](
         qb, q_scale if mxfp4 else qb, weights, k_cache, block_table, token_to_req, positions, out,
         H, block_table.shape[0], k_cache.shape[0], k_cache.stride(0), L, compress_ratio,
         qb.stride(0), qb.stride(1), weights.stride(0), block_table.stride(0), out.stride(0),
-        BS=block_size, BN=bn, BH=bh, MXFP4=mxfp4, ONE_HB=H <= bh, PREFETCH=prefetch, PRMT=prmt, num_warps=warps,
-        **regs,
+        BS=block_size, BN=bn, BH=bh, MXFP4=mxfp4, ONE_HB=H <= bh, PREFETCH=prefetch, PRMT=prmt, STAGES=stages,
+        num_warps=warps, **regs,
     )
     return out
 
