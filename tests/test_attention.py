@@ -222,10 +222,10 @@ def test_indexer_logits_kernel_matches_reference(kernel_device, fmt):
     fin = torch.isfinite(want)
     torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-5)
     # two programs per token (each walks every other tile), page indices loaded one tile ahead or not
-    # (FP8; MXFP4 never prefetches): the same bits
-    for prefetch in (False, True):
-        other = kernels.indexer_logits(*dev, fmt, 4, block_n=16, block_h=16, programs=2, prefetch=prefetch).cpu()
-        assert torch.equal(other, got)
+    # (FP8; MXFP4 never prefetches), the tile loop pipelined or not (on a GPU): the same bits
+    for cfg in (dict(programs=2, prefetch=False), dict(programs=2, prefetch=True), dict(stages=1), dict(stages=2)):
+        other = kernels.indexer_logits(*dev, fmt, 4, block_n=16, block_h=16, **cfg).cpu()
+        assert torch.equal(other, got), cfg
     # one head block of every head (queries kept across tiles) against head blocks of 16 (20 heads:
     # a masked block)
     one = kernels.indexer_logits(*dev, fmt, 4, block_n=16, block_h=32).cpu()
