@@ -21,10 +21,11 @@ def test_triton_kernels_compile_for_sm90_and_sm100():
     # each kernel once more with every integer argument 1 (what Triton specializes at launch: k = 1)
     ones = [n.split("@")[0] for n in lines if n.endswith("+ones") and "@sm_90" in n]
     assert sorted(ones) == sorted({n.split("@")[0] for n in sm90}), ones
-    # 9 q-path + 8 cache + 9 compressor (2 norm + quant) + 6 index + 16 attention (5 logits: FP8 with one / many
-    # head blocks, MXFP4 with one / many and byte-permute decode, one with the arithmetic decode; 4 + 2 looped
-    # top-k rounds, 3 sparse, 2 combine) + 4 output (bf16 / fp32 o) + 4 FP8 GEMM + 4 GEMV (FP8, quant fused, bf16)
-    assert len(sm90) == len(sm100) == 60
+    # 9 q-path + 8 cache + 9 compressor (2 norm + quant) + 6 index + 17 attention (6 logits: FP8 with one head
+    # block pipelined and not, with many; MXFP4 with one / many and byte-permute decode, one with the arithmetic
+    # decode; 4 + 2 looped top-k rounds, 3 sparse, 2 combine) + 4 output (bf16 / fp32 o) + 4 FP8 GEMM + 4 GEMV
+    # (FP8, quant fused, bf16)
+    assert len(sm90) == len(sm100) == 61
     assert not any("e2m1x2" in n for n in sm90)  # Hopper: software E2M1 only
     # mxfp4_quant, the two MXFP4 indexer-q variants, the MXFP4 indexer-K insert and compressor insert
     assert sum("e2m1x2" in n for n in sm100) == 5

@@ -34,10 +34,10 @@ MX_FOLD_SPREAD = tl.constexpr(5)
 # the MXFP4 logits kernel's register cap: the folded pass fits in it (121 for sm_90a), the rare exact pass
 # spills; uncapped, ptxas gives the exact pass 253 and the whole kernel two CTAs per SM
 MX_MAX_REGS = 128
-# the MXFP4 kernel's: none (H200, B = 64 / 32 / 8 / 1, logits alone: 82.9 / 43.1 / 13.7 / 4.8 µs; two
-# stages 83.1 / 43.2 / 14.4 / 5.0, three 87.6 / 46.1 / 15.1 / 5.2; with 168 registers slower still)
-MX_STAGES = 1
-FP8_STAGES = 3  # the FP8 logits kernel's software-pipelining stages (cp.async of the next tiles' keys)
+# the FP8 logits kernel's software-pipelining stages (cp.async of the next tiles' keys) from
+# FP8_PIPELINE_MIN_T tokens on (logits_config); fewer tokens take the unpipelined loop
+FP8_STAGES = 3
+FP8_PIPELINE_MIN_T = 32
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "no candidate yet" running max: keeps exp2 free of inf − inf
 
 
@@ -265,20 +265,22 @@ def _indexer_logits_kernel(
             w0, ql0, qh0 = _mx_head_block_folded(
                 q_ptr, qs_ptr, w_row, t, tl.arange(0, BH), H, q_stride_t, q_stride_h, BH, PRMT)
         first_exact = tl.full([BN], n_tiles, tl.int32)
-        for i in tl.range(i0, tl.where(q_fold != 0, n_tiles, i0), n_prog, num_stages=STAGES):
+        for i in range(i0, tl.where(q_fold != 0, n_tiles, i0), n_prog):
             s_a, vis_a, ok_a, off_a = _tile_pages(bt_row, i, n, num_pages, page_stride, BS, BN)
             p_a = _mx_rows(cache_ptr + off_a + (s_a % BS) * 64, ok_a, BN)
             e, c, fold = _mx_fold(_mx_scale_bytes(cache_ptr + off_a + BS * 64 + (s_a % BS) * 4, ok_a))
             kscale = tl.where(ok_a, pow2(e - 127), 0.0)
-            if ONE_HB:  # no head loop (as the FP8 kernel's)
-                acc = tl.sum(tl.maximum(_mx_scores_folded(p_a, c, ql0, qh0, BN, PRMT), 0.0) * w0[None, :], axis=1)
-            else:
-                acc = tl.zeros([BN], dtype=tl.float32)
-                for h0 in range(0, H, BH):
+            acc = tl.zeros([BN], dtype=tl.float32)
+            for h0 in range(0, H, BH):
+                if ONE_HB:
+                    w = w0
+                    q_lo = ql0
+                    q_hi = qh0
+                else:
                     w, q_lo, q_hi = _mx_head_block_folded(
                         q_ptr, qs_ptr, w_row, t, h0 + tl.arange(0, BH), H, q_stride_t, q_stride_h, BH, PRMT)
-                    sc = _mx_scores_folded(p_a, c, q_lo, q_hi, BN, PRMT)
-                    acc += tl.sum(tl.maximum(sc, 0.0) * w[None, :], axis=1)
+                sc = _mx_scores_folded(p_a, c, q_lo, q_hi, BN, PRMT)
+                acc += tl.sum(tl.maximum(sc, 0.0) * w[None, :], axis=1)
             # the key scale after the head sum: ReLU(a·x) = a·ReLU(x) for a = 2^e > 0, exact
             tl.store(out_row + s_a, acc * kscale, mask=vis_a)
             # per entry, reduced once after the loop (no cross-warp reduction per tile)
@@ -324,12 +326,16 @@ def _indexer_logits_kernel(
             k, kscale = load_indexer_k_fp8(cache_ptr, page_off, s % BS, ok, BS, BN)
             # entries on the MMA's M side: the head sum stays within a warp (heads on M would reduce
             # across warps through shared memory on every tile)
-            if ONE_HB:  # no head loop: the dot sits in the tile loop itself, which Triton pipelines
+            if ONE_HB and STAGES > 1:  # no head loop: the dot sits in the tile loop Triton pipelines
                 acc = tl.sum(tl.maximum(tl.dot(k, tl.trans(q0)), 0.0) * w0[None, :], axis=1)
-            else:
+            else:  # (unpipelined, the head loop measured faster: 10.6-11.0 against 11.8-12.2 µs at B = 8)
                 acc = tl.zeros([BN], dtype=tl.float32)
                 for h0 in range(0, H, BH):
-                    q, w = _head_block(q_ptr, w_row, t, h0 + tl.arange(0, BH), H, q_stride_t, q_stride_h, BH)
+                    if ONE_HB:
+                        q = q0
+                        w = w0
+                    else:
+                        q, w = _head_block(q_ptr, w_row, t, h0 + tl.arange(0, BH), H, q_stride_t, q_stride_h, BH)
                     sc = tl.dot(k, tl.trans(q))  # [BN, BH] fp32
                     acc += tl.sum(tl.maximum(sc, 0.0) * w[None, :], axis=1)
             # the key scale after the head sum: ReLU(a·x) = a·ReLU(x) for a = 2^e > 0, exact
@@ -343,17 +349,21 @@ def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | N
     """(BN, BH, programs per token, warps, page-index prefetch, MXFP4 decode by byte permutes, register
     cap or None); 64 heads per block (one wgmma row block; 16 under the interpreter).
 
-    FP8: 128-entry tiles, each tile's page indices loaded one tile ahead, the tile loop software
-    pipelined over ``FP8_STAGES`` stages (``cp.async`` of the next tiles' keys), at most six programs
-    per SM. Swept on the H200 (64k context, logits alone, B = 64 / 32 / 8 / 1;
-    ``.old_tree/fp8_sweep.py``): 51.6 / 29.7 / 11.7 / 3.2 µs against 61.7 / 33.8 / 11.4 / 3.2 µs
-    for the former 64-entry tiles, no pipelining and eight programs per SM (its sweep, from 73.1 µs
-    at B = 64 with 128-entry tiles and four programs per SM, chose those); with 64-entry tiles the
-    pipelined loop is slower at B >= 32 (76.0 µs at B = 64, three stages), two and four stages are
-    within 5 % of three, eight warps slower (76.6 µs at B = 64), and without the page prefetch
-    59.7 against 54.8 µs at B = 64.
+    FP8 from ``FP8_PIPELINE_MIN_T`` tokens on: 128-entry tiles, the tile loop software pipelined over
+    ``FP8_STAGES`` stages (``cp.async`` of the next tiles' keys), at most six programs per SM; below:
+    64-entry tiles, no pipelining, programs until every SM has eight; both load each tile's page
+    indices one tile ahead. Swept on the H200 (64k context, logits alone; ``.old_tree/fp8_sweep.py``):
+    pipelined 51.6 / 29.7 µs at B = 64 / 32 against 61.7 / 33.8 µs unpipelined (the op with the
+    selection: 64.2 / 41.2 against 73.5 / 44.3 µs in ``benchmarks/attention.py --indexer``); at B = 8
+    the unpipelined form with its head loop measured 10.6-11.0 µs, the pipelined 11.2-11.7 µs
+    (and the op 22.5 against 19.6 µs), at B = 1 both 3.2 µs. With 64-entry tiles the pipelined loop
+    is slower at B >= 32 (76.0 µs at B = 64), two and four stages are within 5 % of three, eight
+    warps slower (76.6 µs at B = 64), and without the page prefetch 59.7 against 54.8 µs at B = 64.
+    The unpipelined form's sweep (from 73.1 µs at B = 64 with 128-entry tiles and four programs per
+    SM) chose its configuration.
 
-    MXFP4 (the folded kernel): 128-entry tiles, ``MX_MAX_REGS`` registers, the byte-permute decode,
+    MXFP4 (the folded kernel, unpipelined: two or three stages measured slower, 83.1 / 87.6 against
+    82.9 µs at B = 64): 128-entry tiles, ``MX_MAX_REGS`` registers, the byte-permute decode,
     at most four programs per SM (the register cap's occupancy: one wave). Swept on the H200
     (64k context, logits alone, B = 64 / 32 / 8 / 1; ``.old_tree/mx_sweep2.py``): BN 64 110.7 /
     51.5 / 18.3 / 5.2 against BN 128 93.9 / 46.0 / 17.4 / 5.1 µs; the arithmetic decode
@@ -362,16 +372,20 @@ def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | N
     µs; an L1 prefetch of the next tile's rows did not help (93.9 against 92.2 µs at B = 64) and
     was removed."""
     interp = device.type != "cuda" or interpreting()
-    bn = block_n or (16 if interp else 128)
+    piped = not (mxfp4 or interp) and T >= FP8_PIPELINE_MIN_T
+    bn = block_n or (16 if interp else 128 if (mxfp4 or piped) else 64)
     bh = block_h or (16 if interp else 64)
-    if programs is None:  # whole programs per token within one wave (a second, partial wave: +20 %)
-        programs = max(1, (4 if mxfp4 else 6) * sm_programs(device) // max(T, 1))
+    if programs is None:
+        if mxfp4 or piped:  # whole programs per token within one wave (a second, partial wave: +20 %)
+            programs = max(1, (4 if mxfp4 else 6) * sm_programs(device) // max(T, 1))
+        else:
+            programs = cdiv(8 * sm_programs(device), max(T, 1))
     programs = max(1, min(programs, cdiv(max(L, 1), bn)))
     prefetch = (True if prefetch is None else bool(prefetch)) and not mxfp4
     prmt = (not interp if prmt is None else bool(prmt)) and mxfp4 and not interp
     if max_regs is None and mxfp4:
         max_regs = MX_MAX_REGS
-    stages = 1 if interp else (stages or (MX_STAGES if mxfp4 else FP8_STAGES))
+    stages = 1 if (interp or mxfp4) else (stages or (FP8_STAGES if piped else 1))
     return bn, bh, programs, num_warps or 4, prefetch, prmt, max_regs or None, stages
 
 
