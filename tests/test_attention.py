@@ -270,6 +270,44 @@ def test_indexer_logits_mxfp4_fold_boundary(kernel_device, block_h):
         assert torch.equal(other, got)
 
 
+def _nan_logits_agree(case, fmt, kernel_device, topk=8):
+    """The kernel's logits are NaN exactly where the reference's are (equal elsewhere up to summation
+    order), and its selection is the reference's: NaN ranks first."""
+    want = ref.indexer_logits(*case, fmt, 4)
+    dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in case]
+    for bh in (16, 32):  # head blocks with masking; one block of every head
+        got = kernels.indexer_logits(*dev, fmt, 4, block_n=16, block_h=bh).cpu()
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), bh
+        fin = torch.isfinite(want)
+        torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-5)
+    assert torch.isnan(want).any()
+    assert torch.equal(kernels.indexer_topk(*dev, fmt, topk, 4).cpu(), ref.indexer_topk(*case, fmt, topk, 4))
+
+
+def test_indexer_logits_keep_nan_mxfp4(kernel_device):
+    """A key or query block with the UE8M0 NaN scale 0xFF (what ``mxfp4_quant`` writes for a block
+    holding a NaN) makes NaN logits, as in the reference, so the selection keeps the entry (a NaN
+    ranks first) instead of dropping it: ``max(NaN, 0)`` in hardware gives 0, the kernel's ReLU keeps
+    NaN."""
+    q, qs, w, cache, table, req, pos, bs = _topk_case("mxfp4", h=20, seed=2)
+    page_scales = cache[:, bs * 64:bs * 68].view(cache.shape[0], bs, 4)
+    _set_mx_scales(page_scales[int(table[0, 0])], 3, (127, 255, 126, 127))  # one NaN block
+    _set_mx_scales(page_scales[int(table[1, 0])], 9, (255, 255, 255, 255))
+    qs[4, 11, 2] = 255  # token 4's head 11: every entry's logit is NaN
+    _nan_logits_agree((q, qs, w, cache, table, req, pos, bs), "mxfp4", kernel_device)
+
+
+@pytest.mark.cuda
+def test_indexer_logits_keep_nan_fp8():
+    """An e4m3 NaN (0x7F / 0xFF) in an FP8 key makes NaN logits for that entry, as in the reference
+    (GPU only: the Triton interpreter reads e4m3 0x7F as 480)."""
+    q, qs, w, cache, table, req, pos, bs = _topk_case("fp8", h=20, seed=2)
+    vals = cache[:, : bs * 128].view(cache.shape[0], bs, 128)
+    vals[int(table[0, 0]), 3, 5] = 0x7F
+    vals[int(table[1, 0]), 9, 100] = 0xFF
+    _nan_logits_agree((q, qs, w, cache, table, req, pos, bs), "fp8", torch.device("cuda"))
+
+
 def test_indexer_topk_kernel_on_an_empty_cache(kernel_device):
     q, qs, w, cache, table, req, pos, bs = _topk_case("fp8")
     empty = cache[:0]

@@ -78,8 +78,17 @@ def _mx_block(rows, ok, b, R: tl.constexpr, c=48):
 
 @triton.jit
 def _ue8m0_scales(ptrs, ok):
-    """fp32 ``2^(byte−127)`` of the UE8M0 bytes at ``ptrs``; 0 where not ``ok`` (nothing read there)."""
-    return tl.where(ok, pow2(tl.load(ptrs, mask=ok, other=0).to(tl.int32) - 127), 0.0)
+    """fp32 ``2^(byte−127)`` of the UE8M0 bytes at ``ptrs``, NaN for the NaN byte 0xFF (its block
+    dequantizes to NaN, docs/numerics.md §4.3); 0 where not ``ok`` (nothing read there)."""
+    b = tl.load(ptrs, mask=ok, other=0).to(tl.int32)
+    return tl.where(ok, tl.where(b == 255, float("nan"), pow2(b - 127)), 0.0)
+
+
+@triton.jit
+def _relu(x):
+    """``max(x, 0)`` keeping NaN (as ``torch.relu``): a NaN score makes a NaN logit, which the
+    selection ranks first, as the reference does (the hardware ``max`` alone would drop it)."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -280,7 +289,7 @@ def _indexer_logits_kernel(
                     w, q_lo, q_hi = _mx_head_block_folded(
                         q_ptr, qs_ptr, w_row, t, h0 + tl.arange(0, BH), H, q_stride_t, q_stride_h, BH, PRMT)
                 sc = _mx_scores_folded(p_a, c, q_lo, q_hi, BN, PRMT)
-                acc += tl.sum(tl.maximum(sc, 0.0) * w[None, :], axis=1)
+                acc += tl.sum(_relu(sc) * w[None, :], axis=1)
             # the key scale after the head sum: ReLU(a·x) = a·ReLU(x) for a = 2^e > 0, exact
             tl.store(out_row + s_a, acc * kscale, mask=vis_a)
             # per entry, reduced once after the loop (no cross-warp reduction per tile)
@@ -302,7 +311,7 @@ def _indexer_logits_kernel(
                     sc = _mx_scores_exact(k_rows, ks_rows, ok, q_ptr + t.to(tl.int64) * q_stride_t + heads * q_stride_h,
                                           qs_ptr + (t.to(tl.int64) * H + heads) * 4, hm, BN, BH)
                     w = tl.load(w_row + heads, mask=hm, other=0.0)
-                    acc += tl.sum(tl.maximum(sc, 0.0) * w[None, :], axis=1)
+                    acc += tl.sum(_relu(sc) * w[None, :], axis=1)
                 tl.store(out_row + s, acc, mask=vis)
     else:
         if ONE_HB:  # every head in one block: the queries and weights stay in registers across tiles
@@ -327,7 +336,7 @@ def _indexer_logits_kernel(
             # entries on the MMA's M side: the head sum stays within a warp (heads on M would reduce
             # across warps through shared memory on every tile)
             if ONE_HB and STAGES > 1:  # no head loop: the dot sits in the tile loop Triton pipelines
-                acc = tl.sum(tl.maximum(tl.dot(k, tl.trans(q0)), 0.0) * w0[None, :], axis=1)
+                acc = tl.sum(_relu(tl.dot(k, tl.trans(q0))) * w0[None, :], axis=1)
             else:  # (unpipelined, the head loop measured faster: 10.6-11.0 against 11.8-12.2 µs at B = 8)
                 acc = tl.zeros([BN], dtype=tl.float32)
                 for h0 in range(0, H, BH):
@@ -337,7 +346,7 @@ def _indexer_logits_kernel(
                     else:
                         q, w = _head_block(q_ptr, w_row, t, h0 + tl.arange(0, BH), H, q_stride_t, q_stride_h, BH)
                     sc = tl.dot(k, tl.trans(q))  # [BN, BH] fp32
-                    acc += tl.sum(tl.maximum(sc, 0.0) * w[None, :], axis=1)
+                    acc += tl.sum(_relu(sc) * w[None, :], axis=1)
             # the key scale after the head sum: ReLU(a·x) = a·ReLU(x) for a = 2^e > 0, exact
             tl.store(out_row + s, acc * kscale, mask=vis)
 
