@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import dsv4_compile  # noqa: F401
 from dsv4_compile import layouts
@@ -253,9 +255,16 @@ def test_indexer_logits_mxfp4_fold_boundary(kernel_device, block_h):
     _set_mx_scales(page_scales[int(table[0, 0])], 3, (127, 127 - spread, 126, 127))
     _set_mx_scales(page_scales[int(table[0, 0])], 5, (127, 126, 127 - spread - 1, 125))
     _set_mx_scales(page_scales[int(table[1, 0])], 9, (130, 121, 130, 130))
+    # entry 2 of page table[1, 0] at the limit too: with token 4's head 11 (below) key and query
+    # spreads add up to 10 binades inside one dot
+    _set_mx_scales(page_scales[int(table[1, 0])], 2, (127, 127 - spread, 124, 127))
+    # entry 7 of page table[0, 1] (request 0's entry 23, in a tile of folding keys): a zero scale
+    # byte (the scale 0, as in the reference, not 2^-127), its logit about 1e-36, so it is compared
+    # without the absolute tolerance below
+    _set_mx_scales(page_scales[int(table[0, 1])], 7, (3, 0, 2, 1))
     # queries: token 2's head 7 one past the limit (its whole row takes the exact pass), token 4's
     # head 11 at it
-    qs[2, 7] = torch.tensor((120, 127, 120 + spread + 1, 125), dtype=torch.uint8)
+    qs[2, 7] = torch.tensor((127 - spread - 1, 127, 126, 125), dtype=torch.uint8)
     qs[4, 11] = torch.tensor((127, 127 - spread, 127, 124), dtype=torch.uint8)
     case = (q, qs, w, cache, table, req, pos, bs)
     want = _dense_logits(*case, "mxfp4")
@@ -265,9 +274,84 @@ def test_indexer_logits_mxfp4_fold_boundary(kernel_device, block_h):
         n = row.shape[0]
         assert torch.isinf(got[t, n:]).all()
         torch.testing.assert_close(got[t, :n].double(), row, rtol=1e-5, atol=1e-5)
+    assert int(req[0]) == 0 and int(table[0, 1]) >= 0 and 0 < abs(float(want[0][23])) < 1e-30
+    torch.testing.assert_close(got[0, 23].double(), want[0][23], rtol=1e-5, atol=0.0)
     if kernel_device.type == "cuda":  # the byte-permute decode against the arithmetic one: same bits
         other = kernels.indexer_logits(*dev, "mxfp4", 4, block_n=16, block_h=block_h, prmt=False).cpu()
         assert torch.equal(other, got)
+
+
+@triton.jit
+def _e2m1_bytes_kernel(c_ptr, o_ptr):
+    code = tl.arange(0, 16).to(tl.uint8)
+    c = tl.load(c_ptr + tl.arange(0, 8))
+    tl.store(o_ptr + tl.arange(0, 8)[:, None] * 16 + tl.arange(0, 16)[None, :],
+             kernels._e2m1_e4m3(code[None, :], c[:, None]))
+
+
+def test_e2m1_e4m3_folding_is_exact_to_the_spread_limit(kernel_device):
+    """``_e2m1_e4m3(code, 48 − 8d)`` is the e4m3 byte of ``E2M1(code) · 2^-d`` for every code and
+    every ``d <= MX_FOLD_SPREAD``, and not for ``d = MX_FOLD_SPREAD + 1`` (0.5·2^-6 is an e4m3
+    subnormal): the limit is the largest exact one."""
+    from dsv4_compile.reference.quant import mxfp4_dequant
+
+    spread = int(kernels.MX_FOLD_SPREAD)
+    ds = torch.arange(8, dtype=torch.int32)
+    out = torch.empty(8, 16, dtype=torch.uint8, device=kernel_device)
+    _e2m1_bytes_kernel[(1,)]((48 - 8 * ds).to(kernel_device), out)
+    got = out.cpu().view(torch.float8_e4m3fn).float()
+    codes = torch.arange(16, dtype=torch.uint8)
+    # one 32-element block holding each code twice (low and high nibble), scale 2^0
+    vals = mxfp4_dequant((codes | (codes << 4))[None, :], torch.full((1, 1), 127, dtype=torch.uint8))[0, ::2]
+    exact = [torch.equal(got[d], vals * 2.0 ** -d) for d in range(8)]
+    assert all(exact[: spread + 1]) and not exact[spread + 1], exact
+
+
+def _logits_case(t, h, bs, n_req, blocks_per_req, fmt, seed=0):
+    """A random indexer case of ``t`` tokens spread over ``n_req`` requests, every page allocated."""
+    g = torch.Generator().manual_seed(seed)
+    n_pages = n_req * blocks_per_req
+    cache = torch.zeros(n_pages, layouts.page_bytes(fmt, bs), dtype=torch.uint8)
+    ref_cache.indexer_k_insert(torch.randn(n_pages * bs, 128, generator=g).bfloat16(), cache,
+                               torch.arange(n_pages * bs), bs, fmt)
+    table = torch.randperm(n_pages, generator=g).view(n_req, blocks_per_req).int()
+    x = torch.randn(t, h, 128, generator=g)
+    q, q_scale = (x.to(torch.float8_e4m3fn), None) if fmt == "fp8" else torch.ops.dsv4.mxfp4_quant(x)
+    req = torch.arange(t) % n_req
+    pos = torch.randint(0, 4 * blocks_per_req * bs, (t,), generator=g)
+    return q, q_scale, torch.rand(t, h, generator=g) + 0.1, cache, table, req, pos, bs
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_indexer_logits_kernel_at_batch_sizes_of_the_pipelined_form(kernel_device, fmt):
+    """40 tokens of 64 heads with the default configuration (on a GPU, FP8: the software-pipelined
+    128-entry form, every head in one block) against the reference, and the unpipelined loop over the
+    same tiles: the same bits."""
+    case = _logits_case(40, 64, 16, 5, 4, fmt, seed=3)
+    want = ref.indexer_logits(*case, fmt, 4)
+    dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in case]
+    got = kernels.indexer_logits(*dev, fmt, 4).cpu()
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-5)
+    assert torch.equal(kernels.indexer_logits(*dev, fmt, 4, stages=1).cpu(), got)
+
+
+def test_indexer_logits_mxfp4_unaligned_rows(kernel_device):
+    """A cache and queries at 16-byte-unaligned addresses and strides (the byte-permute decode needs
+    aligned rows; the kernel takes the arithmetic decode for these): the aligned results."""
+    q, qs, w, cache, table, req, pos, bs = _topk_case("mxfp4", h=20, seed=4)
+    dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in (q, qs, w, cache, table, req, pos)]
+    want = kernels.indexer_logits(*dev, bs, "mxfp4", 4).cpu()
+    big = torch.zeros(cache.shape[0], cache.shape[1] + 3, dtype=torch.uint8, device=kernel_device)
+    odd_cache = big[:, 1:1 + cache.shape[1]]
+    odd_cache.copy_(dev[3])
+    qbig = torch.zeros(q.numel() + 1, dtype=torch.uint8, device=kernel_device)
+    odd_q = qbig[1:].view(q.shape)
+    odd_q.copy_(dev[0])
+    assert odd_cache.data_ptr() % 16 and odd_cache.stride(0) % 16 and odd_q.data_ptr() % 16
+    got = kernels.indexer_logits(odd_q, dev[1], dev[2], odd_cache, *dev[4:], bs, "mxfp4", 4).cpu()
+    assert torch.equal(got, want)
 
 
 def _nan_logits_agree(case, fmt, kernel_device, topk=8):

@@ -116,10 +116,12 @@ def _mx_scale_bytes(ptrs, ok):
 def _mx_fold(sb):
     """The folded form of MXFP4 rows with UE8M0 scale bytes ``sb [R, 4]``: (the rows' largest scale
     byte ``e [R]``, ``c [R, 4]`` that folds each block's ``2^(e_b − e)`` into its e4m3 values
-    (``_e2m1_e4m3``), ``fold [R]``: every block within ``MX_FOLD_SPREAD`` binades of the largest, and
-    no NaN scale 0xFF)."""
+    (``_e2m1_e4m3``), ``fold [R]``: every block within ``MX_FOLD_SPREAD`` binades of the largest, no
+    NaN scale 0xFF and no zero scale 0x00)."""
     e = tl.max(sb, axis=1)
-    fold = (e - tl.min(sb, axis=1) <= MX_FOLD_SPREAD) & (e < 255)
+    lo = tl.min(sb, axis=1)
+    # byte 0 is the scale 0 (pow2 of -127 has no bits; the reference's too), not 2^-127: not folded
+    fold = (e - lo <= MX_FOLD_SPREAD) & (e < 255) & (lo > 0)
     return e, 48 - 8 * (e[:, None] - sb), fold
 
 
@@ -190,7 +192,11 @@ def _mx_halves(p, c, R: tl.constexpr, PRMT: tl.constexpr):
     of two ``c [R, 4]`` encodes (``_e2m1_e4m3``). Even then odd is a permutation of the dot's K axis,
     taken alike by keys and queries; unlike interleaving the two nibbles, it keeps each thread's bytes
     contiguous. PRMT: a byte-permute table lookup per four values (``_E2M1_E4M3_PRMT``; not under
-    the interpreter), else the same bytes from ``_e2m1_e4m3``."""
+    the interpreter), else the same bytes from ``_e2m1_e4m3``. The lookup uses the table of the first
+    of the four bytes it is given, which is every byte's only when the four lie in one block of one
+    row: Triton gives each thread a block's 16 bytes as one vector when the rows are 16-byte aligned,
+    which ``indexer_logits_into`` checks before it asks for PRMT (compiled for unaligned rows, the
+    layout spreads a thread's bytes over rows)."""
     c3 = c[:, :, None]
     if PRMT:
         # table bytes of magnitudes 0..7: 0, c, c + 8, c + 12 | c + 16, c + 20, c + 24, c + 28
@@ -237,19 +243,22 @@ def _indexer_logits_kernel(
     of ``BN`` entries below the token's visible count ``n`` and writes them; nothing at or past ``n``
     is read or written (the cost follows the context, not the row width ``L``).
 
-    FP8: the e4m3 dot product on the tensor cores (exact products, fp32 sums), times the key's
-    power-of-two scale (exact), ReLU, times the head weight, summed over heads.
+    FP8: the e4m3 dot product on the tensor cores (exact products, summed by the tensor core in
+    fp32), ReLU, times the head weight, summed over heads, times the key's power-of-two scale (exact:
+    ``ReLU(a·x) = a·ReLU(x)``, ``a > 0``).
 
     MXFP4, folded: a row (key or query) whose four block exponents ``e_b`` lie within
     ``MX_FOLD_SPREAD`` binades of their largest ``e`` holds ``2^(e_b − e)·E2M1`` exactly in e4m3, so
-    the four blocks chain on one tensor-core accumulator, times the key's ``2^e``; the query's goes
-    into the head weights (``ReLU(a·x) = a·ReLU(x)``, ``a > 0``). Exact, as the per-block form: on the
-    H200 at B = 64, 64k context, 170 µs with four accumulators and eight ``[BN, BH]`` scale multiplies
-    per tile (255 registers, spilling), see ``benchmarks/results/indexer_topk_h200.md`` for the
-    folded form. Rows that do not fold (a wider spread, a NaN scale 0xFF) take the exact per-block
-    pass: per 32-block, the E2M1 values as e4m3 in a tensor-core dot (an exact block sum), times both
-    block scales, the four summed in fp32 (``_mx_scores_exact``); a program's tiles that hold such a key are
-    redone there after the folded pass, all of them when a query head does not fold."""
+    the four blocks chain on one tensor-core accumulator (exact products, summed as the FP8 path's:
+    unlike the per-block sums, which need 13 bits, these may round in the tensor core's
+    accumulation), times the key's ``2^e`` after the head sum; the query's goes into the head
+    weights. On the H200 at B = 64, 64k context: 80.4 against 170.2 µs for per-block dots with four
+    accumulators and eight ``[BN, BH]`` scale multiplies per tile (255 registers, spilling;
+    ``benchmarks/results/indexer_topk_h200.md``). Rows that do not fold (a wider spread, a NaN scale
+    0xFF, a zero scale 0x00) take the exact per-block pass: per 32-block, the E2M1 values as e4m3 in a
+    tensor-core dot (an exact block sum), times both block scales, the four summed in fp32
+    (``_mx_scores_exact``); a program's tiles that hold such a key are redone there after the folded
+    pass, all of them when a query head does not fold. A NaN score stays NaN (``_relu``)."""
     pdl_enter(PDL)
     t = tl.program_id(0)
     n_prog = tl.num_programs(1)
@@ -414,6 +423,10 @@ def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to
     qb = q.view(torch.uint8)
     bn, bh, programs, warps, prefetch, prmt, max_regs, stages = logits_config(T, L, H, q.device, mxfp4=mxfp4,
                                                                              **config)
+    # the byte-permute decode takes one table per four packed bytes, so each thread's bytes must come
+    # as 16-byte vectors of one block of one row: what Triton emits for 16-byte aligned rows
+    prmt = prmt and all(v % 16 == 0 for v in (k_cache.data_ptr(), k_cache.stride(0), qb.data_ptr(), qb.stride(0),
+                                             qb.stride(1)))
     regs = {} if max_regs is None or interpreting() else {"maxnreg": max_regs}
     _indexer_logits_kernel[(T, programs)](
         qb, q_scale if mxfp4 else qb, weights, k_cache, block_table, token_to_req, positions, out,

@@ -102,7 +102,8 @@ def _attention_cases():
             q_ptr="*u8", qs_ptr="*u8", w_ptr="*fp32", cache_ptr="*u8", bt_ptr="*i32", req_ptr="*i64", pos_ptr="*i64",
             out_ptr="*fp32", H="i32", n_req="i32", num_pages="i32", page_stride="i32", L="i32", ratio="i32",
             q_stride_t="i32", q_stride_h="i32", w_stride_t="i32", bt_stride="i32", out_stride="i32"), dict(
-            BS=64, BN=128, BH=64, MXFP4=mxfp4, ONE_HB=one, PREFETCH=not mxfp4, PRMT=prmt,
+            BS=64, BN=64 if (stages == 1 and not mxfp4) else 128, BH=64, MXFP4=mxfp4, ONE_HB=one,
+            PREFETCH=not mxfp4, PRMT=prmt,
             STAGES=stages), dict(
             num_warps=4, **({"maxnreg": attention.MX_MAX_REGS} if mxfp4 else {}))
     for ch, first, final in ((16384, True, True), (4096, True, False), (8192, False, True), (1024, False, False)):
