@@ -67,13 +67,12 @@ def _e2m1_e4m3(code, c=48):
 
 
 @triton.jit
-def _mx_block(rows, ok, b, R: tl.constexpr, c=48):
+def _mx_block(rows, ok, b, R: tl.constexpr):
     """e4m3 ``[R, 32]``: the E2M1 values of 32-block ``b`` of the MXFP4 rows whose 64 packed bytes
-    start at the pointers ``rows [R]`` (low nibble first; zeros where not ``ok``), times the powers
-    of two ``c`` encodes (``_e2m1_e4m3``; ``c`` a scalar or ``[R, 1]``)."""
+    start at the pointers ``rows [R]`` (low nibble first; zeros where not ``ok``)."""
     j = tl.arange(0, 16)
     p = tl.load(rows[:, None] + (16 * b + j)[None, :], mask=ok[:, None], other=0)
-    return tl.reshape(tl.join(_e2m1_e4m3(p & 0xF, c), _e2m1_e4m3(p >> 4, c)), [R, 32]).to(tl.float8e4nv, bitcast=True)
+    return tl.reshape(tl.join(_e2m1_e4m3(p & 0xF), _e2m1_e4m3(p >> 4)), [R, 32]).to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit
