@@ -2,7 +2,6 @@
 sink column), ``indexer_topk`` against ``torch.topk`` on independently dequantized logits, the Triton
 kernels against both, the debug index switch, opcheck, fakes, ValueErrors, and a CUDA-graph replay."""
 
-
 import pytest
 import torch
 import triton
