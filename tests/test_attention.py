@@ -149,19 +149,23 @@ def test_sparse_attn_kernel_masks_indices_past_the_cache(kernel_device):
 
 
 # --- indexer_topk -----------------------------------------------------------------------------------
-def _topk_case(fmt, t=7, h=4, bs=16, n_req=3, blocks_per_req=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n_pages = n_req * blocks_per_req + 2
+def _indexer_inputs(g, fmt, n_pages, t, h, bs):
+    """(cache of ``n_pages`` pages of random keys, a random permutation of the pages, queries, their
+    MXFP4 scales or None), drawn from ``g`` in that order."""
     cache = torch.zeros(n_pages, layouts.page_bytes(fmt, bs), dtype=torch.uint8)
     k = torch.randn(n_pages * bs, 128, generator=g).bfloat16()
     ref_cache.indexer_k_insert(k, cache, torch.arange(n_pages * bs), bs, fmt)
-    table = torch.randperm(n_pages, generator=g)[: n_req * blocks_per_req].view(n_req, blocks_per_req).int()
-    table[2, 3] = -1  # an unallocated page (request 2 never reaches it)
+    perm = torch.randperm(n_pages, generator=g)
     x = torch.randn(t, h, 128, generator=g)
-    if fmt == "fp8":
-        q, q_scale = x.to(torch.float8_e4m3fn), None
-    else:
-        q, q_scale = torch.ops.dsv4.mxfp4_quant(x)
+    q, q_scale = (x.to(torch.float8_e4m3fn), None) if fmt == "fp8" else torch.ops.dsv4.mxfp4_quant(x)
+    return cache, perm, q, q_scale
+
+
+def _topk_case(fmt, t=7, h=4, bs=16, n_req=3, blocks_per_req=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cache, perm, q, q_scale = _indexer_inputs(g, fmt, n_req * blocks_per_req + 2, t, h, bs)
+    table = perm[: n_req * blocks_per_req].view(n_req, blocks_per_req).int()
+    table[2, 3] = -1  # an unallocated page (request 2 never reaches it)
     weights = torch.rand(t, h, generator=g) + 0.1
     token_to_req = torch.tensor([0, 1, 2, 0, 1, -1, 0][:t])
     #   visible n = (p+1)//4:  255→64 (all of req 0), 90→22, 40→10, 0→0, 63→16, pad, 4→1
@@ -308,13 +312,8 @@ def test_e2m1_e4m3_folding_is_exact_to_the_spread_limit(kernel_device):
 def _logits_case(t, h, bs, n_req, blocks_per_req, fmt, seed=0):
     """A random indexer case of ``t`` tokens spread over ``n_req`` requests, every page allocated."""
     g = torch.Generator().manual_seed(seed)
-    n_pages = n_req * blocks_per_req
-    cache = torch.zeros(n_pages, layouts.page_bytes(fmt, bs), dtype=torch.uint8)
-    ref_cache.indexer_k_insert(torch.randn(n_pages * bs, 128, generator=g).bfloat16(), cache,
-                               torch.arange(n_pages * bs), bs, fmt)
-    table = torch.randperm(n_pages, generator=g).view(n_req, blocks_per_req).int()
-    x = torch.randn(t, h, 128, generator=g)
-    q, q_scale = (x.to(torch.float8_e4m3fn), None) if fmt == "fp8" else torch.ops.dsv4.mxfp4_quant(x)
+    cache, perm, q, q_scale = _indexer_inputs(g, fmt, n_req * blocks_per_req, t, h, bs)
+    table = perm.view(n_req, blocks_per_req).int()
     req = torch.arange(t) % n_req
     pos = torch.randint(0, 4 * blocks_per_req * bs, (t,), generator=g)
     return q, q_scale, torch.rand(t, h, generator=g) + 0.1, cache, table, req, pos, bs

@@ -221,13 +221,21 @@ def _mx_scores_folded(p, c, q_lo, q_hi, BN: tl.constexpr, PRMT: tl.constexpr):
 
 
 @triton.jit
+def _page_offsets(page, vis, num_pages, page_stride):
+    """(readable: visible with a page inside the cache, byte offsets of those pages (0 elsewhere)) of
+    entries with page indices ``page`` (int64)."""
+    ok = vis & (page >= 0) & (page < num_pages)
+    return ok, tl.where(ok, page, 0) * page_stride
+
+
+@triton.jit
 def _tile_pages(bt_row, i, n, num_pages, page_stride, BS: tl.constexpr, BN: tl.constexpr):
     """(entries ``s [BN]`` of tile ``i``, visible ``s < n``, readable, byte offsets of their pages)."""
     s = i * BN + tl.arange(0, BN)
     vis = s < n
-    page = tl.load(bt_row + s // BS, mask=vis, other=-1).to(tl.int64)
-    ok = vis & (page >= 0) & (page < num_pages)
-    return s, vis, ok, tl.where(ok, page, 0) * page_stride
+    ok, page_off = _page_offsets(tl.load(bt_row + s // BS, mask=vis, other=-1).to(tl.int64), vis, num_pages,
+                                 page_stride)
+    return s, vis, ok, page_off
 
 
 @prebound
@@ -338,8 +346,7 @@ def _indexer_logits_kernel(
                 page_nx = tl.load(bt_row + s_nx // BS, mask=s_nx < n, other=-1)
             else:
                 page = tl.load(bt_row + s // BS, mask=vis, other=-1).to(tl.int64)
-            ok = vis & (page >= 0) & (page < num_pages)
-            page_off = tl.where(ok, page, 0) * page_stride
+            ok, page_off = _page_offsets(page, vis, num_pages, page_stride)
             k, kscale = load_indexer_k_fp8(cache_ptr, page_off, s % BS, ok, BS, BN)
             # entries on the MMA's M side: the head sum stays within a warp (heads on M would reduce
             # across warps through shared memory on every tile)
@@ -400,7 +407,9 @@ def logits_config(T: int, L: int, H: int, device: torch.device, block_n: int | N
     programs = max(1, min(programs, cdiv(max(L, 1), bn)))
     prefetch = (True if prefetch is None else bool(prefetch)) and not mxfp4
     prmt = (not interp if prmt is None else bool(prmt)) and mxfp4 and not interp
-    if max_regs is None and mxfp4:
+    if interp:  # the interpreter takes no register cap
+        max_regs = None
+    elif max_regs is None and mxfp4:
         max_regs = MX_MAX_REGS
     stages = 1 if (interp or mxfp4) else (stages or (FP8_STAGES if piped else 1))
     return bn, bh, programs, num_warps or 4, prefetch, prmt, max_regs or None, stages
@@ -426,7 +435,7 @@ def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to
     # as 16-byte vectors of one block of one row: what Triton emits for 16-byte aligned rows
     prmt = prmt and all(v % 16 == 0 for v in (k_cache.data_ptr(), k_cache.stride(0), qb.data_ptr(), qb.stride(0),
                                              qb.stride(1)))
-    regs = {} if max_regs is None or interpreting() else {"maxnreg": max_regs}
+    regs = {} if max_regs is None else {"maxnreg": max_regs}
     _indexer_logits_kernel[(T, programs)](
         qb, q_scale if mxfp4 else qb, weights, k_cache, block_table, token_to_req, positions, out,
         H, block_table.shape[0], k_cache.shape[0], k_cache.stride(0), L, compress_ratio,
