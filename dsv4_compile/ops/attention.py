@@ -82,7 +82,9 @@ def indexer_topk(
     Token ``t`` (request ``req``, position ``p``) sees entries ``s < n = (p+1) // compress_ratio`` of
     its request (capped at ``M·block_size``), read through the block table from the indexer K cache
     and dequantized exactly; their score is ``I[t, s] = Σ_h weights[t, h] · ReLU(q̂[t, h] · k̂[s])``
-    in fp32 (docs/numerics.md §7.2).
+    in fp32 (docs/numerics.md §7.2; on a GPU each ``q̂·k̂`` is an FP8 tensor-core dot, which keeps
+    about 14 accumulator bits: within ``2^-11`` of ``Σ_h weights·Σ_i |q̂_i·k̂_i|``, so the selected set
+    can differ from the reference's only among entries whose scores tie within that).
 
     Args:
         q: the quantized indexer query: e4m3 ``[T, H, 128]`` for ``fmt="fp8"`` (its q scale folded
