@@ -172,6 +172,34 @@ def test_gpu_long_rows(n_entries):
 
 
 @pytest.mark.cuda
+def test_gpu_key_ranges_narrow_and_wide():
+    """The CuTe selection's first digit sits just below the chunk's common key prefix: rows whose
+    keys differ only in their last bits (one pass), in the last bit alone, not at all, on one valid
+    key, across the sign with ±inf and NaN (no common prefix), and around ±0; one row split over CTAs
+    and rounds (16,384 entries) and 8 rows of 2,000 visible entries, against the reference."""
+    L = 16384
+    g = torch.Generator().manual_seed(7)
+    one = torch.tensor(1.0)
+    rows = {
+        "last bits": one + torch.randint(0, 300, (L,), generator=g).float() * 2.0 ** -23,  # 1 + k·ulp
+        "last bit": one + torch.randint(0, 2, (L,), generator=g).float() * 2.0 ** -23,
+        "equal": torch.full((L,), 3.5),
+        "one valid": torch.full((L,), float("-inf")).index_fill_(0, torch.tensor([4321]), 2.0),
+        "signs": _specials(torch.randn(L, generator=g) * 1e3, g),
+        "around zero": torch.randn(L, generator=g) * 1e-38,
+        "magnitude": 100.0 + 50.0 * torch.rand(L, generator=g),  # logits of one magnitude
+    }
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for name, row in rows.items():
+        for T, n in ((1, L), (8, 2000)):
+            logits = row[None, :].repeat(T, 1)
+            pos = torch.full((T,), 4 * n - 1)
+            req = torch.zeros(T, dtype=torch.int64)
+            for k in (1, 512):
+                _run(logits.cuda(), pos.cuda(), req.cuda(), k, sms=sms)
+
+
+@pytest.mark.cuda
 def test_gpu_many_rows_short_and_long():
     """Prefill-like: 300 rows of causal lengths (most shorter than k, some long), one round."""
     T, L = 300, 16384
