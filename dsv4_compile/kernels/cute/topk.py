@@ -13,14 +13,13 @@ most four passes over 8 key bits. The chunk's valid keys share every bit above t
 their largest and smallest differ (one warp reduction each): the first pass counts the 8 bits just
 below that common prefix, the next ones the 8 below those, the last clamped at bit 0 (a fixed top
 byte would put logits of one magnitude into one or two bins, whose atomics serialize). Each pass
-counts the digits of the keys still sharing the threshold's higher bits into a 256-bin
-shared-memory histogram (one plain
-atomic per key: on the H200 that beat both per-lane copies of the bins and ``match.any``
-aggregation of equal digits, 12.2 against 13.4 and 19.6 µs for one 16,384-entry row), and one warp
-finds the bin holding the k-th largest from the suffix sums. The passes stop once that bin holds
-exactly the entries still needed. Entries above the threshold are kept, then the first ``need``
-entries equal to it in position order; each kept entry's output position comes from warp ballots
-and one block-wide prefix sum over the (slot, warp) counts, so the kept entries are written
+counts the digits of the keys still sharing the threshold's higher bits into a 256-bin shared-memory
+histogram (one plain atomic per key: on the H200 that beat both per-lane copies of the bins and
+``match.any`` aggregation of equal digits, 12.2 against 13.4 and 19.6 µs for one 16,384-entry row),
+and one warp finds the bin holding the k-th largest from the suffix sums. The passes stop once that
+bin holds exactly the entries still needed. Entries above the threshold are kept, then the first
+``need`` entries equal to it in position order; each kept entry's output position comes from warp
+ballots and one block-wide prefix sum over the (slot, warp) counts, so the kept entries are written
 compacted in index order without a sort.
 
 Rows longer than one chunk are split over CTAs in rounds as the Triton selection does
