@@ -41,6 +41,11 @@ def _indices(t, width, capacity, g, fill):
     return torch.stack(rows) if rows else torch.empty(0, width, dtype=torch.int32)
 
 
+def _on(device, args):
+    """``args`` with every tensor moved to ``device`` (other items as they are)."""
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+
+
 def _attn_case(t=6, h=8, w=16, k=24, swa_bs=16, comp_bs=2, seed=0, with_comp=True, swa_blocks=3, comp_blocks=12):
     g = torch.Generator().manual_seed(seed)
     swa = _filled_kv_cache(swa_blocks, swa_bs, seed + 1)
@@ -103,7 +108,7 @@ def test_sparse_attn_kernel_matches_reference(kernel_device, splits, dv, t):
     """Every split / value-dim share; one token's splits (20 rows of (token, head)) merge in the
     all-at-once combine kernel, seven tokens' (140 rows) in the loop."""
     args = _attn_case(t=t, h=20, seed=3)  # 20 heads: two head blocks, the second partly masked
-    dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in args]
+    dev = _on(kernel_device, args)
     want = ref.sparse_attn(*args[:6], SCALE, *args[6:])
     counts = [k.launches + k.fast for k in (kernels._combine_all_kernel, kernels._combine_kernel)]
     got = kernels.sparse_attn(*dev[:6], SCALE, *dev[6:], splits=splits, block_dv=dv, block_n=16)
@@ -231,7 +236,7 @@ def test_indexer_topk_is_torch_topk_of_dequantized_logits(fmt, topk):
 @pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
 def test_indexer_logits_kernel_matches_reference(kernel_device, fmt):
     case = _topk_case(fmt, h=20, seed=1)  # 20 heads: head blocks with masking
-    dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in case]
+    dev = _on(kernel_device, case)
     want = ref.indexer_logits(*case, fmt, 4)
     got = kernels.indexer_logits(*dev, fmt, 4, block_n=16, block_h=16).cpu()
     assert torch.equal(torch.isinf(got), torch.isinf(want))
@@ -285,7 +290,7 @@ def test_indexer_logits_mxfp4_fold_boundary(kernel_device, block_h):
     qs[4, 11] = torch.tensor((127, 127 - spread, 127, 124), dtype=torch.uint8)
     case = (q, qs, w, cache, table, req, pos, bs)
     want = _dense_logits(*case, "mxfp4")
-    dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in case]
+    dev = _on(kernel_device, case)
     got = kernels.indexer_logits(*dev, "mxfp4", 4, block_n=16, block_h=block_h).cpu()
     for t, row in enumerate(want):
         n = row.shape[0]
@@ -341,7 +346,7 @@ def test_indexer_logits_kernel_at_batch_sizes_of_the_pipelined_form(kernel_devic
     same tiles: the same bits."""
     case = _logits_case(40, 64, 16, 5, 4, fmt, seed=3)
     want, abs_terms = _dense_logits(*case, fmt, abs_terms=True)
-    dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in case]
+    dev = _on(kernel_device, case)
     got = kernels.indexer_logits(*dev, fmt, 4).cpu()
     bound = _logit_bound(kernel_device)
     for t, row in enumerate(want):
@@ -356,7 +361,7 @@ def test_indexer_logits_mxfp4_unaligned_rows(kernel_device):
     """A cache and queries at 16-byte-unaligned addresses and strides (the byte-permute decode needs
     aligned rows; the kernel takes the arithmetic decode for these): the aligned results."""
     q, qs, w, cache, table, req, pos, bs = _topk_case("mxfp4", h=20, seed=4)
-    dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in (q, qs, w, cache, table, req, pos)]
+    dev = _on(kernel_device, (q, qs, w, cache, table, req, pos))
     want = kernels.indexer_logits(*dev, bs, "mxfp4", 4).cpu()
     big = torch.zeros(cache.shape[0], cache.shape[1] + 3, dtype=torch.uint8, device=kernel_device)
     odd_cache = big[:, 1:1 + cache.shape[1]]
@@ -373,7 +378,7 @@ def _nan_logits_agree(case, fmt, kernel_device, topk=8):
     """The kernel's logits are NaN exactly where the reference's are (equal elsewhere up to summation
     order), and its selection is the reference's: NaN ranks first."""
     want = ref.indexer_logits(*case, fmt, 4)
-    dev = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in case]
+    dev = _on(kernel_device, case)
     for bh in (16, 32):  # head blocks with masking; one block of every head
         got = kernels.indexer_logits(*dev, fmt, 4, block_n=16, block_h=bh).cpu()
         assert torch.equal(torch.isnan(got), torch.isnan(want)), bh
@@ -660,7 +665,7 @@ def test_indexer_topk_gpu_matches_torch_topk(fmt):
     q, qs, w, cache, table, req, _, bs = case
     pos = torch.tensor([10239, 5000, 4000, 3, 2047, -1, 600])
     case = (q, qs, w, cache, table, req, pos, bs)
-    dev = [a.cuda() if isinstance(a, torch.Tensor) else a for a in case]
+    dev = _on("cuda", case)
     want, abs_terms = _dense_logits(*case, fmt, abs_terms=True)
     slack = [_logit_bound("cuda") * a for a in abs_terms]
     for topk in (512, 1024):

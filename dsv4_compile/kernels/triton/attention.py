@@ -133,14 +133,22 @@ def _mx_rows(rows, ok, R: tl.constexpr):
 
 
 @triton.jit
+def _mx_q_rows(q_ptr, qs_ptr, t, heads, H, q_stride_t, q_stride_h):
+    """(pointers to the packed values, pointers to the four UE8M0 scale bytes) of ``heads`` of token
+    ``t``'s MXFP4 queries (scales ``[T, H, 4]`` contiguous)."""
+    t64 = t.to(tl.int64)
+    return q_ptr + t64 * q_stride_t + heads * q_stride_h, qs_ptr + (t64 * H + heads) * 4
+
+
+@triton.jit
 def _mx_head_block_folded(q_ptr, qs_ptr, w_row, t, heads, H, q_stride_t, q_stride_h, BH: tl.constexpr,
                           PRMT: tl.constexpr):
     """(weights times each head's largest query block scale ``[BH]``, the e4m3 even and odd halves
     ``[BH, 64]`` with ``2^(e_b − e_max)`` folded in (``_mx_fold``, ``_mx_halves``; exact where the
     heads fold)) of ``heads`` of token ``t``'s MXFP4 queries."""
     hm = heads < H
-    rows = q_ptr + t.to(tl.int64) * q_stride_t + heads * q_stride_h
-    e, c, _ = _mx_fold(_mx_scale_bytes(qs_ptr + (t.to(tl.int64) * H + heads) * 4, hm))
+    rows, srows = _mx_q_rows(q_ptr, qs_ptr, t, heads, H, q_stride_t, q_stride_h)
+    e, c, _ = _mx_fold(_mx_scale_bytes(srows, hm))
     w = tl.load(w_row + heads, mask=hm, other=0.0) * tl.where(hm, pow2(e - 127), 0.0)
     q_lo, q_hi = _mx_halves(_mx_rows(rows, hm, BH), c, BH, PRMT)
     return w, q_lo, q_hi
@@ -324,8 +332,8 @@ def _indexer_logits_kernel(
                 for h0 in range(0, H, BH):
                     heads = h0 + tl.arange(0, BH)
                     hm = heads < H
-                    sc = _mx_scores_exact(k_rows, ks_rows, ok, q_ptr + t.to(tl.int64) * q_stride_t + heads * q_stride_h,
-                                          qs_ptr + (t.to(tl.int64) * H + heads) * 4, hm, BN, BH)
+                    q_rows, qs_rows = _mx_q_rows(q_ptr, qs_ptr, t, heads, H, q_stride_t, q_stride_h)
+                    sc = _mx_scores_exact(k_rows, ks_rows, ok, q_rows, qs_rows, hm, BN, BH)
                     w = tl.load(w_row + heads, mask=hm, other=0.0)
                     acc += tl.sum(_relu(sc) * w[None, :], axis=1)
                 tl.store(out_row + s, acc, mask=vis)
