@@ -199,6 +199,37 @@ def test_gpu_key_ranges_narrow_and_wide():
                 _run(logits.cuda(), pos.cuda(), req.cuda(), k, sms=sms)
 
 
+def test_cute_plan_cuts_wide_rows_into_small_chunks():
+    """The CuTe selection's plan: rows of a 1M-token table split for want of rows go through chunks
+    of at most 4,096 / 8,192 entries; other shapes keep the Triton plan."""
+    pytest.importorskip("cutlass")
+    from dsv4_compile.kernels.cute import topk as cute_topk
+
+    assert cute_topk.plan(1, 262144, 512, 132) == [(4096, 64), (4096, 8), (4096, 1)]
+    assert cute_topk.plan(16, 262144, 512, 132) == [(4096, 64), (4096, 8), (4096, 1)]
+    for T, L, k in ((17, 262144, 512), (4096, 262144, 512), (1, 65536, 512), (1, 16384, 512), (64, 16384, 512),
+                    (1, 262144, 8192)):
+        assert cute_topk.plan(T, L, k, 132) == topk_kernels.plan(T, L, k, 33), (T, L, k)
+
+
+@pytest.mark.cuda
+def test_gpu_short_rows_of_a_wide_table():
+    """Rows of a 1M-token table (262,144 entries, split into rounds) whose visible entries fit in the
+    first chunk are finished by that chunk's CTA and skipped by the later rounds, beside rows that
+    span chunks and rounds: lengths around k, the chunk sizes and the whole row, the default plan and
+    smaller first-round chunks (three rounds), with ties, against the reference."""
+    L = 262144
+    lengths = [0, 100, 512, 513, 2048, 4096, 4097, 16384, 16385, 100000, L]
+    g = torch.Generator().manual_seed(17)
+    logits = torch.randint(0, 1000, (len(lengths), L), generator=g).float()
+    pos = torch.tensor([4 * n - 1 if n else 2 for n in lengths])
+    req = torch.zeros(len(lengths), dtype=torch.int64)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for chunk in (None, 2048, 4096):
+        for rows in (slice(None), slice(0, 3), slice(4, 5)):  # 11, 3 and 1 rows (each split into rounds)
+            _run(logits[rows].cuda(), pos[rows].cuda(), req[rows].cuda(), 512, chunk=chunk, sms=sms)
+
+
 @pytest.mark.cuda
 def test_gpu_many_rows_short_and_long():
     """Prefill-like: 300 rows of causal lengths (most shorter than k, some long), one round."""

@@ -24,8 +24,10 @@ compacted in index order without a sort.
 
 Rows longer than one chunk are split over CTAs in rounds as the Triton selection does
 (``kernels.triton.topk.plan``): each chunk keeps its best ``k`` (key, index) candidates and the next
-round selects from them. Rows are split less often than the Triton selection splits them (only while
-8·T <= SMs: the H200 timings in ``select_topk``); the bits are the same.
+round selects from them. A row whose entries (or candidates) fit in a round's first chunk is finished
+by that chunk's CTA, which writes the result, and the later rounds skip it: a short row of a wide
+table (an 8k-token context in a 1M-token ``max_model_len``) costs one CTA, as in a narrow table. The
+plan (``plan``) differs from the Triton one (the H200 timings there); the bits are the same.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ class TopkRoundKernel:
         mOutKey: Optional[cute.Tensor],  # int32 [T, S·K] (not final)
         mOutIdx: cute.Tensor,  # int32 [T, S·K] (final: [T, K])
         mNOut: Optional[cute.Tensor],  # int32 [T] (not final)
+        mFinal: Optional[cute.Tensor],  # int32 [T, K]: the selection's result (not final)
         n_req: Int32,
         ratio: Int32,
         L: Int32,
@@ -118,7 +121,7 @@ class TopkRoundKernel:
         chunks: Int32,
         stream,
     ):
-        self.kernel(mSrc, mSrcIdx, mN, mPos, mReq, mOutKey, mOutIdx, mNOut, n_req, ratio, L, K).launch(
+        self.kernel(mSrc, mSrcIdx, mN, mPos, mReq, mOutKey, mOutIdx, mNOut, mFinal, n_req, ratio, L, K).launch(
             grid=[mOutIdx.shape[0], chunks, 1],
             block=[self.threads, 1, 1],
             stream=stream,
@@ -136,12 +139,12 @@ class TopkRoundKernel:
         mOutKey: Optional[cute.Tensor],
         mOutIdx: cute.Tensor,
         mNOut: Optional[cute.Tensor],
+        mFinal: Optional[cute.Tensor],
         n_req: Int32,
         ratio: Int32,
         L: Int32,
         K: Int32,
     ):
-        NT = self.threads
         tid, _, _ = cute.arch.thread_idx()
         t, c, _ = cute.arch.block_idx()
         warp = tid // WARP
@@ -169,16 +172,33 @@ class TopkRoundKernel:
         else:
             n = mN[t]
         start = c * self.chunk
-        out_base = c * K
-
-        if const_expr(not self.final):
-            if c == 0:
-                if tid == 0:
-                    mNOut[t] = (n + (self.chunk - 1)) // self.chunk * K
 
         if const_expr(self.final):  # one chunk per row
-            if n <= K:  # the whole row: 0 .. n−1 (logits, none read) or the one chunk's candidates
-                for j in cutlass.range(tid, K, NT):
+            self._finish(mSrc, mSrcIdx, mOutIdx, hist, counts, wsum, res, rng, t, n, K, tid, warp, lane, lt_mask)
+        else:
+            # a row that fits in chunk 0 (n < 0: an earlier round finished it) is finished by that chunk's
+            # CTA, into the result; later rounds skip it (n = −1), so a short row in a wide table costs
+            # what it costs in a narrow one
+            fits = n <= self.chunk
+            if c == 0:
+                if tid == 0:
+                    mNOut[t] = cutlass.select_(fits, Int32(-1), (n + (self.chunk - 1)) // self.chunk * K)
+            if fits:
+                if c == 0:
+                    self._finish(mSrc, mSrcIdx, mFinal, hist, counts, wsum, res, rng, t, n, K, tid, warp, lane,
+                                 lt_mask)
+            else:
+                if start < n:
+                    self._select(mSrc, mSrcIdx, mOutKey, mOutIdx, hist, counts, wsum, res, rng, t, start, n,
+                                 c * K, K, tid, warp, lane, lt_mask, False)
+
+    @cute.jit
+    def _finish(self, mSrc, mSrcIdx, mOut, hist, counts, wsum, res, rng, t, n, K, tid, warp, lane, lt_mask):
+        """The result row ``t`` of ``mOut [T, K]`` from the row's ``n`` entries, all in chunk 0
+        (``n < 0``: nothing, an earlier round wrote it)."""
+        if n >= 0:
+            if n <= K:  # the whole row: 0 .. n−1 (logits, none read) or the candidates, −1 after
+                for j in cutlass.range(tid, K, self.threads):
                     v = Int32(-1)
                     if j < n:
                         if const_expr(self.from_logits):
@@ -186,18 +206,17 @@ class TopkRoundKernel:
                         else:
                             if mSrc[t, j] != 0:
                                 v = mSrcIdx[t, j]
-                    mOutIdx[t, j] = v
+                    mOut[t, j] = v
             else:
-                self._select(mSrc, mSrcIdx, mOutKey, mOutIdx, hist, counts, wsum, res, rng, t, start, n, out_base,
-                             K, tid, warp, lane, lt_mask)
-        else:
-            if start < n:
-                self._select(mSrc, mSrcIdx, mOutKey, mOutIdx, hist, counts, wsum, res, rng, t, start, n, out_base,
-                             K, tid, warp, lane, lt_mask)
+                self._select(mSrc, mSrcIdx, None, mOut, hist, counts, wsum, res, rng, t, Int32(0), n, Int32(0), K,
+                             tid, warp, lane, lt_mask, True)
 
     @cute.jit
     def _select(self, mSrc, mSrcIdx, mOutKey, mOutIdx, hist, counts, wsum, res, rng, t, start, n, out_base, K,
-                tid, warp, lane, lt_mask):
+                tid, warp, lane, lt_mask, final: bool):
+        """Keep the best ``K`` of the row's entries ``start ..`` (at most a chunk, ``n`` in all):
+        indices into ``mOutIdx[t, out_base ..]`` (``final``, −1 fill), else (key, index) candidates
+        (key 0 / index −1 fill)."""
         NT = self.threads
         E = self.per_thread
         NW = self.warps
@@ -352,7 +371,7 @@ class TopkRoundKernel:
         # ---- compacted writes in position order ----
         out_idx = mOutIdx[t, None]
         out_key = None
-        if const_expr(not self.final):
+        if const_expr(not final):
             out_key = mOutKey[t, None]
         for j in cutlass.range_constexpr(E):
             if j * NT < live:
@@ -367,11 +386,11 @@ class TopkRoundKernel:
                 if take:
                     at = a_before + cutlass.min(t_before, need)
                     out_idx[out_base + at] = idx[j]
-                    if const_expr(not self.final):
+                    if const_expr(not final):
                         out_key[out_base + at] = Int32(k)
         for j in cutlass.range(kept + tid, K, NT):  # fewer valid keys than K: fill
             out_idx[out_base + j] = Int32(-1)
-            if const_expr(not self.final):
+            if const_expr(not final):
                 out_key[out_base + j] = Int32(0)
 
     @staticmethod
@@ -392,13 +411,30 @@ class TopkRoundKernel:
         out_key = None if final else mk(Int32, (tokens, out_w), stride=(cute.sym_int64(), 1), assumed_align=4)
         out_idx = mk(Int32, (tokens, out_w), stride=(cute.sym_int64(), 1), assumed_align=4)
         n_out = None if final else mk(Int32, (tokens,), stride=(1,), assumed_align=4)
+        result = None if final else mk(Int32, (tokens, cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=4)
         kernel = TopkRoundKernel(chunk, from_logits, final, pdl)
         return cute.compile(
-            kernel, src, src_idx, n, pos, req, out_key, out_idx, n_out,
+            kernel, src, src_idx, n, pos, req, out_key, out_idx, n_out, result,
             Int32(0), Int32(1), Int32(0), Int32(1), Int32(1),
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
             options=f"--enable-tvm-ffi --gpu-arch {arch} {extra_options}".strip(),
         )
+
+
+def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: int = MAX_CHUNK
+         ) -> list[tuple[int, int]]:
+    """The rounds of ``select_into``: ``kernels.triton.topk.plan``'s (shapes only), with a row split
+    only while ``8·T <= sms`` (one 16,384-entry row took 12.2 µs in one CTA, 10.3 µs as four
+    4,096-entry chunks + a round over their 2,048 candidates; 64 rows 13.6 µs unsplit, 16.2 µs split),
+    and rows of more than 65,536 entries, when split for want of rows, cut into first-round chunks of
+    4,096 entries and later ones of at most 8,192 instead of ``sqrt(L·k)``. H200, selection alone, a
+    262,144-entry table: a full row 17.2 → 14.1 µs, an 8k-token context 8.5 → 6.8 µs; 65,536-entry
+    rows keep 8,192-entry chunks (16.0 µs against 17.9 for B = 16)."""
+    max_chunk = min(max_chunk, MAX_CHUNK)
+    rounds = _ttopk.plan(T, L, k, max(1, sms // 4), chunk, max_chunk)
+    if chunk is None and 2 * T < max(1, sms // 4) and L > 65536 and 2 * k <= 8192:  # split for want of rows
+        rounds = _ttopk.plan(T, L, k, max(1, sms // 4), 4096, min(max_chunk, 8192))
+    return rounds
 
 
 def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor, token_to_req: torch.Tensor,
@@ -410,10 +446,7 @@ def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor
     dimension (``select_topk`` sees to it); only positions below each row's visible count are read.
     Requires ``2·topk <= max_chunk <= 16,384``."""
     T, L = logits.shape
-    # split a row (> 4,096 entries) only while 8·T <= SMs: one 16,384-entry row took 12.2 µs in one CTA,
-    # 10.3 µs as four 4,096-entry chunks + a round over their 2,048 candidates (H200); 64 rows took
-    # 13.6 µs unsplit, 16.2 µs split
-    rounds = _ttopk.plan(T, L, topk, max(1, sms // 4), chunk, min(max_chunk, MAX_CHUNK))
+    rounds = plan(T, L, topk, sms, chunk, max_chunk)
     arch = arch_name(logits.device)
     src, src_idx, n_buf = logits, None, None
     for r, (ch, s) in enumerate(rounds):
@@ -426,6 +459,6 @@ def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor
         compiled = TopkRoundKernel.compile(ch, first, final, TORCH_TO_CUTE[positions.dtype],
                                            TORCH_TO_CUTE[token_to_req.dtype], pdl, arch)
         compiled(src, src_idx, n_buf, positions if first else None, token_to_req if first else None,
-                 keys, idx, n_next, n_req, compress_ratio, L, topk, s)
+                 keys, idx, n_next, None if final else out, n_req, compress_ratio, L, topk, s)
         src, src_idx, n_buf = keys, idx, n_next
     return out
