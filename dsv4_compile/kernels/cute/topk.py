@@ -440,8 +440,8 @@ def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: 
 def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor, token_to_req: torch.Tensor,
                 n_req: int, compress_ratio: int, topk: int, sms: int, chunk: int | None = None,
                 max_chunk: int = MAX_CHUNK, pdl: bool = False) -> torch.Tensor:
-    """``kernels.triton.topk.select_topk``'s result (the same bits; rows split into rounds less
-    often) from the CuTe-DSL rounds, written into int32 ``out [T, topk]`` (``T > 0``). ``logits``:
+    """``kernels.triton.topk.select_topk``'s result (the same bits) from the CuTe-DSL rounds of
+    ``plan``, written into int32 ``out [T, topk]`` (``T > 0``; every round may write it). ``logits``:
     fp32 ``[T, L]``, ``positions`` / ``token_to_req``: ``[T]``, all with unit stride along their last
     dimension (``select_topk`` sees to it); only positions below each row's visible count are read.
     Requires ``2·topk <= max_chunk <= 16,384``."""
