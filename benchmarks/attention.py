@@ -354,7 +354,7 @@ def indexer_rows(cases, split=True, topk=TOPK, **config):
             from dsv4_compile.kernels.triton import attention as kernels
             from dsv4_compile.kernels.triton import topk as topk_kernels
 
-            lconf = {k: v for k, v in config.items() if k != "chunk"}
+            lconf = {k: v for k, v in config.items() if k not in ("chunk", "max_chunk")}
             # one logits buffer per input set (up to 4 GiB of them): a graph of only two calls was
             # mostly its own launch at small B (B = 1: 9.4 µs for a 3.4 µs logits kernel)
             n_bufs = max(2, min(len(c["sets"]), (4 << 30) // max(T * L * 4, 1)))
@@ -365,7 +365,8 @@ def indexer_rows(cases, split=True, topk=TOPK, **config):
             row["logits_us"] = graph_time_us([lcall(s, buf) for s, buf in zip(c["sets"], bufs)])
             sms = torch.cuda.get_device_properties(0).multi_processor_count
             scall = lambda buf: lambda: topk_kernels.select_topk(buf, c["positions"], c["token_to_req"],  # noqa: E731
-                                                                 c["reqs"], 4, topk, sms, chunk=config.get("chunk"))
+                                                                 c["reqs"], 4, topk, sms, chunk=config.get("chunk"),
+                                                                 max_chunk=config.get("max_chunk", topk_kernels.MAX_CHUNK))
             row["select_us"] = graph_time_us([scall(buf) for buf in bufs])
         rows.append(row)
         print(indexer_fmt(row), flush=True)
@@ -429,6 +430,7 @@ def main():
                     "T tokens of one request at each context (instead of decode batches)")
     ap.add_argument("--op-only", action="store_true", help="--indexer: the op alone (older trees)")
     ap.add_argument("--chunk", type=int, default=None, help="--indexer: selection chunk (first round)")
+    ap.add_argument("--max-chunk", type=int, default=None, help="--indexer: largest selection chunk (later rounds)")
     ap.add_argument("--logits-programs", type=int, default=None)
     ap.add_argument("--block-n", type=int, default=None)
     ap.add_argument("--layers", nargs="+", choices=["csa", "hca", "swa"], default=None,
@@ -455,7 +457,7 @@ def main():
         cases = [(b, ctx, mml, fmt, t) for fmt in args.fmts for ctx in args.contexts
                  for mml in (args.mml or [ctx]) if mml >= ctx
                  for b, t in ([(1, t) for t in args.prefill] if args.prefill else [(b, 0) for b in args.batches])]
-        config = {k: v for k, v in dict(chunk=args.chunk, programs=args.logits_programs,
+        config = {k: v for k, v in dict(chunk=args.chunk, max_chunk=args.max_chunk, programs=args.logits_programs,
                                         block_n=args.block_n).items() if v is not None}
         ceil, rows = indexer_rows(cases, split=not args.op_only, **config)
         write_results(indexer_table(ceil, rows), rows, args.out)
