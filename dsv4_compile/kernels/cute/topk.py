@@ -431,10 +431,10 @@ def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: 
     262,144-entry table: a full row 17.2 → 14.1 µs, an 8k-token context 8.5 → 6.8 µs; 65,536-entry
     rows keep 8,192-entry chunks (16.0 µs against 17.9 for B = 16)."""
     max_chunk = min(max_chunk, MAX_CHUNK)
-    rounds = _ttopk.plan(T, L, k, max(1, sms // 4), chunk, max_chunk)
-    if chunk is None and 2 * T < max(1, sms // 4) and L > 65536 and 2 * k <= 8192:  # split for want of rows
-        rounds = _ttopk.plan(T, L, k, max(1, sms // 4), 4096, min(max_chunk, 8192))
-    return rounds
+    split_sms = max(1, sms // 4)  # the Triton plan splits a row while 2·T < this
+    if chunk is None and 2 * T < split_sms and L > 65536 and 2 * k <= 8192:
+        return _ttopk.plan(T, L, k, split_sms, 4096, min(max_chunk, 8192))
+    return _ttopk.plan(T, L, k, split_sms, chunk, max_chunk)
 
 
 def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor, token_to_req: torch.Tensor,
