@@ -14,7 +14,9 @@ warpgroups):
   gathered with 16-byte ``cp.async`` (four threads per record: one slot load, one address) into one of
   two staging buffers; tile ``i + 1``'s gather is issued once tile ``i`` is decoded, so it is in
   flight while tile ``i`` is multiplied (issued after the decode's proxy fence, which ptxas emits as
-  ``MEMBAR.ALL.CTA`` + ``FENCE.VIEW.ASYNC.S``; issuing it before the decode measured the same);
+  ``MEMBAR.ALL.CTA`` + ``FENCE.VIEW.ASYNC.S``; issuing it before the decode measured the same). The
+  slots it needs were loaded into registers a tile earlier (a predicated load, no branch), so no
+  index round trip to memory sits between a tile's multiplies and the next tile's decode;
 * the decode turns the staged e4m3 bytes times their UE8M0 block scales (exact) and the bf16 rope dims
   into one bf16 ``[64 candidates, 512]`` tile in shared memory with 16-byte stores (a quarter warp
   per 128-byte row: no bank conflicts). Invalid candidates decode to zeros;
@@ -57,6 +59,7 @@ from cutlass.utils import hopper_helpers as sm90
 from ... import layouts
 from ..triton import attention as _tattn
 from ..triton._common import cdiv, sm_programs
+from ..triton._launch import pdl_meta
 from ._common import _capability, arch_name
 from ._math import TORCH_TO_CUTE
 
@@ -98,6 +101,19 @@ def _ld_shared_v4(addr):
 
 def _st_shared_v4(addr, a, b, c, d):
     cute.arch.inline_ptx("st.shared.v4.b32 [{$r0}], { {$r1}, {$r2}, {$r3}, {$r4} };", read_only_args=[addr, a, b, c, d])
+
+
+def _ld_slot(addr, pred, isz: int):
+    """The ``isz``-byte (4 / 8) signed index at global ``addr`` as Int64, −1 where ``pred`` is false
+    (not read)."""
+    if isz == 8:
+        return cute.arch.inline_ptx(
+            "{ .reg .pred p; setp.ne.u32 p, {$r1}, 0; mov.b64 {$w0}, -1; @p ld.global.nc.s64 {$w0}, [{$r0}]; }",
+            write_only_types=[Int64], read_only_args=[addr, Uint32(pred)])
+    return cute.arch.inline_ptx(
+        "{ .reg .pred p; .reg .s32 v; setp.ne.u32 p, {$r1}, 0; mov.b32 v, -1; @p ld.global.nc.s32 v, [{$r0}];"
+        " cvt.s64.s32 {$w0}, v; }",
+        write_only_types=[Int64], read_only_args=[addr, Uint32(pred)])
 
 
 def _st_global_v2_f32(addr, a, b):
@@ -163,23 +179,27 @@ class SparseAttnKernel:
         )
 
     @cute.jit
-    def _gather(self, swa_row, comp_row, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W, j0, end,
-                stage_base, valid_stage, buf, tid):
-        """cp.async of the records of candidates ``j0 .. j0+63`` into staging buffer ``buf`` and their
-        valid flags into ``valid_stage``: four threads per candidate (one slot load, one address), each
-        copying every fourth of the record's 36 16-byte token chunks and the first one its 8 scale
-        bytes; invalid candidates are not read."""
+    def _slot(self, swa_addr, comp_addr, isz: cutlass.Constexpr, W, j0, end, tid):
+        """The global slot of this thread's candidate of the tile starting at ``j0`` (thread ``tid``
+        serves candidate ``j0 + tid / 4``), −1 past ``end``; ``swa_addr`` / ``comp_addr`` are the
+        token's index rows, ``isz`` bytes per index. One predicated load without a branch: issued a
+        tile before ``_gather`` needs it, so its latency stays off the tile's critical path."""
+        j = j0 + tid // 4
+        addr = swa_addr + Int64(j) * isz
+        if const_expr(self.has_comp):
+            addr = cutlass.select_(j < W, addr, comp_addr + Int64(j - W) * isz)
+        return _ld_slot(addr, j < end, isz)
+
+    @cute.jit
+    def _gather(self, slot, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W, j0, stage_base,
+                valid_stage, buf, tid):
+        """cp.async of the records of candidates ``j0 .. j0+63`` (this thread's: ``slot``, from
+        ``_slot``) into staging buffer ``buf`` and their valid flags into ``valid_stage``: four threads
+        per candidate, each copying every fourth of the record's 36 16-byte token chunks and the first
+        one its 8 scale bytes; invalid candidates are not read."""
         c = tid // 4
         q = tid % 4
-        j = j0 + c
-        slot = Int64(-1)
-        if j < end:
-            if j < W:
-                slot = Int64(swa_row[j])
-            else:
-                if const_expr(self.has_comp):
-                    slot = Int64(comp_row[j - W])
-        is_swa = j < W
+        is_swa = j0 + c < W
         ok = (slot >= 0) & (slot < cutlass.select_(is_swa, swa_cap, comp_cap))
         if q == 0:
             valid_stage[buf * BN + c] = Int32(ok)
@@ -272,10 +292,11 @@ class SparseAttnKernel:
         start = sp * per_split
         end = cutlass.min(start + per_split, W + K)
         n_tiles = (end - start + BN - 1) // BN
-        swa_row = mSwaIdx[t, None]
-        comp_row = swa_row
+        isz = mSwaIdx.element_type.width // 8
+        swa_addr = mSwaIdx.iterator.toint() + Int64(t) * Int64(mSwaIdx.stride[0]) * isz
+        comp_addr = swa_addr
         if const_expr(self.has_comp):
-            comp_row = mCompIdx[t, None]
+            comp_addr = mCompIdx.iterator.toint() + Int64(t) * Int64(mCompIdx.stride[0]) * isz
         swa_base = mSwa.iterator.toint()
         comp_base = swa_base
         if const_expr(self.has_comp):
@@ -297,10 +318,11 @@ class SparseAttnKernel:
                 _cp_async16(dst, q_row0 + Int64(h0 + r) * Int64(mQ.stride[1]) * 2 + Int64(ch * 16))
             else:
                 _st_shared_v4(dst, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
-        # tile 0's gather joins the queries' group
-        self._gather(swa_row, comp_row, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W, start, end,
-                     stage_base, valid_stage, 0, tid)
+        # tile 0's gather joins the queries' group; tile 1's slots are loaded now, used a tile later
+        self._gather(self._slot(swa_addr, comp_addr, isz, W, start, end, tid), swa_base, comp_base, swa_page, comp_page,
+                     swa_cap, comp_cap, W, start, stage_base, valid_stage, 0, tid)
         cute.arch.cp_async_commit_group()
+        slot_next = self._slot(swa_addr, comp_addr, isz, W, start + BN, end, tid)
 
         # ---- MMAs ----
         # each warpgroup computes S for its half of the tile's candidates (SN of them); both read all of
@@ -337,9 +359,10 @@ class SparseAttnKernel:
             cute.arch.fence_view_async_shared()
             cute.arch.sync_threads()
             if it + 1 < n_tiles:
-                self._gather(swa_row, comp_row, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W,
-                             start + (it + 1) * BN, end, stage_base, valid_stage, 1 - buf, tid)
+                self._gather(slot_next, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W,
+                             start + (it + 1) * BN, stage_base, valid_stage, 1 - buf, tid)
             cute.arch.cp_async_commit_group()
+            slot_next = self._slot(swa_addr, comp_addr, isz, W, start + (it + 2) * BN, end, tid)  # two tiles ahead
 
             # S = Q·Kᵀ
             warpgroup.fence()
@@ -526,9 +549,10 @@ def splits_for(T: int, H: int, n_cand: int, sms: int) -> tuple[int, int]:
 
 
 def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale: float, swa_block_size: int,
-                comp_block_size: int, splits: int | None = None, pdl: bool = False) -> torch.Tensor:
+                comp_block_size: int, splits: int | None = None, pdl: bool | None = None) -> torch.Tensor:
     """``kernels.triton.attention.sparse_attn``'s result from the wgmma kernel (``supports`` must hold).
-    ``splits`` forces the number of candidate splits (tests)."""
+    ``splits`` forces the number of candidate splits (tests); ``pdl``: programmatic dependent launch
+    (default: as the package's Triton kernels, ``_launch.pdl_meta``)."""
     T, H, _ = q.shape
     out = torch.empty((T, H, D), dtype=torch.bfloat16, device=q.device)
     if T == 0:
@@ -552,6 +576,8 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
         per_split = cdiv(cdiv(max(W + K, 1), splits), BN) * BN  # whole tiles
         n_split = max(1, cdiv(W + K, per_split))
     split = n_split > 1
+    if pdl is None:
+        pdl = pdl_meta(q.device.index) is not None
     part = m = l_ = None
     if split:
         part = torch.empty((T, n_split, H, D), dtype=torch.float32, device=q.device)
