@@ -76,13 +76,16 @@ def _sparse_attn_cases():
 
 
 def _check_sparse_attn_ptx(name: str, arch: str, ptx: str) -> None:
-    # per tile and warpgroup: Q·Kᵀ of its 32 candidates over 512 dims, P·V of the 64 over its 256 value dims
-    for shape, want in (("m64n32k16", 32), ("m64n256k16", 4)):
+    # per tile and warpgroup: Q·Kᵀ of its 32 candidates over 512 dims, P·V of the 64 over its 256 value dims,
+    # each once per K tile buffer (two)
+    for shape, want in (("m64n32k16", 2 * 32), ("m64n256k16", 2 * 4)):
         n = len(re.findall(rf"\bwgmma\.mma_async\.sync\.aligned\.{shape}\.f32\.bf16\.bf16", ptx))
         if n != want:
             raise AssertionError(f"{name}@{arch}: {n} bf16 {shape} wgmma in the PTX, want {want}")
     if "cp.async.cg.shared.global" not in ptx:
-        raise AssertionError(f"{name}@{arch}: the records are not gathered with 16-byte cp.async")
+        raise AssertionError(f"{name}@{arch}: the queries are not loaded with 16-byte cp.async")
+    if "ld.global.nc.L1::no_allocate.v4.u32" not in ptx:
+        raise AssertionError(f"{name}@{arch}: the records are not loaded into registers 16 bytes at a time")
 
 
 def _check_topk_ptx(name: str, arch: str, ptx: str) -> None:

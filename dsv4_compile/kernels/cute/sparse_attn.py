@@ -10,16 +10,19 @@ warpgroups):
 
 * the 64 query heads (bf16, 64 KB) sit in shared memory for the CTA's life, in the 128-byte swizzled
   K-major layout wgmma reads;
-* candidates come in tiles of 64. Each tile's records (576 token bytes and 8 scale bytes each) are
-  gathered with 16-byte ``cp.async`` (four threads per record: one slot load, one address) into one of
-  two staging buffers; tile ``i + 1``'s gather is issued once tile ``i`` is decoded, so it is in
-  flight while tile ``i`` is multiplied (issued after the decode's proxy fence, which ptxas emits as
-  ``MEMBAR.ALL.CTA`` + ``FENCE.VIEW.ASYNC.S``; issuing it before the decode measured the same). The
-  slots it needs were loaded into registers a tile earlier (a predicated load, no branch), so no
-  index round trip to memory sits between a tile's multiplies and the next tile's decode;
-* the decode turns the staged e4m3 bytes times their UE8M0 block scales (exact) and the bf16 rope dims
-  into one bf16 ``[64 candidates, 512]`` tile in shared memory with 16-byte stores (a quarter warp
-  per 128-byte row: no bank conflicts). Invalid candidates decode to zeros;
+* candidates come in tiles of 64, decoded into one of two bf16 ``[64 candidates, 512]`` K tiles in
+  shared memory (the 128-byte swizzled layout both multiplies read). Each record (576 token bytes and
+  8 scale bytes) is loaded by four threads straight into registers, 16 bytes per load (nine chunks
+  and the scale bytes each: 38 registers); invalid candidates are not read and hold zeros. While
+  ``S = Q·Kᵀ`` of tile ``i`` runs on the tensor cores, the same threads decode tile ``i + 1`` from
+  their registers into the other K tile (e4m3 times its UE8M0 block scale, exact; rope dims as
+  stored; 16-byte stores spread evenly over the swizzled banks), then load tile ``i + 2`` into the
+  registers; the slots for those loads were read a tile earlier still (a predicated load, no
+  branch), so no round trip to memory sits on a tile's critical path. Before this form (cp.async
+  into two staging buffers, then a decode between the multiplies of consecutive tiles): H200, 64k,
+  graph replay, V4-Flash CSA B = 2 / 32 / 64 12.8 / 25.4 / 36.0 → 12.4 / 24.8 / 35.4 µs, one CTA over
+  640 candidates 46.8 → 39.2 µs, HCA B = 64 35.6 → 34.1, V4-Pro CSA B = 64 87.7 → 86.4; prefill
+  (T = 4096) 1481 → 1506 µs. 255 registers, no spills;
 * ``S = Q·Kᵀ`` (``wgmma`` m64n32k16, both operands from shared memory): each warpgroup computes the
   scores of half of the tile's candidates; the row maxima of the two halves meet in shared memory,
   and each warpgroup writes its half of ``P`` (bf16) into one shared ``[64, 64]`` tile;
@@ -33,15 +36,19 @@ Splits write fp32 partials ``(acc, m, l)`` in the layout of the Triton kernel's,
 combine kernels; an unsplit CTA applies the sink and writes bf16.
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, partial
-merge included, kernel against kernel on the same inputs): V4-Flash B = 1 / 8 / 32 / 64 12.2 / 16.6 /
-27.9 / 38.7 µs (the Triton kernel 11.0 / 24.6 / 47.3 / 67.7; FlashMLA 12.4 / 15.1 / 25.0 / 44.5 in
-issue 14's measurement), V4-Pro B = 1 / 64 13.4 / 92.8 against 20.3 / 204.6 µs; prefill (T = 4096)
-219 TFLOPS. One CTA per SM runs gather, decode, both multiplies and the softmax one after another
-(``ncu``, an earlier form: about a quarter of the issue slots used). Tried and slower: a
-warp-specialized form (a producer warpgroup decoding 32-candidate tiles into a double-buffered K tile
-for two consumer warpgroups): 79 against 56 µs at B = 64 then, its Q·Kᵀ on 32-wide tiles costing more
-than the overlap saved; each warpgroup multiplying half the dims with the partial scores exchanged
-through shared memory (spilled).
+merge included, the op): V4-Flash B = 1 / 8 / 32 / 64 10.9 / 15.3 / 25.4 / 35.9 µs before the
+register-staged form above (B = 1 with 64 heads runs the Triton kernel; FlashMLA 12.4 / 15.1 / 25.0 /
+44.5 in issue 14's measurement), V4-Pro B = 1 / 64 13.2 / 89.7 µs; prefill (T = 4096) 232 TFLOPS.
+One CTA per SM still runs both multiplies and the softmax one after another, about 4 µs per
+64-candidate tile; removing one part at a time from the cp.async form (B = 64, 5 tiles per CTA,
+36 µs) saved: the decode 6.0 µs, the gather 5.7, the softmax 3.9, P·V 3.7, Q·Kᵀ 2.2. Also tried and
+slower: a warp-specialized form (a producer warpgroup decoding 32-candidate tiles into a
+double-buffered K tile for two consumer warpgroups): 79 against 56 µs at B = 64 then, its Q·Kᵀ on
+32-wide tiles costing more than the overlap saved; each warpgroup multiplying half the dims with the
+partial scores exchanged through shared memory (spilled); the splits merged by the last CTA of each
+(token, head block) instead of the combine kernel (tickets, a release and an acquiring wait): 36.2 →
+42.1 µs at B = 64 with two splits, 15 → 51 µs at B = 8 with ten (one CTA reads every other split's
+128 KB partial alone).
 """
 
 from __future__ import annotations
@@ -73,8 +80,10 @@ SN = BN // 2  # candidates of a tile whose scores one warpgroup computes
 THREADS = 256  # two warpgroups
 WG = 128
 DV = D // 2  # value dims per warpgroup
-STAGE_REC = TOKEN_BYTES + 16  # staged record: 576 token bytes, then the 8 scale bytes (16-byte aligned)
-CHUNKS = TOKEN_BYTES // 16  # 36 16-byte chunks of token data per record
+CHUNKS = TOKEN_BYTES // 16  # 36 16-byte chunks of token data per record, 9 per thread of its four
+FP8_CHUNKS = NOPE // 16  # the first 28 hold e4m3 dims (16 each: a quarter of a 64-dim scale block)
+REC_WORDS = CHUNKS + 2  # a thread's share of a record in registers: 9 chunks x 4 words, the 8 scale bytes
+TILE_BYTES = BN * D * 2  # one bf16 [64, 512] K tile
 NEG_BIG = _tattn._NEG_BIG.value  # "no candidate yet" running max: the Triton kernel's (its combine assumes it)
 LOG2E = _tattn.LOG2E
 _ROW = LayoutEnum.ROW_MAJOR  # K-major wgmma operands
@@ -85,35 +94,40 @@ def _cp_async16(smem_addr, gmem_addr):
     cute.arch.inline_ptx("cp.async.cg.shared.global [{$r0}], [{$r1}], 16;", read_only_args=[smem_addr, gmem_addr])
 
 
-def _cp_async8(smem_addr, gmem_addr):
-    cute.arch.inline_ptx("cp.async.ca.shared.global [{$r0}], [{$r1}], 8;", read_only_args=[smem_addr, gmem_addr])
-
-
-def _ld_shared_v2(addr):
-    return cute.arch.inline_ptx("ld.shared.v2.b32 { {$w0}, {$w1} }, [{$r0}];", write_only_types=[Uint32, Uint32],
-                                read_only_args=[addr])
-
-
-def _ld_shared_v4(addr):
-    return cute.arch.inline_ptx("ld.shared.v4.b32 { {$w0}, {$w1}, {$w2}, {$w3} }, [{$r0}];",
-                                write_only_types=[Uint32, Uint32, Uint32, Uint32], read_only_args=[addr])
-
-
 def _st_shared_v4(addr, a, b, c, d):
     cute.arch.inline_ptx("st.shared.v4.b32 [{$r0}], { {$r1}, {$r2}, {$r3}, {$r4} };", read_only_args=[addr, a, b, c, d])
 
 
 def _ld_slot(addr, pred, isz: int):
     """The ``isz``-byte (4 / 8) signed index at global ``addr`` as Int64, −1 where ``pred`` is false
-    (not read)."""
+    (not read). (Outputs are written last: the asm's outputs may share registers with its inputs.)"""
     if isz == 8:
         return cute.arch.inline_ptx(
-            "{ .reg .pred p; setp.ne.u32 p, {$r1}, 0; mov.b64 {$w0}, -1; @p ld.global.nc.s64 {$w0}, [{$r0}]; }",
+            "{ .reg .pred p; .reg .s64 v; setp.ne.u32 p, {$r1}, 0; mov.b64 v, -1; @p ld.global.nc.s64 v, [{$r0}];"
+            " mov.b64 {$w0}, v; }",
             write_only_types=[Int64], read_only_args=[addr, Uint32(pred)])
     return cute.arch.inline_ptx(
         "{ .reg .pred p; .reg .s32 v; setp.ne.u32 p, {$r1}, 0; mov.b32 v, -1; @p ld.global.nc.s32 v, [{$r0}];"
         " cvt.s64.s32 {$w0}, v; }",
         write_only_types=[Int64], read_only_args=[addr, Uint32(pred)])
+
+
+def _ld_rec_v4(addr, pred):
+    """16 bytes of a cache record at global ``addr`` (read-only path, not kept in L1) as four words;
+    zeros where ``pred`` is false (not read)."""
+    return cute.arch.inline_ptx(
+        "{ .reg .pred p; .reg .b32 a, b, c, d; setp.ne.u32 p, {$r1}, 0; mov.b32 a, 0; mov.b32 b, 0; mov.b32 c, 0;"
+        " mov.b32 d, 0; @p ld.global.nc.L1::no_allocate.v4.u32 {a, b, c, d}, [{$r0}];"
+        " mov.b32 {$w0}, a; mov.b32 {$w1}, b; mov.b32 {$w2}, c; mov.b32 {$w3}, d; }",
+        write_only_types=[Uint32, Uint32, Uint32, Uint32], read_only_args=[addr, Uint32(pred)])
+
+
+def _ld_rec_v2(addr, pred):
+    """``_ld_rec_v4`` for 8 bytes (two words)."""
+    return cute.arch.inline_ptx(
+        "{ .reg .pred p; .reg .b32 a, b; setp.ne.u32 p, {$r1}, 0; mov.b32 a, 0; mov.b32 b, 0;"
+        " @p ld.global.nc.L1::no_allocate.v2.u32 {a, b}, [{$r0}]; mov.b32 {$w0}, a; mov.b32 {$w1}, b; }",
+        write_only_types=[Uint32, Uint32], read_only_args=[addr, Uint32(pred)])
 
 
 def _st_global_v2_f32(addr, a, b):
@@ -191,66 +205,61 @@ class SparseAttnKernel:
         return _ld_slot(addr, j < end, isz)
 
     @cute.jit
-    def _gather(self, slot, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W, j0, stage_base,
-                valid_stage, buf, tid):
-        """cp.async of the records of candidates ``j0 .. j0+63`` (this thread's: ``slot``, from
-        ``_slot``) into staging buffer ``buf`` and their valid flags into ``valid_stage``: four threads
-        per candidate, each copying every fourth of the record's 36 16-byte token chunks and the first
-        one its 8 scale bytes; invalid candidates are not read."""
-        c = tid // 4
+    def _load(self, slot, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W, j0, rec, tid):
+        """This thread's share of the record of its candidate of the tile starting at ``j0`` (slot
+        ``slot``, from ``_slot``) into the registers ``rec``: 16-byte chunks ``q, q+4, .., q+32``
+        (``q = tid % 4``) and the record's 8 scale bytes; zeros for an invalid candidate (−1, past
+        its cache: not read). Plain loads: issued a tile before ``_decode`` uses them, their latency
+        hides behind that tile's multiplies. Returns whether the candidate is valid."""
         q = tid % 4
-        is_swa = j0 + c < W
+        is_swa = j0 + tid // 4 < W
         ok = (slot >= 0) & (slot < cutlass.select_(is_swa, swa_cap, comp_cap))
-        if q == 0:
-            valid_stage[buf * BN + c] = Int32(ok)
-        if ok:
-            bs = Int64(self.swa_bs)
-            base = swa_base
-            page = swa_page
-            if const_expr(self.has_comp):
-                if not is_swa:
-                    bs = Int64(self.comp_bs)
-                    base = comp_base
-                    page = comp_page
-            page_off = base + (slot // bs) * page
-            k = slot % bs
-            src = page_off + k * TOKEN_BYTES + Int64(q * 16)
-            dst = stage_base + Int32((buf * BN + c) * STAGE_REC + q * 16)
-            for i in cutlass.range_constexpr((CHUNKS + 3) // 4):
-                if const_expr(4 * i + 3 < CHUNKS):
-                    _cp_async16(dst + Int32(64 * i), src + Int64(64 * i))
-                else:
-                    if 4 * i + q < CHUNKS:
-                        _cp_async16(dst + Int32(64 * i), src + Int64(64 * i))
-            if q == 0:
-                _cp_async8(stage_base + Int32((buf * BN + c) * STAGE_REC + TOKEN_BYTES),
-                           page_off + bs * TOKEN_BYTES + k * SCALE_BYTES)
+        s = cutlass.select_(ok, slot, Int64(0))
+        page_off = swa_base + (s // self.swa_bs) * swa_page  # block sizes are compile-time constants
+        k = s % self.swa_bs
+        bs = Int64(self.swa_bs)
+        if const_expr(self.has_comp):
+            page_off = cutlass.select_(is_swa, page_off, comp_base + (s // self.comp_bs) * comp_page)
+            k = cutlass.select_(is_swa, k, s % self.comp_bs)
+            bs = cutlass.select_(is_swa, bs, Int64(self.comp_bs))
+        src = page_off + k * TOKEN_BYTES + Int64(q * 16)
+        for i in cutlass.range_constexpr(CHUNKS // 4):
+            w0, w1, w2, w3 = _ld_rec_v4(src + Int64(64 * i), ok)
+            rec[4 * i] = w0
+            rec[4 * i + 1] = w1
+            rec[4 * i + 2] = w2
+            rec[4 * i + 3] = w3
+        s0, s1 = _ld_rec_v2(page_off + bs * TOKEN_BYTES + k * SCALE_BYTES, ok)
+        rec[CHUNKS] = s0
+        rec[CHUNKS + 1] = s1
+        return ok
 
     @cute.jit
-    def _decode(self, stage_base, k_base, valid_stage, valid, buf, tid):
-        """Staged tile → the bf16 ``[64, 512]`` K tile (zeros for invalid candidates) and ``valid``.
-        Thread ``tid`` decodes 16-byte chunk ``tid % 8`` of every 64-dim block of candidates
-        ``tid / 8`` and ``tid / 8 + 32``: the block (e4m3 or rope) is the same for the whole CTA at each
-        step, and the 8 lanes of a quarter warp write one 128-byte row (no bank conflicts)."""
-        ch = tid % 8
-        for h in cutlass.range_constexpr(2):
-            c = tid // 8 + 32 * h
-            ok = valid_stage[buf * BN + c] != 0
-            if ch == 0:
-                valid[c] = Int32(ok)
-            rec = stage_base + Int32((buf * BN + c) * STAGE_REC)
-            for blk in cutlass.range_constexpr(D // 64):
-                dst = k_base + Int32(_tile_offset(c, blk * 8 + ch))
-                if const_expr(blk < NOPE // 64):
-                    x0, x1 = _ld_shared_v2(rec + Int32(blk * 64 + ch * 8))
-                    sb = Int32(cute.arch.inline_ptx("ld.shared.u8 {$w0}, [{$r0}];", write_only_types=[Uint32],
-                                                    read_only_args=[rec + Int32(TOKEN_BYTES + blk)]))
-                    w0, w1, w2, w3 = _e4m3x8_bf16(x0, x1, (sb << 23).bitcast(Float32))  # 2^(byte − 127)
-                else:  # rope dims: bf16 as stored
-                    w0, w1, w2, w3 = _ld_shared_v4(rec + Int32(NOPE + ch * 16))
-                z = Uint32(0)
-                _st_shared_v4(dst, cutlass.select_(ok, w0, z), cutlass.select_(ok, w1, z), cutlass.select_(ok, w2, z),
-                              cutlass.select_(ok, w3, z))
+    def _decode(self, rec, ok, k_base, valid, v0, tid):
+        """``_load``'s registers → this thread's 16-byte chunks of its candidate's row (``tid / 4``) of
+        the bf16 ``[64, 512]`` K tile at ``k_base`` (e4m3 x their UE8M0 block scale, exact; rope dims
+        as stored; zeros for an invalid candidate, whose registers are zeros) and its ``valid`` flag.
+        Chunk ``q + 4i`` of the record is dims ``16(q + 4i) ..`` (scale block ``i``) for ``i < 7``,
+        rope dims ``448 + 8(q + 4(i − 7)) ..`` after; a warp's 16-byte stores spread evenly over the
+        swizzled banks (four wavefronts per store, the least for 512 bytes)."""
+        c = tid // 4
+        q = tid % 4
+        if q == 0:
+            valid[v0 + c] = Int32(ok)
+        for i in cutlass.range_constexpr(CHUNKS // 4):
+            if const_expr(i < FP8_CHUNKS // 4):
+                word = rec[CHUNKS + i // 4]
+                sb = (word >> (8 * (i % 4))) & Uint32(0xFF)
+                scale = (sb << 23).bitcast(Float32)  # 2^(byte − 127)
+                ch = 2 * (q + 4 * i)  # 8-dim chunk of the tile row
+                w0, w1, w2, w3 = _e4m3x8_bf16(rec[4 * i], rec[4 * i + 1], scale)
+                _st_shared_v4(k_base + Int32(_tile_offset(c, ch)), w0, w1, w2, w3)
+                w0, w1, w2, w3 = _e4m3x8_bf16(rec[4 * i + 2], rec[4 * i + 3], scale)
+                _st_shared_v4(k_base + Int32(_tile_offset(c, ch + 1)), w0, w1, w2, w3)
+            else:  # rope dims: bf16 as stored
+                ch = NOPE // 8 + q + 4 * (i - FP8_CHUNKS // 4)
+                _st_shared_v4(k_base + Int32(_tile_offset(c, ch)), rec[4 * i], rec[4 * i + 1], rec[4 * i + 2],
+                              rec[4 * i + 3])
 
     @cute.kernel
     def kernel(self, mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split: Int32,
@@ -270,23 +279,20 @@ class SparseAttnKernel:
 
         # ---- shared memory ----
         q_layout = sm90.make_smem_layout_a(_ROW, (BH, BN, D), BFloat16, 1)
-        k_layout = sm90.make_smem_layout_b(_ROW, (BH, BN, D), BFloat16, 1)  # (N = candidates, K = dims)
-        v_layout = sm90.make_smem_layout_b(_COL, (BH, D, BN), BFloat16, 1)  # (N = dims, K = candidates)
+        k_layout = sm90.make_smem_layout_b(_ROW, (BH, BN, D), BFloat16, 2)  # (N = candidates, K = dims, tile)
+        v_layout = sm90.make_smem_layout_b(_COL, (BH, D, BN), BFloat16, 2)  # (N = dims, K = candidates, tile)
         smem = cutlass.memory.SmemAllocator()
         # the 128-byte swizzle on the pointers (as wgmma descriptors want it); _tile_offset writes the
         # same bytes by hand
         sQ = smem.allocate_tensor(BFloat16, q_layout.outer, byte_alignment=1024, swizzle=q_layout.inner)
         sK = smem.allocate_tensor(BFloat16, k_layout.outer, byte_alignment=1024, swizzle=k_layout.inner)
         sV = cute.make_tensor(sK.iterator, v_layout.outer)  # the same bytes, read N-major by P·V
-        stage = smem.allocate_tensor(Uint8, cute.make_layout(2 * BN * STAGE_REC), byte_alignment=128)
-        valid_stage = smem.allocate_tensor(Int32, cute.make_layout(2 * BN), byte_alignment=16)
-        valid = smem.allocate_tensor(Int32, cute.make_layout(BN), byte_alignment=16)
+        valid = smem.allocate_tensor(Int32, cute.make_layout(2 * BN), byte_alignment=16)  # per K tile
         p_layout = sm90.make_smem_layout_a(_ROW, (BH, DV, BN), BFloat16, 1)
         sP = smem.allocate_tensor(BFloat16, p_layout.outer, byte_alignment=1024, swizzle=p_layout.inner)
         red = smem.allocate_tensor(Float32, cute.make_layout(4 * BH), byte_alignment=16)  # [max | sum][wg][row]
         q_base = sQ.iterator.toint()
         k_base = sK.iterator.toint()
-        stage_base = stage.iterator.toint()
 
         # ---- the CTA's candidates ----
         start = sp * per_split
@@ -318,11 +324,18 @@ class SparseAttnKernel:
                 _cp_async16(dst, q_row0 + Int64(h0 + r) * Int64(mQ.stride[1]) * 2 + Int64(ch * 16))
             else:
                 _st_shared_v4(dst, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
-        # tile 0's gather joins the queries' group; tile 1's slots are loaded now, used a tile later
-        self._gather(self._slot(swa_addr, comp_addr, isz, W, start, end, tid), swa_base, comp_base, swa_page, comp_page,
-                     swa_cap, comp_cap, W, start, stage_base, valid_stage, 0, tid)
         cute.arch.cp_async_commit_group()
+        # tile 0 into K tile 0 (while the queries land), tile 1 into registers, tile 2's slots
+        rec = cute.make_rmem_tensor(REC_WORDS, Uint32)
+        ok = self._load(self._slot(swa_addr, comp_addr, isz, W, start, end, tid), swa_base, comp_base, swa_page,
+                        comp_page, swa_cap, comp_cap, W, start, rec, tid)
         slot_next = self._slot(swa_addr, comp_addr, isz, W, start + BN, end, tid)
+        self._decode(rec, ok, k_base, valid, 0, tid)
+        ok = self._load(slot_next, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W, start + BN, rec, tid)
+        slot_next = self._slot(swa_addr, comp_addr, isz, W, start + 2 * BN, end, tid)
+        cute.arch.cp_async_wait_group(0)
+        # generic-proxy writes of sQ / sK made visible to wgmma (ptxas: MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S)
+        cute.arch.fence_view_async_shared()
 
         # ---- MMAs ----
         # each warpgroup computes S for its half of the tile's candidates (SN of them); both read all of
@@ -334,8 +347,10 @@ class SparseAttnKernel:
         thr_qk = qk_mma.get_slice(wtid)
         thr_pv = pv_mma.get_slice(wtid)
         tSrQ = qk_mma.make_fragment_A(thr_qk.partition_A(sQ[None, None, 0]))
-        tSrK = qk_mma.make_fragment_B(thr_qk.partition_B(cute.local_tile(sK[None, None, 0], (SN, D), (wg, 0))))
-        tOrV = pv_mma.make_fragment_B(thr_pv.partition_B(cute.local_tile(sV[None, None, 0], (DV, BN), (wg, 0))))
+        tSrK0 = qk_mma.make_fragment_B(thr_qk.partition_B(cute.local_tile(sK[None, None, 0], (SN, D), (wg, 0))))
+        tSrK1 = qk_mma.make_fragment_B(thr_qk.partition_B(cute.local_tile(sK[None, None, 1], (SN, D), (wg, 0))))
+        tOrV0 = pv_mma.make_fragment_B(thr_pv.partition_B(cute.local_tile(sV[None, None, 0], (DV, BN), (wg, 0))))
+        tOrV1 = pv_mma.make_fragment_B(thr_pv.partition_B(cute.local_tile(sV[None, None, 1], (DV, BN), (wg, 0))))
         tOrP = pv_mma.make_fragment_A(thr_pv.partition_A(sP[None, None, 0]))
         acc_s = cute.make_rmem_tensor(thr_qk.partition_shape_C((BH, SN)), Float32)
         acc_o = cute.make_rmem_tensor(thr_pv.partition_shape_C((BH, DV)), Float32)
@@ -343,6 +358,8 @@ class SparseAttnKernel:
         cS = thr_qk.partition_C(cute.make_identity_tensor((BH, SN)))
         cO = thr_pv.partition_C(cute.make_identity_tensor((BH, DV)))
         acc_o.fill(0.0)
+        qk_mma.set(warpgroup.Field.ACCUMULATE, True)
+        pv_mma.set(warpgroup.Field.ACCUMULATE, True)
         m_i = cute.make_rmem_tensor(2, Float32)
         l_i = cute.make_rmem_tensor(2, Float32)
         for r in cutlass.range_constexpr(2):
@@ -351,39 +368,36 @@ class SparseAttnKernel:
 
         for it in cutlass.range(n_tiles):
             buf = it % 2
-            cute.arch.cp_async_wait_group(0)
-            cute.arch.sync_threads()  # staging[buf] landed for all; the last P·V finished reading sK
-            self._decode(stage_base, k_base, valid_stage, valid, buf, tid)
-            # generic-proxy writes of sQ / sK made visible to wgmma (ptxas: MEMBAR.ALL.CTA +
-            # FENCE.VIEW.ASYNC.S); the next tile's gather goes after it, into the other staging buffer
-            cute.arch.fence_view_async_shared()
+            # K tile `buf` (tile it) decoded and fenced by all; both warpgroups' last P·V finished
+            # reading K tile 1 − buf and P
             cute.arch.sync_threads()
-            if it + 1 < n_tiles:
-                self._gather(slot_next, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W,
-                             start + (it + 1) * BN, stage_base, valid_stage, 1 - buf, tid)
-            cute.arch.cp_async_commit_group()
-            slot_next = self._slot(swa_addr, comp_addr, isz, W, start + (it + 2) * BN, end, tid)  # two tiles ahead
-
-            # S = Q·Kᵀ
+            # S = Q·Kᵀ, in flight while this thread decodes tile it + 1 into the other K tile and
+            # loads tile it + 2 into its registers
+            acc_s.fill(0.0)
             warpgroup.fence()
-            qk_mma.set(warpgroup.Field.ACCUMULATE, False)
-            for kb in cutlass.range_constexpr(cute.size(tSrQ, mode=[2])):
-                cute.gemm(qk_mma, acc_s, tSrQ[None, None, kb], tSrK[None, None, kb], acc_s)
-                qk_mma.set(warpgroup.Field.ACCUMULATE, True)
-            warpgroup.commit_group()
+            if buf == 0:
+                _qk(qk_mma, acc_s, tSrQ, tSrK0)
+            else:
+                _qk(qk_mma, acc_s, tSrQ, tSrK1)
+            if it + 1 < n_tiles:
+                self._decode(rec, ok, k_base + Int32((1 - buf) * TILE_BYTES), valid, (1 - buf) * BN, tid)
+                ok = self._load(slot_next, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W,
+                                start + (it + 2) * BN, rec, tid)
+                slot_next = self._slot(swa_addr, comp_addr, isz, W, start + (it + 3) * BN, end, tid)
             warpgroup.wait_group(0)
 
-            _online_softmax(acc_s, acc_o, sP.iterator.toint(), red, m_i, l_i, cS, valid, qk_scale, wg, wtid)
+            # the softmax's proxy fence and barrier also publish the decode of tile it + 1
+            _online_softmax(acc_s, acc_o, sP.iterator.toint(), red, m_i, l_i, cS, valid, buf * BN, qk_scale, wg,
+                            wtid)
 
             # O += P·V
             warpgroup.fence()
-            pv_mma.set(warpgroup.Field.ACCUMULATE, True)
-            for kb in cutlass.range_constexpr(cute.size(tOrP, mode=[2])):
-                cute.gemm(pv_mma, acc_o, tOrP[None, None, kb], tOrV[None, None, kb], acc_o)
-            warpgroup.commit_group()
+            if buf == 0:
+                _pv(pv_mma, acc_o, tOrP, tOrV0)
+            else:
+                _pv(pv_mma, acc_o, tOrP, tOrV1)
             warpgroup.wait_group(0)
 
-        cute.arch.cp_async_wait_group(0)  # no copy outlives the CTA (one without tiles: the queries')
         _finish(self.split, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid)
 
     @staticmethod
@@ -421,7 +435,24 @@ class SparseAttnKernel:
 
 
 @cute.jit
-def _online_softmax(acc_s, acc_o, p_base, red, m_i, l_i, cS, valid, qk_scale, wg, wtid):
+def _qk(qk_mma, acc_s, tSrQ, tSrK):
+    """Issue ``S += Q·Kᵀ`` (the caller zeroes ``S``; one commit group; the caller waits). Both MMAs
+    always accumulate: their accumulate field is set once, outside the branches over K tiles."""
+    for kb in cutlass.range_constexpr(cute.size(tSrQ, mode=[2])):
+        cute.gemm(qk_mma, acc_s, tSrQ[None, None, kb], tSrK[None, None, kb], acc_s)
+    warpgroup.commit_group()
+
+
+@cute.jit
+def _pv(pv_mma, acc_o, tOrP, tOrV):
+    """Issue ``O += P·V`` (one commit group; the caller waits)."""
+    for kb in cutlass.range_constexpr(cute.size(tOrP, mode=[2])):
+        cute.gemm(pv_mma, acc_o, tOrP[None, None, kb], tOrV[None, None, kb], acc_o)
+    warpgroup.commit_group()
+
+
+@cute.jit
+def _online_softmax(acc_s, acc_o, p_base, red, m_i, l_i, cS, valid, v0, qk_scale, wg, wtid):
     """One tile's online softmax (base 2) for a warpgroup holding the scores of its half of the
     candidates (columns ``SN·wg ..``), on the thread's two rows (the four lanes of a quad share a row):
     scores of invalid candidates (``valid[col] == 0``) to −inf; the row maxima of both halves meet in
@@ -434,7 +465,7 @@ def _online_softmax(acc_s, acc_o, p_base, red, m_i, l_i, cS, valid, qk_scale, wg
     for i in cutlass.range_constexpr(cute.size(acc_s)):
         r = (i // 2) % 2
         s = acc_s[i] * qk_scale
-        if valid[cS[i][1] + wg * SN] == 0:
+        if valid[v0 + cS[i][1] + wg * SN] == 0:
             s = -Float32.inf
         acc_s[i] = s
         row_max[r] = cute.arch.fmax(row_max[r], s)
