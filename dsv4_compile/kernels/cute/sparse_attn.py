@@ -550,7 +550,7 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, red, mSink, mOut, mPa
 
 def supports(q: torch.Tensor, swa_cache: torch.Tensor, comp_cache) -> bool:
     """Whether this kernel can run the call: a Hopper GPU (wgmma), and caches whose base and page
-    stride allow 16-byte ``cp.async`` (every ``kv_insert``-made cache does; a view at an odd offset
+    stride allow 16-byte record loads (every ``kv_insert``-made cache does; a view at an odd offset
     goes to the Triton kernel)."""
     if q.device.type != "cuda" or _capability(q.device)[0] != 9:
         return False
