@@ -9,9 +9,10 @@ Beyond "it compiles", the PTX is checked for what the numerics and the target re
 * the cache inserts read kv rows with 128-bit loads and write the record with 128-bit stores (the
   e4m3 bytes, the bf16 rope bytes) and one 64-bit store (the scale record), never byte by byte;
 * sparse attention (sm_90a only: wgmma does not exist on sm_100a, where the op keeps the Triton
-  kernel) multiplies with ``wgmma`` (per tile and warpgroup: 32 m64n32k16 for Q·Kᵀ of its half of
-  the candidates, 4 m64n256k16 for P·V) and gathers the records with 16-byte ``cp.async``. It is not
-  bit-exact by design (a softmax), so the no-``fma`` rule does not apply to it.
+  kernel) multiplies with ``wgmma`` (per tile, K tile buffer and warpgroup: 32 m64n32k16 for Q·Kᵀ
+  of its half of the candidates, 4 m64n256k16 for P·V), loads the queries with 16-byte ``cp.async``
+  and the records into registers with 16-byte loads. It is not bit-exact by design (a softmax), so
+  the no-``fma`` rule does not apply to it.
 
     python -m dsv4_compile.kernels.cute.compile_check [sm_90a sm_100a]
 

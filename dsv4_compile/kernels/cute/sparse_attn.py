@@ -22,7 +22,8 @@ warpgroups):
   into two staging buffers, then a decode between the multiplies of consecutive tiles): H200, 64k,
   graph replay, V4-Flash CSA B = 2 / 32 / 64 12.8 / 25.4 / 36.0 → 12.4 / 24.8 / 35.4 µs, one CTA over
   640 candidates 46.8 → 39.2 µs, HCA B = 64 35.6 → 34.1, V4-Pro CSA B = 64 87.7 → 86.4; prefill
-  (T = 4096) 1481 → 1506 µs. 255 registers, no spills;
+  (T = 4096) 1481 → 1506 µs. 255 registers: no spills in the split CSA variant; ptxas 13.0 spills
+  20 bytes in the unsplit SWA-only variant and 8 in the unsplit C128 one with int64 indices;
 * ``S = Q·Kᵀ`` (``wgmma`` m64n32k16, both operands from shared memory): each warpgroup computes the
   scores of half of the tile's candidates; the row maxima of the two halves meet in shared memory,
   and each warpgroup writes its half of ``P`` (bf16) into one shared ``[64, 64]`` tile;
@@ -197,7 +198,7 @@ class SparseAttnKernel:
         """The global slot of this thread's candidate of the tile starting at ``j0`` (thread ``tid``
         serves candidate ``j0 + tid / 4``), −1 past ``end``; ``swa_addr`` / ``comp_addr`` are the
         token's index rows, ``isz`` bytes per index. One predicated load without a branch: issued a
-        tile before ``_gather`` needs it, so its latency stays off the tile's critical path."""
+        tile before ``_load`` needs it, so its latency stays off the tile's critical path."""
         j = j0 + tid // 4
         addr = swa_addr + Int64(j) * isz
         if const_expr(self.has_comp):
