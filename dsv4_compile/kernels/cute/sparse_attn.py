@@ -113,22 +113,16 @@ def _ld_slot(addr, pred, isz: int):
         write_only_types=[Int64], read_only_args=[addr, Uint32(pred)])
 
 
-def _ld_rec_v4(addr, pred):
-    """16 bytes of a cache record at global ``addr`` (read-only path, not kept in L1) as four words;
-    zeros where ``pred`` is false (not read)."""
+def _ld_rec(addr, pred, words: int):
+    """``words`` (2 / 4) 32-bit words of a cache record at global ``addr`` (read-only path, not kept
+    in L1), zeros where ``pred`` is false (not read)."""
+    regs = ", ".join(f"v{i}" for i in range(words))
     return cute.arch.inline_ptx(
-        "{ .reg .pred p; .reg .b32 a, b, c, d; setp.ne.u32 p, {$r1}, 0; mov.b32 a, 0; mov.b32 b, 0; mov.b32 c, 0;"
-        " mov.b32 d, 0; @p ld.global.nc.L1::no_allocate.v4.u32 {a, b, c, d}, [{$r0}];"
-        " mov.b32 {$w0}, a; mov.b32 {$w1}, b; mov.b32 {$w2}, c; mov.b32 {$w3}, d; }",
-        write_only_types=[Uint32, Uint32, Uint32, Uint32], read_only_args=[addr, Uint32(pred)])
-
-
-def _ld_rec_v2(addr, pred):
-    """``_ld_rec_v4`` for 8 bytes (two words)."""
-    return cute.arch.inline_ptx(
-        "{ .reg .pred p; .reg .b32 a, b; setp.ne.u32 p, {$r1}, 0; mov.b32 a, 0; mov.b32 b, 0;"
-        " @p ld.global.nc.L1::no_allocate.v2.u32 {a, b}, [{$r0}]; mov.b32 {$w0}, a; mov.b32 {$w1}, b; }",
-        write_only_types=[Uint32, Uint32], read_only_args=[addr, Uint32(pred)])
+        f"{{ .reg .pred p; .reg .b32 v<{words}>; setp.ne.u32 p, {{$r1}}, 0;"
+        + "".join(f" mov.b32 v{i}, 0;" for i in range(words))
+        + f" @p ld.global.nc.L1::no_allocate.v{words}.u32 {{{regs}}}, [{{$r0}}];"
+        + "".join(f" mov.b32 {{$w{i}}}, v{i};" for i in range(words)) + " }",
+        write_only_types=[Uint32] * words, read_only_args=[addr, Uint32(pred)])
 
 
 def _st_global_v2_f32(addr, a, b):
@@ -225,12 +219,12 @@ class SparseAttnKernel:
             bs = cutlass.select_(is_swa, bs, Int64(self.comp_bs))
         src = page_off + k * TOKEN_BYTES + Int64(q * 16)
         for i in cutlass.range_constexpr(CHUNKS // 4):
-            w0, w1, w2, w3 = _ld_rec_v4(src + Int64(64 * i), ok)
+            w0, w1, w2, w3 = _ld_rec(src + Int64(64 * i), ok, 4)
             rec[4 * i] = w0
             rec[4 * i + 1] = w1
             rec[4 * i + 2] = w2
             rec[4 * i + 3] = w3
-        s0, s1 = _ld_rec_v2(page_off + bs * TOKEN_BYTES + k * SCALE_BYTES, ok)
+        s0, s1 = _ld_rec(page_off + bs * TOKEN_BYTES + k * SCALE_BYTES, ok, 2)
         rec[CHUNKS] = s0
         rec[CHUNKS + 1] = s1
         return ok
@@ -301,16 +295,12 @@ class SparseAttnKernel:
         n_tiles = (end - start + BN - 1) // BN
         isz = mSwaIdx.element_type.width // 8
         swa_addr = mSwaIdx.iterator.toint() + Int64(t) * Int64(mSwaIdx.stride[0]) * isz
-        comp_addr = swa_addr
+        swa_base = mSwa.iterator.toint()
+        swa_page = Int64(mSwa.stride[0])
+        comp_addr, comp_base, comp_page = swa_addr, swa_base, swa_page  # unused without a compressed cache
         if const_expr(self.has_comp):
             comp_addr = mCompIdx.iterator.toint() + Int64(t) * Int64(mCompIdx.stride[0]) * isz
-        swa_base = mSwa.iterator.toint()
-        comp_base = swa_base
-        if const_expr(self.has_comp):
             comp_base = mComp.iterator.toint()
-        swa_page = Int64(mSwa.stride[0])
-        comp_page = swa_page
-        if const_expr(self.has_comp):
             comp_page = Int64(mComp.stride[0])
 
         # ---- queries into shared memory with 16-byte cp.async (heads past H: zeros) ----
