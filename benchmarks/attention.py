@@ -359,10 +359,12 @@ def indexer_rows(cases, split=True, topk=TOPK, **config):
             # mostly its own launch at small B (B = 1: 9.4 µs for a 3.4 µs logits kernel)
             n_bufs = max(2, min(len(c["sets"]), (4 << 30) // max(T * L * 4, 1)))
             bufs = [torch.empty(T, L, device="cuda") for _ in c["sets"][:n_bufs]]
-            lcall = lambda s, buf: lambda: kernels.indexer_logits_into(  # noqa: E731
-                buf, s["q"], s["qs"], s["w"], c["cache"], s["table"], c["token_to_req"], c["positions"], BS, fmt, 4,
-                **lconf)
-            row["logits_us"] = graph_time_us([lcall(s, buf) for s, buf in zip(c["sets"], bufs)])
+            # the kernel the op runs (CuTe on Hopper for FP8), and the Triton kernel beside it
+            for key, fn in (("logits_us", kernels.op_logits_into), ("logits_triton_us", kernels.indexer_logits_into)):
+                lcall = lambda s, buf, fn=fn: lambda: fn(  # noqa: E731
+                    buf, s["q"], s["qs"], s["w"], c["cache"], s["table"], c["token_to_req"], c["positions"], BS, fmt,
+                    4, **lconf)
+                row[key] = graph_time_us([lcall(s, buf) for s, buf in zip(c["sets"], bufs)])
             sms = torch.cuda.get_device_properties(0).multi_processor_count
             scall = lambda buf: lambda: topk_kernels.select_topk(buf, c["positions"], c["token_to_req"],  # noqa: E731
                                                                  c["reqs"], 4, topk, sms, chunk=config.get("chunk"),
@@ -380,15 +382,15 @@ def indexer_fmt(r):
              r["fmt"], f"{r['op_us']:.1f} µs"]
     if "logits_us" in r:
         cells += [f"{r['logits_us']:.1f} µs", _rate(r["k_bytes"], r["logits_us"], r["read_tbs"]),
-                  f"{r['select_us']:.1f} µs"]
+                  f"{r['logits_triton_us']:.1f} µs", f"{r['select_us']:.1f} µs"]
     else:
-        cells += ["-", "-", "-"]
+        cells += ["-", "-", "-", "-"]
     return "| " + " | ".join(cells) + " |"
 
 
 def indexer_table(ceil, rows):
     head = ("| tokens | ctx | max_model_len | fmt | indexer_topk | logits kernel | K bytes (% of read BW) "
-            "| selection |\n|---|---|---|---|---|---|---|---|")
+            "| Triton logits kernel | selection |\n|---|---|---|---|---|---|---|---|---|")
     return f"{ceilings_line(ceil)}\n\n{head}\n" + "\n".join(indexer_fmt(r) for r in rows)
 
 

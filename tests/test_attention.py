@@ -412,6 +412,134 @@ def test_indexer_logits_keep_nan_fp8():
     _nan_logits_agree((q, qs, w, cache, table, req, pos, bs), "fp8", torch.device("cuda"))
 
 
+# --- the CuTe-DSL FP8 logits kernel (Hopper: TMA + wgmma) --------------------------------------------
+def _cute_logits():
+    """``kernels.cute.indexer_logits`` where it runs (a Hopper GPU with CuTe DSL), else skip."""
+    from dsv4_compile.kernels.cute import HAVE_CUTE
+
+    if not (torch.cuda.is_available() and HAVE_CUTE and torch.cuda.get_device_capability()[0] == 9):
+        pytest.skip("the CuTe indexer logits kernel needs a Hopper GPU and CuTe DSL")
+    from dsv4_compile.kernels.cute import indexer_logits
+
+    return indexer_logits
+
+
+def _paged_fp8_case(seed, t, h, bs, n_req, blocks_per_req, idx_dtype=torch.int64):
+    """``t`` tokens over ``n_req`` requests of FP8 keys in ``bs``-entry pages: a padding token (request
+    −1), one at position −1 (nothing visible), one seeing every entry of its request, one seeing 70
+    entries (a partial tile), an unallocated page (−1) and a page index past the cache inside visible
+    entries (token ``t − 2`` reaches it), head weights of both signs. Returns the case and the same case with the unreadable pages
+    as −1 (what ``_dense_logits`` gathers as zero keys)."""
+    g = torch.Generator().manual_seed(seed)
+    n_pages = n_req * blocks_per_req + 3
+    cache, perm, q, _ = _indexer_inputs(g, "fp8", n_pages, t, h, bs)
+    table = perm[: n_req * blocks_per_req].view(n_req, blocks_per_req).int()
+    table[0, 1] = -1
+    table[1, blocks_per_req - 1] = n_pages + 5
+    req = torch.arange(t) % n_req
+    pos = torch.randint(0, 4 * blocks_per_req * bs, (t,), generator=g)
+    req[1] = -1
+    pos[2] = -1
+    pos[3] = 4 * blocks_per_req * bs - 1
+    pos[4] = 4 * 70 - 1
+    req[t - 2] = 1  # request 1 up to its page past the cache
+    pos[t - 2] = 4 * blocks_per_req * bs - 1
+    w = torch.rand(t, h, generator=g) - 0.3
+    case = (q, None, w, cache, table, req.to(idx_dtype), pos.to(idx_dtype), bs)
+    readable = torch.where((table >= 0) & (table < n_pages), table, -1)
+    return case, (q, None, w, cache, readable, req, pos, bs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bs", [64, 128])
+@pytest.mark.parametrize("h", [64, 20])
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
+def test_cute_indexer_logits_match_dense_logits(bs, h, idx_dtype):
+    """The TMA + wgmma kernel against fp64 logits of independently gathered keys, within the tensor-core
+    bound; nothing written at or past a token's visible count; the same bits for one CTA per token (its
+    stage ring wrapping several times), fewer stages, one consumer warpgroup, and without PDL; queries
+    read through a strided view."""
+    il = _cute_logits()
+    case, readable = _paged_fp8_case(5, 9, h, bs, 3, 5, idx_dtype)
+    want, abs_terms = _dense_logits(*readable, "fp8", abs_terms=True)
+    q, _, w, cache, table, req, pos, _ = _on("cuda", case)
+    wide = torch.zeros(q.shape[0], h, 256, dtype=torch.uint8, device="cuda")
+    wide[:, :, 64:192] = q.view(torch.uint8)
+    q_strided = wide[:, :, 64:192].view(torch.float8_e4m3fn)  # rows 256 bytes apart
+    L = table.shape[1] * bs
+
+    def run(qq, **cfg):
+        out = torch.full((q.shape[0], L + 5), 7.0, device="cuda")
+        il.indexer_logits_into(out, qq, w, cache, table, req, pos, bs, 4, **cfg)
+        return out.cpu()
+
+    got = run(q)
+    bound = _logit_bound("cuda")
+    for t, row in enumerate(want):
+        n = row.shape[0]
+        assert bool((got[t, n:] == 7.0).all()), t
+        err = (got[t, :n].double() - row).abs()
+        assert bool((err <= bound * abs_terms[t]).all()), (t, float((err / abs_terms[t]).max()))
+    assert sum(r.shape[0] for r in want) > 4 * 64 and want[1].shape[0] == 0 and want[2].shape[0] == 0
+    for cfg in (dict(programs=1, stages=2), dict(programs=1, stages=3, consumers=1), dict(programs=2, pdl=False)):
+        assert torch.equal(run(q, **cfg), got), cfg
+    assert torch.equal(run(q_strided), got)
+
+
+@pytest.mark.cuda
+def test_cute_indexer_logits_keep_nan():
+    """An e4m3 NaN in a key makes that entry's logit NaN (the ReLU is ``max.NaN``), as in the reference."""
+    il = _cute_logits()
+    case, readable = _paged_fp8_case(6, 6, 64, 64, 2, 3)
+    case[6][0] = 4 * 3 * 64 - 1  # token 0 (request 0) sees all three pages (``readable`` shares ``pos``)
+    cache = case[3]
+    vals = cache[:, : 64 * 128].view(cache.shape[0], 64, 128)
+    vals[int(case[4][0, 0]), 3, 5] = 0x7F
+    vals[int(case[4][0, 2]), 60, 100] = 0xFF
+    want = _dense_logits(*readable, "fp8")
+    q, _, w, cache, table, req, pos, bs = _on("cuda", case)
+    out = torch.full((q.shape[0], table.shape[1] * bs), 7.0, device="cuda")
+    got = il.indexer_logits_into(out, q, w, cache, table, req, pos, bs, 4).cpu()
+    assert any(torch.isnan(r).any() for r in want)
+    for t, row in enumerate(want):
+        assert torch.equal(torch.isnan(got[t, : row.shape[0]]), torch.isnan(row)), t
+
+
+@pytest.mark.cuda
+def test_indexer_topk_runs_the_cute_logits_on_hopper(monkeypatch):
+    """The op takes the CuTe logits for FP8 pages of 64 entries when the table holds enough tiles (and
+    the Triton kernel with ``DSV4_BACKEND=triton``); both selections are ``torch.topk``'s up to near-ties within the bound;
+    a CUDA graph of the op replays what eager computes."""
+    il = _cute_logits()
+    calls = []
+    real = il.indexer_logits_into
+    monkeypatch.setattr(il, "indexer_logits_into", lambda *a, **k: calls.append(1) or real(*a, **k))
+    case, readable = _paged_fp8_case(7, 9, 64, 64, 3, 60)  # 9 x 60 tiles: enough work for ``preferred``
+    dense, abs_terms = _dense_logits(*readable, "fp8", abs_terms=True)
+    slack = [_logit_bound("cuda") * a for a in abs_terms]
+    dev = _on("cuda", case)
+    sel = dsv4.indexer_topk(*dev, "fp8", 64).cpu()
+    assert calls, "the op did not run the CuTe logits kernel"
+    _check_topk(sel, dense, 64, slack_rows=slack)
+    monkeypatch.setenv("DSV4_BACKEND", "triton")
+    n_calls = len(calls)
+    _check_topk(dsv4.indexer_topk(*dev, "fp8", 64).cpu(), dense, 64, slack_rows=slack)
+    assert len(calls) == n_calls
+    monkeypatch.delenv("DSV4_BACKEND")
+    q = dev[0]
+    fresh = (torch.randn(q.shape, device="cuda") * 2).to(torch.float8_e4m3fn)
+    want = dsv4.indexer_topk(fresh, *dev[1:], "fp8", 64)
+    graph = torch.cuda.CUDAGraph()
+    dsv4.indexer_topk(*dev, "fp8", 64)  # warm up outside the capture
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        out = dsv4.indexer_topk(*dev, "fp8", 64)
+    q.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
 def test_indexer_topk_kernel_on_an_empty_cache(kernel_device):
     q, qs, w, cache, table, req, pos, bs = _topk_case("fp8")
     empty = cache[:0]

@@ -12,7 +12,11 @@ Beyond "it compiles", the PTX is checked for what the numerics and the target re
   kernel) multiplies with ``wgmma`` (per tile, K tile buffer and warpgroup: 32 m64n32k16 for Q·Kᵀ
   of its half of the candidates, 4 m64n256k16 for P·V), loads the queries with 16-byte ``cp.async``
   and the records into registers with 16-byte loads. It is not bit-exact by design (a softmax), so
-  the no-``fma`` rule does not apply to it.
+  the no-``fma`` rule does not apply to it;
+* the FP8 indexer logits (sm_90a only, for the same reason) load each 64-entry tile of keys with one
+  TMA tensor copy and its scales with one bulk copy, multiply with ``wgmma`` (four m64n64k32 e4m3 per
+  tile) and keep NaN through the ReLU (``max.NaN``). Its head sum is not bit-exact either (the tensor
+  cores' accumulation is not fp32 summation, docs/numerics.md §7.2), so it may contract into ``fma``.
 
     python -m dsv4_compile.kernels.cute.compile_check [sm_90a sm_100a]
 
@@ -28,7 +32,7 @@ import tempfile
 
 from cutlass import BFloat16, Float32, Int32, Int64
 
-from . import cache, indexer_q, sparse_attn, topk
+from . import cache, indexer_logits, indexer_q, sparse_attn, topk
 from ._common import use_hw_e2m1
 
 ARCHS = ("sm_90a", "sm_100a")
@@ -87,6 +91,24 @@ def _check_sparse_attn_ptx(name: str, arch: str, ptx: str) -> None:
         raise AssertionError(f"{name}@{arch}: the queries are not loaded with 16-byte cp.async")
     if "ld.global.nc.L1::no_allocate.v4.u32" not in ptx:
         raise AssertionError(f"{name}@{arch}: the records are not loaded into registers 16 bytes at a time")
+
+
+def _indexer_logits_cases():
+    # the V4 page size with int64 positions / requests and PDL, two-page tiles' neighbour (128-entry
+    # pages) with int32 ones, one consumer warpgroup
+    yield dict(bs=64, stages=4, consumers=2, req=Int64, pos=Int64, pdl=True)
+    yield dict(bs=128, stages=2, consumers=1, req=Int32, pos=Int32, pdl=False)
+
+
+def _check_indexer_logits_ptx(name: str, arch: str, ptx: str) -> None:
+    n = len(re.findall(r"\bwgmma\.mma_async\.sync\.aligned\.m64n64k32\.f32\.e4m3\.e4m3\b", ptx))
+    if n != 4:
+        raise AssertionError(f"{name}@{arch}: {n} e4m3 m64n64k32 wgmma in the PTX, want 4 (one tile)")
+    for op, what in (("cp.async.bulk.tensor.3d.shared::cta.global.tile", "the keys by a TMA tensor copy"),
+                     ("cp.async.bulk.shared::cluster.global", "the scales by a bulk copy"),
+                     ("max.NaN.f32", "a NaN-keeping ReLU")):
+        if op not in ptx:
+            raise AssertionError(f"{name}@{arch}: no {op} in the PTX ({what})")
 
 
 def _check_topk_ptx(name: str, arch: str, ptx: str) -> None:
@@ -191,6 +213,14 @@ def compile_all(arch: str) -> list[str]:
                 case["swa_bs"], f"comp{case['comp_bs']}" if case["comp"] else "swa_only", case["idx"].__name__.lower(),
                 "_split" if case["split"] else "", "_pdl" if case["pdl"] else "")
             _check_sparse_attn_ptx(name, arch, ptx)
+            names.append(f"{name}@{arch}")
+        for case in _indexer_logits_cases() if arch == "sm_90a" else ():
+            ptx = _case_ptx(dump_dir, indexer_logits.IndexerLogitsKernel.compile, case["bs"], case["stages"],
+                            case["consumers"], case["req"], case["pos"], case["pdl"], arch)
+            name = "indexer_logits_fp8_bs{}_s{}_w{}_req{}_pos{}{}".format(
+                case["bs"], case["stages"], case["consumers"], case["req"].__name__.lower(),
+                case["pos"].__name__.lower(), "_pdl" if case["pdl"] else "")
+            _check_indexer_logits_ptx(name, arch, ptx)
             names.append(f"{name}@{arch}")
     return names
 

@@ -464,6 +464,27 @@ def indexer_logits(q, q_scale, weights, k_cache, block_table, token_to_req, posi
                                fmt, compress_ratio, **config)
 
 
+def op_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int,
+                   fmt: str, compress_ratio: int, **config) -> torch.Tensor:
+    """``indexer_logits_into``'s result from the kernel ``indexer_topk`` runs: on Hopper with CuTe DSL
+    (``kernels.cute.backend``), FP8 keys in pages of a multiple of 64 entries, the TMA + wgmma kernel
+    of ``kernels/cute/indexer_logits.py`` where its ``supports`` and ``preferred`` hold; else, or
+    with a Triton ``config``, the Triton kernel."""
+    if not config and fmt == "fp8" and q.device.type == "cuda":
+        from ..cute._common import backend
+
+        if backend(q.device) == "cute":
+            from ..cute import indexer_logits as cute_logits
+
+            L = block_table.shape[1] * block_size
+            if cute_logits.supports(q, weights, k_cache, block_size, fmt) and cute_logits.preferred(
+                    q.shape[0], L, sm_programs(q.device)):
+                return cute_logits.indexer_logits_into(out, q, weights, k_cache, block_table, token_to_req,
+                                                       positions, block_size, compress_ratio)
+    return indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size,
+                               fmt, compress_ratio, **config)
+
+
 def indexer_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int, fmt: str,
                  topk: int, compress_ratio: int, chunk: int | None = None, **config) -> torch.Tensor:
     """The logits of the visible entries into an uninitialized ``[T, L]`` scratch (each row written
@@ -473,8 +494,8 @@ def indexer_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positi
     T = q.shape[0]
     L = block_table.shape[1] * block_size
     logits = torch.empty((T, L), dtype=torch.float32, device=q.device)
-    indexer_logits_into(logits, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt,
-                        compress_ratio, **config)
+    op_logits_into(logits, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt,
+                   compress_ratio, **config)
     if 2 * topk > _topk.MAX_CHUNK:
         n = visible_entries(positions, token_to_req, block_table.shape[0], compress_ratio, L)
         return select_topk_reference(logits, n, topk)

@@ -1,0 +1,370 @@
+"""CuTe-DSL FP8 lightning-indexer logits over the paged indexer K cache (Hopper: TMA + wgmma).
+
+The logits half of ``dsv4::indexer_topk`` (docs/numerics.md §7.2), the same contract as
+``kernels.triton.attention.indexer_logits_into`` for ``fmt="fp8"``: for token ``t`` and each of its
+``n_t`` visible entries ``s`` (``n_t = min((pos + 1) // ratio, L)``, 0 for a padding row)
+``out[t, s] = scale_s · Σ_h w[t, h] · ReLU(q[t, h] · k_s)`` with ``k_s`` the entry's e4m3 key and
+``scale_s`` its fp32 power-of-two scale (``ReLU(a·x) = a·ReLU(x)`` for ``a > 0``: the scale after the
+head sum, as the Triton kernel); an entry whose page is −1 or outside the cache is scored as zero
+keys with scale 0 (not read); nothing at or past ``n_t`` is read or written. ReLU keeps NaN.
+
+Method (one CTA = one token × one of ``programs`` strided shares of its 64-entry tiles; a producer
+warp and two consumer warpgroups, 288 threads):
+
+* the producer warp walks the CTA's tiles, reads each tile's page from the block table (one tile
+  ahead), and loads the tile's keys (``[64 entries, 128]`` e4m3, 8 KB) into a ring of ``stages``
+  (4) shared-memory buffers with one TMA tensor copy (the 128-byte swizzled K-major layout wgmma
+  reads) and its 64 scales (256 B) with one bulk copy, both completing on the stage's mbarrier; an
+  unreadable page is not loaded (the stage is marked and its mbarrier arrived on);
+* the consumer warpgroups share the token's 64 query heads (8 KB, loaded once) in shared memory and
+  take the CTA's tiles in turn: ``S = K·Qᵀ`` as four ``wgmma`` m64n64k32 e4m3 (entries on M, heads
+  on N), the stage freed, then ``Σ_h w·ReLU(S)`` over the thread's 16 heads per row and the quad's
+  four lanes, times the scale, and the 64 logits written;
+* two CTAs per SM (one wave): more stages or CTAs per SM measured slower, not faster.
+
+Where it stands (H200, graph replay over L2-cold input sets, 132 bytes read per visible entry): at 64k
+context B = 8 / 32 / 64 8.3 / 23.8 / 41.4 µs (2.09 / 2.90 / 3.34 TB/s) against 10.8 / 28.6 / 50.1
+for the Triton kernel; B = 1 at 1M context 13.2 against 18.2 µs. The same loads with the multiplies
+and the head sum removed take 38.8 µs at B = 64 (3.57 TB/s), as do one-dimensional bulk copies of
+the pages and a Triton kernel that only gathers them (38.6 µs): reading 8 KB pages scattered over
+the cache tops out near 3.6 TB/s here, against 4.5-4.6 TB/s for one streaming read.
+
+Needs 64 heads or fewer (zero rows pad the block), fp32 head weights, pages of a multiple of 64
+entries whose base and stride allow 16-byte TMA and bulk copies (``supports``); the op keeps the
+Triton kernel otherwise, for MXFP4, and for tables too small to give each CTA two tiles
+(``preferred``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import cutlass
+import cutlass.cute as cute
+import torch
+from cutlass import Float8E4M3FN, Float32, Int32, Int64, Uint8, Uint32, const_expr
+from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
+from cutlass.tensor_utils.layout import LayoutEnum
+from cutlass.utils import hopper_helpers as sm90
+
+from ... import layouts
+from ..triton._common import cdiv, sm_programs
+from ..triton._launch import pdl_meta
+from ._common import _capability, arch_name
+from ._math import TORCH_TO_CUTE
+
+D = layouts.INDEXER_HEAD_DIM  # 128 e4m3 dims = one 128-byte row
+BH = 64  # query heads (wgmma N)
+BN = 64  # entries per tile (wgmma M)
+WG = 128  # the consumer warpgroup: warps 0-3
+CONSUMERS = 2  # consumer warpgroups per CTA (warps 0 .. 4·consumers − 1; the producer warp after them)
+TILE_BYTES = BN * D
+SCALE_BYTES = BN * layouts.INDEXER_FP8_SCALE_BYTES  # 256
+STAGES = 4
+CTAS_PER_SM = 2  # 288 threads and ~42 KB of shared memory each
+_ROW = LayoutEnum.ROW_MAJOR  # K-major wgmma operands
+
+
+def _bulk_g2s(smem_addr, gmem_addr, nbytes: int, mbar_addr):
+    """``nbytes`` contiguous bytes global → shared, completing as transaction bytes on the mbarrier."""
+    cute.arch.inline_ptx(
+        f"cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [{{$r0}}], [{{$r1}}], {nbytes}, [{{$r2}}];",
+        read_only_args=[smem_addr, gmem_addr, mbar_addr])
+
+
+def _relu_nan(x):
+    """``max(x, 0)`` keeping NaN (``torch.relu``; the plain ``max`` would drop it)."""
+    return cute.arch.inline_ptx("max.NaN.f32 {$w0}, {$r0}, 0f00000000;", write_only_types=[Float32],
+                                read_only_args=[x])
+
+
+def _ld_global_v4(addr):
+    return cute.arch.inline_ptx("ld.global.nc.v4.u32 { {$w0}, {$w1}, {$w2}, {$w3} }, [{$r0}];",
+                                write_only_types=[Uint32] * 4, read_only_args=[addr])
+
+
+def _st_shared_v4(addr, a, b, c, d):
+    cute.arch.inline_ptx("st.shared.v4.b32 [{$r0}], { {$r1}, {$r2}, {$r3}, {$r4} };", read_only_args=[addr, a, b, c, d])
+
+
+class IndexerLogitsKernel:
+    """One launch configuration; see ``compile`` for the cache key."""
+
+    def __init__(self, block_size: int, stages: int, consumers: int, pdl: bool):
+        self.bs = block_size
+        self.stages = stages
+        self.consumers = consumers
+        self.pdl = pdl
+
+    @cute.jit
+    def __call__(self, mQ, mW, mCache, mBT, mReq, mPos, mOut, ratio: Int32, programs: Int32, stream):
+        T = mQ.shape[0]
+        n_pages = mCache.shape[0]
+        # the keys of every page as an e4m3 (entry, dim, page) tensor: TMA copies [64, 128] boxes of it
+        keys = cute.make_tensor(cute.recast_ptr(mCache.iterator, dtype=Float8E4M3FN),
+                                cute.make_layout((self.bs, D, n_pages), stride=(D, 1, mCache.stride[0])))
+        k_layout = sm90.make_smem_layout_a(_ROW, (BN, BH, D), Float8E4M3FN, self.stages)
+        tma_atom, tma_keys = cpasync.make_tiled_tma_atom(cpasync.CopyBulkTensorTileG2SOp(), keys,
+                                                         cute.slice_(k_layout, (None, None, 0)), (BN, D))
+        self.kernel(tma_atom, tma_keys, k_layout, mQ, mW, mCache, mBT, mReq, mPos, mOut, ratio).launch(
+            grid=[T, programs, 1],
+            block=[self.consumers * WG + 32, 1, 1],
+            stream=stream,
+            use_pdl=self.pdl,
+        )
+
+    @cute.kernel
+    def kernel(self, tma_atom: cute.CopyAtom, tma_keys: cute.Tensor, k_layout: cute.ComposedLayout, mQ, mW, mCache,
+               mBT, mReq, mPos, mOut, ratio: Int32):
+        tid, _, _ = cute.arch.thread_idx()
+        t, j, _ = cute.arch.block_idx()
+        _, P, _ = cute.arch.grid_dim()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        lane = tid % 32
+        stages = self.stages
+        producer = self.consumers * (WG // 32)
+        if warp == producer:
+            cpasync.prefetch_descriptor(tma_atom)
+
+        # ---- shared memory: key ring, queries, scales, stage flags, mbarriers ----
+        smem = cutlass.utils.SmemAllocator()
+        sK = smem.allocate_tensor(Float8E4M3FN, k_layout.outer, byte_alignment=1024, swizzle=k_layout.inner)
+        q_layout = sm90.make_smem_layout_b(_ROW, (BN, BH, D), Float8E4M3FN, 1)
+        sQ = smem.allocate_tensor(Float8E4M3FN, q_layout.outer, byte_alignment=1024, swizzle=q_layout.inner)
+        sScale = smem.allocate_tensor(Float32, cute.make_layout(BN * stages), byte_alignment=128)
+        sOk = smem.allocate_tensor(Int32, cute.make_layout(stages), byte_alignment=16)
+        full = smem.allocate_array(Int64, stages, byte_alignment=8)
+        empty = smem.allocate_array(Int64, stages, byte_alignment=8)
+        if tid == 0:
+            for s in cutlass.range_constexpr(stages):
+                cute.arch.mbarrier_init(full + s, 1)
+                cute.arch.mbarrier_init(empty + s, WG)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+
+        if const_expr(self.pdl):
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
+
+        # ---- the token's visible entries and this CTA's tiles ----
+        n_req = mBT.shape[0]
+        L = mBT.shape[1] * self.bs
+        req = Int64(mReq[t])
+        pos = Int64(mPos[t])
+        ok_tok = (req >= 0) & (req < n_req) & (pos >= 0)
+        n = cutlass.select_(ok_tok, cutlass.min((pos + 1) // Int64(ratio), Int64(L)), Int64(0))
+        n_tiles = Int32((n + BN - 1) // BN)
+        mine = Int32(0)
+        if j < n_tiles:
+            mine = (n_tiles - j + P - 1) // P
+
+        if warp == producer:
+            # ---- producer: block-table page one tile ahead, then TMA keys + bulk scales per stage ----
+            gK = cute.local_tile(tma_keys, (BN, D), (None, 0, None))  # (BN, D, tiles in a page, page)
+            tKsK, tKgK = cpasync.tma_partition(tma_atom, 0, cute.make_layout(1), cute.group_modes(sK, 0, 2),
+                                               cute.group_modes(gK, 0, 2))
+            n_pages = mCache.shape[0]
+            page_stride = Int64(mCache.stride[0])
+            cache_base = mCache.iterator.toint()
+            bt_row = mBT.iterator.toint() + cutlass.select_(ok_tok, req, Int64(0)) * Int64(mBT.stride[0]) * 4
+            scale_base = sScale.iterator.toint()
+            page_nx = Int32(-1)
+            if mine > 0:
+                page_nx = _ld_page(bt_row, Int64(j * BN // self.bs))
+            for i in cutlass.range(mine, unroll=1):
+                s0 = (j + i * P) * BN
+                page = page_nx
+                if i + 1 < mine:
+                    page_nx = _ld_page(bt_row, Int64((s0 + P * BN) // self.bs))
+                stage = i % stages
+                cute.arch.mbarrier_wait(empty + stage, ((i // stages) % 2) ^ 1)
+                ok = (page >= 0) & (page < n_pages)
+                if lane == 0:
+                    sOk[stage] = Int32(ok)
+                row_tile = (s0 % self.bs) // BN
+                if ok:
+                    if lane == 0:
+                        cute.arch.mbarrier_arrive_and_expect_tx(full + stage, TILE_BYTES + SCALE_BYTES)
+                    cute.copy(tma_atom, tKgK[(None, row_tile, page)], tKsK[(None, stage)], tma_bar_ptr=full + stage)
+                    if lane == 0:
+                        src = (cache_base + Int64(page) * page_stride + Int64(self.bs * D)
+                               + Int64(s0 % self.bs) * layouts.INDEXER_FP8_SCALE_BYTES)
+                        _bulk_g2s(scale_base + Int32(stage * SCALE_BYTES), src, SCALE_BYTES,
+                                  (full + stage).toint())
+                else:
+                    if lane == 0:
+                        cute.arch.mbarrier_arrive(full + stage)
+        else:
+            # ---- consumer warpgroup ----
+            H = mQ.shape[1]
+            # the 64 query heads (e4m3 rows of 128 bytes) into the swizzled K-major tile; zero rows past H
+            q_base = sQ.iterator.toint()
+            q_row0 = mQ.iterator.toint() + Int64(t) * Int64(mQ.stride[0])
+            for u in cutlass.range_constexpr(BH * (D // 16) // (self.consumers * WG)):
+                c = tid + u * (self.consumers * WG)
+                h = c // (D // 16)
+                ch = c % (D // 16)
+                w0 = Uint32(0)
+                w1 = Uint32(0)
+                w2 = Uint32(0)
+                w3 = Uint32(0)
+                if h < H:
+                    w0, w1, w2, w3 = _ld_global_v4(q_row0 + Int64(h) * Int64(mQ.stride[1]) + Int64(ch * 16))
+                _st_shared_v4(q_base + Int32(h * D + ((ch ^ (h % 8)) * 16)), w0, w1, w2, w3)
+            cute.arch.fence_view_async_shared()  # generic-proxy writes of sQ visible to wgmma
+            cute.arch.barrier(barrier_id=1, number_of_threads=self.consumers * WG)
+            g = warp // (WG // 32)  # this warpgroup takes the CTA's tiles g, g + consumers, ..
+            wtid = tid % WG
+
+            mma = sm90.make_trivial_tiled_mma(Float8E4M3FN, Float8E4M3FN, OperandMajorMode.K, OperandMajorMode.K,
+                                              Float32, (1, 1, 1), (BN, BH))
+            thr = mma.get_slice(wtid)
+            tCrK = mma.make_fragment_A(thr.partition_A(sK))
+            tCrQ = mma.make_fragment_B(thr.partition_B(sQ))
+            acc = cute.make_rmem_tensor(thr.partition_shape_C((BN, BH)), Float32)
+            cS = thr.partition_C(cute.make_identity_tensor((BN, BH)))  # (entry, head) of each element
+            mma.set(warpgroup.Field.ACCUMULATE, True)
+            w = cute.make_rmem_tensor(cute.size(acc), Float32)
+            w_row = mW.iterator.toint() + Int64(t) * Int64(mW.stride[0]) * 4
+            for e in cutlass.range_constexpr(cute.size(acc)):
+                h = cS[e][1]
+                w[e] = Float32(0.0)
+                if h < H:
+                    w[e] = _ld_f32(w_row + Int64(h * 4))
+            out_row = mOut.iterator.toint() + Int64(t) * Int64(mOut.stride[0]) * 4
+            scale_base = sScale.iterator.toint()
+            for i in cutlass.range(g, mine, self.consumers, unroll=1):
+                s0 = (j + i * P) * BN
+                stage = i % stages
+                cute.arch.mbarrier_wait(full + stage, (i // stages) % 2)
+                ok = sOk[stage] != 0
+                acc.fill(0.0)
+                warpgroup.fence()
+                for kb in cutlass.range_constexpr(cute.size(tCrK, mode=[2])):
+                    cute.gemm(mma, acc, tCrK[None, None, kb, stage], tCrQ[None, None, kb, 0], acc)
+                warpgroup.commit_group()
+                warpgroup.wait_group(0)
+                r0 = cS[0][0]
+                sc0 = _ld_shared_f32(scale_base + Int32(stage * SCALE_BYTES + r0 * 4))
+                sc1 = _ld_shared_f32(scale_base + Int32(stage * SCALE_BYTES + (r0 + 8) * 4))
+                cute.arch.mbarrier_arrive(empty + stage)
+                if not ok:  # an unreadable page: zero keys, scale 0 (the Triton kernel's masked load)
+                    acc.fill(0.0)
+                    sc0 = Float32(0.0)
+                    sc1 = Float32(0.0)
+                # Σ_h w·ReLU(S) on the thread's two rows (16 heads each), then over the quad's lanes
+                v0 = Float32(0.0)
+                v1 = Float32(0.0)
+                for e in cutlass.range_constexpr(cute.size(acc)):
+                    x = w[e] * _relu_nan(acc[e])
+                    if const_expr((e // 2) % 2 == 0):
+                        v0 = v0 + x
+                    else:
+                        v1 = v1 + x
+                v0 = v0 + cute.arch.shuffle_sync_bfly(v0, offset=1)
+                v0 = v0 + cute.arch.shuffle_sync_bfly(v0, offset=2)
+                v1 = v1 + cute.arch.shuffle_sync_bfly(v1, offset=1)
+                v1 = v1 + cute.arch.shuffle_sync_bfly(v1, offset=2)
+                if lane % 4 == 0:
+                    s = Int64(s0 + r0)
+                    if s < n:
+                        _st_f32(out_row + s * 4, v0 * sc0)
+                    if s + 8 < n:
+                        _st_f32(out_row + (s + 8) * 4, v1 * sc1)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def compile(block_size: int, stages: int, consumers: int, req_dtype, pos_dtype, pdl: bool, arch: str,
+                extra_options: str = ""):
+        """Compile one variant over fake tensors (no GPU needed): tokens, heads, pages, table width
+        and strides are symbolic."""
+        mk = cute.runtime.make_fake_tensor
+        T = cute.sym_int()
+        H = cute.sym_int()
+        q = mk(Uint8, (T, H, D), stride=(cute.sym_int64(divisibility=16), cute.sym_int64(divisibility=16), 1),
+               assumed_align=16)
+        w = mk(Float32, (T, H), stride=(cute.sym_int64(), 1), assumed_align=4)
+        cache = mk(Uint8, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(divisibility=16), 1),
+                   assumed_align=16)
+        bt = mk(Int32, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=4)
+        req = mk(req_dtype, (T,), stride=(1,), assumed_align=req_dtype.width // 8)
+        pos = mk(pos_dtype, (T,), stride=(1,), assumed_align=pos_dtype.width // 8)
+        out = mk(Float32, (T, cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=4)
+        kernel = IndexerLogitsKernel(block_size, stages, consumers, pdl)
+        return cute.compile(
+            kernel, q, w, cache, bt, req, pos, out, Int32(4), Int32(1),
+            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+            options=f"--enable-tvm-ffi --gpu-arch {arch} {extra_options}".strip(),
+        )
+
+
+def _ld_page(bt_row, b):
+    """Block-table entry ``b`` of the row at global ``bt_row`` (int32)."""
+    return cute.arch.inline_ptx("ld.global.nc.s32 {$w0}, [{$r0}];", write_only_types=[Int32],
+                                read_only_args=[bt_row + b * 4])
+
+
+def _ld_f32(addr):
+    return cute.arch.inline_ptx("ld.global.nc.f32 {$w0}, [{$r0}];", write_only_types=[Float32], read_only_args=[addr])
+
+
+def _ld_shared_f32(addr):
+    return cute.arch.inline_ptx("ld.shared.f32 {$w0}, [{$r0}];", write_only_types=[Float32], read_only_args=[addr])
+
+
+def _st_f32(addr, v):
+    cute.arch.inline_ptx("st.global.f32 [{$r0}], {$r1};", read_only_args=[addr, v])
+
+
+def supports(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_size: int, fmt: str) -> bool:
+    """Whether this kernel can run the call: FP8 keys on a Hopper GPU (wgmma, TMA), at most 64 query
+    heads of 128 dims, fp32 head weights, pages of a multiple of 64 entries, and a cache with pages
+    whose base and stride are 16-byte multiples (TMA and bulk copies; every ``indexer_k_insert``-made
+    cache). Queries whose rows are not 16-byte aligned are copied first (``indexer_logits_into``)."""
+    if fmt != "fp8" or q.device.type != "cuda" or _capability(q.device)[0] != 9:
+        return False
+    if q.dim() != 3 or q.shape[1] > BH or q.shape[2] != D or block_size % BN or weights.dtype != torch.float32:
+        return False
+    return (k_cache.dim() == 2 and k_cache.shape[0] > 0 and k_cache.stride(1) == 1 and k_cache.stride(0) % 16 == 0
+            and k_cache.data_ptr() % 16 == 0)
+
+
+def preferred(T: int, L: int, sms: int) -> bool:
+    """Whether the op takes this kernel over the Triton one (given ``supports``): when a table of
+    ``T`` rows of ``L`` entries holds at least two 64-entry tiles per CTA of one wave. Below that each
+    CTA scores one tile or none, where the Triton kernel's lighter start is ahead. H200, logits alone
+    (this kernel against the Triton one, µs): 64k context B = 1 3.4 / 3.1 (256 tiles), 8k context B = 1
+    2.7 / 2.6 and B = 8 3.3 / 3.5 (64 and 512 tiles); from there on this kernel: B = 8 / 32 / 64 at 64k
+    8.3 / 23.8 / 41.4 against 10.8 / 28.6 / 50.1, B = 1 at 1M 13.2 / 18.2, prefill (4,096 tokens over
+    64k entries) 6,850 / 8,336."""
+    return T * cdiv(L, BN) >= 2 * CTAS_PER_SM * sms
+
+
+def programs_for(T: int, L: int, sms: int) -> int:
+    """CTAs per token: one wave of ``CTAS_PER_SM`` per SM, at most one per 64-entry tile."""
+    return max(1, min(cdiv(max(L, 1), BN), CTAS_PER_SM * sms // max(T, 1)))
+
+
+def indexer_logits_into(out, q, weights, k_cache, block_table, token_to_req, positions, block_size: int,
+                        compress_ratio: int, programs: int | None = None, stages: int = STAGES,
+                        consumers: int = CONSUMERS, pdl: bool | None = None) -> torch.Tensor:
+    """``kernels.triton.attention.indexer_logits_into``'s ``fmt="fp8"`` result from the TMA + wgmma
+    kernel (``supports`` must hold): ``out[t, s]`` (fp32, unit stride along entries) for the visible
+    entries only."""
+    T = q.shape[0]
+    L = block_table.shape[1] * block_size
+    if T == 0 or L == 0:
+        return out
+    qb = q.view(torch.uint8) if q.dtype != torch.uint8 else q
+    if qb.stride(-1) != 1 or qb.stride(0) % 16 or qb.stride(1) % 16 or qb.data_ptr() % 16:
+        qb = torch.empty(qb.shape, dtype=torch.uint8, device=q.device).copy_(qb)
+    weights = weights if weights.stride(-1) == 1 else weights.contiguous()
+    block_table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+    if programs is None:
+        programs = programs_for(T, L, sm_programs(q.device))
+    if pdl is None:
+        pdl = pdl_meta(q.device.index) is not None
+    compiled = IndexerLogitsKernel.compile(block_size, stages, consumers, TORCH_TO_CUTE[token_to_req.dtype],
+                                           TORCH_TO_CUTE[positions.dtype], pdl, arch_name(q.device))
+    compiled(qb, weights, k_cache, block_table, token_to_req, positions, out, compress_ratio, programs)
+    return out
