@@ -359,7 +359,8 @@ def indexer_rows(cases, split=True, topk=TOPK, **config):
             # mostly its own launch at small B (B = 1: 9.4 µs for a 3.4 µs logits kernel)
             n_bufs = max(2, min(len(c["sets"]), (4 << 30) // max(T * L * 4, 1)))
             bufs = [torch.empty(T, L, device="cuda") for _ in c["sets"][:n_bufs]]
-            # the kernel the op runs (CuTe on Hopper for FP8), and the Triton kernel beside it
+            # the kernel the op runs (CuTe on Hopper for FP8), and the Triton kernel beside it (with a
+            # Triton configuration from the command line both columns time the Triton kernel)
             for key, fn in (("logits_us", kernels.op_logits_into), ("logits_triton_us", kernels.indexer_logits_into)):
                 lcall = lambda s, buf, fn=fn: lambda: fn(  # noqa: E731
                     buf, s["q"], s["qs"], s["w"], c["cache"], s["table"], c["token_to_req"], c["positions"], BS, fmt,

@@ -425,29 +425,44 @@ def _cute_logits():
 
 
 def _paged_fp8_case(seed, t, h, bs, n_req, blocks_per_req, idx_dtype=torch.int64):
-    """``t`` tokens over ``n_req`` requests of FP8 keys in ``bs``-entry pages: a padding token (request
-    −1), one at position −1 (nothing visible), one seeing every entry of its request, one seeing 70
-    entries (a partial tile), an unallocated page (−1) and a page index past the cache inside visible
-    entries (token ``t − 2`` reaches it), head weights of both signs. Returns the case and the same case with the unreadable pages
-    as −1 (what ``_dense_logits`` gathers as zero keys)."""
+    """``t >= 9`` tokens over ``n_req >= 2`` requests of FP8 keys in ``bs``-entry pages: token 1 a
+    padding token (request −1), 2 at position −1 (nothing visible), 3 seeing every entry of request 0
+    (an unallocated page, −1, among them), 4 seeing 70 entries (a partial tile), 5 of request
+    ``n_req`` (past the table: padding), 6 at a position past the table (its count clamps to the
+    table width), 7 seeing every entry of request 1 (its last page index is past the cache); head
+    weights of both signs. Returns the case and the same case as ``_dense_logits`` reads it (the
+    unreadable pages as −1, gathered as zero keys; requests past the table as −1)."""
     g = torch.Generator().manual_seed(seed)
     n_pages = n_req * blocks_per_req + 3
     cache, perm, q, _ = _indexer_inputs(g, "fp8", n_pages, t, h, bs)
     table = perm[: n_req * blocks_per_req].view(n_req, blocks_per_req).int()
     table[0, 1] = -1
     table[1, blocks_per_req - 1] = n_pages + 5
+    full = 4 * blocks_per_req * bs - 1  # the position at which every entry of a request is visible
     req = torch.arange(t) % n_req
-    pos = torch.randint(0, 4 * blocks_per_req * bs, (t,), generator=g)
-    req[1] = -1
-    pos[2] = -1
-    pos[3] = 4 * blocks_per_req * bs - 1
+    pos = torch.randint(0, full + 1, (t,), generator=g)
+    req[1], pos[2] = -1, -1
+    req[3], pos[3] = 0, full
     pos[4] = 4 * 70 - 1
-    req[t - 2] = 1  # request 1 up to its page past the cache
-    pos[t - 2] = 4 * blocks_per_req * bs - 1
+    req[5] = n_req
+    pos[6] = full + 4 * 100
+    req[7], pos[7] = 1, full
     w = torch.rand(t, h, generator=g) - 0.3
     case = (q, None, w, cache, table, req.to(idx_dtype), pos.to(idx_dtype), bs)
     readable = torch.where((table >= 0) & (table < n_pages), table, -1)
-    return case, (q, None, w, cache, readable, req, pos, bs)
+    return case, (q, None, w, cache, readable, torch.where(req < n_req, req, -1), pos, bs)
+
+
+def _cuda_with_poisoned_tail(case):
+    """``case`` on the GPU with its cache a prefix view of a buffer whose 8 pages past the cache hold
+    0xFF bytes (e4m3 NaN keys, NaN scales): a page index past the cache that were read would make NaN
+    logits instead of zeros."""
+    dev = _on("cuda", case)
+    cache = case[3]
+    big = torch.full((cache.shape[0] + 8, cache.shape[1]), 0xFF, dtype=torch.uint8, device="cuda")
+    big[: cache.shape[0]] = dev[3]
+    dev[3] = big[: cache.shape[0]]
+    return dev
 
 
 @pytest.mark.cuda
@@ -462,7 +477,7 @@ def test_cute_indexer_logits_match_dense_logits(bs, h, idx_dtype):
     il = _cute_logits()
     case, readable = _paged_fp8_case(5, 9, h, bs, 3, 5, idx_dtype)
     want, abs_terms = _dense_logits(*readable, "fp8", abs_terms=True)
-    q, _, w, cache, table, req, pos, _ = _on("cuda", case)
+    q, _, w, cache, table, req, pos, _ = _cuda_with_poisoned_tail(case)
     wide = torch.zeros(q.shape[0], h, 256, dtype=torch.uint8, device="cuda")
     wide[:, :, 64:192] = q.view(torch.uint8)
     q_strided = wide[:, :, 64:192].view(torch.float8_e4m3fn)  # rows 256 bytes apart
@@ -480,7 +495,8 @@ def test_cute_indexer_logits_match_dense_logits(bs, h, idx_dtype):
         assert bool((got[t, n:] == 7.0).all()), t
         err = (got[t, :n].double() - row).abs()
         assert bool((err <= bound * abs_terms[t]).all()), (t, float((err / abs_terms[t]).max()))
-    assert sum(r.shape[0] for r in want) > 4 * 64 and want[1].shape[0] == 0 and want[2].shape[0] == 0
+    assert sum(r.shape[0] for r in want) > 4 * 64 and want[1].shape[0] == want[2].shape[0] == want[5].shape[0] == 0
+    assert want[6].shape[0] == L and want[4].shape[0] == 70
     for cfg in (dict(programs=1, stages=2), dict(programs=1, stages=3, consumers=1), dict(programs=2, pdl=False)):
         assert torch.equal(run(q, **cfg), got), cfg
     assert torch.equal(run(q_strided), got)
@@ -490,8 +506,7 @@ def test_cute_indexer_logits_match_dense_logits(bs, h, idx_dtype):
 def test_cute_indexer_logits_keep_nan():
     """An e4m3 NaN in a key makes that entry's logit NaN (the ReLU is ``max.NaN``), as in the reference."""
     il = _cute_logits()
-    case, readable = _paged_fp8_case(6, 6, 64, 64, 2, 3)
-    case[6][0] = 4 * 3 * 64 - 1  # token 0 (request 0) sees all three pages (``readable`` shares ``pos``)
+    case, readable = _paged_fp8_case(6, 9, 64, 64, 2, 3)  # token 3 sees all three pages of request 0
     cache = case[3]
     vals = cache[:, : 64 * 128].view(cache.shape[0], 64, 128)
     vals[int(case[4][0, 0]), 3, 5] = 0x7F
@@ -517,7 +532,7 @@ def test_indexer_topk_runs_the_cute_logits_on_hopper(monkeypatch):
     case, readable = _paged_fp8_case(7, 9, 64, 64, 3, 60)  # 9 x 60 tiles: enough work for ``preferred``
     dense, abs_terms = _dense_logits(*readable, "fp8", abs_terms=True)
     slack = [_logit_bound("cuda") * a for a in abs_terms]
-    dev = _on("cuda", case)
+    dev = _cuda_with_poisoned_tail(case)
     sel = dsv4.indexer_topk(*dev, "fp8", 64).cpu()
     assert calls, "the op did not run the CuTe logits kernel"
     _check_topk(sel, dense, 64, slack_rows=slack)

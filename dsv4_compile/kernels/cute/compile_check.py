@@ -94,8 +94,8 @@ def _check_sparse_attn_ptx(name: str, arch: str, ptx: str) -> None:
 
 
 def _indexer_logits_cases():
-    # the V4 page size with int64 positions / requests and PDL, two-page tiles' neighbour (128-entry
-    # pages) with int32 ones, one consumer warpgroup
+    # the V4 page size (one tile per page) with int64 positions / requests, two consumer warpgroups and
+    # PDL; 128-entry pages (two tiles per page) with int32 ones, one consumer warpgroup
     yield dict(bs=64, stages=4, consumers=2, req=Int64, pos=Int64, pdl=True)
     yield dict(bs=128, stages=2, consumers=1, req=Int32, pos=Int32, pdl=False)
 

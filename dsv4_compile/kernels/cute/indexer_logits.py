@@ -6,7 +6,8 @@ The logits half of ``dsv4::indexer_topk`` (docs/numerics.md §7.2), the same con
 ``out[t, s] = scale_s · Σ_h w[t, h] · ReLU(q[t, h] · k_s)`` with ``k_s`` the entry's e4m3 key and
 ``scale_s`` its fp32 power-of-two scale (``ReLU(a·x) = a·ReLU(x)`` for ``a > 0``: the scale after the
 head sum, as the Triton kernel); an entry whose page is −1 or outside the cache is scored as zero
-keys with scale 0 (not read); nothing at or past ``n_t`` is read or written. ReLU keeps NaN.
+keys with scale 0 (not read); nothing at or past ``n_t`` is written, and only the last tile's page
+is read past it (its keys and scales are loaded whole, inside the page). ReLU keeps NaN.
 
 Method (one CTA = one token × one of ``programs`` strided shares of its 64-entry tiles; a producer
 warp and two consumer warpgroups, 288 threads):
@@ -32,7 +33,9 @@ the cache tops out near 3.6 TB/s here, against 4.5-4.6 TB/s for one streaming re
 Needs 64 heads or fewer (zero rows pad the block), fp32 head weights, pages of a multiple of 64
 entries whose base and stride allow 16-byte TMA and bulk copies (``supports``); the op keeps the
 Triton kernel otherwise, for MXFP4, and for tables too small to give each CTA two tiles
-(``preferred``).
+(``preferred``, on the table width: the visible counts are on the GPU). A CTA left without tiles
+(a short context in a wide table) still sets up its barriers and queries before it finds none: 8k
+context in a 1M-token table, B = 1, 3.0 µs against the Triton kernel's 2.7.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from ..triton._common import cdiv, sm_programs
 from ..triton._launch import pdl_meta
 from ._common import _capability, arch_name
 from ._math import TORCH_TO_CUTE
+from ._smem import st_shared_v4, sw128_offset
 
 D = layouts.INDEXER_HEAD_DIM  # 128 e4m3 dims = one 128-byte row
 BH = 64  # query heads (wgmma N)
@@ -81,10 +85,6 @@ def _relu_nan(x):
 def _ld_global_v4(addr):
     return cute.arch.inline_ptx("ld.global.nc.v4.u32 { {$w0}, {$w1}, {$w2}, {$w3} }, [{$r0}];",
                                 write_only_types=[Uint32] * 4, read_only_args=[addr])
-
-
-def _st_shared_v4(addr, a, b, c, d):
-    cute.arch.inline_ptx("st.shared.v4.b32 [{$r0}], { {$r1}, {$r2}, {$r3}, {$r4} };", read_only_args=[addr, a, b, c, d])
 
 
 class IndexerLogitsKernel:
@@ -210,7 +210,7 @@ class IndexerLogitsKernel:
                 w3 = Uint32(0)
                 if h < H:
                     w0, w1, w2, w3 = _ld_global_v4(q_row0 + Int64(h) * Int64(mQ.stride[1]) + Int64(ch * 16))
-                _st_shared_v4(q_base + Int32(h * D + ((ch ^ (h % 8)) * 16)), w0, w1, w2, w3)
+                st_shared_v4(q_base + Int32(sw128_offset(h, ch)), w0, w1, w2, w3)
             cute.arch.fence_view_async_shared()  # generic-proxy writes of sQ visible to wgmma
             cute.arch.barrier(barrier_id=1, number_of_threads=self.consumers * WG)
             g = warp // (WG // 32)  # this warpgroup takes the CTA's tiles g, g + consumers, ..
@@ -318,25 +318,26 @@ def _st_f32(addr, v):
 
 def supports(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_size: int, fmt: str) -> bool:
     """Whether this kernel can run the call: FP8 keys on a Hopper GPU (wgmma, TMA), at most 64 query
-    heads of 128 dims, fp32 head weights, pages of a multiple of 64 entries, and a cache with pages
-    whose base and stride are 16-byte multiples (TMA and bulk copies; every ``indexer_k_insert``-made
-    cache). Queries whose rows are not 16-byte aligned are copied first (``indexer_logits_into``)."""
+    heads of 128 dims, fp32 head weights, pages of a multiple of 64 entries, and a cache of whole
+    pages whose base and stride are 16-byte multiples (TMA and bulk copies; every
+    ``indexer_k_insert``-made cache). Queries whose rows are not 16-byte aligned are copied first (``indexer_logits_into``)."""
     if fmt != "fp8" or q.device.type != "cuda" or _capability(q.device)[0] != 9:
         return False
     if q.dim() != 3 or q.shape[1] > BH or q.shape[2] != D or block_size % BN or weights.dtype != torch.float32:
         return False
-    return (k_cache.dim() == 2 and k_cache.shape[0] > 0 and k_cache.stride(1) == 1 and k_cache.stride(0) % 16 == 0
-            and k_cache.data_ptr() % 16 == 0)
+    return (k_cache.dim() == 2 and k_cache.shape[0] > 0 and k_cache.shape[1] >= layouts.page_bytes(fmt, block_size)
+            and k_cache.stride(1) == 1 and k_cache.stride(0) % 16 == 0 and k_cache.data_ptr() % 16 == 0)
 
 
 def preferred(T: int, L: int, sms: int) -> bool:
-    """Whether the op takes this kernel over the Triton one (given ``supports``): when a table of
-    ``T`` rows of ``L`` entries holds at least two 64-entry tiles per CTA of one wave. Below that each
-    CTA scores one tile or none, where the Triton kernel's lighter start is ahead. H200, logits alone
-    (this kernel against the Triton one, µs): 64k context B = 1 3.4 / 3.1 (256 tiles), 8k context B = 1
-    2.7 / 2.6 and B = 8 3.3 / 3.5 (64 and 512 tiles); from there on this kernel: B = 8 / 32 / 64 at 64k
-    8.3 / 23.8 / 41.4 against 10.8 / 28.6 / 50.1, B = 1 at 1M 13.2 / 18.2, prefill (4,096 tokens over
-    64k entries) 6,850 / 8,336."""
+    """Whether the op takes this kernel over the Triton one (given ``supports``): when ``T`` rows of the
+    table width ``L`` (``M·block_size``; the visible counts are on the GPU) hold at least two 64-entry
+    tiles per CTA of one wave. H200, logits alone, this kernel against the Triton one (µs): below the
+    line, 64k context B = 1 3.4 / 3.1 (256 tiles), 8k context in a 16k table B = 1 2.7 / 2.6 and B = 8
+    3.3 / 3.5 (64 and 512 tiles: the Triton kernel runs both); above it, 64k B = 8 / 32 / 64 8.3 /
+    23.8 / 41.4 against 10.8 / 28.6 / 50.1, 1M B = 1 13.2 / 18.2, prefill (4,096 tokens over 64k
+    entries) 6,850 / 8,336, and the one loss, 8k context in a 1M table B = 1 3.0 / 2.7 (4,096 table
+    tiles, 32 visible)."""
     return T * cdiv(L, BN) >= 2 * CTAS_PER_SM * sms
 
 
@@ -349,10 +350,21 @@ def indexer_logits_into(out, q, weights, k_cache, block_table, token_to_req, pos
                         compress_ratio: int, programs: int | None = None, stages: int = STAGES,
                         consumers: int = CONSUMERS, pdl: bool | None = None) -> torch.Tensor:
     """``kernels.triton.attention.indexer_logits_into``'s ``fmt="fp8"`` result from the TMA + wgmma
-    kernel (``supports`` must hold): ``out[t, s]`` (fp32, unit stride along entries) for the visible
-    entries only."""
+    kernel (``supports`` must hold): ``out[t, s]`` (fp32 ``[T, >= L]``, unit stride along entries)
+    for the visible entries only. ``programs`` (CTAs per token), ``stages`` and ``consumers``
+    override the launch configuration (tests, benchmarks); ``ValueError`` for a ring the consumer
+    warpgroups cannot share (``stages`` not a multiple of ``consumers``, or ``consumers`` not 1, 2
+    or 4) or an ``out`` narrower than the table."""
     T = q.shape[0]
     L = block_table.shape[1] * block_size
+    # each warpgroup takes every consumers-th tile, so stage i % stages must always come back to the
+    # same warpgroup (its mbarrier phases are that warpgroup's), and the query tile splits evenly
+    if consumers not in (1, 2, 4) or stages < 1 or stages % consumers:
+        raise ValueError(f"indexer logits: {stages} stages cannot be shared by {consumers} consumer warpgroups "
+                         "(consumers 1, 2 or 4; stages a multiple of consumers)")
+    if out.dim() != 2 or out.shape[0] != T or out.shape[1] < L or out.stride(1) != 1:
+        raise ValueError(f"indexer logits: out must be [{T}, >= {L}] with unit stride along entries, "
+                         f"got {tuple(out.shape)} strides {out.stride()}")
     if T == 0 or L == 0:
         return out
     qb = q.view(torch.uint8) if q.dtype != torch.uint8 else q

@@ -70,6 +70,7 @@ from ..triton._common import cdiv, sm_programs
 from ..triton._launch import pdl_meta
 from ._common import _capability, arch_name
 from ._math import TORCH_TO_CUTE
+from ._smem import st_shared_v4, sw128_offset
 
 D = layouts.KV_HEAD_DIM  # 512
 NOPE = layouts.KV_NOPE_DIM  # 448
@@ -93,10 +94,6 @@ _COL = LayoutEnum.COL_MAJOR  # MN-major
 
 def _cp_async16(smem_addr, gmem_addr):
     cute.arch.inline_ptx("cp.async.cg.shared.global [{$r0}], [{$r1}], 16;", read_only_args=[smem_addr, gmem_addr])
-
-
-def _st_shared_v4(addr, a, b, c, d):
-    cute.arch.inline_ptx("st.shared.v4.b32 [{$r0}], { {$r1}, {$r2}, {$r3}, {$r4} };", read_only_args=[addr, a, b, c, d])
 
 
 def _ld_slot(addr, pred, isz: int):
@@ -154,14 +151,6 @@ def _e4m3x8_bf16(w0, w1, scale):
         write_only_types=[Uint32, Uint32, Uint32, Uint32],
         read_only_args=[w0, w1, scale],
     )
-
-
-def _tile_offset(row, chunk):
-    """Byte offset of 16-byte ``chunk`` (0..63: dims 8·chunk .. +7) of ``row`` (0..63) in a bf16
-    ``[64, 512]`` tile laid out as the 128-byte swizzled K-major wgmma layout (``make_smem_layout_a/b``
-    of a (64, 512) tile): 64-dim column blocks of 8 KB, 128-byte rows, the 16-byte chunk index XOR the
-    row's low three bits (the tile starts 1,024-byte aligned)."""
-    return (chunk // 8) * 8192 + row * 128 + (((chunk % 8) ^ (row % 8)) * 16)
 
 
 class SparseAttnKernel:
@@ -248,12 +237,12 @@ class SparseAttnKernel:
                 scale = (sb << 23).bitcast(Float32)  # 2^(byte − 127)
                 ch = 2 * (q + 4 * i)  # 8-dim chunk of the tile row
                 w0, w1, w2, w3 = _e4m3x8_bf16(rec[4 * i], rec[4 * i + 1], scale)
-                _st_shared_v4(k_base + Int32(_tile_offset(c, ch)), w0, w1, w2, w3)
+                st_shared_v4(k_base + Int32(sw128_offset(c, ch)), w0, w1, w2, w3)
                 w0, w1, w2, w3 = _e4m3x8_bf16(rec[4 * i + 2], rec[4 * i + 3], scale)
-                _st_shared_v4(k_base + Int32(_tile_offset(c, ch + 1)), w0, w1, w2, w3)
+                st_shared_v4(k_base + Int32(sw128_offset(c, ch + 1)), w0, w1, w2, w3)
             else:  # rope dims: bf16 as stored
                 ch = NOPE // 8 + q + 4 * (i - FP8_CHUNKS // 4)
-                _st_shared_v4(k_base + Int32(_tile_offset(c, ch)), rec[4 * i], rec[4 * i + 1], rec[4 * i + 2],
+                st_shared_v4(k_base + Int32(sw128_offset(c, ch)), rec[4 * i], rec[4 * i + 1], rec[4 * i + 2],
                               rec[4 * i + 3])
 
     @cute.kernel
@@ -277,7 +266,7 @@ class SparseAttnKernel:
         k_layout = sm90.make_smem_layout_b(_ROW, (BH, BN, D), BFloat16, 2)  # (N = candidates, K = dims, tile)
         v_layout = sm90.make_smem_layout_b(_COL, (BH, D, BN), BFloat16, 2)  # (N = dims, K = candidates, tile)
         smem = cutlass.memory.SmemAllocator()
-        # the 128-byte swizzle on the pointers (as wgmma descriptors want it); _tile_offset writes the
+        # the 128-byte swizzle on the pointers (as wgmma descriptors want it); sw128_offset writes the
         # same bytes by hand
         sQ = smem.allocate_tensor(BFloat16, q_layout.outer, byte_alignment=1024, swizzle=q_layout.inner)
         sK = smem.allocate_tensor(BFloat16, k_layout.outer, byte_alignment=1024, swizzle=k_layout.inner)
@@ -310,11 +299,11 @@ class SparseAttnKernel:
             u = tid + i * THREADS
             r = u // (D // 8)
             ch = u % (D // 8)
-            dst = q_base + Int32(_tile_offset(r, ch))
+            dst = q_base + Int32(sw128_offset(r, ch))
             if h0 + r < H:
                 _cp_async16(dst, q_row0 + Int64(h0 + r) * Int64(mQ.stride[1]) * 2 + Int64(ch * 16))
             else:
-                _st_shared_v4(dst, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
+                st_shared_v4(dst, Uint32(0), Uint32(0), Uint32(0), Uint32(0))
         cute.arch.cp_async_commit_group()
         # tile 0 into K tile 0 (while the queries land), tile 1 into registers, tile 2's slots
         rec = cute.make_rmem_tensor(REC_WORDS, Uint32)
@@ -481,7 +470,7 @@ def _online_softmax(acc_s, acc_o, p_base, red, m_i, l_i, cS, valid, v0, qk_scale
         p1 = cute.math.exp2(acc_s[i + 1] - m_i[r], fastmath=True)
         l_i[r] = l_i[r] + p0 + p1
         col = cS[i][1] + wg * SN
-        _st_bf16x2("shared", p_base + Int32(_tile_offset(cS[i][0], col // 8) + (col % 8) * 2), p0, p1)
+        _st_bf16x2("shared", p_base + Int32(sw128_offset(cS[i][0], col // 8) + (col % 8) * 2), p0, p1)
     if cute.arch.vote_any_sync((alpha[0] != Float32(1.0)) | (alpha[1] != Float32(1.0))):
         for i in cutlass.range_constexpr(cute.size(acc_o)):
             acc_o[i] = acc_o[i] * alpha[(i // 2) % 2]
