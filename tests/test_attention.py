@@ -523,8 +523,8 @@ def test_cute_indexer_logits_keep_nan():
 @pytest.mark.cuda
 def test_indexer_topk_runs_the_cute_logits_on_hopper(monkeypatch):
     """The op takes the CuTe logits for FP8 pages of 64 entries when the table holds enough tiles (and
-    the Triton kernel with ``DSV4_BACKEND=triton``); both selections are ``torch.topk``'s up to near-ties within the bound;
-    a CUDA graph of the op replays what eager computes."""
+    the Triton kernel with ``DSV4_BACKEND=triton``); both selections are ``torch.topk``'s up to
+    near-ties within the bound; a CUDA graph of the op replays what eager computes."""
     il = _cute_logits()
     calls = []
     real = il.indexer_logits_into

@@ -60,6 +60,18 @@ def backend(device: torch.device) -> str:
     return "cute" if _capability(device)[0] in CUTE_ARCH_MAJORS else "triton"
 
 
+def aligned(t: torch.Tensor, div: int, dims) -> bool:
+    """Whether ``t`` starts on a multiple of ``div`` elements and its strides along ``dims`` are
+    multiples of ``div`` (what the kernels' vector and bulk accesses need)."""
+    return t.data_ptr() % (div * t.element_size()) == 0 and all(t.stride(d) % div == 0 for d in dims)
+
+
+def fresh_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy in a new allocation (``contiguous()`` would keep a contiguous view whose
+    start is not 16-byte aligned)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def arch_name(device: torch.device) -> str:
     """The CuTe DSL target of ``device``: ``"sm_90a"``, ``"sm_100a"``, ... (arch-specific features on
     from Hopper on, where the ``a`` targets exist)."""

@@ -34,7 +34,7 @@ from cutlass import BFloat16, Float32, Int32, Int64, Uint8, const_expr
 
 from ... import layouts
 from ...reference import quant as _ref_quant
-from ._common import arch_name
+from ._common import aligned, arch_name, fresh_copy
 from ._math import TORCH_TO_CUTE, ceil_log2_ratio, e4m3x4, group_max, mul_rn, pow2, rope_pairs
 
 ELEMS = 16  # kv elements per lane: 16 e4m3 bytes = one 128-bit store
@@ -207,16 +207,6 @@ class KVInsertKernel:
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _aligned(t: torch.Tensor, div: int, dims) -> bool:
-    return t.data_ptr() % (div * t.element_size()) == 0 and all(t.stride(d) % div == 0 for d in dims)
-
-
-def _fresh(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy in a new allocation (``contiguous()`` would keep a contiguous view whose
-    start is not 16-byte aligned)."""
-    return t.clone(memory_format=torch.contiguous_format)
-
-
 def supports(kv: torch.Tensor, cos_sin_cache: Optional[torch.Tensor], kv_cache: torch.Tensor) -> bool:
     """Whether these inputs take the CuTe kernel (else the Triton one): bf16 ``[T, 512]`` rows, a
     64-wide fp32/bf16 table, and 16-byte aligned cache pages (the 128-bit record stores)."""
@@ -226,7 +216,7 @@ def supports(kv: torch.Tensor, cos_sin_cache: Optional[torch.Tensor], kv_cache: 
              or (cos_sin_cache.dtype in (torch.float32, torch.bfloat16) and cos_sin_cache.shape[-1] == ROPE_DIM))
         and kv_cache.dtype == torch.uint8 and kv_cache.dim() == 2
         and (kv_cache.shape[1] <= 1 or kv_cache.stride(1) == 1)
-        and _aligned(kv_cache, PAGE_ALIGN, (0,))
+        and aligned(kv_cache, PAGE_ALIGN, (0,))
     )
 
 
@@ -242,16 +232,16 @@ def kv_insert(kv, positions, cos_sin_cache, kv_cache, slot_mapping, block_size: 
     if kv.shape[0] == 0 or kv_cache.shape[0] == 0:
         return
     kv_div = 128 // (8 * kv.element_size())
-    if kv.stride(1) != 1 or not _aligned(kv, kv_div, (0,)):
-        kv = _fresh(kv)
+    if kv.stride(1) != 1 or not aligned(kv, kv_div, (0,)):
+        kv = fresh_copy(kv)
     if slot_mapping.stride(0) != 1:
         slot_mapping = slot_mapping.contiguous()
     cs = None
     if rope:
         cs_div = math.gcd(128 // (8 * cos_sin_cache.element_size()), ROPE_DIM // 2)
         cs = cos_sin_cache
-        if cs.stride(-1) != 1 or not _aligned(cs, cs_div, (0,)):
-            cs = _fresh(cs)
+        if cs.stride(-1) != 1 or not aligned(cs, cs_div, (0,)):
+            cs = fresh_copy(cs)
         if positions.stride(0) != 1:
             positions = positions.contiguous()
     compiled = KVInsertKernel.compile(

@@ -53,7 +53,7 @@ from cutlass.utils import hopper_helpers as sm90
 from ... import layouts
 from ..triton._common import cdiv, sm_programs
 from ..triton._launch import pdl_meta
-from ._common import _capability, arch_name
+from ._common import _capability, aligned, arch_name, fresh_copy
 from ._math import TORCH_TO_CUTE
 from ._smem import st_shared_v4, sw128_offset
 
@@ -320,13 +320,14 @@ def supports(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, bloc
     """Whether this kernel can run the call: FP8 keys on a Hopper GPU (wgmma, TMA), at most 64 query
     heads of 128 dims, fp32 head weights, pages of a multiple of 64 entries, and a cache of whole
     pages whose base and stride are 16-byte multiples (TMA and bulk copies; every
-    ``indexer_k_insert``-made cache). Queries whose rows are not 16-byte aligned are copied first (``indexer_logits_into``)."""
+    ``indexer_k_insert``-made cache). Queries whose rows are not 16-byte aligned are copied first
+    (``indexer_logits_into``)."""
     if fmt != "fp8" or q.device.type != "cuda" or _capability(q.device)[0] != 9:
         return False
     if q.dim() != 3 or q.shape[1] > BH or q.shape[2] != D or block_size % BN or weights.dtype != torch.float32:
         return False
     return (k_cache.dim() == 2 and k_cache.shape[0] > 0 and k_cache.shape[1] >= layouts.page_bytes(fmt, block_size)
-            and k_cache.stride(1) == 1 and k_cache.stride(0) % 16 == 0 and k_cache.data_ptr() % 16 == 0)
+            and k_cache.stride(1) == 1 and aligned(k_cache, 16, (0,)))
 
 
 def preferred(T: int, L: int, sms: int) -> bool:
@@ -368,8 +369,8 @@ def indexer_logits_into(out, q, weights, k_cache, block_table, token_to_req, pos
     if T == 0 or L == 0:
         return out
     qb = q.view(torch.uint8) if q.dtype != torch.uint8 else q
-    if qb.stride(-1) != 1 or qb.stride(0) % 16 or qb.stride(1) % 16 or qb.data_ptr() % 16:
-        qb = torch.empty(qb.shape, dtype=torch.uint8, device=q.device).copy_(qb)
+    if qb.stride(-1) != 1 or not aligned(qb, 16, (0, 1)):
+        qb = fresh_copy(qb)
     weights = weights if weights.stride(-1) == 1 else weights.contiguous()
     block_table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     if programs is None:

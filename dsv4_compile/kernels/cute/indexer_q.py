@@ -28,7 +28,7 @@ from cutlass import Float32, Int32, Int64, Uint8, Uint32, const_expr
 
 from ... import layouts
 from ...reference import quant as _ref_quant
-from ._common import arch_name, use_hw_e2m1
+from ._common import aligned, arch_name, fresh_copy, use_hw_e2m1
 from ._math import (TORCH_TO_CUTE, add_rn, ceil_log2_ratio, clamp, e4m3x4, group_max, mul_rn, pow2,
                     rope_pairs, sub_rn)
 
@@ -307,23 +307,18 @@ def supports(q: torch.Tensor, cos_sin_cache: torch.Tensor) -> bool:
     )
 
 
-def _aligned(t: torch.Tensor, div: int, dims) -> bool:
-    return t.data_ptr() % (div * t.element_size()) == 0 and all(t.stride(d) % div == 0 for d in dims)
-
-
 def _launch(q, positions, cos_sin_cache, weights, weight_scale, hadamard, mxfp4, out, scale, w_out):
     t, h, d = q.shape
     if t == 0 or h == 0:
         return
     rot = cos_sin_cache.shape[-1]
     q_div = math.gcd(128 // (8 * q.element_size()), d)
-    # clone, not contiguous(): a contiguous view at a misaligned offset would come back unchanged
-    if q.stride(-1) != 1 or not _aligned(q, q_div, (0, 1)):
-        q = q.clone(memory_format=torch.contiguous_format)
+    if q.stride(-1) != 1 or not aligned(q, q_div, (0, 1)):
+        q = fresh_copy(q)
     cs_div = math.gcd(128 // (8 * cos_sin_cache.element_size()), rot // 2)
     cs = cos_sin_cache
-    if cs.stride(-1) != 1 or not _aligned(cs, cs_div, (0,)):
-        cs = cs.clone(memory_format=torch.contiguous_format)
+    if cs.stride(-1) != 1 or not aligned(cs, cs_div, (0,)):
+        cs = fresh_copy(cs)
     if positions.stride(0) != 1:
         positions = positions.contiguous()
     arch = arch_name(q.device)

@@ -68,7 +68,7 @@ from ... import layouts
 from ..triton import attention as _tattn
 from ..triton._common import cdiv, sm_programs
 from ..triton._launch import pdl_meta
-from ._common import _capability, arch_name
+from ._common import _capability, aligned, arch_name, fresh_copy
 from ._math import TORCH_TO_CUTE
 from ._smem import st_shared_v4, sw128_offset
 
@@ -535,7 +535,7 @@ def supports(q: torch.Tensor, swa_cache: torch.Tensor, comp_cache) -> bool:
     if q.device.type != "cuda" or _capability(q.device)[0] != 9:
         return False
     for c in (swa_cache, comp_cache):
-        if c is not None and c.numel() and (c.data_ptr() % 16 or c.stride(0) % 16 or c.stride(1) != 1):
+        if c is not None and c.numel() and (c.stride(1) != 1 or not aligned(c, 16, (0,))):
             return False
     return True
 
@@ -568,9 +568,8 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     out = torch.empty((T, H, D), dtype=torch.bfloat16, device=q.device)
     if T == 0:
         return out
-    if q.stride(-1) != 1 or q.stride(0) % 8 or q.stride(1) % 8 or q.data_ptr() % 16:
-        # 16-byte aligned rows for cp.async (a fresh tensor: .contiguous() keeps a misaligned view)
-        q = torch.empty(q.shape, dtype=q.dtype, device=q.device).copy_(q)
+    if q.stride(-1) != 1 or not aligned(q, 8, (0, 1)):  # 16-byte aligned bf16 rows for cp.async
+        q = fresh_copy(q)
     has_comp = (comp_indices is not None and comp_indices.shape[1] > 0 and comp_cache is not None
                 and comp_cache.shape[0] > 0)  # a cache without pages has nothing to attend to
     if has_comp and comp_indices.dtype != swa_indices.dtype:  # one index dtype, wide enough for both

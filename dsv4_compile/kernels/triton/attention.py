@@ -476,11 +476,11 @@ def op_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req,
         if backend(q.device) == "cute":
             from ..cute import indexer_logits as cute_logits
 
-            L = block_table.shape[1] * block_size
-            if cute_logits.supports(q, weights, k_cache, block_size, fmt) and cute_logits.preferred(
-                    q.shape[0], L, sm_programs(q.device)):
+            T, L, sms = q.shape[0], block_table.shape[1] * block_size, sm_programs(q.device)
+            if cute_logits.supports(q, weights, k_cache, block_size, fmt) and cute_logits.preferred(T, L, sms):
                 return cute_logits.indexer_logits_into(out, q, weights, k_cache, block_table, token_to_req,
-                                                       positions, block_size, compress_ratio)
+                                                       positions, block_size, compress_ratio,
+                                                       programs=cute_logits.programs_for(T, L, sms))
     return indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size,
                                fmt, compress_ratio, **config)
 
