@@ -412,29 +412,32 @@ def test_indexer_logits_keep_nan_fp8():
     _nan_logits_agree((q, qs, w, cache, table, req, pos, bs), "fp8", torch.device("cuda"))
 
 
-# --- the CuTe-DSL FP8 logits kernel (Hopper: TMA + wgmma) --------------------------------------------
+# --- the CuTe-DSL logits kernels (Hopper: TMA / bulk copies + wgmma; FP8 and MXFP4) ---------------------
 def _cute_logits():
     """``kernels.cute.indexer_logits`` where it runs (a Hopper GPU with CuTe DSL), else skip."""
     from dsv4_compile.kernels.cute import HAVE_CUTE
 
     if not (torch.cuda.is_available() and HAVE_CUTE and torch.cuda.get_device_capability()[0] == 9):
-        pytest.skip("the CuTe indexer logits kernel needs a Hopper GPU and CuTe DSL")
+        pytest.skip("the CuTe indexer logits kernels need a Hopper GPU and CuTe DSL")
     from dsv4_compile.kernels.cute import indexer_logits
 
     return indexer_logits
 
 
-def _paged_fp8_case(seed, t, h, bs, n_req, blocks_per_req, idx_dtype=torch.int64):
-    """``t >= 9`` tokens over ``n_req >= 2`` requests of FP8 keys in ``bs``-entry pages: token 1 a
+def _paged_case(seed, fmt, t, h, bs, n_req, blocks_per_req, idx_dtype=torch.int64):
+    """``t >= 9`` tokens over ``n_req >= 2`` requests of ``fmt`` keys in ``bs``-entry pages: token 1 a
     padding token (request −1), 2 at position −1 (nothing visible), 3 seeing every entry of request 0
     (an unallocated page, −1, among them), 4 seeing 70 entries (a partial tile), 5 of request
     ``n_req`` (past the table: padding), 6 at a position past the table (its count clamps to the
     table width), 7 seeing every entry of request 1 (its last page index is past the cache); head
-    weights of both signs. Returns the case and the same case as ``_dense_logits`` reads it (the
-    unreadable pages as −1, gathered as zero keys; requests past the table as −1)."""
+    weights of both signs. MXFP4 also takes the exact per-block form somewhere: a key row 7 binades
+    past its largest block (request 0's first page), a NaN block scale (its third page), a zero one
+    (request 1's first page), and token 8's head 7 27 binades apart (its whole token). Returns the
+    case and the same case as ``_dense_logits`` reads it (the unreadable pages as −1, gathered as zero
+    keys; requests past the table as −1)."""
     g = torch.Generator().manual_seed(seed)
     n_pages = n_req * blocks_per_req + 3
-    cache, perm, q, _ = _indexer_inputs(g, "fp8", n_pages, t, h, bs)
+    cache, perm, q, q_scale = _indexer_inputs(g, fmt, n_pages, t, h, bs)
     table = perm[: n_req * blocks_per_req].view(n_req, blocks_per_req).int()
     table[0, 1] = -1
     table[1, blocks_per_req - 1] = n_pages + 5
@@ -448,9 +451,15 @@ def _paged_fp8_case(seed, t, h, bs, n_req, blocks_per_req, idx_dtype=torch.int64
     pos[6] = full + 4 * 100
     req[7], pos[7] = 1, full
     w = torch.rand(t, h, generator=g) - 0.3
-    case = (q, None, w, cache, table, req.to(idx_dtype), pos.to(idx_dtype), bs)
+    if fmt == "mxfp4":
+        scales = cache[:, bs * 64: bs * 68].view(n_pages, bs, 4)
+        _set_mx_scales(scales[int(table[0, 0])], 3, (127, 120, 126, 127))
+        _set_mx_scales(scales[int(table[0, 2])], 9, (127, 255, 126, 127))
+        _set_mx_scales(scales[int(table[1, 0])], 5, (0, 1, 2, 3))
+        q_scale[8, 7] = torch.tensor((127, 100, 127, 127), dtype=torch.uint8)
+    case = (q, q_scale, w, cache, table, req.to(idx_dtype), pos.to(idx_dtype), bs)
     readable = torch.where((table >= 0) & (table < n_pages), table, -1)
-    return case, (q, None, w, cache, readable, torch.where(req < n_req, req, -1), pos, bs)
+    return case, (q, q_scale, w, cache, readable, torch.where(req < n_req, req, -1), pos, bs)
 
 
 def _cuda_with_poisoned_tail(case):
@@ -465,91 +474,114 @@ def _cuda_with_poisoned_tail(case):
     return dev
 
 
+def _strided_rows(x, pad):
+    """``x`` ``[T, H, R]`` as a view into a buffer with ``pad`` zero elements before and after each row."""
+    wide = torch.zeros(*x.shape[:2], x.shape[2] + 2 * pad, dtype=x.dtype, device=x.device)
+    wide[:, :, pad: pad + x.shape[2]] = x
+    return wide[:, :, pad: pad + x.shape[2]]
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
 @pytest.mark.parametrize("bs", [64, 128])
 @pytest.mark.parametrize("h", [64, 20])
 @pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
-def test_cute_indexer_logits_match_dense_logits(bs, h, idx_dtype):
-    """The TMA + wgmma kernel against fp64 logits of independently gathered keys, within the tensor-core
-    bound; nothing written at or past a token's visible count; the same bits for one CTA per token (its
-    stage ring wrapping several times), fewer stages, one consumer warpgroup, and without PDL; queries
-    read through a strided view."""
+def test_cute_indexer_logits_match_dense_logits(fmt, bs, h, idx_dtype):
+    """The CuTe kernels against fp64 logits of independently gathered keys, within the tensor-core
+    bound (NaN where the fp64 logit is NaN: MXFP4's NaN block scale); nothing written at or past a
+    token's visible count; the same bits for one CTA per token (its stage ring wrapping several times),
+    fewer stages, one consumer warpgroup, and without PDL; queries (and MXFP4 query scales) read
+    through strided views."""
     il = _cute_logits()
-    case, readable = _paged_fp8_case(5, 9, h, bs, 3, 5, idx_dtype)
-    want, abs_terms = _dense_logits(*readable, "fp8", abs_terms=True)
-    q, _, w, cache, table, req, pos, _ = _cuda_with_poisoned_tail(case)
-    wide = torch.zeros(q.shape[0], h, 256, dtype=torch.uint8, device="cuda")
-    wide[:, :, 64:192] = q.view(torch.uint8)
-    q_strided = wide[:, :, 64:192].view(torch.float8_e4m3fn)  # rows 256 bytes apart
+    case, readable = _paged_case(5, fmt, 9, h, bs, 3, 5, idx_dtype)
+    want, abs_terms = _dense_logits(*readable, fmt, abs_terms=True)
+    q, qs, w, cache, table, req, pos, _ = _cuda_with_poisoned_tail(case)
+    q_strided = _strided_rows(q.view(torch.uint8), 64 if fmt == "fp8" else 32).view(q.dtype)
+    qs_strided = None if qs is None else _strided_rows(qs, 2)  # rows 8 bytes apart at offset 2: copied
     L = table.shape[1] * bs
 
-    def run(qq, **cfg):
+    def run(qq, qqs, **cfg):
         out = torch.full((q.shape[0], L + 5), 7.0, device="cuda")
-        il.indexer_logits_into(out, qq, w, cache, table, req, pos, bs, 4, **cfg)
+        il.indexer_logits_into(out, qq, qqs, w, cache, table, req, pos, bs, fmt, 4, **cfg)
         return out.cpu()
 
-    got = run(q)
+    got = run(q, qs)
     bound = _logit_bound("cuda")
     for t, row in enumerate(want):
         n = row.shape[0]
         assert bool((got[t, n:] == 7.0).all()), t
-        err = (got[t, :n].double() - row).abs()
-        assert bool((err <= bound * abs_terms[t]).all()), (t, float((err / abs_terms[t]).max()))
+        nan = torch.isnan(row)
+        assert torch.equal(torch.isnan(got[t, :n]), nan), t
+        err = (got[t, :n].double() - row).abs()[~nan]
+        assert bool((err <= bound * abs_terms[t][~nan]).all()), (t, float((err / abs_terms[t][~nan]).max()))
     assert sum(r.shape[0] for r in want) > 4 * 64 and want[1].shape[0] == want[2].shape[0] == want[5].shape[0] == 0
     assert want[6].shape[0] == L and want[4].shape[0] == 70
+    if fmt == "mxfp4":  # the exact form ran: a NaN row (the NaN block scale) among the logits
+        assert any(bool(torch.isnan(r).any()) for r in want)
+    bits = got.view(torch.int32)  # bitwise, so that NaN logits compare equal too
     for cfg in (dict(programs=1, stages=2), dict(programs=1, stages=3, consumers=1), dict(programs=2, pdl=False)):
-        assert torch.equal(run(q, **cfg), got), cfg
-    assert torch.equal(run(q_strided), got)
+        assert torch.equal(run(q, qs, **cfg).view(torch.int32), bits), cfg
+    assert torch.equal(run(q_strided, qs_strided).view(torch.int32), bits)
 
 
 @pytest.mark.cuda
 def test_cute_indexer_logits_keep_nan():
     """An e4m3 NaN in a key makes that entry's logit NaN (the ReLU is ``max.NaN``), as in the reference."""
     il = _cute_logits()
-    case, readable = _paged_fp8_case(6, 9, 64, 64, 2, 3)  # token 3 sees all three pages of request 0
+    case, readable = _paged_case(6, "fp8", 9, 64, 64, 2, 3)  # token 3 sees all three pages of request 0
     cache = case[3]
     vals = cache[:, : 64 * 128].view(cache.shape[0], 64, 128)
     vals[int(case[4][0, 0]), 3, 5] = 0x7F
     vals[int(case[4][0, 2]), 60, 100] = 0xFF
     want = _dense_logits(*readable, "fp8")
-    q, _, w, cache, table, req, pos, bs = _on("cuda", case)
+    q, qs, w, cache, table, req, pos, bs = _on("cuda", case)
     out = torch.full((q.shape[0], table.shape[1] * bs), 7.0, device="cuda")
-    got = il.indexer_logits_into(out, q, w, cache, table, req, pos, bs, 4).cpu()
+    got = il.indexer_logits_into(out, q, qs, w, cache, table, req, pos, bs, "fp8", 4).cpu()
     assert any(torch.isnan(r).any() for r in want)
     for t, row in enumerate(want):
         assert torch.equal(torch.isnan(got[t, : row.shape[0]]), torch.isnan(row)), t
 
 
 @pytest.mark.cuda
-def test_indexer_topk_runs_the_cute_logits_on_hopper(monkeypatch):
-    """The op takes the CuTe logits for FP8 pages of 64 entries when the table holds enough tiles (and
-    the Triton kernel with ``DSV4_BACKEND=triton``); both selections are ``torch.topk``'s up to
-    near-ties within the bound; a CUDA graph of the op replays what eager computes."""
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_indexer_topk_runs_the_cute_logits_on_hopper(monkeypatch, fmt):
+    """The op takes the CuTe logits for pages of 64 entries (FP8 when the table holds enough tiles) and
+    the Triton kernel with ``DSV4_BACKEND=triton``; both selections are ``torch.topk``'s up to
+    near-ties within the bound (rows with a NaN logit aside: their order is the selection's own
+    contract); a CUDA graph of the op replays what eager computes."""
     il = _cute_logits()
     calls = []
     real = il.indexer_logits_into
     monkeypatch.setattr(il, "indexer_logits_into", lambda *a, **k: calls.append(1) or real(*a, **k))
-    case, readable = _paged_fp8_case(7, 9, 64, 64, 3, 60)  # 9 x 60 tiles: enough work for ``preferred``
-    dense, abs_terms = _dense_logits(*readable, "fp8", abs_terms=True)
+    case, readable = _paged_case(7, fmt, 9, 64, 64, 3, 60)  # 9 x 60 tiles: enough work for ``preferred``
+    dense, abs_terms = _dense_logits(*readable, fmt, abs_terms=True)
+    finite = [t for t, r in enumerate(dense) if not bool(torch.isnan(r).any())]
     slack = [_logit_bound("cuda") * a for a in abs_terms]
     dev = _cuda_with_poisoned_tail(case)
-    sel = dsv4.indexer_topk(*dev, "fp8", 64).cpu()
+
+    def check(sel):
+        _check_topk(sel[finite], [dense[t] for t in finite], 64, slack_rows=[slack[t] for t in finite])
+
+    sel = dsv4.indexer_topk(*dev, fmt, 64).cpu()
     assert calls, "the op did not run the CuTe logits kernel"
-    _check_topk(sel, dense, 64, slack_rows=slack)
+    check(sel)
+    assert len(finite) >= 6
     monkeypatch.setenv("DSV4_BACKEND", "triton")
     n_calls = len(calls)
-    _check_topk(dsv4.indexer_topk(*dev, "fp8", 64).cpu(), dense, 64, slack_rows=slack)
+    check(dsv4.indexer_topk(*dev, fmt, 64).cpu())
     assert len(calls) == n_calls
     monkeypatch.delenv("DSV4_BACKEND")
-    q = dev[0]
-    fresh = (torch.randn(q.shape, device="cuda") * 2).to(torch.float8_e4m3fn)
-    want = dsv4.indexer_topk(fresh, *dev[1:], "fp8", 64)
+    x = torch.randn(dev[0].shape[0], 64, 128, device="cuda") * 2
+    fresh, fresh_s = (x.to(torch.float8_e4m3fn), None) if fmt == "fp8" else dsv4.mxfp4_quant(x)
+    want = dsv4.indexer_topk(fresh, fresh_s, *dev[2:], fmt, 64)
     graph = torch.cuda.CUDAGraph()
-    dsv4.indexer_topk(*dev, "fp8", 64)  # warm up outside the capture
+    dsv4.indexer_topk(*dev, fmt, 64)  # warm up outside the capture
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
-        out = dsv4.indexer_topk(*dev, "fp8", 64)
-    q.copy_(fresh)
+        out = dsv4.indexer_topk(*dev, fmt, 64)
+    dev[0].copy_(fresh)
+    if fmt == "mxfp4":
+        dev[1].copy_(fresh_s)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want)

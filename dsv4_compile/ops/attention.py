@@ -129,10 +129,11 @@ def indexer_topk(
         The DeepSeek-V4 reference ``Indexer`` (``Σ_h w·ReLU(q·k)`` over the visible compressed
         entries, then top-k, −1 for unused slots), computed in vLLM by DeepGEMM's
         ``fp8_fp4_paged_mqa_logits`` and its top-k kernels (``persistent_topk``). The CUDA path
-        writes each row's logits only up to its visible count (FP8 with at most 64 heads on a Hopper
-        GPU with CuTe DSL, 16-byte aligned pages of a multiple of 64 entries, and a table holding at
-        least two 64-entry tiles per CTA of a wave: a TMA + wgmma kernel,
-        ``kernels/cute/indexer_logits.py``; else ``kernels/triton/attention.py``)
+        writes each row's logits only up to its visible count (at most 64 heads on a Hopper GPU with
+        CuTe DSL, 16-byte aligned pages of a multiple of 64 entries, and for FP8 a table holding at
+        least two 64-entry tiles per CTA of a wave: TMA / bulk-copy + wgmma kernels,
+        ``kernels/cute/indexer_logits.py``, MXFP4 decoded to e4m3 in shared memory; else
+        ``kernels/triton/attention.py``)
         and selects with a radix select (``kernels/cute/topk.py`` where CuTe DSL runs, else
         ``kernels/triton/topk.py``; ``DSV4_TOPK_SELECT`` forces one): its cost follows the context,
         not ``M·block_size``.

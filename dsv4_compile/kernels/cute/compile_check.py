@@ -100,13 +100,17 @@ def _indexer_logits_cases():
     yield dict(bs=128, stages=2, consumers=1, req=Int32, pos=Int32, pdl=False)
 
 
-def _check_indexer_logits_ptx(name: str, arch: str, ptx: str) -> None:
+def _check_indexer_logits_ptx(name: str, arch: str, ptx: str, fmt: str) -> None:
+    # FP8: one tile = 4 chained k32 wgmma; MXFP4: those (folded) and 4 single ones (per 32-block)
     n = len(re.findall(r"\bwgmma\.mma_async\.sync\.aligned\.m64n64k32\.f32\.e4m3\.e4m3\b", ptx))
-    if n != 4:
-        raise AssertionError(f"{name}@{arch}: {n} e4m3 m64n64k32 wgmma in the PTX, want 4 (one tile)")
-    for op, what in (("cp.async.bulk.tensor.3d.shared::cta.global.tile", "the keys by a TMA tensor copy"),
-                     ("cp.async.bulk.shared::cluster.global", "the scales by a bulk copy"),
-                     ("max.NaN.f32", "a NaN-keeping ReLU")):
+    want = 4 if fmt == "fp8" else 8
+    if n != want:
+        raise AssertionError(f"{name}@{arch}: {n} e4m3 m64n64k32 wgmma in the PTX, want {want}")
+    ops = [("cp.async.bulk.shared::cluster.global", "the scales by a bulk copy"),
+           ("max.NaN.f32", "a NaN-keeping ReLU")]
+    ops += ([("cp.async.bulk.tensor.3d.shared::cta.global.tile", "the keys by a TMA tensor copy")] if fmt == "fp8"
+            else [("prmt.b32", "the E2M1 decode by byte permutes")])
+    for op, what in ops:
         if op not in ptx:
             raise AssertionError(f"{name}@{arch}: no {op} in the PTX ({what})")
 
@@ -215,13 +219,15 @@ def compile_all(arch: str) -> list[str]:
             _check_sparse_attn_ptx(name, arch, ptx)
             names.append(f"{name}@{arch}")
         for case in _indexer_logits_cases() if arch == "sm_90a" else ():
-            ptx = _case_ptx(dump_dir, indexer_logits.IndexerLogitsKernel.compile, case["bs"], case["stages"],
-                            case["consumers"], case["req"], case["pos"], case["pdl"], arch)
-            name = "indexer_logits_fp8_bs{}_s{}_w{}_req{}_pos{}{}".format(
-                case["bs"], case["stages"], case["consumers"], case["req"].__name__.lower(),
-                case["pos"].__name__.lower(), "_pdl" if case["pdl"] else "")
-            _check_indexer_logits_ptx(name, arch, ptx)
-            names.append(f"{name}@{arch}")
+            for fmt, kernel in (("fp8", indexer_logits.IndexerLogitsKernel),
+                                ("mxfp4", indexer_logits.IndexerLogitsMxfp4Kernel)):
+                ptx = _case_ptx(dump_dir, kernel.compile, case["bs"], case["stages"], case["consumers"], case["req"],
+                                case["pos"], case["pdl"], arch)
+                name = "indexer_logits_{}_bs{}_s{}_w{}_req{}_pos{}{}".format(
+                    fmt, case["bs"], case["stages"], case["consumers"], case["req"].__name__.lower(),
+                    case["pos"].__name__.lower(), "_pdl" if case["pdl"] else "")
+                _check_indexer_logits_ptx(name, arch, ptx, fmt)
+                names.append(f"{name}@{arch}")
     return names
 
 

@@ -1,16 +1,16 @@
-"""CuTe-DSL FP8 lightning-indexer logits over the paged indexer K cache (Hopper: TMA + wgmma).
+"""CuTe-DSL lightning-indexer logits over the paged indexer K cache (Hopper: TMA / bulk copies + wgmma).
 
 The logits half of ``dsv4::indexer_topk`` (docs/numerics.md §7.2), the same contract as
-``kernels.triton.attention.indexer_logits_into`` for ``fmt="fp8"``: for token ``t`` and each of its
-``n_t`` visible entries ``s`` (``n_t = min((pos + 1) // ratio, L)``, 0 for a padding row)
-``out[t, s] = scale_s · Σ_h w[t, h] · ReLU(q[t, h] · k_s)`` with ``k_s`` the entry's e4m3 key and
-``scale_s`` its fp32 power-of-two scale (``ReLU(a·x) = a·ReLU(x)`` for ``a > 0``: the scale after the
-head sum, as the Triton kernel); an entry whose page is −1 or outside the cache is scored as zero
-keys with scale 0 (not read); nothing at or past ``n_t`` is written, and only the last tile's page
-is read past it (its keys and scales are loaded whole, inside the page). ReLU keeps NaN.
+``kernels.triton.attention.indexer_logits_into``: for token ``t`` and each of its ``n_t`` visible
+entries ``s`` (``n_t = min((pos + 1) // ratio, L)``, 0 for a padding row)
+``out[t, s] = Σ_h w[t, h] · ReLU(q[t, h] · k_s)``; an entry whose page is −1 or outside the cache is
+scored as zero keys with scale 0 (not read); nothing at or past ``n_t`` is written, and only the last
+tile's page is read past it (its keys and scales are loaded whole, inside the page). ReLU keeps NaN.
 
-Method (one CTA = one token × one of ``programs`` strided shares of its 64-entry tiles; a producer
-warp and two consumer warpgroups, 288 threads):
+FP8 (``IndexerLogitsKernel``; ``k_s`` the entry's e4m3 key times its fp32 power-of-two scale, the
+scale after the head sum since ``ReLU(a·x) = a·ReLU(x)`` for ``a > 0``). One CTA = one token × one of
+``programs`` strided shares of its 64-entry tiles; a producer warp and two consumer warpgroups, 288
+threads:
 
 * the producer warp walks the CTA's tiles, reads each tile's page from the block table (one tile
   ahead), and loads the tile's keys (``[64 entries, 128]`` e4m3, 8 KB) into a ring of ``stages``
@@ -23,19 +23,29 @@ warp and two consumer warpgroups, 288 threads):
   four lanes, times the scale, and the 64 logits written;
 * two CTAs per SM (one wave): more stages or CTAs per SM measured slower, not faster.
 
-Where it stands (H200, graph replay over L2-cold input sets, 132 bytes read per visible entry): at 64k
-context B = 8 / 32 / 64 8.3 / 23.8 / 41.4 µs (2.09 / 2.90 / 3.34 TB/s) against 10.8 / 28.6 / 50.1
-for the Triton kernel; B = 1 at 1M context 13.2 against 18.2 µs. The same loads with the multiplies
-and the head sum removed take 38.8 µs at B = 64 (3.57 TB/s), as do one-dimensional bulk copies of
-the pages and a Triton kernel that only gathers them (38.6 µs): reading 8 KB pages scattered over
-the cache tops out near 3.6 TB/s here, against 4.5-4.6 TB/s for one streaming read.
+MXFP4 (``IndexerLogitsMxfp4Kernel``; keys and queries E2M1 with one UE8M0 scale per 32-block, the
+Triton kernel's folded / exact semantics): the producer bulk-copies each tile's packed keys (4 KB)
+and scale bytes (256 B) into the ring; each consumer warpgroup decodes its tile to e4m3 in shared
+memory with byte permutes (rows whose block exponents lie within 5 binades fold ``2^(e_b − e)`` into
+the values), then runs four chained k32 wgmma and applies the key scale after the head sum when every
+row of the tile and every query head folds, else one k32 wgmma per 32-block times both block scales.
+96 registers (2 CTAs per SM; at 101 the SM sub-partitions' register files held one).
+
+Where they stand (H200, graph replay over L2-cold input sets; bytes read per visible entry 132 FP8,
+68 MXFP4): FP8 at 64k context B = 8 / 32 / 64 8.3 / 23.8 / 41.4 µs (2.09 / 2.90 / 3.34 TB/s) against
+10.8 / 28.6 / 50.1 for the Triton kernel; B = 1 at 1M context 13.2 against 18.2 µs. The same loads
+with the multiplies and the head sum removed take 38.8 µs at B = 64 (3.57 TB/s), as do
+one-dimensional bulk copies of the pages and a Triton kernel that only gathers them (38.6 µs):
+reading 8 KB pages scattered over the cache tops out near 3.6 TB/s here, against 4.5-4.6 TB/s for
+one streaming read. MXFP4 is bound by the decode and the per-tile chain, not the bytes (see
+``benchmarks/results/indexer_topk_h200.md``).
 
 Needs 64 heads or fewer (zero rows pad the block), fp32 head weights, pages of a multiple of 64
 entries whose base and stride allow 16-byte TMA and bulk copies (``supports``); the op keeps the
-Triton kernel otherwise, for MXFP4, and for tables too small to give each CTA two tiles
-(``preferred``, on the table width: the visible counts are on the GPU). A CTA left without tiles
-(a short context in a wide table) still sets up its barriers and queries before it finds none: 8k
-context in a 1M-token table, B = 1, 3.0 µs against the Triton kernel's 2.7.
+Triton kernel otherwise, and for FP8 tables too small to give each CTA two tiles (``preferred``, on
+the table width: the visible counts are on the GPU). An FP8 CTA left without tiles (a short context
+in a wide table) still sets up its barriers and queries before it finds none (8k context in a
+1M-token table, B = 1: 3.0 µs against the Triton kernel's 2.7); an MXFP4 one skips that.
 """
 
 from __future__ import annotations
@@ -74,6 +84,13 @@ def _bulk_g2s(smem_addr, gmem_addr, nbytes: int, mbar_addr):
     cute.arch.inline_ptx(
         f"cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [{{$r0}}], [{{$r1}}], {nbytes}, [{{$r2}}];",
         read_only_args=[smem_addr, gmem_addr, mbar_addr])
+
+
+def _head(e: int) -> int:
+    """The thread's head (accumulator column) of accumulator element ``e`` of a wgmma m64nN tile, as
+    an index over its N/4 distinct columns: element ``e = c + 2·r + 4·i`` is column ``8i + 2·(lane % 4)
+    + c`` of row ``r0 + 8r`` (so elements ``e`` and ``e + 2`` share a head)."""
+    return e % 2 + 2 * (e // 4)
 
 
 def _relu_nan(x):
@@ -316,30 +333,416 @@ def _st_f32(addr, v):
     cute.arch.inline_ptx("st.global.f32 [{$r0}], {$r1};", read_only_args=[addr, v])
 
 
-def supports(q: torch.Tensor, weights: torch.Tensor, k_cache: torch.Tensor, block_size: int, fmt: str) -> bool:
-    """Whether this kernel can run the call: FP8 keys on a Hopper GPU (wgmma, TMA), at most 64 query
-    heads of 128 dims, fp32 head weights, pages of a multiple of 64 entries, and a cache of whole
-    pages whose base and stride are 16-byte multiples (TMA and bulk copies; every
-    ``indexer_k_insert``-made cache). Queries whose rows are not 16-byte aligned are copied first
+# --------------------------------------------------------------------------------------------------
+# MXFP4
+# --------------------------------------------------------------------------------------------------
+MX_ROW = layouts.INDEXER_MXFP4_VALUE_BYTES  # 64 packed bytes per key / query row
+MX_TILE_BYTES = BN * MX_ROW  # 4 KB of packed keys per tile
+MX_SCALE_BYTES = BN * layouts.INDEXER_MXFP4_SCALE_BYTES  # 256: four UE8M0 bytes per entry
+MX_FOLD_SPREAD = 5  # kernels.triton.attention.MX_FOLD_SPREAD
+
+
+def _e2m1x8_e4m3(p, lut_lo, lut_hi):
+    """Eight packed E2M1 values ``p`` (element ``i`` in bits ``4i .. 4i + 3``) → the e4m3 bytes of
+    elements 0-3 and of elements 4-7, in order. Each nibble with its sign bit cleared is a ``prmt``
+    selector into the 8-byte table ``lut_lo | lut_hi`` (the magnitude); the raw nibble selects from
+    ``0x7F`` bytes, where a set bit 3 makes ``prmt`` replicate the byte's msb (0x00) instead of copying
+    it (0x7F), so that result shifted left by one has bit 7 clear exactly for the negative elements,
+    whose sign ``lop3`` then sets (``a | (~b & c)``). Outputs written last (``inline_ptx`` outputs may
+    share registers with its inputs)."""
+    return cute.arch.inline_ptx(
+        "{ .reg .b32 m, t, x, k, lo, hi;"
+        " mov.b32 k, 0x7F7F7F7F; and.b32 m, {$r0}, 0x77777777;"
+        " prmt.b32 t, {$r1}, {$r2}, m; prmt.b32 x, k, k, {$r0}; shl.b32 x, x, 1;"
+        " lop3.b32 lo, t, x, 0x80808080, 0xF2;"
+        " shr.u32 m, m, 16; shr.u32 x, {$r0}, 16;"
+        " prmt.b32 t, {$r1}, {$r2}, m; prmt.b32 x, k, k, x; shl.b32 x, x, 1;"
+        " lop3.b32 hi, t, x, 0x80808080, 0xF2;"
+        " mov.b32 {$w0}, lo; mov.b32 {$w1}, hi; }",
+        write_only_types=[Uint32, Uint32], read_only_args=[p, lut_lo, lut_hi])
+
+
+def _mx_fold(sb):
+    """(largest scale byte ``e``, fold) of a row's four UE8M0 scale bytes packed in ``sb`` (block 0 in
+    the low byte): fold when every block lies within ``MX_FOLD_SPREAD`` binades of the largest, none
+    is the NaN byte 0xFF and none the zero scale 0x00 (``kernels.triton.attention._mx_fold``)."""
+    b0 = sb & Uint32(0xFF)
+    b1 = (sb >> 8) & Uint32(0xFF)
+    b2 = (sb >> 16) & Uint32(0xFF)
+    b3 = sb >> 24
+    e = cutlass.max(cutlass.max(b0, b1), cutlass.max(b2, b3))
+    lo = cutlass.min(cutlass.min(b0, b1), cutlass.min(b2, b3))
+    return e, (e - lo <= Uint32(MX_FOLD_SPREAD)) & (e < Uint32(255)) & (lo > Uint32(0))
+
+
+def _ue8m0(b):
+    """fp32 ``2^(b − 127)`` of one UE8M0 byte ``b`` (Uint32), NaN for 0xFF, 0 for 0x00 (its exponent
+    field; the reference's too)."""
+    return cutlass.select_(b == Uint32(255), Float32(float("nan")), (b << 23).bitcast(Float32))
+
+
+@cute.jit
+def _mx_decode_row(src, sb, fold, e, dst, row, half):
+    """Blocks ``2·half`` and ``2·half + 1`` of one MXFP4 row (32 packed bytes at shared ``src``, scale
+    bytes ``sb``) → e4m3 in the row ``row`` of the swizzled ``[64, 128]`` tile at ``dst`` (block ``b``
+    at K ``32b .. 32b + 31``); with ``fold``, block ``b`` times ``2^(e_b − e)`` (exact in e4m3 within 5
+    binades)."""
+    for k in cutlass.range_constexpr(2):
+        b = 2 * half + k
+        sbb = (sb >> (8 * b)) & Uint32(0xFF)
+        c = cutlass.select_(fold, Uint32(48) - Uint32(8) * (e - sbb), Uint32(48))
+        lut_lo = c * Uint32(0x01010100) + Uint32(0x0C080000)
+        lut_hi = c * Uint32(0x01010101) + Uint32(0x1C181410)
+        w0, w1, w2, w3 = _ld_shared_v4(src + Int32(16 * k))
+        l0, h0 = _e2m1x8_e4m3(w0, lut_lo, lut_hi)
+        l1, h1 = _e2m1x8_e4m3(w1, lut_lo, lut_hi)
+        l2, h2 = _e2m1x8_e4m3(w2, lut_lo, lut_hi)
+        l3, h3 = _e2m1x8_e4m3(w3, lut_lo, lut_hi)
+        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b)), l0, h0, l1, h1)
+        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b + 1)), l2, h2, l3, h3)
+
+
+def _ld_shared_v4(addr):
+    return cute.arch.inline_ptx("ld.shared.v4.u32 { {$w0}, {$w1}, {$w2}, {$w3} }, [{$r0}];",
+                                write_only_types=[Uint32] * 4, read_only_args=[addr])
+
+
+def _ld_shared_u32(addr):
+    return cute.arch.inline_ptx("ld.shared.u32 {$w0}, [{$r0}];", write_only_types=[Uint32], read_only_args=[addr])
+
+
+def _ld_global_u32(addr):
+    return cute.arch.inline_ptx("ld.global.nc.u32 {$w0}, [{$r0}];", write_only_types=[Uint32], read_only_args=[addr])
+
+
+class IndexerLogitsMxfp4Kernel:
+    """MXFP4 keys and queries (``kernels.triton.attention`` folded / exact semantics): the producer
+    bulk-copies each tile's packed keys (4 KB) and scale bytes (256 B) into a ring; each consumer
+    warpgroup decodes its tile into its own e4m3 tile (rows whose block exponents fold take
+    ``2^(e_b − e)`` into the values), then runs the folded form (four chained k32 wgmma, key scale
+    after the head sum) when every row of the tile and every query head folds, else the exact form
+    (one k32 wgmma per 32-block, times both block scales, summed in fp32 in block order)."""
+
+    def __init__(self, block_size: int, stages: int, consumers: int, pdl: bool):
+        self.bs = block_size
+        self.stages = stages
+        self.consumers = consumers
+        self.pdl = pdl
+
+    @cute.jit
+    def __call__(self, mQ, mQs, mW, mCache, mBT, mReq, mPos, mOut, ratio: Int32, programs: Int32, stream):
+        self.kernel(mQ, mQs, mW, mCache, mBT, mReq, mPos, mOut, ratio).launch(
+            grid=[mQ.shape[0], programs, 1],
+            block=[self.consumers * WG + 32, 1, 1],
+            stream=stream,
+            use_pdl=self.pdl,
+        )
+
+    @cute.kernel
+    def kernel(self, mQ, mQs, mW, mCache, mBT, mReq, mPos, mOut, ratio: Int32):
+        tid, _, _ = cute.arch.thread_idx()
+        t, j, _ = cute.arch.block_idx()
+        _, P, _ = cute.arch.grid_dim()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        lane = tid % 32
+        stages = self.stages
+        nc = self.consumers
+        producer = nc * (WG // 32)
+
+        # ---- shared memory ----
+        smem = cutlass.utils.SmemAllocator()
+        k_layout = sm90.make_smem_layout_a(_ROW, (BN, BH, D), Float8E4M3FN, nc)  # one decoded tile per warpgroup
+        sK = smem.allocate_tensor(Float8E4M3FN, k_layout.outer, byte_alignment=1024, swizzle=k_layout.inner)
+        q_layout = sm90.make_smem_layout_b(_ROW, (BN, BH, D), Float8E4M3FN, 1)
+        sQ = smem.allocate_tensor(Float8E4M3FN, q_layout.outer, byte_alignment=1024, swizzle=q_layout.inner)
+        sRaw = smem.allocate_tensor(Uint8, cute.make_layout(MX_TILE_BYTES * stages), byte_alignment=128)
+        sSb = smem.allocate_tensor(Uint32, cute.make_layout(BN * stages), byte_alignment=128)
+        sQm = smem.allocate_tensor(Float32, cute.make_layout(BH * 4), byte_alignment=16)  # [head][block]
+        sW = smem.allocate_tensor(Float32, cute.make_layout(BH), byte_alignment=16)  # head weights (0 past H)
+        sWf = smem.allocate_tensor(Float32, cute.make_layout(BH), byte_alignment=16)  # sW · 2^(e − 127), folded
+        sKm = smem.allocate_tensor(Float32, cute.make_layout(nc * BN * 4), byte_alignment=16)  # [wg][row][block]
+        sKs = smem.allocate_tensor(Float32, cute.make_layout(nc * BN), byte_alignment=16)  # [wg][row]
+        sVote = smem.allocate_tensor(Int32, cute.make_layout(4 * (nc + 1)), byte_alignment=16)
+        sOk = smem.allocate_tensor(Int32, cute.make_layout(stages), byte_alignment=16)
+        full = smem.allocate_array(Int64, stages, byte_alignment=8)
+        empty = smem.allocate_array(Int64, stages, byte_alignment=8)
+        if tid == 0:
+            for s in cutlass.range_constexpr(stages):
+                cute.arch.mbarrier_init(full + s, 1)
+                cute.arch.mbarrier_init(empty + s, WG)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+        if const_expr(self.pdl):
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
+
+        n_req = mBT.shape[0]
+        L = mBT.shape[1] * self.bs
+        req = Int64(mReq[t])
+        pos = Int64(mPos[t])
+        ok_tok = (req >= 0) & (req < n_req) & (pos >= 0)
+        n = cutlass.select_(ok_tok, cutlass.min((pos + 1) // Int64(ratio), Int64(L)), Int64(0))
+        n_tiles = Int32((n + BN - 1) // BN)
+        mine = Int32(0)
+        if j < n_tiles:
+            mine = (n_tiles - j + P - 1) // P
+        raw_base = sRaw.iterator.toint()
+        sb_base = sSb.iterator.toint()
+
+        if mine > 0:
+            if warp == producer:
+                n_pages = mCache.shape[0]
+                page_stride = Int64(mCache.stride[0])
+                cache_base = mCache.iterator.toint()
+                bt_row = mBT.iterator.toint() + req * Int64(mBT.stride[0]) * 4
+                page_nx = _ld_page(bt_row, Int64(j * BN // self.bs))
+                for i in cutlass.range(mine, unroll=1):
+                    s0 = (j + i * P) * BN
+                    page = page_nx
+                    if i + 1 < mine:
+                        page_nx = _ld_page(bt_row, Int64((s0 + P * BN) // self.bs))
+                    stage = i % stages
+                    cute.arch.mbarrier_wait(empty + stage, ((i // stages) % 2) ^ 1)
+                    ok = (page >= 0) & (page < n_pages)
+                    if lane == 0:
+                        sOk[stage] = Int32(ok)
+                        if ok:
+                            page_off = cache_base + Int64(page) * page_stride
+                            cute.arch.mbarrier_arrive_and_expect_tx(full + stage, MX_TILE_BYTES + MX_SCALE_BYTES)
+                            _bulk_g2s(raw_base + Int32(stage * MX_TILE_BYTES), page_off + Int64(s0 % self.bs) * MX_ROW,
+                                      MX_TILE_BYTES, (full + stage).toint())
+                            _bulk_g2s(sb_base + Int32(stage * MX_SCALE_BYTES),
+                                      page_off + Int64(self.bs * MX_ROW) + Int64(s0 % self.bs) * 4, MX_SCALE_BYTES,
+                                      (full + stage).toint())
+                        else:
+                            cute.arch.mbarrier_arrive(full + stage)
+            else:
+                H = mQ.shape[1]
+                g = warp // (WG // 32)
+                wtid = tid % WG
+                wwarp = wtid // 32
+                row = wtid // 2  # the row (query head, then tile entry) this thread decodes half of
+                half = wtid % 2
+                q_base = sQ.iterator.toint()
+                # ---- queries: fold flags of every head (warpgroup 0), one vote, then the decode ----
+                qsb = Uint32(0x7F7F7F7F)  # heads past H: scale 2^0 in every block, zero values
+                if (g == 0) & (row < H):
+                    qsb = _ld_global_u32(mQs.iterator.toint() + Int64(t) * Int64(mQs.stride[0])
+                                         + Int64(row) * Int64(mQs.stride[1]))
+                qe, qf = _mx_fold(qsb)
+                if g == 0:
+                    fold_all = cute.arch.vote_all_sync(qf)
+                    if lane == 0:
+                        sVote[wwarp] = Int32(fold_all)
+                cute.arch.barrier(barrier_id=1, number_of_threads=nc * WG)
+                q_fold = (sVote[0] & sVote[1] & sVote[2] & sVote[3]) != 0
+                if g == 0:
+                    src = Int64(0)
+                    if row < H:
+                        # the packed row straight from global memory: 32 bytes of this thread's half
+                        src = mQ.iterator.toint() + Int64(t) * Int64(mQ.stride[0]) + Int64(row) * Int64(mQ.stride[1])
+                    _mx_decode_q_row(src, row < H, qsb, q_fold, qe, q_base, row, half)
+                    if half == 0:
+                        for b in cutlass.range_constexpr(4):
+                            m = cutlass.select_(q_fold, _ue8m0(qe), _ue8m0((qsb >> (8 * b)) & Uint32(0xFF)))
+                            sQm[row * 4 + b] = cutlass.select_(row < H, m, Float32(0.0))
+                        wv = Float32(0.0)
+                        if row < H:
+                            wv = _ld_f32(mW.iterator.toint() + Int64(t) * Int64(mW.stride[0]) * 4 + Int64(row * 4))
+                        sW[row] = wv
+                        sWf[row] = wv * _ue8m0(qe)  # the folded query's common block scale in its weight
+                cute.arch.fence_view_async_shared()
+                cute.arch.barrier(barrier_id=1, number_of_threads=nc * WG)
+
+                mma = sm90.make_trivial_tiled_mma(Float8E4M3FN, Float8E4M3FN, OperandMajorMode.K, OperandMajorMode.K,
+                                                  Float32, (1, 1, 1), (BN, BH))
+                thr = mma.get_slice(wtid)
+                tCrK = mma.make_fragment_A(thr.partition_A(sK))
+                tCrQ = mma.make_fragment_B(thr.partition_B(sQ))
+                acc = cute.make_rmem_tensor(thr.partition_shape_C((BN, BH)), Float32)
+                sc = cute.make_rmem_tensor(thr.partition_shape_C((BN, BH)), Float32)
+                cS = thr.partition_C(cute.make_identity_tensor((BN, BH)))
+                mma.set(warpgroup.Field.ACCUMULATE, True)
+                out_row = mOut.iterator.toint() + Int64(t) * Int64(mOut.stride[0]) * 4
+                k_base = sK.iterator.toint() + Int32(g * BN * D)
+                r0 = cS[0][0]
+                for i in cutlass.range(g, mine, nc, unroll=1):
+                    s0 = (j + i * P) * BN
+                    stage = i % stages
+                    cute.arch.mbarrier_wait(full + stage, (i // stages) % 2)
+                    ok = sOk[stage] != 0
+                    # the previous tile's multiplies have read this warpgroup's decoded tile
+                    _wg_barrier(g)
+                    sb = _ld_shared_u32(sb_base + Int32(stage * MX_SCALE_BYTES + row * 4))
+                    ke, kf = _mx_fold(sb)
+                    live = ok & (Int64(s0 + row) < n)
+                    _mx_decode_row(raw_base + Int32(stage * MX_TILE_BYTES + row * MX_ROW + 32 * half), sb, kf, ke,
+                                   k_base, row, half)
+                    if half == 0:
+                        sKs[g * BN + row] = cutlass.select_(ok, _ue8m0(ke), Float32(0.0))
+                    cute.arch.mbarrier_arrive(empty + stage)
+                    tile_fold = cute.arch.vote_all_sync((Int32(kf) | (Int32(1) - Int32(live))) != 0)
+                    if lane == 0:
+                        sVote[4 + 4 * g + wwarp] = Int32(tile_fold)
+                    cute.arch.fence_view_async_shared()
+                    _wg_barrier(g)
+                    v = 4 + 4 * g
+                    folded = q_fold & ((sVote[v] & sVote[v + 1] & sVote[v + 2] & sVote[v + 3]) != 0)
+                    v0 = Float32(0.0)
+                    v1 = Float32(0.0)
+                    sc0 = Float32(1.0)
+                    sc1 = Float32(1.0)
+                    if folded:
+                        # the thread's 16 folded head weights, read per tile (registers held across the
+                        # loop would not leave room for the exact form's: 96 registers, 2 CTAs per SM)
+                        w_fold = cute.make_rmem_tensor(cute.size(acc) // 2, Float32)
+                        for e in cutlass.range_constexpr(0, cute.size(acc), 4):
+                            for c in cutlass.range_constexpr(2):
+                                w_fold[_head(e + c)] = sWf[cS[e + c][1]]
+                        acc.fill(0.0)
+                        warpgroup.fence()
+                        for kb in cutlass.range_constexpr(cute.size(tCrK, mode=[2])):
+                            cute.gemm(mma, acc, tCrK[None, None, kb, g], tCrQ[None, None, kb, 0], acc)
+                        warpgroup.commit_group()
+                        warpgroup.wait_group(0)
+                        if not ok:  # an unreadable page: zero keys, scale 0 (sKs), as the Triton kernel
+                            acc.fill(0.0)
+                        for e in cutlass.range_constexpr(cute.size(acc)):
+                            x = w_fold[_head(e)] * _relu_nan(acc[e])
+                            if const_expr((e // 2) % 2 == 0):
+                                v0 = v0 + x
+                            else:
+                                v1 = v1 + x
+                        sc0 = sKs[g * BN + r0]
+                        sc1 = sKs[g * BN + r0 + 8]
+                    else:
+                        # this row's block scales, for the rows of the accumulators (the tile's barrier)
+                        for k in cutlass.range_constexpr(2):
+                            b = 2 * half + k
+                            km = cutlass.select_(kf, _ue8m0(ke), _ue8m0((sb >> (8 * b)) & Uint32(0xFF)))
+                            sKm[(g * BN + row) * 4 + b] = cutlass.select_(ok, km, Float32(0.0))
+                        _wg_barrier(g)
+                        sc.fill(0.0)
+                        for kb in cutlass.range_constexpr(cute.size(tCrK, mode=[2])):
+                            acc.fill(0.0)
+                            warpgroup.fence()
+                            cute.gemm(mma, acc, tCrK[None, None, kb, g], tCrQ[None, None, kb, 0], acc)
+                            warpgroup.commit_group()
+                            warpgroup.wait_group(0)
+                            for e in cutlass.range_constexpr(cute.size(acc)):
+                                rr = cS[e][0]
+                                sc[e] = sc[e] + (acc[e] * sKm[(g * BN + rr) * 4 + kb]) * sQm[cS[e][1] * 4 + kb]
+                        # an unreadable page: sKm is 0 there, so (acc·0)·sQm is 0, or NaN for a NaN query
+                        # block scale, as the Triton kernel's zero keys give (stale bytes decode finite)
+                        for e in cutlass.range_constexpr(cute.size(acc)):
+                            x = sW[cS[e][1]] * _relu_nan(sc[e])
+                            if const_expr((e // 2) % 2 == 0):
+                                v0 = v0 + x
+                            else:
+                                v1 = v1 + x
+                    v0 = v0 + cute.arch.shuffle_sync_bfly(v0, offset=1)
+                    v0 = v0 + cute.arch.shuffle_sync_bfly(v0, offset=2)
+                    v1 = v1 + cute.arch.shuffle_sync_bfly(v1, offset=1)
+                    v1 = v1 + cute.arch.shuffle_sync_bfly(v1, offset=2)
+                    if lane % 4 == 0:
+                        s = Int64(s0 + r0)
+                        if s < n:
+                            _st_f32(out_row + s * 4, v0 * sc0)
+                        if s + 8 < n:
+                            _st_f32(out_row + (s + 8) * 4, v1 * sc1)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def compile(block_size: int, stages: int, consumers: int, req_dtype, pos_dtype, pdl: bool, arch: str,
+                extra_options: str = ""):
+        """Compile one variant over fake tensors (no GPU needed)."""
+        mk = cute.runtime.make_fake_tensor
+        T = cute.sym_int()
+        H = cute.sym_int()
+        q = mk(Uint8, (T, H, MX_ROW), stride=(cute.sym_int64(divisibility=16), cute.sym_int64(divisibility=16), 1),
+               assumed_align=16)
+        qs = mk(Uint8, (T, H, 4), stride=(cute.sym_int64(divisibility=4), cute.sym_int64(divisibility=4), 1),
+                assumed_align=4)
+        w = mk(Float32, (T, H), stride=(cute.sym_int64(), 1), assumed_align=4)
+        cache = mk(Uint8, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(divisibility=16), 1),
+                   assumed_align=16)
+        bt = mk(Int32, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=4)
+        req = mk(req_dtype, (T,), stride=(1,), assumed_align=req_dtype.width // 8)
+        pos = mk(pos_dtype, (T,), stride=(1,), assumed_align=pos_dtype.width // 8)
+        out = mk(Float32, (T, cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=4)
+        kernel = IndexerLogitsMxfp4Kernel(block_size, stages, consumers, pdl)
+        return cute.compile(
+            kernel, q, qs, w, cache, bt, req, pos, out, Int32(4), Int32(1),
+            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+            options=f"--enable-tvm-ffi --gpu-arch {arch} {extra_options}".strip(),
+        )
+
+
+@cute.jit
+def _wg_barrier(g):
+    """A named barrier of consumer warpgroup ``g``'s 128 threads (ids 2, 3: constant ids, so ptxas
+    reserves two barriers, not all sixteen)."""
+    if g == 0:
+        cute.arch.barrier(barrier_id=2, number_of_threads=WG)
+    else:
+        cute.arch.barrier(barrier_id=3, number_of_threads=WG)
+
+
+@cute.jit
+def _mx_decode_q_row(src, live, sb, fold, e, dst, row, half):
+    """``_mx_decode_row`` for a query row read from global memory at ``src`` (zeros where not ``live``)."""
+    for k in cutlass.range_constexpr(2):
+        b = 2 * half + k
+        sbb = (sb >> (8 * b)) & Uint32(0xFF)
+        c = cutlass.select_(fold, Uint32(48) - Uint32(8) * (e - sbb), Uint32(48))
+        lut_lo = c * Uint32(0x01010100) + Uint32(0x0C080000)
+        lut_hi = c * Uint32(0x01010101) + Uint32(0x1C181410)
+        w0 = Uint32(0)
+        w1 = Uint32(0)
+        w2 = Uint32(0)
+        w3 = Uint32(0)
+        if live:
+            w0, w1, w2, w3 = _ld_global_v4(src + Int64(32 * half + 16 * k))
+        l0, h0 = _e2m1x8_e4m3(w0, lut_lo, lut_hi)
+        l1, h1 = _e2m1x8_e4m3(w1, lut_lo, lut_hi)
+        l2, h2 = _e2m1x8_e4m3(w2, lut_lo, lut_hi)
+        l3, h3 = _e2m1x8_e4m3(w3, lut_lo, lut_hi)
+        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b)), l0, h0, l1, h1)
+        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b + 1)), l2, h2, l3, h3)
+
+
+def supports(q: torch.Tensor, q_scale: torch.Tensor | None, weights: torch.Tensor, k_cache: torch.Tensor,
+             block_size: int, fmt: str) -> bool:
+    """Whether these kernels can run the call: a Hopper GPU (wgmma, TMA), at most 64 query heads
+    (e4m3 rows of 128 bytes for ``fmt="fp8"``; for ``"mxfp4"`` uint8 rows of 64 packed bytes and
+    their ``[T, H, 4]`` uint8 scales), fp32 head weights, pages of a multiple of 64 entries, and a
+    cache of whole pages whose base and stride are 16-byte multiples (TMA and bulk copies; every
+    ``indexer_k_insert``-made cache). Queries or scales whose rows are not aligned are copied first
     (``indexer_logits_into``)."""
-    if fmt != "fp8" or q.device.type != "cuda" or _capability(q.device)[0] != 9:
+    if fmt not in ("fp8", "mxfp4") or q.device.type != "cuda" or _capability(q.device)[0] != 9:
         return False
-    if q.dim() != 3 or q.shape[1] > BH or q.shape[2] != D or block_size % BN or weights.dtype != torch.float32:
+    if q.dim() != 3 or q.shape[1] > BH or block_size % BN or weights.dtype != torch.float32:
+        return False
+    if fmt == "fp8" and q.shape[2] != D:
+        return False
+    if fmt == "mxfp4" and (q.dtype != torch.uint8 or q.shape[2] != MX_ROW or q_scale is None
+                           or q_scale.dtype != torch.uint8 or tuple(q_scale.shape) != (*q.shape[:2], 4)):
         return False
     return (k_cache.dim() == 2 and k_cache.shape[0] > 0 and k_cache.shape[1] >= layouts.page_bytes(fmt, block_size)
             and k_cache.stride(1) == 1 and aligned(k_cache, 16, (0,)))
 
 
-def preferred(T: int, L: int, sms: int) -> bool:
-    """Whether the op takes this kernel over the Triton one (given ``supports``): when ``T`` rows of the
-    table width ``L`` (``M·block_size``; the visible counts are on the GPU) hold at least two 64-entry
-    tiles per CTA of one wave. H200, logits alone, this kernel against the Triton one (µs): below the
-    line, 64k context B = 1 3.4 / 3.1 (256 tiles), 8k context in a 16k table B = 1 2.7 / 2.6 and B = 8
-    3.3 / 3.5 (64 and 512 tiles: the Triton kernel runs both); above it, 64k B = 8 / 32 / 64 8.3 /
-    23.8 / 41.4 against 10.8 / 28.6 / 50.1, 1M B = 1 13.2 / 18.2, prefill (4,096 tokens over 64k
-    entries) 6,850 / 8,336, and the one loss, 8k context in a 1M table B = 1 3.0 / 2.7 (4,096 table
-    tiles, 32 visible)."""
-    return T * cdiv(L, BN) >= 2 * CTAS_PER_SM * sms
+def preferred(T: int, L: int, sms: int, fmt: str = "fp8") -> bool:
+    """Whether the op takes these kernels over the Triton one (given ``supports``). MXFP4: always (the
+    E2M1 decode makes the Triton kernel the slower one even at 256 tiles: 64k context B = 1 3.9 against
+    5.0 µs). FP8: when ``T`` rows of the table width ``L`` (``M·block_size``; the visible counts are
+    on the GPU) hold at least two 64-entry tiles per CTA of one wave. H200, FP8 logits alone, this
+    kernel against the Triton one (µs): below the line, 64k context B = 1 3.4 / 3.1 (256 tiles), 8k
+    context in a 16k table B = 1 2.7 / 2.6 and B = 8 3.3 / 3.5 (64 and 512 tiles: the Triton kernel
+    runs both); above it, 64k B = 8 / 32 / 64 8.3 / 23.8 / 41.4 against 10.8 / 28.6 / 50.1, 1M B = 1
+    13.2 / 18.2, prefill (4,096 tokens over 64k entries) 6,850 / 8,336, and the one loss, 8k context in
+    a 1M table B = 1 3.0 / 2.7 (4,096 table tiles, 32 visible)."""
+    return fmt == "mxfp4" or T * cdiv(L, BN) >= 2 * CTAS_PER_SM * sms
 
 
 def programs_for(T: int, L: int, sms: int) -> int:
@@ -347,22 +750,24 @@ def programs_for(T: int, L: int, sms: int) -> int:
     return max(1, min(cdiv(max(L, 1), BN), CTAS_PER_SM * sms // max(T, 1)))
 
 
-def indexer_logits_into(out, q, weights, k_cache, block_table, token_to_req, positions, block_size: int,
-                        compress_ratio: int, programs: int | None = None, stages: int = STAGES,
+def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int,
+                        fmt: str, compress_ratio: int, programs: int | None = None, stages: int = STAGES,
                         consumers: int = CONSUMERS, pdl: bool | None = None) -> torch.Tensor:
-    """``kernels.triton.attention.indexer_logits_into``'s ``fmt="fp8"`` result from the TMA + wgmma
-    kernel (``supports`` must hold): ``out[t, s]`` (fp32 ``[T, >= L]``, unit stride along entries)
-    for the visible entries only. ``programs`` (CTAs per token), ``stages`` and ``consumers``
-    override the launch configuration (tests, benchmarks); ``ValueError`` for a ring the consumer
-    warpgroups cannot share (``stages`` not a multiple of ``consumers``, or ``consumers`` not 1, 2
-    or 4) or an ``out`` narrower than the table."""
+    """``kernels.triton.attention.indexer_logits_into``'s result (same arguments; ``supports`` must
+    hold) from ``IndexerLogitsKernel`` (FP8) or ``IndexerLogitsMxfp4Kernel`` (MXFP4): ``out[t, s]``
+    (fp32 ``[T, >= L]``, unit stride along entries) for the visible entries only. ``programs`` (CTAs
+    per token), ``stages`` and ``consumers`` override the launch configuration (tests, benchmarks);
+    ``ValueError`` for a ring the consumer warpgroups cannot share (``stages`` not a multiple of
+    ``consumers``; ``consumers`` not 1, 2 or 4 for FP8, not 1 or 2 for MXFP4) or an ``out`` narrower
+    than the table."""
     T = q.shape[0]
     L = block_table.shape[1] * block_size
     # each warpgroup takes every consumers-th tile, so stage i % stages must always come back to the
     # same warpgroup (its mbarrier phases are that warpgroup's), and the query tile splits evenly
-    if consumers not in (1, 2, 4) or stages < 1 or stages % consumers:
+    if consumers not in ((1, 2, 4) if fmt == "fp8" else (1, 2)) or stages < 1 or stages % consumers:
         raise ValueError(f"indexer logits: {stages} stages cannot be shared by {consumers} consumer warpgroups "
-                         "(consumers 1, 2 or 4; stages a multiple of consumers)")
+                         f"({fmt}: consumers {'1, 2 or 4' if fmt == 'fp8' else '1 or 2'}; stages a multiple of "
+                         "consumers)")
     if out.dim() != 2 or out.shape[0] != T or out.shape[1] < L or out.stride(1) != 1:
         raise ValueError(f"indexer logits: out must be [{T}, >= {L}] with unit stride along entries, "
                          f"got {tuple(out.shape)} strides {out.stride()}")
@@ -377,7 +782,13 @@ def indexer_logits_into(out, q, weights, k_cache, block_table, token_to_req, pos
         programs = programs_for(T, L, sm_programs(q.device))
     if pdl is None:
         pdl = pdl_meta(q.device.index) is not None
-    compiled = IndexerLogitsKernel.compile(block_size, stages, consumers, TORCH_TO_CUTE[token_to_req.dtype],
-                                           TORCH_TO_CUTE[positions.dtype], pdl, arch_name(q.device))
-    compiled(qb, weights, k_cache, block_table, token_to_req, positions, out, compress_ratio, programs)
+    kernel = IndexerLogitsKernel if fmt == "fp8" else IndexerLogitsMxfp4Kernel
+    compiled = kernel.compile(block_size, stages, consumers, TORCH_TO_CUTE[token_to_req.dtype],
+                              TORCH_TO_CUTE[positions.dtype], pdl, arch_name(q.device))
+    if fmt == "fp8":
+        compiled(qb, weights, k_cache, block_table, token_to_req, positions, out, compress_ratio, programs)
+    else:
+        if q_scale.stride(-1) != 1 or not aligned(q_scale, 4, (0, 1)):
+            q_scale = fresh_copy(q_scale)
+        compiled(qb, q_scale, weights, k_cache, block_table, token_to_req, positions, out, compress_ratio, programs)
     return out

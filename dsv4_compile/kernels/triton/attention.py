@@ -467,19 +467,20 @@ def indexer_logits(q, q_scale, weights, k_cache, block_table, token_to_req, posi
 def op_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int,
                    fmt: str, compress_ratio: int, **config) -> torch.Tensor:
     """``indexer_logits_into``'s result from the kernel ``indexer_topk`` runs: on Hopper with CuTe DSL
-    (``kernels.cute.backend``), FP8 keys in pages of a multiple of 64 entries, the TMA + wgmma kernel
-    of ``kernels/cute/indexer_logits.py`` where its ``supports`` and ``preferred`` hold; else, or
-    with a Triton ``config``, the Triton kernel."""
-    if not config and fmt == "fp8" and q.device.type == "cuda":
+    (``kernels.cute.backend``) and pages of a multiple of 64 entries, the TMA / bulk-copy + wgmma
+    kernels of ``kernels/cute/indexer_logits.py`` (FP8 and MXFP4) where their ``supports`` and
+    ``preferred`` hold; else, or with a Triton ``config``, the Triton kernel."""
+    if not config and q.device.type == "cuda":
         from ..cute._common import backend
 
         if backend(q.device) == "cute":
             from ..cute import indexer_logits as cute_logits
 
             T, L, sms = q.shape[0], block_table.shape[1] * block_size, sm_programs(q.device)
-            if cute_logits.supports(q, weights, k_cache, block_size, fmt) and cute_logits.preferred(T, L, sms):
-                return cute_logits.indexer_logits_into(out, q, weights, k_cache, block_table, token_to_req,
-                                                       positions, block_size, compress_ratio,
+            if (cute_logits.supports(q, q_scale, weights, k_cache, block_size, fmt)
+                    and cute_logits.preferred(T, L, sms, fmt)):
+                return cute_logits.indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req,
+                                                       positions, block_size, fmt, compress_ratio,
                                                        programs=cute_logits.programs_for(T, L, sms))
     return indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size,
                                fmt, compress_ratio, **config)
