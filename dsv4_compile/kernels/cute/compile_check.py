@@ -13,10 +13,12 @@ Beyond "it compiles", the PTX is checked for what the numerics and the target re
   of its half of the candidates, 4 m64n256k16 for P·V), loads the queries with 16-byte ``cp.async``
   and the records into registers with 16-byte loads. It is not bit-exact by design (a softmax), so
   the no-``fma`` rule does not apply to it;
-* the FP8 indexer logits (sm_90a only, for the same reason) load each 64-entry tile of keys with one
-  TMA tensor copy and its scales with one bulk copy, multiply with ``wgmma`` (four m64n64k32 e4m3 per
-  tile) and keep NaN through the ReLU (``max.NaN``). Its head sum is not bit-exact either (the tensor
-  cores' accumulation is not fp32 summation, docs/numerics.md §7.2), so it may contract into ``fma``.
+* the indexer logits (sm_90a only, for the same reason) load each 64-entry tile's scales with one
+  bulk copy and its keys with one TMA tensor copy (FP8) or one bulk copy decoded by byte permutes
+  (MXFP4), multiply with ``wgmma`` (four m64n64k32 e4m3 per tile; MXFP4 also one per 32-block for
+  rows that do not fold) and keep NaN through the ReLU (``max.NaN``). Their head sums are not
+  bit-exact either (the tensor cores' accumulation is not fp32 summation, docs/numerics.md §7.2), so
+  they may contract into ``fma``.
 
     python -m dsv4_compile.kernels.cute.compile_check [sm_90a sm_100a]
 

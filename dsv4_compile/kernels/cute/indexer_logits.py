@@ -29,7 +29,8 @@ and scale bytes (256 B) into the ring; each consumer warpgroup decodes its tile 
 memory with byte permutes (rows whose block exponents lie within 5 binades fold ``2^(e_b − e)`` into
 the values), then runs four chained k32 wgmma and applies the key scale after the head sum when every
 row of the tile and every query head folds, else one k32 wgmma per 32-block times both block scales.
-96 registers (2 CTAs per SM; at 101 the SM sub-partitions' register files held one).
+96 registers by ``ptxas -v`` (not enforced): 2 CTAs per SM, where at 101 the SM sub-partitions'
+register files held one.
 
 Where they stand (H200, graph replay over L2-cold input sets; bytes read per visible entry 132 FP8,
 68 MXFP4): FP8 at 64k context B = 8 / 32 / 64 8.3 / 23.8 / 41.4 µs (2.09 / 2.90 / 3.34 TB/s) against
@@ -45,7 +46,7 @@ entries whose base and stride allow 16-byte TMA and bulk copies (``supports``); 
 Triton kernel otherwise, and for FP8 tables too small to give each CTA two tiles (``preferred``, on
 the table width: the visible counts are on the GPU). An FP8 CTA left without tiles (a short context
 in a wide table) still sets up its barriers and queries before it finds none (8k context in a
-1M-token table, B = 1: 3.0 µs against the Triton kernel's 2.7); an MXFP4 one skips that.
+1M-token table, B = 1: 3.0 µs against the Triton kernel's 2.7); an MXFP4 one skips its query decode.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from cutlass.utils import hopper_helpers as sm90
 from ... import layouts
 from ..triton._common import cdiv, sm_programs
 from ..triton._launch import pdl_meta
+from ..triton.attention import MX_FOLD_SPREAD as _TRITON_FOLD_SPREAD
 from ._common import _capability, aligned, arch_name, fresh_copy
 from ._math import TORCH_TO_CUTE
 from ._smem import st_shared_v4, sw128_offset
@@ -75,7 +77,7 @@ CONSUMERS = 2  # consumer warpgroups per CTA (warps 0 .. 4·consumers − 1; the
 TILE_BYTES = BN * D
 SCALE_BYTES = BN * layouts.INDEXER_FP8_SCALE_BYTES  # 256
 STAGES = 4
-CTAS_PER_SM = 2  # 288 threads and ~42 KB of shared memory each
+CTAS_PER_SM = 2  # 288 threads and ~42 KB (FP8) / ~46 KB (MXFP4) of shared memory each
 _ROW = LayoutEnum.ROW_MAJOR  # K-major wgmma operands
 
 
@@ -84,6 +86,16 @@ def _bulk_g2s(smem_addr, gmem_addr, nbytes: int, mbar_addr):
     cute.arch.inline_ptx(
         f"cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [{{$r0}}], [{{$r1}}], {nbytes}, [{{$r2}}];",
         read_only_args=[smem_addr, gmem_addr, mbar_addr])
+
+
+def _check_ring(stages: int, consumers: int, max_consumers: int) -> None:
+    """``ValueError`` for a stage ring the consumer warpgroups cannot share: each warpgroup takes every
+    ``consumers``-th tile, so stage ``i % stages`` must always come back to the same warpgroup (its
+    mbarrier phases are that warpgroup's), and the query tile splits evenly (1, 2 or 4 warpgroups)."""
+    if consumers not in (1, 2, 4) or consumers > max_consumers or stages < 1 or stages % consumers:
+        allowed = ", ".join(str(c) for c in (1, 2, 4) if c <= max_consumers)
+        raise ValueError(f"indexer logits: {stages} stages cannot be shared by {consumers} consumer warpgroups "
+                         f"(consumers {allowed}; stages a multiple of consumers)")
 
 
 def _head(e: int) -> int:
@@ -107,7 +119,10 @@ def _ld_global_v4(addr):
 class IndexerLogitsKernel:
     """One launch configuration; see ``compile`` for the cache key."""
 
+    MAX_CONSUMERS = 4
+
     def __init__(self, block_size: int, stages: int, consumers: int, pdl: bool):
+        _check_ring(stages, consumers, self.MAX_CONSUMERS)
         self.bs = block_size
         self.stages = stages
         self.consumers = consumers
@@ -339,7 +354,7 @@ def _st_f32(addr, v):
 MX_ROW = layouts.INDEXER_MXFP4_VALUE_BYTES  # 64 packed bytes per key / query row
 MX_TILE_BYTES = BN * MX_ROW  # 4 KB of packed keys per tile
 MX_SCALE_BYTES = BN * layouts.INDEXER_MXFP4_SCALE_BYTES  # 256: four UE8M0 bytes per entry
-MX_FOLD_SPREAD = 5  # kernels.triton.attention.MX_FOLD_SPREAD
+MX_FOLD_SPREAD = _TRITON_FOLD_SPREAD.value  # the Triton kernel's fold rule, the same binades
 
 
 def _e2m1x8_e4m3(p, lut_lo, lut_hi):
@@ -381,25 +396,30 @@ def _ue8m0(b):
     return cutlass.select_(b == Uint32(255), Float32(float("nan")), (b << 23).bitcast(Float32))
 
 
+def _mx_store_block(words, sb, fold, e, b, dst, row):
+    """Block ``b`` of an MXFP4 row (its four packed words, scale bytes ``sb``) → e4m3 at K ``32b ..
+    32b + 31`` of the row ``row`` of the swizzled ``[64, 128]`` tile at ``dst``. The magnitude table
+    holds E2M1's 0, 0.5, 1, 1.5, 2, 3, 4, 6 as e4m3 0x00, 0x30, 0x38, 0x3C, 0x40, 0x44, 0x48, 0x4C;
+    with ``fold`` the block is times ``2^(e_b − e)``: its nonzero entries' exponent fields ``e − e_b``
+    lower (exact in e4m3 within 5 binades: ``0.5 · 2^-5`` is still normal)."""
+    sbb = (sb >> (8 * b)) & Uint32(0xFF)
+    c = cutlass.select_(fold, Uint32(48) - Uint32(8) * (e - sbb), Uint32(48))
+    lut_lo = c * Uint32(0x01010100) + Uint32(0x0C080000)
+    lut_hi = c * Uint32(0x01010101) + Uint32(0x1C181410)
+    l0, h0 = _e2m1x8_e4m3(words[0], lut_lo, lut_hi)
+    l1, h1 = _e2m1x8_e4m3(words[1], lut_lo, lut_hi)
+    l2, h2 = _e2m1x8_e4m3(words[2], lut_lo, lut_hi)
+    l3, h3 = _e2m1x8_e4m3(words[3], lut_lo, lut_hi)
+    st_shared_v4(dst + Int32(sw128_offset(row, 2 * b)), l0, h0, l1, h1)
+    st_shared_v4(dst + Int32(sw128_offset(row, 2 * b + 1)), l2, h2, l3, h3)
+
+
 @cute.jit
 def _mx_decode_row(src, sb, fold, e, dst, row, half):
-    """Blocks ``2·half`` and ``2·half + 1`` of one MXFP4 row (32 packed bytes at shared ``src``, scale
-    bytes ``sb``) → e4m3 in the row ``row`` of the swizzled ``[64, 128]`` tile at ``dst`` (block ``b``
-    at K ``32b .. 32b + 31``); with ``fold``, block ``b`` times ``2^(e_b − e)`` (exact in e4m3 within 5
-    binades)."""
+    """Blocks ``2·half`` and ``2·half + 1`` of one MXFP4 row (32 packed bytes at shared ``src``) →
+    ``_mx_store_block``."""
     for k in cutlass.range_constexpr(2):
-        b = 2 * half + k
-        sbb = (sb >> (8 * b)) & Uint32(0xFF)
-        c = cutlass.select_(fold, Uint32(48) - Uint32(8) * (e - sbb), Uint32(48))
-        lut_lo = c * Uint32(0x01010100) + Uint32(0x0C080000)
-        lut_hi = c * Uint32(0x01010101) + Uint32(0x1C181410)
-        w0, w1, w2, w3 = _ld_shared_v4(src + Int32(16 * k))
-        l0, h0 = _e2m1x8_e4m3(w0, lut_lo, lut_hi)
-        l1, h1 = _e2m1x8_e4m3(w1, lut_lo, lut_hi)
-        l2, h2 = _e2m1x8_e4m3(w2, lut_lo, lut_hi)
-        l3, h3 = _e2m1x8_e4m3(w3, lut_lo, lut_hi)
-        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b)), l0, h0, l1, h1)
-        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b + 1)), l2, h2, l3, h3)
+        _mx_store_block(_ld_shared_v4(src + Int32(16 * k)), sb, fold, e, 2 * half + k, dst, row)
 
 
 def _ld_shared_v4(addr):
@@ -423,7 +443,10 @@ class IndexerLogitsMxfp4Kernel:
     after the head sum) when every row of the tile and every query head folds, else the exact form
     (one k32 wgmma per 32-block, times both block scales, summed in fp32 in block order)."""
 
+    MAX_CONSUMERS = 2  # one named barrier per consumer warpgroup (ids 2, 3)
+
     def __init__(self, block_size: int, stages: int, consumers: int, pdl: bool):
+        _check_ring(stages, consumers, self.MAX_CONSUMERS)
         self.bs = block_size
         self.stages = stages
         self.consumers = consumers
@@ -623,8 +646,8 @@ class IndexerLogitsMxfp4Kernel:
                             sKm[(g * BN + row) * 4 + b] = cutlass.select_(ok, km, Float32(0.0))
                         _wg_barrier(g)
                         sc.fill(0.0)
+                        mma.set(warpgroup.Field.ACCUMULATE, False)  # each block's dot on its own
                         for kb in cutlass.range_constexpr(cute.size(tCrK, mode=[2])):
-                            acc.fill(0.0)
                             warpgroup.fence()
                             cute.gemm(mma, acc, tCrK[None, None, kb, g], tCrQ[None, None, kb, 0], acc)
                             warpgroup.commit_group()
@@ -632,6 +655,7 @@ class IndexerLogitsMxfp4Kernel:
                             for e in cutlass.range_constexpr(cute.size(acc)):
                                 rr = cS[e][0]
                                 sc[e] = sc[e] + (acc[e] * sKm[(g * BN + rr) * 4 + kb]) * sQm[cS[e][1] * 4 + kb]
+                        mma.set(warpgroup.Field.ACCUMULATE, True)
                         # an unreadable page: sKm is 0 there, so (acc·0)·sQm is 0, or NaN for a NaN query
                         # block scale, as the Triton kernel's zero keys give (stale bytes decode finite)
                         for e in cutlass.range_constexpr(cute.size(acc)):
@@ -692,23 +716,13 @@ def _wg_barrier(g):
 def _mx_decode_q_row(src, live, sb, fold, e, dst, row, half):
     """``_mx_decode_row`` for a query row read from global memory at ``src`` (zeros where not ``live``)."""
     for k in cutlass.range_constexpr(2):
-        b = 2 * half + k
-        sbb = (sb >> (8 * b)) & Uint32(0xFF)
-        c = cutlass.select_(fold, Uint32(48) - Uint32(8) * (e - sbb), Uint32(48))
-        lut_lo = c * Uint32(0x01010100) + Uint32(0x0C080000)
-        lut_hi = c * Uint32(0x01010101) + Uint32(0x1C181410)
         w0 = Uint32(0)
         w1 = Uint32(0)
         w2 = Uint32(0)
         w3 = Uint32(0)
         if live:
             w0, w1, w2, w3 = _ld_global_v4(src + Int64(32 * half + 16 * k))
-        l0, h0 = _e2m1x8_e4m3(w0, lut_lo, lut_hi)
-        l1, h1 = _e2m1x8_e4m3(w1, lut_lo, lut_hi)
-        l2, h2 = _e2m1x8_e4m3(w2, lut_lo, lut_hi)
-        l3, h3 = _e2m1x8_e4m3(w3, lut_lo, lut_hi)
-        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b)), l0, h0, l1, h1)
-        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b + 1)), l2, h2, l3, h3)
+        _mx_store_block((w0, w1, w2, w3), sb, fold, e, 2 * half + k, dst, row)
 
 
 def supports(q: torch.Tensor, q_scale: torch.Tensor | None, weights: torch.Tensor, k_cache: torch.Tensor,
@@ -721,7 +735,7 @@ def supports(q: torch.Tensor, q_scale: torch.Tensor | None, weights: torch.Tenso
     (``indexer_logits_into``)."""
     if fmt not in ("fp8", "mxfp4") or q.device.type != "cuda" or _capability(q.device)[0] != 9:
         return False
-    if q.dim() != 3 or q.shape[1] > BH or block_size % BN or weights.dtype != torch.float32:
+    if q.dim() != 3 or not 0 < q.shape[1] <= BH or block_size % BN or weights.dtype != torch.float32:
         return False
     if fmt == "fp8" and q.shape[2] != D:
         return False
@@ -762,12 +776,8 @@ def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to
     than the table."""
     T = q.shape[0]
     L = block_table.shape[1] * block_size
-    # each warpgroup takes every consumers-th tile, so stage i % stages must always come back to the
-    # same warpgroup (its mbarrier phases are that warpgroup's), and the query tile splits evenly
-    if consumers not in ((1, 2, 4) if fmt == "fp8" else (1, 2)) or stages < 1 or stages % consumers:
-        raise ValueError(f"indexer logits: {stages} stages cannot be shared by {consumers} consumer warpgroups "
-                         f"({fmt}: consumers {'1, 2 or 4' if fmt == 'fp8' else '1 or 2'}; stages a multiple of "
-                         "consumers)")
+    kernel = IndexerLogitsKernel if fmt == "fp8" else IndexerLogitsMxfp4Kernel
+    _check_ring(stages, consumers, kernel.MAX_CONSUMERS)
     if out.dim() != 2 or out.shape[0] != T or out.shape[1] < L or out.stride(1) != 1:
         raise ValueError(f"indexer logits: out must be [{T}, >= {L}] with unit stride along entries, "
                          f"got {tuple(out.shape)} strides {out.stride()}")
@@ -782,7 +792,6 @@ def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to
         programs = programs_for(T, L, sm_programs(q.device))
     if pdl is None:
         pdl = pdl_meta(q.device.index) is not None
-    kernel = IndexerLogitsKernel if fmt == "fp8" else IndexerLogitsMxfp4Kernel
     compiled = kernel.compile(block_size, stages, consumers, TORCH_TO_CUTE[token_to_req.dtype],
                               TORCH_TO_CUTE[positions.dtype], pdl, arch_name(q.device))
     if fmt == "fp8":
