@@ -396,30 +396,25 @@ def _ue8m0(b):
     return cutlass.select_(b == Uint32(255), Float32(float("nan")), (b << 23).bitcast(Float32))
 
 
-def _mx_store_block(words, sb, fold, e, b, dst, row):
-    """Block ``b`` of an MXFP4 row (its four packed words, scale bytes ``sb``) → e4m3 at K ``32b ..
-    32b + 31`` of the row ``row`` of the swizzled ``[64, 128]`` tile at ``dst``. The magnitude table
-    holds E2M1's 0, 0.5, 1, 1.5, 2, 3, 4, 6 as e4m3 0x00, 0x30, 0x38, 0x3C, 0x40, 0x44, 0x48, 0x4C;
-    with ``fold`` the block is times ``2^(e_b − e)``: its nonzero entries' exponent fields ``e − e_b``
-    lower (exact in e4m3 within 5 binades: ``0.5 · 2^-5`` is still normal)."""
-    sbb = (sb >> (8 * b)) & Uint32(0xFF)
-    c = cutlass.select_(fold, Uint32(48) - Uint32(8) * (e - sbb), Uint32(48))
-    lut_lo = c * Uint32(0x01010100) + Uint32(0x0C080000)
-    lut_hi = c * Uint32(0x01010101) + Uint32(0x1C181410)
-    l0, h0 = _e2m1x8_e4m3(words[0], lut_lo, lut_hi)
-    l1, h1 = _e2m1x8_e4m3(words[1], lut_lo, lut_hi)
-    l2, h2 = _e2m1x8_e4m3(words[2], lut_lo, lut_hi)
-    l3, h3 = _e2m1x8_e4m3(words[3], lut_lo, lut_hi)
-    st_shared_v4(dst + Int32(sw128_offset(row, 2 * b)), l0, h0, l1, h1)
-    st_shared_v4(dst + Int32(sw128_offset(row, 2 * b + 1)), l2, h2, l3, h3)
-
-
 @cute.jit
 def _mx_decode_row(src, sb, fold, e, dst, row, half):
-    """Blocks ``2·half`` and ``2·half + 1`` of one MXFP4 row (32 packed bytes at shared ``src``) →
-    ``_mx_store_block``."""
+    """Blocks ``2·half`` and ``2·half + 1`` of one MXFP4 row (32 packed bytes at shared ``src``, scale
+    bytes ``sb``) → e4m3 in the row ``row`` of the swizzled ``[64, 128]`` tile at ``dst`` (block ``b``
+    at K ``32b .. 32b + 31``); with ``fold``, block ``b`` times ``2^(e_b − e)`` (exact in e4m3 within 5
+    binades)."""
     for k in cutlass.range_constexpr(2):
-        _mx_store_block(_ld_shared_v4(src + Int32(16 * k)), sb, fold, e, 2 * half + k, dst, row)
+        b = 2 * half + k
+        sbb = (sb >> (8 * b)) & Uint32(0xFF)
+        c = cutlass.select_(fold, Uint32(48) - Uint32(8) * (e - sbb), Uint32(48))
+        lut_lo = c * Uint32(0x01010100) + Uint32(0x0C080000)
+        lut_hi = c * Uint32(0x01010101) + Uint32(0x1C181410)
+        w0, w1, w2, w3 = _ld_shared_v4(src + Int32(16 * k))
+        l0, h0 = _e2m1x8_e4m3(w0, lut_lo, lut_hi)
+        l1, h1 = _e2m1x8_e4m3(w1, lut_lo, lut_hi)
+        l2, h2 = _e2m1x8_e4m3(w2, lut_lo, lut_hi)
+        l3, h3 = _e2m1x8_e4m3(w3, lut_lo, lut_hi)
+        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b)), l0, h0, l1, h1)
+        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b + 1)), l2, h2, l3, h3)
 
 
 def _ld_shared_v4(addr):
@@ -646,8 +641,8 @@ class IndexerLogitsMxfp4Kernel:
                             sKm[(g * BN + row) * 4 + b] = cutlass.select_(ok, km, Float32(0.0))
                         _wg_barrier(g)
                         sc.fill(0.0)
-                        mma.set(warpgroup.Field.ACCUMULATE, False)  # each block's dot on its own
                         for kb in cutlass.range_constexpr(cute.size(tCrK, mode=[2])):
+                            acc.fill(0.0)
                             warpgroup.fence()
                             cute.gemm(mma, acc, tCrK[None, None, kb, g], tCrQ[None, None, kb, 0], acc)
                             warpgroup.commit_group()
@@ -655,7 +650,6 @@ class IndexerLogitsMxfp4Kernel:
                             for e in cutlass.range_constexpr(cute.size(acc)):
                                 rr = cS[e][0]
                                 sc[e] = sc[e] + (acc[e] * sKm[(g * BN + rr) * 4 + kb]) * sQm[cS[e][1] * 4 + kb]
-                        mma.set(warpgroup.Field.ACCUMULATE, True)
                         # an unreadable page: sKm is 0 there, so (acc·0)·sQm is 0, or NaN for a NaN query
                         # block scale, as the Triton kernel's zero keys give (stale bytes decode finite)
                         for e in cutlass.range_constexpr(cute.size(acc)):
@@ -716,13 +710,23 @@ def _wg_barrier(g):
 def _mx_decode_q_row(src, live, sb, fold, e, dst, row, half):
     """``_mx_decode_row`` for a query row read from global memory at ``src`` (zeros where not ``live``)."""
     for k in cutlass.range_constexpr(2):
+        b = 2 * half + k
+        sbb = (sb >> (8 * b)) & Uint32(0xFF)
+        c = cutlass.select_(fold, Uint32(48) - Uint32(8) * (e - sbb), Uint32(48))
+        lut_lo = c * Uint32(0x01010100) + Uint32(0x0C080000)
+        lut_hi = c * Uint32(0x01010101) + Uint32(0x1C181410)
         w0 = Uint32(0)
         w1 = Uint32(0)
         w2 = Uint32(0)
         w3 = Uint32(0)
         if live:
             w0, w1, w2, w3 = _ld_global_v4(src + Int64(32 * half + 16 * k))
-        _mx_store_block((w0, w1, w2, w3), sb, fold, e, 2 * half + k, dst, row)
+        l0, h0 = _e2m1x8_e4m3(w0, lut_lo, lut_hi)
+        l1, h1 = _e2m1x8_e4m3(w1, lut_lo, lut_hi)
+        l2, h2 = _e2m1x8_e4m3(w2, lut_lo, lut_hi)
+        l3, h3 = _e2m1x8_e4m3(w3, lut_lo, lut_hi)
+        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b)), l0, h0, l1, h1)
+        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b + 1)), l2, h2, l3, h3)
 
 
 def supports(q: torch.Tensor, q_scale: torch.Tensor | None, weights: torch.Tensor, k_cache: torch.Tensor,
