@@ -548,8 +548,9 @@ def test_cute_indexer_logits_reject_rings_the_warpgroups_cannot_share(kernel, st
         getattr(il, kernel)(64, stages, consumers, False)
     q = torch.zeros(2, 4, 128, dtype=torch.uint8)
     table = torch.zeros(1, 2, dtype=torch.int32)
-    args = (q, None, torch.zeros(2, 4), torch.zeros(2, 8448, dtype=torch.uint8), table, torch.zeros(2, dtype=torch.long),
-            torch.zeros(2, dtype=torch.long), 64, "fp8", 4)
+    cache = torch.zeros(2, 8448, dtype=torch.uint8)
+    args = (q, None, torch.zeros(2, 4), cache, table, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+            64, "fp8", 4)
     with pytest.raises(ValueError, match="out must be"):
         il.indexer_logits_into(torch.zeros(2, 100), *args)
 

@@ -310,24 +310,32 @@ class IndexerLogitsKernel:
                 extra_options: str = ""):
         """Compile one variant over fake tensors (no GPU needed): tokens, heads, pages, table width
         and strides are symbolic."""
-        mk = cute.runtime.make_fake_tensor
-        T = cute.sym_int()
-        H = cute.sym_int()
-        q = mk(Uint8, (T, H, D), stride=(cute.sym_int64(divisibility=16), cute.sym_int64(divisibility=16), 1),
-               assumed_align=16)
-        w = mk(Float32, (T, H), stride=(cute.sym_int64(), 1), assumed_align=4)
-        cache = mk(Uint8, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(divisibility=16), 1),
-                   assumed_align=16)
-        bt = mk(Int32, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=4)
-        req = mk(req_dtype, (T,), stride=(1,), assumed_align=req_dtype.width // 8)
-        pos = mk(pos_dtype, (T,), stride=(1,), assumed_align=pos_dtype.width // 8)
-        out = mk(Float32, (T, cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=4)
         kernel = IndexerLogitsKernel(block_size, stages, consumers, pdl)
-        return cute.compile(
-            kernel, q, w, cache, bt, req, pos, out, Int32(4), Int32(1),
-            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
-            options=f"--enable-tvm-ffi --gpu-arch {arch} {extra_options}".strip(),
-        )
+        return _compile_fake(kernel, D, False, req_dtype, pos_dtype, arch, extra_options)
+
+
+def _compile_fake(kernel, q_row_bytes: int, q_scales: bool, req_dtype, pos_dtype, arch: str, extra_options: str):
+    """``cute.compile`` of one logits kernel over fake tensors (no GPU needed): tokens, heads, pages,
+    table width and strides symbolic; queries of ``q_row_bytes`` per head (and ``[T, H, 4]`` scale bytes
+    with ``q_scales``), 16-byte aligned rows."""
+    mk = cute.runtime.make_fake_tensor
+    T = cute.sym_int()
+    H = cute.sym_int()
+    args = [mk(Uint8, (T, H, q_row_bytes), stride=(cute.sym_int64(divisibility=16), cute.sym_int64(divisibility=16), 1),
+               assumed_align=16)]
+    if q_scales:
+        args.append(mk(Uint8, (T, H, 4), stride=(cute.sym_int64(divisibility=4), cute.sym_int64(divisibility=4), 1),
+                       assumed_align=4))
+    args += [
+        mk(Float32, (T, H), stride=(cute.sym_int64(), 1), assumed_align=4),  # head weights
+        mk(Uint8, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(divisibility=16), 1), assumed_align=16),
+        mk(Int32, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=4),  # block table
+        mk(req_dtype, (T,), stride=(1,), assumed_align=req_dtype.width // 8),
+        mk(pos_dtype, (T,), stride=(1,), assumed_align=pos_dtype.width // 8),
+        mk(Float32, (T, cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=4),  # out
+    ]
+    return cute.compile(kernel, *args, Int32(4), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+                        options=f"--enable-tvm-ffi --gpu-arch {arch} {extra_options}".strip())
 
 
 def _ld_page(bt_row, b):
@@ -674,26 +682,8 @@ class IndexerLogitsMxfp4Kernel:
     def compile(block_size: int, stages: int, consumers: int, req_dtype, pos_dtype, pdl: bool, arch: str,
                 extra_options: str = ""):
         """Compile one variant over fake tensors (no GPU needed)."""
-        mk = cute.runtime.make_fake_tensor
-        T = cute.sym_int()
-        H = cute.sym_int()
-        q = mk(Uint8, (T, H, MX_ROW), stride=(cute.sym_int64(divisibility=16), cute.sym_int64(divisibility=16), 1),
-               assumed_align=16)
-        qs = mk(Uint8, (T, H, 4), stride=(cute.sym_int64(divisibility=4), cute.sym_int64(divisibility=4), 1),
-                assumed_align=4)
-        w = mk(Float32, (T, H), stride=(cute.sym_int64(), 1), assumed_align=4)
-        cache = mk(Uint8, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(divisibility=16), 1),
-                   assumed_align=16)
-        bt = mk(Int32, (cute.sym_int(), cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=4)
-        req = mk(req_dtype, (T,), stride=(1,), assumed_align=req_dtype.width // 8)
-        pos = mk(pos_dtype, (T,), stride=(1,), assumed_align=pos_dtype.width // 8)
-        out = mk(Float32, (T, cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=4)
         kernel = IndexerLogitsMxfp4Kernel(block_size, stages, consumers, pdl)
-        return cute.compile(
-            kernel, q, qs, w, cache, bt, req, pos, out, Int32(4), Int32(1),
-            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
-            options=f"--enable-tvm-ffi --gpu-arch {arch} {extra_options}".strip(),
-        )
+        return _compile_fake(kernel, MX_ROW, True, req_dtype, pos_dtype, arch, extra_options)
 
 
 @cute.jit
