@@ -133,10 +133,9 @@ def indexer_topk(
         CuTe DSL, 16-byte aligned pages of a multiple of 64 entries, and for FP8 a table holding at
         least two 64-entry tiles per CTA of a wave: TMA / bulk-copy + wgmma kernels,
         ``kernels/cute/indexer_logits.py``, MXFP4 decoded to e4m3 in shared memory; else
-        ``kernels/triton/attention.py``)
-        and selects with a radix select (``kernels/cute/topk.py`` where CuTe DSL runs, else
-        ``kernels/triton/topk.py``; ``DSV4_TOPK_SELECT`` forces one): its cost follows the context,
-        not ``M·block_size``.
+        ``kernels/triton/attention.py``) and selects with a radix select (``kernels/cute/topk.py``
+        where CuTe DSL runs, else ``kernels/triton/topk.py``; ``DSV4_TOPK_SELECT`` forces one): its
+        cost follows the context, not ``M·block_size``.
     """
     _check_topk(q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size, fmt, topk,
                 compress_ratio)

@@ -116,6 +116,58 @@ def _ld_global_v4(addr):
                                 write_only_types=[Uint32] * 4, read_only_args=[addr])
 
 
+@cute.jit
+def _init_ring(full, empty, stages: cutlass.Constexpr, tid, pdl: cutlass.Constexpr):
+    """The stage ring's mbarriers (full: the producer's one arrival plus the copies' bytes; empty: a
+    consumer warpgroup's 128 threads), visible to the whole CTA; then, under PDL, wait for the
+    previous kernel's writes and let the next kernel launch."""
+    if tid == 0:
+        for s in cutlass.range_constexpr(stages):
+            cute.arch.mbarrier_init(full + s, 1)
+            cute.arch.mbarrier_init(empty + s, WG)
+    cute.arch.mbarrier_init_fence()
+    cute.arch.sync_threads()
+    if const_expr(pdl):
+        cute.arch.griddepcontrol_wait()
+        cute.arch.griddepcontrol_launch_dependents()
+
+
+@cute.jit
+def _token_tiles(mBT, mReq, mPos, t, j, P, ratio, bs: cutlass.Constexpr):
+    """(request, whether the token is real, its visible count ``n``, how many of its 64-entry tiles
+    CTA ``j`` of ``P`` takes: tiles ``j, j + P, …``)."""
+    n_req = mBT.shape[0]
+    L = mBT.shape[1] * bs
+    req = Int64(mReq[t])
+    pos = Int64(mPos[t])
+    ok_tok = (req >= 0) & (req < n_req) & (pos >= 0)
+    n = cutlass.select_(ok_tok, cutlass.min((pos + 1) // Int64(ratio), Int64(L)), Int64(0))
+    n_tiles = Int32((n + BN - 1) // BN)
+    mine = Int32(0)
+    if j < n_tiles:
+        mine = (n_tiles - j + P - 1) // P
+    return req, ok_tok, n, mine
+
+
+def _row_sums(n: int, term):
+    """(Σ of ``term(e)`` over the thread's accumulator elements ``e < n`` of row ``r0``, of row ``r0 + 8``):
+    element ``e`` is in row ``r0 + 8·((e // 2) % 2)`` (``_head``), summed in element order."""
+    v0 = Float32(0.0)
+    v1 = Float32(0.0)
+    for e in range(n):
+        if (e // 2) % 2 == 0:
+            v0 = v0 + term(e)
+        else:
+            v1 = v1 + term(e)
+    return v0, v1
+
+
+def _quad_sum(v):
+    """``v`` summed over the four lanes of the thread's quad."""
+    v = v + cute.arch.shuffle_sync_bfly(v, offset=1)
+    return v + cute.arch.shuffle_sync_bfly(v, offset=2)
+
+
 class IndexerLogitsKernel:
     """One launch configuration; see ``compile`` for the cache key."""
 
@@ -167,28 +219,11 @@ class IndexerLogitsKernel:
         sOk = smem.allocate_tensor(Int32, cute.make_layout(stages), byte_alignment=16)
         full = smem.allocate_array(Int64, stages, byte_alignment=8)
         empty = smem.allocate_array(Int64, stages, byte_alignment=8)
-        if tid == 0:
-            for s in cutlass.range_constexpr(stages):
-                cute.arch.mbarrier_init(full + s, 1)
-                cute.arch.mbarrier_init(empty + s, WG)
-        cute.arch.mbarrier_init_fence()
-        cute.arch.sync_threads()
+        _init_ring(full, empty, stages, tid, self.pdl)
 
-        if const_expr(self.pdl):
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
 
         # ---- the token's visible entries and this CTA's tiles ----
-        n_req = mBT.shape[0]
-        L = mBT.shape[1] * self.bs
-        req = Int64(mReq[t])
-        pos = Int64(mPos[t])
-        ok_tok = (req >= 0) & (req < n_req) & (pos >= 0)
-        n = cutlass.select_(ok_tok, cutlass.min((pos + 1) // Int64(ratio), Int64(L)), Int64(0))
-        n_tiles = Int32((n + BN - 1) // BN)
-        mine = Int32(0)
-        if j < n_tiles:
-            mine = (n_tiles - j + P - 1) // P
+        req, ok_tok, n, mine = _token_tiles(mBT, mReq, mPos, t, j, P, ratio, self.bs)
 
         if warp == producer:
             # ---- producer: block-table page one tile ahead, then TMA keys + bulk scales per stage ----
@@ -285,18 +320,8 @@ class IndexerLogitsKernel:
                     sc0 = Float32(0.0)
                     sc1 = Float32(0.0)
                 # Σ_h w·ReLU(S) on the thread's two rows (16 heads each), then over the quad's lanes
-                v0 = Float32(0.0)
-                v1 = Float32(0.0)
-                for e in cutlass.range_constexpr(cute.size(acc)):
-                    x = w[e] * _relu_nan(acc[e])
-                    if const_expr((e // 2) % 2 == 0):
-                        v0 = v0 + x
-                    else:
-                        v1 = v1 + x
-                v0 = v0 + cute.arch.shuffle_sync_bfly(v0, offset=1)
-                v0 = v0 + cute.arch.shuffle_sync_bfly(v0, offset=2)
-                v1 = v1 + cute.arch.shuffle_sync_bfly(v1, offset=1)
-                v1 = v1 + cute.arch.shuffle_sync_bfly(v1, offset=2)
+                v0, v1 = _row_sums(cute.size(acc), lambda e: w[e] * _relu_nan(acc[e]))
+                v0, v1 = _quad_sum(v0), _quad_sum(v1)  # a row's 64 heads are over the quad's lanes
                 if lane % 4 == 0:
                     s = Int64(s0 + r0)
                     if s < n:
@@ -404,25 +429,36 @@ def _ue8m0(b):
     return cutlass.select_(b == Uint32(255), Float32(float("nan")), (b << 23).bitcast(Float32))
 
 
+def _mx_luts(sb, fold, e, b):
+    """The 8-byte e4m3 magnitude table of block ``b`` of a row (scale bytes ``sb``) as two words: E2M1's
+    0, 0.5, 1, 1.5, 2, 3, 4, 6 as e4m3 0x00, 0x30, 0x38, 0x3C, 0x40, 0x44, 0x48, 0x4C; with ``fold`` the
+    block is times ``2^(e_b − e)``, its nonzero entries' exponent fields ``e − e_b`` lower (exact in
+    e4m3 within 5 binades: ``0.5 · 2^-5`` is still normal)."""
+    sbb = (sb >> (8 * b)) & Uint32(0xFF)
+    c = cutlass.select_(fold, Uint32(48) - Uint32(8) * (e - sbb), Uint32(48))
+    return c * Uint32(0x01010100) + Uint32(0x0C080000), c * Uint32(0x01010101) + Uint32(0x1C181410)
+
+
+def _mx_store_block(words, luts, dst, row, b):
+    """Block ``b`` of an MXFP4 row (its four packed words, its ``_mx_luts``) → e4m3 at K ``32b .. 32b +
+    31`` of the row ``row`` of the swizzled ``[64, 128]`` tile at ``dst``."""
+    l0, h0 = _e2m1x8_e4m3(words[0], *luts)
+    l1, h1 = _e2m1x8_e4m3(words[1], *luts)
+    l2, h2 = _e2m1x8_e4m3(words[2], *luts)
+    l3, h3 = _e2m1x8_e4m3(words[3], *luts)
+    st_shared_v4(dst + Int32(sw128_offset(row, 2 * b)), l0, h0, l1, h1)
+    st_shared_v4(dst + Int32(sw128_offset(row, 2 * b + 1)), l2, h2, l3, h3)
+
+
 @cute.jit
 def _mx_decode_row(src, sb, fold, e, dst, row, half):
     """Blocks ``2·half`` and ``2·half + 1`` of one MXFP4 row (32 packed bytes at shared ``src``, scale
     bytes ``sb``) → e4m3 in the row ``row`` of the swizzled ``[64, 128]`` tile at ``dst`` (block ``b``
-    at K ``32b .. 32b + 31``); with ``fold``, block ``b`` times ``2^(e_b − e)`` (exact in e4m3 within 5
-    binades)."""
+    at K ``32b .. 32b + 31``); with ``fold``, block ``b`` times ``2^(e_b − e)``."""
     for k in cutlass.range_constexpr(2):
         b = 2 * half + k
-        sbb = (sb >> (8 * b)) & Uint32(0xFF)
-        c = cutlass.select_(fold, Uint32(48) - Uint32(8) * (e - sbb), Uint32(48))
-        lut_lo = c * Uint32(0x01010100) + Uint32(0x0C080000)
-        lut_hi = c * Uint32(0x01010101) + Uint32(0x1C181410)
-        w0, w1, w2, w3 = _ld_shared_v4(src + Int32(16 * k))
-        l0, h0 = _e2m1x8_e4m3(w0, lut_lo, lut_hi)
-        l1, h1 = _e2m1x8_e4m3(w1, lut_lo, lut_hi)
-        l2, h2 = _e2m1x8_e4m3(w2, lut_lo, lut_hi)
-        l3, h3 = _e2m1x8_e4m3(w3, lut_lo, lut_hi)
-        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b)), l0, h0, l1, h1)
-        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b + 1)), l2, h2, l3, h3)
+        luts = _mx_luts(sb, fold, e, b)
+        _mx_store_block(_ld_shared_v4(src + Int32(16 * k)), luts, dst, row, b)
 
 
 def _ld_shared_v4(addr):
@@ -492,26 +528,9 @@ class IndexerLogitsMxfp4Kernel:
         sOk = smem.allocate_tensor(Int32, cute.make_layout(stages), byte_alignment=16)
         full = smem.allocate_array(Int64, stages, byte_alignment=8)
         empty = smem.allocate_array(Int64, stages, byte_alignment=8)
-        if tid == 0:
-            for s in cutlass.range_constexpr(stages):
-                cute.arch.mbarrier_init(full + s, 1)
-                cute.arch.mbarrier_init(empty + s, WG)
-        cute.arch.mbarrier_init_fence()
-        cute.arch.sync_threads()
-        if const_expr(self.pdl):
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
+        _init_ring(full, empty, stages, tid, self.pdl)
 
-        n_req = mBT.shape[0]
-        L = mBT.shape[1] * self.bs
-        req = Int64(mReq[t])
-        pos = Int64(mPos[t])
-        ok_tok = (req >= 0) & (req < n_req) & (pos >= 0)
-        n = cutlass.select_(ok_tok, cutlass.min((pos + 1) // Int64(ratio), Int64(L)), Int64(0))
-        n_tiles = Int32((n + BN - 1) // BN)
-        mine = Int32(0)
-        if j < n_tiles:
-            mine = (n_tiles - j + P - 1) // P
+        req, ok_tok, n, mine = _token_tiles(mBT, mReq, mPos, t, j, P, ratio, self.bs)
         raw_base = sRaw.iterator.toint()
         sb_base = sSb.iterator.toint()
 
@@ -633,12 +652,7 @@ class IndexerLogitsMxfp4Kernel:
                         warpgroup.wait_group(0)
                         if not ok:  # an unreadable page: zero keys, scale 0 (sKs), as the Triton kernel
                             acc.fill(0.0)
-                        for e in cutlass.range_constexpr(cute.size(acc)):
-                            x = w_fold[_head(e)] * _relu_nan(acc[e])
-                            if const_expr((e // 2) % 2 == 0):
-                                v0 = v0 + x
-                            else:
-                                v1 = v1 + x
+                        v0, v1 = _row_sums(cute.size(acc), lambda e: w_fold[_head(e)] * _relu_nan(acc[e]))
                         sc0 = sKs[g * BN + r0]
                         sc1 = sKs[g * BN + r0 + 8]
                     else:
@@ -660,16 +674,8 @@ class IndexerLogitsMxfp4Kernel:
                                 sc[e] = sc[e] + (acc[e] * sKm[(g * BN + rr) * 4 + kb]) * sQm[cS[e][1] * 4 + kb]
                         # an unreadable page: sKm is 0 there, so (acc·0)·sQm is 0, or NaN for a NaN query
                         # block scale, as the Triton kernel's zero keys give (stale bytes decode finite)
-                        for e in cutlass.range_constexpr(cute.size(acc)):
-                            x = sW[cS[e][1]] * _relu_nan(sc[e])
-                            if const_expr((e // 2) % 2 == 0):
-                                v0 = v0 + x
-                            else:
-                                v1 = v1 + x
-                    v0 = v0 + cute.arch.shuffle_sync_bfly(v0, offset=1)
-                    v0 = v0 + cute.arch.shuffle_sync_bfly(v0, offset=2)
-                    v1 = v1 + cute.arch.shuffle_sync_bfly(v1, offset=1)
-                    v1 = v1 + cute.arch.shuffle_sync_bfly(v1, offset=2)
+                        v0, v1 = _row_sums(cute.size(acc), lambda e: sW[cS[e][1]] * _relu_nan(sc[e]))
+                    v0, v1 = _quad_sum(v0), _quad_sum(v1)  # a row's 64 heads are over the quad's lanes
                     if lane % 4 == 0:
                         s = Int64(s0 + r0)
                         if s < n:
@@ -701,22 +707,14 @@ def _mx_decode_q_row(src, live, sb, fold, e, dst, row, half):
     """``_mx_decode_row`` for a query row read from global memory at ``src`` (zeros where not ``live``)."""
     for k in cutlass.range_constexpr(2):
         b = 2 * half + k
-        sbb = (sb >> (8 * b)) & Uint32(0xFF)
-        c = cutlass.select_(fold, Uint32(48) - Uint32(8) * (e - sbb), Uint32(48))
-        lut_lo = c * Uint32(0x01010100) + Uint32(0x0C080000)
-        lut_hi = c * Uint32(0x01010101) + Uint32(0x1C181410)
+        luts = _mx_luts(sb, fold, e, b)
         w0 = Uint32(0)
         w1 = Uint32(0)
         w2 = Uint32(0)
         w3 = Uint32(0)
         if live:
             w0, w1, w2, w3 = _ld_global_v4(src + Int64(32 * half + 16 * k))
-        l0, h0 = _e2m1x8_e4m3(w0, lut_lo, lut_hi)
-        l1, h1 = _e2m1x8_e4m3(w1, lut_lo, lut_hi)
-        l2, h2 = _e2m1x8_e4m3(w2, lut_lo, lut_hi)
-        l3, h3 = _e2m1x8_e4m3(w3, lut_lo, lut_hi)
-        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b)), l0, h0, l1, h1)
-        st_shared_v4(dst + Int32(sw128_offset(row, 2 * b + 1)), l2, h2, l3, h3)
+        _mx_store_block((w0, w1, w2, w3), luts, dst, row, b)
 
 
 def supports(q: torch.Tensor, q_scale: torch.Tensor | None, weights: torch.Tensor, k_cache: torch.Tensor,

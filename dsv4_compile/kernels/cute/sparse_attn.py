@@ -356,9 +356,9 @@ class SparseAttnKernel:
             acc_s.fill(0.0)
             warpgroup.fence()
             if buf == 0:
-                _qk(qk_mma, acc_s, tSrQ, tSrK0)
+                _mma_issue(qk_mma, acc_s, tSrQ, tSrK0)
             else:
-                _qk(qk_mma, acc_s, tSrQ, tSrK1)
+                _mma_issue(qk_mma, acc_s, tSrQ, tSrK1)
             if it + 1 < n_tiles:
                 self._decode(rec, ok, k_base + Int32((1 - buf) * TILE_BYTES), valid, (1 - buf) * BN, tid)
                 ok = self._load(slot_next, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W,
@@ -373,9 +373,9 @@ class SparseAttnKernel:
             # O += P·V
             warpgroup.fence()
             if buf == 0:
-                _pv(pv_mma, acc_o, tOrP, tOrV0)
+                _mma_issue(pv_mma, acc_o, tOrP, tOrV0)
             else:
-                _pv(pv_mma, acc_o, tOrP, tOrV1)
+                _mma_issue(pv_mma, acc_o, tOrP, tOrV1)
             warpgroup.wait_group(0)
 
         _finish(self.split, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid)
@@ -415,19 +415,12 @@ class SparseAttnKernel:
 
 
 @cute.jit
-def _qk(qk_mma, acc_s, tSrQ, tSrK):
-    """Issue ``S += Q·Kᵀ`` (the caller zeroes ``S``; one commit group; the caller waits). Both MMAs
-    always accumulate: their accumulate field is set once, outside the branches over K tiles."""
-    for kb in cutlass.range_constexpr(cute.size(tSrQ, mode=[2])):
-        cute.gemm(qk_mma, acc_s, tSrQ[None, None, kb], tSrK[None, None, kb], acc_s)
-    warpgroup.commit_group()
-
-
-@cute.jit
-def _pv(pv_mma, acc_o, tOrP, tOrV):
-    """Issue ``O += P·V`` (one commit group; the caller waits)."""
-    for kb in cutlass.range_constexpr(cute.size(tOrP, mode=[2])):
-        cute.gemm(pv_mma, acc_o, tOrP[None, None, kb], tOrV[None, None, kb], acc_o)
+def _mma_issue(mma, acc, tA, tB):
+    """Issue ``acc += A·B`` over the fragments' K blocks as one commit group (the caller waits; it
+    zeroes ``S`` before ``Q·Kᵀ``). Both MMAs always accumulate: their accumulate field is set once,
+    outside the branches over K tiles."""
+    for kb in cutlass.range_constexpr(cute.size(tA, mode=[2])):
+        cute.gemm(mma, acc, tA[None, None, kb], tB[None, None, kb], acc)
     warpgroup.commit_group()
 
 
