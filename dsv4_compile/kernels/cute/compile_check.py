@@ -15,10 +15,10 @@ Beyond "it compiles", the PTX is checked for what the numerics and the target re
   the no-``fma`` rule does not apply to it;
 * the indexer logits (sm_90a only, for the same reason) load each 64-entry tile's scales with one
   bulk copy and its keys with one TMA tensor copy (FP8) or one bulk copy decoded by byte permutes
-  (MXFP4), multiply with ``wgmma`` (four m64n64k32 e4m3 per tile; MXFP4 also one per 32-block for
-  rows that do not fold) and keep NaN through the ReLU (``max.NaN``). Their head sums are not
-  bit-exact either (the tensor cores' accumulation is not fp32 summation, docs/numerics.md §7.2), so
-  they may contract into ``fma``.
+  (MXFP4), multiply with ``wgmma`` (four m64n64k32 e4m3 per tile; MXFP4 also two m64n32k32 per
+  32-block, one per half of the heads, for rows that do not fold) and keep NaN through the ReLU
+  (``max.NaN``). Their head sums are not bit-exact either (the tensor cores' accumulation is not fp32
+  summation, docs/numerics.md §7.2), so they may contract into ``fma``.
 
     python -m dsv4_compile.kernels.cute.compile_check [sm_90a sm_100a]
 
@@ -103,11 +103,11 @@ def _indexer_logits_cases():
 
 
 def _check_indexer_logits_ptx(name: str, arch: str, ptx: str, fmt: str) -> None:
-    # FP8: one tile = 4 chained k32 wgmma; MXFP4: those (folded) and 4 single ones (per 32-block)
-    n = len(re.findall(r"\bwgmma\.mma_async\.sync\.aligned\.m64n64k32\.f32\.e4m3\.e4m3\b", ptx))
-    want = 4 if fmt == "fp8" else 8
-    if n != want:
-        raise AssertionError(f"{name}@{arch}: {n} e4m3 m64n64k32 wgmma in the PTX, want {want}")
+    # one tile = 4 chained m64n64k32 wgmma; MXFP4 also 2 head halves x 4 single m64n32k32 (per 32-block)
+    for shape, want in (("m64n64k32", 4), ("m64n32k32", 0 if fmt == "fp8" else 8)):
+        n = len(re.findall(rf"\bwgmma\.mma_async\.sync\.aligned\.{shape}\.f32\.e4m3\.e4m3\b", ptx))
+        if n != want:
+            raise AssertionError(f"{name}@{arch}: {n} e4m3 {shape} wgmma in the PTX, want {want}")
     ops = [("cp.async.bulk.shared::cluster.global", "the scales by a bulk copy"),
            ("max.NaN.f32", "a NaN-keeping ReLU")]
     ops += ([("cp.async.bulk.tensor.3d.shared::cta.global.tile", "the keys by a TMA tensor copy")] if fmt == "fp8"

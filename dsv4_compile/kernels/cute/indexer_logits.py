@@ -21,16 +21,18 @@ threads:
   take the CTA's tiles in turn: ``S = K·Qᵀ`` as four ``wgmma`` m64n64k32 e4m3 (entries on M, heads
   on N), the stage freed, then ``Σ_h w·ReLU(S)`` over the thread's 16 heads per row and the quad's
   four lanes, times the scale, and the 64 logits written;
-* two CTAs per SM (one wave): more stages or CTAs per SM measured slower, not faster.
+* two CTAs per SM (one wave): more stages or CTAs per SM measured slower, not faster (MXFP4: three).
 
 MXFP4 (``IndexerLogitsMxfp4Kernel``; keys and queries E2M1 with one UE8M0 scale per 32-block, the
 Triton kernel's folded / exact semantics): the producer bulk-copies each tile's packed keys (4 KB)
 and scale bytes (256 B) into the ring; each consumer warpgroup decodes its tile to e4m3 in shared
 memory with byte permutes (rows whose block exponents lie within 5 binades fold ``2^(e_b − e)`` into
 the values), then runs four chained k32 wgmma and applies the key scale after the head sum when every
-row of the tile and every query head folds, else one k32 wgmma per 32-block times both block scales.
-96 registers by ``ptxas -v`` (not enforced): 2 CTAs per SM, where at 101 the SM sub-partitions'
-register files held one.
+row of the tile and every query head folds, else per 32-block two m64n32k32 wgmma (one per half of
+the heads) times both block scales.
+72 registers by ``ptxas -v`` (not enforced; the exact form takes the heads in two m64n32 halves so
+its accumulators fit): 3 CTAs per SM. (At 101 registers the SM sub-partitions' register files held
+one CTA per SM, at 96 two.)
 
 Where they stand (H200, graph replay over L2-cold input sets; bytes read per visible entry 132 FP8,
 68 MXFP4): FP8 at 64k context B = 8 / 32 / 64 8.3 / 23.8 / 41.4 µs (2.09 / 2.90 / 3.34 TB/s) against
@@ -77,7 +79,9 @@ CONSUMERS = 2  # consumer warpgroups per CTA (warps 0 .. 4·consumers − 1; the
 TILE_BYTES = BN * D
 SCALE_BYTES = BN * layouts.INDEXER_FP8_SCALE_BYTES  # 256
 STAGES = 4
-CTAS_PER_SM = 2  # 288 threads and ~42 KB (FP8) / ~46 KB (MXFP4) of shared memory each
+# CTAs per SM: 288 threads each, ~42 KB (FP8) / ~46 KB (MXFP4) of shared memory; FP8 79-90 registers
+# (more CTAs measured slower), MXFP4 72 (3 x 9 warps fit the SM sub-partitions' register files)
+CTAS_PER_SM = {"fp8": 2, "mxfp4": 3}
 _ROW = LayoutEnum.ROW_MAJOR  # K-major wgmma operands
 
 
@@ -149,11 +153,12 @@ def _token_tiles(mBT, mReq, mPos, t, j, P, ratio, bs: cutlass.Constexpr):
     return req, ok_tok, n, mine
 
 
-def _row_sums(n: int, term):
-    """(Σ of ``term(e)`` over the thread's accumulator elements ``e < n`` of row ``r0``, of row ``r0 + 8``):
-    element ``e`` is in row ``r0 + 8·((e // 2) % 2)`` (``_head``), summed in element order."""
-    v0 = Float32(0.0)
-    v1 = Float32(0.0)
+def _row_sums(n: int, term, v0=None, v1=None):
+    """(``v0`` + Σ of ``term(e)`` over the thread's accumulator elements ``e < n`` of row ``r0``, ``v1`` + that
+    of row ``r0 + 8``; ``v0``, ``v1`` 0 by default): element ``e`` is in row ``r0 + 8·((e // 2) % 2)``
+    (``_head``), summed in element order."""
+    v0 = Float32(0.0) if v0 is None else v0
+    v1 = Float32(0.0) if v1 is None else v1
     for e in range(n):
         if (e // 2) % 2 == 0:
             v0 = v0 + term(e)
@@ -480,7 +485,8 @@ class IndexerLogitsMxfp4Kernel:
     warpgroup decodes its tile into its own e4m3 tile (rows whose block exponents fold take
     ``2^(e_b − e)`` into the values), then runs the folded form (four chained k32 wgmma, key scale
     after the head sum) when every row of the tile and every query head folds, else the exact form
-    (one k32 wgmma per 32-block, times both block scales, summed in fp32 in block order)."""
+    (per 32-block two m64n32k32 wgmma, one per half of the heads, times both block scales, summed in
+    fp32 in block order)."""
 
     MAX_CONSUMERS = 2  # one named barrier per consumer warpgroup (ids 2, 3)
 
@@ -605,9 +611,21 @@ class IndexerLogitsMxfp4Kernel:
                 tCrK = mma.make_fragment_A(thr.partition_A(sK))
                 tCrQ = mma.make_fragment_B(thr.partition_B(sQ))
                 acc = cute.make_rmem_tensor(thr.partition_shape_C((BN, BH)), Float32)
-                sc = cute.make_rmem_tensor(thr.partition_shape_C((BN, BH)), Float32)
                 cS = thr.partition_C(cute.make_identity_tensor((BN, BH)))
                 mma.set(warpgroup.Field.ACCUMULATE, True)
+                # the exact form one half of the heads at a time (m64n32: 16 + 16 accumulator registers,
+                # not 32 + 32), each 32-block's dot on its own (scale-d 0)
+                mma_h = sm90.make_trivial_tiled_mma(Float8E4M3FN, Float8E4M3FN, OperandMajorMode.K,
+                                                    OperandMajorMode.K, Float32, (1, 1, 1), (BN, BH // 2))
+                mma_h.set(warpgroup.Field.ACCUMULATE, False)
+                thr_h = mma_h.get_slice(wtid)
+                tHrK = mma_h.make_fragment_A(thr_h.partition_A(sK))
+                q_half = [cute.local_tile(sQ[None, None, 0], (BH // 2, D), (hh, 0)) for hh in range(2)]
+                tHrQ0 = mma_h.make_fragment_B(thr_h.partition_B(q_half[0]))
+                tHrQ1 = mma_h.make_fragment_B(thr_h.partition_B(q_half[1]))
+                acc_h = cute.make_rmem_tensor(thr_h.partition_shape_C((BN, BH // 2)), Float32)
+                sc_h = cute.make_rmem_tensor(thr_h.partition_shape_C((BN, BH // 2)), Float32)
+                cH = thr_h.partition_C(cute.make_identity_tensor((BN, BH // 2)))
                 out_row = mOut.iterator.toint() + Int64(t) * Int64(mOut.stride[0]) * 4
                 k_base = sK.iterator.toint() + Int32(g * BN * D)
                 r0 = cS[0][0]
@@ -638,12 +656,6 @@ class IndexerLogitsMxfp4Kernel:
                     sc0 = Float32(1.0)
                     sc1 = Float32(1.0)
                     if folded:
-                        # the thread's 16 folded head weights, read per tile (registers held across the
-                        # loop would not leave room for the exact form's: 96 registers, 2 CTAs per SM)
-                        w_fold = cute.make_rmem_tensor(cute.size(acc) // 2, Float32)
-                        for e in cutlass.range_constexpr(0, cute.size(acc), 4):
-                            for c in cutlass.range_constexpr(2):
-                                w_fold[_head(e + c)] = sWf[cS[e + c][1]]
                         acc.fill(0.0)
                         warpgroup.fence()
                         for kb in cutlass.range_constexpr(cute.size(tCrK, mode=[2])):
@@ -652,7 +664,8 @@ class IndexerLogitsMxfp4Kernel:
                         warpgroup.wait_group(0)
                         if not ok:  # an unreadable page: zero keys, scale 0 (sKs), as the Triton kernel
                             acc.fill(0.0)
-                        v0, v1 = _row_sums(cute.size(acc), lambda e: w_fold[_head(e)] * _relu_nan(acc[e]))
+                        # the folded head weights read from shared memory here, not held across the loop
+                        v0, v1 = _row_sums(cute.size(acc), lambda e: sWf[cS[e][1]] * _relu_nan(acc[e]))
                         sc0 = sKs[g * BN + r0]
                         sc1 = sKs[g * BN + r0 + 8]
                     else:
@@ -662,19 +675,22 @@ class IndexerLogitsMxfp4Kernel:
                             km = cutlass.select_(kf, _ue8m0(ke), _ue8m0((sb >> (8 * b)) & Uint32(0xFF)))
                             sKm[(g * BN + row) * 4 + b] = cutlass.select_(ok, km, Float32(0.0))
                         _wg_barrier(g)
-                        sc.fill(0.0)
-                        for kb in cutlass.range_constexpr(cute.size(tCrK, mode=[2])):
-                            acc.fill(0.0)
-                            warpgroup.fence()
-                            cute.gemm(mma, acc, tCrK[None, None, kb, g], tCrQ[None, None, kb, 0], acc)
-                            warpgroup.commit_group()
-                            warpgroup.wait_group(0)
-                            for e in cutlass.range_constexpr(cute.size(acc)):
-                                rr = cS[e][0]
-                                sc[e] = sc[e] + (acc[e] * sKm[(g * BN + rr) * 4 + kb]) * sQm[cS[e][1] * 4 + kb]
-                        # an unreadable page: sKm is 0 there, so (acc·0)·sQm is 0, or NaN for a NaN query
-                        # block scale, as the Triton kernel's zero keys give (stale bytes decode finite)
-                        v0, v1 = _row_sums(cute.size(acc), lambda e: sW[cS[e][1]] * _relu_nan(sc[e]))
+                        for hh in cutlass.range_constexpr(2):
+                            tHrQ = tHrQ0 if const_expr(hh == 0) else tHrQ1
+                            sc_h.fill(0.0)
+                            for kb in cutlass.range_constexpr(cute.size(tHrK, mode=[2])):
+                                warpgroup.fence()
+                                cute.gemm(mma_h, acc_h, tHrK[None, None, kb, g], tHrQ[None, None, kb], acc_h)
+                                warpgroup.commit_group()
+                                warpgroup.wait_group(0)
+                                for e in cutlass.range_constexpr(cute.size(acc_h)):
+                                    hd = cH[e][1] + hh * (BH // 2)
+                                    km = sKm[(g * BN + cH[e][0]) * 4 + kb]
+                                    sc_h[e] = sc_h[e] + (acc_h[e] * km) * sQm[hd * 4 + kb]
+                            # an unreadable page: sKm is 0 there, so (acc·0)·sQm is 0, or NaN for a NaN query
+                            # block scale, as the Triton kernel's zero keys give (stale bytes decode finite)
+                            v0, v1 = _row_sums(cute.size(acc_h), lambda e: sW[cH[e][1] + hh * (BH // 2)]
+                                               * _relu_nan(sc_h[e]), v0, v1)
                     v0, v1 = _quad_sum(v0), _quad_sum(v1)  # a row's 64 heads are over the quad's lanes
                     if lane % 4 == 0:
                         s = Int64(s0 + r0)
@@ -748,12 +764,12 @@ def preferred(T: int, L: int, sms: int, fmt: str = "fp8") -> bool:
     runs both); above it, 64k B = 8 / 32 / 64 8.3 / 23.8 / 41.4 against 10.8 / 28.6 / 50.1, 1M B = 1
     13.2 / 18.2, prefill (4,096 tokens over 64k entries) 6,850 / 8,336, and the one loss, 8k context in
     a 1M table B = 1 3.0 / 2.7 (4,096 table tiles, 32 visible)."""
-    return fmt == "mxfp4" or T * cdiv(L, BN) >= 2 * CTAS_PER_SM * sms
+    return fmt == "mxfp4" or T * cdiv(L, BN) >= 2 * CTAS_PER_SM["fp8"] * sms
 
 
-def programs_for(T: int, L: int, sms: int) -> int:
-    """CTAs per token: one wave of ``CTAS_PER_SM`` per SM, at most one per 64-entry tile."""
-    return max(1, min(cdiv(max(L, 1), BN), CTAS_PER_SM * sms // max(T, 1)))
+def programs_for(T: int, L: int, sms: int, fmt: str = "fp8") -> int:
+    """CTAs per token: one wave of ``CTAS_PER_SM[fmt]`` per SM, at most one per 64-entry tile."""
+    return max(1, min(cdiv(max(L, 1), BN), CTAS_PER_SM[fmt] * sms // max(T, 1)))
 
 
 def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size: int,
@@ -781,7 +797,7 @@ def indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to
     weights = weights if weights.stride(-1) == 1 else weights.contiguous()
     block_table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     if programs is None:
-        programs = programs_for(T, L, sm_programs(q.device))
+        programs = programs_for(T, L, sm_programs(q.device), fmt)
     if pdl is None:
         pdl = pdl_meta(q.device.index) is not None
     compiled = kernel.compile(block_size, stages, consumers, TORCH_TO_CUTE[token_to_req.dtype],

@@ -481,7 +481,7 @@ def op_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req,
                     and cute_logits.preferred(T, L, sms, fmt)):
                 return cute_logits.indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req,
                                                        positions, block_size, fmt, compress_ratio,
-                                                       programs=cute_logits.programs_for(T, L, sms))
+                                                       programs=cute_logits.programs_for(T, L, sms, fmt))
     return indexer_logits_into(out, q, q_scale, weights, k_cache, block_table, token_to_req, positions, block_size,
                                fmt, compress_ratio, **config)
 
