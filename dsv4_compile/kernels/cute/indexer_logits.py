@@ -40,7 +40,9 @@ Where they stand (H200, graph replay over L2-cold input sets; bytes read per vis
 with the multiplies and the head sum removed take 38.8 µs at B = 64 (3.57 TB/s), as do
 one-dimensional bulk copies of the pages and a Triton kernel that only gathers them (38.6 µs):
 reading 8 KB pages scattered over the cache tops out near 3.6 TB/s here, against 4.5-4.6 TB/s for
-one streaming read. MXFP4 is bound by the decode and the per-tile chain, not the bytes (see
+one streaming read. MXFP4 at 64k B = 8 / 32 / 64 10.1 / 27.9 / 52.7 µs against the Triton kernel's
+13.4 / 42.5 / 81.0, 1M B = 1 15.4 against 23.4: bound by each consumer warpgroup's per-tile chain
+(decode, barriers, wgmma, head sum), not the bytes; more CTAs or stages no longer help (see
 ``benchmarks/results/indexer_topk_h200.md``).
 
 Needs 64 heads or fewer (zero rows pad the block), fp32 head weights, pages of a multiple of 64
