@@ -81,7 +81,7 @@ CONSUMERS = 2  # consumer warpgroups per CTA (warps 0 .. 4·consumers − 1; the
 TILE_BYTES = BN * D
 SCALE_BYTES = BN * layouts.INDEXER_FP8_SCALE_BYTES  # 256
 STAGES = 4
-# CTAs per SM: 288 threads each, ~42 KB (FP8) / ~46 KB (MXFP4) of shared memory; FP8 79-90 registers
+# CTAs per SM: 288 threads each, ~42 KB (FP8) / ~46 KB (MXFP4) of shared memory; FP8 76-81 registers
 # (more CTAs measured slower), MXFP4 72 (3 x 9 warps fit the SM sub-partitions' register files)
 CTAS_PER_SM = {"fp8": 2, "mxfp4": 3}
 _ROW = LayoutEnum.ROW_MAJOR  # K-major wgmma operands
@@ -169,10 +169,19 @@ def _row_sums(n: int, term, v0=None, v1=None):
     return v0, v1
 
 
-def _quad_sum(v):
-    """``v`` summed over the four lanes of the thread's quad."""
-    v = v + cute.arch.shuffle_sync_bfly(v, offset=1)
-    return v + cute.arch.shuffle_sync_bfly(v, offset=2)
+@cute.jit
+def _store_rows(v0, v1, sc0, sc1, lane, out_row, s, n):
+    """The thread's two row sums (entries ``s`` and ``s + 8``) summed over its quad's four lanes (the
+    quad holds all 64 heads of a row), times the rows' scales, stored by lane 0 of the quad below ``n``."""
+    v0 = v0 + cute.arch.shuffle_sync_bfly(v0, offset=1)
+    v0 = v0 + cute.arch.shuffle_sync_bfly(v0, offset=2)
+    v1 = v1 + cute.arch.shuffle_sync_bfly(v1, offset=1)
+    v1 = v1 + cute.arch.shuffle_sync_bfly(v1, offset=2)
+    if lane % 4 == 0:
+        if s < n:
+            _st_f32(out_row + s * 4, v0 * sc0)
+        if s + 8 < n:
+            _st_f32(out_row + (s + 8) * 4, v1 * sc1)
 
 
 class IndexerLogitsKernel:
@@ -328,13 +337,7 @@ class IndexerLogitsKernel:
                     sc1 = Float32(0.0)
                 # Σ_h w·ReLU(S) on the thread's two rows (16 heads each), then over the quad's lanes
                 v0, v1 = _row_sums(cute.size(acc), lambda e: w[e] * _relu_nan(acc[e]))
-                v0, v1 = _quad_sum(v0), _quad_sum(v1)  # a row's 64 heads are over the quad's lanes
-                if lane % 4 == 0:
-                    s = Int64(s0 + r0)
-                    if s < n:
-                        _st_f32(out_row + s * 4, v0 * sc0)
-                    if s + 8 < n:
-                        _st_f32(out_row + (s + 8) * 4, v1 * sc1)
+                _store_rows(v0, v1, sc0, sc1, lane, out_row, Int64(s0 + r0), n)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -693,13 +696,7 @@ class IndexerLogitsMxfp4Kernel:
                             # block scale, as the Triton kernel's zero keys give (stale bytes decode finite)
                             v0, v1 = _row_sums(cute.size(acc_h), lambda e: sW[cH[e][1] + hh * (BH // 2)]
                                                * _relu_nan(sc_h[e]), v0, v1)
-                    v0, v1 = _quad_sum(v0), _quad_sum(v1)  # a row's 64 heads are over the quad's lanes
-                    if lane % 4 == 0:
-                        s = Int64(s0 + r0)
-                        if s < n:
-                            _st_f32(out_row + s * 4, v0 * sc0)
-                        if s + 8 < n:
-                            _st_f32(out_row + (s + 8) * 4, v1 * sc1)
+                    _store_rows(v0, v1, sc0, sc1, lane, out_row, Int64(s0 + r0), n)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
