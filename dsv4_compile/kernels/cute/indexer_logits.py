@@ -122,6 +122,72 @@ def _ld_global_v4(addr):
                                 write_only_types=[Uint32] * 4, read_only_args=[addr])
 
 
+def _coords():
+    """(thread, token ``t``, CTA ``j`` of the token's ``P``, warp (uniform), lane) of this thread."""
+    tid, _, _ = cute.arch.thread_idx()
+    t, j, _ = cute.arch.block_idx()
+    _, P, _ = cute.arch.grid_dim()
+    return tid, t, j, P, cute.arch.make_warp_uniform(cute.arch.warp_idx()), tid % 32
+
+
+def _alloc_q(smem):
+    """The shared ``[64 heads, 128]`` e4m3 query tile, in the 128-byte swizzled layout wgmma reads."""
+    q_layout = sm90.make_smem_layout_b(_ROW, (BN, BH, D), Float8E4M3FN, 1)
+    return smem.allocate_tensor(Float8E4M3FN, q_layout.outer, byte_alignment=1024, swizzle=q_layout.inner)
+
+
+def _alloc_ring(smem, stages: int, tid, pdl: bool):
+    """(stage flags ``sOk``, full mbarriers, empty mbarriers) of the stage ring, allocated last, then
+    ``_init_ring``."""
+    sOk = smem.allocate_tensor(Int32, cute.make_layout(stages), byte_alignment=16)
+    full = smem.allocate_array(Int64, stages, byte_alignment=8)
+    empty = smem.allocate_array(Int64, stages, byte_alignment=8)
+    _init_ring(full, empty, stages, tid, pdl)
+    return sOk, full, empty
+
+
+def _qk_mma(sK, sQ, wtid):
+    """``S = K·Qᵀ`` of a 64-entry tile as one m64n64 e4m3 wgmma per k32 step (entries on M, heads on
+    N), for warpgroup thread ``wtid``: (tiled MMA, its K and Q fragments, the fp32 accumulator, the
+    (entry, head) of each accumulator element)."""
+    mma = sm90.make_trivial_tiled_mma(Float8E4M3FN, Float8E4M3FN, OperandMajorMode.K, OperandMajorMode.K,
+                                      Float32, (1, 1, 1), (BN, BH))
+    thr = mma.get_slice(wtid)
+    tCrK = mma.make_fragment_A(thr.partition_A(sK))
+    tCrQ = mma.make_fragment_B(thr.partition_B(sQ))
+    acc = cute.make_rmem_tensor(thr.partition_shape_C((BN, BH)), Float32)
+    cS = thr.partition_C(cute.make_identity_tensor((BN, BH)))
+    return mma, tCrK, tCrQ, acc, cS
+
+
+def _qk(mma, acc, tCrK, tile, tCrQ):
+    """``acc = S`` of the K tile ``tile`` of ``tCrK`` (``_qk_mma``): the k32 wgmma chained from zero,
+    waited for."""
+    acc.fill(0.0)
+    warpgroup.fence()
+    for kb in range(cute.size(tCrK, mode=[2])):  # unrolled at trace time
+        cute.gemm(mma, acc, tCrK[None, None, kb, tile], tCrQ[None, None, kb, 0], acc)
+    warpgroup.commit_group()
+    warpgroup.wait_group(0)
+
+
+@cute.jit
+def _producer_tile(i, mine, j, P, bs: cutlass.Constexpr, stages: cutlass.Constexpr, bt_row, page_nx, n_pages,
+                   empty, sOk, lane):
+    """The producer's tile ``i`` of ``mine``: (its first entry ``s0``, its page (read a tile ahead), the next
+    tile's page, its stage, whether the page is readable), once its stage is free; ``sOk`` set."""
+    s0 = (j + i * P) * BN
+    page = page_nx
+    if i + 1 < mine:
+        page_nx = _ld_page(bt_row, Int64((s0 + P * BN) // bs))
+    stage = i % stages
+    cute.arch.mbarrier_wait(empty + stage, ((i // stages) % 2) ^ 1)
+    ok = (page >= 0) & (page < n_pages)
+    if lane == 0:
+        sOk[stage] = Int32(ok)
+    return s0, page, page_nx, stage, ok
+
+
 @cute.jit
 def _init_ring(full, empty, stages: cutlass.Constexpr, tid, pdl: cutlass.Constexpr):
     """The stage ring's mbarriers (full: the producer's one arrival plus the copies' bytes; empty: a
@@ -184,8 +250,9 @@ def _store_rows(v0, v1, sc0, sc1, lane, out_row, s, n):
             _st_f32(out_row + (s + 8) * 4, v1 * sc1)
 
 
-class IndexerLogitsKernel:
-    """One launch configuration; see ``compile`` for the cache key."""
+class _LogitsKernel:
+    """What both logits kernels hold: one launch configuration (page size, stage ring, consumer
+    warpgroups, PDL), checked against the kernel's ``MAX_CONSUMERS``."""
 
     MAX_CONSUMERS = 4
 
@@ -195,6 +262,10 @@ class IndexerLogitsKernel:
         self.stages = stages
         self.consumers = consumers
         self.pdl = pdl
+
+
+class IndexerLogitsKernel(_LogitsKernel):
+    """One launch configuration; see ``compile`` for the cache key."""
 
     @cute.jit
     def __call__(self, mQ, mW, mCache, mBT, mReq, mPos, mOut, ratio: Int32, programs: Int32, stream):
@@ -216,11 +287,7 @@ class IndexerLogitsKernel:
     @cute.kernel
     def kernel(self, tma_atom: cute.CopyAtom, tma_keys: cute.Tensor, k_layout: cute.ComposedLayout, mQ, mW, mCache,
                mBT, mReq, mPos, mOut, ratio: Int32):
-        tid, _, _ = cute.arch.thread_idx()
-        t, j, _ = cute.arch.block_idx()
-        _, P, _ = cute.arch.grid_dim()
-        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        lane = tid % 32
+        tid, t, j, P, warp, lane = _coords()
         stages = self.stages
         producer = self.consumers * (WG // 32)
         if warp == producer:
@@ -229,14 +296,9 @@ class IndexerLogitsKernel:
         # ---- shared memory: key ring, queries, scales, stage flags, mbarriers ----
         smem = cutlass.utils.SmemAllocator()
         sK = smem.allocate_tensor(Float8E4M3FN, k_layout.outer, byte_alignment=1024, swizzle=k_layout.inner)
-        q_layout = sm90.make_smem_layout_b(_ROW, (BN, BH, D), Float8E4M3FN, 1)
-        sQ = smem.allocate_tensor(Float8E4M3FN, q_layout.outer, byte_alignment=1024, swizzle=q_layout.inner)
+        sQ = _alloc_q(smem)
         sScale = smem.allocate_tensor(Float32, cute.make_layout(BN * stages), byte_alignment=128)
-        sOk = smem.allocate_tensor(Int32, cute.make_layout(stages), byte_alignment=16)
-        full = smem.allocate_array(Int64, stages, byte_alignment=8)
-        empty = smem.allocate_array(Int64, stages, byte_alignment=8)
-        _init_ring(full, empty, stages, tid, self.pdl)
-
+        sOk, full, empty = _alloc_ring(smem, stages, tid, self.pdl)
 
         # ---- the token's visible entries and this CTA's tiles ----
         req, ok_tok, n, mine = _token_tiles(mBT, mReq, mPos, t, j, P, ratio, self.bs)
@@ -255,15 +317,8 @@ class IndexerLogitsKernel:
             if mine > 0:
                 page_nx = _ld_page(bt_row, Int64(j * BN // self.bs))
             for i in cutlass.range(mine, unroll=1):
-                s0 = (j + i * P) * BN
-                page = page_nx
-                if i + 1 < mine:
-                    page_nx = _ld_page(bt_row, Int64((s0 + P * BN) // self.bs))
-                stage = i % stages
-                cute.arch.mbarrier_wait(empty + stage, ((i // stages) % 2) ^ 1)
-                ok = (page >= 0) & (page < n_pages)
-                if lane == 0:
-                    sOk[stage] = Int32(ok)
+                s0, page, page_nx, stage, ok = _producer_tile(i, mine, j, P, self.bs, stages, bt_row, page_nx,
+                                                              n_pages, empty, sOk, lane)
                 row_tile = (s0 % self.bs) // BN
                 if ok:
                     if lane == 0:
@@ -299,13 +354,7 @@ class IndexerLogitsKernel:
             g = warp // (WG // 32)  # this warpgroup takes the CTA's tiles g, g + consumers, ..
             wtid = tid % WG
 
-            mma = sm90.make_trivial_tiled_mma(Float8E4M3FN, Float8E4M3FN, OperandMajorMode.K, OperandMajorMode.K,
-                                              Float32, (1, 1, 1), (BN, BH))
-            thr = mma.get_slice(wtid)
-            tCrK = mma.make_fragment_A(thr.partition_A(sK))
-            tCrQ = mma.make_fragment_B(thr.partition_B(sQ))
-            acc = cute.make_rmem_tensor(thr.partition_shape_C((BN, BH)), Float32)
-            cS = thr.partition_C(cute.make_identity_tensor((BN, BH)))  # (entry, head) of each element
+            mma, tCrK, tCrQ, acc, cS = _qk_mma(sK, sQ, wtid)  # cS: (entry, head) of each element
             mma.set(warpgroup.Field.ACCUMULATE, True)
             w = cute.make_rmem_tensor(cute.size(acc), Float32)
             w_row = mW.iterator.toint() + Int64(t) * Int64(mW.stride[0]) * 4
@@ -321,12 +370,7 @@ class IndexerLogitsKernel:
                 stage = i % stages
                 cute.arch.mbarrier_wait(full + stage, (i // stages) % 2)
                 ok = sOk[stage] != 0
-                acc.fill(0.0)
-                warpgroup.fence()
-                for kb in cutlass.range_constexpr(cute.size(tCrK, mode=[2])):
-                    cute.gemm(mma, acc, tCrK[None, None, kb, stage], tCrQ[None, None, kb, 0], acc)
-                warpgroup.commit_group()
-                warpgroup.wait_group(0)
+                _qk(mma, acc, tCrK, stage, tCrQ)
                 r0 = cS[0][0]
                 sc0 = _ld_shared_f32(scale_base + Int32(stage * SCALE_BYTES + r0 * 4))
                 sc1 = _ld_shared_f32(scale_base + Int32(stage * SCALE_BYTES + (r0 + 8) * 4))
@@ -484,7 +528,7 @@ def _ld_global_u32(addr):
     return cute.arch.inline_ptx("ld.global.nc.u32 {$w0}, [{$r0}];", write_only_types=[Uint32], read_only_args=[addr])
 
 
-class IndexerLogitsMxfp4Kernel:
+class IndexerLogitsMxfp4Kernel(_LogitsKernel):
     """MXFP4 keys and queries (``kernels.triton.attention`` folded / exact semantics): the producer
     bulk-copies each tile's packed keys (4 KB) and scale bytes (256 B) into a ring; each consumer
     warpgroup decodes its tile into its own e4m3 tile (rows whose block exponents fold take
@@ -494,13 +538,6 @@ class IndexerLogitsMxfp4Kernel:
     fp32 in block order)."""
 
     MAX_CONSUMERS = 2  # one named barrier per consumer warpgroup (ids 2, 3)
-
-    def __init__(self, block_size: int, stages: int, consumers: int, pdl: bool):
-        _check_ring(stages, consumers, self.MAX_CONSUMERS)
-        self.bs = block_size
-        self.stages = stages
-        self.consumers = consumers
-        self.pdl = pdl
 
     @cute.jit
     def __call__(self, mQ, mQs, mW, mCache, mBT, mReq, mPos, mOut, ratio: Int32, programs: Int32, stream):
@@ -513,11 +550,7 @@ class IndexerLogitsMxfp4Kernel:
 
     @cute.kernel
     def kernel(self, mQ, mQs, mW, mCache, mBT, mReq, mPos, mOut, ratio: Int32):
-        tid, _, _ = cute.arch.thread_idx()
-        t, j, _ = cute.arch.block_idx()
-        _, P, _ = cute.arch.grid_dim()
-        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        lane = tid % 32
+        tid, t, j, P, warp, lane = _coords()
         stages = self.stages
         nc = self.consumers
         producer = nc * (WG // 32)
@@ -526,8 +559,7 @@ class IndexerLogitsMxfp4Kernel:
         smem = cutlass.utils.SmemAllocator()
         k_layout = sm90.make_smem_layout_a(_ROW, (BN, BH, D), Float8E4M3FN, nc)  # one decoded tile per warpgroup
         sK = smem.allocate_tensor(Float8E4M3FN, k_layout.outer, byte_alignment=1024, swizzle=k_layout.inner)
-        q_layout = sm90.make_smem_layout_b(_ROW, (BN, BH, D), Float8E4M3FN, 1)
-        sQ = smem.allocate_tensor(Float8E4M3FN, q_layout.outer, byte_alignment=1024, swizzle=q_layout.inner)
+        sQ = _alloc_q(smem)
         sRaw = smem.allocate_tensor(Uint8, cute.make_layout(MX_TILE_BYTES * stages), byte_alignment=128)
         sSb = smem.allocate_tensor(Uint32, cute.make_layout(BN * stages), byte_alignment=128)
         sQm = smem.allocate_tensor(Float32, cute.make_layout(BH * 4), byte_alignment=16)  # [head][block]
@@ -536,10 +568,7 @@ class IndexerLogitsMxfp4Kernel:
         sKm = smem.allocate_tensor(Float32, cute.make_layout(nc * BN * 4), byte_alignment=16)  # [wg][row][block]
         sKs = smem.allocate_tensor(Float32, cute.make_layout(nc * BN), byte_alignment=16)  # [wg][row]
         sVote = smem.allocate_tensor(Int32, cute.make_layout(4 * (nc + 1)), byte_alignment=16)
-        sOk = smem.allocate_tensor(Int32, cute.make_layout(stages), byte_alignment=16)
-        full = smem.allocate_array(Int64, stages, byte_alignment=8)
-        empty = smem.allocate_array(Int64, stages, byte_alignment=8)
-        _init_ring(full, empty, stages, tid, self.pdl)
+        sOk, full, empty = _alloc_ring(smem, stages, tid, self.pdl)
 
         req, ok_tok, n, mine = _token_tiles(mBT, mReq, mPos, t, j, P, ratio, self.bs)
         raw_base = sRaw.iterator.toint()
@@ -553,15 +582,9 @@ class IndexerLogitsMxfp4Kernel:
                 bt_row = mBT.iterator.toint() + req * Int64(mBT.stride[0]) * 4
                 page_nx = _ld_page(bt_row, Int64(j * BN // self.bs))
                 for i in cutlass.range(mine, unroll=1):
-                    s0 = (j + i * P) * BN
-                    page = page_nx
-                    if i + 1 < mine:
-                        page_nx = _ld_page(bt_row, Int64((s0 + P * BN) // self.bs))
-                    stage = i % stages
-                    cute.arch.mbarrier_wait(empty + stage, ((i // stages) % 2) ^ 1)
-                    ok = (page >= 0) & (page < n_pages)
+                    s0, page, page_nx, stage, ok = _producer_tile(i, mine, j, P, self.bs, stages, bt_row, page_nx,
+                                                                  n_pages, empty, sOk, lane)
                     if lane == 0:
-                        sOk[stage] = Int32(ok)
                         if ok:
                             page_off = cache_base + Int64(page) * page_stride
                             cute.arch.mbarrier_arrive_and_expect_tx(full + stage, MX_TILE_BYTES + MX_SCALE_BYTES)
@@ -610,13 +633,7 @@ class IndexerLogitsMxfp4Kernel:
                 cute.arch.fence_view_async_shared()
                 cute.arch.barrier(barrier_id=1, number_of_threads=nc * WG)
 
-                mma = sm90.make_trivial_tiled_mma(Float8E4M3FN, Float8E4M3FN, OperandMajorMode.K, OperandMajorMode.K,
-                                                  Float32, (1, 1, 1), (BN, BH))
-                thr = mma.get_slice(wtid)
-                tCrK = mma.make_fragment_A(thr.partition_A(sK))
-                tCrQ = mma.make_fragment_B(thr.partition_B(sQ))
-                acc = cute.make_rmem_tensor(thr.partition_shape_C((BN, BH)), Float32)
-                cS = thr.partition_C(cute.make_identity_tensor((BN, BH)))
+                mma, tCrK, tCrQ, acc, cS = _qk_mma(sK, sQ, wtid)
                 mma.set(warpgroup.Field.ACCUMULATE, True)
                 # the exact form one half of the heads at a time (m64n32: 16 + 16 accumulator registers,
                 # not 32 + 32), each 32-block's dot on its own (scale-d 0)
@@ -661,12 +678,7 @@ class IndexerLogitsMxfp4Kernel:
                     sc0 = Float32(1.0)
                     sc1 = Float32(1.0)
                     if folded:
-                        acc.fill(0.0)
-                        warpgroup.fence()
-                        for kb in cutlass.range_constexpr(cute.size(tCrK, mode=[2])):
-                            cute.gemm(mma, acc, tCrK[None, None, kb, g], tCrQ[None, None, kb, 0], acc)
-                        warpgroup.commit_group()
-                        warpgroup.wait_group(0)
+                        _qk(mma, acc, tCrK, g, tCrQ)
                         if not ok:  # an unreadable page: zero keys, scale 0 (sKs), as the Triton kernel
                             acc.fill(0.0)
                         # the folded head weights read from shared memory here, not held across the loop
