@@ -210,6 +210,14 @@ def test_cute_out_of_range_positions_stay_inside_the_table():
     ok[3] = ok[5] = False
     want = reference.indexer_q_rope_fp8(q[ok], pos[ok], cs, w[ok], 1.0)
     assert _same(q_fp8[ok.cuda()], want[0])
+    # MXFP4: the rows with a position outside the table have NaN rope dims (the last 64: blocks 2, 3),
+    # and a block holding a NaN gets the E8M0 NaN scale byte (reference.quant.mxfp4_quant), never a
+    # plausible scale; the other rows stay bit-exact
+    q_mx, q_scale, w_mx = cute_iq.indexer_q_rope_mxfp4(qd, posd, csd, wd, 1.0)
+    want = reference.indexer_q_rope_mxfp4(q[ok], pos[ok], cs, w[ok], 1.0)
+    assert all(_same(a[ok.cuda()], b) for a, b in zip((q_mx, q_scale, w_mx), want))
+    bad = q_scale[~ok.cuda()].cpu()
+    assert (bad[..., 2:] == 0xFF).all() and (bad[..., :2] != 0xFF).all()
 
 
 @pytest.mark.cuda

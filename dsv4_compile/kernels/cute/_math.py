@@ -66,6 +66,15 @@ def e4m3x4(a, b, c, d):
     )
 
 
+def group_any(flag, lanes: int):
+    """Int32 ``flag`` (0 / 1) OR-ed over ``lanes`` consecutive lanes (a power of two, aligned group)."""
+    off = 1
+    while off < lanes:
+        flag = flag | cute.arch.shuffle_sync_bfly(flag, offset=off)
+        off *= 2
+    return flag
+
+
 def group_max(v, lanes: int):
     """Max of ``v`` over ``lanes`` consecutive lanes (a power of two, aligned group)."""
     off = 1

@@ -29,8 +29,8 @@ from cutlass import Float32, Int32, Int64, Uint8, Uint32, const_expr
 from ... import layouts
 from ...reference import quant as _ref_quant
 from ._common import aligned, arch_name, fresh_copy, use_hw_e2m1
-from ._math import (TORCH_TO_CUTE, add_rn, ceil_log2_ratio, clamp, e4m3x4, group_max, mul_rn, pow2,
-                    rope_pairs, sub_rn)
+from ._math import (TORCH_TO_CUTE, add_rn, ceil_log2_ratio, clamp, e4m3x4, group_any, group_max, mul_rn,
+                    pow2, rope_pairs, sub_rn)
 
 ELEMS = 16  # q elements per lane: 16 FP8 bytes = one 128-bit store
 THREADS = 128  # per CTA
@@ -220,6 +220,13 @@ class IndexerQKernel:
             amax = cute.arch.fmax(group_max(amax, block_lanes), Float32(layouts.MXFP4_AMAX_FLOOR))
             e = ceil_log2_ratio(amax, _ref_quant.E2M1_MAX_EXP, _ref_quant.E2M1_MAX_MANT)
             e = cutlass.max(cutlass.min(e, layouts.MXFP4_EXP_MAX), layouts.MXFP4_EXP_MIN)
+            # a block holding a NaN (the fmax above skips it) gets the E8M0 NaN scale byte: it dequantizes
+            # to NaN, never to a plausible value (E2M1 has no NaN; the NaN's nibble is whatever the clamp
+            # makes of it)
+            nan = Int32(0)
+            for i in cutlass.range_constexpr(ELEMS):
+                nan = nan | Int32(x[i] != x[i])
+            nan = group_any(nan, block_lanes)
             inv = pow2(-e)
             words = cute.make_rmem_tensor((ELEMS // 8,), Int32)
             for j in cutlass.range_constexpr(ELEMS // 8):
@@ -236,7 +243,8 @@ class IndexerQKernel:
             if h < self.num_heads:
                 cute.autovec_copy(words, cute.local_tile(mOut[t, h, None], (ELEMS // 8,), (lane,)))
                 if lane % block_lanes == 0:
-                    mScale[t, h, lane // block_lanes] = Uint8(e + layouts.UE8M0_BIAS)
+                    mScale[t, h, lane // block_lanes] = Uint8(cutlass.select_(nan != 0, Int32(0xFF),
+                                                                              e + layouts.UE8M0_BIAS))
                 if lane == 0:
                     mWOut[t, h] = w
 
