@@ -231,6 +231,31 @@ def test_gpu_short_rows_of_a_wide_table():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 8, 64])
+def test_gpu_rows_at_any_alignment(T):
+    """The CuTe rounds load a thread's consecutive keys 8 or 16 bytes at a time where the row is so
+    aligned and one at a time where it is not: logits rows starting 0, 4, 8 and 12 bytes past a
+    16-byte boundary (views at a storage offset, rows L + 1 apart), 4,096- and 16,384-entry chunks,
+    and candidate rows of odd widths (k = 3, 5), with ties, against the reference."""
+    L = 16384
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    g = torch.Generator().manual_seed(T)
+    for off in range(4):
+        store = (torch.randint(0, 4000, (T * (L + 1) + 4,), generator=g).float() / 7).cuda()
+        logits = store[off:off + T * (L + 1)].view(T, L + 1)[:, :L]
+        lengths = torch.randint(L // 2, L + 1, (T,), generator=g)
+        lengths[0] = L
+        for i, n in enumerate(lengths.tolist()):
+            logits[i, n:] = float("nan")  # past the visible count: never read
+        pos = (4 * lengths - 1).cuda()
+        req = torch.zeros(T, dtype=torch.int64, device="cuda")
+        for k in (3, 5, 512):
+            want = ref.select_topk(logits.contiguous(), lengths.cuda(), k)
+            got = topk_kernels.select_topk(logits, pos, req, 1, 4, k, sms, variant="cute")
+            assert torch.equal(got, want), (off, k)
+
+
+@pytest.mark.cuda
 def test_gpu_many_rows_short_and_long():
     """Prefill-like: 300 rows of causal lengths (most shorter than k, some long), one round."""
     T, L = 300, 16384

@@ -118,8 +118,9 @@ def _check_indexer_logits_ptx(name: str, arch: str, ptx: str, fmt: str) -> None:
 
 
 def _check_topk_ptx(name: str, arch: str, ptx: str) -> None:
-    # the histograms are shared-memory atomics; the output positions come from warp ballots
-    for op in ("atom.shared", "vote.sync.ballot"):
+    # the histograms are shared-memory atomics; the output positions come from a block-wide prefix sum
+    # (warp shuffles up)
+    for op in ("atom.shared", "shfl.sync.up"):
         if op not in ptx:
             raise AssertionError(f"{name}@{arch}: no {op} in the PTX")
 

@@ -7,7 +7,7 @@ in increasing index order; ``n <= k`` gives ``0 .. n−1`` then −1; a padding 
 positions below a row's visible count are read.
 
 Method. A CTA of up to 1,024 threads holds a chunk of up to 16,384 keys in registers, thread ``i``
-the positions ``start + j·threads + i`` (coalesced loads). The key is the Triton kernel's
+the ``E`` consecutive positions from ``start + i·E``. The key is the Triton kernel's
 (``_sort_key``: unsigned order == float order, 0 = absent). The k-th largest key is found with at
 most four passes over 8 key bits. The chunk's valid keys share every bit above the highest one where
 their largest and smallest differ (one warp reduction each): the first pass counts the 8 bits just
@@ -18,9 +18,12 @@ histogram (one plain atomic per key: on the H200 that beat both per-lane copies 
 ``match.any`` aggregation of equal digits, 12.2 against 13.4 and 19.6 µs for one 16,384-entry row),
 and one warp finds the bin holding the k-th largest from the suffix sums. The passes stop once that
 bin holds exactly the entries still needed. Entries above the threshold are kept, then the first
-``need`` entries equal to it in position order; each kept entry's output position comes from warp
-ballots and one block-wide prefix sum over the (slot, warp) counts, so the kept entries are written
-compacted in index order without a sort.
+``need`` entries equal to it in position order; each thread counts its kept entries of both kinds,
+one block-wide prefix sum over those counts (one barrier) places them, and each thread writes its own
+in order, so the kept entries are written compacted in index order without a sort. (Holding the
+positions strided by the thread count instead, which needed per-slot ballots and a prefix sum over
+(slot, warp) counts with four barriers, took about 40 % of a 16,384-entry CTA's time in that ordering,
+H200 clock stamps.)
 
 Rows longer than one chunk are split over CTAs in rounds as the Triton selection does
 (``kernels.triton.topk.plan``): each chunk keeps its best ``k`` (key, index) candidates and the next
@@ -68,6 +71,15 @@ def _sort_key(x):
     return cutlass.select_(x != x, Uint32(_FULL), key)
 
 
+def _ld_global_vec(addr, dtype, v: int):
+    """``v`` (2 or 4) ``dtype`` (32-bit) values from global address ``addr`` (aligned to ``4·v``
+    bytes), one load."""
+    ty = "f32" if dtype is Float32 else "u32"
+    regs = ", ".join(f"{{$w{i}}}" for i in range(v))
+    return cute.arch.inline_ptx(f"ld.global.v{v}.{ty} {{ {regs} }}, [{{$r0}}];",
+                                write_only_types=[dtype] * v, read_only_args=[addr])
+
+
 def _warp_inclusive_sum(v, lane):
     """Inclusive prefix sum of ``v`` over the lanes of a warp (shuffles up)."""
     for off in (1, 2, 4, 8, 16):
@@ -96,8 +108,6 @@ class TopkRoundKernel:
         self.threads, self.per_thread = chunk_threads(chunk)
         self.chunk = chunk  # positions per chunk (the plan's); the CTA holds threads·per_thread >= chunk
         self.warps = self.threads // WARP
-        self.slots = self.per_thread * self.warps  # (slot, warp) counts of the ordering scan
-        assert self.slots <= self.threads
         self.from_logits = from_logits
         self.final = final
         self.pdl = pdl
@@ -149,19 +159,11 @@ class TopkRoundKernel:
         t, c, _ = cute.arch.block_idx()
         warp = tid // WARP
         lane = tid % WARP
-        lt_mask = (Uint32(1) << Uint32(lane)) - Uint32(1)
-        if const_expr(self.pdl):
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
-
-        smem = cutlass.memory.SmemAllocator()
-        hist = smem.allocate_tensor(Int32, cute.make_layout(2 * BINS), byte_alignment=16)
-        counts = smem.allocate_tensor(Int32, cute.make_layout(self.slots), byte_alignment=16)
-        wsum = smem.allocate_tensor(Int32, cute.make_layout(WARP), byte_alignment=16)
-        res = smem.allocate_tensor(Int32, cute.make_layout(8), byte_alignment=16)
-        rng = smem.allocate_tensor(Uint32, cute.make_layout(2 * WARP), byte_alignment=16)
-
-        # ---- the row's length ----
+        # ---- the row's length. From the logits, out of positions and requests read before the grid-
+        # dependency wait (their latency then hides under the previous kernel's tail): with PDL this
+        # kernel starts once the previous kernel, the op's logits kernel, is past its own wait (every
+        # kernel here waits before it lets dependents launch), so every kernel before that one has
+        # completed, and that one does not write them ----
         if const_expr(self.from_logits):
             p = Int64(mPos[t])
             r = Int64(mReq[t])
@@ -169,12 +171,21 @@ class TopkRoundKernel:
             n = Int32(0)
             if (r >= 0) & (r < Int64(n_req)) & (p >= 0):
                 n = Int32(nv)
-        else:
-            n = mN[t]
+        if const_expr(self.pdl):
+            cute.arch.griddepcontrol_wait()
+            cute.arch.griddepcontrol_launch_dependents()
+        if const_expr(not self.from_logits):
+            n = mN[t]  # the previous round's
         start = c * self.chunk
 
+        smem = cutlass.memory.SmemAllocator()
+        hist = smem.allocate_tensor(Int32, cute.make_layout(2 * BINS), byte_alignment=16)
+        wsum = smem.allocate_tensor(Int32, cute.make_layout(WARP), byte_alignment=16)
+        res = smem.allocate_tensor(Int32, cute.make_layout(8), byte_alignment=16)
+        rng = smem.allocate_tensor(Uint32, cute.make_layout(2 * WARP), byte_alignment=16)
+
         if const_expr(self.final):  # one chunk per row
-            self._finish(mSrc, mSrcIdx, mOutIdx, hist, counts, wsum, res, rng, t, n, K, tid, warp, lane, lt_mask)
+            self._finish(mSrc, mSrcIdx, mOutIdx, hist, wsum, res, rng, t, n, K, tid, warp, lane)
         else:
             # a row that fits in chunk 0 (n < 0: an earlier round finished it) is finished by that chunk's
             # CTA, into the result; later rounds skip it (n = −1), so a short row in a wide table costs
@@ -185,15 +196,14 @@ class TopkRoundKernel:
                     mNOut[t] = cutlass.select_(fits, Int32(-1), (n + (self.chunk - 1)) // self.chunk * K)
             if fits:
                 if c == 0:
-                    self._finish(mSrc, mSrcIdx, mFinal, hist, counts, wsum, res, rng, t, n, K, tid, warp, lane,
-                                 lt_mask)
+                    self._finish(mSrc, mSrcIdx, mFinal, hist, wsum, res, rng, t, n, K, tid, warp, lane)
             else:
                 if start < n:
-                    self._select(mSrc, mSrcIdx, mOutKey, mOutIdx, hist, counts, wsum, res, rng, t, start, n,
-                                 c * K, K, tid, warp, lane, lt_mask, False)
+                    self._select(mSrc, mSrcIdx, mOutKey, mOutIdx, hist, wsum, res, rng, t, start, n,
+                                 c * K, K, tid, warp, lane, False)
 
     @cute.jit
-    def _finish(self, mSrc, mSrcIdx, mOut, hist, counts, wsum, res, rng, t, n, K, tid, warp, lane, lt_mask):
+    def _finish(self, mSrc, mSrcIdx, mOut, hist, wsum, res, rng, t, n, K, tid, warp, lane):
         """The result row ``t`` of ``mOut [T, K]`` from the row's ``n`` entries, all in chunk 0
         (``n < 0``: nothing, an earlier round wrote it)."""
         if n >= 0:
@@ -208,20 +218,35 @@ class TopkRoundKernel:
                                 v = mSrcIdx[t, j]
                     mOut[t, j] = v
             else:
-                self._select(mSrc, mSrcIdx, None, mOut, hist, counts, wsum, res, rng, t, Int32(0), n, Int32(0), K,
-                             tid, warp, lane, lt_mask, True)
+                self._select(mSrc, mSrcIdx, None, mOut, hist, wsum, res, rng, t, Int32(0), n, Int32(0), K,
+                             tid, warp, lane, True)
 
     @cute.jit
-    def _select(self, mSrc, mSrcIdx, mOutKey, mOutIdx, hist, counts, wsum, res, rng, t, start, n, out_base, K,
-                tid, warp, lane, lt_mask, final: bool):
+    def _load_one(self, src, src_idx, keys, idx, j, pos, end):
+        """Slot ``j`` from row position ``pos`` if it is below ``end``."""
+        if pos < end:
+            if const_expr(self.from_logits):
+                keys[j] = _sort_key(Float32(src[pos]))
+            else:
+                keys[j] = Uint32(src[pos])
+                idx[j] = src_idx[pos]
+
+    @cute.jit
+    def _select(self, mSrc, mSrcIdx, mOutKey, mOutIdx, hist, wsum, res, rng, t, start, n, out_base, K,
+                tid, warp, lane, final: bool):
         """Keep the best ``K`` of the row's entries ``start ..`` (at most a chunk, ``n`` in all):
         indices into ``mOutIdx[t, out_base ..]`` (``final``, −1 fill), else (key, index) candidates
         (key 0 / index −1 fill)."""
         NT = self.threads
         E = self.per_thread
         NW = self.warps
-        # ---- keys (and candidate indices) in registers; slot j of every thread: one row of NT ----
+        # ---- keys (and candidate indices) in registers: thread i holds the E consecutive positions
+        # first = start + i·E .. (a blocked arrangement: the kept entries' output positions then come
+        # from one prefix sum over per-thread counts, not per-slot ballots) ----
         end = cutlass.min(n, start + self.chunk)
+        first = start + tid * E
+        live = end - start
+        wlive = warp * (WARP * E) < live  # the warp holds a live position (warp-uniform)
         keys = cute.make_rmem_tensor((E,), Uint32)
         idx = cute.make_rmem_tensor((E,), Int32)
         src = mSrc[t, None]  # the row: one base address, 32-bit offsets
@@ -229,16 +254,39 @@ class TopkRoundKernel:
         if const_expr(not self.from_logits):
             src_idx = mSrcIdx[t, None]
         for j in cutlass.range_constexpr(E):
-            pos = start + j * NT + tid
             keys[j] = Uint32(0)
-            idx[j] = pos
-            if pos < end:
-                if const_expr(self.from_logits):
-                    keys[j] = _sort_key(Float32(src[pos]))
-                else:
-                    keys[j] = Uint32(src[pos])
-                    idx[j] = src_idx[pos]
-        live = end - start  # slot j holds some live position when j·NT < live
+            idx[j] = first + j
+        if wlive:
+            # V-wide loads (8 or 16 bytes) where the row is so aligned (the op's rows are; every
+            # thread's first position is a multiple of V), element loads in a row's last partial group:
+            # a warp's lanes read 4·E bytes apart, so one load per element would cost L1 E times the
+            # requests of a coalesced one (16 keys per thread: 1.7 µs more per 16,384 entries, H200)
+            V = min(E, 4)
+            if const_expr(V == 1):
+                for j in cutlass.range_constexpr(E):
+                    self._load_one(src, src_idx, keys, idx, j, first + j, end)
+            else:
+                src_at = src.iterator.toint() + Int64(first) * 4
+                idx_at = Int64(0)
+                vec = (src_at & Int64(4 * V - 1)) == Int64(0)
+                if const_expr(not self.from_logits):
+                    idx_at = src_idx.iterator.toint() + Int64(first) * 4
+                    vec = vec & ((idx_at & Int64(4 * V - 1)) == Int64(0))
+                for g in cutlass.range_constexpr(E // V):
+                    if vec & (first + V * g + V <= end):
+                        if const_expr(self.from_logits):
+                            xs = _ld_global_vec(src_at + Int64(4 * V * g), Float32, V)
+                            for i in cutlass.range_constexpr(V):
+                                keys[V * g + i] = _sort_key(xs[i])
+                        else:
+                            ks = _ld_global_vec(src_at + Int64(4 * V * g), Uint32, V)
+                            ix = _ld_global_vec(idx_at + Int64(4 * V * g), Int32, V)
+                            for i in cutlass.range_constexpr(V):
+                                keys[V * g + i] = ks[i]
+                                idx[V * g + i] = ix[i]
+                    else:
+                        for i in cutlass.range_constexpr(V):
+                            self._load_one(src, src_idx, keys, idx, V * g + i, first + V * g + i, end)
 
         # ---- the chunk's key range: every valid key shares the bits above the highest bit where the
         # largest and the smallest differ, so the first pass counts the 8 bits just below that common
@@ -247,10 +295,9 @@ class TopkRoundKernel:
         kmax = Uint32(0)
         kmin = Uint32(_FULL)
         for j in cutlass.range_constexpr(E):
-            if j * NT < live:
-                if keys[j] != Uint32(0):
-                    kmax = Uint32(cutlass.select_(keys[j] > kmax, keys[j], kmax))
-                    kmin = Uint32(cutlass.select_(keys[j] < kmin, keys[j], kmin))
+            if keys[j] != Uint32(0):
+                kmax = Uint32(cutlass.select_(keys[j] > kmax, keys[j], kmax))
+                kmin = Uint32(cutlass.select_(keys[j] < kmin, keys[j], kmin))
         kmax = cute.arch.warp_redux_sync(kmax, "umax")
         kmin = cute.arch.warp_redux_sync(kmin, "umin")
         if lane == 0:
@@ -284,8 +331,8 @@ class TopkRoundKernel:
             cur = (p % 2) * BINS
             nxt = ((p + 1) % 2) * BINS
             if not done:
-                for j in cutlass.range_constexpr(E):
-                    if j * NT < live:
+                if wlive:
+                    for j in cutlass.range_constexpr(E):
                         k = keys[j]
                         part = k != Uint32(0)
                         if const_expr(p > 0):
@@ -340,54 +387,41 @@ class TopkRoundKernel:
                 # that follows its counting, which every thread reaches after reading res here
         kept = cutlass.min(total, K)
 
-        # ---- (slot, warp) counts of kept entries above / at the threshold, packed 16 | 16 bits ----
+        # ---- this thread's kept entries above / at the threshold, counts packed 16 | 16 bits (at most
+        # 16,384 each), and their exclusive prefix sum over the threads (position order) ----
+        cnt = Int32(0)
         for j in cutlass.range_constexpr(E):
-            cnt = Int32(0)
-            if j * NT < live:
-                above, tie = _kept(keys[j], thr, exact)
-                cnt = cute.arch.popc(cute.arch.vote_ballot_sync(above)) | (
-                    cute.arch.popc(cute.arch.vote_ballot_sync(tie)) << 16)
-            if lane == 0:
-                counts[j * NW + warp] = cnt
-        cute.arch.sync_threads()
-        # exclusive prefix sum over the E·NW counts in position order (slot-major, then warp)
-        v = Int32(0)
-        if tid < self.slots:
-            v = counts[tid]
-        incl = _warp_inclusive_sum(v, lane)
+            above, tie = _kept(keys[j], thr, exact)
+            cnt += Int32(above) + (Int32(tie) << 16)
+        incl = _warp_inclusive_sum(cnt, lane)
         if lane == WARP - 1:
             wsum[warp] = incl
         cute.arch.sync_threads()
-        if warp == 0:
-            w = Int32(0)
-            if lane < NW:
-                w = wsum[lane]
-            wsum[lane] = _warp_inclusive_sum(w, lane) - w
-        cute.arch.sync_threads()
-        if tid < self.slots:
-            counts[tid] = incl - v + wsum[warp]
-        cute.arch.sync_threads()
+        # every warp scans the warp totals itself (no second barrier) and takes its own warp's offset
+        w = Int32(0)
+        if lane < NW:
+            w = wsum[lane]
+        before = incl - cnt + cute.arch.shuffle_sync(_warp_inclusive_sum(w, lane) - w, warp)
 
-        # ---- compacted writes in position order ----
+        # ---- compacted writes in position order: an entry above the threshold goes after the entries
+        # above it and the kept ties before it; a tie is kept while fewer than ``need`` came before ----
         out_idx = mOutIdx[t, None]
         out_key = None
         if const_expr(not final):
             out_key = mOutKey[t, None]
-        for j in cutlass.range_constexpr(E):
-            if j * NT < live:
+        a_before = before & 0xFFFF
+        t_before = before >> 16
+        if wlive:
+            for j in cutlass.range_constexpr(E):
                 k = keys[j]
                 above, tie = _kept(k, thr, exact)
-                a_mask = Uint32(cute.arch.vote_ballot_sync(above))
-                t_mask = Uint32(cute.arch.vote_ballot_sync(tie))
-                pre = counts[j * NW + warp]
-                a_before = (pre & 0xFFFF) + Int32(cute.arch.popc(a_mask & lt_mask))
-                t_before = (pre >> 16) + Int32(cute.arch.popc(t_mask & lt_mask))
-                take = above | (tie & (t_before < need))
-                if take:
+                if above | (tie & (t_before < need)):
                     at = a_before + cutlass.min(t_before, need)
                     out_idx[out_base + at] = idx[j]
                     if const_expr(not final):
                         out_key[out_base + at] = Int32(k)
+                a_before += Int32(above)
+                t_before += Int32(tie)
         for j in cutlass.range(kept + tid, K, NT):  # fewer valid keys than K: fill
             out_idx[out_base + j] = Int32(-1)
             if const_expr(not final):
@@ -444,7 +478,10 @@ def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor
     ``plan``, written into int32 ``out [T, topk]`` (``T > 0``; every round may write it). ``logits``:
     fp32 ``[T, L]``, ``positions`` / ``token_to_req``: ``[T]``, all with unit stride along their last
     dimension (``select_topk`` sees to it); only positions below each row's visible count are read.
-    Requires ``2·topk <= max_chunk <= 16,384``."""
+    Requires ``2·topk <= max_chunk <= 16,384``. With ``pdl`` the first round reads ``positions`` and
+    ``token_to_req`` before its grid-dependency wait: the stream's previous kernel must not write
+    them and must wait for its own predecessors before it lets dependents launch (the op's logits
+    kernels, every kernel of this package and any kernel launched without PDL qualify)."""
     T, L = logits.shape
     rounds = plan(T, L, topk, sms, chunk, max_chunk)
     arch = arch_name(logits.device)
