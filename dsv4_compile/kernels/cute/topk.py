@@ -88,15 +88,6 @@ def _warp_inclusive_sum(v, lane):
     return v
 
 
-def _kept(k, thr, exact):
-    """(above, tie) flags of key ``k``: kept outright, or equal to the exact threshold (then kept in
-    position order while ties are still needed). Without an exact threshold (the passes stopped
-    early: ``thr``'s lower bits are 0; or the chunk holds at most k valid keys: ``thr`` is their
-    common prefix, at most every one of them) every valid key at or above it is kept."""
-    above = (k != Uint32(0)) & cutlass.select_(exact, k > thr, k >= thr)
-    return above, exact & (k == thr)
-
-
 class TopkRoundKernel:
     """One round of the selection; see ``compile`` for the cache key.
 
@@ -387,12 +378,24 @@ class TopkRoundKernel:
                 # that follows its counting, which every thread reaches after reading res here
         kept = cutlass.min(total, K)
 
-        # ---- this thread's kept entries above / at the threshold, counts packed 16 | 16 bits (at most
-        # 16,384 each), and their exclusive prefix sum over the threads (position order) ----
+        # ---- the kept entries: every key above ``lo`` and, with an exact threshold, the first ``need``
+        # keys equal to it in position order. Exact: lo = thr. Otherwise (the passes stopped early:
+        # thr's lower bits are 0; or the chunk holds at most k valid keys: thr is their common prefix,
+        # at most every one of them) every valid key at or above thr: lo = thr − 1, or 0 for thr = 0
+        # (key 0 is an absent slot). One compare per key; the ties only where the threshold is exact.
+        # Each thread counts its kept entries (ties in the upper 16 bits; at most 16,384 each), one
+        # block-wide exclusive prefix sum over the threads places them, and each thread writes its own
+        # in position order ----
+        lo = Uint32(thr)
+        if not exact:
+            lo = Uint32(cutlass.select_(thr == Uint32(0), Uint32(0), thr - Uint32(1)))
         cnt = Int32(0)
-        for j in cutlass.range_constexpr(E):
-            above, tie = _kept(keys[j], thr, exact)
-            cnt += Int32(above) + (Int32(tie) << 16)
+        if exact:
+            for j in cutlass.range_constexpr(E):
+                cnt += Int32(keys[j] > lo) + (Int32(keys[j] == thr) << 16)
+        else:
+            for j in cutlass.range_constexpr(E):
+                cnt += Int32(keys[j] > lo)
         incl = _warp_inclusive_sum(cnt, lane)
         if lane == WARP - 1:
             wsum[warp] = incl
@@ -403,25 +406,33 @@ class TopkRoundKernel:
             w = wsum[lane]
         before = incl - cnt + cute.arch.shuffle_sync(_warp_inclusive_sum(w, lane) - w, warp)
 
-        # ---- compacted writes in position order: an entry above the threshold goes after the entries
-        # above it and the kept ties before it; a tie is kept while fewer than ``need`` came before ----
         out_idx = mOutIdx[t, None]
         out_key = None
         if const_expr(not final):
             out_key = mOutKey[t, None]
-        a_before = before & 0xFFFF
-        t_before = before >> 16
         if wlive:
-            for j in cutlass.range_constexpr(E):
-                k = keys[j]
-                above, tie = _kept(k, thr, exact)
-                if above | (tie & (t_before < need)):
-                    at = a_before + cutlass.min(t_before, need)
-                    out_idx[out_base + at] = idx[j]
-                    if const_expr(not final):
-                        out_key[out_base + at] = Int32(k)
-                a_before += Int32(above)
-                t_before += Int32(tie)
+            at = out_base + (before & 0xFFFF)
+            if exact:  # an entry above goes after the kept ties before it; a tie is kept while < need came before
+                t_before = before >> 16
+                for j in cutlass.range_constexpr(E):
+                    k = keys[j]
+                    above = k > lo
+                    tie = k == thr
+                    if above | (tie & (t_before < need)):
+                        at_j = at + cutlass.min(t_before, need)
+                        out_idx[at_j] = idx[j]
+                        if const_expr(not final):
+                            out_key[at_j] = Int32(k)
+                    at += Int32(above)
+                    t_before += Int32(tie)
+            else:
+                for j in cutlass.range_constexpr(E):
+                    k = keys[j]
+                    if k > lo:
+                        out_idx[at] = idx[j]
+                        if const_expr(not final):
+                            out_key[at] = Int32(k)
+                        at += 1
         for j in cutlass.range(kept + tid, K, NT):  # fewer valid keys than K: fill
             out_idx[out_base + j] = Int32(-1)
             if const_expr(not final):
