@@ -5,7 +5,8 @@ Beyond "it compiles", the PTX is checked for what the numerics and the target re
 * no ``fma`` anywhere: the reference rounds every fp32 product and sum separately;
 * sm_90a: no ``e2m1x2`` conversion (it does not exist there) and no 256-bit global accesses;
 * sm_100a: the MXFP4 variants use the hardware ``cvt.rn.satfinite.e2m1x2.f32``;
-* the top-k rounds count digits with shared-memory atomics and place kept entries by warp ballots;
+* the top-k rounds count digits with shared-memory atomics and place kept entries by a block-wide
+  prefix sum (warp shuffles);
 * the cache inserts read kv rows with 128-bit loads and write the record with 128-bit stores (the
   e4m3 bytes, the bf16 rope bytes) and one 64-bit store (the scale record), never byte by byte;
 * sparse attention (sm_90a only: wgmma does not exist on sm_100a, where the op keeps the Triton
