@@ -66,22 +66,32 @@ def e4m3x4(a, b, c, d):
     )
 
 
-def group_any(flag, lanes: int):
-    """Int32 ``flag`` (0 / 1) OR-ed over ``lanes`` consecutive lanes (a power of two, aligned group)."""
+def visible_entries(req, pos, n_req, ratio, L):
+    """(whether the token is real, its visible entries) of a token of request ``req`` at position
+    ``pos`` (Int64): ``min((pos + 1) // ratio, L)``, 0 for a padding token (request outside
+    ``[0, n_req)`` or a negative position); docs/numerics.md §7.2."""
+    ok = (req >= 0) & (req < n_req) & (pos >= 0)
+    return ok, cutlass.select_(ok, cutlass.min((pos + 1) // Int64(ratio), Int64(L)), Int64(0))
+
+
+def _group_reduce(v, lanes: int, combine):
+    """``combine`` of ``v`` over ``lanes`` consecutive lanes (a power of two, aligned group), by
+    butterfly shuffles: every lane of the group ends with the result."""
     off = 1
     while off < lanes:
-        flag = flag | cute.arch.shuffle_sync_bfly(flag, offset=off)
+        v = combine(v, cute.arch.shuffle_sync_bfly(v, offset=off))
         off *= 2
-    return flag
+    return v
+
+
+def group_any(flag, lanes: int):
+    """Int32 ``flag`` (0 / 1) OR-ed over ``lanes`` consecutive lanes (``_group_reduce``)."""
+    return _group_reduce(flag, lanes, lambda a, b: a | b)
 
 
 def group_max(v, lanes: int):
-    """Max of ``v`` over ``lanes`` consecutive lanes (a power of two, aligned group)."""
-    off = 1
-    while off < lanes:
-        v = cute.arch.fmax(v, cute.arch.shuffle_sync_bfly(v, offset=off))
-        off *= 2
-    return v
+    """Max of ``v`` over ``lanes`` consecutive lanes (``_group_reduce``)."""
+    return _group_reduce(v, lanes, cute.arch.fmax)
 
 
 def rope_pairs(x, c, s, pairs: int):

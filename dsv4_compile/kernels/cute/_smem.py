@@ -1,9 +1,25 @@
-"""Shared-memory helpers of the CuTe-DSL wgmma kernels (trace-time, inlined): 16-byte stores and
-byte offsets in the 128-byte swizzled K-major tile layout wgmma reads."""
+"""Memory-access helpers of the CuTe-DSL kernels (trace-time, inlined): 32-bit loads of one to four
+words in one instruction, 16-byte shared stores, and byte offsets in the 128-byte swizzled K-major
+tile layout wgmma reads."""
 
 from __future__ import annotations
 
 import cutlass.cute as cute
+from cutlass import Float32, Int32, Uint32
+
+_PTX_TYPE = {Float32: "f32", Int32: "s32", Uint32: "u32"}
+
+
+def ld(space: str, addr, dtype, n: int = 1, nc: bool = False):
+    """``n`` (1, 2 or 4) 32-bit ``dtype`` values (``Float32`` / ``Int32`` / ``Uint32``) at ``addr`` in
+    state space ``space`` (``"global"`` / ``"shared"``; aligned to ``4·n`` bytes) in one load; ``nc``:
+    through the non-coherent read-only path (global data no kernel running alongside writes). One
+    value, or a tuple of ``n``."""
+    regs = ", ".join(f"{{$w{i}}}" for i in range(n))
+    dst = regs if n == 1 else f"{{ {regs} }}"
+    vec = "" if n == 1 else f".v{n}"
+    return cute.arch.inline_ptx(f"ld.{space}{'.nc' if nc else ''}{vec}.{_PTX_TYPE[dtype]} {dst}, [{{$r0}}];",
+                                write_only_types=[dtype] * n, read_only_args=[addr])
 
 
 def st_shared_v4(addr, a, b, c, d):

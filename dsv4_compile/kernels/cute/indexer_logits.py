@@ -70,8 +70,8 @@ from ..triton._common import cdiv, sm_programs
 from ..triton._launch import pdl_meta
 from ..triton.attention import MX_FOLD_SPREAD as _TRITON_FOLD_SPREAD
 from ._common import _capability, aligned, arch_name, fresh_copy
-from ._math import TORCH_TO_CUTE
-from ._smem import st_shared_v4, sw128_offset
+from ._math import TORCH_TO_CUTE, visible_entries
+from ._smem import ld, st_shared_v4, sw128_offset
 
 D = layouts.INDEXER_HEAD_DIM  # 128 e4m3 dims = one 128-byte row
 BH = 64  # query heads (wgmma N)
@@ -115,11 +115,6 @@ def _relu_nan(x):
     """``max(x, 0)`` keeping NaN (``torch.relu``; the plain ``max`` would drop it)."""
     return cute.arch.inline_ptx("max.NaN.f32 {$w0}, {$r0}, 0f00000000;", write_only_types=[Float32],
                                 read_only_args=[x])
-
-
-def _ld_global_v4(addr):
-    return cute.arch.inline_ptx("ld.global.nc.v4.u32 { {$w0}, {$w1}, {$w2}, {$w3} }, [{$r0}];",
-                                write_only_types=[Uint32] * 4, read_only_args=[addr])
 
 
 def _coords():
@@ -211,9 +206,7 @@ def _token_tiles(mBT, mReq, mPos, t, j, P, ratio, bs: cutlass.Constexpr):
     n_req = mBT.shape[0]
     L = mBT.shape[1] * bs
     req = Int64(mReq[t])
-    pos = Int64(mPos[t])
-    ok_tok = (req >= 0) & (req < n_req) & (pos >= 0)
-    n = cutlass.select_(ok_tok, cutlass.min((pos + 1) // Int64(ratio), Int64(L)), Int64(0))
+    ok_tok, n = visible_entries(req, Int64(mPos[t]), n_req, ratio, L)
     n_tiles = Int32((n + BN - 1) // BN)
     mine = Int32(0)
     if j < n_tiles:
@@ -347,7 +340,8 @@ class IndexerLogitsKernel(_LogitsKernel):
                 w2 = Uint32(0)
                 w3 = Uint32(0)
                 if h < H:
-                    w0, w1, w2, w3 = _ld_global_v4(q_row0 + Int64(h) * Int64(mQ.stride[1]) + Int64(ch * 16))
+                    w0, w1, w2, w3 = ld("global", q_row0 + Int64(h) * Int64(mQ.stride[1]) + Int64(ch * 16), Uint32, 4,
+                                        nc=True)
                 st_shared_v4(q_base + Int32(sw128_offset(h, ch)), w0, w1, w2, w3)
             cute.arch.fence_view_async_shared()  # generic-proxy writes of sQ visible to wgmma
             cute.arch.barrier(barrier_id=1, number_of_threads=self.consumers * WG)
@@ -362,7 +356,7 @@ class IndexerLogitsKernel(_LogitsKernel):
                 h = cS[e][1]
                 w[e] = Float32(0.0)
                 if h < H:
-                    w[e] = _ld_f32(w_row + Int64(h * 4))
+                    w[e] = ld("global", w_row + Int64(h * 4), Float32, nc=True)
             out_row = mOut.iterator.toint() + Int64(t) * Int64(mOut.stride[0]) * 4
             scale_base = sScale.iterator.toint()
             for i in cutlass.range(g, mine, self.consumers, unroll=1):
@@ -372,8 +366,8 @@ class IndexerLogitsKernel(_LogitsKernel):
                 ok = sOk[stage] != 0
                 _qk(mma, acc, tCrK, stage, tCrQ)
                 r0 = cS[0][0]
-                sc0 = _ld_shared_f32(scale_base + Int32(stage * SCALE_BYTES + r0 * 4))
-                sc1 = _ld_shared_f32(scale_base + Int32(stage * SCALE_BYTES + (r0 + 8) * 4))
+                sc0 = ld("shared", scale_base + Int32(stage * SCALE_BYTES + r0 * 4), Float32)
+                sc1 = ld("shared", scale_base + Int32(stage * SCALE_BYTES + (r0 + 8) * 4), Float32)
                 cute.arch.mbarrier_arrive(empty + stage)
                 if not ok:  # an unreadable page: zero keys, scale 0 (the Triton kernel's masked load)
                     acc.fill(0.0)
@@ -419,16 +413,7 @@ def _compile_fake(kernel, q_row_bytes: int, q_scales: bool, req_dtype, pos_dtype
 
 def _ld_page(bt_row, b):
     """Block-table entry ``b`` of the row at global ``bt_row`` (int32)."""
-    return cute.arch.inline_ptx("ld.global.nc.s32 {$w0}, [{$r0}];", write_only_types=[Int32],
-                                read_only_args=[bt_row + b * 4])
-
-
-def _ld_f32(addr):
-    return cute.arch.inline_ptx("ld.global.nc.f32 {$w0}, [{$r0}];", write_only_types=[Float32], read_only_args=[addr])
-
-
-def _ld_shared_f32(addr):
-    return cute.arch.inline_ptx("ld.shared.f32 {$w0}, [{$r0}];", write_only_types=[Float32], read_only_args=[addr])
+    return ld("global", bt_row + b * 4, Int32, nc=True)
 
 
 def _st_f32(addr, v):
@@ -512,20 +497,7 @@ def _mx_decode_row(src, sb, fold, e, dst, row, half):
     for k in cutlass.range_constexpr(2):
         b = 2 * half + k
         luts = _mx_luts(sb, fold, e, b)
-        _mx_store_block(_ld_shared_v4(src + Int32(16 * k)), luts, dst, row, b)
-
-
-def _ld_shared_v4(addr):
-    return cute.arch.inline_ptx("ld.shared.v4.u32 { {$w0}, {$w1}, {$w2}, {$w3} }, [{$r0}];",
-                                write_only_types=[Uint32] * 4, read_only_args=[addr])
-
-
-def _ld_shared_u32(addr):
-    return cute.arch.inline_ptx("ld.shared.u32 {$w0}, [{$r0}];", write_only_types=[Uint32], read_only_args=[addr])
-
-
-def _ld_global_u32(addr):
-    return cute.arch.inline_ptx("ld.global.nc.u32 {$w0}, [{$r0}];", write_only_types=[Uint32], read_only_args=[addr])
+        _mx_store_block(ld("shared", src + Int32(16 * k), Uint32, 4), luts, dst, row, b)
 
 
 class IndexerLogitsMxfp4Kernel(_LogitsKernel):
@@ -606,8 +578,8 @@ class IndexerLogitsMxfp4Kernel(_LogitsKernel):
                 # ---- queries: fold flags of every head (warpgroup 0), one vote, then the decode ----
                 qsb = Uint32(0x7F7F7F7F)  # heads past H: scale 2^0 in every block, zero values
                 if (g == 0) & (row < H):
-                    qsb = _ld_global_u32(mQs.iterator.toint() + Int64(t) * Int64(mQs.stride[0])
-                                         + Int64(row) * Int64(mQs.stride[1]))
+                    qsb = ld("global", mQs.iterator.toint() + Int64(t) * Int64(mQs.stride[0])
+                             + Int64(row) * Int64(mQs.stride[1]), Uint32, nc=True)
                 qe, qf = _mx_fold(qsb)
                 if g == 0:
                     fold_all = cute.arch.vote_all_sync(qf)
@@ -627,7 +599,8 @@ class IndexerLogitsMxfp4Kernel(_LogitsKernel):
                             sQm[row * 4 + b] = cutlass.select_(row < H, m, Float32(0.0))
                         wv = Float32(0.0)
                         if row < H:
-                            wv = _ld_f32(mW.iterator.toint() + Int64(t) * Int64(mW.stride[0]) * 4 + Int64(row * 4))
+                            wv = ld("global", mW.iterator.toint() + Int64(t) * Int64(mW.stride[0]) * 4 + Int64(row * 4),
+                                    Float32, nc=True)
                         sW[row] = wv
                         sWf[row] = wv * _ue8m0(qe)  # the folded query's common block scale in its weight
                 cute.arch.fence_view_async_shared()
@@ -658,7 +631,7 @@ class IndexerLogitsMxfp4Kernel(_LogitsKernel):
                     ok = sOk[stage] != 0
                     # the previous tile's multiplies have read this warpgroup's decoded tile
                     _wg_barrier(g)
-                    sb = _ld_shared_u32(sb_base + Int32(stage * MX_SCALE_BYTES + row * 4))
+                    sb = ld("shared", sb_base + Int32(stage * MX_SCALE_BYTES + row * 4), Uint32)
                     ke, kf = _mx_fold(sb)
                     live = ok & (Int64(s0 + row) < n)
                     _mx_decode_row(raw_base + Int32(stage * MX_TILE_BYTES + row * MX_ROW + 32 * half), sb, kf, ke,
@@ -740,7 +713,7 @@ def _mx_decode_q_row(src, live, sb, fold, e, dst, row, half):
         w2 = Uint32(0)
         w3 = Uint32(0)
         if live:
-            w0, w1, w2, w3 = _ld_global_v4(src + Int64(32 * half + 16 * k))
+            w0, w1, w2, w3 = ld("global", src + Int64(32 * half + 16 * k), Uint32, 4, nc=True)
         _mx_store_block((w0, w1, w2, w3), luts, dst, row, b)
 
 

@@ -45,7 +45,8 @@ from cutlass import Boolean, Float32, Int32, Int64, Uint32, const_expr
 
 from ..triton import topk as _ttopk
 from ._common import arch_name
-from ._math import TORCH_TO_CUTE
+from ._math import TORCH_TO_CUTE, visible_entries
+from ._smem import ld
 
 WARP = 32
 BINS = 256  # 8-bit digits
@@ -69,15 +70,6 @@ def _sort_key(x):
     key = cutlass.select_((b >> 31) != Uint32(0), b ^ Uint32(_FULL), b | Uint32(0x80000000))
     key = cutlass.select_(x == Float32(0.0), Uint32(0x80000000), key)
     return cutlass.select_(x != x, Uint32(_FULL), key)
-
-
-def _ld_global_vec(addr, dtype, v: int):
-    """``v`` (2 or 4) ``dtype`` (32-bit) values from global address ``addr`` (aligned to ``4·v``
-    bytes), one load."""
-    ty = "f32" if dtype is Float32 else "u32"
-    regs = ", ".join(f"{{$w{i}}}" for i in range(v))
-    return cute.arch.inline_ptx(f"ld.global.v{v}.{ty} {{ {regs} }}, [{{$r0}}];",
-                                write_only_types=[dtype] * v, read_only_args=[addr])
 
 
 def _warp_inclusive_sum(v, lane):
@@ -156,12 +148,7 @@ class TopkRoundKernel:
         # kernel here waits before it lets dependents launch), so every kernel before that one has
         # completed, and that one does not write them ----
         if const_expr(self.from_logits):
-            p = Int64(mPos[t])
-            r = Int64(mReq[t])
-            nv = cutlass.min((p + 1) // Int64(ratio), Int64(L))
-            n = Int32(0)
-            if (r >= 0) & (r < Int64(n_req)) & (p >= 0):
-                n = Int32(nv)
+            n = Int32(visible_entries(Int64(mReq[t]), Int64(mPos[t]), Int64(n_req), ratio, L)[1])
         if const_expr(self.pdl):
             cute.arch.griddepcontrol_wait()
             cute.arch.griddepcontrol_launch_dependents()
@@ -266,12 +253,12 @@ class TopkRoundKernel:
                 for g in cutlass.range_constexpr(E // V):
                     if vec & (first + V * g + V <= end):
                         if const_expr(self.from_logits):
-                            xs = _ld_global_vec(src_at + Int64(4 * V * g), Float32, V)
+                            xs = ld("global", src_at + Int64(4 * V * g), Float32, V)
                             for i in cutlass.range_constexpr(V):
                                 keys[V * g + i] = _sort_key(xs[i])
                         else:
-                            ks = _ld_global_vec(src_at + Int64(4 * V * g), Uint32, V)
-                            ix = _ld_global_vec(idx_at + Int64(4 * V * g), Int32, V)
+                            ks = ld("global", src_at + Int64(4 * V * g), Uint32, V)
+                            ix = ld("global", idx_at + Int64(4 * V * g), Int32, V)
                             for i in cutlass.range_constexpr(V):
                                 keys[V * g + i] = ks[i]
                                 idx[V * g + i] = ix[i]
