@@ -295,7 +295,7 @@ def test_gpu_fused_rounds_match_separate_rounds_and_reset_their_counters():
             out = torch.empty(T, k, dtype=torch.int32, device="cuda")
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                cute_topk.select_into(out, logits, pos, req, T, 4, k, sms, pdl=False)
+                cute_topk.select_into(out, logits, pos, req, T, 4, k, sms, pdl=False, fused=True)
         finally:
             _device._counters = saved
         for _ in range(3):

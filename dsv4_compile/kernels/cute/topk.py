@@ -637,6 +637,13 @@ def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: 
     return _ttopk.plan(T, L, k, split_sms, chunk, max_chunk)
 
 
+# ``select_into`` fuses the rounds of wider tables by default. H200, B = 1, selection alone / after the
+# logits kernel, µs, rounds → fused: an 8k-token context in a 262,144-entry table 6.3 / 8.2 → 4.5 / 6.6-6.9
+# (the merge no longer waits for the empty chunks' CTAs and kernels); a full 262,144-entry row 11.9 / 24.0
+# → 12.5 / 24.8; a full 16,384-entry row 7.7 / 10.2 → 7.9 / 10.6.
+FUSED_FROM = 65536
+
+
 def fused_plan(rounds: list, topk: int) -> Optional[tuple]:
     """``(chunks, groups)`` of ``TopkFusedKernel`` for ``plan``'s ``rounds``: level ``l + 1`` merges
     ``groups[l] = chunk[l + 1] / topk`` CTAs' candidates, so its groups are the plan's next-round CTAs.
@@ -650,7 +657,7 @@ def fused_plan(rounds: list, topk: int) -> Optional[tuple]:
 
 def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor, token_to_req: torch.Tensor,
                 n_req: int, compress_ratio: int, topk: int, sms: int, chunk: int | None = None,
-                max_chunk: int = MAX_CHUNK, pdl: bool = False, fused: bool = True) -> torch.Tensor:
+                max_chunk: int = MAX_CHUNK, pdl: bool = False, fused: bool | None = None) -> torch.Tensor:
     """``kernels.triton.topk.select_topk``'s result (the same bits) from the CuTe-DSL rounds of
     ``plan``, written into int32 ``out [T, topk]`` (``T > 0``; every round may write it). ``logits``:
     fp32 ``[T, L]``, ``positions`` / ``token_to_req``: ``[T]``, all with unit stride along their last
@@ -660,11 +667,12 @@ def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor
     them and must wait for its own predecessors before it lets dependents launch (the op's logits
     kernels, every kernel of this package and any kernel launched without PDL qualify). A plan of
     several rounds runs as one ``TopkFusedKernel`` where ``fused`` and ``fused_plan`` allow (its
-    ticket counters: ``kernels._device.zeroed_counters``), else as one kernel per round."""
+    ticket counters: ``kernels._device.zeroed_counters``), else as one kernel per round. ``fused=None``
+    fuses tables wider than ``FUSED_FROM`` entries only."""
     T, L = logits.shape
     rounds = plan(T, L, topk, sms, chunk, max_chunk)
     arch = arch_name(logits.device)
-    fp = fused_plan(rounds, topk) if fused else None
+    fp = fused_plan(rounds, topk) if (L > FUSED_FROM if fused is None else fused) else None
     if fp is not None:
         chunks, groups = fp
         width = -(-rounds[0][1] // groups[0])  # groups at level 1, the most of any level
