@@ -256,6 +256,55 @@ def test_gpu_rows_at_any_alignment(T):
 
 
 @pytest.mark.cuda
+def test_gpu_fused_rounds_match_separate_rounds_and_reset_their_counters():
+    """The one-kernel selection (``TopkFusedKernel``: the last CTA of each group merges) against the
+    rounds as separate kernels and the reference, rows ending at every level of a 1M-token table's
+    three-round plan and of a two-round one, twice in a row (the ticket counters are zero again after
+    each selection), then replayed from a CUDA graph over new logits, captured with the device's
+    counters and with fresh ones (a capture before any exist: a memset in the graph)."""
+    from dsv4_compile.kernels import _device
+    from dsv4_compile.kernels.cute import topk as cute_topk
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    g = torch.Generator().manual_seed(23)
+    for L, lengths in ((262144, [0, 100, 4096, 4097, 20000, 32768, 32769, 100000, 262144]),
+                       (16384, [0, 513, 4096, 4097, 9000, 16384])):
+        T = len(lengths)
+        pos = torch.tensor([4 * n - 1 if n else 2 for n in lengths], device="cuda")
+        req = torch.zeros(T, dtype=torch.int64, device="cuda")
+        n = torch.tensor(lengths, device="cuda")
+        for k in (512, 1024):
+            assert cute_topk.fused_plan(cute_topk.plan(T, L, k, sms), k) is not None  # one kernel
+            for _ in range(2):
+                logits = (torch.randint(0, 3000, (T, L), generator=g).float() / 3).cuda()
+                want = ref.select_topk(logits, n, k)
+                for fused in (True, False):
+                    got = torch.empty(T, k, dtype=torch.int32, device="cuda")
+                    cute_topk.select_into(got, logits, pos, req, 1, 4, k, sms, pdl=False, fused=fused)
+                    assert torch.equal(got, want), (L, k, fused)
+                assert not _device.zeroed_counters(torch.device("cuda", 0), "topk", 1).any()
+    # graph replay over new logits, with the counters already there and without any
+    L, T, k = 65536, 4, 512
+    pos = torch.full((T,), 4 * L - 1, device="cuda")
+    req = torch.arange(T, device="cuda")
+    logits = torch.empty(T, L, device="cuda")
+    for counters in (_device._counters, {}):
+        saved = _device._counters
+        _device._counters = counters
+        try:
+            out = torch.empty(T, k, dtype=torch.int32, device="cuda")
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                cute_topk.select_into(out, logits, pos, req, T, 4, k, sms, pdl=False, fused=True)
+        finally:
+            _device._counters = saved
+        for _ in range(3):
+            logits.copy_(torch.randn(T, L, generator=g))
+            graph.replay()
+            assert torch.equal(out, ref.select_topk(logits, torch.full((T,), L, device="cuda"), k))
+
+
+@pytest.mark.cuda
 def test_gpu_many_rows_short_and_long():
     """Prefill-like: 300 rows of causal lengths (most shorter than k, some long), one round."""
     T, L = 300, 16384

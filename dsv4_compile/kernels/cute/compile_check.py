@@ -6,7 +6,8 @@ Beyond "it compiles", the PTX is checked for what the numerics and the target re
 * sm_90a: no ``e2m1x2`` conversion (it does not exist there) and no 256-bit global accesses;
 * sm_100a: the MXFP4 variants use the hardware ``cvt.rn.satfinite.e2m1x2.f32``;
 * the top-k rounds count digits with shared-memory atomics and place kept entries by a block-wide
-  prefix sum (warp shuffles);
+  prefix sum (warp shuffles); the one-kernel selections meet at a global ticket between GPU-scope
+  fences;
 * the cache inserts read kv rows with 128-bit loads and write the record with 128-bit stores (the
   e4m3 bytes, the bf16 rope bytes) and one 64-bit store (the scale record), never byte by byte;
 * sparse attention (sm_90a only: wgmma does not exist on sm_100a, where the op keeps the Triton
@@ -118,10 +119,20 @@ def _check_indexer_logits_ptx(name: str, arch: str, ptx: str, fmt: str) -> None:
             raise AssertionError(f"{name}@{arch}: no {op} in the PTX ({what})")
 
 
-def _check_topk_ptx(name: str, arch: str, ptx: str) -> None:
+def _topk_fused_cases():
+    # one-kernel selections (TopkFusedKernel) of the plans the op takes: 64k rows at small B (two
+    # levels), a 1M-token table (three), k = 1024, and the most levels (four, a 16,384-entry merge)
+    yield dict(chunks=(4096, 2048), groups=(4,), pdl=True)
+    yield dict(chunks=(4096, 4096, 4096), groups=(8, 8), pdl=True)
+    yield dict(chunks=(4096, 8192, 8192), groups=(8, 8), pdl=False)
+    yield dict(chunks=(4096, 8192, 16384, 4096), groups=(16, 32, 8), pdl=True)
+
+
+def _check_topk_ptx(name: str, arch: str, ptx: str, fused: bool = False) -> None:
     # the histograms are shared-memory atomics; the output positions come from a block-wide prefix sum
     # (warp shuffles up)
-    for op in ("atom.shared", "shfl.sync.up"):
+    # (warp shuffles up); a fused selection's groups meet at a global ticket between two GPU-scope fences
+    for op in ("atom.shared", "shfl.sync.up") + (("atom.global.add", "fence.acq_rel.gpu") if fused else ()):
         if op not in ptx:
             raise AssertionError(f"{name}@{arch}: no {op} in the PTX")
 
@@ -213,6 +224,12 @@ def compile_all(arch: str) -> list[str]:
                 "logits" if case["logits"] else "candidates", "final" if case["final"] else "round", case["chunk"],
                 case["pos"].__name__.lower(), case["req"].__name__.lower(), "_pdl" if case["pdl"] else "")
             _check_topk_ptx(name, arch, ptx)
+            names.append(_check_ptx(name, arch, ptx, False))
+        for case in _topk_fused_cases():
+            ptx = _case_ptx(dump_dir, topk.TopkFusedKernel.compile, case["chunks"], case["groups"], Int64, Int64,
+                            case["pdl"], arch)
+            name = "topk_fused_c{}{}".format("_".join(map(str, case["chunks"])), "_pdl" if case["pdl"] else "")
+            _check_topk_ptx(name, arch, ptx, fused=True)
             names.append(_check_ptx(name, arch, ptx, False))
         for case in _sparse_attn_cases() if arch == "sm_90a" else ():
             ptx = _case_ptx(dump_dir, sparse_attn.SparseAttnKernel.compile, case["swa_bs"], case["comp_bs"],

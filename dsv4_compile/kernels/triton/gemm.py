@@ -8,7 +8,7 @@ A split-K program writes its fp32 partial, then takes a ticket on its tile's cou
 that takes the last ticket sums the partials **in split order** (so the result does not depend on
 which program finished last: deterministic) into the output and resets the counter. One launch per
 GEMM, no second reduction kernel. The counters are one zeroed ``int32`` buffer per device (see
-``_counter_buffer``), left zero by every call.
+``_device.zeroed_counters``), left zero by every call.
 
 A grouped ``x_q [M, G, K]`` is DSv4's ``wo_a``: output columns ``[g·N/G, (g+1)·N/G)`` are group g's
 input times the weight rows of the same range, one launch for every group. Activations and their
@@ -214,23 +214,9 @@ def _gemv_kernel(
             tl.atomic_xchg(cnt, 0)  # ready for the next GEMM on this stream
 
 
-_counters: dict = {}
-
-
 def _counter_buffer(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed split-K tile counters (every kernel leaves them zero): one buffer per device, created
-    at the first call outside a CUDA-graph capture (the runner's and Inductor's warm-up runs come
-    first). A call captured before any exists gets fresh zeros of its own (a memset in its graph),
-    never cached: memory allocated inside a capture is not zero at capture time. Two split-K GEMMs
-    running at the same time on two streams of one device would share the counters: unsupported."""
-    key = str(device)
-    buf = _counters.get(key)
-    if buf is not None:
-        return buf
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(tiles, dtype=torch.int32, device=device)
-    buf = _counters[key] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return buf
+    """The split-K tile counters (``_device.zeroed_counters``, ``COUNTERS`` of them per device)."""
+    return _device.zeroed_counters(device, "fp8_gemm", tiles, COUNTERS)
 
 
 def gemm_config(M: int, N: int, KB: int, device: torch.device, block_m: int | None = None,
