@@ -46,15 +46,15 @@ def test_cute_kernels_compile_for_sm90a_and_sm100a():
     sm90 = [n for n in lines if n.split("@")[1].startswith("sm_90a")]
     sm100 = [n for n in lines if n.split("@")[1].startswith("sm_100a")]
     # indexer-q: FP8 / MXFP4 x Hadamard off / on, + 2 dtype variants; kv insert: no RoPE, RoPE at 3 block
-    # sizes / dtype combinations; top-k: 5 round variants and 4 one-kernel plans; sparse attention
+    # sizes / dtype combinations; top-k: 5 round variants and 5 one-kernel plans; sparse attention
     # (wgmma: sm_90a only): CSA split, HCA's C128 pages unsplit, SWA only; FP8 and MXFP4 indexer logits
     # (wgmma: sm_90a only): 64- and 128-entry pages
-    assert len(sm90) == 26 and len(sm100) == 19
+    assert len(sm90) == 27 and len(sm100) == 20
     assert sum(n.startswith("sparse_attn_") for n in sm90) == 3
     assert sum(n.startswith("indexer_logits_") for n in sm90) == 4
     assert not any(n.startswith(("sparse_attn_", "indexer_logits_")) for n in sm100)
-    assert sum(n.startswith("topk_") for n in sm90) == sum(n.startswith("topk_") for n in sm100) == 9
-    assert sum(n.startswith("topk_fused_") for n in sm90) == sum(n.startswith("topk_fused_") for n in sm100) == 4
+    assert sum(n.startswith("topk_") for n in sm90) == sum(n.startswith("topk_") for n in sm100) == 10
+    assert sum(n.startswith("topk_fused_") for n in sm90) == sum(n.startswith("topk_fused_") for n in sm100) == 5
     assert sum(n.startswith("kv_") for n in sm90) == sum(n.startswith("kv_") for n in sm100) == 4
     assert not any("e2m1x2" in n for n in sm90)  # Hopper: software E2M1, checked in the PTX
     assert sum("e2m1x2" in n for n in sm100) == 3  # every MXFP4 variant uses the hardware conversion

@@ -200,13 +200,17 @@ def test_gpu_key_ranges_narrow_and_wide():
 
 
 def test_cute_plan_cuts_wide_rows_into_small_chunks():
-    """The CuTe selection's plan: rows of a 1M-token table split for want of rows go through chunks
-    of at most 4,096 / 8,192 entries; other shapes keep the Triton plan."""
+    """The CuTe selection's plan: rows of a 1M-token table split for want of rows go through
+    first-round chunks of 4,096 entries (later ones of at most 8,192) while that makes at most two
+    first-round CTAs per SM, else of 8,192 entries; other shapes keep the Triton plan."""
     pytest.importorskip("cutlass")
     from dsv4_compile.kernels.cute import topk as cute_topk
 
     assert cute_topk.plan(1, 262144, 512, 132) == [(4096, 64), (4096, 8), (4096, 1)]
-    assert cute_topk.plan(16, 262144, 512, 132) == [(4096, 64), (4096, 8), (4096, 1)]
+    assert cute_topk.plan(4, 262144, 512, 132) == [(4096, 64), (4096, 8), (4096, 1)]  # 256 CTAs
+    assert cute_topk.plan(4, 262144, 1024, 132) == [(4096, 64), (8192, 8), (8192, 1)]
+    assert cute_topk.plan(5, 262144, 512, 132) == topk_kernels.plan(5, 262144, 512, 33, 8192)  # not 320 CTAs
+    assert cute_topk.plan(16, 262144, 512, 132) == [(8192, 32), (16384, 1)]
     for T, L, k in ((17, 262144, 512), (4096, 262144, 512), (1, 65536, 512), (1, 16384, 512), (64, 16384, 512),
                     (1, 262144, 8192)):
         assert cute_topk.plan(T, L, k, 132) == topk_kernels.plan(T, L, k, 33), (T, L, k)
@@ -259,7 +263,8 @@ def test_gpu_rows_at_any_alignment(T):
 def test_gpu_fused_rounds_match_separate_rounds_and_reset_their_counters():
     """The one-kernel selection (``TopkFusedKernel``: the last CTA of each group merges) against the
     rounds as separate kernels and the reference, rows ending at every level of a 1M-token table's
-    three-round plan and of a two-round one, twice in a row (the ticket counters are zero again after
+    plans (9 rows: two rounds; first-round chunks of 4,096 forced: three) and of a 64k table's
+    two-round one, twice in a row (the ticket counters are zero again after
     each selection), then replayed from a CUDA graph over new logits, captured with the device's
     counters and with fresh ones (a capture before any exist: a memset in the graph)."""
     from dsv4_compile.kernels import _device
@@ -267,21 +272,22 @@ def test_gpu_fused_rounds_match_separate_rounds_and_reset_their_counters():
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     g = torch.Generator().manual_seed(23)
-    for L, lengths in ((262144, [0, 100, 4096, 4097, 20000, 32768, 32769, 100000, 262144]),
-                       (16384, [0, 513, 4096, 4097, 9000, 16384])):
+    for L, lengths, chunk in ((262144, [0, 100, 4096, 4097, 20000, 32768, 32769, 100000, 262144], None),
+                              (262144, [0, 100, 4096, 4097, 20000, 32768, 32769, 100000, 262144], 4096),
+                              (16384, [0, 513, 4096, 4097, 9000, 16384], None)):
         T = len(lengths)
         pos = torch.tensor([4 * n - 1 if n else 2 for n in lengths], device="cuda")
         req = torch.zeros(T, dtype=torch.int64, device="cuda")
         n = torch.tensor(lengths, device="cuda")
         for k in (512, 1024):
-            assert cute_topk.fused_plan(cute_topk.plan(T, L, k, sms), k) is not None  # one kernel
+            assert cute_topk.fused_plan(cute_topk.plan(T, L, k, sms, chunk), k) is not None  # one kernel
             for _ in range(2):
                 logits = (torch.randint(0, 3000, (T, L), generator=g).float() / 3).cuda()
                 want = ref.select_topk(logits, n, k)
                 for fused in (True, False):
                     got = torch.empty(T, k, dtype=torch.int32, device="cuda")
-                    cute_topk.select_into(got, logits, pos, req, 1, 4, k, sms, pdl=False, fused=fused)
-                    assert torch.equal(got, want), (L, k, fused)
+                    cute_topk.select_into(got, logits, pos, req, 1, 4, k, sms, chunk, pdl=False, fused=fused)
+                    assert torch.equal(got, want), (L, chunk, k, fused)
                 assert not _device.zeroed_counters(torch.device("cuda", 0), "topk", 1).any()
     # graph replay over new logits, with the counters already there and without any
     L, T, k = 65536, 4, 512

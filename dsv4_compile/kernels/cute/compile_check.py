@@ -120,10 +120,12 @@ def _check_indexer_logits_ptx(name: str, arch: str, ptx: str, fmt: str) -> None:
 
 
 def _topk_fused_cases():
-    # one-kernel selections (TopkFusedKernel) of the plans the op takes: 64k rows at small B (two
-    # levels), a 1M-token table (three), k = 1024, and the most levels (four, a 16,384-entry merge)
+    # one-kernel selections (TopkFusedKernel): a 64k row split four ways (two levels), the plans of a
+    # 1M-token table at B <= 4 (three) and B = 8-16 (two, a 16,384-entry merge), k = 1024, and the most
+    # levels (four)
     yield dict(chunks=(4096, 2048), groups=(4,), pdl=True)
     yield dict(chunks=(4096, 4096, 4096), groups=(8, 8), pdl=True)
+    yield dict(chunks=(8192, 16384), groups=(32,), pdl=True)
     yield dict(chunks=(4096, 8192, 8192), groups=(8, 8), pdl=False)
     yield dict(chunks=(4096, 8192, 16384, 4096), groups=(16, 32, 8), pdl=True)
 

@@ -51,6 +51,7 @@ from cutlass import Boolean, Float32, Int32, Int64, Uint32, const_expr
 
 from .. import _device
 from ..triton import topk as _ttopk
+from ..triton._common import cdiv
 from ._common import arch_name
 from ._math import TORCH_TO_CUTE, visible_entries
 from ._smem import ld
@@ -629,11 +630,17 @@ def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: 
     and rows of more than 65,536 entries, when split for want of rows, cut into first-round chunks of
     4,096 entries and later ones of at most 8,192 instead of ``sqrt(L·k)``. H200, selection alone, a
     262,144-entry table: a full row 17.2 → 14.1 µs, an 8k-token context 8.5 → 6.8 µs; 65,536-entry
-    rows keep 8,192-entry chunks (16.0 µs against 17.9 for B = 16)."""
+    rows keep 8,192-entry chunks (16.0 µs against 17.9 for B = 16). Where 4,096-entry chunks would
+    make more than two first-round CTAs per SM, the first round takes 8,192-entry chunks (later rounds
+    as the Triton plan): H200, fused, a 262,144-entry table, B = 8 / 16, logits + selection, 4,096 →
+    8,192: an 8k-token context 8.0 / 10.9-11.4 → 7.7-7.9 / 8.7-9.0 µs, full rows at B = 8 112 → 102 µs
+    (B = 4 stays at 4,096: 6.4-6.9 against 7.6 µs)."""
     max_chunk = min(max_chunk, MAX_CHUNK)
     split_sms = max(1, sms // 4)  # the Triton plan splits a row while 2·T < this
     if chunk is None and 2 * T < split_sms and L > 65536 and 2 * k <= 8192:
-        return _ttopk.plan(T, L, k, split_sms, 4096, min(max_chunk, 8192))
+        if T * cdiv(L, 4096) <= 2 * sms:
+            return _ttopk.plan(T, L, k, split_sms, 4096, min(max_chunk, 8192))
+        return _ttopk.plan(T, L, k, split_sms, 8192, max_chunk)
     return _ttopk.plan(T, L, k, split_sms, chunk, max_chunk)
 
 
