@@ -49,13 +49,17 @@ BW = 64  # weight rows per consumer warpgroup (wgmma M)
 TILE_N = 2 * BW  # weight rows per CTA: one 128-row scale block
 WG = 128
 THREADS = 2 * WG + 32  # two consumer warpgroups, then the producer warp
-MAX_KB = 32  # K blocks of one split whose scales a CTA stages (K ≤ 4,096 per split)
-STAGES = 4
-CTAS_PER_SM = 2
+SCALE_BYTES = 8192  # shared memory for a split's staged scales: max_kb(MB) K blocks of MB rows
 MAX_M = 64
 COUNTERS = 4096  # split-K tile counters per device (shared with nothing: owner "fp8_gemm_cute")
 _ROW = LayoutEnum.ROW_MAJOR  # K-major wgmma operands
 _OUT = {torch.bfloat16: BFloat16, torch.float32: Float32}
+
+
+def max_kb(mb: int) -> int:
+    """K blocks of one split whose ``x_scale · w_scale`` products a CTA stages: 64 (K ≤ 8,192) up to 32
+    activation rows, 32 at 64."""
+    return min(64, SCALE_BYTES // (4 * mb))
 
 
 def _mb(M: int) -> int:
@@ -142,7 +146,7 @@ class Fp8GemmKernel:
         smem = cutlass.utils.SmemAllocator()
         sW = smem.allocate_tensor(Float8E4M3FN, w_layout.outer, byte_alignment=1024, swizzle=w_layout.inner)
         sX = smem.allocate_tensor(Float8E4M3FN, x_layout.outer, byte_alignment=1024, swizzle=x_layout.inner)
-        sScale = smem.allocate_tensor(Float32, cute.make_layout((mb, MAX_KB), stride=(1, mb)), byte_alignment=16)
+        sScale = smem.allocate_tensor(Float32, cute.make_layout((mb, max_kb(mb)), stride=(1, mb)), byte_alignment=16)
         sFlag = smem.allocate_tensor(Int32, cute.make_layout(4), byte_alignment=16)
         full = smem.allocate_array(Int64, stages, byte_alignment=8)
         empty = smem.allocate_array(Int64, stages, byte_alignment=8)
@@ -269,14 +273,23 @@ class Fp8GemmKernel:
                     out_base = mOut.iterator.toint()
                     out_stride = Int64(mOut.stride[0])
                     esize = self.esize
+                    # the element's offset in a partial (0 past M: read, never stored)
+                    off = cute.make_rmem_tensor(cute.size(cC), Int64)
+                    tot = cute.make_rmem_tensor(cute.size(cC), Float32)
                     for e in cutlass.range_constexpr(cute.size(cC)):
-                        n = n0 + g * BW + cC[e][0]
+                        m = cC[e][1]
+                        off[e] = Int64(0)
+                        if m < M:
+                            off[e] = Int64(m) * Int64(N) + Int64(n0 + g * BW + cC[e][0])
+                        tot[e] = Float32(0.0)
+                    for q in cutlass.range(splits, unroll=1):  # split order: deterministic; one round trip each
+                        for e in cutlass.range_constexpr(cute.size(cC)):
+                            tot[e] = tot[e] + _ld_l2(part + (Int64(q) * plane + off[e]) * 4)
+                    for e in cutlass.range_constexpr(cute.size(cC)):
                         m = cC[e][1]
                         if m < M:
-                            tot = Float32(0.0)
-                            for q in cutlass.range(splits, unroll=1):  # split order: deterministic
-                                tot = tot + _ld_l2(part + (Int64(q) * plane + Int64(m) * Int64(N) + Int64(n)) * 4)
-                            _st_out(out_base + (Int64(m) * out_stride + Int64(n)) * esize, tot, self.out_dtype)
+                            n = n0 + g * BW + cC[e][0]
+                            _st_out(out_base + (Int64(m) * out_stride + Int64(n)) * esize, tot[e], self.out_dtype)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -317,16 +330,19 @@ def supports(x_q: torch.Tensor, w_q: torch.Tensor, out_dtype) -> bool:
 
 
 def gemm_config(M: int, N: int, KB: int, sms: int, splits: int | None = None, stages: int | None = None):
-    """(splits, K blocks per split, stages): split-K to about ``CTAS_PER_SM`` CTAs per SM, at least four
-    K blocks and at most ``MAX_KB`` per split, at most ``8·KB / M`` splits (the fp32 partials written and
+    """(splits, K blocks per split, stages): 6 stages up to 16 rows, else 4; split-K only where the
+    128-row tiles leave more than half the SMs idle, to about one CTA per SM, with at least four K
+    blocks per split, at most ``max_kb`` and at most ``8·KB / M`` splits (the fp32 partials written and
     read back stay within half the weight bytes)."""
     tiles = N // TILE_N
+    mb = _mb(M)
     if splits is None:
-        want = CTAS_PER_SM * sms
-        splits = max(1, min((want + tiles // 2) // tiles, KB // 4, 8 * KB // M))
-    splits = max(splits, cdiv(KB, MAX_KB))
+        splits = 1
+        if 2 * tiles < sms:
+            splits = max(1, min((sms + tiles // 2) // tiles, KB // 4, 8 * KB // M))
+    splits = max(splits, cdiv(KB, max_kb(mb)))
     per = cdiv(KB, min(splits, KB))
-    return cdiv(KB, per), per, stages or STAGES
+    return cdiv(KB, per), per, stages or (6 if mb <= 16 else 4)
 
 
 def fp8_gemm_into(out, x_q, x_scale, w_q, ws, splits: int | None = None, stages: int | None = None,
