@@ -23,7 +23,21 @@ consumer warpgroups, 288 threads:
   ``wgmma`` m64nMBk32 e4m3 (weight rows on M: the "swap AB" form, so one row block serves every M),
   frees the stage, and adds ``S · scale[kb, m]`` into its fp32 accumulator;
 * unsplit, the accumulator is rounded to the output dtype and stored; split, it is stored as an fp32
-  partial and the tile's last CTA sums the partials.
+  partial and the tile's last CTA sums the partials (every element of one split loaded at once: one
+  L2 round trip per split; a first version looping over the splits per element took 69 µs for
+  ``wo_b`` at M = 64).
+
+Where it stands (H200, graph replay over L2-cold weight copies, ``.old_tree/gemm_ab.py``; µs, the
+best of splits 1 / 2 / 4 / 8 x stages 4 / 6 against the package's default path then, % of the
+streaming read): M = 2 / 8 ``wq_b`` 8.7 / 8.9 (85 / 83 %) against the Triton tiled kernel's 12.2 /
+12.7, ``q_proj`` 11.6 / 11.9 against 14.0 / 14.2, ``indexer.wq_b`` 3.6 / 3.6 against 6.2 / 6.4,
+``wo_a`` 11.6 / 11.6 against 13.5 / 13.1, ``wq_a+wkv`` 5.1 / 5.2 against 6.5 / 6.9, ``wo_b`` 12.9 / 13.0
+against 13.0 / 13.5; M = 1 ``wq_b`` 8.6 and ``q_proj`` 11.6 against the GEMV's 10.9 / 13.3, but the
+GEMV wins for K ≥ 4096 (``wo_a`` 10.5 against 11.3, ``wo_b`` 10.5 against 12.1, ``wq_a+wkv`` 3.1 against
+5.0). From 32 rows it wins only for ``wq_b`` (10.7 / 12.6 against 14.2 / 15.2 at M = 32 / 64),
+``indexer.wq_b`` and ``wo_a`` at M = 32 (4.1 / 13.0 against 7.4 / 14.6) and loses elsewhere (``q_proj``
+M = 64 19.3 against 16.9: the activation block re-read per K block and CTA). The op's dispatch does not
+take it yet (``kernels.triton.gemm.fp8_block_gemm(backend="cute")`` forces it).
 """
 
 from __future__ import annotations
@@ -313,7 +327,8 @@ class Fp8GemmKernel:
             mk(Int32, (cute.sym_int(),), stride=(1,), assumed_align=4) if split else None,
         ]
         kernel = Fp8GemmKernel(mb, stages, out_dtype, split, pdl)
-        return cute.compile(kernel, *args, Int32(128), Int32(1), cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+        stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+        return cute.compile(kernel, *args, Int32(128), Int32(1), stream,
                             options=f"--enable-tvm-ffi --gpu-arch {arch} {extra_options}".strip())
 
 
@@ -330,19 +345,22 @@ def supports(x_q: torch.Tensor, w_q: torch.Tensor, out_dtype) -> bool:
 
 
 def gemm_config(M: int, N: int, KB: int, sms: int, splits: int | None = None, stages: int | None = None):
-    """(splits, K blocks per split, stages): 6 stages up to 16 rows, else 4; split-K only where the
-    128-row tiles leave more than half the SMs idle, to about one CTA per SM, with at least four K
-    blocks per split, at most ``max_kb`` and at most ``8·KB / M`` splits (the fp32 partials written and
-    read back stay within half the weight bytes)."""
+    """(splits, K blocks per split, stages). Split-K (4 ways) only where four splits of every 128-row tile
+    still fit one CTA per SM; 6 stages (one CTA per SM) unless the CTAs exceed two per SM, then 4 (two
+    fit); at most ``max_kb`` K blocks per split. From the H200 sweep of ``.old_tree/gemm_ab.py`` at
+    M = 1-8 (splits 1 / 2 / 4 / 8 x stages 4 / 6, µs, best → this rule): ``wq_a+wkv`` (12 tiles) 5.0-5.2
+    (4 splits, 6 stages) → the same; ``wq_b`` (256) 8.6-9.0 (1, 6) → the same; ``indexer.wq_b`` (64)
+    3.5-3.6 (1, 6) → the same; ``q_proj`` (320) 11.6-11.9 (1, 4) → the same; ``wo_a`` (64) 11.3-11.6 (1, 6)
+    → the same; ``wo_b`` (32) 12.1-13.0 (8, 6) → 12.7-13.4 (4, 6)."""
     tiles = N // TILE_N
     mb = _mb(M)
     if splits is None:
-        splits = 1
-        if 2 * tiles < sms:
-            splits = max(1, min((sms + tiles // 2) // tiles, KB // 4, 8 * KB // M))
+        splits = 4 if 4 * tiles <= sms else 1
+        splits = max(1, min(splits, KB // 2))
     splits = max(splits, cdiv(KB, max_kb(mb)))
     per = cdiv(KB, min(splits, KB))
-    return cdiv(KB, per), per, stages or (6 if mb <= 16 else 4)
+    splits = cdiv(KB, per)
+    return splits, per, stages or (6 if tiles * splits <= 2 * sms else 4)
 
 
 def fp8_gemm_into(out, x_q, x_scale, w_q, ws, splits: int | None = None, stages: int | None = None,
