@@ -385,6 +385,37 @@ def test_gpu_op_matches_reference(M, backend):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 2, 8, 13, 32, 64])
+def test_gpu_cute_gemm_matches_reference(M):
+    """The CuTe-DSL decode GEMM (Hopper) against the reference within the wgmma bound: its default
+    configuration, unsplit and split-K (1-8 splits, 4 and 6 stages: deterministic, the counters zero
+    after), fp32 and bf16 output, a grouped x (``wo_a``) with its group-major scales."""
+    pytest.importorskip("cutlass")
+    from dsv4_compile.kernels import _device
+    from dsv4_compile.kernels.cute import gemm as cute_gemm
+
+    case = _case(M, 1024, 2048, seed=100 + M)
+    dev = [t.cuda() for t in case]
+    if not cute_gemm.supports(dev[0], dev[2], torch.float32):
+        pytest.skip("the CuTe-DSL GEMM needs a Hopper GPU")
+    want = ref.fp8_block_gemm(*case, torch.float32)
+    l1 = _l1(*case)
+    for cfg in ({}, dict(splits=1), dict(splits=3), dict(splits=8, stages=6), dict(splits=2, stages=6)):
+        got = kernels.fp8_block_gemm(*dev, torch.float32, backend="cute", **cfg)
+        assert torch.equal(got, kernels.fp8_block_gemm(*dev, torch.float32, backend="cute", **cfg)), cfg
+        ratio = float(((got.cpu().double() - want.double()).abs() / l1).max())
+        assert ratio <= GPU_BOUND, (cfg, ratio)
+        assert not _device.zeroed_counters(torch.device("cuda"), "fp8_gemm_cute", 1).any()
+    got16 = kernels.fp8_block_gemm(*dev, torch.bfloat16, backend="cute")
+    torch.testing.assert_close(got16.float().cpu(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+    gcase, gwant = _grouped_case(M, 8, 256, 1024, seed=M)
+    got = kernels.fp8_block_gemm(*(t.cuda() for t in gcase), torch.float32, backend="cute").cpu()
+    gl1 = torch.cat([_l1(gcase[0][:, i], gcase[1][:, i], gcase[2][i * 256:(i + 1) * 256],
+                         gcase[3][i * 2:(i + 1) * 2]) for i in range(8)], 1)
+    assert float(((got.double() - gwant.double()).abs() / gl1).max()) <= GPU_BOUND
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("M", [1, 8])
 def test_gpu_linear_fp32(M):
     """The op on the GPU (one row: the GEMV; 8 rows: cuBLAS) against the float64 product, the

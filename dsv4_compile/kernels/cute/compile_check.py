@@ -20,7 +20,11 @@ Beyond "it compiles", the PTX is checked for what the numerics and the target re
   (MXFP4), multiply with ``wgmma`` (four m64n64k32 e4m3 per tile; MXFP4 also two m64n32k32 per
   32-block, one per half of the heads, for rows that do not fold) and keep NaN through the ReLU
   (``max.NaN``). Their head sums are not bit-exact either (the tensor cores' accumulation is not fp32
-  summation, docs/numerics.md §7.2), so they may contract into ``fma``.
+  summation, docs/numerics.md §7.2), so they may contract into ``fma``;
+* the decode FP8 GEMM (sm_90a only) loads weight halves (2-D) and activation blocks (3-D, the group
+  a coordinate) with TMA tensor copies, multiplies with four chained ``wgmma`` m64nMBk32 e4m3 per K
+  block, and a split-K variant meets at a global ticket between GPU-scope fences. Its per-block
+  products are the tensor cores' (not fp32 summation), so it may contract into ``fma``.
 
     python -m dsv4_compile.kernels.cute.compile_check [sm_90a sm_100a]
 
@@ -36,7 +40,7 @@ import tempfile
 
 from cutlass import BFloat16, Float32, Int32, Int64
 
-from . import cache, indexer_logits, indexer_q, sparse_attn, topk
+from . import cache, gemm, indexer_logits, indexer_q, sparse_attn, topk
 from ._common import use_hw_e2m1
 
 ARCHS = ("sm_90a", "sm_100a")
@@ -102,6 +106,26 @@ def _indexer_logits_cases():
     # PDL; 128-entry pages (two tiles per page) with int32 ones, one consumer warpgroup
     yield dict(bs=64, stages=4, consumers=2, req=Int64, pos=Int64, pdl=True)
     yield dict(bs=128, stages=2, consumers=1, req=Int32, pos=Int32, pdl=False)
+
+
+def _gemm_cases():
+    # 8 activation rows, fp32 out, split-K, no PDL; 64 rows, bf16 out, unsplit, PDL; 16 rows split, PDL
+    yield dict(mb=8, stages=6, out=Float32, split=True, pdl=False)
+    yield dict(mb=64, stages=4, out=BFloat16, split=False, pdl=True)
+    yield dict(mb=16, stages=6, out=BFloat16, split=True, pdl=True)
+
+
+def _check_gemm_ptx(name: str, arch: str, ptx: str, mb: int, split: bool) -> None:
+    n = len(re.findall(rf"\bwgmma\.mma_async\.sync\.aligned\.m64n{mb}k32\.f32\.e4m3\.e4m3\b", ptx))
+    if n != 4:
+        raise AssertionError(f"{name}@{arch}: {n} e4m3 m64n{mb}k32 wgmma in the PTX, want 4 (one K block)")
+    for op, what in (("cp.async.bulk.tensor.2d.shared::cta.global.tile", "the weight halves by TMA"),
+                     ("cp.async.bulk.tensor.3d.shared::cta.global.tile", "the activation blocks by TMA")):
+        if op not in ptx:
+            raise AssertionError(f"{name}@{arch}: no {op} in the PTX ({what})")
+    if split != ("fence.acq_rel.gpu" in ptx and "atom.global.add" in ptx):
+        state = "missing" if split else "there"
+        raise AssertionError(f"{name}@{arch}: split {split}, but the split-K ticket is {state}")
 
 
 def _check_indexer_logits_ptx(name: str, arch: str, ptx: str, fmt: str) -> None:
@@ -251,6 +275,13 @@ def compile_all(arch: str) -> list[str]:
                     case["pos"].__name__.lower(), "_pdl" if case["pdl"] else "")
                 _check_indexer_logits_ptx(name, arch, ptx, fmt)
                 names.append(f"{name}@{arch}")
+        for case in _gemm_cases() if arch == "sm_90a" else ():
+            ptx = _case_ptx(dump_dir, gemm.Fp8GemmKernel.compile, case["mb"], case["stages"], case["out"],
+                            case["split"], case["pdl"], arch)
+            name = "fp8_gemm_mb{}_s{}_{}{}{}".format(case["mb"], case["stages"], case["out"].__name__.lower(),
+                                                    "_split" if case["split"] else "", "_pdl" if case["pdl"] else "")
+            _check_gemm_ptx(name, arch, ptx, case["mb"], case["split"])
+            names.append(f"{name}@{arch}")
     return names
 
 

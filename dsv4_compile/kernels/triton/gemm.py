@@ -290,7 +290,7 @@ def _scaled_mm(x_q, x_scale, w_q, w_scale, out_dtype):
 
 def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend: str | None = None,
                    **config) -> torch.Tensor:
-    """See ``dsv4::fp8_block_gemm``; ``backend`` "triton" / "scaled_mm" (forced) / None (automatic;
+    """See ``dsv4::fp8_block_gemm``; ``backend`` "triton" / "scaled_mm" / "gemv" / "cute" (forced) / None (automatic;
     ``DSV4_FP8_GEMM=triton`` forces the kernel), ``config`` overrides ``gemm_config``."""
     M = x_q.shape[0]
     N, K = w_q.shape
@@ -304,9 +304,29 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend
                                   and _scaled_mm_supported(x_q.device)):
         return _scaled_mm(x_q, x_scale, w_q, ws, out_dtype)
     out = torch.empty((M, N), dtype=out_dtype, device=x_q.device)
+    if backend == "cute":
+        return _launch_cute(x_q, x_scale, w_q, ws, out, config)
     if _use_gemv(backend, M, N, K, config):
         return _launch_gemv(x_q, x_scale, w_q, ws, out, config)
     return _launch(x_q, x_scale, w_q, ws, out, config)
+
+
+CUTE_KEYS = ("splits", "stages")  # configuration keywords of the CuTe-DSL kernel (kernels.cute.gemm)
+
+
+def _launch_cute(x_q, x_scale, w_q, ws, out, config):
+    """``kernels.cute.gemm.fp8_gemm_into`` (Hopper, 1 ≤ M ≤ 64, whole 128-row weight tiles); a
+    ``ValueError`` where it cannot run the call."""
+    from ..cute import _common as cute_common
+
+    if not cute_common.HAVE_CUTE:
+        raise ValueError("fp8 gemm: backend 'cute' needs nvidia-cutlass-dsl and apache-tvm-ffi")
+    from ..cute import gemm as cute_gemm
+
+    if not cute_gemm.supports(x_q, w_q, out.dtype):
+        raise ValueError(f"fp8 gemm: the CuTe-DSL kernel does not take x {tuple(x_q.shape)}, w {tuple(w_q.shape)}, "
+                         f"{out.dtype} out on {x_q.device} (Hopper, 1-64 rows, 128-row weight tiles)")
+    return cute_gemm.fp8_gemm_into(out, x_q, x_scale, w_q, ws, **{k: v for k, v in config.items() if k in CUTE_KEYS})
 
 
 def gemv_config(N: int, K: int, rows: int | None = None, k_chunk: int | None = None):
