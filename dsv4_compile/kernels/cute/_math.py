@@ -12,7 +12,9 @@ from __future__ import annotations
 import cutlass
 import cutlass.cute as cute
 import torch
-from cutlass import BFloat16, Float16, Float32, Int32, Int64, Uint32
+from cutlass import BFloat16, Float8E4M3FN, Float16, Float32, Int32, Int64, Uint32
+from cutlass.cute.nvgpu import OperandMajorMode
+from cutlass.utils import hopper_helpers as sm90
 
 TORCH_TO_CUTE = {
     torch.bfloat16: BFloat16,
@@ -103,3 +105,16 @@ def rope_pairs(x, c, s, pairs: int):
         xo = x[2 * k + 1]
         x[2 * k] = sub_rn(mul_rn(xe, c[k]), mul_rn(xo, s[k]))
         x[2 * k + 1] = add_rn(mul_rn(xe, s[k]), mul_rn(xo, c[k]))
+
+
+def e4m3_wgmma(sA, sB, wtid, m: int, n: int):
+    """An ``m x n`` e4m3 wgmma tile (Hopper; both operands K-major in shared memory, ``sA`` ``[m, K,
+    ...]`` and ``sB`` ``[n, K, ...]`` in wgmma's swizzled layouts), for warpgroup thread ``wtid``: (tiled
+    MMA, the A and B fragments, an fp32 accumulator, the (row, column) of each accumulator element)."""
+    mma = sm90.make_trivial_tiled_mma(Float8E4M3FN, Float8E4M3FN, OperandMajorMode.K, OperandMajorMode.K,
+                                      Float32, (1, 1, 1), (m, n))
+    thr = mma.get_slice(wtid)
+    frag_a = mma.make_fragment_A(thr.partition_A(sA))
+    frag_b = mma.make_fragment_B(thr.partition_B(sB))
+    acc = cute.make_rmem_tensor(thr.partition_shape_C((m, n)), Float32)
+    return mma, frag_a, frag_b, acc, thr.partition_C(cute.make_identity_tensor((m, n)))

@@ -48,7 +48,7 @@ import cutlass
 import cutlass.cute as cute
 import torch
 from cutlass import BFloat16, Float8E4M3FN, Float32, Int32, Int64, Uint8, const_expr
-from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
+from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.tensor_utils.layout import LayoutEnum
 from cutlass.utils import hopper_helpers as sm90
 
@@ -56,6 +56,7 @@ from .. import _device
 from ..triton._common import cdiv, sm_programs
 from ..triton._launch import pdl_meta
 from ._common import _capability, aligned, arch_name, fresh_copy
+from ._math import e4m3_wgmma
 from ._smem import ld
 
 BK = 128  # K block (one scale block)
@@ -222,14 +223,9 @@ class Fp8GemmKernel:
 
             g = warp // (WG // 32)
             wtid = tid % WG
-            mma = sm90.make_trivial_tiled_mma(Float8E4M3FN, Float8E4M3FN, OperandMajorMode.K, OperandMajorMode.K,
-                                              Float32, (1, 1, 1), (BW, mb))
-            thr = mma.get_slice(wtid)
-            tCrW = mma.make_fragment_A(thr.partition_A(sW))
-            tCrX = mma.make_fragment_B(thr.partition_B(sX))
-            blk = cute.make_rmem_tensor(thr.partition_shape_C((BW, mb)), Float32)
-            acc = cute.make_rmem_tensor(thr.partition_shape_C((BW, mb)), Float32)
-            cC = thr.partition_C(cute.make_identity_tensor((BW, mb)))  # (weight row, activation row)
+            # cC: (weight row, activation row) of each accumulator element
+            mma, tCrW, tCrX, blk, cC = e4m3_wgmma(sW, sX, wtid, BW, mb)
+            acc = cute.make_rmem_tensor(cute.size(blk), Float32)
             acc.fill(0.0)
             mma.set(warpgroup.Field.ACCUMULATE, True)
             for i in cutlass.range(nkb, unroll=1):
@@ -278,10 +274,7 @@ class Fp8GemmKernel:
             if sFlag[0] != 0:
                 if warp != producer:
                     g = warp // (WG // 32)
-                    wtid = tid % WG
-                    mma = sm90.make_trivial_tiled_mma(Float8E4M3FN, Float8E4M3FN, OperandMajorMode.K,
-                                                      OperandMajorMode.K, Float32, (1, 1, 1), (BW, mb))
-                    cC = mma.get_slice(wtid).partition_C(cute.make_identity_tensor((BW, mb)))
+                    cC = e4m3_wgmma(sW, sX, tid % WG, BW, mb)[4]
                     part = mPart.iterator.toint()
                     plane = Int64(M) * Int64(N)
                     out_base = mOut.iterator.toint()

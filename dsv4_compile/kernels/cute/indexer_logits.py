@@ -70,7 +70,7 @@ from ..triton._common import cdiv, sm_programs
 from ..triton._launch import pdl_meta
 from ..triton.attention import MX_FOLD_SPREAD as _TRITON_FOLD_SPREAD
 from ._common import _capability, aligned, arch_name, fresh_copy
-from ._math import TORCH_TO_CUTE, visible_entries
+from ._math import TORCH_TO_CUTE, e4m3_wgmma, visible_entries
 from ._smem import ld, st_shared_v4, sw128_offset
 
 D = layouts.INDEXER_HEAD_DIM  # 128 e4m3 dims = one 128-byte row
@@ -141,22 +141,8 @@ def _alloc_ring(smem, stages: int, tid, pdl: bool):
     return sOk, full, empty
 
 
-def _qk_mma(sK, sQ, wtid):
-    """``S = K·Qᵀ`` of a 64-entry tile as one m64n64 e4m3 wgmma per k32 step (entries on M, heads on
-    N), for warpgroup thread ``wtid``: (tiled MMA, its K and Q fragments, the fp32 accumulator, the
-    (entry, head) of each accumulator element)."""
-    mma = sm90.make_trivial_tiled_mma(Float8E4M3FN, Float8E4M3FN, OperandMajorMode.K, OperandMajorMode.K,
-                                      Float32, (1, 1, 1), (BN, BH))
-    thr = mma.get_slice(wtid)
-    tCrK = mma.make_fragment_A(thr.partition_A(sK))
-    tCrQ = mma.make_fragment_B(thr.partition_B(sQ))
-    acc = cute.make_rmem_tensor(thr.partition_shape_C((BN, BH)), Float32)
-    cS = thr.partition_C(cute.make_identity_tensor((BN, BH)))
-    return mma, tCrK, tCrQ, acc, cS
-
-
 def _qk(mma, acc, tCrK, tile, tCrQ):
-    """``acc = S`` of the K tile ``tile`` of ``tCrK`` (``_qk_mma``): the k32 wgmma chained from zero,
+    """``acc = S`` of the K tile ``tile`` of ``tCrK`` (``e4m3_wgmma``): the k32 wgmma chained from zero,
     waited for."""
     acc.fill(0.0)
     warpgroup.fence()
@@ -348,7 +334,7 @@ class IndexerLogitsKernel(_LogitsKernel):
             g = warp // (WG // 32)  # this warpgroup takes the CTA's tiles g, g + consumers, ..
             wtid = tid % WG
 
-            mma, tCrK, tCrQ, acc, cS = _qk_mma(sK, sQ, wtid)  # cS: (entry, head) of each element
+            mma, tCrK, tCrQ, acc, cS = e4m3_wgmma(sK, sQ, wtid, BN, BH)  # cS: (entry, head) of each element
             mma.set(warpgroup.Field.ACCUMULATE, True)
             w = cute.make_rmem_tensor(cute.size(acc), Float32)
             w_row = mW.iterator.toint() + Int64(t) * Int64(mW.stride[0]) * 4
@@ -606,7 +592,7 @@ class IndexerLogitsMxfp4Kernel(_LogitsKernel):
                 cute.arch.fence_view_async_shared()
                 cute.arch.barrier(barrier_id=1, number_of_threads=nc * WG)
 
-                mma, tCrK, tCrQ, acc, cS = _qk_mma(sK, sQ, wtid)
+                mma, tCrK, tCrQ, acc, cS = e4m3_wgmma(sK, sQ, wtid, BN, BH)
                 mma.set(warpgroup.Field.ACCUMULATE, True)
                 # the exact form one half of the heads at a time (m64n32: 16 + 16 accumulator registers,
                 # not 32 + 32), each 32-block's dot on its own (scale-d 0)
