@@ -264,9 +264,9 @@ def test_gpu_fused_rounds_match_separate_rounds_and_reset_their_counters():
     """The one-kernel selection (``TopkFusedKernel``: the last CTA of each group merges) against the
     rounds as separate kernels and the reference, rows ending at every level of a 1M-token table's
     plans (9 rows: two rounds; first-round chunks of 4,096 forced: three) and of a 64k table's
-    two-round one, twice in a row (the ticket counters are zero again after
-    each selection), then replayed from a CUDA graph over new logits, captured with the device's
-    counters and with fresh ones (a capture before any exist: a memset in the graph)."""
+    two-round one, twice in a row (the ticket counters are zero again after each selection), then
+    replayed from a CUDA graph over new logits, captured with the device's counters and with fresh
+    ones (a capture before any exist: a memset in the graph)."""
     from dsv4_compile.kernels import _device
     from dsv4_compile.kernels.cute import topk as cute_topk
 

@@ -1,25 +1,36 @@
 """Memory-access helpers of the CuTe-DSL kernels (trace-time, inlined): 32-bit loads of one to four
-words in one instruction, 16-byte shared stores, and byte offsets in the 128-byte swizzled K-major
-tile layout wgmma reads."""
+words in one instruction, fp32 / bf16 global stores, 16-byte shared stores, and byte offsets in the
+128-byte swizzled K-major tile layout wgmma reads."""
 
 from __future__ import annotations
 
 import cutlass.cute as cute
-from cutlass import Float32, Int32, Uint32
+from cutlass import BFloat16, Float32, Int32, Uint32
 
 _PTX_TYPE = {Float32: "f32", Int32: "s32", Uint32: "u32"}
 
 
-def ld(space: str, addr, dtype, n: int = 1, nc: bool = False):
+def ld(space: str, addr, dtype, n: int = 1, nc: bool = False, cg: bool = False):
     """``n`` (1, 2 or 4) 32-bit ``dtype`` values (``Float32`` / ``Int32`` / ``Uint32``) at ``addr`` in
     state space ``space`` (``"global"`` / ``"shared"``; aligned to ``4·n`` bytes) in one load; ``nc``:
-    through the non-coherent read-only path (global data no kernel running alongside writes). One
-    value, or a tuple of ``n``."""
+    through the non-coherent read-only path (global data no kernel running alongside writes); ``cg``:
+    from L2, not L1 (data another CTA wrote, seen after an acquire). One value, or a tuple of ``n``."""
     regs = ", ".join(f"{{$w{i}}}" for i in range(n))
     dst = regs if n == 1 else f"{{ {regs} }}"
     vec = "" if n == 1 else f".v{n}"
-    return cute.arch.inline_ptx(f"ld.{space}{'.nc' if nc else ''}{vec}.{_PTX_TYPE[dtype]} {dst}, [{{$r0}}];",
+    path = (".nc" if nc else "") + (".cg" if cg else "")
+    return cute.arch.inline_ptx(f"ld.{space}{path}{vec}.{_PTX_TYPE[dtype]} {dst}, [{{$r0}}];",
                                 write_only_types=[dtype] * n, read_only_args=[addr])
+
+
+def st_global(addr, v, dtype=Float32):
+    """The fp32 ``v`` stored at global ``addr`` as ``dtype``: ``Float32``, or ``BFloat16`` (rounded to
+    nearest even)."""
+    if dtype is BFloat16:
+        cute.arch.inline_ptx("{ .reg .b16 h; cvt.rn.bf16.f32 h, {$r1}; st.global.b16 [{$r0}], h; }",
+                             read_only_args=[addr, v])
+    else:
+        cute.arch.inline_ptx("st.global.f32 [{$r0}], {$r1};", read_only_args=[addr, v])
 
 
 def st_shared_v4(addr, a, b, c, d):

@@ -156,7 +156,6 @@ def _topk_fused_cases():
 
 def _check_topk_ptx(name: str, arch: str, ptx: str, fused: bool = False) -> None:
     # the histograms are shared-memory atomics; the output positions come from a block-wide prefix sum
-    # (warp shuffles up)
     # (warp shuffles up); a fused selection's groups meet at a global ticket between two GPU-scope fences
     for op in ("atom.shared", "shfl.sync.up") + (("atom.global.add", "fence.acq_rel.gpu") if fused else ()):
         if op not in ptx:

@@ -55,9 +55,10 @@ from cutlass.utils import hopper_helpers as sm90
 from .. import _device
 from ..triton._common import cdiv, sm_programs
 from ..triton._launch import pdl_meta
+from ..triton.gemm import COUNTERS  # as many split-K tile counters per device as the Triton kernels'
 from ._common import _capability, aligned, arch_name, fresh_copy
 from ._math import e4m3_wgmma
-from ._smem import ld
+from ._smem import ld, st_global
 
 BK = 128  # K block (one scale block)
 BW = 64  # weight rows per consumer warpgroup (wgmma M)
@@ -66,7 +67,6 @@ WG = 128
 THREADS = 2 * WG + 32  # two consumer warpgroups, then the producer warp
 SCALE_BYTES = 8192  # shared memory for a split's staged scales: max_kb(MB) K blocks of MB rows
 MAX_M = 64
-COUNTERS = 4096  # split-K tile counters per device (shared with nothing: owner "fp8_gemm_cute")
 _ROW = LayoutEnum.ROW_MAJOR  # K-major wgmma operands
 _OUT = {torch.bfloat16: BFloat16, torch.float32: Float32}
 
@@ -80,21 +80,6 @@ def max_kb(mb: int) -> int:
 def _mb(M: int) -> int:
     """The activation rows of a K block (wgmma N): M rounded up to 8, 16, 32 or 64."""
     return 8 if M <= 8 else 16 if M <= 16 else 32 if M <= 32 else 64
-
-
-def _st_out(addr, v, dtype):
-    """``v`` (fp32) stored at global ``addr`` as ``dtype`` (``BFloat16``: rounded to nearest even)."""
-    if dtype is BFloat16:
-        cute.arch.inline_ptx("{ .reg .b16 h; cvt.rn.bf16.f32 h, {$r1}; st.global.b16 [{$r0}], h; }",
-                             read_only_args=[addr, v])
-    else:
-        cute.arch.inline_ptx("st.global.f32 [{$r0}], {$r1};", read_only_args=[addr, v])
-
-
-def _ld_l2(addr):
-    """An fp32 at global ``addr`` from L2 (``.cg``: another CTA's partial, not a stale L1 line)."""
-    return cute.arch.inline_ptx("ld.global.cg.f32 {$w0}, [{$r0}];", write_only_types=[Float32],
-                                read_only_args=[addr])
 
 
 class Fp8GemmKernel:
@@ -156,6 +141,16 @@ class Fp8GemmKernel:
         producer = 2 * (WG // 32)
         w_bytes = BW * BK
         x_bytes = mb * BK
+        g = warp // (WG // 32)  # consumer warpgroup g multiplies weight rows n0 + 64·g ..
+        # byte address of output element (m, n) is out_base + (m·out_stride + n)·esize; of split q's partial
+        # element, part + (q·plane + m·N + n)·4
+        out_base = mOut.iterator.toint()
+        out_stride = Int64(mOut.stride[0])
+        esize = self.esize
+        plane = Int64(M) * Int64(N)
+        part = Int64(0)
+        if const_expr(self.split):
+            part = mPart.iterator.toint()
 
         # ---- shared memory: weight ring (two halves per stage), activation ring, scales, flag, mbarriers ----
         smem = cutlass.utils.SmemAllocator()
@@ -221,10 +216,8 @@ class Fp8GemmKernel:
                 sScale[m, kb] = v
             cute.arch.barrier(barrier_id=1, number_of_threads=2 * WG)
 
-            g = warp // (WG // 32)
-            wtid = tid % WG
             # cC: (weight row, activation row) of each accumulator element
-            mma, tCrW, tCrX, blk, cC = e4m3_wgmma(sW, sX, wtid, BW, mb)
+            mma, tCrW, tCrX, blk, cC = e4m3_wgmma(sW, sX, tid % WG, BW, mb)
             acc = cute.make_rmem_tensor(cute.size(blk), Float32)
             acc.fill(0.0)
             mma.set(warpgroup.Field.ACCUMULATE, True)
@@ -242,23 +235,14 @@ class Fp8GemmKernel:
                     acc[e] = acc[e] + blk[e] * sScale[cC[e][1], i]
 
             # ---- epilogue: the output (unsplit) or the partial, then the tile's last CTA sums them ----
-            out_base = mOut.iterator.toint()
-            out_stride = Int64(mOut.stride[0])
-            esize = self.esize
-            if const_expr(not self.split):
-                for e in cutlass.range_constexpr(cute.size(acc)):
-                    n = n0 + g * BW + cC[e][0]
-                    m = cC[e][1]
-                    if m < M:
-                        _st_out(out_base + (Int64(m) * out_stride + Int64(n)) * esize, acc[e], self.out_dtype)
-            else:
-                part = mPart.iterator.toint()
-                plane = Int64(M) * Int64(N)
-                for e in cutlass.range_constexpr(cute.size(acc)):
-                    n = n0 + g * BW + cC[e][0]
-                    m = cC[e][1]
-                    if m < M:
-                        _st_out(part + (Int64(s) * plane + Int64(m) * Int64(N) + Int64(n)) * 4, acc[e], Float32)
+            for e in cutlass.range_constexpr(cute.size(acc)):
+                n = n0 + g * BW + cC[e][0]
+                m = cC[e][1]
+                if m < M:
+                    if const_expr(not self.split):
+                        st_global(out_base + (Int64(m) * out_stride + Int64(n)) * esize, acc[e], self.out_dtype)
+                    else:
+                        st_global(part + (Int64(s) * plane + Int64(m) * Int64(N) + Int64(n)) * 4, acc[e])
         if const_expr(self.split):
             cute.arch.sync_threads()  # every partial store is issued before thread 0 releases them
             if tid == 0:
@@ -273,13 +257,7 @@ class Fp8GemmKernel:
             cute.arch.sync_threads()
             if sFlag[0] != 0:
                 if warp != producer:
-                    g = warp // (WG // 32)
                     cC = e4m3_wgmma(sW, sX, tid % WG, BW, mb)[4]
-                    part = mPart.iterator.toint()
-                    plane = Int64(M) * Int64(N)
-                    out_base = mOut.iterator.toint()
-                    out_stride = Int64(mOut.stride[0])
-                    esize = self.esize
                     # the element's offset in a partial (0 past M: read, never stored)
                     off = cute.make_rmem_tensor(cute.size(cC), Int64)
                     tot = cute.make_rmem_tensor(cute.size(cC), Float32)
@@ -291,12 +269,12 @@ class Fp8GemmKernel:
                         tot[e] = Float32(0.0)
                     for q in cutlass.range(splits, unroll=1):  # split order: deterministic; one round trip each
                         for e in cutlass.range_constexpr(cute.size(cC)):
-                            tot[e] = tot[e] + _ld_l2(part + (Int64(q) * plane + off[e]) * 4)
+                            tot[e] = tot[e] + ld("global", part + (Int64(q) * plane + off[e]) * 4, Float32, cg=True)
                     for e in cutlass.range_constexpr(cute.size(cC)):
                         m = cC[e][1]
                         if m < M:
                             n = n0 + g * BW + cC[e][0]
-                            _st_out(out_base + (Int64(m) * out_stride + Int64(n)) * esize, tot[e], self.out_dtype)
+                            st_global(out_base + (Int64(m) * out_stride + Int64(n)) * esize, tot[e], self.out_dtype)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)

@@ -71,7 +71,7 @@ from ..triton._launch import pdl_meta
 from ..triton.attention import MX_FOLD_SPREAD as _TRITON_FOLD_SPREAD
 from ._common import _capability, aligned, arch_name, fresh_copy
 from ._math import TORCH_TO_CUTE, e4m3_wgmma, visible_entries
-from ._smem import ld, st_shared_v4, sw128_offset
+from ._smem import ld, st_global, st_shared_v4, sw128_offset
 
 D = layouts.INDEXER_HEAD_DIM  # 128 e4m3 dims = one 128-byte row
 BH = 64  # query heads (wgmma N)
@@ -224,9 +224,9 @@ def _store_rows(v0, v1, sc0, sc1, lane, out_row, s, n):
     v1 = v1 + cute.arch.shuffle_sync_bfly(v1, offset=2)
     if lane % 4 == 0:
         if s < n:
-            _st_f32(out_row + s * 4, v0 * sc0)
+            st_global(out_row + s * 4, v0 * sc0)
         if s + 8 < n:
-            _st_f32(out_row + (s + 8) * 4, v1 * sc1)
+            st_global(out_row + (s + 8) * 4, v1 * sc1)
 
 
 class _LogitsKernel:
@@ -400,10 +400,6 @@ def _compile_fake(kernel, q_row_bytes: int, q_scales: bool, req_dtype, pos_dtype
 def _ld_page(bt_row, b):
     """Block-table entry ``b`` of the row at global ``bt_row`` (int32)."""
     return ld("global", bt_row + b * 4, Int32, nc=True)
-
-
-def _st_f32(addr, v):
-    cute.arch.inline_ptx("st.global.f32 [{$r0}], {$r1};", read_only_args=[addr, v])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -567,15 +567,14 @@ class TopkFusedKernel(TopkRoundKernel):
                             live = (live + (G - 1)) // G
                             lo = grp * (G * K)
                             hi = lo + arrivals * K
-                            if const_expr(lv == len(self.groups) - 1):  # the plan's last level: one group
+                            if const_expr(lv == len(self.groups) - 1):
+                                live = Int32(1)  # the plan's last level: one group
+                            if live == 1:  # the row's only group: into the result
                                 self._select(src_key, src_idx, None, mOut, hist, wsum, res, rng, t, lo, hi,
                                              Int32(0), K, tid, warp, lane, True, *self.levels[lv + 1])
+                                active = Boolean(False)
                             else:
-                                if live == 1:
-                                    self._select(src_key, src_idx, None, mOut, hist, wsum, res, rng, t, lo, hi,
-                                                 Int32(0), K, tid, warp, lane, True, *self.levels[lv + 1])
-                                    active = Boolean(False)
-                                else:
+                                if const_expr(lv < len(self.groups) - 1):
                                     dst_key, dst_idx = bufs[lv + 1]
                                     self._select(src_key, src_idx, dst_key, dst_idx, hist, wsum, res, rng, t,
                                                  lo, hi, grp * K, K, tid, warp, lane, False, *self.levels[lv + 1])
@@ -684,7 +683,7 @@ def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor
     fp = fused_plan(rounds, topk) if (L > FUSED_FROM if fused is None else fused) else None
     if fp is not None:
         chunks, groups = fp
-        width = -(-rounds[0][1] // groups[0])  # groups at level 1, the most of any level
+        width = cdiv(rounds[0][1], groups[0])  # groups at level 1, the most of any level
         cnt = _device.zeroed_counters(logits.device, "topk", T * len(groups) * width)
         bufs = []
         for lv in range(MAX_MERGES):
