@@ -285,6 +285,9 @@ def test_gemv_dispatch(monkeypatch):
     assert kernels.gemv_config(1024, 16384) == (4, 8192, 2)
     with pytest.raises(ValueError, match="power of two"):
         kernels.gemv_config(256, 512, rows=3)
+    # the CuTe-DSL kernel forced where it cannot run (off a Hopper GPU, or without CuTe DSL): a ValueError
+    with pytest.raises(ValueError, match="CuTe-DSL kernel does not take|needs nvidia-cutlass-dsl"):
+        kernels.fp8_block_gemm(*_case(8, 256, 256), backend="cute")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
