@@ -10,10 +10,11 @@ bf16: one batched matmul, as the bf16 model's ``grouped_linear``), ``wo_b`` 4096
 bf16 ``comp_proj`` 2624 x 4096 with fp32 output (``dsv4::linear_fp32`` against cuBLAS). Timing:
 CUDA-graph replay, rotating over enough weight copies that every call reads its weight from DRAM;
 the rate is the weight bytes (FP8 + scales, or bf16) over the time, as % of the streaming-read
-bandwidth measured in the same run. At M = 1 the op runs the GEMV (``kernels/triton/gemm.py``); the
-tiled kernel's time is beside it. The activation quant is timed over 32 calls per graph (one call
-alone would time the graph launch); ``fp8_linear`` is the quant fused into the GEMM (compare it with
-the GEMM + the quant).
+bandwidth measured in the same run. At decode sizes the op runs the GEMV, the CuTe-DSL kernel
+(``kernels/cute/gemm.py``, Hopper) or the Triton tiled kernel (``kernels/triton/gemm.py``); the
+Triton and CuTe-DSL kernels' times, each forced, are beside it up to 64 rows. The activation quant
+is timed over 32 calls per graph (one call alone would time the graph launch); ``fp8_linear`` is the
+quant fused into the GEMM (compare it with the GEMM + the quant).
 
     python benchmarks/projections.py [--m 1 8 32 64 2048 8192] [--out results.md]
     python benchmarks/projections.py --sweep     # the Triton kernel's configs (N tile, stages, split-K) at decode sizes
@@ -66,6 +67,17 @@ def _scaled_mm_call(x_q, x_s, w, s):
 GROUPS = {"wo_a (8 groups)": 8}
 
 
+def _cute_runs(x_q, w) -> bool:
+    """Whether the CuTe-DSL decode GEMM (``kernels/cute/gemm.py``) can run this call here."""
+    from dsv4_compile.kernels.cute import _common
+
+    if not _common.HAVE_CUTE:
+        return False
+    from dsv4_compile.kernels.cute import gemm as cute_gemm
+
+    return cute_gemm.supports(x_q, w, torch.bfloat16)
+
+
 def _activations(name, M, N, K):
     """(bf16 x as the projection sees it, its FP8 quant): ``[M, K]``, or ``[M, G, K]`` grouped."""
     g = GROUPS.get(name, 1)
@@ -87,9 +99,11 @@ def run(ms):
             row = dict(name=name, M=M, N=N, K=K, **ceiling_fields(ceil), fp8_weight_bytes=fp8_bytes,
                        bf16_weight_bytes=2 * N * K)
             row["fp8_us"] = graph_time_us([lambda w=w, s=s: dsv4.fp8_block_gemm(x_q, x_s, w, s) for w, s, _ in ws])
-            # at M <= GEMV_MAX_M the op runs the GEMV: the tiled kernel beside it
+            # decode sizes: the op runs the GEMV, the CuTe-DSL kernel or the Triton tiled kernel; each forced beside it
             tiled = [lambda w=w, s=s: gemm_kernels.fp8_block_gemm(x_q, x_s, w, s, backend="triton") for w, s, _ in ws]
-            row["tiled_us"] = graph_time_us(tiled) if M <= gemm_kernels.GEMV_MAX_M else None
+            row["tiled_us"] = graph_time_us(tiled) if M <= 64 else None
+            cute = [lambda w=w, s=s: gemm_kernels.fp8_block_gemm(x_q, x_s, w, s, backend="cute") for w, s, _ in ws]
+            row["cute_us"] = graph_time_us(cute) if _cute_runs(x_q, ws[0][0]) else None
             row["quant_us"] = graph_time_us([lambda: dsv4.fp8_block_quant(x, 128)] * 32)
             # the activation quant fused into the GEMM (2-D projections; the grouped wo_a takes FP8 o)
             row["linear_us"] = (graph_time_us([lambda w=w, s=s: dsv4.fp8_linear(x, w, s) for w, s, _ in ws])
@@ -117,7 +131,10 @@ def run(ms):
 def fmt(r):
     read = r["read_tbs"]
     cells = [r["name"], f"{r['M']}", f"{r['fp8_us']:.1f} µs ({pct_read(r['fp8_weight_bytes'], r['fp8_us'], read):.0f}%)",
-             f"{r['tiled_us']:.1f} µs" if r.get("tiled_us") else "—",
+             f"{r['tiled_us']:.1f} µs ({pct_read(r['fp8_weight_bytes'], r['tiled_us'], read):.0f}%)"
+             if r.get("tiled_us") else "—",
+             f"{r['cute_us']:.1f} µs ({pct_read(r['fp8_weight_bytes'], r['cute_us'], read):.0f}%)"
+             if r.get("cute_us") else "—",
              f"{r['quant_us']:.1f} µs",
              f"{r['linear_us']:.1f} µs" if r.get("linear_us") else "—",
              f"{r['bf16_us']:.1f} µs ({pct_read(r['bf16_weight_bytes'], r['bf16_us'], read):.0f}%)",
@@ -126,9 +143,10 @@ def fmt(r):
 
 
 def table(ceil, rows):
-    head = ("| weight | M | fp8_block_gemm (% of read BW, FP8 weight bytes) | tiled kernel (M = 1: beside the GEMV) "
-            "| act quant | fp8_linear (quant fused) | bf16 F.linear (% of read BW, bf16 bytes) "
-            "| torch._scaled_mm block-wise |\n|---|---|---|---|---|---|---|---|")
+    head = ("| weight | M | fp8_block_gemm (% of read BW, FP8 weight bytes) | Triton tiled kernel (M ≤ 64) "
+            "| CuTe-DSL kernel (M ≤ 64, Hopper) | act quant | fp8_linear (quant fused) "
+            "| bf16 F.linear (% of read BW, bf16 bytes) | torch._scaled_mm block-wise |\n"
+            + "|---" * 9 + "|")
     return f"{ceilings_line(ceil)}\n\n{head}\n" + "\n".join(fmt(r) for r in rows)
 
 

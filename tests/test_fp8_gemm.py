@@ -285,6 +285,9 @@ def test_gemv_dispatch(monkeypatch):
     assert kernels.gemv_config(1024, 16384) == (4, 8192, 2)
     with pytest.raises(ValueError, match="power of two"):
         kernels.gemv_config(256, 512, rows=3)
+    # the CuTe-DSL kernel forced where it cannot run (off a Hopper GPU, or without CuTe DSL): a ValueError
+    with pytest.raises(ValueError, match="CuTe-DSL kernel does not take|needs nvidia-cutlass-dsl"):
+        kernels.fp8_block_gemm(*_case(8, 256, 256), backend="cute")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -406,6 +409,9 @@ def test_gpu_cute_gemm_matches_reference(M):
         ratio = float(((got.cpu().double() - want.double()).abs() / l1).max())
         assert ratio <= GPU_BOUND, (cfg, ratio)
         assert not _device.zeroed_counters(torch.device("cuda"), "fp8_gemm_cute", 1).any()
+    if M <= kernels.CUTE_MAX_M:  # the op's default dispatch takes it (K = 2048: one row too)
+        assert torch.equal(dsv4.fp8_block_gemm(*dev, torch.float32),
+                           kernels.fp8_block_gemm(*dev, torch.float32, backend="cute"))
     got16 = kernels.fp8_block_gemm(*dev, torch.bfloat16, backend="cute")
     torch.testing.assert_close(got16.float().cpu(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
     gcase, gwant = _grouped_case(M, 8, 256, 1024, seed=M)

@@ -89,10 +89,14 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, 
         1x128 blocks, weights in 128x128 blocks); DeepGEMM's ``fp8_gemm_nt`` and vLLM's
         ``w8a8_block_fp8_matmul`` compute the same. The CUDA path (``kernels/triton/gemm.py``): one
         row through a GEMV (each program's weight slab loaded before the grid-dependency wait, the
-        activation row dequantized once per program, one fp32 dot per output); more rows through a
-        tiled Triton kernel (pipelined weight stream, split-K for small M reduced in split order inside
-        the kernel: deterministic); from 256 rows cuBLAS through ``torch._scaled_mm`` with block-wise
-        scales where this torch / GPU takes them (``DSV4_FP8_GEMM=triton`` forces the kernel).
+        activation row dequantized once per program, one fp32 dot per output); 2 to 16 rows (and one
+        row with K ≤ 2048), on a Hopper GPU where CuTe DSL runs, through a CuTe-DSL kernel
+        (``kernels/cute/gemm.py``: a producer warp streams the weight by TMA into a shared-memory ring,
+        wgmma with the weight rows on M, split-K only for few 128-row tiles); other rows through a
+        tiled Triton kernel (pipelined weight stream, split-K for small M); both reduce split-K
+        partials in split order inside the kernel (deterministic); from 256 rows cuBLAS through
+        ``torch._scaled_mm`` with block-wise scales where this torch / GPU takes them
+        (``DSV4_FP8_GEMM=triton`` forces the Triton kernels).
     """
     _check(x_q, x_scale, w_q, w_scale, out_dtype)
     return ref.fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype)

@@ -27,6 +27,10 @@ therefore require that a weight is not the output of the kernel launched just be
 checkpoint weight never is); a weight the launcher has to copy first is launched without PDL. The
 same GEMV runs ``linear_fp32`` (bf16 / fp16 / fp32 weight, fp32 output) for one row.
 
+From 2 to ``CUTE_MAX_M`` rows (and one row of K ≤ ``CUTE_ROW_MAX_K``), where CuTe DSL runs on Hopper, the
+CuTe-DSL kernel of ``kernels.cute.gemm`` takes the call (TMA weight stream filled by a producer warp,
+wgmma with the weight rows on M; ``_cute_preferred``).
+
 Large M (prefill) goes to cuBLAS through ``torch._scaled_mm`` with block-wise scales where this
 torch / GPU takes them (probed once per device), else to the same kernel with 128-row tiles.
 ``DSV4_FP8_GEMM=triton`` forces the tiled Triton kernel (``backend="scaled_mm"`` forces cuBLAS, ``"gemv"``
@@ -304,7 +308,7 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend
                                   and _scaled_mm_supported(x_q.device)):
         return _scaled_mm(x_q, x_scale, w_q, ws, out_dtype)
     out = torch.empty((M, N), dtype=out_dtype, device=x_q.device)
-    if backend == "cute":
+    if backend == "cute" or (backend == "auto" and not config and _cute_preferred(x_q, w_q, out_dtype)):
         return _launch_cute(x_q, x_scale, w_q, ws, out, config)
     if _use_gemv(backend, M, N, K, config):
         return _launch_gemv(x_q, x_scale, w_q, ws, out, config)
@@ -312,6 +316,29 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend
 
 
 CUTE_KEYS = ("splits", "stages")  # configuration keywords of the CuTe-DSL kernel (kernels.cute.gemm)
+CUTE_MAX_M = 16  # rows the automatic dispatch gives the CuTe-DSL kernel (where CuTe DSL runs on Hopper)
+CUTE_ROW_MAX_K = 2048  # one row: the CuTe-DSL kernel up to this K, the GEMV above
+
+
+def _cute_preferred(x_q, w_q, out_dtype) -> bool:
+    """Whether the automatic dispatch takes ``kernels.cute.gemm``: 2 to ``CUTE_MAX_M`` rows, or one row
+    with ``K ≤ CUTE_ROW_MAX_K``, where ``kernels.cute.backend`` picks CuTe DSL and it ``supports`` the
+    call. H200, µs, M = 2 / 8, against the Triton tiled kernel: ``wq_b`` 8.7 / 8.9 against 12.2 / 12.7,
+    ``q_proj`` 11.6 / 11.9 against 14.0 / 14.2, ``indexer.wq_b`` 3.6 against 6.2-6.4, ``wo_a`` 11.6
+    against 13.1-13.5, ``wq_a+wkv`` 5.1-5.2 against 6.5-6.9, ``wo_b`` 12.9-13.4 against 13.0-13.5; one row,
+    against the GEMV: ``wq_b`` 8.6 against 10.9, ``q_proj`` 11.6 against 13.3, but K ≥ 4096 10.5-12.1
+    against 3.1-10.5 (``wo_a``, ``wo_b``, ``wq_a+wkv``). From 32 rows it lost for most projections
+    (``q_proj`` M = 64 19.3 against 16.9)."""
+    M, K = x_q.shape[0], w_q.shape[1]
+    if x_q.device.type != "cuda" or interpreting() or M > CUTE_MAX_M or (M == 1 and K > CUTE_ROW_MAX_K):
+        return False
+    from ..cute import _common as cute_common
+
+    if cute_common.backend(x_q.device) != "cute":
+        return False
+    from ..cute import gemm as cute_gemm
+
+    return cute_gemm.supports(x_q, w_q, out_dtype)
 
 
 def _launch_cute(x_q, x_scale, w_q, ws, out, config):
