@@ -422,6 +422,33 @@ def test_gpu_cute_gemm_matches_reference(M):
 
 
 @pytest.mark.cuda
+def test_gpu_fp8_linear_one_row_of_a_large_weight_quantizes_apart():
+    """One row of a weight of ``QUANT_APART_MIN_WEIGHT`` elements with K ≤ 2048 runs the quant kernel,
+    then the CuTe-DSL kernel (bit for bit that pair, no GEMV); one element row fewer keeps the fused GEMV."""
+    pytest.importorskip("cutlass")
+    from dsv4_compile.kernels.cute import gemm as cute_gemm
+
+    K = 2048
+    N = kernels.QUANT_APART_MIN_WEIGHT // K
+    _, _, w_q, w_scale = (t.cuda() for t in _case(1, N, K, seed=7))
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(7)).bfloat16().cuda()
+    if not cute_gemm.supports(x, w_q, torch.bfloat16):
+        pytest.skip("the CuTe-DSL GEMM needs a Hopper GPU")
+    q, gemv = quant_kernels._fp8_block_quant_kernel, kernels._gemv_kernel
+
+    def launches(w, s):
+        before = q.launches + q.fast, gemv.launches + gemv.fast
+        out = kernels.fp8_linear(x, w, s)
+        return out, (q.launches + q.fast - before[0], gemv.launches + gemv.fast - before[1])
+
+    got, n = launches(w_q, w_scale)
+    assert n == (1, 0)
+    assert torch.equal(got, kernels.fp8_block_gemm(*quant_kernels.fp8_block_quant(x, 128, 1e-4), w_q, w_scale,
+                                                   backend="cute"))
+    assert launches(w_q[:N - 128], w_scale[:N // 128 - 1])[1] == (0, 1)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("M", [1, 8])
 def test_gpu_linear_fp32(M):
     """The op on the GPU (one row: the GEMV; 8 rows: cuBLAS) against the float64 product, the

@@ -156,7 +156,8 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dt
         ``act_quant`` + ``fp8_gemm`` of the DeepSeek-V4 reference ``kernel.py``. The CUDA path for one
         row with K ≤ 4096 is the GEMV quantizing each 1x128 block of ``x`` in registers
         (``kernels/triton/gemm.py``: the quant kernel's own code) as it streams the weight; elsewhere
-        the two ops' kernels. The ``fp8_linear`` pass (``lowerings/fp8_linear.py``) rewrites the plain
+        (and for one row of a weight of 2^24 elements or more that the CuTe-DSL kernel takes) the two
+        ops' kernels. The ``fp8_linear`` pass (``lowerings/fp8_linear.py``) rewrites the plain
         ``fp8_block_quant`` → ``fp8_block_gemm`` pair into it.
     """
     _check_linear(x, w_q, w_scale, out_dtype, scale_floor)
