@@ -403,7 +403,10 @@ def test_gpu_cute_gemm_matches_reference(M):
         pytest.skip("the CuTe-DSL GEMM needs a Hopper GPU")
     want = ref.fp8_block_gemm(*case, torch.float32)
     l1 = _l1(*case)
-    for cfg in ({}, dict(splits=1), dict(splits=3), dict(splits=8, stages=6), dict(splits=2, stages=6)):
+    # ctas < items: a CTA runs several (tile, split) items in turn, its stage ring running on across them
+    # (3 splits of 16 K blocks: 6, 6 and 4 blocks an item)
+    for cfg in ({}, dict(splits=1), dict(splits=3), dict(splits=8, stages=6), dict(splits=2, stages=6),
+                dict(splits=1, ctas=3), dict(splits=3, ctas=2, stages=4), dict(splits=2, ctas=5, stages=3)):
         got = kernels.fp8_block_gemm(*dev, torch.float32, backend="cute", **cfg)
         assert torch.equal(got, kernels.fp8_block_gemm(*dev, torch.float32, backend="cute", **cfg)), cfg
         ratio = float(((got.cpu().double() - want.double()).abs() / l1).max())
@@ -419,6 +422,24 @@ def test_gpu_cute_gemm_matches_reference(M):
     gl1 = torch.cat([_l1(gcase[0][:, i], gcase[1][:, i], gcase[2][i * 256:(i + 1) * 256],
                          gcase[3][i * 2:(i + 1) * 2]) for i in range(8)], 1)
     assert float(((got.double() - gwant.double()).abs() / gl1).max()) <= GPU_BOUND
+
+
+def test_cute_gemm_config():
+    """The CuTe-DSL kernel's launch rule: split-K only where four splits of every tile fit the SMs; 6
+    stages unless the items exceed two per SM; at most as many CTAs as fit on the GPU at once, each
+    running its items in turn; a split's staged scales cap its K blocks; ``ctas`` below 1 is an error."""
+    cute_gemm = pytest.importorskip("dsv4_compile.kernels.cute.gemm")
+    assert cute_gemm.gemm_config(8, 12 * 128, 32, 132) == (4, 8, 6, 48)  # wq_a+wkv
+    assert cute_gemm.gemm_config(8, 256 * 128, 8, 132) == (1, 8, 6, 256)  # wq_b: two 6-stage CTAs fit an SM
+    # 64 rows: one 6-stage CTA (144 KiB ring) fits an SM, so 132 CTAs run the 256 tiles
+    assert cute_gemm.smem_bytes(64, 6) > cute_gemm.SMEM_PER_SM // 2
+    assert cute_gemm.gemm_config(64, 256 * 128, 8, 132) == (1, 8, 6, 132)
+    assert cute_gemm.gemm_config(64, 256 * 128, 8, 132, stages=4) == (1, 8, 4, 256)
+    assert cute_gemm.gemm_config(64, 256 * 128, 8, 132, ctas=100) == (1, 8, 6, 100)
+    assert cute_gemm.gemm_config(64, 32 * 128, 64, 132) == (4, 16, 6, 128)  # wo_b
+    assert cute_gemm.gemm_config(64, 32 * 128, 64, 132, splits=1) == (2, 32, 6, 64)  # 32 K blocks of 64 rows' scales
+    with pytest.raises(ValueError, match="ctas must be >= 1"):
+        cute_gemm.gemm_config(8, 256, 8, 132, ctas=0)
 
 
 @pytest.mark.cuda

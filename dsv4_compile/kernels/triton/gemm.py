@@ -315,7 +315,7 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend
     return _launch(x_q, x_scale, w_q, ws, out, config)
 
 
-CUTE_KEYS = ("splits", "stages")  # configuration keywords of the CuTe-DSL kernel (kernels.cute.gemm)
+CUTE_KEYS = ("splits", "stages", "ctas")  # configuration keywords of the CuTe-DSL kernel (kernels.cute.gemm)
 CUTE_MAX_M = 16  # rows the automatic dispatch gives the CuTe-DSL kernel (where CuTe DSL runs on Hopper)
 CUTE_ROW_MAX_K = 2048  # one row: the CuTe-DSL kernel up to this K, the GEMV above
 
