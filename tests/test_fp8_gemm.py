@@ -403,10 +403,8 @@ def test_gpu_cute_gemm_matches_reference(M):
         pytest.skip("the CuTe-DSL GEMM needs a Hopper GPU")
     want = ref.fp8_block_gemm(*case, torch.float32)
     l1 = _l1(*case)
-    # ctas < items: a CTA runs several (tile, split) items in turn, its stage ring running on across them
-    # (3 splits of 16 K blocks: 6, 6 and 4 blocks an item)
     for cfg in ({}, dict(splits=1), dict(splits=3), dict(splits=8, stages=6), dict(splits=2, stages=6),
-                dict(splits=1, ctas=3), dict(splits=3, ctas=2, stages=4), dict(splits=2, ctas=5, stages=3)):
+                dict(splits=1, stages=5), dict(splits=1, stages=8)):
         got = kernels.fp8_block_gemm(*dev, torch.float32, backend="cute", **cfg)
         assert torch.equal(got, kernels.fp8_block_gemm(*dev, torch.float32, backend="cute", **cfg)), cfg
         ratio = float(((got.cpu().double() - want.double()).abs() / l1).max())
@@ -425,21 +423,51 @@ def test_gpu_cute_gemm_matches_reference(M):
 
 
 def test_cute_gemm_config():
-    """The CuTe-DSL kernel's launch rule: split-K only where four splits of every tile fit the SMs; 6
-    stages unless the items exceed two per SM; at most as many CTAs as fit on the GPU at once, each
-    running its items in turn; a split's staged scales cap its K blocks; ``ctas`` below 1 is an error."""
+    """The CuTe-DSL kernel's launch rule: split-K only where four splits of every tile fit the SMs; the
+    deepest ring one CTA an SM holds (up to 8 stages) where the CTAs fit one an SM, else the deepest
+    with which two share an SM (up to 6); the staged scales cap a split's K blocks."""
     cute_gemm = pytest.importorskip("dsv4_compile.kernels.cute.gemm")
-    assert cute_gemm.gemm_config(8, 12 * 128, 32, 132) == (4, 8, 6, 48)  # wq_a+wkv
-    assert cute_gemm.gemm_config(8, 256 * 128, 8, 132) == (1, 8, 6, 256)  # wq_b: two 6-stage CTAs fit an SM
-    # 64 rows: one 6-stage CTA (144 KiB ring) fits an SM, so 132 CTAs run the 256 tiles
-    assert cute_gemm.smem_bytes(64, 6) > cute_gemm.SMEM_PER_SM // 2
-    assert cute_gemm.gemm_config(64, 256 * 128, 8, 132) == (1, 8, 6, 132)
-    assert cute_gemm.gemm_config(64, 256 * 128, 8, 132, stages=4) == (1, 8, 4, 256)
-    assert cute_gemm.gemm_config(64, 256 * 128, 8, 132, ctas=100) == (1, 8, 6, 100)
-    assert cute_gemm.gemm_config(64, 32 * 128, 64, 132) == (4, 16, 6, 128)  # wo_b
-    assert cute_gemm.gemm_config(64, 32 * 128, 64, 132, splits=1) == (2, 32, 6, 64)  # 32 K blocks of 64 rows' scales
-    with pytest.raises(ValueError, match="ctas must be >= 1"):
-        cute_gemm.gemm_config(8, 256, 8, 132, ctas=0)
+    assert cute_gemm.gemm_config(8, 12 * 128, 32, 132) == (4, 8, 8)  # wq_a+wkv: 48 CTAs
+    for M, stages in ((1, 6), (8, 6), (16, 6), (32, 5), (64, 4)):  # wq_b: 256 CTAs, two an SM
+        assert cute_gemm.gemm_config(M, 256 * 128, 8, 132) == (1, 8, stages)
+        mb = cute_gemm._mb(M)
+        assert 2 * (cute_gemm.smem_bytes(mb, stages) + 1024) <= cute_gemm.SMEM_PER_SM
+        assert stages == 6 or 2 * (cute_gemm.smem_bytes(mb, stages + 1) + 1024) > cute_gemm.SMEM_PER_SM
+    assert cute_gemm.gemm_config(64, 32 * 128, 64, 132) == (4, 16, 8)  # wo_b
+    assert cute_gemm.gemm_config(64, 32 * 128, 64, 132, splits=1) == (2, 32, 8)  # 32 K blocks of 64 rows' scales
+    assert cute_gemm.smem_bytes(64, 8) <= cute_gemm.SMEM_PER_CTA
+    assert cute_gemm.gemm_config(8, 256, 8, 132, stages=3) == (4, 2, 3)
+
+
+def test_cute_dispatch_rows(monkeypatch):
+    """The op's automatic dispatch (``_cute_preferred``, with the CuTe DSL backend and ``supports``
+    stubbed as on a Hopper GPU): 2-16 rows and one row of K ≤ 2048 always; 17-32 rows only for an
+    unsplit launch of at most two tiles an SM; never from 33 rows, off the GPU or past K ≤ 2048 at one row."""
+    pytest.importorskip("dsv4_compile.kernels.cute.gemm")
+    from dsv4_compile.kernels.cute import _common as cute_common
+    from dsv4_compile.kernels.cute import gemm as cute_gemm
+
+    monkeypatch.setattr(cute_common, "backend", lambda device: "cute")
+    monkeypatch.setattr(cute_gemm, "supports", lambda x_q, w_q, out_dtype: True)
+    monkeypatch.setattr(kernels, "sm_programs", lambda device: 132)
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+
+    class Fake:  # shape and device of a CUDA tensor, no GPU needed
+        def __init__(self, *shape):
+            self.shape, self.device = shape, torch.device("cuda", 0)
+
+    def takes(M, N, K):
+        return kernels._cute_preferred(Fake(M, K), Fake(N, K), torch.bfloat16)
+
+    assert takes(8, 1536, 4096) and takes(16, 4096, 8192) and takes(1, 32768, 1024)
+    assert not takes(1, 1536, 4096)
+    assert takes(32, 32768, 1024) and takes(32, 8192, 1024)  # wq_b, indexer.wq_b: unsplit
+    assert not takes(32, 1536, 4096) and not takes(32, 4096, 8192)  # wq_a+wkv, wo_b: 4 splits
+    assert not takes(32, 40960, 1024)  # q_proj: 320 tiles, more than two an SM
+    assert not takes(33, 32768, 1024) and not takes(64, 32768, 1024)
+    fake = Fake(8, 1024)
+    fake.device = torch.device("cpu")
+    assert not kernels._cute_preferred(fake, Fake(32768, 1024), torch.bfloat16)
 
 
 @pytest.mark.cuda

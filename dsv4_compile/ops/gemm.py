@@ -90,7 +90,8 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, 
         ``w8a8_block_fp8_matmul`` compute the same. The CUDA path (``kernels/triton/gemm.py``): one
         row through a GEMV (each program's weight slab loaded before the grid-dependency wait, the
         activation row dequantized once per program, one fp32 dot per output); 2 to 16 rows (and one
-        row with K ≤ 2048), on a Hopper GPU where CuTe DSL runs, through a CuTe-DSL kernel
+        row with K ≤ 2048; up to 32 rows where its launch needs no split-K and at most two 128-row
+        tiles an SM), on a Hopper GPU where CuTe DSL runs, through a CuTe-DSL kernel
         (``kernels/cute/gemm.py``: a producer warp streams the weight by TMA into a shared-memory ring,
         wgmma with the weight rows on M, split-K only for few 128-row tiles); other rows through a
         tiled Triton kernel (pipelined weight stream, split-K for small M); both reduce split-K

@@ -36,8 +36,10 @@ against 13.0 / 13.5; M = 1 ``wq_b`` 8.6 and ``q_proj`` 11.6 against the GEMV's 1
 GEMV wins for K ≥ 4096 (``wo_a`` 10.5 against 11.3, ``wo_b`` 10.5 against 12.1, ``wq_a+wkv`` 3.1 against
 5.0). From 32 rows it wins only for ``wq_b`` (10.7 / 12.6 against 14.2 / 15.2 at M = 32 / 64),
 ``indexer.wq_b`` and ``wo_a`` at M = 32 (4.1 / 13.0 against 7.4 / 14.6) and loses elsewhere (``q_proj``
-M = 64 19.3 against 16.9: the activation block re-read per K block and CTA). The op's dispatch does not
-take it yet (``kernels.triton.gemm.fp8_block_gemm(backend="cute")`` forces it).
+M = 64 19.3 against 16.9: the activation block re-read per K block and CTA). The op's dispatch takes it
+for 2-16 rows, one row of K ≤ 2048 and unsplit launches of 17-32 rows (``kernels.triton.gemm._cute_preferred``;
+``fp8_block_gemm(backend="cute")`` forces it); ``gemm_config`` gives the launch rule and the later
+measurements.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ TILE_N = 2 * BW  # weight rows per CTA: one 128-row scale block
 WG = 128
 THREADS = 2 * WG + 32  # two consumer warpgroups, then the producer warp
 SCALE_BYTES = 8192  # shared memory for a split's staged scales: max_kb(MB) K blocks of MB rows
-SMEM_PER_SM = 228 * 1024  # Hopper's shared memory per SM (a CTA may take 227 KiB of it)
+SMEM_PER_SM = 228 * 1024  # Hopper's shared memory per SM
+SMEM_PER_CTA = 227 * 1024  # and the most one CTA may take
 MAX_M = 64
 _ROW = LayoutEnum.ROW_MAJOR  # K-major wgmma operands
 _OUT = {torch.bfloat16: BFloat16, torch.float32: Float32}
@@ -98,10 +101,10 @@ class Fp8GemmKernel:
         self.esize = 2 if out_dtype is BFloat16 else 4  # output bytes per element
 
     @cute.jit
-    def __call__(self, mX, mXs, mW, mWs, mOut, mPart, mCnt, n_per_group: Int32, kb_per_split: Int32, n_ctas: Int32,
-                 stream):
+    def __call__(self, mX, mXs, mW, mWs, mOut, mPart, mCnt, n_per_group: Int32, kb_per_split: Int32, stream):
         N = mW.shape[0]
         K = mW.shape[1]
+        splits = (K // BK + kb_per_split - 1) // kb_per_split
         # x as an e4m3 (row, k, group) tensor, the weight as (row, k): TMA copies [MB, 128] / [64, 128] boxes
         xt = cute.make_tensor(cute.recast_ptr(mX.iterator, dtype=Float8E4M3FN),
                               cute.make_layout((mX.shape[0], K, mX.shape[1]), stride=(mX.stride[0], 1, mX.stride[1])))
@@ -115,7 +118,7 @@ class Fp8GemmKernel:
                                                         (self.mb, BK))
         self.kernel(tma_w_atom, tma_w, w_layout, tma_x_atom, tma_x, x_layout, mXs, mWs, mOut, mPart, mCnt,
                     n_per_group, kb_per_split).launch(
-            grid=[n_ctas, 1, 1],
+            grid=[N // TILE_N, splits, 1],
             block=[THREADS, 1, 1],
             stream=stream,
             use_pdl=self.pdl,
@@ -126,8 +129,8 @@ class Fp8GemmKernel:
                tma_x_atom: cute.CopyAtom, tma_x: cute.Tensor, x_layout: cute.ComposedLayout, mXs, mWs, mOut, mPart,
                mCnt, n_per_group: Int32, kb_per_split: Int32):
         tid, _, _ = cute.arch.thread_idx()
-        cta, _, _ = cute.arch.block_idx()
-        n_ctas, _, _ = cute.arch.grid_dim()
+        tile, s, _ = cute.arch.block_idx()
+        _, splits, _ = cute.arch.grid_dim()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         lane = tid % 32
         stages = self.stages
@@ -135,9 +138,10 @@ class Fp8GemmKernel:
         M = mXs.shape[0]
         N = mOut.shape[1]
         KB = mWs.shape[1]
-        splits = (KB + kb_per_split - 1) // kb_per_split
-        # work item w = (128-row tile w // splits, split w % splits); this CTA runs items cta, cta + n_ctas, ..
-        count = ((N // TILE_N) * splits - cta + n_ctas - 1) // n_ctas
+        kb0 = s * kb_per_split
+        nkb = cutlass.min(kb_per_split, KB - kb0)
+        n0 = tile * TILE_N
+        grp = n0 // n_per_group
         producer = 2 * (WG // 32)
         w_bytes = BW * BK
         x_bytes = mb * BK
@@ -176,128 +180,105 @@ class Fp8GemmKernel:
             gX = cute.local_tile(tma_x, (mb, BK), (0, None, None))  # (MB, 128, K blocks, groups)
             tXsX, tXgX = cpasync.tma_partition(tma_x_atom, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2),
                                                cute.group_modes(gX, 0, 2))
-            tile0 = cta // splits  # the first item's tile and first K block
-            kb00 = (cta % splits) * kb_per_split
-            pro = cutlass.min(cutlass.min(kb_per_split, KB - kb00), stages)
-            # the weight halves of the first item's first stages before the grid-dependency wait
+            pro = cutlass.min(nkb, stages)
+            # the weight halves of the first stages before the grid-dependency wait
             for i in cutlass.range(pro, unroll=1):
                 if lane == 0:
                     cute.arch.mbarrier_arrive_and_expect_tx(full + i, 2 * w_bytes + x_bytes)
                 for h in cutlass.range_constexpr(2):
-                    cute.copy(tma_w_atom, tWgW[(None, 2 * tile0 + h, kb00 + i)], tWsW[(None, 2 * i + h)],
+                    cute.copy(tma_w_atom, tWgW[(None, 2 * tile + h, kb0 + i)], tWsW[(None, 2 * i + h)],
                               tma_bar_ptr=full + i)
             if const_expr(self.pdl):
                 cute.arch.griddepcontrol_wait()
             for i in cutlass.range(pro, unroll=1):
-                cute.copy(tma_x_atom, tXgX[(None, kb00 + i, tile0 * TILE_N // n_per_group)], tXsX[(None, i)],
-                          tma_bar_ptr=full + i)
-            it = pro  # ring slots filled so far
-            for j in cutlass.range(count, unroll=1):
-                w = cta + j * n_ctas
-                tile = w // splits
-                kb0 = (w % splits) * kb_per_split
-                grp = tile * TILE_N // n_per_group
-                for i in cutlass.range(pro - cutlass.min(j, 1) * pro, cutlass.min(kb_per_split, KB - kb0), unroll=1):
-                    stage = it % stages
-                    cute.arch.mbarrier_wait(empty + stage, ((it // stages) % 2) ^ 1)
-                    if lane == 0:
-                        cute.arch.mbarrier_arrive_and_expect_tx(full + stage, 2 * w_bytes + x_bytes)
-                    for h in cutlass.range_constexpr(2):
-                        cute.copy(tma_w_atom, tWgW[(None, 2 * tile + h, kb0 + i)], tWsW[(None, 2 * stage + h)],
-                                  tma_bar_ptr=full + stage)
-                    cute.copy(tma_x_atom, tXgX[(None, kb0 + i, grp)], tXsX[(None, stage)], tma_bar_ptr=full + stage)
-                    it = it + 1
+                cute.copy(tma_x_atom, tXgX[(None, kb0 + i, grp)], tXsX[(None, i)], tma_bar_ptr=full + i)
+            for i in cutlass.range(pro, nkb, unroll=1):
+                stage = i % stages
+                cute.arch.mbarrier_wait(empty + stage, ((i // stages) % 2) ^ 1)
+                if lane == 0:
+                    cute.arch.mbarrier_arrive_and_expect_tx(full + stage, 2 * w_bytes + x_bytes)
+                for h in cutlass.range_constexpr(2):
+                    cute.copy(tma_w_atom, tWgW[(None, 2 * tile + h, kb0 + i)], tWsW[(None, 2 * stage + h)],
+                              tma_bar_ptr=full + stage)
+                cute.copy(tma_x_atom, tXgX[(None, kb0 + i, grp)], tXsX[(None, stage)], tma_bar_ptr=full + stage)
         else:
             if const_expr(self.pdl):
                 cute.arch.griddepcontrol_wait()
                 cute.arch.griddepcontrol_launch_dependents()
+            # ---- the split's x_scale · w_scale products, [kb, m] (m past M: 0) ----
+            ws_row = mWs.iterator.toint() + Int64(n0 // TILE_N) * Int64(mWs.stride[0]) * 4
+            xs_base = mXs.iterator.toint() + Int64(grp) * Int64(mXs.stride[1]) * 4
+            for c in cutlass.range(tid, nkb * mb, 2 * WG, unroll=1):
+                kb = c // mb
+                m = c % mb
+                v = Float32(0.0)
+                if m < M:
+                    sa = ld("global", xs_base + Int64(m) * Int64(mXs.stride[0]) * 4
+                            + Int64(kb0 + kb) * Int64(mXs.stride[2]) * 4, Float32)
+                    sb = ld("global", ws_row + Int64(kb0 + kb) * 4, Float32, nc=True)
+                    v = sa * sb
+                sScale[m, kb] = v
+            cute.arch.barrier(barrier_id=1, number_of_threads=2 * WG)
+
             # cC: (weight row, activation row) of each accumulator element
             mma, tCrW, tCrX, blk, cC = e4m3_wgmma(sW, sX, tid % WG, BW, mb)
             acc = cute.make_rmem_tensor(cute.size(blk), Float32)
+            acc.fill(0.0)
             mma.set(warpgroup.Field.ACCUMULATE, True)
-            it = Int32(0)  # ring slots consumed so far
-            for j in cutlass.range(count, unroll=1):
-                w = cta + j * n_ctas
-                tile = w // splits
-                s = w % splits
-                kb0 = s * kb_per_split
-                nkb = cutlass.min(kb_per_split, KB - kb0)
-                n0 = tile * TILE_N
-                grp = n0 // n_per_group
-                # ---- the item's x_scale · w_scale products, [kb, m] (m past M: 0), once the last item's
-                # reads of them (and of the flag) are done ----
-                cute.arch.barrier(barrier_id=1, number_of_threads=2 * WG)
-                ws_row = mWs.iterator.toint() + Int64(tile) * Int64(mWs.stride[0]) * 4
-                xs_base = mXs.iterator.toint() + Int64(grp) * Int64(mXs.stride[1]) * 4
-                for c in cutlass.range(tid, nkb * mb, 2 * WG, unroll=1):
-                    kb = c // mb
-                    m = c % mb
-                    v = Float32(0.0)
-                    if m < M:
-                        sa = ld("global", xs_base + Int64(m) * Int64(mXs.stride[0]) * 4
-                                + Int64(kb0 + kb) * Int64(mXs.stride[2]) * 4, Float32)
-                        sb = ld("global", ws_row + Int64(kb0 + kb) * 4, Float32, nc=True)
-                        v = sa * sb
-                    sScale[m, kb] = v
-                cute.arch.barrier(barrier_id=1, number_of_threads=2 * WG)
-
-                acc.fill(0.0)
-                for i in cutlass.range(nkb, unroll=1):
-                    stage = it % stages
-                    cute.arch.mbarrier_wait(full + stage, (it // stages) % 2)
-                    blk.fill(0.0)
-                    warpgroup.fence()
-                    for k in cutlass.range_constexpr(cute.size(tCrW, mode=[2])):
-                        cute.gemm(mma, blk, tCrW[None, None, k, 2 * stage + g], tCrX[None, None, k, stage], blk)
-                    warpgroup.commit_group()
-                    warpgroup.wait_group(0)
-                    cute.arch.mbarrier_arrive(empty + stage)
-                    for e in cutlass.range_constexpr(cute.size(acc)):
-                        acc[e] = acc[e] + blk[e] * sScale[cC[e][1], i]
-                    it = it + 1
-
-                # ---- epilogue: the output (unsplit) or the partial, then the tile's last CTA sums them ----
+            for i in cutlass.range(nkb, unroll=1):
+                stage = i % stages
+                cute.arch.mbarrier_wait(full + stage, (i // stages) % 2)
+                blk.fill(0.0)
+                warpgroup.fence()
+                for k in cutlass.range_constexpr(cute.size(tCrW, mode=[2])):
+                    cute.gemm(mma, blk, tCrW[None, None, k, 2 * stage + g], tCrX[None, None, k, stage], blk)
+                warpgroup.commit_group()
+                warpgroup.wait_group(0)
+                cute.arch.mbarrier_arrive(empty + stage)
                 for e in cutlass.range_constexpr(cute.size(acc)):
-                    n = n0 + g * BW + cC[e][0]
-                    m = cC[e][1]
-                    if m < M:
-                        if const_expr(not self.split):
-                            st_global(out_base + (Int64(m) * out_stride + Int64(n)) * esize, acc[e], self.out_dtype)
-                        else:
-                            st_global(part + (Int64(s) * plane + Int64(m) * Int64(N) + Int64(n)) * 4, acc[e])
-                if const_expr(self.split):
-                    # every partial store of the item is issued before thread 0 releases them
-                    cute.arch.barrier(barrier_id=1, number_of_threads=2 * WG)
-                    if tid == 0:
-                        cute.arch.fence_acq_rel_gpu()
-                        old = cute.arch.atomic_add(mCnt.iterator + tile, Int32(1), sem="relaxed", scope="gpu")
-                        last = Int32(0)
-                        if old == splits - 1:
-                            cute.arch.fence_acq_rel_gpu()
-                            mCnt[tile] = Int32(0)  # zero at rest, for the next GEMM
-                            last = Int32(1)
-                        sFlag[0] = last
-                    cute.arch.barrier(barrier_id=1, number_of_threads=2 * WG)
-                    if sFlag[0] != 0:
-                        # the element's offset in a partial (0 past M: read, never stored)
-                        off = cute.make_rmem_tensor(cute.size(cC), Int64)
-                        tot = cute.make_rmem_tensor(cute.size(cC), Float32)
+                    acc[e] = acc[e] + blk[e] * sScale[cC[e][1], i]
+
+            # ---- epilogue: the output (unsplit) or the partial, then the tile's last CTA sums them ----
+            for e in cutlass.range_constexpr(cute.size(acc)):
+                n = n0 + g * BW + cC[e][0]
+                m = cC[e][1]
+                if m < M:
+                    if const_expr(not self.split):
+                        st_global(out_base + (Int64(m) * out_stride + Int64(n)) * esize, acc[e], self.out_dtype)
+                    else:
+                        st_global(part + (Int64(s) * plane + Int64(m) * Int64(N) + Int64(n)) * 4, acc[e])
+        if const_expr(self.split):
+            cute.arch.sync_threads()  # every partial store is issued before thread 0 releases them
+            if tid == 0:
+                cute.arch.fence_acq_rel_gpu()
+                old = cute.arch.atomic_add(mCnt.iterator + tile, Int32(1), sem="relaxed", scope="gpu")
+                last = Int32(0)
+                if old == splits - 1:
+                    cute.arch.fence_acq_rel_gpu()
+                    mCnt[tile] = Int32(0)  # zero at rest, for the next GEMM
+                    last = Int32(1)
+                sFlag[0] = last
+            cute.arch.sync_threads()
+            if sFlag[0] != 0:
+                if warp != producer:
+                    cC = e4m3_wgmma(sW, sX, tid % WG, BW, mb)[4]
+                    # the element's offset in a partial (0 past M: read, never stored)
+                    off = cute.make_rmem_tensor(cute.size(cC), Int64)
+                    tot = cute.make_rmem_tensor(cute.size(cC), Float32)
+                    for e in cutlass.range_constexpr(cute.size(cC)):
+                        m = cC[e][1]
+                        off[e] = Int64(0)
+                        if m < M:
+                            off[e] = Int64(m) * Int64(N) + Int64(n0 + g * BW + cC[e][0])
+                        tot[e] = Float32(0.0)
+                    for q in cutlass.range(splits, unroll=1):  # split order: deterministic; one round trip each
                         for e in cutlass.range_constexpr(cute.size(cC)):
-                            m = cC[e][1]
-                            off[e] = Int64(0)
-                            if m < M:
-                                off[e] = Int64(m) * Int64(N) + Int64(n0 + g * BW + cC[e][0])
-                            tot[e] = Float32(0.0)
-                        for q in cutlass.range(splits, unroll=1):  # split order: deterministic; one round trip each
-                            for e in cutlass.range_constexpr(cute.size(cC)):
-                                tot[e] = tot[e] + ld("global", part + (Int64(q) * plane + off[e]) * 4, Float32,
-                                                     cg=True)
-                        for e in cutlass.range_constexpr(cute.size(cC)):
-                            m = cC[e][1]
-                            if m < M:
-                                n = n0 + g * BW + cC[e][0]
-                                st_global(out_base + (Int64(m) * out_stride + Int64(n)) * esize, tot[e],
-                                          self.out_dtype)
+                            tot[e] = tot[e] + ld("global", part + (Int64(q) * plane + off[e]) * 4, Float32, cg=True)
+                    for e in cutlass.range_constexpr(cute.size(cC)):
+                        m = cC[e][1]
+                        if m < M:
+                            n = n0 + g * BW + cC[e][0]
+                            st_global(out_base + (Int64(m) * out_stride + Int64(n)) * esize, tot[e], self.out_dtype)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -322,7 +303,7 @@ class Fp8GemmKernel:
         ]
         kernel = Fp8GemmKernel(mb, stages, out_dtype, split, pdl)
         stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-        return cute.compile(kernel, *args, Int32(128), Int32(1), Int32(1), stream,
+        return cute.compile(kernel, *args, Int32(128), Int32(1), stream,
                             options=f"--enable-tvm-ffi --gpu-arch {arch} {extra_options}".strip())
 
 
@@ -339,24 +320,31 @@ def supports(x_q: torch.Tensor, w_q: torch.Tensor, out_dtype) -> bool:
 
 
 def smem_bytes(mb: int, stages: int) -> int:
-    """Shared memory of one CTA: the stage ring (two 64-row weight halves and the activation block per
-    stage), the staged scales, the flag and the mbarriers, with the ring's 1 KiB alignment."""
-    return stages * (TILE_N + mb) * BK + SCALE_BYTES + 16 * stages + 1024 + 16
+    """Shared memory of one CTA: the stage ring (two 64-row weight halves and the ``[mb, 128]``
+    activation block a stage), the staged scales, the flag and two mbarriers a stage."""
+    return stages * (TILE_N + mb) * BK + 4 * mb * max_kb(mb) + 16 + 16 * stages
 
 
-def gemm_config(M: int, N: int, KB: int, sms: int, splits: int | None = None, stages: int | None = None,
-                ctas: int | None = None):
-    """(splits, K blocks per split, stages, CTAs). The CTAs run the work items (128-row tile x split)
-    round robin: as many as there are items, up to as many as fit on the GPU at once (shared memory)
-    unless ``ctas`` says otherwise. Splits and stages: Split-K (4 ways) only where four splits of every 128-row tile
-    still fit one CTA per SM; 6 stages (one CTA per SM) unless the CTAs exceed two per SM, then 4 (two
-    fit); at most ``max_kb`` K blocks per split. From the H200 sweep of ``.old_tree/gemm_ab.py`` at
-    M = 1-8 (splits 1 / 2 / 4 / 8 x stages 4 / 6, µs, best → this rule): ``wq_a+wkv`` (12 tiles) 5.0-5.2
-    (4 splits, 6 stages) → the same; ``wq_b`` (256) 8.6-9.0 (1, 6) → the same; ``indexer.wq_b`` (64)
-    3.5-3.6 (1, 6) → the same; ``q_proj`` (320) 11.6-11.9 (1, 4) → the same; ``wo_a`` (64) 11.3-11.6 (1, 6)
-    → the same; ``wo_b`` (32) 12.1-13.0 (8, 6) → 12.7-13.4 (4, 6)."""
-    if ctas is not None and ctas < 1:
-        raise ValueError(f"fp8 gemm: ctas must be >= 1, got {ctas}")
+def _deepest_ring(mb: int, per_sm: int, most: int) -> int:
+    """The most stages (up to ``most``) with which ``per_sm`` CTAs fit one SM's shared memory (1 KiB
+    reserved per CTA), a CTA at most ``SMEM_PER_CTA``."""
+    return max(s for s in range(2, most + 1)
+               if per_sm * (smem_bytes(mb, s) + 1024) <= SMEM_PER_SM and smem_bytes(mb, s) <= SMEM_PER_CTA)
+
+
+def gemm_config(M: int, N: int, KB: int, sms: int, splits: int | None = None, stages: int | None = None):
+    """(splits, K blocks per split, stages). Split-K (4 ways) only where four splits of every 128-row tile
+    still fit one CTA per SM; at most ``max_kb`` K blocks per split. Stages: where the CTAs fit one per
+    SM, the deepest ring one CTA holds (up to 8); else the deepest with which two CTAs share an SM (up to
+    6: 6 for up to 16 rows, 5 for 32, 4 for 64), the bytes in flight per SM that keep the weight stream
+    full. H200 sweeps (µs; ``.old_tree/gemm_ab.py``, sixteenth session, M = 1-8; ``gemm_ab2.py``,
+    seventeenth, M = 1-64): the split rule picked the best of 1 / 2 / 4 / 8 splits for every V4-Flash
+    projection but ``wo_b`` (4 splits 12.7-13.4 against 8 splits 12.1-13.0); one CTA per SM with 8 stages
+    against 6: ``wo_b`` M = 1 / 8 / 16 12.4 / 12.7 / 14.0 against 13.7 / 14.0 / 15.3, ``wo_a`` 11.3-13.1
+    against 11.6-13.2, ``wq_a+wkv`` M = 8 6.1 against 6.6; two CTAs an SM against one with 6 stages:
+    ``wq_b`` M = 32 / 64 10.5 / 13.0 (4 stages) against 12.2 / 15.1. CTAs that each ran several tiles in
+    turn (at most as many as fit the GPU at once) lost to one tile per CTA: ``wq_b`` M = 1 / 16 10.9 /
+    11.5 against 8.7 / 9.3, ``q_proj`` M = 8 14.3 against 11.6."""
     tiles = N // TILE_N
     mb = _mb(M)
     if splits is None:
@@ -365,18 +353,17 @@ def gemm_config(M: int, N: int, KB: int, sms: int, splits: int | None = None, st
     splits = max(splits, cdiv(KB, max_kb(mb)))
     per = cdiv(KB, min(splits, KB))
     splits = cdiv(KB, per)
-    stages = stages or (6 if tiles * splits <= 2 * sms else 4)
-    fit = max(1, SMEM_PER_SM // (smem_bytes(mb, stages) + 1024)) * sms  # 1 KiB reserved per CTA
-    ctas = min(tiles * splits, ctas or fit)
-    return splits, per, stages, ctas
+    if stages is None:
+        stages = _deepest_ring(mb, 1, 8) if tiles * splits <= sms else _deepest_ring(mb, 2, 6)
+    return splits, per, stages
 
 
 def fp8_gemm_into(out, x_q, x_scale, w_q, ws, splits: int | None = None, stages: int | None = None,
-                  ctas: int | None = None, pdl: bool | None = None) -> torch.Tensor:
+                  pdl: bool | None = None) -> torch.Tensor:
     """``out [M, N]`` (bf16 / fp32, unit last stride) = the block-scaled GEMM of ``x_q`` (e4m3 ``[M, K]`` or
     grouped ``[M, G, K]``) with its fp32 ``x_scale`` (``[M, K/128]`` / ``[M, G, K/128]``, any strides) and
     ``w_q`` (e4m3 ``[N, K]``) with its fp32 ``ws`` (``[N/128, K/128]``, unit last stride); ``supports``
-    must hold. ``splits`` / ``stages`` / ``ctas`` override ``gemm_config``."""
+    must hold. ``splits`` / ``stages`` override ``gemm_config``."""
     M, (N, K) = x_q.shape[0], w_q.shape
     KB = K // BK
     xb = x_q.view(torch.uint8)
@@ -385,9 +372,9 @@ def fp8_gemm_into(out, x_q, x_scale, w_q, ws, splits: int | None = None, stages:
         x_scale = x_scale.unsqueeze(1)
     if xb.stride(-1) != 1 or not aligned(xb, 16, (0, 1)):
         xb = fresh_copy(xb)
-    n_split, per, st, n_ctas = gemm_config(M, N, KB, sm_programs(x_q.device), splits, stages, ctas)
-    if smem_bytes(_mb(M), st) > SMEM_PER_SM - 1024:
-        raise ValueError(f"fp8 gemm: {st} stages of {_mb(M)} activation rows need more shared memory than a CTA has")
+    n_split, per, st = gemm_config(M, N, KB, sm_programs(x_q.device), splits, stages)
+    if not 1 <= st or smem_bytes(_mb(M), st) > SMEM_PER_CTA:
+        raise ValueError(f"fp8 gemm: {st} stages of {_mb(M)} activation rows do not fit a CTA's shared memory")
     if pdl is None:
         pdl = pdl_meta(x_q.device.index) is not None
     part = cnt = None
@@ -395,5 +382,5 @@ def fp8_gemm_into(out, x_q, x_scale, w_q, ws, splits: int | None = None, stages:
         part = torch.empty((n_split, M, N), dtype=torch.float32, device=x_q.device)
         cnt = _device.zeroed_counters(x_q.device, "fp8_gemm_cute", N // TILE_N, COUNTERS)
     compiled = Fp8GemmKernel.compile(_mb(M), st, _OUT[out.dtype], n_split > 1, pdl, arch_name(x_q.device))
-    compiled(xb, x_scale, w_q.view(torch.uint8), ws, out, part, cnt, N // xb.shape[1], per, n_ctas)
+    compiled(xb, x_scale, w_q.view(torch.uint8), ws, out, part, cnt, N // xb.shape[1], per)
     return out

@@ -27,9 +27,10 @@ therefore require that a weight is not the output of the kernel launched just be
 checkpoint weight never is); a weight the launcher has to copy first is launched without PDL. The
 same GEMV runs ``linear_fp32`` (bf16 / fp16 / fp32 weight, fp32 output) for one row.
 
-From 2 to ``CUTE_MAX_M`` rows (and one row of K ≤ ``CUTE_ROW_MAX_K``), where CuTe DSL runs on Hopper, the
-CuTe-DSL kernel of ``kernels.cute.gemm`` takes the call (TMA weight stream filled by a producer warp,
-wgmma with the weight rows on M; ``_cute_preferred``).
+From 2 to ``CUTE_MAX_M`` rows (and one row of K ≤ ``CUTE_ROW_MAX_K``; up to ``CUTE_UNSPLIT_MAX_M`` rows
+where its launch is unsplit), where CuTe DSL runs on Hopper, the CuTe-DSL kernel of ``kernels.cute.gemm``
+takes the call (TMA weight stream filled by a producer warp, wgmma with the weight rows on M;
+``_cute_preferred``).
 
 Large M (prefill) goes to cuBLAS through ``torch._scaled_mm`` with block-wise scales where this
 torch / GPU takes them (probed once per device), else to the same kernel with 128-row tiles.
@@ -315,8 +316,9 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend
     return _launch(x_q, x_scale, w_q, ws, out, config)
 
 
-CUTE_KEYS = ("splits", "stages", "ctas")  # configuration keywords of the CuTe-DSL kernel (kernels.cute.gemm)
+CUTE_KEYS = ("splits", "stages")  # configuration keywords of the CuTe-DSL kernel (kernels.cute.gemm)
 CUTE_MAX_M = 16  # rows the automatic dispatch gives the CuTe-DSL kernel (where CuTe DSL runs on Hopper)
+CUTE_UNSPLIT_MAX_M = 32  # and up to these rows where its launch is unsplit, two CTAs an SM at most
 CUTE_ROW_MAX_K = 2048  # one row: the CuTe-DSL kernel up to this K, the GEMV above
 
 
@@ -327,10 +329,14 @@ def _cute_preferred(x_q, w_q, out_dtype) -> bool:
     ``q_proj`` 11.6 / 11.9 against 14.0 / 14.2, ``indexer.wq_b`` 3.6 against 6.2-6.4, ``wo_a`` 11.6
     against 13.1-13.5, ``wq_a+wkv`` 5.1-5.2 against 6.5-6.9, ``wo_b`` 12.9-13.4 against 13.0-13.5; one row,
     against the GEMV: ``wq_b`` 8.6 against 10.9, ``q_proj`` 11.6 against 13.3, but K ≥ 4096 10.5-12.1
-    against 3.1-10.5 (``wo_a``, ``wo_b``, ``wq_a+wkv``). From 32 rows it lost for most projections
-    (``q_proj`` M = 64 19.3 against 16.9)."""
-    M, K = x_q.shape[0], w_q.shape[1]
-    if x_q.device.type != "cuda" or interpreting() or M > CUTE_MAX_M or (M == 1 and K > CUTE_ROW_MAX_K):
+    against 3.1-10.5 (``wo_a``, ``wo_b``, ``wq_a+wkv``). From 17 to ``CUTE_UNSPLIT_MAX_M`` rows, only
+    where its launch is unsplit and has at most two 128-row tiles an SM (M = 32, seventeenth session:
+    ``wq_b`` 10.5 against 13.7, ``indexer.wq_b`` 4.4 against 7.2, ``wo_a`` 13.1 against 14.6; split or
+    wider it lost: ``wq_a+wkv`` 9.5 against 7.9, ``wo_b`` 16.5 against 15.1, ``q_proj`` 14.6 against
+    14.4); at 64 rows it won for ``wq_b`` alone (13.0 against 15.1)."""
+    M, (N, K) = x_q.shape[0], w_q.shape
+    if (x_q.device.type != "cuda" or interpreting() or M > CUTE_UNSPLIT_MAX_M
+            or (M == 1 and K > CUTE_ROW_MAX_K)):
         return False
     from ..cute import _common as cute_common
 
@@ -338,7 +344,12 @@ def _cute_preferred(x_q, w_q, out_dtype) -> bool:
         return False
     from ..cute import gemm as cute_gemm
 
-    return cute_gemm.supports(x_q, w_q, out_dtype)
+    if not cute_gemm.supports(x_q, w_q, out_dtype):
+        return False
+    if M <= CUTE_MAX_M:
+        return True
+    sms = sm_programs(x_q.device)
+    return cute_gemm.gemm_config(M, N, K // BLOCK, sms)[0] == 1 and N // cute_gemm.TILE_N <= 2 * sms
 
 
 def _launch_cute(x_q, x_scale, w_q, ws, out, config):
