@@ -437,6 +437,9 @@ def test_cute_gemm_config():
     assert cute_gemm.gemm_config(64, 32 * 128, 64, 132, splits=1) == (2, 32, 8)  # 32 K blocks of 64 rows' scales
     assert cute_gemm.smem_bytes(64, 8) <= cute_gemm.SMEM_PER_CTA
     assert cute_gemm.gemm_config(8, 256, 8, 132, stages=3) == (4, 2, 3)
+    for M, stages in ((64, 10), (8, 0)):
+        with pytest.raises(ValueError, match="do not fit a CTA's shared memory"):
+            cute_gemm.gemm_config(M, 256, 8, 132, stages=stages)
 
 
 def test_cute_dispatch_rows(monkeypatch):

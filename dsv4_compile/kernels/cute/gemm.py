@@ -333,7 +333,8 @@ def _deepest_ring(mb: int, per_sm: int, most: int) -> int:
 
 
 def gemm_config(M: int, N: int, KB: int, sms: int, splits: int | None = None, stages: int | None = None):
-    """(splits, K blocks per split, stages). Split-K (4 ways) only where four splits of every 128-row tile
+    """(splits, K blocks per split, stages); a ``ValueError`` for a ring that does not fit a CTA's shared
+    memory. Split-K (4 ways) only where four splits of every 128-row tile
     still fit one CTA per SM; at most ``max_kb`` K blocks per split. Stages: where the CTAs fit one per
     SM, the deepest ring one CTA holds (up to 8); else the deepest with which two CTAs share an SM (up to
     6: 6 for up to 16 rows, 5 for 32, 4 for 64), the bytes in flight per SM that keep the weight stream
@@ -355,6 +356,8 @@ def gemm_config(M: int, N: int, KB: int, sms: int, splits: int | None = None, st
     splits = cdiv(KB, per)
     if stages is None:
         stages = _deepest_ring(mb, 1, 8) if tiles * splits <= sms else _deepest_ring(mb, 2, 6)
+    elif stages < 1 or smem_bytes(mb, stages) > SMEM_PER_CTA:
+        raise ValueError(f"fp8 gemm: {stages} stages of {mb} activation rows do not fit a CTA's shared memory")
     return splits, per, stages
 
 
@@ -373,8 +376,6 @@ def fp8_gemm_into(out, x_q, x_scale, w_q, ws, splits: int | None = None, stages:
     if xb.stride(-1) != 1 or not aligned(xb, 16, (0, 1)):
         xb = fresh_copy(xb)
     n_split, per, st = gemm_config(M, N, KB, sm_programs(x_q.device), splits, stages)
-    if not 1 <= st or smem_bytes(_mb(M), st) > SMEM_PER_CTA:
-        raise ValueError(f"fp8 gemm: {st} stages of {_mb(M)} activation rows do not fit a CTA's shared memory")
     if pdl is None:
         pdl = pdl_meta(x_q.device.index) is not None
     part = cnt = None

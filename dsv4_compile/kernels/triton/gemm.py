@@ -532,8 +532,9 @@ def fp8_linear(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=1e-4, back
         return torch.zeros((M, N), dtype=out_dtype, device=x.device)
     backend = _backend(backend)
     config = _given(config)
-    apart = backend == "auto" and not config and N * K >= QUANT_APART_MIN_WEIGHT and _cute_preferred(x, w_q, out_dtype)
-    gemv = _use_gemv(backend, M, N, K, config) and (backend == "gemv" or (K <= FUSED_QUANT_MAX_K and not apart))
+    gemv = _use_gemv(backend, M, N, K, config) and (backend == "gemv" or (
+        K <= FUSED_QUANT_MAX_K and not (backend == "auto" and not config and N * K >= QUANT_APART_MIN_WEIGHT
+                                        and _cute_preferred(x, w_q, out_dtype))))
     if gemv or (backend == "triton" and M <= 64):
         out = torch.empty((M, N), dtype=out_dtype, device=x.device)
         launch = _launch_gemv if gemv else _launch
