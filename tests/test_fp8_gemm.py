@@ -476,7 +476,7 @@ def test_cute_dispatch_rows(monkeypatch):
 @pytest.mark.cuda
 def test_gpu_fp8_linear_one_row_of_a_large_weight_quantizes_apart():
     """One row of a weight of ``QUANT_APART_MIN_WEIGHT`` elements with K ≤ 2048 runs the quant kernel,
-    then the CuTe-DSL kernel (bit for bit that pair, no GEMV); one element row fewer keeps the fused GEMV."""
+    then the CuTe-DSL kernel (bit for bit that pair, no GEMV); 128 weight rows fewer keep the fused GEMV."""
     pytest.importorskip("cutlass")
     from dsv4_compile.kernels.cute import gemm as cute_gemm
 
