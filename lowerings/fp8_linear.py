@@ -14,8 +14,9 @@ which runs first, makes one of repeated quants: fused, each GEMM would quantize 
 grouped (3-D) GEMM of ``wo_a``, whose input comes quantized from the fused output quant.
 
 On by default (``PassConfig.fp8_linear``). The op decides at run time where the quant goes
-(``kernels/triton/gemm.py``): one row with K ≤ 4096 quantizes inside the GEMV, everything else runs
-the quant kernel, then the GEMM, so the rewrite costs nothing where fusing does not pay. Measured on an
+(``kernels/triton/gemm.py``): one row with K ≤ 4096 quantizes inside the GEMV (unless the GEMM gives
+that row to the CuTe-DSL kernel: K ≤ 2048 on Hopper), everything else runs the quant kernel, then the
+GEMM, so the rewrite costs nothing where fusing does not pay. Measured on an
 H200 at M = 1: ``wq_a+wkv`` 3.2 µs fused against 3.1 + 1.3 µs, ``q_proj`` 13.5 against 13.1 + 1.1 µs
 (``benchmarks/results/projections_h200.md``). Before the GEMV (the tiled kernel quantizing in its
 prologue, every N tile again) it lost from M = 32 and on the wide projections, and was off.

@@ -161,14 +161,15 @@ def test_grouped_reference_and_kernel(kernel_device):
                                           (64, 130, 256, 2), (65, 128, 256, None)])
 def test_fp8_linear_is_quant_then_gemm_bit_for_bit(kernel_device, M, N, K, splits):
     """``fp8_linear`` (the GEMV or the tiled kernel quantizing x itself; quant + GEMM otherwise) equals
-    the quant op's kernel then the GEMM kernel bit for bit, with a NaN row, a zero row (the floor's scale)
-    and an fp32 x. (Under the interpreter both quantize with its own e4m3 conversion, which is not the
-    hardware's round-to-nearest-even: the kernels' agreement is what is checked there; on the GPU the
-    quant kernel is bit-exact with the reference, ``test_triton_kernels``.)"""
+    the quant op's kernel then the GEMM kernel bit for bit, with a NaN row and a zero row (the floor's
+    scale) where there are several, and an fp32 x. (Under the interpreter both quantize with its own e4m3
+    conversion, which is not the hardware's round-to-nearest-even: the kernels' agreement is what is checked
+    there; on the GPU the quant kernel is bit-exact with the reference, ``test_triton_kernels``.)"""
     g = torch.Generator().manual_seed(M + K)
     _, _, w_q, w_scale = _case(1, N, K, seed=N)
     x = torch.randn(M, K, generator=g) * 5
-    x[0, 3] = float("nan")
+    if M > 1:  # (one row: a NaN would make every output NaN, hiding any difference)
+        x[1, 3] = float("nan")
     if M > 2:
         x[2] = 0
     dev = [t.to(kernel_device) for t in (w_q, w_scale)]
@@ -424,8 +425,8 @@ def test_gpu_cute_gemm_matches_reference(M):
 
 def test_cute_gemm_config():
     """The CuTe-DSL kernel's launch rule: split-K only where four splits of every tile fit the SMs; the
-    deepest ring one CTA an SM holds (up to 8 stages) where the CTAs fit one an SM, else the deepest
-    with which two share an SM (up to 6); the staged scales cap a split's K blocks."""
+    deepest ring with which every CTA is resident at once (up to 8 stages for one an SM, 6 for more; at
+    least 3, else one CTA fewer an SM); the staged scales cap a split's K blocks."""
     cute_gemm = pytest.importorskip("dsv4_compile.kernels.cute.gemm")
     assert cute_gemm.gemm_config(8, 12 * 128, 32, 132) == (4, 8, 8)  # wq_a+wkv: 48 CTAs
     for M, stages in ((1, 6), (8, 6), (16, 6), (32, 5), (64, 4)):  # wq_b: 256 CTAs, two an SM
@@ -433,6 +434,9 @@ def test_cute_gemm_config():
         mb = cute_gemm._mb(M)
         assert 2 * (cute_gemm.smem_bytes(mb, stages) + 1024) <= cute_gemm.SMEM_PER_SM
         assert stages == 6 or 2 * (cute_gemm.smem_bytes(mb, stages + 1) + 1024) > cute_gemm.SMEM_PER_SM
+    for M, stages in ((1, 4), (8, 4), (16, 3), (32, 3), (64, 4)):  # q_proj: 320 CTAs, three an SM (64 rows: two)
+        assert cute_gemm.gemm_config(M, 320 * 128, 8, 132) == (1, 8, stages)
+    assert 3 * (cute_gemm.smem_bytes(64, 3) + 1024) > cute_gemm.SMEM_PER_SM
     assert cute_gemm.gemm_config(64, 32 * 128, 64, 132) == (4, 16, 8)  # wo_b
     assert cute_gemm.gemm_config(64, 32 * 128, 64, 132, splits=1) == (2, 32, 8)  # 32 K blocks of 64 rows' scales
     assert cute_gemm.smem_bytes(64, 8) <= cute_gemm.SMEM_PER_CTA
@@ -462,42 +466,40 @@ def test_cute_dispatch_rows(monkeypatch):
     def takes(M, N, K):
         return kernels._cute_preferred(Fake(M, K), Fake(N, K), torch.bfloat16)
 
-    assert takes(8, 1536, 4096) and takes(16, 4096, 8192) and takes(1, 32768, 1024)
-    assert not takes(1, 1536, 4096)
+    assert takes(8, 1536, 4096) and takes(16, 4096, 8192) and takes(1, 32768, 1024) and takes(2, 1536, 4096)
+    assert takes(1, 1536, 2048) and not takes(1, 1536, 2176) and not takes(1, 1536, 4096)
+    assert takes(16, 1536, 4096) and not takes(17, 1536, 4096)  # 17 rows: wq_a+wkv's launch is split
     assert takes(32, 32768, 1024) and takes(32, 8192, 1024)  # wq_b, indexer.wq_b: unsplit
     assert not takes(32, 1536, 4096) and not takes(32, 4096, 8192)  # wq_a+wkv, wo_b: 4 splits
     assert not takes(32, 40960, 1024)  # q_proj: 320 tiles, more than two an SM
-    assert not takes(33, 32768, 1024) and not takes(64, 32768, 1024)
+    assert takes(17, 32768, 1024) and not takes(33, 32768, 1024) and not takes(64, 32768, 1024)
+    # grouped x [M, G, K] (wo_a): the rows are x's first dim, the tiles the weight's
+    assert kernels._cute_preferred(Fake(32, 8, 1024), Fake(8192, 1024), torch.bfloat16)
     fake = Fake(8, 1024)
     fake.device = torch.device("cpu")
     assert not kernels._cute_preferred(fake, Fake(32768, 1024), torch.bfloat16)
 
 
 @pytest.mark.cuda
-def test_gpu_fp8_linear_one_row_of_a_large_weight_quantizes_apart():
-    """One row of a weight of ``QUANT_APART_MIN_WEIGHT`` elements with K ≤ 2048 runs the quant kernel,
-    then the CuTe-DSL kernel (bit for bit that pair, no GEMV); 128 weight rows fewer keep the fused GEMV."""
+def test_gpu_fp8_linear_one_row_follows_the_gemm_dispatch():
+    """One row with K ≤ 2048, where the op's GEMM runs the CuTe-DSL kernel: ``fp8_linear`` runs the
+    quant kernel, then that GEMM (no GEMV), bit for bit ``fp8_block_gemm(*fp8_block_quant(x))`` for a
+    small and a large weight; with K = 4096 (the GEMM's GEMV) it keeps the quant-fused GEMV, bit for
+    bit the same pair."""
     pytest.importorskip("cutlass")
     from dsv4_compile.kernels.cute import gemm as cute_gemm
 
-    K = 2048
-    N = kernels.QUANT_APART_MIN_WEIGHT // K
-    _, _, w_q, w_scale = (t.cuda() for t in _case(1, N, K, seed=7))
-    x = torch.randn(1, K, generator=torch.Generator().manual_seed(7)).bfloat16().cuda()
-    if not cute_gemm.supports(x, w_q, torch.bfloat16):
-        pytest.skip("the CuTe-DSL GEMM needs a Hopper GPU")
     q, gemv = quant_kernels._fp8_block_quant_kernel, kernels._gemv_kernel
-
-    def launches(w, s):
+    for N, K, want_launches in ((256, 512, (1, 0)), (8192, 2048, (1, 0)), (1536, 4096, (0, 1))):
+        _, _, w_q, w_scale = (t.cuda() for t in _case(1, N, K, seed=N))
+        x = (torch.randn(1, K, generator=torch.Generator().manual_seed(K)) * 5).bfloat16().cuda()
+        if not cute_gemm.supports(x, w_q, torch.bfloat16):
+            pytest.skip("the CuTe-DSL GEMM needs a Hopper GPU")
         before = q.launches + q.fast, gemv.launches + gemv.fast
-        out = kernels.fp8_linear(x, w, s)
-        return out, (q.launches + q.fast - before[0], gemv.launches + gemv.fast - before[1])
-
-    got, n = launches(w_q, w_scale)
-    assert n == (1, 0)
-    assert torch.equal(got, kernels.fp8_block_gemm(*quant_kernels.fp8_block_quant(x, 128, 1e-4), w_q, w_scale,
-                                                   backend="cute"))
-    assert launches(w_q[:N - 128], w_scale[:N // 128 - 1])[1] == (0, 1)
+        got = kernels.fp8_linear(x, w_q, w_scale, torch.float32)
+        assert (q.launches + q.fast - before[0], gemv.launches + gemv.fast - before[1]) == want_launches, (N, K)
+        want = kernels.fp8_block_gemm(*quant_kernels.fp8_block_quant(x, 128, 1e-4), w_q, w_scale, torch.float32)
+        assert torch.equal(_bytes(got), _bytes(want)), (N, K)
 
 
 @pytest.mark.cuda

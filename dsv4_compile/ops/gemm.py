@@ -65,9 +65,9 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, 
         x_scale: fp32 ``[M, K/128]`` (``[M, G, K/128]`` grouped) activation block scales (UE8M0 powers
             of two from ``fp8_block_quant``; any positive fp32 works); any strides.
         w_q: e4m3 ``[N, K]`` weight as the checkpoint stores it (``nn.Linear`` layout).
-            Under programmatic dependent launch the one-row GEMV reads it before waiting for the
-            kernel launched just before it on the stream: it must not be that kernel's output
-            (checkpoint weights never are).
+            Under programmatic dependent launch the one-row GEMV and the CuTe-DSL kernel read it
+            before waiting for the kernel launched just before it on the stream: it must not be that
+            kernel's output (checkpoint weights never are).
         w_scale: ``[ceil(N/128), K/128]`` fp32 or ``float8_e8m0fnu`` weight block scales
             (``<name>.scale`` / ``<name>.weight_scale_inv`` of the checkpoint).
         out_dtype: bfloat16 (default), float16 or float32.
@@ -97,7 +97,7 @@ def fp8_block_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, 
         tiled Triton kernel (pipelined weight stream, split-K for small M); both reduce split-K
         partials in split order inside the kernel (deterministic); from 256 rows cuBLAS through
         ``torch._scaled_mm`` with block-wise scales where this torch / GPU takes them
-        (``DSV4_FP8_GEMM=triton`` forces the Triton kernels).
+        (``DSV4_FP8_GEMM=triton`` forces the Triton tiled kernel).
     """
     _check(x_q, x_scale, w_q, w_scale, out_dtype)
     return ref.fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype)
@@ -135,9 +135,9 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dt
     Args:
         x: ``[M, K]`` bf16 / fp16 / fp32 activations (any strides), ``K`` a multiple of 128.
         w_q: e4m3 ``[N, K]`` weight (``nn.Linear`` layout).
-            Under programmatic dependent launch the one-row GEMV reads it before waiting for the
-            kernel launched just before it on the stream: it must not be that kernel's output
-            (checkpoint weights never are).
+            Under programmatic dependent launch the one-row GEMV and the CuTe-DSL kernel read it
+            before waiting for the kernel launched just before it on the stream: it must not be that
+            kernel's output (checkpoint weights never are).
         w_scale: ``[ceil(N/128), K/128]`` fp32 or ``float8_e8m0fnu`` weight block scales.
         out_dtype: bfloat16 (default), float16 or float32.
         scale_floor: the activation quant's amax floor (> 0; 1e-4 as DeepSeek's ``act_quant``).
@@ -156,9 +156,9 @@ def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dt
     Source:
         ``act_quant`` + ``fp8_gemm`` of the DeepSeek-V4 reference ``kernel.py``. The CUDA path for one
         row with K ≤ 4096 is the GEMV quantizing each 1x128 block of ``x`` in registers
-        (``kernels/triton/gemm.py``: the quant kernel's own code) as it streams the weight; elsewhere
-        (and for one row of a weight of 2^24 elements or more that the CuTe-DSL kernel takes) the two
-        ops' kernels. The ``fp8_linear`` pass (``lowerings/fp8_linear.py``) rewrites the plain
+        (``kernels/triton/gemm.py``: the quant kernel's own code) as it streams the weight, except
+        where ``fp8_block_gemm`` gives the row to the CuTe-DSL kernel (K ≤ 2048 on Hopper); elsewhere
+        the two ops' kernels. The ``fp8_linear`` pass (``lowerings/fp8_linear.py``) rewrites the plain
         ``fp8_block_quant`` → ``fp8_block_gemm`` pair into it.
     """
     _check_linear(x, w_q, w_scale, out_dtype, scale_floor)

@@ -1,4 +1,4 @@
-"""CuTe-DSL block-scaled FP8 GEMM for decode sizes (``dsv4::fp8_block_gemm`` at 2 ≤ M ≤ 64), Hopper.
+"""CuTe-DSL block-scaled FP8 GEMM for decode sizes (``dsv4::fp8_block_gemm`` at 1 ≤ M ≤ 64), Hopper.
 
 Same contract as ``kernels.triton.gemm``'s tiled kernel (``reference.gemm``): ``out[m, n] = Σ_kb
 dot_kb(x_q[m], w_q[n]) · (x_scale[m, kb] · w_scale[n // 128, kb])``, each ``dot_kb`` the exact
@@ -70,6 +70,7 @@ THREADS = 2 * WG + 32  # two consumer warpgroups, then the producer warp
 SCALE_BYTES = 8192  # shared memory for a split's staged scales: max_kb(MB) K blocks of MB rows
 SMEM_PER_SM = 228 * 1024  # Hopper's shared memory per SM
 SMEM_PER_CTA = 227 * 1024  # and the most one CTA may take
+MIN_STAGES = 3  # the shallowest ring the launch rule picks (1 KiB reserved per CTA beside its ring)
 MAX_M = 64
 _ROW = LayoutEnum.ROW_MAJOR  # K-major wgmma operands
 _OUT = {torch.bfloat16: BFloat16, torch.float32: Float32}
@@ -325,27 +326,36 @@ def smem_bytes(mb: int, stages: int) -> int:
     return stages * (TILE_N + mb) * BK + 4 * mb * max_kb(mb) + 16 + 16 * stages
 
 
-def _deepest_ring(mb: int, per_sm: int, most: int) -> int:
-    """The most stages (up to ``most``) with which ``per_sm`` CTAs fit one SM's shared memory (1 KiB
-    reserved per CTA), a CTA at most ``SMEM_PER_CTA``."""
-    return max(s for s in range(2, most + 1)
-               if per_sm * (smem_bytes(mb, s) + 1024) <= SMEM_PER_SM and smem_bytes(mb, s) <= SMEM_PER_CTA)
+@functools.lru_cache(maxsize=None)
+def _ring(mb: int, ctas: int, sms: int) -> int:
+    """The stages of ``ctas`` CTAs of ``mb`` activation rows on ``sms`` SMs: the deepest ring (up to 8
+    stages for one CTA an SM, 6 for more) with which all of them are resident at once, if one of at
+    least ``MIN_STAGES`` does; else the same for one CTA fewer an SM."""
+    per_sm = cdiv(ctas, sms)
+    while True:
+        fits = [s for s in range(MIN_STAGES, (8 if per_sm == 1 else 6) + 1)
+                if per_sm * (smem_bytes(mb, s) + 1024) <= SMEM_PER_SM and smem_bytes(mb, s) <= SMEM_PER_CTA]
+        if fits or per_sm == 1:
+            return max(fits)
+        per_sm -= 1
 
 
 def gemm_config(M: int, N: int, KB: int, sms: int, splits: int | None = None, stages: int | None = None):
     """(splits, K blocks per split, stages); a ``ValueError`` for a ring that does not fit a CTA's shared
-    memory. Split-K (4 ways) only where four splits of every 128-row tile
-    still fit one CTA per SM; at most ``max_kb`` K blocks per split. Stages: where the CTAs fit one per
-    SM, the deepest ring one CTA holds (up to 8); else the deepest with which two CTAs share an SM (up to
-    6: 6 for up to 16 rows, 5 for 32, 4 for 64), the bytes in flight per SM that keep the weight stream
-    full. H200 sweeps (µs; ``.old_tree/gemm_ab.py``, sixteenth session, M = 1-8; ``gemm_ab2.py``,
+    memory. Split-K (4 ways) only where four splits of every 128-row tile still fit one CTA per SM; at most
+    ``max_kb`` K blocks per split. Stages (``_ring``): the deepest ring with which every CTA is resident at
+    once, up to 8 stages where they fit one an SM and 6 otherwise (two an SM: 6 / 6 / 5 / 4 stages for 8 /
+    16 / 32 / 64 rows; three: 4 / 3 / 3 for 8 / 16 / 32), the bytes in flight per SM that keep the weight
+    stream full. H200 sweeps (µs; ``.old_tree/gemm_ab.py``, sixteenth session, M = 1-8; ``gemm_ab2.py``,
     seventeenth, M = 1-64): the split rule picked the best of 1 / 2 / 4 / 8 splits for every V4-Flash
     projection but ``wo_b`` (4 splits 12.7-13.4 against 8 splits 12.1-13.0); one CTA per SM with 8 stages
     against 6: ``wo_b`` M = 1 / 8 / 16 12.4 / 12.7 / 14.0 against 13.7 / 14.0 / 15.3, ``wo_a`` 11.3-13.1
     against 11.6-13.2, ``wq_a+wkv`` M = 8 6.1 against 6.6; two CTAs an SM against one with 6 stages:
-    ``wq_b`` M = 32 / 64 10.5 / 13.0 (4 stages) against 12.2 / 15.1. CTAs that each ran several tiles in
-    turn (at most as many as fit the GPU at once) lost to one tile per CTA: ``wq_b`` M = 1 / 16 10.9 /
-    11.5 against 8.7 / 9.3, ``q_proj`` M = 8 14.3 against 11.6."""
+    ``wq_b`` M = 32 / 64 10.5 / 13.0 (4 stages) against 12.2 / 15.1; ``q_proj`` (320 CTAs), all resident
+    (three an SM) against two an SM: M = 1 / 8 11.4 / 11.6-12.0 (4 stages; 6 not measured in the same run:
+    11.9 / 12.4 in the next), M = 16 13.2 (3 stages) against 14.0 (6). CTAs that each ran several tiles in
+    turn (at most as many as fit the GPU at once) lost to one tile per CTA: ``wq_b`` M = 1 / 16 10.9 / 11.5
+    against 8.7 / 9.3, ``q_proj`` M = 8 14.3 against 11.6."""
     tiles = N // TILE_N
     mb = _mb(M)
     if splits is None:
@@ -355,7 +365,7 @@ def gemm_config(M: int, N: int, KB: int, sms: int, splits: int | None = None, st
     per = cdiv(KB, min(splits, KB))
     splits = cdiv(KB, per)
     if stages is None:
-        stages = _deepest_ring(mb, 1, 8) if tiles * splits <= sms else _deepest_ring(mb, 2, 6)
+        stages = _ring(mb, tiles * splits, sms)
     elif stages < 1 or smem_bytes(mb, stages) > SMEM_PER_CTA:
         raise ValueError(f"fp8 gemm: {stages} stages of {mb} activation rows do not fit a CTA's shared memory")
     return splits, per, stages

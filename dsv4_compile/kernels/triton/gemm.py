@@ -40,6 +40,7 @@ the GEMV, for tests and benchmarks).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -344,11 +345,17 @@ def _cute_preferred(x_q, w_q, out_dtype) -> bool:
         return False
     from ..cute import gemm as cute_gemm
 
-    if not cute_gemm.supports(x_q, w_q, out_dtype):
-        return False
+    return _cute_rows(M, N, K, sm_programs(x_q.device)) and cute_gemm.supports(x_q, w_q, out_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _cute_rows(M: int, N: int, K: int, sms: int) -> bool:
+    """``_cute_preferred``'s shape rule (2 to ``CUTE_MAX_M`` rows; up to ``CUTE_UNSPLIT_MAX_M`` for an
+    unsplit launch of at most two 128-row tiles an SM), cached: it runs at every call."""
     if M <= CUTE_MAX_M:
         return True
-    sms = sm_programs(x_q.device)
+    from ..cute import gemm as cute_gemm
+
     return cute_gemm.gemm_config(M, N, K // BLOCK, sms)[0] == 1 and N // cute_gemm.TILE_N <= 2 * sms
 
 
@@ -509,7 +516,6 @@ def _launch(x, x_scale, w_q, ws, out, config, amax_floor=None):
 
 
 FUSED_QUANT_MAX_K = 4096  # the GEMV quantizes x itself up to this K (each program quantizes its K columns of x)
-QUANT_APART_MIN_WEIGHT = 1 << 24  # one row, from this many weight elements: the quant kernel, then the CuTe kernel
 
 
 def fp8_linear(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=1e-4, backend: str | None = None,
@@ -520,12 +526,11 @@ def fp8_linear(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=1e-4, back
     program or tiled-kernel N tile quantizes the same activations again, which pays only where the
     weight rows per program are many against K (on an H200 at M = 1: ``wq_a+wkv`` 3.2 µs fused against
     3.1 + 1.3, ``q_proj`` 13.5 against 13.1 + 1.1, but ``wo_b`` (K = 8192) 13.9 against 10.6 + 1.3;
-    the tiled kernel's fused form lost from 2 rows). Where the CuTe-DSL kernel takes one row
-    (``_cute_preferred``) and the weight has at least ``QUANT_APART_MIN_WEIGHT`` elements, the quant
-    kernel and it beat the fused GEMV (H200: ``wq_b`` 1.1 + 8.8 against 11.3 µs, ``q_proj`` 1.1 + 11.6
-    against 13.4; not ``indexer.wq_b``, 8.4 M elements: 1.1 + 3.6 against 3.9). ``backend="gemv"`` /
-    ``"triton"`` force the fused GEMV (up to ``GEMV_FORCED_MAX_M`` rows) / the fused tiled kernel (up
-    to 64 rows)."""
+    the tiled kernel's fused form lost from 2 rows). Where ``fp8_block_gemm`` gives one row to the
+    CuTe-DSL kernel (``_cute_preferred``), so does this, after the quant kernel: bit for bit the pair
+    (H200, alone: ``wq_b`` 10.6 µs against 11.3 with the fused GEMV, ``q_proj`` 13.5 against 13.4,
+    ``indexer.wq_b`` 1.1 + 3.6 against 3.9). ``backend="gemv"`` / ``"triton"`` force the fused GEMV (up
+    to ``GEMV_FORCED_MAX_M`` rows) / the fused tiled kernel (up to 64 rows)."""
     M = x.shape[0]
     N, K = w_q.shape
     if M == 0 or N == 0 or K == 0:
@@ -533,8 +538,7 @@ def fp8_linear(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=1e-4, back
     backend = _backend(backend)
     config = _given(config)
     gemv = _use_gemv(backend, M, N, K, config) and (backend == "gemv" or (
-        K <= FUSED_QUANT_MAX_K and not (backend == "auto" and not config and N * K >= QUANT_APART_MIN_WEIGHT
-                                        and _cute_preferred(x, w_q, out_dtype))))
+        K <= FUSED_QUANT_MAX_K and not (backend == "auto" and not config and _cute_preferred(x, w_q, out_dtype))))
     if gemv or (backend == "triton" and M <= 64):
         out = torch.empty((M, N), dtype=out_dtype, device=x.device)
         launch = _launch_gemv if gemv else _launch
