@@ -330,11 +330,12 @@ def smem_bytes(mb: int, stages: int) -> int:
 def _ring(mb: int, ctas: int, sms: int) -> int:
     """The stages of ``ctas`` CTAs of ``mb`` activation rows on ``sms`` SMs: the deepest ring (up to 8
     stages for one CTA an SM, 6 for more) with which all of them are resident at once, if one of at
-    least ``MIN_STAGES`` does; else the same for one CTA fewer an SM."""
+    least ``MIN_STAGES`` does; else the same for one CTA fewer an SM (1 KiB of each SM's shared memory
+    reserved per CTA, so one CTA's ring stays within ``SMEM_PER_CTA``)."""
     per_sm = cdiv(ctas, sms)
     while True:
         fits = [s for s in range(MIN_STAGES, (8 if per_sm == 1 else 6) + 1)
-                if per_sm * (smem_bytes(mb, s) + 1024) <= SMEM_PER_SM and smem_bytes(mb, s) <= SMEM_PER_CTA]
+                if per_sm * (smem_bytes(mb, s) + 1024) <= SMEM_PER_SM]
         if fits or per_sm == 1:
             return max(fits)
         per_sm -= 1

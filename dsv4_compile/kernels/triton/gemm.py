@@ -310,6 +310,8 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend
                                   and _scaled_mm_supported(x_q.device)):
         return _scaled_mm(x_q, x_scale, w_q, ws, out_dtype)
     out = torch.empty((M, N), dtype=out_dtype, device=x_q.device)
+    if backend == "cute":
+        _check_cute(x_q, w_q, out_dtype)
     if backend == "cute" or (backend == "auto" and not config and _cute_preferred(x_q, w_q, out_dtype)):
         return _launch_cute(x_q, x_scale, w_q, ws, out, config)
     if _use_gemv(backend, M, N, K, config):
@@ -359,18 +361,25 @@ def _cute_rows(M: int, N: int, K: int, sms: int) -> bool:
     return cute_gemm.gemm_config(M, N, K // BLOCK, sms)[0] == 1 and N // cute_gemm.TILE_N <= 2 * sms
 
 
-def _launch_cute(x_q, x_scale, w_q, ws, out, config):
-    """``kernels.cute.gemm.fp8_gemm_into`` (Hopper, 1 ≤ M ≤ 64, whole 128-row weight tiles); a
-    ``ValueError`` where it cannot run the call."""
+def _check_cute(x_q, w_q, out_dtype) -> None:
+    """A ``ValueError`` where ``kernels.cute.gemm`` cannot run the call (without CuTe DSL, off Hopper,
+    more than 64 rows, ragged 128-row weight tiles): the forced backend's check, which the automatic
+    dispatch makes in ``_cute_preferred``."""
     from ..cute import _common as cute_common
 
     if not cute_common.HAVE_CUTE:
         raise ValueError("fp8 gemm: backend 'cute' needs nvidia-cutlass-dsl and apache-tvm-ffi")
     from ..cute import gemm as cute_gemm
 
-    if not cute_gemm.supports(x_q, w_q, out.dtype):
+    if not cute_gemm.supports(x_q, w_q, out_dtype):
         raise ValueError(f"fp8 gemm: the CuTe-DSL kernel does not take x {tuple(x_q.shape)}, w {tuple(w_q.shape)}, "
-                         f"{out.dtype} out on {x_q.device} (Hopper, 1-64 rows, 128-row weight tiles)")
+                         f"{out_dtype} out on {x_q.device} (Hopper, 1-64 rows, 128-row weight tiles)")
+
+
+def _launch_cute(x_q, x_scale, w_q, ws, out, config):
+    """``kernels.cute.gemm.fp8_gemm_into`` (the call checked: ``_check_cute`` / ``_cute_preferred``)."""
+    from ..cute import gemm as cute_gemm
+
     return cute_gemm.fp8_gemm_into(out, x_q, x_scale, w_q, ws, **{k: v for k, v in config.items() if k in CUTE_KEYS})
 
 
