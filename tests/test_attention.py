@@ -811,6 +811,38 @@ def test_sparse_attn_wgmma_kernel_matches_reference(splits, t, h, idx):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("splits,t,h,w,k", [(2, 3, 64, 80, 100), (3, 7, 20, 80, 100), (3, 70, 8, 80, 100),
+                                            (5, 2, 128, 128, 512), (10, 2, 64, 128, 512), (16, 1, 64, 128, 896)])
+def test_sparse_attn_wgmma_cluster_merge_matches_reference(splits, t, h, w, k):
+    """Splits merged within their cluster (distributed shared memory, no partials, no combine kernel):
+    the reference's result and, within one bf16 rounding, the combine kernel's; partial head blocks
+    (20 and 8 heads), 128 heads (two clusters per token), more clusters than the GPU holds at once
+    (70 tokens), 2 to 16 CTAs per cluster, a row without candidates, a −inf sink."""
+    cute_attn = _cute_attn()
+    if cute_attn is None:
+        pytest.skip("needs CuTe DSL on a Hopper GPU")
+    capacity = cute_attn.cluster_capacity(torch.cuda.current_device(), splits)
+    assert capacity > 0 or splits > 8  # a portable cluster always fits
+    if capacity == 0:
+        pytest.skip(f"this GPU holds no cluster of {splits} one-CTA-per-SM CTAs")
+    q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=t, h=h, w=w, k=k, swa_bs=64, comp_bs=2, seed=23,
+                                                      swa_blocks=4, comp_blocks=(k + 63) // 2 + 8)
+    want = _dense(q, swa, si, comp, ci, sink, sbs, cbs)
+    dev = [x.cuda() for x in (q, swa, si, comp, ci, sink)]
+    got = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=True)
+    _assert_close_bf16(got.cpu(), want)
+    if t > 4:
+        assert bool((got[4].cpu() == 0).all())  # row 4 has no candidate
+    combined = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=False).float()
+    assert bool(((got.float() - combined).abs() <= combined.abs() * 2**-7 + 1e-6).all())
+    assert torch.equal(cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=True), got)
+    wide = torch.full((t, (cute_attn.MAX_CLUSTER + 1) * 64), -1, dtype=si.dtype, device="cuda")
+    with pytest.raises(ValueError, match="cluster"):
+        cute_attn.sparse_attn(dev[0], dev[1], wide, None, None, dev[5], SCALE, sbs, cbs,
+                              splits=cute_attn.MAX_CLUSTER + 1, cluster=True)
+
+
+@pytest.mark.cuda
 def test_sparse_attn_wgmma_kernel_edge_inputs():
     """A query view 2 bytes into its storage (copied to aligned rows, not rejected), int32 SWA with
     int64 compressed indices one of which lies past the cache beyond 2^32 (skipped, not wrapped), a

@@ -1,5 +1,6 @@
 """Memory-access helpers of the CuTe-DSL kernels (trace-time, inlined): 32-bit loads of one to four
-words in one instruction, fp32 / bf16 global stores, 16-byte shared stores, and byte offsets in the
+words in one instruction (also from another CTA of the cluster), fp32 / bf16 global stores, 4-, 8- and
+16-byte shared stores, and byte offsets in the
 128-byte swizzled K-major tile layout wgmma reads."""
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ def ld(space: str, addr, dtype, n: int = 1, nc: bool = False, cg: bool = False):
                                 write_only_types=[dtype] * n, read_only_args=[addr])
 
 
+def ld_cluster(addr, rank, dtype, n: int = 1):
+    """``ld``'s ``n`` 32-bit ``dtype`` values at shared ``addr`` of the CTA of rank ``rank`` in this
+    CTA's cluster (``mapa``, then a ``shared::cluster`` load); the reader orders it after the owner's
+    stores with a cluster barrier."""
+    regs = ", ".join(f"{{$w{i}}}" for i in range(n))
+    dst = regs if n == 1 else f"{{ {regs} }}"
+    vec = "" if n == 1 else f".v{n}"
+    return cute.arch.inline_ptx(
+        f"{{ .reg .u32 ra; mapa.shared::cluster.u32 ra, {{$r0}}, {{$r1}}; ld.shared::cluster{vec}.{_PTX_TYPE[dtype]}"
+        f" {dst}, [ra]; }}", write_only_types=[dtype] * n, read_only_args=[addr, Int32(rank)])
+
+
 def st_global(addr, v, dtype=Float32):
     """The fp32 ``v`` stored at global ``addr`` as ``dtype``: ``Float32``, or ``BFloat16`` (rounded to
     nearest even)."""
@@ -31,6 +44,16 @@ def st_global(addr, v, dtype=Float32):
                              read_only_args=[addr, v])
     else:
         cute.arch.inline_ptx("st.global.f32 [{$r0}], {$r1};", read_only_args=[addr, v])
+
+
+def st_shared_f32(addr, v):
+    """One fp32 value to shared memory at ``addr``."""
+    cute.arch.inline_ptx("st.shared.f32 [{$r0}], {$r1};", read_only_args=[addr, v])
+
+
+def st_shared_v2_f32(addr, a, b):
+    """Two fp32 values to shared memory at ``addr`` (8-byte aligned) in one store."""
+    cute.arch.inline_ptx("st.shared.v2.f32 [{$r0}], { {$r1}, {$r2} };", read_only_args=[addr, a, b])
 
 
 def st_shared_v4(addr, a, b, c, d):

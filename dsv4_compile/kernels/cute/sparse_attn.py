@@ -70,7 +70,7 @@ from ..triton._common import cdiv, sm_programs
 from ..triton._launch import pdl_meta
 from ._common import _capability, aligned, arch_name, fresh_copy
 from ._math import TORCH_TO_CUTE
-from ._smem import st_shared_v4, sw128_offset
+from ._smem import ld, ld_cluster, st_shared_f32, st_shared_v2_f32, st_shared_v4, sw128_offset
 
 D = layouts.KV_HEAD_DIM  # 512
 NOPE = layouts.KV_NOPE_DIM  # 448
@@ -133,6 +133,12 @@ def _st_bf16x2(space: str, addr, lo, hi):
                          read_only_args=[addr, lo, hi])
 
 
+def _st_bf16x4_global(addr, a, b, c, d):
+    """Four fp32 values rounded to bf16 and stored as 8 bytes (``a`` first) at global ``addr``."""
+    cute.arch.inline_ptx("{ .reg .b32 lo, hi; cvt.rn.bf16x2.f32 lo, {$r2}, {$r1}; cvt.rn.bf16x2.f32 hi, {$r4}, {$r3};"
+                         " st.global.v2.b32 [{$r0}], {lo, hi}; }", read_only_args=[addr, a, b, c, d])
+
+
 def _e4m3x8_bf16(w0, w1, scale):
     """Eight e4m3 bytes (``w0`` bytes 0-3, then ``w1``) times the fp32 power of two ``scale``: four
     bf16x2 words, element 0 in the low half of the first (exact: e4m3 · 2^k has 4 significant bits)."""
@@ -156,25 +162,27 @@ def _e4m3x8_bf16(w0, w1, scale):
 class SparseAttnKernel:
     """One launch configuration; see ``compile`` for the cache key."""
 
-    def __init__(self, swa_bs: int, comp_bs: int, has_comp: bool, split: bool, pdl: bool):
+    def __init__(self, swa_bs: int, comp_bs: int, has_comp: bool, split: bool, pdl: bool, cluster: bool = False):
         self.swa_bs = swa_bs
         self.comp_bs = comp_bs
         self.has_comp = has_comp
         self.split = split
         self.pdl = pdl
+        self.cluster = cluster  # the splits of a (token, head block) are one cluster, merged in shared memory
 
     @cute.jit
     def __call__(self, mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split: Int32,
                  swa_cap: Int64, comp_cap: Int64, qk_scale: Float32, splits: Int32, stream):
         T = mQ.shape[0]
         H = mQ.shape[1]
-        self.kernel(mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split, swa_cap, comp_cap,
-                    qk_scale).launch(
-            grid=[T, splits, (H + BH - 1) // BH],
-            block=[THREADS, 1, 1],
-            stream=stream,
-            use_pdl=self.pdl,
-        )
+        launch = self.kernel(mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split, swa_cap,
+                             comp_cap, qk_scale)
+        if const_expr(self.cluster):
+            launch.launch(grid=[T, splits, (H + BH - 1) // BH], block=[THREADS, 1, 1], cluster=[1, splits, 1],
+                          stream=stream, use_pdl=self.pdl)
+        else:
+            launch.launch(grid=[T, splits, (H + BH - 1) // BH], block=[THREADS, 1, 1], stream=stream,
+                          use_pdl=self.pdl)
 
     @cute.jit
     def _slot(self, swa_addr, comp_addr, isz: cutlass.Constexpr, W, j0, end, tid):
@@ -378,14 +386,19 @@ class SparseAttnKernel:
                 _mma_issue(pv_mma, acc_o, tOrP, tOrV1)
             warpgroup.wait_group(0)
 
-        _finish(self.split, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid)
+        if const_expr(self.cluster):
+            _row_sums(l_i, red, cO, wg, wtid)
+            _cluster_merge(acc_o, m_i, l_i, cO, q_base, k_base, mSink, mOut, t, sp, h0, H, wg, wtid, tid)
+        else:
+            _finish(self.split, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def compile(swa_bs: int, comp_bs: int, has_comp: bool, split: bool, idx_dtype, pdl: bool, arch: str,
-                extra_options: str = ""):
+                extra_options: str = "", cluster: bool = False):
         """Compile one variant over fake tensors (no GPU needed): tokens, heads, widths, pages and
-        strides are symbolic."""
+        strides are symbolic; ``cluster`` (with ``split``): the splits merged within their cluster, no
+        partials in global memory."""
         mk = cute.runtime.make_fake_tensor
         T = cute.sym_int()
         H = cute.sym_int()
@@ -400,12 +413,12 @@ class SparseAttnKernel:
         sink = mk(Float32, (H,), stride=(1,), assumed_align=4)
         out = mk(BFloat16, (T, H, D), stride=(cute.sym_int64(), D, 1), assumed_align=16)
         part = m = l_ = None
-        if split:
+        if split and not cluster:
             S = cute.sym_int()
             part = mk(Float32, (T, S, H, D), stride=(cute.sym_int64(), cute.sym_int64(), D, 1), assumed_align=16)
             m = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
             l_ = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
-        kernel = SparseAttnKernel(swa_bs, comp_bs, has_comp, split, pdl)
+        kernel = SparseAttnKernel(swa_bs, comp_bs, has_comp, split, pdl, cluster)
         return cute.compile(
             kernel, q, swa, swa_idx, comp, comp_idx, sink, out, part, m, l_,
             Int32(64), Int64(1), Int64(1), Float32(1.0), Int32(1),
@@ -472,10 +485,9 @@ def _online_softmax(acc_s, acc_o, p_base, red, m_i, l_i, cS, valid, v0, qk_scale
 
 
 @cute.jit
-def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid):
-    """Row sums over the quad and both warpgroups' halves (through ``red``), then this CTA's fp32
-    partials ``(acc, m, l)`` (split) or the output with the sink applied (bf16), written as pairs of
-    value dims."""
+def _row_sums(l_i, red, cO, wg, wtid):
+    """``l_i`` summed over the quad's lanes and both warpgroups' halves of the candidates (through
+    ``red``): each row's sum over all of the CTA's candidates."""
     for r in cutlass.range_constexpr(2):
         s = l_i[r]
         s = s + cute.arch.shuffle_sync_bfly(s, offset=1)
@@ -487,6 +499,30 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, red, mSink, mOut, mPa
     cute.arch.sync_threads()
     for r in cutlass.range_constexpr(2):
         l_i[r] = l_i[r] + red[2 * BH + (1 - wg) * BH + cO[2 * r][0]]
+
+
+@cute.jit
+def _sink_factor(m, l, sink_ln):
+    """The factor that turns a row's accumulator (running max ``m`` and sum ``l``, base 2) into its
+    output with the per-head sink (``sink_ln``, natural log) in the denominator:
+    ``a / (l·a + e^(sink − m'))`` with ``m' = max(m, sink)``, ``a = 2^(m − m')``; 0 for an empty set
+    under a −inf sink."""
+    sink = sink_ln * Float32(LOG2E)
+    mx = cute.arch.fmax(m, sink)
+    a = cute.math.exp2(m - mx, fastmath=True)
+    den = l * a + cute.math.exp2(sink - mx, fastmath=True)
+    inv = Float32(0.0)
+    if den > Float32(0.0):
+        inv = Float32(1.0) / den
+    return a * inv
+
+
+@cute.jit
+def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid):
+    """Row sums over the quad and both warpgroups' halves (``_row_sums``), then this CTA's fp32
+    partials ``(acc, m, l)`` (split) or the output with the sink applied (bf16), written as pairs of
+    value dims."""
+    _row_sums(l_i, red, cO, wg, wtid)
     col0 = wg * DV
     if const_expr(split):
         n_split = mPart.shape[1]
@@ -507,18 +543,90 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, red, mSink, mOut, mPa
         for r in cutlass.range_constexpr(2):
             h = h0 + cO[2 * r][0]
             if h < H:
-                sink = mSink[h] * Float32(LOG2E)
-                m = cute.arch.fmax(m_i[r], sink)
-                a = cute.math.exp2(m_i[r] - m, fastmath=True)
-                den = l_i[r] * a + cute.math.exp2(sink - m, fastmath=True)
-                inv = Float32(0.0)
-                if den > Float32(0.0):
-                    inv = Float32(1.0) / den
-                f = a * inv
+                f = _sink_factor(m_i[r], l_i[r], mSink[h])
                 row = out_base + (Int64(t) * H + h) * (D * 2)
                 for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
                     i = 4 * j + 2 * r
                     _st_bf16x2("global", row + Int64((col0 + cO[i][1]) * 2), acc_o[i] * f, acc_o[i + 1] * f)
+
+
+ACC_ROW_BYTES = D * 4  # a row of the CTA's fp32 [64, 512] accumulator in shared memory
+ML_BYTES = 2 * BH * 4  # the CTA's running max and sum per row, fp32, read by the whole cluster
+FIN_OFF = ML_BYTES  # then each row's sink factor, then the splits' weights, [split][row]
+WTS_OFF = FIN_OFF + BH * 4
+MAX_CLUSTER = 16  # CTAs per cluster on sm_90 (8 portable, 16 with the non-portable size allowed)
+
+
+def _acc_offset(row, chunk):
+    """Byte offset of 16-byte ``chunk`` (0..127: value dims 4·chunk ..) of ``row`` of the fp32
+    ``[64, 512]`` accumulator in shared memory: the chunk index XOR the row's low three bits, so the
+    eight rows of a warp's accumulator stores fall on distinct banks."""
+    return row * ACC_ROW_BYTES + (chunk ^ (row % 8)) * 16
+
+
+@cute.jit
+def _cluster_merge(acc_o, m_i, l_i, cO, q_base, k_base, mSink, mOut, t, sp, h0, H, wg, wtid, tid):
+    """The splits of one (token, head block), one cluster of ``n`` CTAs (rank = split), merged in
+    distributed shared memory instead of through fp32 partials in global memory and the combine
+    kernel: each CTA leaves its accumulator (fp32 ``[64, 512]``, over the freed K tiles) and its rows'
+    ``(m, l)`` (over the freed query tile) in its own shared memory; after one cluster barrier each
+    CTA merges an ``n``-th of the ``[heads, 512]`` output from every CTA's accumulator, in split
+    order, as ``kernels.triton.attention.combine_splits`` does (``m = max_s m_s``,
+    ``l = Σ_s 2^(m_s − m)·l_s``, ``acc = Σ_s 2^(m_s − m)·acc_s``, then the sink), and writes it as
+    bf16; a second cluster barrier keeps every CTA's shared memory alive until all have read it."""
+    n = cute.arch.grid_dim()[1]
+    # this CTA's accumulator and (m, l); the freed tiles (the last P·V was waited for by both warpgroups
+    # before _row_sums' barrier)
+    for r in cutlass.range_constexpr(2):
+        row = cO[2 * r][0]
+        if wg == 0:
+            if wtid % 4 == 0:
+                st_shared_f32(q_base + Int32(row * 4), m_i[r])
+                st_shared_f32(q_base + Int32(BH * 4 + row * 4), l_i[r])
+        for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
+            i = 4 * j + 2 * r
+            col = wg * DV + cO[i][1]
+            st_shared_v2_f32(k_base + Int32(_acc_offset(row, col // 4) + (col % 4) * 4), acc_o[i], acc_o[i + 1])
+    cute.arch.cluster_arrive()
+    cute.arch.cluster_wait()
+    # per row: the splits' weights and the sink factor, from every CTA's (m, l)
+    rows = cutlass.min(Int32(BH), H - h0)
+    if tid < rows:
+        m = Float32(NEG_BIG)
+        for s in cutlass.range(n):
+            m = cute.arch.fmax(m, ld_cluster(q_base + Int32(tid * 4), s, Float32))
+        l = Float32(0.0)
+        for s in cutlass.range(n):
+            a = cute.math.exp2(ld_cluster(q_base + Int32(tid * 4), s, Float32) - m, fastmath=True)
+            l = l + a * ld_cluster(q_base + Int32(BH * 4 + tid * 4), s, Float32)
+            st_shared_f32(q_base + Int32(WTS_OFF) + (s * BH + tid) * 4, a)
+        st_shared_f32(q_base + Int32(FIN_OFF + tid * 4), _sink_factor(m, l, mSink[h0 + tid]))
+    cute.arch.sync_threads()
+    # this CTA's n-th of the rows' 16-byte chunks
+    total = rows * (D // 4)
+    per = (total + n - 1) // n
+    c_end = cutlass.min(sp * per + per, total)
+    out_base = mOut.iterator.toint()
+    for c in cutlass.range(sp * per + tid, c_end, THREADS):
+        row = c // (D // 4)
+        ch = c % (D // 4)
+        src = k_base + Int32(_acc_offset(row, ch))
+        a0 = Float32(0.0)
+        a1 = Float32(0.0)
+        a2 = Float32(0.0)
+        a3 = Float32(0.0)
+        for s in cutlass.range(n):
+            w = ld("shared", q_base + Int32(WTS_OFF) + (s * BH + row) * 4, Float32)
+            v0, v1, v2, v3 = ld_cluster(src, s, Float32, 4)
+            a0 = a0 + w * v0
+            a1 = a1 + w * v1
+            a2 = a2 + w * v2
+            a3 = a3 + w * v3
+        f = ld("shared", q_base + Int32(FIN_OFF) + row * 4, Float32)
+        dst = out_base + ((Int64(t) * H + h0 + row) * D + ch * 4) * 2
+        _st_bf16x4_global(dst, a0 * f, a1 * f, a2 * f, a3 * f)
+    cute.arch.cluster_arrive()
+    cute.arch.cluster_wait()
 
 
 def supports(q: torch.Tensor, swa_cache: torch.Tensor, comp_cache) -> bool:
@@ -552,11 +660,38 @@ def splits_for(T: int, H: int, n_cand: int, sms: int) -> tuple[int, int]:
     return max(1, cdiv(n_cand, per_split)), per_split
 
 
+@functools.lru_cache(maxsize=None)
+def cluster_capacity(device_index: int, n: int) -> int:
+    """How many clusters of ``n`` CTAs, one CTA per SM (the kernel's shared memory), the GPU runs at
+    once (``cuOccupancyMaxActiveClusters`` through CuTe DSL's ``HardwareInfo``: clusters are placed
+    within one GPC each, so this is not ``SMs // n``); 0 past ``MAX_CLUSTER`` or where the query
+    fails."""
+    if not 2 <= n <= MAX_CLUSTER:
+        return 0
+    try:
+        from cutlass.utils import HardwareInfo
+
+        with torch.cuda.device(device_index):
+            torch.cuda.init()
+            return int(HardwareInfo(device_index).get_max_active_clusters(n))
+    except Exception:  # an old driver, no cuda-python: the combine kernel merges instead
+        return 0
+
+
+def cluster_merge(T: int, H: int, n_split: int, device_index: int) -> bool:
+    """Whether the ``n_split`` splits of each (token, head block) merge within their cluster: every
+    cluster resident at once (``cluster_capacity``)."""
+    return n_split > 1 and T * cdiv(H, BH) <= cluster_capacity(device_index, n_split)
+
+
 def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale: float, swa_block_size: int,
-                comp_block_size: int, splits: int | None = None, pdl: bool | None = None) -> torch.Tensor:
+                comp_block_size: int, splits: int | None = None, pdl: bool | None = None,
+                cluster: bool | None = None) -> torch.Tensor:
     """``kernels.triton.attention.sparse_attn``'s result from the wgmma kernel (``supports`` must hold).
     ``splits`` forces the number of candidate splits (tests); ``pdl``: programmatic dependent launch
-    (default: as the package's Triton kernels, ``_launch.pdl_meta``)."""
+    (default: as the package's Triton kernels, ``_launch.pdl_meta``); ``cluster``: merge the splits
+    within their cluster (``_cluster_merge``) instead of through the combine kernel (default:
+    ``cluster_merge``; forcing it needs at most ``MAX_CLUSTER`` splits)."""
     T, H, _ = q.shape
     out = torch.empty((T, H, D), dtype=torch.bfloat16, device=q.device)
     if T == 0:
@@ -579,18 +714,23 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
         per_split = cdiv(cdiv(max(W + K, 1), splits), BN) * BN  # whole tiles
         n_split = max(1, cdiv(W + K, per_split))
     split = n_split > 1
+    if cluster is None:
+        cluster = cluster_merge(T, H, n_split, q.device.index)
+    elif cluster and n_split > MAX_CLUSTER:
+        raise ValueError(f"sparse_attn: {n_split} splits cannot merge within one cluster (at most {MAX_CLUSTER})")
+    cluster = cluster and split
     if pdl is None:
         pdl = pdl_meta(q.device.index) is not None
     part = m = l_ = None
-    if split:
+    if split and not cluster:
         part = torch.empty((T, n_split, H, D), dtype=torch.float32, device=q.device)
         m = torch.empty((T, n_split, H), dtype=torch.float32, device=q.device)
         l_ = torch.empty_like(m)
     compiled = SparseAttnKernel.compile(swa_block_size, comp_block_size if has_comp else 1, has_comp, split,
-                                        TORCH_TO_CUTE[swa_indices.dtype], pdl, arch_name(q.device))
+                                        TORCH_TO_CUTE[swa_indices.dtype], pdl, arch_name(q.device), cluster=cluster)
     compiled(q, swa_cache, swa_indices, comp_cache if has_comp else None, comp_indices if has_comp else None, sink,
              out, part, m, l_, per_split, swa_cache.shape[0] * swa_block_size,
              (comp_cache.shape[0] * comp_block_size) if has_comp else 0, scale * LOG2E, n_split)
-    if split:
+    if split and not cluster:
         _tattn.combine_splits(part, m, l_, sink, out)
     return out
