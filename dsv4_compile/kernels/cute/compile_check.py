@@ -84,10 +84,11 @@ def _topk_cases():
 def _sparse_attn_cases():
     # V4 CSA (SWA + C4 pages, split into partials; split and merged within the cluster), HCA's C128
     # pages with int64 indices written unsplit, the SWA-only layer
-    yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=False)
-    yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=True)
-    yield dict(swa_bs=64, comp_bs=2, comp=True, split=False, idx=Int64, pdl=False, cluster=False)
-    yield dict(swa_bs=64, comp_bs=64, comp=False, split=False, idx=Int32, pdl=True, cluster=False)
+    yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=0)
+    yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=2)
+    yield dict(swa_bs=64, comp_bs=64, comp=False, split=True, idx=Int32, pdl=True, cluster=10)
+    yield dict(swa_bs=64, comp_bs=2, comp=True, split=False, idx=Int64, pdl=False, cluster=0)
+    yield dict(swa_bs=64, comp_bs=64, comp=False, split=False, idx=Int32, pdl=True, cluster=0)
 
 
 def _check_sparse_attn_ptx(name: str, arch: str, ptx: str, cluster: bool = False) -> None:
@@ -270,8 +271,9 @@ def compile_all(arch: str) -> list[str]:
                             case["idx"], case["pdl"], arch)
             name = "sparse_attn_swa{}_{}_idx{}{}{}".format(
                 case["swa_bs"], f"comp{case['comp_bs']}" if case["comp"] else "swa_only", case["idx"].__name__.lower(),
-                ("_cluster" if case["cluster"] else "_split") if case["split"] else "", "_pdl" if case["pdl"] else "")
-            _check_sparse_attn_ptx(name, arch, ptx, case["cluster"])
+                (f"_cluster{case['cluster']}" if case["cluster"] else "_split") if case["split"] else "",
+                "_pdl" if case["pdl"] else "")
+            _check_sparse_attn_ptx(name, arch, ptx, case["cluster"] > 0)
             names.append(f"{name}@{arch}")
         for case in _indexer_logits_cases() if arch == "sm_90a" else ():
             for fmt, kernel in (("fp8", indexer_logits.IndexerLogitsKernel),

@@ -162,13 +162,13 @@ def _e4m3x8_bf16(w0, w1, scale):
 class SparseAttnKernel:
     """One launch configuration; see ``compile`` for the cache key."""
 
-    def __init__(self, swa_bs: int, comp_bs: int, has_comp: bool, split: bool, pdl: bool, cluster: bool = False):
+    def __init__(self, swa_bs: int, comp_bs: int, has_comp: bool, split: bool, pdl: bool, cluster: int = 0):
         self.swa_bs = swa_bs
         self.comp_bs = comp_bs
         self.has_comp = has_comp
         self.split = split
         self.pdl = pdl
-        self.cluster = cluster  # the splits of a (token, head block) are one cluster, merged in shared memory
+        self.cluster = cluster  # > 0: the splits (this many) of a (token, head block) are one cluster, merged in it
 
     @cute.jit
     def __call__(self, mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split: Int32,
@@ -177,9 +177,9 @@ class SparseAttnKernel:
         H = mQ.shape[1]
         launch = self.kernel(mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split, swa_cap,
                              comp_cap, qk_scale)
-        if const_expr(self.cluster):
-            launch.launch(grid=[T, splits, (H + BH - 1) // BH], block=[THREADS, 1, 1], cluster=[1, splits, 1],
-                          stream=stream, use_pdl=self.pdl)
+        if const_expr(self.cluster > 0):
+            launch.launch(grid=[T, self.cluster, (H + BH - 1) // BH], block=[THREADS, 1, 1],
+                          cluster=[1, self.cluster, 1], stream=stream, use_pdl=self.pdl)
         else:
             launch.launch(grid=[T, splits, (H + BH - 1) // BH], block=[THREADS, 1, 1], stream=stream,
                           use_pdl=self.pdl)
@@ -386,19 +386,20 @@ class SparseAttnKernel:
                 _mma_issue(pv_mma, acc_o, tOrP, tOrV1)
             warpgroup.wait_group(0)
 
-        if const_expr(self.cluster):
+        if const_expr(self.cluster > 0):
             _row_sums(l_i, red, cO, wg, wtid)
-            _cluster_merge(acc_o, m_i, l_i, cO, q_base, k_base, mSink, mOut, t, sp, h0, H, wg, wtid, tid)
+            _cluster_merge(self.cluster, acc_o, m_i, l_i, cO, q_base, k_base, mSink, mOut, t, sp, h0, H, wg, wtid,
+                           tid)
         else:
             _finish(self.split, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def compile(swa_bs: int, comp_bs: int, has_comp: bool, split: bool, idx_dtype, pdl: bool, arch: str,
-                extra_options: str = "", cluster: bool = False):
+                extra_options: str = "", cluster: int = 0):
         """Compile one variant over fake tensors (no GPU needed): tokens, heads, widths, pages and
-        strides are symbolic; ``cluster`` (with ``split``): the splits merged within their cluster, no
-        partials in global memory."""
+        strides are symbolic; ``cluster`` > 0 (with ``split``): that many splits, merged within their
+        cluster, no partials in global memory."""
         mk = cute.runtime.make_fake_tensor
         T = cute.sym_int()
         H = cute.sym_int()
@@ -413,7 +414,7 @@ class SparseAttnKernel:
         sink = mk(Float32, (H,), stride=(1,), assumed_align=4)
         out = mk(BFloat16, (T, H, D), stride=(cute.sym_int64(), D, 1), assumed_align=16)
         part = m = l_ = None
-        if split and not cluster:
+        if split and cluster == 0:
             S = cute.sym_int()
             part = mk(Float32, (T, S, H, D), stride=(cute.sym_int64(), cute.sym_int64(), D, 1), assumed_align=16)
             m = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
@@ -555,6 +556,7 @@ ML_BYTES = 2 * BH * 4  # the CTA's running max and sum per row, fp32, read by th
 FIN_OFF = ML_BYTES  # then each row's sink factor, then the splits' weights, [split][row]
 WTS_OFF = FIN_OFF + BH * 4
 MAX_CLUSTER = 16  # CTAs per cluster on sm_90 (8 portable, 16 with the non-portable size allowed)
+CHUNKS_IN_FLIGHT = 16  # 16-byte remote loads a thread of the cluster merge issues before it uses one
 
 
 def _acc_offset(row, chunk):
@@ -565,16 +567,18 @@ def _acc_offset(row, chunk):
 
 
 @cute.jit
-def _cluster_merge(acc_o, m_i, l_i, cO, q_base, k_base, mSink, mOut, t, sp, h0, H, wg, wtid, tid):
-    """The splits of one (token, head block), one cluster of ``n`` CTAs (rank = split), merged in
-    distributed shared memory instead of through fp32 partials in global memory and the combine
-    kernel: each CTA leaves its accumulator (fp32 ``[64, 512]``, over the freed K tiles) and its rows'
-    ``(m, l)`` (over the freed query tile) in its own shared memory; after one cluster barrier each
-    CTA merges an ``n``-th of the ``[heads, 512]`` output from every CTA's accumulator, in split
-    order, as ``kernels.triton.attention.combine_splits`` does (``m = max_s m_s``,
-    ``l = Σ_s 2^(m_s − m)·l_s``, ``acc = Σ_s 2^(m_s − m)·acc_s``, then the sink), and writes it as
-    bf16; a second cluster barrier keeps every CTA's shared memory alive until all have read it."""
-    n = cute.arch.grid_dim()[1]
+def _cluster_merge(n: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, k_base, mSink, mOut, t, sp, h0, H, wg, wtid,
+                   tid):
+    """The ``n`` splits of one (token, head block), one cluster (rank = split), merged in distributed
+    shared memory instead of through fp32 partials in global memory and the combine kernel: each CTA
+    leaves its accumulator (fp32 ``[64, 512]``, over the freed K tiles) and its rows' ``(m, l)``
+    (over the freed query tile) in its own shared memory; after one cluster barrier each CTA merges
+    an ``n``-th of the ``[heads, 512]`` output from every CTA's accumulator, in split order, as
+    ``kernels.triton.attention.combine_splits`` does (``m = max_s m_s``, ``l = Σ_s 2^(m_s − m)·l_s``,
+    ``acc = Σ_s 2^(m_s − m)·acc_s``, then the sink), and writes it as bf16; a second cluster barrier
+    keeps every CTA's shared memory alive until all have read it. Every remote load of a step is
+    issued before any is used (``n`` is a compile-time constant; ``CHUNKS_IN_FLIGHT`` 16-byte loads per
+    thread at a time): one round trip per step, not one per split."""
     # this CTA's accumulator and (m, l); the freed tiles (the last P·V was waited for by both warpgroups
     # before _row_sums' barrier)
     for r in cutlass.range_constexpr(2):
@@ -592,39 +596,51 @@ def _cluster_merge(acc_o, m_i, l_i, cO, q_base, k_base, mSink, mOut, t, sp, h0, 
     # per row: the splits' weights and the sink factor, from every CTA's (m, l)
     rows = cutlass.min(Int32(BH), H - h0)
     if tid < rows:
+        ms = cute.make_rmem_tensor(n, Float32)
+        ls = cute.make_rmem_tensor(n, Float32)
+        for s in cutlass.range_constexpr(n):
+            ms[s] = ld_cluster(q_base + Int32(tid * 4), s, Float32)
+            ls[s] = ld_cluster(q_base + Int32(BH * 4 + tid * 4), s, Float32)
         m = Float32(NEG_BIG)
-        for s in cutlass.range(n):
-            m = cute.arch.fmax(m, ld_cluster(q_base + Int32(tid * 4), s, Float32))
+        for s in cutlass.range_constexpr(n):
+            m = cute.arch.fmax(m, ms[s])
         l = Float32(0.0)
-        for s in cutlass.range(n):
-            a = cute.math.exp2(ld_cluster(q_base + Int32(tid * 4), s, Float32) - m, fastmath=True)
-            l = l + a * ld_cluster(q_base + Int32(BH * 4 + tid * 4), s, Float32)
-            st_shared_f32(q_base + Int32(WTS_OFF) + (s * BH + tid) * 4, a)
+        for s in cutlass.range_constexpr(n):
+            a = cute.math.exp2(ms[s] - m, fastmath=True)
+            l = l + a * ls[s]
+            st_shared_f32(q_base + Int32(WTS_OFF + s * BH * 4) + tid * 4, a)
         st_shared_f32(q_base + Int32(FIN_OFF + tid * 4), _sink_factor(m, l, mSink[h0 + tid]))
     cute.arch.sync_threads()
-    # this CTA's n-th of the rows' 16-byte chunks
+    # this CTA's n-th of the rows' 16-byte chunks, u chunks per thread and step
+    u = max(1, CHUNKS_IN_FLIGHT // n)
     total = rows * (D // 4)
     per = (total + n - 1) // n
     c_end = cutlass.min(sp * per + per, total)
     out_base = mOut.iterator.toint()
-    for c in cutlass.range(sp * per + tid, c_end, THREADS):
-        row = c // (D // 4)
-        ch = c % (D // 4)
-        src = k_base + Int32(_acc_offset(row, ch))
-        a0 = Float32(0.0)
-        a1 = Float32(0.0)
-        a2 = Float32(0.0)
-        a3 = Float32(0.0)
-        for s in cutlass.range(n):
-            w = ld("shared", q_base + Int32(WTS_OFF) + (s * BH + row) * 4, Float32)
-            v0, v1, v2, v3 = ld_cluster(src, s, Float32, 4)
-            a0 = a0 + w * v0
-            a1 = a1 + w * v1
-            a2 = a2 + w * v2
-            a3 = a3 + w * v3
-        f = ld("shared", q_base + Int32(FIN_OFF) + row * 4, Float32)
-        dst = out_base + ((Int64(t) * H + h0 + row) * D + ch * 4) * 2
-        _st_bf16x4_global(dst, a0 * f, a1 * f, a2 * f, a3 * f)
+    vals = cute.make_rmem_tensor(4 * u * n, Float32)
+    for c0 in cutlass.range(sp * per + tid, c_end, THREADS * u):
+        for k in cutlass.range_constexpr(u):
+            c = cutlass.min(c0 + k * THREADS, c_end - 1)  # past the end: a repeat of the last chunk, not stored
+            src = k_base + Int32(_acc_offset(c // (D // 4), c % (D // 4)))
+            for s in cutlass.range_constexpr(n):
+                v0, v1, v2, v3 = ld_cluster(src, s, Float32, 4)
+                vals[4 * (k * n + s)] = v0
+                vals[4 * (k * n + s) + 1] = v1
+                vals[4 * (k * n + s) + 2] = v2
+                vals[4 * (k * n + s) + 3] = v3
+        for k in cutlass.range_constexpr(u):
+            c = c0 + k * THREADS
+            if c < c_end:
+                row = c // (D // 4)
+                acc = cute.make_rmem_tensor(4, Float32)
+                acc.fill(0.0)
+                for s in cutlass.range_constexpr(n):
+                    w = ld("shared", q_base + Int32(WTS_OFF + s * BH * 4) + row * 4, Float32)
+                    for e in cutlass.range_constexpr(4):
+                        acc[e] = acc[e] + w * vals[4 * (k * n + s) + e]
+                f = ld("shared", q_base + Int32(FIN_OFF) + row * 4, Float32)
+                dst = out_base + ((Int64(t) * H + h0 + row) * D + (c % (D // 4)) * 4) * 2
+                _st_bf16x4_global(dst, acc[0] * f, acc[1] * f, acc[2] * f, acc[3] * f)
     cute.arch.cluster_arrive()
     cute.arch.cluster_wait()
 
@@ -660,22 +676,27 @@ def splits_for(T: int, H: int, n_cand: int, sms: int) -> tuple[int, int]:
     return max(1, cdiv(n_cand, per_split)), per_split
 
 
-@functools.lru_cache(maxsize=None)
+_CAPACITY: dict = {}
+
+
 def cluster_capacity(device_index: int, n: int) -> int:
     """How many clusters of ``n`` CTAs, one CTA per SM (the kernel's shared memory), the GPU runs at
-    once (``cuOccupancyMaxActiveClusters`` through CuTe DSL's ``HardwareInfo``: clusters are placed
-    within one GPC each, so this is not ``SMs // n``); 0 past ``MAX_CLUSTER`` or where the query
-    fails."""
+    once (``cuOccupancyMaxActiveClusters`` through CuTe DSL's ``HardwareInfo``: a cluster is placed
+    within one GPC, so this is not ``SMs // n``); 0 past ``MAX_CLUSTER`` or where the query fails
+    (answers are cached per device; failures are not)."""
     if not 2 <= n <= MAX_CLUSTER:
         return 0
-    try:
-        from cutlass.utils import HardwareInfo
+    key = (device_index, n)
+    if key not in _CAPACITY:
+        try:
+            from cutlass.utils import HardwareInfo
 
-        with torch.cuda.device(device_index):
-            torch.cuda.init()
-            return int(HardwareInfo(device_index).get_max_active_clusters(n))
-    except Exception:  # an old driver, no cuda-python: the combine kernel merges instead
-        return 0
+            with torch.cuda.device(device_index):
+                torch.cuda.current_blas_handle()  # the query runs in the current (primary) context
+                _CAPACITY[key] = int(HardwareInfo(device_index).get_max_active_clusters(n))
+        except Exception:  # an old driver, no cuda-python: the combine kernel merges instead
+            return 0
+    return _CAPACITY[key]
 
 
 def cluster_merge(T: int, H: int, n_split: int, device_index: int) -> bool:
@@ -718,11 +739,11 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
         cluster = cluster_merge(T, H, n_split, q.device.index)
     elif cluster and n_split > MAX_CLUSTER:
         raise ValueError(f"sparse_attn: {n_split} splits cannot merge within one cluster (at most {MAX_CLUSTER})")
-    cluster = cluster and split
+    cluster = n_split if cluster and split else 0
     if pdl is None:
         pdl = pdl_meta(q.device.index) is not None
     part = m = l_ = None
-    if split and not cluster:
+    if split and cluster == 0:
         part = torch.empty((T, n_split, H, D), dtype=torch.float32, device=q.device)
         m = torch.empty((T, n_split, H), dtype=torch.float32, device=q.device)
         l_ = torch.empty_like(m)
@@ -731,6 +752,6 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     compiled(q, swa_cache, swa_indices, comp_cache if has_comp else None, comp_indices if has_comp else None, sink,
              out, part, m, l_, per_split, swa_cache.shape[0] * swa_block_size,
              (comp_cache.shape[0] * comp_block_size) if has_comp else 0, scale * LOG2E, n_split)
-    if split and not cluster:
+    if split and cluster == 0:
         _tattn.combine_splits(part, m, l_, sink, out)
     return out
