@@ -788,6 +788,30 @@ def test_sparse_attn_wgmma_launch_plan():
     assert cute_attn.preferred(torch.zeros(1, 128, 512, dtype=torch.bfloat16))
     assert not cute_attn.supports(q, torch.zeros(2, 37440, dtype=torch.uint8), None)
 
+
+def test_sparse_attn_cluster_merge_rule(monkeypatch):
+    """The splits merge within their cluster only where every cluster is resident at once and the
+    grid has at least CLUSTER_MIN_CTAS CTAs (no GPU needed: the H200's capacities stand in for the
+    device query); no cluster of one CTA or past MAX_CLUSTER; a failed capacity query is not cached."""
+    from dsv4_compile.kernels.cute import HAVE_CUTE
+
+    if not HAVE_CUTE:
+        pytest.skip("CuTe DSL not installed")
+    from dsv4_compile.kernels.cute import sparse_attn as cute_attn
+
+    h200 = {2: 66, 3: 39, 4: 30, 5: 22, 6: 17, 7: 15, 8: 15, 9: 9, 10: 7}
+    monkeypatch.setattr(cute_attn, "cluster_capacity", lambda dev, n: h200.get(n, 7 if n <= 16 else 0))
+    rule = {t: cute_attn.cluster_merge(t, 64, cute_attn.splits_for(t, 64, 640, 132)[0], 0)
+            for t in (1, 2, 4, 8, 16, 32, 64)}
+    # V4-Flash CSA: 10 splits at B <= 13 (B = 8: 8 clusters of 10 > 7), 4 at B = 32 (32 > 30)
+    assert rule == {1: False, 2: False, 4: True, 8: False, 16: True, 32: False, 64: True}
+    assert cute_attn.cluster_merge(32, 128, 2, 0)  # V4-Pro: two head blocks a token, 64 clusters of 2
+    assert not cute_attn.cluster_merge(4096, 64, 1, 0)  # unsplit
+    monkeypatch.undo()
+    assert cute_attn.cluster_capacity(0, 1) == 0 and cute_attn.cluster_capacity(0, cute_attn.MAX_CLUSTER + 1) == 0
+    if not torch.cuda.is_available():  # the query fails without a GPU: 0, and not remembered
+        assert cute_attn.cluster_capacity(0, 2) == 0 and (0, 2) not in cute_attn._CAPACITY
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("splits,t,h,idx", [(None, 7, 20, torch.int32), (1, 7, 20, torch.int32),
                                             (3, 7, 20, torch.int64), (None, 1, 64, torch.int32),

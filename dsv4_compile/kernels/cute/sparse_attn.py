@@ -33,8 +33,14 @@ warpgroups):
   replay, V4-Flash CSA B = 8 / 32 / 64 16.9 / 28.8 / 40.3 → 16.6 / 27.9 / 38.7 µs, V4-Pro B = 64
   100.0 → 92.8 µs, prefill T = 4096 1710 → 1579 µs.
 
-Splits write fp32 partials ``(acc, m, l)`` in the layout of the Triton kernel's, merged by its
-combine kernels; an unsplit CTA applies the sink and writes bf16.
+Splits merge in one of two ways. Where every cluster fits the GPU at once and the grid has at least
+``CLUSTER_MIN_CTAS`` CTAs (``cluster_merge``), the splits of a (token, head block) are one thread-block
+cluster and merge in distributed shared memory (``_cluster_merge``: each CTA leaves its fp32
+accumulator and ``(m, l)`` in its own shared memory, and after a cluster barrier merges an ``n``-th of
+the output from all of them; no partials in global memory, no second kernel). Otherwise splits write
+fp32 partials ``(acc, m, l)`` in the layout of the Triton kernel's, merged by its combine kernels. An
+unsplit CTA applies the sink and writes bf16. Both merges sum the splits in split order with the same
+formula, deterministic for a given split count.
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, partial
 merge included, the op): V4-Flash B = 1 / 8 / 32 / 64 10.9 / 15.3 / 25.4 / 35.9 µs before the
@@ -49,7 +55,9 @@ double-buffered K tile for two consumer warpgroups): 79 against 56 µs at B = 64
 partial scores exchanged through shared memory (spilled); the splits merged by the last CTA of each
 (token, head block) instead of the combine kernel (tickets, a release and an acquiring wait): 36.2 →
 42.1 µs at B = 64 with two splits, 15 → 51 µs at B = 8 with ten (one CTA reads every other split's
-128 KB partial alone).
+128 KB partial alone; the cluster merge spreads the same work over every CTA of the cluster).
+With the cluster merge (H200, eighteenth session): V4-Flash CSA B = 16 / 64 17.4 / 29.5 µs, SWA-only
+B = 64 12.7, HCA B = 64 29.1, V4-Pro CSA B = 8 / 32 20.2 / 45.1 (see ``cluster_merge``).
 """
 
 from __future__ import annotations
@@ -556,6 +564,7 @@ ML_BYTES = 2 * BH * 4  # the CTA's running max and sum per row, fp32, read by th
 FIN_OFF = ML_BYTES  # then each row's sink factor, then the splits' weights, [split][row]
 WTS_OFF = FIN_OFF + BH * 4
 MAX_CLUSTER = 16  # CTAs per cluster on sm_90 (8 portable, 16 with the non-portable size allowed)
+CLUSTER_MIN_CTAS = 32  # the cluster merge from this many CTAs (cluster_merge)
 CHUNKS_IN_FLIGHT = 16  # 16-byte remote loads a thread of the cluster merge issues before it uses one
 
 
@@ -689,10 +698,13 @@ def cluster_capacity(device_index: int, n: int) -> int:
     key = (device_index, n)
     if key not in _CAPACITY:
         try:
+            from cuda.bindings import driver
             from cutlass.utils import HardwareInfo
 
             with torch.cuda.device(device_index):
-                torch.cuda.current_blas_handle()  # the query runs in the current (primary) context
+                if int(driver.cuCtxGetCurrent()[1]) == 0:  # the query runs in the current context: torch's
+                    ctx = driver.cuDevicePrimaryCtxRetain(driver.cuDeviceGet(device_index)[1])[1]
+                    driver.cuCtxSetCurrent(ctx)
                 _CAPACITY[key] = int(HardwareInfo(device_index).get_max_active_clusters(n))
         except Exception:  # an old driver, no cuda-python: the combine kernel merges instead
             return 0
@@ -701,8 +713,16 @@ def cluster_capacity(device_index: int, n: int) -> int:
 
 def cluster_merge(T: int, H: int, n_split: int, device_index: int) -> bool:
     """Whether the ``n_split`` splits of each (token, head block) merge within their cluster: every
-    cluster resident at once (``cluster_capacity``)."""
-    return n_split > 1 and T * cdiv(H, BH) <= cluster_capacity(device_index, n_split)
+    cluster resident at once (``cluster_capacity``; a second wave of clusters doubles the time) and at
+    least ``CLUSTER_MIN_CTAS`` CTAs, below which the combine kernel's partials are small and the two
+    merges cost the same or the cluster's more. H200, 64k context, graph replay, the kernel with the
+    combine kernel → merged in the cluster: V4-Flash CSA B = 16 (5 splits) 19.9 → 17.4 µs, B = 64 (2)
+    36.6 → 29.5, SWA-only B = 64 (2) 17.8 → 12.7, HCA B = 64 33.9 → 29.1, V4-Pro CSA B = 8 (6) 23.4 →
+    20.2, B = 32 (2) 50.5 → 45.1; CSA B = 1 / 2 / 4 (10, 20, 40 CTAs) 11.8 / 13.1 / 13.4 → 12.2 / 12.7 /
+    13.3, SWA-only B = 1 / 8 9.1 / 10.4 → 10.2 / 10.6. (CSA B = 8 and 32 split 10 and 4 ways: 8 and 32
+    clusters, more than the H200's 7 and 30.)"""
+    ctas = T * cdiv(H, BH)
+    return n_split > 1 and ctas * n_split >= CLUSTER_MIN_CTAS and ctas <= cluster_capacity(device_index, n_split)
 
 
 def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale: float, swa_block_size: int,
