@@ -100,6 +100,14 @@ _ROW = LayoutEnum.ROW_MAJOR  # K-major wgmma operands
 _COL = LayoutEnum.COL_MAJOR  # MN-major
 
 
+PARTS = ((0, 4), (4, CHUNKS // 4))  # a record's chunk groups decoded during Q·Kᵀ / during P·V (scale word 0 / 1)
+
+
+def _part_range(part: int) -> tuple[int, int]:
+    """The chunk groups ``[lo, hi)`` of ``part`` (``PARTS``; −1: all of them)."""
+    return (0, CHUNKS // 4) if part < 0 else PARTS[part]
+
+
 def _cp_async16(smem_addr, gmem_addr):
     cute.arch.inline_ptx("cp.async.cg.shared.global [{$r0}], [{$r1}], 16;", read_only_args=[smem_addr, gmem_addr])
 
@@ -205,12 +213,14 @@ class SparseAttnKernel:
         return _ld_slot(addr, j < end, isz)
 
     @cute.jit
-    def _load(self, slot, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W, j0, rec, tid):
+    def _load(self, slot, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W, j0, rec, tid,
+              part: cutlass.Constexpr = -1):
         """This thread's share of the record of its candidate of the tile starting at ``j0`` (slot
         ``slot``, from ``_slot``) into the registers ``rec``: 16-byte chunks ``q, q+4, .., q+32``
         (``q = tid % 4``) and the record's 8 scale bytes; zeros for an invalid candidate (−1, past
         its cache: not read). Plain loads: issued a tile before ``_decode`` uses them, their latency
-        hides behind that tile's multiplies. Returns whether the candidate is valid."""
+        hides behind that tile's multiplies. Returns whether the candidate is valid. ``part`` 0 / 1:
+        only the chunks of ``PARTS[part]`` (part 1 with the scale bytes); −1: all."""
         q = tid % 4
         is_swa = j0 + tid // 4 < W
         ok = (slot >= 0) & (slot < cutlass.select_(is_swa, swa_cap, comp_cap))
@@ -223,30 +233,35 @@ class SparseAttnKernel:
             k = cutlass.select_(is_swa, k, s % self.comp_bs)
             bs = cutlass.select_(is_swa, bs, Int64(self.comp_bs))
         src = page_off + k * TOKEN_BYTES + Int64(q * 16)
-        for i in cutlass.range_constexpr(CHUNKS // 4):
+        lo, hi = _part_range(part)
+        for i in cutlass.range_constexpr(lo, hi):
             w0, w1, w2, w3 = _ld_rec(src + Int64(64 * i), ok, 4)
             rec[4 * i] = w0
             rec[4 * i + 1] = w1
             rec[4 * i + 2] = w2
             rec[4 * i + 3] = w3
-        s0, s1 = _ld_rec(page_off + bs * TOKEN_BYTES + k * SCALE_BYTES, ok, 2)
-        rec[CHUNKS] = s0
-        rec[CHUNKS + 1] = s1
+        if const_expr(part != 0):
+            s0, s1 = _ld_rec(page_off + bs * TOKEN_BYTES + k * SCALE_BYTES, ok, 2)
+            rec[CHUNKS] = s0
+            rec[CHUNKS + 1] = s1
         return ok
 
     @cute.jit
-    def _decode(self, rec, ok, k_base, valid, v0, tid):
+    def _decode(self, rec, ok, k_base, valid, v0, tid, part: cutlass.Constexpr = -1):
         """``_load``'s registers → this thread's 16-byte chunks of its candidate's row (``tid / 4``) of
         the bf16 ``[64, 512]`` K tile at ``k_base`` (e4m3 x their UE8M0 block scale, exact; rope dims
         as stored; zeros for an invalid candidate, whose registers are zeros) and its ``valid`` flag.
         Chunk ``q + 4i`` of the record is dims ``16(q + 4i) ..`` (scale block ``i``) for ``i < 7``,
         rope dims ``448 + 8(q + 4(i − 7)) ..`` after; a warp's 16-byte stores spread evenly over the
-        swizzled banks (four wavefronts per store, the least for 512 bytes)."""
+        swizzled banks (four wavefronts per store, the least for 512 bytes). ``part`` as ``_load``'s
+        (the flag with part 0)."""
         c = tid // 4
         q = tid % 4
-        if q == 0:
-            valid[v0 + c] = Int32(ok)
-        for i in cutlass.range_constexpr(CHUNKS // 4):
+        if const_expr(part != 1):
+            if q == 0:
+                valid[v0 + c] = Int32(ok)
+        lo, hi = _part_range(part)
+        for i in cutlass.range_constexpr(lo, hi):
             if const_expr(i < FP8_CHUNKS // 4):
                 word = rec[CHUNKS + i // 4]
                 sb = (word >> (8 * (i % 4))) & Uint32(0xFF)
@@ -376,10 +391,9 @@ class SparseAttnKernel:
             else:
                 _mma_issue(qk_mma, acc_s, tSrQ, tSrK1)
             if it + 1 < n_tiles:
-                self._decode(rec, ok, k_base + Int32((1 - buf) * TILE_BYTES), valid, (1 - buf) * BN, tid)
+                self._decode(rec, ok, k_base + Int32((1 - buf) * TILE_BYTES), valid, (1 - buf) * BN, tid, 0)
                 ok = self._load(slot_next, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W,
-                                start + (it + 2) * BN, rec, tid)
-                slot_next = self._slot(swa_addr, comp_addr, isz, W, start + (it + 3) * BN, end, tid)
+                                start + (it + 2) * BN, rec, tid, 0)
             warpgroup.wait_group(0)
 
             # the softmax's proxy fence and barrier also publish the decode of tile it + 1
@@ -392,6 +406,14 @@ class SparseAttnKernel:
                 _mma_issue(pv_mma, acc_o, tOrP, tOrV0)
             else:
                 _mma_issue(pv_mma, acc_o, tOrP, tOrV1)
+            # the rest of tile it + 1's decode and tile it + 2's loads while P·V runs, then the slots of tile
+            # it + 3; the decode published to wgmma by the proxy fence and the next tile's barrier
+            if it + 1 < n_tiles:
+                self._decode(rec, ok, k_base + Int32((1 - buf) * TILE_BYTES), valid, (1 - buf) * BN, tid, 1)
+                self._load(slot_next, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W,
+                           start + (it + 2) * BN, rec, tid, 1)
+                slot_next = self._slot(swa_addr, comp_addr, isz, W, start + (it + 3) * BN, end, tid)
+                cute.arch.fence_view_async_shared()
             warpgroup.wait_group(0)
 
         if const_expr(self.cluster > 0):
