@@ -14,16 +14,21 @@ warpgroups):
   shared memory (the 128-byte swizzled layout both multiplies read). Each record (576 token bytes and
   8 scale bytes) is loaded by four threads straight into registers, 16 bytes per load (nine chunks
   and the scale bytes each: 38 registers); invalid candidates are not read and hold zeros. While
-  ``S = Q·Kᵀ`` of tile ``i`` runs on the tensor cores, the same threads decode tile ``i + 1`` from
+  the multiplies of tile ``i`` run on the tensor cores, the same threads decode tile ``i + 1`` from
   their registers into the other K tile (e4m3 times its UE8M0 block scale, exact; rope dims as
-  stored; 16-byte stores spread evenly over the swizzled banks), then load tile ``i + 2`` into the
-  registers; the slots for those loads were read a tile earlier still (a predicated load, no
-  branch), so no round trip to memory sits on a tile's critical path. Before this form (cp.async
-  into two staging buffers, then a decode between the multiplies of consecutive tiles): H200, 64k,
-  graph replay, V4-Flash CSA B = 2 / 32 / 64 12.8 / 25.4 / 36.0 → 12.4 / 24.8 / 35.4 µs, one CTA over
-  640 candidates 46.8 → 39.2 µs, HCA B = 64 35.6 → 34.1, V4-Pro CSA B = 64 87.7 → 86.4; prefill
-  (T = 4096) 1481 → 1506 µs. 255 registers: no spills in the split CSA variant; ptxas 13.0 spills
-  20 bytes in the unsplit SWA-only variant and 8 in the unsplit C128 one with int64 indices;
+  stored; 16-byte stores spread evenly over the swizzled banks) and load tile ``i + 2`` into the
+  registers, in two parts (``PARTS``): the dims of scale word 0 during ``S = Q·Kᵀ``, the rest and the
+  scale bytes during ``O += P·V``; the slots for those loads were read a tile earlier still (a
+  predicated load, no branch), so no round trip to memory sits on a tile's critical path. Before
+  this form (cp.async into two staging buffers, then a decode between the multiplies of consecutive
+  tiles): H200, 64k, graph replay, V4-Flash CSA B = 2 / 32 / 64 12.8 / 25.4 / 36.0 → 12.4 / 24.8 /
+  35.4 µs, one CTA over 640 candidates 46.8 → 39.2 µs, HCA B = 64 35.6 → 34.1, V4-Pro CSA B = 64
+  87.7 → 86.4; prefill (T = 4096) 1481 → 1506 µs. The decode in two parts instead of all of it during
+  ``Q·Kᵀ`` (same bits; eighteenth session): one CTA over 640 candidates 47.0 → 44.4 µs, V4-Flash CSA
+  B = 32 / 64 24.6-25.3 / 29.6-31.2 → 24.4-24.5 / 29.2, V4-Pro CSA B = 32 / 64 43.3 / 86.7-87.2 →
+  41.3-41.4 / 77.5-77.9, prefill 1488-1492 → 1414-1415 µs; B <= 16 (one or two tiles a CTA)
+  unchanged. 255 registers; ptxas 13.0 spills 16 bytes in the split CSA variant, 24 in the split
+  SWA-only one, 4-8 in the cluster-merged ones, none in the C128 one with int64 indices;
 * ``S = Q·Kᵀ`` (``wgmma`` m64n32k16, both operands from shared memory): each warpgroup computes the
   scores of half of the tile's candidates; the row maxima of the two halves meet in shared memory,
   and each warpgroup writes its half of ``P`` (bf16) into one shared ``[64, 64]`` tile;
