@@ -83,7 +83,7 @@ from ..triton._common import cdiv, sm_programs
 from ..triton._launch import pdl_meta
 from ._common import _capability, aligned, arch_name, fresh_copy
 from ._math import TORCH_TO_CUTE
-from ._smem import ld, ld_cluster, st_shared_f32, st_shared_v2_f32, st_shared_v4, sw128_offset
+from ._smem import ld, st_shared_f32, st_shared_v2_f32, st_shared_v4, sw128_offset
 
 D = layouts.KV_HEAD_DIM  # 512
 NOPE = layouts.KV_NOPE_DIM  # 448
@@ -635,8 +635,8 @@ def _cluster_merge(n: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, k_base, mS
         ms = cute.make_rmem_tensor(n, Float32)
         ls = cute.make_rmem_tensor(n, Float32)
         for s in cutlass.range_constexpr(n):
-            ms[s] = ld_cluster(q_base + Int32(tid * 4), s, Float32)
-            ls[s] = ld_cluster(q_base + Int32(BH * 4 + tid * 4), s, Float32)
+            ms[s] = ld("shared", q_base + Int32(tid * 4), Float32, rank=s)
+            ls[s] = ld("shared", q_base + Int32(BH * 4 + tid * 4), Float32, rank=s)
         m = Float32(NEG_BIG)
         for s in cutlass.range_constexpr(n):
             m = cute.arch.fmax(m, ms[s])
@@ -659,7 +659,7 @@ def _cluster_merge(n: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, k_base, mS
             c = cutlass.min(c0 + k * THREADS, c_end - 1)  # past the end: a repeat of the last chunk, not stored
             src = k_base + Int32(_acc_offset(c // (D // 4), c % (D // 4)))
             for s in cutlass.range_constexpr(n):
-                v0, v1, v2, v3 = ld_cluster(src, s, Float32, 4)
+                v0, v1, v2, v3 = ld("shared", src, Float32, 4, rank=s)
                 vals[4 * (k * n + s)] = v0
                 vals[4 * (k * n + s) + 1] = v1
                 vals[4 * (k * n + s) + 2] = v2
