@@ -788,6 +788,30 @@ def test_sparse_attn_wgmma_launch_plan():
     assert cute_attn.preferred(torch.zeros(1, 128, 512, dtype=torch.bfloat16))
     assert not cute_attn.supports(q, torch.zeros(2, 37440, dtype=torch.uint8), None)
 
+
+def test_sparse_attn_cluster_merge_rule(monkeypatch):
+    """The splits merge within their cluster only where every cluster is resident at once and the
+    grid has at least CLUSTER_MIN_CTAS CTAs (no GPU needed: the H200's capacities stand in for the
+    device query); no cluster of one CTA or past MAX_CLUSTER; a failed capacity query is not cached."""
+    from dsv4_compile.kernels.cute import HAVE_CUTE
+
+    if not HAVE_CUTE:
+        pytest.skip("CuTe DSL not installed")
+    from dsv4_compile.kernels.cute import sparse_attn as cute_attn
+
+    h200 = {2: 66, 3: 39, 4: 30, 5: 22, 6: 17, 7: 15, 8: 15, 9: 9, 10: 7}
+    monkeypatch.setattr(cute_attn, "cluster_capacity", lambda dev, n: h200.get(n, 7 if n <= 16 else 0))
+    rule = {t: cute_attn.cluster_merge(t, 64, cute_attn.splits_for(t, 64, 640, 132)[0], 0)
+            for t in (1, 2, 4, 8, 16, 32, 64)}
+    # V4-Flash CSA: 10 splits at B <= 13 (B = 8: 8 clusters of 10 > 7), 4 at B = 32 (32 > 30)
+    assert rule == {1: False, 2: False, 4: True, 8: False, 16: True, 32: False, 64: True}
+    assert cute_attn.cluster_merge(32, 128, 2, 0)  # V4-Pro: two head blocks a token, 64 clusters of 2
+    assert not cute_attn.cluster_merge(4096, 64, 1, 0)  # unsplit
+    monkeypatch.undo()
+    assert cute_attn.cluster_capacity(0, 1) == 0 and cute_attn.cluster_capacity(0, cute_attn.MAX_CLUSTER + 1) == 0
+    if not torch.cuda.is_available():  # the query fails without a GPU: 0, and not remembered
+        assert cute_attn.cluster_capacity(0, 2) == 0 and (0, 2) not in cute_attn._CAPACITY
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("splits,t,h,idx", [(None, 7, 20, torch.int32), (1, 7, 20, torch.int32),
                                             (3, 7, 20, torch.int64), (None, 1, 64, torch.int32),
@@ -808,6 +832,38 @@ def test_sparse_attn_wgmma_kernel_matches_reference(splits, t, h, idx):
     _assert_close_bf16(got.cpu(), want)
     if t > 4:
         assert bool((got[4].cpu() == 0).all())  # row 4 has no candidate
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("splits,t,h,w,k", [(2, 3, 64, 80, 100), (3, 7, 20, 80, 100), (3, 70, 8, 80, 100),
+                                            (5, 2, 128, 128, 512), (10, 2, 64, 128, 512), (16, 1, 64, 128, 896)])
+def test_sparse_attn_wgmma_cluster_merge_matches_reference(splits, t, h, w, k):
+    """Splits merged within their cluster (distributed shared memory, no partials, no combine kernel):
+    the reference's result and, within one bf16 rounding, the combine kernel's; partial head blocks
+    (20 and 8 heads), 128 heads (two clusters per token), more clusters than the GPU holds at once
+    (70 tokens), 2 to 16 CTAs per cluster, a row without candidates, a −inf sink."""
+    cute_attn = _cute_attn()
+    if cute_attn is None:
+        pytest.skip("needs CuTe DSL on a Hopper GPU")
+    capacity = cute_attn.cluster_capacity(torch.cuda.current_device(), splits)
+    assert capacity > 0 or splits > 8  # a portable cluster always fits
+    if capacity == 0:
+        pytest.skip(f"this GPU holds no cluster of {splits} one-CTA-per-SM CTAs")
+    q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=t, h=h, w=w, k=k, swa_bs=64, comp_bs=2, seed=23,
+                                                      swa_blocks=4, comp_blocks=(k + 63) // 2 + 8)
+    want = _dense(q, swa, si, comp, ci, sink, sbs, cbs)
+    dev = [x.cuda() for x in (q, swa, si, comp, ci, sink)]
+    got = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=True)
+    _assert_close_bf16(got.cpu(), want)
+    if t > 4:
+        assert bool((got[4].cpu() == 0).all())  # row 4 has no candidate
+    combined = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=False).float()
+    assert bool(((got.float() - combined).abs() <= combined.abs() * 2**-7 + 1e-6).all())
+    assert torch.equal(cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=True), got)
+    wide = torch.full((t, (cute_attn.MAX_CLUSTER + 1) * 64), -1, dtype=si.dtype, device="cuda")
+    with pytest.raises(ValueError, match="cluster"):
+        cute_attn.sparse_attn(dev[0], dev[1], wide, None, None, dev[5], SCALE, sbs, cbs,
+                              splits=cute_attn.MAX_CLUSTER + 1, cluster=True)
 
 
 @pytest.mark.cuda

@@ -1,6 +1,7 @@
 """Memory-access helpers of the CuTe-DSL kernels (trace-time, inlined): 32-bit loads of one to four
-words in one instruction, fp32 / bf16 global stores, 16-byte shared stores, and byte offsets in the
-128-byte swizzled K-major tile layout wgmma reads."""
+words in one instruction (also from another CTA's shared memory in the cluster), fp32 / bf16 global
+stores, 4-, 8- and 16-byte shared stores, and byte offsets in the 128-byte swizzled K-major tile
+layout wgmma reads."""
 
 from __future__ import annotations
 
@@ -10,15 +11,21 @@ from cutlass import BFloat16, Float32, Int32, Uint32
 _PTX_TYPE = {Float32: "f32", Int32: "s32", Uint32: "u32"}
 
 
-def ld(space: str, addr, dtype, n: int = 1, nc: bool = False, cg: bool = False):
+def ld(space: str, addr, dtype, n: int = 1, nc: bool = False, cg: bool = False, rank=None):
     """``n`` (1, 2 or 4) 32-bit ``dtype`` values (``Float32`` / ``Int32`` / ``Uint32``) at ``addr`` in
     state space ``space`` (``"global"`` / ``"shared"``; aligned to ``4·n`` bytes) in one load; ``nc``:
     through the non-coherent read-only path (global data no kernel running alongside writes); ``cg``:
-    from L2, not L1 (data another CTA wrote, seen after an acquire). One value, or a tuple of ``n``."""
+    from L2, not L1 (data another CTA wrote, seen after an acquire); ``rank`` (shared only): from the
+    shared memory of that CTA of the cluster (``mapa``, then a ``shared::cluster`` load; the reader
+    orders it after the owner's stores with a cluster barrier). One value, or a tuple of ``n``."""
     regs = ", ".join(f"{{$w{i}}}" for i in range(n))
     dst = regs if n == 1 else f"{{ {regs} }}"
     vec = "" if n == 1 else f".v{n}"
     path = (".nc" if nc else "") + (".cg" if cg else "")
+    if rank is not None:
+        return cute.arch.inline_ptx(
+            f"{{ .reg .u32 ra; mapa.shared::cluster.u32 ra, {{$r0}}, {{$r1}}; ld.shared::cluster{vec}."
+            f"{_PTX_TYPE[dtype]} {dst}, [ra]; }}", write_only_types=[dtype] * n, read_only_args=[addr, Int32(rank)])
     return cute.arch.inline_ptx(f"ld.{space}{path}{vec}.{_PTX_TYPE[dtype]} {dst}, [{{$r0}}];",
                                 write_only_types=[dtype] * n, read_only_args=[addr])
 
@@ -31,6 +38,16 @@ def st_global(addr, v, dtype=Float32):
                              read_only_args=[addr, v])
     else:
         cute.arch.inline_ptx("st.global.f32 [{$r0}], {$r1};", read_only_args=[addr, v])
+
+
+def st_shared_f32(addr, v):
+    """One fp32 value to shared memory at ``addr``."""
+    cute.arch.inline_ptx("st.shared.f32 [{$r0}], {$r1};", read_only_args=[addr, v])
+
+
+def st_shared_v2_f32(addr, a, b):
+    """Two fp32 values to shared memory at ``addr`` (8-byte aligned) in one store."""
+    cute.arch.inline_ptx("st.shared.v2.f32 [{$r0}], { {$r1}, {$r2} };", read_only_args=[addr, a, b])
 
 
 def st_shared_v4(addr, a, b, c, d):

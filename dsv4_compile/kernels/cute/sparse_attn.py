@@ -14,16 +14,21 @@ warpgroups):
   shared memory (the 128-byte swizzled layout both multiplies read). Each record (576 token bytes and
   8 scale bytes) is loaded by four threads straight into registers, 16 bytes per load (nine chunks
   and the scale bytes each: 38 registers); invalid candidates are not read and hold zeros. While
-  ``S = Q·Kᵀ`` of tile ``i`` runs on the tensor cores, the same threads decode tile ``i + 1`` from
+  the multiplies of tile ``i`` run on the tensor cores, the same threads decode tile ``i + 1`` from
   their registers into the other K tile (e4m3 times its UE8M0 block scale, exact; rope dims as
-  stored; 16-byte stores spread evenly over the swizzled banks), then load tile ``i + 2`` into the
-  registers; the slots for those loads were read a tile earlier still (a predicated load, no
-  branch), so no round trip to memory sits on a tile's critical path. Before this form (cp.async
-  into two staging buffers, then a decode between the multiplies of consecutive tiles): H200, 64k,
-  graph replay, V4-Flash CSA B = 2 / 32 / 64 12.8 / 25.4 / 36.0 → 12.4 / 24.8 / 35.4 µs, one CTA over
-  640 candidates 46.8 → 39.2 µs, HCA B = 64 35.6 → 34.1, V4-Pro CSA B = 64 87.7 → 86.4; prefill
-  (T = 4096) 1481 → 1506 µs. 255 registers: no spills in the split CSA variant; ptxas 13.0 spills
-  20 bytes in the unsplit SWA-only variant and 8 in the unsplit C128 one with int64 indices;
+  stored; 16-byte stores spread evenly over the swizzled banks) and load tile ``i + 2`` into the
+  registers, in two parts (``PARTS``): the dims of scale word 0 during ``S = Q·Kᵀ``, the rest and the
+  scale bytes during ``O += P·V``; the slots for those loads were read a tile earlier still (a
+  predicated load, no branch), so no round trip to memory sits on a tile's critical path. Before
+  this form (cp.async into two staging buffers, then a decode between the multiplies of consecutive
+  tiles): H200, 64k, graph replay, V4-Flash CSA B = 2 / 32 / 64 12.8 / 25.4 / 36.0 → 12.4 / 24.8 /
+  35.4 µs, one CTA over 640 candidates 46.8 → 39.2 µs, HCA B = 64 35.6 → 34.1, V4-Pro CSA B = 64
+  87.7 → 86.4; prefill (T = 4096) 1481 → 1506 µs. The decode in two parts instead of all of it during
+  ``Q·Kᵀ`` (same bits; eighteenth session): one CTA over 640 candidates 47.0 → 44.4 µs, V4-Flash CSA
+  B = 32 / 64 24.6-25.3 / 29.6-31.2 → 24.4-24.5 / 29.2, V4-Pro CSA B = 32 / 64 43.3 / 86.7-87.2 →
+  41.3-41.4 / 77.5-77.9, prefill 1488-1492 → 1414-1415 µs; B <= 16 (one or two tiles a CTA)
+  unchanged. 255 registers; ptxas 13.0 spills 16 bytes in the split CSA variant, 24 in the split
+  SWA-only one, 4-8 in the cluster-merged ones, none in the C128 one with int64 indices;
 * ``S = Q·Kᵀ`` (``wgmma`` m64n32k16, both operands from shared memory): each warpgroup computes the
   scores of half of the tile's candidates; the row maxima of the two halves meet in shared memory,
   and each warpgroup writes its half of ``P`` (bf16) into one shared ``[64, 64]`` tile;
@@ -33,8 +38,14 @@ warpgroups):
   replay, V4-Flash CSA B = 8 / 32 / 64 16.9 / 28.8 / 40.3 → 16.6 / 27.9 / 38.7 µs, V4-Pro B = 64
   100.0 → 92.8 µs, prefill T = 4096 1710 → 1579 µs.
 
-Splits write fp32 partials ``(acc, m, l)`` in the layout of the Triton kernel's, merged by its
-combine kernels; an unsplit CTA applies the sink and writes bf16.
+Splits merge in one of two ways. Where every cluster fits the GPU at once and the grid has at least
+``CLUSTER_MIN_CTAS`` CTAs (``cluster_merge``), the splits of a (token, head block) are one thread-block
+cluster and merge in distributed shared memory (``_cluster_merge``: each CTA leaves its fp32
+accumulator and ``(m, l)`` in its own shared memory, and after a cluster barrier merges an ``n``-th of
+the output from all of them; no partials in global memory, no second kernel). Otherwise splits write
+fp32 partials ``(acc, m, l)`` in the layout of the Triton kernel's, merged by its combine kernels. An
+unsplit CTA applies the sink and writes bf16. Both merges sum the splits in split order with the same
+formula, deterministic for a given split count.
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, partial
 merge included, the op): V4-Flash B = 1 / 8 / 32 / 64 10.9 / 15.3 / 25.4 / 35.9 µs before the
@@ -49,7 +60,9 @@ double-buffered K tile for two consumer warpgroups): 79 against 56 µs at B = 64
 partial scores exchanged through shared memory (spilled); the splits merged by the last CTA of each
 (token, head block) instead of the combine kernel (tickets, a release and an acquiring wait): 36.2 →
 42.1 µs at B = 64 with two splits, 15 → 51 µs at B = 8 with ten (one CTA reads every other split's
-128 KB partial alone).
+128 KB partial alone; the cluster merge spreads the same work over every CTA of the cluster).
+With the cluster merge (H200, eighteenth session): V4-Flash CSA B = 16 / 64 17.4 / 29.5 µs, SWA-only
+B = 64 12.7, HCA B = 64 29.1, V4-Pro CSA B = 8 / 32 20.2 / 45.1 (see ``cluster_merge``).
 """
 
 from __future__ import annotations
@@ -70,7 +83,7 @@ from ..triton._common import cdiv, sm_programs
 from ..triton._launch import pdl_meta
 from ._common import _capability, aligned, arch_name, fresh_copy
 from ._math import TORCH_TO_CUTE
-from ._smem import st_shared_v4, sw128_offset
+from ._smem import ld, st_shared_f32, st_shared_v2_f32, st_shared_v4, sw128_offset
 
 D = layouts.KV_HEAD_DIM  # 512
 NOPE = layouts.KV_NOPE_DIM  # 448
@@ -90,6 +103,14 @@ NEG_BIG = _tattn._NEG_BIG.value  # "no candidate yet" running max: the Triton ke
 LOG2E = _tattn.LOG2E
 _ROW = LayoutEnum.ROW_MAJOR  # K-major wgmma operands
 _COL = LayoutEnum.COL_MAJOR  # MN-major
+
+
+PARTS = ((0, 4), (4, CHUNKS // 4))  # a record's chunk groups decoded during Q·Kᵀ / during P·V (scale word 0 / 1)
+
+
+def _part_range(part: int) -> tuple[int, int]:
+    """The chunk groups ``[lo, hi)`` of ``part`` (``PARTS``; −1: all of them)."""
+    return (0, CHUNKS // 4) if part < 0 else PARTS[part]
 
 
 def _cp_async16(smem_addr, gmem_addr):
@@ -133,6 +154,12 @@ def _st_bf16x2(space: str, addr, lo, hi):
                          read_only_args=[addr, lo, hi])
 
 
+def _st_bf16x4_global(addr, a, b, c, d):
+    """Four fp32 values rounded to bf16 and stored as 8 bytes (``a`` first) at global ``addr``."""
+    cute.arch.inline_ptx("{ .reg .b32 lo, hi; cvt.rn.bf16x2.f32 lo, {$r2}, {$r1}; cvt.rn.bf16x2.f32 hi, {$r4}, {$r3};"
+                         " st.global.v2.b32 [{$r0}], {lo, hi}; }", read_only_args=[addr, a, b, c, d])
+
+
 def _e4m3x8_bf16(w0, w1, scale):
     """Eight e4m3 bytes (``w0`` bytes 0-3, then ``w1``) times the fp32 power of two ``scale``: four
     bf16x2 words, element 0 in the low half of the first (exact: e4m3 · 2^k has 4 significant bits)."""
@@ -156,25 +183,27 @@ def _e4m3x8_bf16(w0, w1, scale):
 class SparseAttnKernel:
     """One launch configuration; see ``compile`` for the cache key."""
 
-    def __init__(self, swa_bs: int, comp_bs: int, has_comp: bool, split: bool, pdl: bool):
+    def __init__(self, swa_bs: int, comp_bs: int, has_comp: bool, split: bool, pdl: bool, cluster: int = 0):
         self.swa_bs = swa_bs
         self.comp_bs = comp_bs
         self.has_comp = has_comp
         self.split = split
         self.pdl = pdl
+        self.cluster = cluster  # > 0: the splits (this many) of a (token, head block) are one cluster, merged in it
 
     @cute.jit
     def __call__(self, mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split: Int32,
                  swa_cap: Int64, comp_cap: Int64, qk_scale: Float32, splits: Int32, stream):
         T = mQ.shape[0]
         H = mQ.shape[1]
-        self.kernel(mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split, swa_cap, comp_cap,
-                    qk_scale).launch(
-            grid=[T, splits, (H + BH - 1) // BH],
-            block=[THREADS, 1, 1],
-            stream=stream,
-            use_pdl=self.pdl,
-        )
+        launch = self.kernel(mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split, swa_cap,
+                             comp_cap, qk_scale)
+        if const_expr(self.cluster > 0):
+            launch.launch(grid=[T, self.cluster, (H + BH - 1) // BH], block=[THREADS, 1, 1],
+                          cluster=[1, self.cluster, 1], stream=stream, use_pdl=self.pdl)
+        else:
+            launch.launch(grid=[T, splits, (H + BH - 1) // BH], block=[THREADS, 1, 1], stream=stream,
+                          use_pdl=self.pdl)
 
     @cute.jit
     def _slot(self, swa_addr, comp_addr, isz: cutlass.Constexpr, W, j0, end, tid):
@@ -189,12 +218,14 @@ class SparseAttnKernel:
         return _ld_slot(addr, j < end, isz)
 
     @cute.jit
-    def _load(self, slot, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W, j0, rec, tid):
+    def _load(self, slot, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W, j0, rec, tid,
+              part: cutlass.Constexpr = -1):
         """This thread's share of the record of its candidate of the tile starting at ``j0`` (slot
         ``slot``, from ``_slot``) into the registers ``rec``: 16-byte chunks ``q, q+4, .., q+32``
         (``q = tid % 4``) and the record's 8 scale bytes; zeros for an invalid candidate (−1, past
         its cache: not read). Plain loads: issued a tile before ``_decode`` uses them, their latency
-        hides behind that tile's multiplies. Returns whether the candidate is valid."""
+        hides behind that tile's multiplies. Returns whether the candidate is valid. ``part`` 0 / 1:
+        only the chunks of ``PARTS[part]`` (part 1 with the scale bytes); −1: all."""
         q = tid % 4
         is_swa = j0 + tid // 4 < W
         ok = (slot >= 0) & (slot < cutlass.select_(is_swa, swa_cap, comp_cap))
@@ -207,30 +238,35 @@ class SparseAttnKernel:
             k = cutlass.select_(is_swa, k, s % self.comp_bs)
             bs = cutlass.select_(is_swa, bs, Int64(self.comp_bs))
         src = page_off + k * TOKEN_BYTES + Int64(q * 16)
-        for i in cutlass.range_constexpr(CHUNKS // 4):
+        lo, hi = _part_range(part)
+        for i in cutlass.range_constexpr(lo, hi):
             w0, w1, w2, w3 = _ld_rec(src + Int64(64 * i), ok, 4)
             rec[4 * i] = w0
             rec[4 * i + 1] = w1
             rec[4 * i + 2] = w2
             rec[4 * i + 3] = w3
-        s0, s1 = _ld_rec(page_off + bs * TOKEN_BYTES + k * SCALE_BYTES, ok, 2)
-        rec[CHUNKS] = s0
-        rec[CHUNKS + 1] = s1
+        if const_expr(part != 0):
+            s0, s1 = _ld_rec(page_off + bs * TOKEN_BYTES + k * SCALE_BYTES, ok, 2)
+            rec[CHUNKS] = s0
+            rec[CHUNKS + 1] = s1
         return ok
 
     @cute.jit
-    def _decode(self, rec, ok, k_base, valid, v0, tid):
+    def _decode(self, rec, ok, k_base, valid, v0, tid, part: cutlass.Constexpr = -1):
         """``_load``'s registers → this thread's 16-byte chunks of its candidate's row (``tid / 4``) of
         the bf16 ``[64, 512]`` K tile at ``k_base`` (e4m3 x their UE8M0 block scale, exact; rope dims
         as stored; zeros for an invalid candidate, whose registers are zeros) and its ``valid`` flag.
         Chunk ``q + 4i`` of the record is dims ``16(q + 4i) ..`` (scale block ``i``) for ``i < 7``,
         rope dims ``448 + 8(q + 4(i − 7)) ..`` after; a warp's 16-byte stores spread evenly over the
-        swizzled banks (four wavefronts per store, the least for 512 bytes)."""
+        swizzled banks (four wavefronts per store, the least for 512 bytes). ``part`` as ``_load``'s
+        (the flag with part 0)."""
         c = tid // 4
         q = tid % 4
-        if q == 0:
-            valid[v0 + c] = Int32(ok)
-        for i in cutlass.range_constexpr(CHUNKS // 4):
+        if const_expr(part != 1):
+            if q == 0:
+                valid[v0 + c] = Int32(ok)
+        lo, hi = _part_range(part)
+        for i in cutlass.range_constexpr(lo, hi):
             if const_expr(i < FP8_CHUNKS // 4):
                 word = rec[CHUNKS + i // 4]
                 sb = (word >> (8 * (i % 4))) & Uint32(0xFF)
@@ -360,10 +396,9 @@ class SparseAttnKernel:
             else:
                 _mma_issue(qk_mma, acc_s, tSrQ, tSrK1)
             if it + 1 < n_tiles:
-                self._decode(rec, ok, k_base + Int32((1 - buf) * TILE_BYTES), valid, (1 - buf) * BN, tid)
+                self._decode(rec, ok, k_base + Int32((1 - buf) * TILE_BYTES), valid, (1 - buf) * BN, tid, 0)
                 ok = self._load(slot_next, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W,
-                                start + (it + 2) * BN, rec, tid)
-                slot_next = self._slot(swa_addr, comp_addr, isz, W, start + (it + 3) * BN, end, tid)
+                                start + (it + 2) * BN, rec, tid, 0)
             warpgroup.wait_group(0)
 
             # the softmax's proxy fence and barrier also publish the decode of tile it + 1
@@ -376,16 +411,30 @@ class SparseAttnKernel:
                 _mma_issue(pv_mma, acc_o, tOrP, tOrV0)
             else:
                 _mma_issue(pv_mma, acc_o, tOrP, tOrV1)
+            # the rest of tile it + 1's decode and tile it + 2's loads while P·V runs, then the slots of tile
+            # it + 3; the decode published to wgmma by the proxy fence and the next tile's barrier
+            if it + 1 < n_tiles:
+                self._decode(rec, ok, k_base + Int32((1 - buf) * TILE_BYTES), valid, (1 - buf) * BN, tid, 1)
+                self._load(slot_next, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W,
+                           start + (it + 2) * BN, rec, tid, 1)
+                slot_next = self._slot(swa_addr, comp_addr, isz, W, start + (it + 3) * BN, end, tid)
+                cute.arch.fence_view_async_shared()
             warpgroup.wait_group(0)
 
-        _finish(self.split, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid)
+        if const_expr(self.cluster > 0):
+            _row_sums(l_i, red, cO, wg, wtid)
+            _cluster_merge(self.cluster, acc_o, m_i, l_i, cO, q_base, k_base, mSink, mOut, t, sp, h0, H, wg, wtid,
+                           tid)
+        else:
+            _finish(self.split, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def compile(swa_bs: int, comp_bs: int, has_comp: bool, split: bool, idx_dtype, pdl: bool, arch: str,
-                extra_options: str = ""):
+                extra_options: str = "", cluster: int = 0):
         """Compile one variant over fake tensors (no GPU needed): tokens, heads, widths, pages and
-        strides are symbolic."""
+        strides are symbolic; ``cluster`` > 0 (with ``split``): that many splits, merged within their
+        cluster, no partials in global memory."""
         mk = cute.runtime.make_fake_tensor
         T = cute.sym_int()
         H = cute.sym_int()
@@ -400,12 +449,12 @@ class SparseAttnKernel:
         sink = mk(Float32, (H,), stride=(1,), assumed_align=4)
         out = mk(BFloat16, (T, H, D), stride=(cute.sym_int64(), D, 1), assumed_align=16)
         part = m = l_ = None
-        if split:
+        if split and cluster == 0:
             S = cute.sym_int()
             part = mk(Float32, (T, S, H, D), stride=(cute.sym_int64(), cute.sym_int64(), D, 1), assumed_align=16)
             m = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
             l_ = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
-        kernel = SparseAttnKernel(swa_bs, comp_bs, has_comp, split, pdl)
+        kernel = SparseAttnKernel(swa_bs, comp_bs, has_comp, split, pdl, cluster)
         return cute.compile(
             kernel, q, swa, swa_idx, comp, comp_idx, sink, out, part, m, l_,
             Int32(64), Int64(1), Int64(1), Float32(1.0), Int32(1),
@@ -472,10 +521,9 @@ def _online_softmax(acc_s, acc_o, p_base, red, m_i, l_i, cS, valid, v0, qk_scale
 
 
 @cute.jit
-def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid):
-    """Row sums over the quad and both warpgroups' halves (through ``red``), then this CTA's fp32
-    partials ``(acc, m, l)`` (split) or the output with the sink applied (bf16), written as pairs of
-    value dims."""
+def _row_sums(l_i, red, cO, wg, wtid):
+    """``l_i`` summed over the quad's lanes and both warpgroups' halves of the candidates (through
+    ``red``): each row's sum over all of the CTA's candidates."""
     for r in cutlass.range_constexpr(2):
         s = l_i[r]
         s = s + cute.arch.shuffle_sync_bfly(s, offset=1)
@@ -487,6 +535,30 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, red, mSink, mOut, mPa
     cute.arch.sync_threads()
     for r in cutlass.range_constexpr(2):
         l_i[r] = l_i[r] + red[2 * BH + (1 - wg) * BH + cO[2 * r][0]]
+
+
+@cute.jit
+def _sink_factor(m, l, sink_ln):
+    """The factor that turns a row's accumulator (running max ``m`` and sum ``l``, base 2) into its
+    output with the per-head sink (``sink_ln``, natural log) in the denominator:
+    ``a / (l·a + e^(sink − m'))`` with ``m' = max(m, sink)``, ``a = 2^(m − m')``; 0 for an empty set
+    under a −inf sink."""
+    sink = sink_ln * Float32(LOG2E)
+    mx = cute.arch.fmax(m, sink)
+    a = cute.math.exp2(m - mx, fastmath=True)
+    den = l * a + cute.math.exp2(sink - mx, fastmath=True)
+    inv = Float32(0.0)
+    if den > Float32(0.0):
+        inv = Float32(1.0) / den
+    return a * inv
+
+
+@cute.jit
+def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid):
+    """Row sums over the quad and both warpgroups' halves (``_row_sums``), then this CTA's fp32
+    partials ``(acc, m, l)`` (split) or the output with the sink applied (bf16), written as pairs of
+    value dims."""
+    _row_sums(l_i, red, cO, wg, wtid)
     col0 = wg * DV
     if const_expr(split):
         n_split = mPart.shape[1]
@@ -507,18 +579,106 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, red, mSink, mOut, mPa
         for r in cutlass.range_constexpr(2):
             h = h0 + cO[2 * r][0]
             if h < H:
-                sink = mSink[h] * Float32(LOG2E)
-                m = cute.arch.fmax(m_i[r], sink)
-                a = cute.math.exp2(m_i[r] - m, fastmath=True)
-                den = l_i[r] * a + cute.math.exp2(sink - m, fastmath=True)
-                inv = Float32(0.0)
-                if den > Float32(0.0):
-                    inv = Float32(1.0) / den
-                f = a * inv
+                f = _sink_factor(m_i[r], l_i[r], mSink[h])
                 row = out_base + (Int64(t) * H + h) * (D * 2)
                 for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
                     i = 4 * j + 2 * r
                     _st_bf16x2("global", row + Int64((col0 + cO[i][1]) * 2), acc_o[i] * f, acc_o[i + 1] * f)
+
+
+ACC_ROW_BYTES = D * 4  # a row of the CTA's fp32 [64, 512] accumulator in shared memory
+ML_BYTES = 2 * BH * 4  # the CTA's running max and sum per row, fp32, read by the whole cluster
+FIN_OFF = ML_BYTES  # then each row's sink factor, then the splits' weights, [split][row]
+WTS_OFF = FIN_OFF + BH * 4
+MAX_CLUSTER = 16  # CTAs per cluster on sm_90 (8 portable, 16 with the non-portable size allowed)
+CLUSTER_MIN_CTAS = 32  # the cluster merge from this many CTAs (cluster_merge)
+CHUNKS_IN_FLIGHT = 16  # 16-byte remote loads a thread of the cluster merge issues before it uses one
+
+
+def _acc_offset(row, chunk):
+    """Byte offset of 16-byte ``chunk`` (0..127: value dims 4·chunk ..) of ``row`` of the fp32
+    ``[64, 512]`` accumulator in shared memory: the chunk index XOR the row's low three bits, so the
+    eight rows of a warp's accumulator stores fall on distinct banks."""
+    return row * ACC_ROW_BYTES + (chunk ^ (row % 8)) * 16
+
+
+@cute.jit
+def _cluster_merge(n: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, k_base, mSink, mOut, t, sp, h0, H, wg, wtid,
+                   tid):
+    """The ``n`` splits of one (token, head block), one cluster (rank = split), merged in distributed
+    shared memory instead of through fp32 partials in global memory and the combine kernel: each CTA
+    leaves its accumulator (fp32 ``[64, 512]``, over the freed K tiles) and its rows' ``(m, l)``
+    (over the freed query tile) in its own shared memory; after one cluster barrier each CTA merges
+    an ``n``-th of the ``[heads, 512]`` output from every CTA's accumulator, in split order, as
+    ``kernels.triton.attention.combine_splits`` does (``m = max_s m_s``, ``l = Σ_s 2^(m_s − m)·l_s``,
+    ``acc = Σ_s 2^(m_s − m)·acc_s``, then the sink), and writes it as bf16; a second cluster barrier
+    keeps every CTA's shared memory alive until all have read it. Every remote load of a step is
+    issued before any is used (``n`` is a compile-time constant; ``CHUNKS_IN_FLIGHT`` 16-byte loads per
+    thread at a time): one round trip per step, not one per split."""
+    # this CTA's accumulator and (m, l); the freed tiles (the last P·V was waited for by both warpgroups
+    # before _row_sums' barrier)
+    for r in cutlass.range_constexpr(2):
+        row = cO[2 * r][0]
+        if wg == 0:
+            if wtid % 4 == 0:
+                st_shared_f32(q_base + Int32(row * 4), m_i[r])
+                st_shared_f32(q_base + Int32(BH * 4 + row * 4), l_i[r])
+        for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
+            i = 4 * j + 2 * r
+            col = wg * DV + cO[i][1]
+            st_shared_v2_f32(k_base + Int32(_acc_offset(row, col // 4) + (col % 4) * 4), acc_o[i], acc_o[i + 1])
+    cute.arch.cluster_arrive()
+    cute.arch.cluster_wait()
+    # per row: the splits' weights and the sink factor, from every CTA's (m, l)
+    rows = cutlass.min(Int32(BH), H - h0)
+    if tid < rows:
+        ms = cute.make_rmem_tensor(n, Float32)
+        ls = cute.make_rmem_tensor(n, Float32)
+        for s in cutlass.range_constexpr(n):
+            ms[s] = ld("shared", q_base + Int32(tid * 4), Float32, rank=s)
+            ls[s] = ld("shared", q_base + Int32(BH * 4 + tid * 4), Float32, rank=s)
+        m = Float32(NEG_BIG)
+        for s in cutlass.range_constexpr(n):
+            m = cute.arch.fmax(m, ms[s])
+        l = Float32(0.0)
+        for s in cutlass.range_constexpr(n):
+            a = cute.math.exp2(ms[s] - m, fastmath=True)
+            l = l + a * ls[s]
+            st_shared_f32(q_base + Int32(WTS_OFF + s * BH * 4) + tid * 4, a)
+        st_shared_f32(q_base + Int32(FIN_OFF + tid * 4), _sink_factor(m, l, mSink[h0 + tid]))
+    cute.arch.sync_threads()
+    # this CTA's n-th of the rows' 16-byte chunks, u chunks per thread and step
+    u = max(1, CHUNKS_IN_FLIGHT // n)
+    total = rows * (D // 4)
+    per = (total + n - 1) // n
+    c_end = cutlass.min(sp * per + per, total)
+    out_base = mOut.iterator.toint()
+    vals = cute.make_rmem_tensor(4 * u * n, Float32)
+    for c0 in cutlass.range(sp * per + tid, c_end, THREADS * u):
+        for k in cutlass.range_constexpr(u):
+            c = cutlass.min(c0 + k * THREADS, c_end - 1)  # past the end: a repeat of the last chunk, not stored
+            src = k_base + Int32(_acc_offset(c // (D // 4), c % (D // 4)))
+            for s in cutlass.range_constexpr(n):
+                v0, v1, v2, v3 = ld("shared", src, Float32, 4, rank=s)
+                vals[4 * (k * n + s)] = v0
+                vals[4 * (k * n + s) + 1] = v1
+                vals[4 * (k * n + s) + 2] = v2
+                vals[4 * (k * n + s) + 3] = v3
+        for k in cutlass.range_constexpr(u):
+            c = c0 + k * THREADS
+            if c < c_end:
+                row = c // (D // 4)
+                acc = cute.make_rmem_tensor(4, Float32)
+                acc.fill(0.0)
+                for s in cutlass.range_constexpr(n):
+                    w = ld("shared", q_base + Int32(WTS_OFF + s * BH * 4) + row * 4, Float32)
+                    for e in cutlass.range_constexpr(4):
+                        acc[e] = acc[e] + w * vals[4 * (k * n + s) + e]
+                f = ld("shared", q_base + Int32(FIN_OFF) + row * 4, Float32)
+                dst = out_base + ((Int64(t) * H + h0 + row) * D + (c % (D // 4)) * 4) * 2
+                _st_bf16x4_global(dst, acc[0] * f, acc[1] * f, acc[2] * f, acc[3] * f)
+    cute.arch.cluster_arrive()
+    cute.arch.cluster_wait()
 
 
 def supports(q: torch.Tensor, swa_cache: torch.Tensor, comp_cache) -> bool:
@@ -552,11 +712,54 @@ def splits_for(T: int, H: int, n_cand: int, sms: int) -> tuple[int, int]:
     return max(1, cdiv(n_cand, per_split)), per_split
 
 
+_CAPACITY: dict = {}
+
+
+def cluster_capacity(device_index: int, n: int) -> int:
+    """How many clusters of ``n`` CTAs, one CTA per SM (the kernel's shared memory), the GPU runs at
+    once (``cuOccupancyMaxActiveClusters`` through CuTe DSL's ``HardwareInfo``: a cluster is placed
+    within one GPC, so this is not ``SMs // n``); 0 past ``MAX_CLUSTER`` or where the query fails
+    (answers are cached per device; failures are not)."""
+    if not 2 <= n <= MAX_CLUSTER:
+        return 0
+    key = (device_index, n)
+    if key not in _CAPACITY:
+        try:
+            from cuda.bindings import driver
+            from cutlass.utils import HardwareInfo
+
+            with torch.cuda.device(device_index):
+                if int(driver.cuCtxGetCurrent()[1]) == 0:  # the query runs in the current context: torch's
+                    ctx = driver.cuDevicePrimaryCtxRetain(driver.cuDeviceGet(device_index)[1])[1]
+                    driver.cuCtxSetCurrent(ctx)
+                _CAPACITY[key] = int(HardwareInfo(device_index).get_max_active_clusters(n))
+        except Exception:  # an old driver, no cuda-python: the combine kernel merges instead
+            return 0
+    return _CAPACITY[key]
+
+
+def cluster_merge(T: int, H: int, n_split: int, device_index: int) -> bool:
+    """Whether the ``n_split`` splits of each (token, head block) merge within their cluster: every
+    cluster resident at once (``cluster_capacity``; a second wave of clusters doubles the time) and at
+    least ``CLUSTER_MIN_CTAS`` CTAs, below which the combine kernel's partials are small and the two
+    merges cost the same or the cluster's more. H200, 64k context, graph replay, the kernel with the
+    combine kernel → merged in the cluster: V4-Flash CSA B = 16 (5 splits) 19.9 → 17.4 µs, B = 64 (2)
+    36.6 → 29.5, SWA-only B = 64 (2) 17.8 → 12.7, HCA B = 64 33.9 → 29.1, V4-Pro CSA B = 8 (6) 23.4 →
+    20.2, B = 32 (2) 50.5 → 45.1; CSA B = 1 / 2 / 4 (10, 20, 40 CTAs) 11.8 / 13.1 / 13.4 → 12.2 / 12.7 /
+    13.3, SWA-only B = 1 / 8 9.1 / 10.4 → 10.2 / 10.6. (CSA B = 8 and 32 split 10 and 4 ways: 8 and 32
+    clusters, more than the H200's 7 and 30.)"""
+    ctas = T * cdiv(H, BH)
+    return n_split > 1 and ctas * n_split >= CLUSTER_MIN_CTAS and ctas <= cluster_capacity(device_index, n_split)
+
+
 def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale: float, swa_block_size: int,
-                comp_block_size: int, splits: int | None = None, pdl: bool | None = None) -> torch.Tensor:
+                comp_block_size: int, splits: int | None = None, pdl: bool | None = None,
+                cluster: bool | None = None) -> torch.Tensor:
     """``kernels.triton.attention.sparse_attn``'s result from the wgmma kernel (``supports`` must hold).
     ``splits`` forces the number of candidate splits (tests); ``pdl``: programmatic dependent launch
-    (default: as the package's Triton kernels, ``_launch.pdl_meta``)."""
+    (default: as the package's Triton kernels, ``_launch.pdl_meta``); ``cluster``: merge the splits
+    within their cluster (``_cluster_merge``) instead of through the combine kernel (default:
+    ``cluster_merge``; forcing it needs at most ``MAX_CLUSTER`` splits)."""
     T, H, _ = q.shape
     out = torch.empty((T, H, D), dtype=torch.bfloat16, device=q.device)
     if T == 0:
@@ -579,18 +782,23 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
         per_split = cdiv(cdiv(max(W + K, 1), splits), BN) * BN  # whole tiles
         n_split = max(1, cdiv(W + K, per_split))
     split = n_split > 1
+    if cluster is None:
+        cluster = cluster_merge(T, H, n_split, q.device.index)
+    elif cluster and n_split > MAX_CLUSTER:
+        raise ValueError(f"sparse_attn: {n_split} splits cannot merge within one cluster (at most {MAX_CLUSTER})")
+    cluster = n_split if cluster and split else 0
     if pdl is None:
         pdl = pdl_meta(q.device.index) is not None
     part = m = l_ = None
-    if split:
+    if split and cluster == 0:
         part = torch.empty((T, n_split, H, D), dtype=torch.float32, device=q.device)
         m = torch.empty((T, n_split, H), dtype=torch.float32, device=q.device)
         l_ = torch.empty_like(m)
     compiled = SparseAttnKernel.compile(swa_block_size, comp_block_size if has_comp else 1, has_comp, split,
-                                        TORCH_TO_CUTE[swa_indices.dtype], pdl, arch_name(q.device))
+                                        TORCH_TO_CUTE[swa_indices.dtype], pdl, arch_name(q.device), cluster=cluster)
     compiled(q, swa_cache, swa_indices, comp_cache if has_comp else None, comp_indices if has_comp else None, sink,
              out, part, m, l_, per_split, swa_cache.shape[0] * swa_block_size,
              (comp_cache.shape[0] * comp_block_size) if has_comp else 0, scale * LOG2E, n_split)
-    if split:
+    if split and cluster == 0:
         _tattn.combine_splits(part, m, l_, sink, out)
     return out
