@@ -47,12 +47,13 @@ fp32 partials ``(acc, m, l)`` in the layout of the Triton kernel's, merged by it
 unsplit CTA applies the sink and writes bf16. Both merges sum the splits in split order with the same
 formula, deterministic for a given split count.
 
-Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, partial
-merge included, the op): V4-Flash B = 1 / 8 / 32 / 64 10.9 / 15.3 / 25.4 / 35.9 µs before the
-register-staged form above (B = 1 with 64 heads runs the Triton kernel; FlashMLA 12.4 / 15.1 / 25.0 /
-44.5 in issue 14's measurement), V4-Pro B = 1 / 64 13.2 / 89.7 µs; prefill (T = 4096) 232 TFLOPS.
-One CTA per SM still runs both multiplies and the softmax one after another, about 4 µs per
-64-candidate tile; removing one part at a time from the cp.async form (B = 64, 5 tiles per CTA,
+Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, the
+merge included, the op; eighteenth session): V4-Flash B = 1 / 8 / 16 / 32 / 64 10.9 / 15.3 / 17.4 / 24.5 /
+30.4 µs (B = 1 with 64 heads runs the Triton kernel; FlashMLA 12.4 / 15.1 / - / 25.0 / 44.5 in issue
+14's measurement), V4-Pro 13.7 / 20.4 / 30.6 / 41.4 / 76.6 µs; prefill (T = 4096) 246 TFLOPS.
+One CTA per SM still runs both multiplies and the softmax one after another, about 4.4 µs per
+64-candidate tile for one CTA alone (44.4 µs over 640 candidates) and about 3 µs a tile with every SM
+busy; removing one part at a time from the cp.async form (B = 64, 5 tiles per CTA,
 36 µs) saved: the decode 6.0 µs, the gather 5.7, the softmax 3.9, P·V 3.7, Q·Kᵀ 2.2. Also tried and
 slower: a warp-specialized form (a producer warpgroup decoding 32-candidate tiles into a
 double-buffered K tile for two consumer warpgroups): 79 against 56 µs at B = 64 then, its Q·Kᵀ on
