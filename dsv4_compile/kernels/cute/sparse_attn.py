@@ -760,7 +760,8 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     ``splits`` forces the number of candidate splits (tests); ``pdl``: programmatic dependent launch
     (default: as the package's Triton kernels, ``_launch.pdl_meta``); ``cluster``: merge the splits
     within their cluster (``_cluster_merge``) instead of through the combine kernel (default:
-    ``cluster_merge``; forcing it needs at most ``MAX_CLUSTER`` splits)."""
+    ``cluster_merge``; forcing it needs at most ``MAX_CLUSTER`` splits, else ``ValueError``, and a GPU that
+    holds such a cluster, ``cluster_capacity`` > 0, else the launch fails)."""
     T, H, _ = q.shape
     out = torch.empty((T, H, D), dtype=torch.bfloat16, device=q.device)
     if T == 0:
