@@ -2,6 +2,8 @@
 sink column), ``indexer_topk`` against ``torch.topk`` on independently dequantized logits, the Triton
 kernels against both, the debug index switch, opcheck, fakes, ValueErrors, and a CUDA-graph replay."""
 
+import warnings
+
 import pytest
 import torch
 import triton
@@ -10,6 +12,7 @@ import triton.language as tl
 import dsv4_compile  # noqa: F401
 from dsv4_compile import layouts
 from dsv4_compile.kernels.triton import attention as kernels
+from dsv4_compile.kernels.triton._common import sm_programs
 from dsv4_compile.reference import attention as ref
 from dsv4_compile.reference import cache as ref_cache
 
@@ -792,7 +795,8 @@ def test_sparse_attn_wgmma_launch_plan():
 def test_sparse_attn_cluster_merge_rule(monkeypatch):
     """The splits merge within their cluster only where every cluster is resident at once and the
     grid has at least CLUSTER_MIN_CTAS CTAs (no GPU needed: the H200's capacities stand in for the
-    device query); no cluster of one CTA or past MAX_CLUSTER; a failed capacity query is not cached."""
+    device query); no cluster of one CTA or past MAX_CLUSTER; a failed capacity query gives 0 (the
+    combine kernel), warns once per device and is cached."""
     from dsv4_compile.kernels.cute import HAVE_CUTE
 
     if not HAVE_CUTE:
@@ -809,8 +813,15 @@ def test_sparse_attn_cluster_merge_rule(monkeypatch):
     assert not cute_attn.cluster_merge(4096, 64, 1, 0)  # unsplit
     monkeypatch.undo()
     assert cute_attn.cluster_capacity(0, 1) == 0 and cute_attn.cluster_capacity(0, cute_attn.MAX_CLUSTER + 1) == 0
-    if not torch.cuda.is_available():  # the query fails without a GPU: 0, and not remembered
-        assert cute_attn.cluster_capacity(0, 2) == 0 and (0, 2) not in cute_attn._CAPACITY
+    if not torch.cuda.is_available():  # the query fails without a GPU: 0, one warning, remembered
+        monkeypatch.setattr(cute_attn, "_CAPACITY", {})
+        monkeypatch.setattr(cute_attn, "_QUERY_FAILED", set())
+        with pytest.warns(UserWarning, match="occupancy query failed"):
+            assert cute_attn.cluster_capacity(0, 2) == 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert cute_attn.cluster_capacity(0, 3) == 0
+        assert cute_attn._CAPACITY == {(0, 2): 0, (0, 3): 0}
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("splits,t,h,idx", [(None, 7, 20, torch.int32), (1, 7, 20, torch.int32),
@@ -836,12 +847,14 @@ def test_sparse_attn_wgmma_kernel_matches_reference(splits, t, h, idx):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("splits,t,h,w,k", [(2, 3, 64, 80, 100), (3, 7, 20, 80, 100), (3, 70, 8, 80, 100),
-                                            (5, 2, 128, 128, 512), (10, 2, 64, 128, 512), (16, 1, 64, 128, 896)])
+                                            (2, 3, 80, 80, 100), (5, 2, 128, 128, 512), (5, 2, 200, 128, 512),
+                                            (10, 2, 64, 128, 512), (16, 1, 64, 128, 896)])
 def test_sparse_attn_wgmma_cluster_merge_matches_reference(splits, t, h, w, k):
     """Splits merged within their cluster (distributed shared memory, no partials, no combine kernel):
     the reference's result and, within one bf16 rounding, the combine kernel's; partial head blocks
-    (20 and 8 heads), 128 heads (two clusters per token), more clusters than the GPU holds at once
-    (70 tokens), 2 to 16 CTAs per cluster, a row without candidates, a −inf sink."""
+    (20 and 8 heads; 80 and 200: a partial second / fourth head block), 128 heads (two clusters per
+    token), more clusters than the GPU holds at once (70 tokens), 2 to 16 CTAs per cluster, a row
+    without candidates, a −inf sink."""
     cute_attn = _cute_attn()
     if cute_attn is None:
         pytest.skip("needs CuTe DSL on a Hopper GPU")
@@ -864,6 +877,28 @@ def test_sparse_attn_wgmma_cluster_merge_matches_reference(splits, t, h, w, k):
     with pytest.raises(ValueError, match="cluster"):
         cute_attn.sparse_attn(dev[0], dev[1], wide, None, None, dev[5], SCALE, sbs, cbs,
                               splits=cute_attn.MAX_CLUSTER + 1, cluster=True)
+
+
+@pytest.mark.cuda
+def test_sparse_attn_wgmma_default_merge_is_the_cluster_at_64_tokens():
+    """The op's default at V4-Flash CSA B = 64 (640 candidates: two splits of five tiles): on an H200
+    (132 SMs) the splits merge within their clusters, and the default equals the forced merge bit for
+    bit and the combine kernel's within one bf16 rounding."""
+    cute_attn = _cute_attn()
+    if cute_attn is None:
+        pytest.skip("needs CuTe DSL on a Hopper GPU")
+    q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=64, h=64, w=128, k=512, swa_bs=64, comp_bs=2, seed=29,
+                                                      swa_blocks=4, comp_blocks=264)
+    dev = [x.cuda() for x in (q, swa, si, comp, ci, sink)]
+    n_split, _ = cute_attn.splits_for(64, 64, 640, sm_programs(dev[0].device))
+    merged = cute_attn.cluster_merge(64, 64, n_split, dev[0].device.index)
+    if torch.cuda.get_device_properties(0).multi_processor_count == 132:
+        assert n_split == 2 and merged
+    default = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs)
+    assert torch.equal(default, cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, cluster=merged))
+    combined = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, cluster=False).float()
+    assert bool(((default.float() - combined).abs() <= combined.abs() * 2**-7 + 1e-6).all())
+    assert bool((default[4] == 0).all())  # row 4 has no candidate
 
 
 @pytest.mark.cuda

@@ -23,6 +23,7 @@ def ld(space: str, addr, dtype, n: int = 1, nc: bool = False, cg: bool = False, 
     vec = "" if n == 1 else f".v{n}"
     path = (".nc" if nc else "") + (".cg" if cg else "")
     if rank is not None:
+        assert space == "shared" and not (nc or cg), "a remote load reads another CTA's shared memory"
         return cute.arch.inline_ptx(
             f"{{ .reg .u32 ra; mapa.shared::cluster.u32 ra, {{$r0}}, {{$r1}}; ld.shared::cluster{vec}."
             f"{_PTX_TYPE[dtype]} {dst}, [ra]; }}", write_only_types=[dtype] * n, read_only_args=[addr, Int32(rank)])

@@ -44,8 +44,9 @@ cluster and merge in distributed shared memory (``_cluster_merge``: each CTA lea
 accumulator and ``(m, l)`` in its own shared memory, and after a cluster barrier merges an ``n``-th of
 the output from all of them; no partials in global memory, no second kernel). Otherwise splits write
 fp32 partials ``(acc, m, l)`` in the layout of the Triton kernel's, merged by its combine kernels. An
-unsplit CTA applies the sink and writes bf16. Both merges sum the splits in split order with the same
-formula, deterministic for a given split count.
+unsplit CTA applies the sink and writes bf16. Both merges use the same formula (the cluster merge sums
+in split order, as the looping combine kernel does; the one-shot combine kernel of the smallest steps
+sums as a tree), deterministic for a given split count.
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, the
 merge included, the op; eighteenth session): V4-Flash B = 1 / 8 / 16 / 32 / 64 10.9 / 15.3 / 17.4 / 24.5 /
@@ -69,6 +70,7 @@ B = 64 12.7, HCA B = 64 29.1, V4-Pro CSA B = 8 / 32 20.2 / 45.1 (see ``cluster_m
 from __future__ import annotations
 
 import functools
+import warnings
 
 import cutlass
 import cutlass.cute as cute
@@ -388,8 +390,8 @@ class SparseAttnKernel:
             # K tile `buf` (tile it) decoded and fenced by all; both warpgroups' last P·V finished
             # reading K tile 1 − buf and P
             cute.arch.sync_threads()
-            # S = Q·Kᵀ, in flight while this thread decodes tile it + 1 into the other K tile and
-            # loads tile it + 2 into its registers
+            # S = Q·Kᵀ, in flight while this thread decodes part 0 of tile it + 1 into the other K tile
+            # and loads part 0 of tile it + 2 into its registers
             acc_s.fill(0.0)
             warpgroup.fence()
             if buf == 0:
@@ -402,7 +404,7 @@ class SparseAttnKernel:
                                 start + (it + 2) * BN, rec, tid, 0)
             warpgroup.wait_group(0)
 
-            # the softmax's proxy fence and barrier also publish the decode of tile it + 1
+            # the softmax's proxy fence and barrier also publish part 0 of tile it + 1's decode
             _online_softmax(acc_s, acc_o, sP.iterator.toint(), red, m_i, l_i, cS, valid, buf * BN, qk_scale, wg,
                             wtid)
 
@@ -481,7 +483,7 @@ def _online_softmax(acc_s, acc_o, p_base, red, m_i, l_i, cS, valid, v0, qk_scale
     scores of invalid candidates (``valid[col] == 0``) to −inf; the row maxima of both halves meet in
     ``red`` (one barrier); ``O`` rescaled; ``P`` to shared memory as bf16 in the swizzled K-major
     layout P·V reads (then a barrier: both halves written and visible to wgmma). ``l_i`` sums this
-    half's columns only (``_finish`` adds the two)."""
+    half's columns only (``_row_sums`` adds the two)."""
     row_max = cute.make_rmem_tensor(2, Float32)
     for r in cutlass.range_constexpr(2):
         row_max[r] = m_i[r]
@@ -599,7 +601,7 @@ CHUNKS_IN_FLIGHT = 16  # 16-byte remote loads a thread of the cluster merge issu
 def _acc_offset(row, chunk):
     """Byte offset of 16-byte ``chunk`` (0..127: value dims 4·chunk ..) of ``row`` of the fp32
     ``[64, 512]`` accumulator in shared memory: the chunk index XOR the row's low three bits, so the
-    eight rows of a warp's accumulator stores fall on distinct banks."""
+    eight rows of a warp's 8-byte accumulator stores take the fewest wavefronts (two)."""
     return row * ACC_ROW_BYTES + (chunk ^ (row % 8)) * 16
 
 
@@ -611,11 +613,12 @@ def _cluster_merge(n: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, k_base, mS
     leaves its accumulator (fp32 ``[64, 512]``, over the freed K tiles) and its rows' ``(m, l)``
     (over the freed query tile) in its own shared memory; after one cluster barrier each CTA merges
     an ``n``-th of the ``[heads, 512]`` output from every CTA's accumulator, in split order, as
-    ``kernels.triton.attention.combine_splits`` does (``m = max_s m_s``, ``l = Σ_s 2^(m_s − m)·l_s``,
-    ``acc = Σ_s 2^(m_s − m)·acc_s``, then the sink), and writes it as bf16; a second cluster barrier
-    keeps every CTA's shared memory alive until all have read it. Every remote load of a step is
-    issued before any is used (``n`` is a compile-time constant; ``CHUNKS_IN_FLIGHT`` 16-byte loads per
-    thread at a time): one round trip per step, not one per split."""
+    ``kernels.triton.attention.combine_splits``' looping kernel does (``m = max_s m_s``,
+    ``l = Σ_s 2^(m_s − m)·l_s``, ``acc = Σ_s 2^(m_s − m)·acc_s``, then the sink), and writes it as
+    bf16; a second cluster barrier keeps every CTA's shared memory alive until all have read it.
+    Every remote load of a step is issued before any is used (``n`` is a compile-time constant;
+    ``CHUNKS_IN_FLIGHT`` 16-byte loads per thread at a time): one round trip per step, not one per
+    split."""
     # this CTA's accumulator and (m, l); the freed tiles (the last P·V was waited for by both warpgroups
     # before _row_sums' barrier)
     for r in cutlass.range_constexpr(2):
@@ -713,14 +716,16 @@ def splits_for(T: int, H: int, n_cand: int, sms: int) -> tuple[int, int]:
     return max(1, cdiv(n_cand, per_split)), per_split
 
 
-_CAPACITY: dict = {}
+_CAPACITY: dict = {}  # (device index, cluster size) -> clusters resident at once
+_QUERY_FAILED: set = set()  # devices whose occupancy query failed (warned once)
 
 
 def cluster_capacity(device_index: int, n: int) -> int:
     """How many clusters of ``n`` CTAs, one CTA per SM (the kernel's shared memory), the GPU runs at
-    once (``cuOccupancyMaxActiveClusters`` through CuTe DSL's ``HardwareInfo``: a cluster is placed
-    within one GPC, so this is not ``SMs // n``); 0 past ``MAX_CLUSTER`` or where the query fails
-    (answers are cached per device; failures are not)."""
+    once (``cuOccupancyMaxActiveClusters`` through CuTe DSL's ``HardwareInfo``, which compiles and
+    loads a small kernel: a cluster is placed within one GPC, so this is not ``SMs // n``); 0 past
+    ``MAX_CLUSTER``, and 0 with one warning where the query fails (the combine kernel then merges).
+    Cached per device and size, failures too (the op calls this at every split launch)."""
     if not 2 <= n <= MAX_CLUSTER:
         return 0
     key = (device_index, n)
@@ -734,8 +739,12 @@ def cluster_capacity(device_index: int, n: int) -> int:
                     ctx = driver.cuDevicePrimaryCtxRetain(driver.cuDeviceGet(device_index)[1])[1]
                     driver.cuCtxSetCurrent(ctx)
                 _CAPACITY[key] = int(HardwareInfo(device_index).get_max_active_clusters(n))
-        except Exception:  # an old driver, no cuda-python: the combine kernel merges instead
-            return 0
+        except Exception as e:  # an old driver, no cuda-python
+            if device_index not in _QUERY_FAILED:
+                _QUERY_FAILED.add(device_index)
+                warnings.warn(f"sparse_attn: the cluster occupancy query failed on cuda:{device_index} ({e!r}); "
+                              "splits merge through the combine kernel", stacklevel=2)
+            _CAPACITY[key] = 0
     return _CAPACITY[key]
 
 
@@ -748,7 +757,8 @@ def cluster_merge(T: int, H: int, n_split: int, device_index: int) -> bool:
     36.6 → 29.5, SWA-only B = 64 (2) 17.8 → 12.7, HCA B = 64 33.9 → 29.1, V4-Pro CSA B = 8 (6) 23.4 →
     20.2, B = 32 (2) 50.5 → 45.1; CSA B = 1 / 2 / 4 (10, 20, 40 CTAs) 11.8 / 13.1 / 13.4 → 12.2 / 12.7 /
     13.3, SWA-only B = 1 / 8 9.1 / 10.4 → 10.2 / 10.6. (CSA B = 8 and 32 split 10 and 4 ways: 8 and 32
-    clusters, more than the H200's 7 and 30.)"""
+    clusters, more than the H200's 7 and 30.) Each cluster size is its own compiled variant (its
+    remote loads are unrolled): the first launch at a new split count compiles it, a few seconds."""
     ctas = T * cdiv(H, BH)
     return n_split > 1 and ctas * n_split >= CLUSTER_MIN_CTAS and ctas <= cluster_capacity(device_index, n_split)
 
