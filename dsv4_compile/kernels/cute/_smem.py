@@ -1,6 +1,6 @@
 """Memory-access helpers of the CuTe-DSL kernels (trace-time, inlined): 32-bit loads of one to four
-words in one instruction (also from another CTA's shared memory in the cluster), fp32 / bf16 global
-stores, 4-, 8- and 16-byte shared stores, and byte offsets in the 128-byte swizzled K-major tile
+words in one instruction (also from another CTA's shared memory in the cluster), fp32 stores of one to
+four values, bf16 global stores, 16-byte shared stores, and byte offsets in the 128-byte swizzled K-major tile
 layout wgmma reads."""
 
 from __future__ import annotations
@@ -31,6 +31,15 @@ def ld(space: str, addr, dtype, n: int = 1, nc: bool = False, cg: bool = False, 
                                 write_only_types=[dtype] * n, read_only_args=[addr])
 
 
+def st_f32(space: str, addr, *vals):
+    """One, two or four fp32 ``vals`` at ``addr`` in state space ``space`` (``"global"`` / ``"shared"``;
+    aligned to their size) in one store."""
+    n = len(vals)
+    src = "{$r1}" if n == 1 else "{ " + ", ".join(f"{{$r{i + 1}}}" for i in range(n)) + " }"
+    cute.arch.inline_ptx(f"st.{space}{'' if n == 1 else f'.v{n}'}.f32 [{{$r0}}], {src};",
+                         read_only_args=[addr, *vals])
+
+
 def st_global(addr, v, dtype=Float32):
     """The fp32 ``v`` stored at global ``addr`` as ``dtype``: ``Float32``, or ``BFloat16`` (rounded to
     nearest even)."""
@@ -38,17 +47,7 @@ def st_global(addr, v, dtype=Float32):
         cute.arch.inline_ptx("{ .reg .b16 h; cvt.rn.bf16.f32 h, {$r1}; st.global.b16 [{$r0}], h; }",
                              read_only_args=[addr, v])
     else:
-        cute.arch.inline_ptx("st.global.f32 [{$r0}], {$r1};", read_only_args=[addr, v])
-
-
-def st_shared_f32(addr, v):
-    """One fp32 value to shared memory at ``addr``."""
-    cute.arch.inline_ptx("st.shared.f32 [{$r0}], {$r1};", read_only_args=[addr, v])
-
-
-def st_shared_v2_f32(addr, a, b):
-    """Two fp32 values to shared memory at ``addr`` (8-byte aligned) in one store."""
-    cute.arch.inline_ptx("st.shared.v2.f32 [{$r0}], { {$r1}, {$r2} };", read_only_args=[addr, a, b])
+        st_f32("global", addr, v)
 
 
 def st_shared_v4(addr, a, b, c, d):

@@ -62,9 +62,8 @@ double-buffered K tile for two consumer warpgroups): 79 against 56 µs at B = 64
 partial scores exchanged through shared memory (spilled); the splits merged by the last CTA of each
 (token, head block) instead of the combine kernel (tickets, a release and an acquiring wait): 36.2 →
 42.1 µs at B = 64 with two splits, 15 → 51 µs at B = 8 with ten (one CTA reads every other split's
-128 KB partial alone; the cluster merge spreads the same work over every CTA of the cluster).
-With the cluster merge (H200, eighteenth session): V4-Flash CSA B = 16 / 64 17.4 / 29.5 µs, SWA-only
-B = 64 12.7, HCA B = 64 29.1, V4-Pro CSA B = 8 / 32 20.2 / 45.1 (see ``cluster_merge``).
+128 KB partial alone; the cluster merge spreads the same work over every CTA of the cluster:
+``cluster_merge`` has its measurements).
 """
 
 from __future__ import annotations
@@ -86,7 +85,7 @@ from ..triton._common import cdiv, sm_programs
 from ..triton._launch import pdl_meta
 from ._common import _capability, aligned, arch_name, fresh_copy
 from ._math import TORCH_TO_CUTE
-from ._smem import ld, st_shared_f32, st_shared_v2_f32, st_shared_v4, sw128_offset
+from ._smem import ld, st_f32, st_shared_v4, sw128_offset
 
 D = layouts.KV_HEAD_DIM  # 512
 NOPE = layouts.KV_NOPE_DIM  # 448
@@ -109,11 +108,6 @@ _COL = LayoutEnum.COL_MAJOR  # MN-major
 
 
 PARTS = ((0, 4), (4, CHUNKS // 4))  # a record's chunk groups decoded during Q·Kᵀ / during P·V (scale word 0 / 1)
-
-
-def _part_range(part: int) -> tuple[int, int]:
-    """The chunk groups ``[lo, hi)`` of ``part`` (``PARTS``; −1: all of them)."""
-    return (0, CHUNKS // 4) if part < 0 else PARTS[part]
 
 
 def _cp_async16(smem_addr, gmem_addr):
@@ -146,21 +140,15 @@ def _ld_rec(addr, pred, words: int):
         write_only_types=[Uint32] * words, read_only_args=[addr, Uint32(pred)])
 
 
-def _st_global_v2_f32(addr, a, b):
-    cute.arch.inline_ptx("st.global.v2.f32 [{$r0}], { {$r1}, {$r2} };", read_only_args=[addr, a, b])
-
-
-def _st_bf16x2(space: str, addr, lo, hi):
-    """``lo``, ``hi`` rounded to bf16 and stored as one 32-bit word (``lo`` in the low half) at ``addr`` in
-    state space ``space`` ("shared" / "global")."""
-    cute.arch.inline_ptx(f"{{ .reg .b32 w; cvt.rn.bf16x2.f32 w, {{$r2}}, {{$r1}}; st.{space}.b32 [{{$r0}}], w; }}",
-                         read_only_args=[addr, lo, hi])
-
-
-def _st_bf16x4_global(addr, a, b, c, d):
-    """Four fp32 values rounded to bf16 and stored as 8 bytes (``a`` first) at global ``addr``."""
-    cute.arch.inline_ptx("{ .reg .b32 lo, hi; cvt.rn.bf16x2.f32 lo, {$r2}, {$r1}; cvt.rn.bf16x2.f32 hi, {$r4}, {$r3};"
-                         " st.global.v2.b32 [{$r0}], {lo, hi}; }", read_only_args=[addr, a, b, c, d])
+def _st_bf16(space: str, addr, *vals):
+    """Two or four fp32 ``vals`` rounded to bf16 and stored as one 32-bit word / 8 bytes (the first
+    value lowest) at ``addr`` in state space ``space`` ("shared" / "global")."""
+    words = len(vals) // 2
+    regs = ", ".join(f"w{i}" for i in range(words))
+    cvt = "".join(f" cvt.rn.bf16x2.f32 w{i}, {{$r{2 * i + 2}}}, {{$r{2 * i + 1}}};" for i in range(words))
+    dst = "w0" if words == 1 else f"{{{regs}}}"
+    cute.arch.inline_ptx(f"{{ .reg .b32 {regs};{cvt} st.{space}{'' if words == 1 else f'.v{words}'}.b32 [{{$r0}}],"
+                         f" {dst}; }}", read_only_args=[addr, *vals])
 
 
 def _e4m3x8_bf16(w0, w1, scale):
@@ -222,13 +210,13 @@ class SparseAttnKernel:
 
     @cute.jit
     def _load(self, slot, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W, j0, rec, tid,
-              part: cutlass.Constexpr = -1):
+              part: cutlass.Constexpr):
         """This thread's share of the record of its candidate of the tile starting at ``j0`` (slot
         ``slot``, from ``_slot``) into the registers ``rec``: 16-byte chunks ``q, q+4, .., q+32``
         (``q = tid % 4``) and the record's 8 scale bytes; zeros for an invalid candidate (−1, past
         its cache: not read). Plain loads: issued a tile before ``_decode`` uses them, their latency
-        hides behind that tile's multiplies. Returns whether the candidate is valid. ``part`` 0 / 1:
-        only the chunks of ``PARTS[part]`` (part 1 with the scale bytes); −1: all."""
+        hides behind that tile's multiplies. Returns whether the candidate is valid. Only the chunk
+        groups ``PARTS[part]`` (part 1 with the scale bytes)."""
         q = tid % 4
         is_swa = j0 + tid // 4 < W
         ok = (slot >= 0) & (slot < cutlass.select_(is_swa, swa_cap, comp_cap))
@@ -241,21 +229,20 @@ class SparseAttnKernel:
             k = cutlass.select_(is_swa, k, s % self.comp_bs)
             bs = cutlass.select_(is_swa, bs, Int64(self.comp_bs))
         src = page_off + k * TOKEN_BYTES + Int64(q * 16)
-        lo, hi = _part_range(part)
-        for i in cutlass.range_constexpr(lo, hi):
+        for i in cutlass.range_constexpr(*PARTS[part]):
             w0, w1, w2, w3 = _ld_rec(src + Int64(64 * i), ok, 4)
             rec[4 * i] = w0
             rec[4 * i + 1] = w1
             rec[4 * i + 2] = w2
             rec[4 * i + 3] = w3
-        if const_expr(part != 0):
+        if const_expr(part == 1):
             s0, s1 = _ld_rec(page_off + bs * TOKEN_BYTES + k * SCALE_BYTES, ok, 2)
             rec[CHUNKS] = s0
             rec[CHUNKS + 1] = s1
         return ok
 
     @cute.jit
-    def _decode(self, rec, ok, k_base, valid, v0, tid, part: cutlass.Constexpr = -1):
+    def _decode(self, rec, ok, k_base, valid, v0, tid, part: cutlass.Constexpr):
         """``_load``'s registers → this thread's 16-byte chunks of its candidate's row (``tid / 4``) of
         the bf16 ``[64, 512]`` K tile at ``k_base`` (e4m3 x their UE8M0 block scale, exact; rope dims
         as stored; zeros for an invalid candidate, whose registers are zeros) and its ``valid`` flag.
@@ -265,11 +252,10 @@ class SparseAttnKernel:
         (the flag with part 0)."""
         c = tid // 4
         q = tid % 4
-        if const_expr(part != 1):
+        if const_expr(part == 0):
             if q == 0:
                 valid[v0 + c] = Int32(ok)
-        lo, hi = _part_range(part)
-        for i in cutlass.range_constexpr(lo, hi):
+        for i in cutlass.range_constexpr(*PARTS[part]):
             if const_expr(i < FP8_CHUNKS // 4):
                 word = rec[CHUNKS + i // 4]
                 sb = (word >> (8 * (i % 4))) & Uint32(0xFF)
@@ -346,11 +332,15 @@ class SparseAttnKernel:
         cute.arch.cp_async_commit_group()
         # tile 0 into K tile 0 (while the queries land), tile 1 into registers, tile 2's slots
         rec = cute.make_rmem_tensor(REC_WORDS, Uint32)
-        ok = self._load(self._slot(swa_addr, comp_addr, isz, W, start, end, tid), swa_base, comp_base, swa_page,
-                        comp_page, swa_cap, comp_cap, W, start, rec, tid)
+        slot = self._slot(swa_addr, comp_addr, isz, W, start, end, tid)
+        args = (swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W)
+        ok = self._load(slot, *args, start, rec, tid, 0)
+        self._load(slot, *args, start, rec, tid, 1)
         slot_next = self._slot(swa_addr, comp_addr, isz, W, start + BN, end, tid)
-        self._decode(rec, ok, k_base, valid, 0, tid)
-        ok = self._load(slot_next, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W, start + BN, rec, tid)
+        self._decode(rec, ok, k_base, valid, 0, tid, 0)
+        self._decode(rec, ok, k_base, valid, 0, tid, 1)
+        ok = self._load(slot_next, *args, start + BN, rec, tid, 0)
+        self._load(slot_next, *args, start + BN, rec, tid, 1)
         slot_next = self._slot(swa_addr, comp_addr, isz, W, start + 2 * BN, end, tid)
         cute.arch.cp_async_wait_group(0)
         # generic-proxy writes of sQ / sK made visible to wgmma (ptxas: MEMBAR.ALL.CTA + FENCE.VIEW.ASYNC.S)
@@ -400,8 +390,7 @@ class SparseAttnKernel:
                 _mma_issue(qk_mma, acc_s, tSrQ, tSrK1)
             if it + 1 < n_tiles:
                 self._decode(rec, ok, k_base + Int32((1 - buf) * TILE_BYTES), valid, (1 - buf) * BN, tid, 0)
-                ok = self._load(slot_next, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W,
-                                start + (it + 2) * BN, rec, tid, 0)
+                ok = self._load(slot_next, *args, start + (it + 2) * BN, rec, tid, 0)
             warpgroup.wait_group(0)
 
             # the softmax's proxy fence and barrier also publish part 0 of tile it + 1's decode
@@ -418,8 +407,7 @@ class SparseAttnKernel:
             # it + 3; the decode published to wgmma by the proxy fence and the next tile's barrier
             if it + 1 < n_tiles:
                 self._decode(rec, ok, k_base + Int32((1 - buf) * TILE_BYTES), valid, (1 - buf) * BN, tid, 1)
-                self._load(slot_next, swa_base, comp_base, swa_page, comp_page, swa_cap, comp_cap, W,
-                           start + (it + 2) * BN, rec, tid, 1)
+                self._load(slot_next, *args, start + (it + 2) * BN, rec, tid, 1)
                 slot_next = self._slot(swa_addr, comp_addr, isz, W, start + (it + 3) * BN, end, tid)
                 cute.arch.fence_view_async_shared()
             warpgroup.wait_group(0)
@@ -515,7 +503,7 @@ def _online_softmax(acc_s, acc_o, p_base, red, m_i, l_i, cS, valid, v0, qk_scale
         p1 = cute.math.exp2(acc_s[i + 1] - m_i[r], fastmath=True)
         l_i[r] = l_i[r] + p0 + p1
         col = cS[i][1] + wg * SN
-        _st_bf16x2("shared", p_base + Int32(sw128_offset(cS[i][0], col // 8) + (col % 8) * 2), p0, p1)
+        _st_bf16("shared", p_base + Int32(sw128_offset(cS[i][0], col // 8) + (col % 8) * 2), p0, p1)
     if cute.arch.vote_any_sync((alpha[0] != Float32(1.0)) | (alpha[1] != Float32(1.0))):
         for i in cutlass.range_constexpr(cute.size(acc_o)):
             acc_o[i] = acc_o[i] * alpha[(i // 2) % 2]
@@ -572,7 +560,7 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, red, mSink, mOut, mPa
                 row = part_base + ((Int64(t) * n_split + sp) * H + h) * (D * 4)
                 for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
                     i = 4 * j + 2 * r
-                    _st_global_v2_f32(row + Int64((col0 + cO[i][1]) * 4), acc_o[i], acc_o[i + 1])
+                    st_f32("global", row + Int64((col0 + cO[i][1]) * 4), acc_o[i], acc_o[i + 1])
                 if wg == 0:
                     if wtid % 4 == 0:
                         mM[t, sp, h] = m_i[r]
@@ -586,7 +574,7 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, red, mSink, mOut, mPa
                 row = out_base + (Int64(t) * H + h) * (D * 2)
                 for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
                     i = 4 * j + 2 * r
-                    _st_bf16x2("global", row + Int64((col0 + cO[i][1]) * 2), acc_o[i] * f, acc_o[i + 1] * f)
+                    _st_bf16("global", row + Int64((col0 + cO[i][1]) * 2), acc_o[i] * f, acc_o[i + 1] * f)
 
 
 ACC_ROW_BYTES = D * 4  # a row of the CTA's fp32 [64, 512] accumulator in shared memory
@@ -625,12 +613,12 @@ def _cluster_merge(n: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, k_base, mS
         row = cO[2 * r][0]
         if wg == 0:
             if wtid % 4 == 0:
-                st_shared_f32(q_base + Int32(row * 4), m_i[r])
-                st_shared_f32(q_base + Int32(BH * 4 + row * 4), l_i[r])
+                st_f32("shared", q_base + Int32(row * 4), m_i[r])
+                st_f32("shared", q_base + Int32(BH * 4 + row * 4), l_i[r])
         for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
             i = 4 * j + 2 * r
             col = wg * DV + cO[i][1]
-            st_shared_v2_f32(k_base + Int32(_acc_offset(row, col // 4) + (col % 4) * 4), acc_o[i], acc_o[i + 1])
+            st_f32("shared", k_base + Int32(_acc_offset(row, col // 4) + (col % 4) * 4), acc_o[i], acc_o[i + 1])
     cute.arch.cluster_arrive()
     cute.arch.cluster_wait()
     # per row: the splits' weights and the sink factor, from every CTA's (m, l)
@@ -648,8 +636,8 @@ def _cluster_merge(n: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, k_base, mS
         for s in cutlass.range_constexpr(n):
             a = cute.math.exp2(ms[s] - m, fastmath=True)
             l = l + a * ls[s]
-            st_shared_f32(q_base + Int32(WTS_OFF + s * BH * 4) + tid * 4, a)
-        st_shared_f32(q_base + Int32(FIN_OFF + tid * 4), _sink_factor(m, l, mSink[h0 + tid]))
+            st_f32("shared", q_base + Int32(WTS_OFF + s * BH * 4) + tid * 4, a)
+        st_f32("shared", q_base + Int32(FIN_OFF + tid * 4), _sink_factor(m, l, mSink[h0 + tid]))
     cute.arch.sync_threads()
     # this CTA's n-th of the rows' 16-byte chunks, u chunks per thread and step
     u = max(1, CHUNKS_IN_FLIGHT // n)
@@ -680,7 +668,7 @@ def _cluster_merge(n: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, k_base, mS
                         acc[e] = acc[e] + w * vals[4 * (k * n + s) + e]
                 f = ld("shared", q_base + Int32(FIN_OFF) + row * 4, Float32)
                 dst = out_base + ((Int64(t) * H + h0 + row) * D + (c % (D // 4)) * 4) * 2
-                _st_bf16x4_global(dst, acc[0] * f, acc[1] * f, acc[2] * f, acc[3] * f)
+                _st_bf16("global", dst, acc[0] * f, acc[1] * f, acc[2] * f, acc[3] * f)
     cute.arch.cluster_arrive()
     cute.arch.cluster_wait()
 

@@ -312,7 +312,7 @@ def fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype=torch.bfloat16, backend
     out = torch.empty((M, N), dtype=out_dtype, device=x_q.device)
     if backend == "cute":
         _check_cute(x_q, w_q, out_dtype)
-    if backend == "cute" or (backend == "auto" and not config and _cute_preferred(x_q, w_q, out_dtype)):
+    if backend == "cute" or _auto_cute(backend, config, x_q, w_q, out_dtype):
         return _launch_cute(x_q, x_scale, w_q, ws, out, config)
     if _use_gemv(backend, M, N, K, config):
         return _launch_gemv(x_q, x_scale, w_q, ws, out, config)
@@ -348,6 +348,13 @@ def _cute_preferred(x_q, w_q, out_dtype) -> bool:
     from ..cute import gemm as cute_gemm
 
     return _cute_rows(M, N, K, sm_programs(x_q.device)) and cute_gemm.supports(x_q, w_q, out_dtype)
+
+
+def _auto_cute(backend, config, x, w_q, out_dtype) -> bool:
+    """Whether the automatic dispatch (no backend or configuration given) takes the CuTe-DSL kernel for
+    rows ``x`` (``_cute_preferred``): one rule for ``fp8_block_gemm`` and ``fp8_linear``, which must
+    agree bit for bit."""
+    return backend == "auto" and not config and _cute_preferred(x, w_q, out_dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -547,7 +554,7 @@ def fp8_linear(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=1e-4, back
     backend = _backend(backend)
     config = _given(config)
     gemv = _use_gemv(backend, M, N, K, config) and (backend == "gemv" or (
-        K <= FUSED_QUANT_MAX_K and not (backend == "auto" and not config and _cute_preferred(x, w_q, out_dtype))))
+        K <= FUSED_QUANT_MAX_K and not _auto_cute(backend, config, x, w_q, out_dtype)))
     if gemv or (backend == "triton" and M <= 64):
         out = torch.empty((M, N), dtype=out_dtype, device=x.device)
         launch = _launch_gemv if gemv else _launch
