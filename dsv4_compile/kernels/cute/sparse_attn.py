@@ -38,15 +38,17 @@ warpgroups):
   replay, V4-Flash CSA B = 8 / 32 / 64 16.9 / 28.8 / 40.3 → 16.6 / 27.9 / 38.7 µs, V4-Pro B = 64
   100.0 → 92.8 µs, prefill T = 4096 1710 → 1579 µs.
 
-Splits merge in one of two ways. Where every cluster fits the GPU at once and the grid has at least
+Splits merge in one of three ways. Where every cluster fits the GPU at once and the grid has at least
 ``CLUSTER_MIN_CTAS`` CTAs (``cluster_merge``), the splits of a (token, head block) are one thread-block
 cluster and merge in distributed shared memory (``_cluster_merge``: each CTA leaves its fp32
 accumulator and ``(m, l)`` in its own shared memory, and after a cluster barrier merges an ``n``-th of
-the output from all of them; no partials in global memory, no second kernel). Otherwise splits write
-fp32 partials ``(acc, m, l)`` in the layout of the Triton kernel's, merged by its combine kernels. An
-unsplit CTA applies the sink and writes bf16. Both merges use the same formula (the cluster merge sums
-in split order, as the looping combine kernel does; the one-shot combine kernel of the smallest steps
-sums as a tree), deterministic for a given split count.
+the output from all of them; no partials in global memory, no second kernel). Where such clusters do
+not fit but clusters of a run of the splits do (``cluster_run``), each cluster merges its run the same
+way into one fp32 partial for the combine kernel. Otherwise every split writes its fp32 partial
+``(acc, m, l)`` in the layout of the Triton kernel's, merged by its combine kernels. An unsplit CTA
+applies the sink and writes bf16. The merges use the same formula (the cluster merge sums in split
+order, as the looping combine kernel does; the one-shot combine kernel of the smallest steps sums as
+a tree), deterministic for a given split count and cluster size.
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, the
 merge included, the op; eighteenth session): V4-Flash B = 1 / 8 / 16 / 32 / 64 10.9 / 15.3 / 17.4 / 24.5 /
@@ -780,7 +782,11 @@ def cluster_run(T: int, H: int, n_split: int, device_index: int) -> int:
     at once): the largest cluster size ``c`` (a divisor of ``n_split``, 2 .. ``n_split − 1``) whose
     ``n_split / c`` clusters per (token, head block) are all resident at once; its clusters merge
     their runs of ``c`` splits into one partial each, which the combine kernel merges (``_cluster_merge``
-    with ``to_part``). 0: none (too few CTAs, as for ``cluster_merge``, or no size fits)."""
+    with ``to_part``). 0: none (too few CTAs, as for ``cluster_merge``, or no size fits). H200, 64k
+    context, graph replay, the op, every split's partial → runs merged in clusters (the bf16 outputs
+    differ at most in subnormals, ≤ 6.4e-39): V4-Flash CSA B = 10 / 12 (10 splits; clusters of 5 / 2) 17.8 / 18.1 → 16.0 / 16.3 µs, B =
+    32 (4; 2) 24.4-24.6 → 24.2, HCA B = 32 24.1 → 23.3-23.5; no change at CSA B = 8 (15.4, clusters of
+    5), HCA B = 8 (15.3-15.4 → 15.2) and V4-Pro CSA B = 16 (4 splits a head block; 30.5-30.6)."""
     ctas = T * cdiv(H, BH)
     if n_split < 4 or ctas * n_split < CLUSTER_MIN_CTAS:
         return 0
