@@ -816,6 +816,12 @@ def test_sparse_attn_cluster_merge_rule(monkeypatch):
     assert rule == {1: False, 2: False, 4: True, 8: False, 16: True, 32: False, 64: True}
     assert cute_attn.cluster_merge(32, 128, 2, 0)  # V4-Pro: two head blocks a token, 64 clusters of 2
     assert not cute_attn.cluster_merge(4096, 64, 1, 0)  # unsplit
+    # where a cluster of every split does not fit: the largest run of splits whose clusters all do
+    runs = {t: cute_attn.cluster_run(t, 64, cute_attn.splits_for(t, 64, 640, 132)[0], 0) for t in (1, 2, 8, 12, 32)}
+    assert runs == {1: 0, 2: 0, 8: 5, 12: 2, 32: 2}  # 16 clusters of 5 <= 22; 24 > 22, 60 of 2 <= 66; 64 <= 66
+    assert cute_attn.cluster_run(16, 128, 4, 0) == 2  # V4-Pro B = 16: 64 clusters of 2
+    assert cute_attn.cluster_run(16, 64, 5, 0) == 0 and cute_attn.cluster_run(64, 64, 2, 0) == 0  # no proper divisor
+    assert cute_attn.cluster_run(40, 64, 6, 0) == 0  # 80 clusters of 3 > 39, 120 of 2 > 66
     monkeypatch.undo()
     assert cute_attn.cluster_capacity(0, 1) == 0 and cute_attn.cluster_capacity(0, cute_attn.MAX_CLUSTER + 1) == 0
     if not torch.cuda.is_available():  # the query fails without a GPU: 0, one warning, remembered
@@ -882,6 +888,33 @@ def test_sparse_attn_wgmma_cluster_merge_matches_reference(splits, t, h, w, k):
     with pytest.raises(ValueError, match="cluster"):
         cute_attn.sparse_attn(dev[0], dev[1], wide, None, None, dev[5], SCALE, sbs, cbs,
                               splits=cute_attn.MAX_CLUSTER + 1, cluster=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("splits,cluster,t,h,w,k", [(10, 5, 2, 64, 128, 512), (10, 2, 7, 80, 128, 512),
+                                                    (4, 2, 7, 20, 128, 128), (6, 3, 2, 200, 128, 256)])
+def test_sparse_attn_wgmma_cluster_runs_match_reference(splits, cluster, t, h, w, k):
+    """Clusters of a run of splits (5 or 2 of 10, 2 of 4, 3 of 6), each merged in distributed shared
+    memory into one partial, the partials merged by the combine kernel: the reference's result and,
+    within one bf16 rounding, the combine kernel's over every split; partial head blocks (20, 80, 200
+    heads), a row without candidates, a −inf sink; the same bits when run again; a cluster size that
+    does not divide the split count is a ValueError."""
+    cute_attn = _cute_attn()
+    if cute_attn is None:
+        pytest.skip("needs CuTe DSL on a Hopper GPU")
+    q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=t, h=h, w=w, k=k, swa_bs=64, comp_bs=2, seed=31,
+                                                      swa_blocks=4, comp_blocks=(k + 63) // 2 + 8)
+    want = _dense(q, swa, si, comp, ci, sink, sbs, cbs)
+    dev = [x.cuda() for x in (q, swa, si, comp, ci, sink)]
+    got = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=cluster)
+    _assert_close_bf16(got.cpu(), want)
+    if t > 4:
+        assert bool((got[4].cpu() == 0).all())  # row 4 has no candidate
+    combined = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=False).float()
+    _assert_one_bf16_rounding(got, combined)
+    assert torch.equal(cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=cluster), got)
+    with pytest.raises(ValueError, match="clusters of"):
+        cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=splits - 1)
 
 
 @pytest.mark.cuda

@@ -82,16 +82,18 @@ def _topk_cases():
 
 
 def _sparse_attn_cases():
-    # V4 CSA (SWA + C4 pages, split into partials; split and merged within the cluster), HCA's C128
-    # pages with int64 indices written unsplit, the SWA-only layer
-    yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=0)
-    yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=2)
-    yield dict(swa_bs=64, comp_bs=64, comp=False, split=True, idx=Int32, pdl=True, cluster=10)
-    yield dict(swa_bs=64, comp_bs=2, comp=True, split=False, idx=Int64, pdl=False, cluster=0)
-    yield dict(swa_bs=64, comp_bs=64, comp=False, split=False, idx=Int32, pdl=True, cluster=0)
+    # V4 CSA (SWA + C4 pages, split into partials; split and merged within the cluster; split into
+    # clusters of 5 that merge into partials), HCA's C128 pages with int64 indices written unsplit, the
+    # SWA-only layer
+    yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=0, part=False)
+    yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=2, part=False)
+    yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=5, part=True)
+    yield dict(swa_bs=64, comp_bs=64, comp=False, split=True, idx=Int32, pdl=True, cluster=10, part=False)
+    yield dict(swa_bs=64, comp_bs=2, comp=True, split=False, idx=Int64, pdl=False, cluster=0, part=False)
+    yield dict(swa_bs=64, comp_bs=64, comp=False, split=False, idx=Int32, pdl=True, cluster=0, part=False)
 
 
-def _check_sparse_attn_ptx(name: str, arch: str, ptx: str, cluster: bool = False) -> None:
+def _check_sparse_attn_ptx(name: str, arch: str, ptx: str, cluster: bool = False, part: bool = False) -> None:
     # per tile and warpgroup: Q·Kᵀ of its 32 candidates over 512 dims, P·V of the 64 over its 256 value dims,
     # each once per K tile buffer (two)
     for shape, want in (("m64n32k16", 2 * 32), ("m64n256k16", 2 * 4)):
@@ -103,11 +105,14 @@ def _check_sparse_attn_ptx(name: str, arch: str, ptx: str, cluster: bool = False
     if "ld.global.nc.L1::no_allocate.v4.u32" not in ptx:
         raise AssertionError(f"{name}@{arch}: the records are not loaded into registers 16 bytes at a time")
     # the cluster merge: two cluster barriers, the accumulators read 16 bytes at a time from the
-    # cluster's shared memory, no fp32 partials to global memory
+    # cluster's shared memory, no per-CTA fp32 partials to global memory; a run's merged partial is
+    # written 16 bytes at a time
     merged = (len(re.findall(r"\bbarrier\.cluster\.wait\b", ptx)) == 2 and "ld.shared::cluster.v4.f32" in ptx
               and "st.global.v2.f32" not in ptx)
     if merged != cluster:
         raise AssertionError(f"{name}@{arch}: the splits are {'not ' if cluster else ''}merged within the cluster")
+    if cluster and ("st.global.v4.f32" in ptx) != part:
+        raise AssertionError(f"{name}@{arch}: the cluster's merge is {'not ' if part else ''}written as a partial")
 
 
 def _indexer_logits_cases():
@@ -266,14 +271,16 @@ def compile_all(arch: str) -> list[str]:
             _check_topk_ptx(name, arch, ptx, fused=True)
             names.append(_check_ptx(name, arch, ptx, False))
         for case in _sparse_attn_cases() if arch == "sm_90a" else ():
-            compile_fn = functools.partial(sparse_attn.SparseAttnKernel.compile, cluster=case["cluster"])
+            compile_fn = functools.partial(sparse_attn.SparseAttnKernel.compile, cluster=case["cluster"],
+                                           cluster_part=case["part"])
             ptx = _case_ptx(dump_dir, compile_fn, case["swa_bs"], case["comp_bs"], case["comp"], case["split"],
                             case["idx"], case["pdl"], arch)
             name = "sparse_attn_swa{}_{}_idx{}{}{}".format(
                 case["swa_bs"], f"comp{case['comp_bs']}" if case["comp"] else "swa_only", case["idx"].__name__.lower(),
-                (f"_cluster{case['cluster']}" if case["cluster"] else "_split") if case["split"] else "",
+                ((f"_cluster{case['cluster']}" + ("_part" if case["part"] else "")) if case["cluster"] else "_split")
+                if case["split"] else "",
                 "_pdl" if case["pdl"] else "")
-            _check_sparse_attn_ptx(name, arch, ptx, case["cluster"] > 0)
+            _check_sparse_attn_ptx(name, arch, ptx, case["cluster"] > 0, case["part"])
             names.append(f"{name}@{arch}")
         for case in _indexer_logits_cases() if arch == "sm_90a" else ():
             for fmt, kernel in (("fp8", indexer_logits.IndexerLogitsKernel),

@@ -38,15 +38,17 @@ warpgroups):
   replay, V4-Flash CSA B = 8 / 32 / 64 16.9 / 28.8 / 40.3 → 16.6 / 27.9 / 38.7 µs, V4-Pro B = 64
   100.0 → 92.8 µs, prefill T = 4096 1710 → 1579 µs.
 
-Splits merge in one of two ways. Where every cluster fits the GPU at once and the grid has at least
+Splits merge in one of three ways. Where every cluster fits the GPU at once and the grid has at least
 ``CLUSTER_MIN_CTAS`` CTAs (``cluster_merge``), the splits of a (token, head block) are one thread-block
 cluster and merge in distributed shared memory (``_cluster_merge``: each CTA leaves its fp32
 accumulator and ``(m, l)`` in its own shared memory, and after a cluster barrier merges an ``n``-th of
-the output from all of them; no partials in global memory, no second kernel). Otherwise splits write
-fp32 partials ``(acc, m, l)`` in the layout of the Triton kernel's, merged by its combine kernels. An
-unsplit CTA applies the sink and writes bf16. Both merges use the same formula (the cluster merge sums
-in split order, as the looping combine kernel does; the one-shot combine kernel of the smallest steps
-sums as a tree), deterministic for a given split count.
+the output from all of them; no partials in global memory, no second kernel). Where such clusters do
+not fit but clusters of a run of the splits do (``cluster_run``), each cluster merges its run the same
+way into one fp32 partial for the combine kernel. Otherwise every split writes its fp32 partial
+``(acc, m, l)`` in the layout of the Triton kernel's, merged by its combine kernels. An unsplit CTA
+applies the sink and writes bf16. The merges use the same formula (the cluster merge sums in split
+order, as the looping combine kernel does; the one-shot combine kernel of the smallest steps sums as
+a tree), deterministic for a given split count and cluster size.
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, the
 merge included, the op; eighteenth session): V4-Flash B = 1 / 8 / 16 / 32 / 64 10.9 / 15.3 / 17.4 / 24.5 /
@@ -174,13 +176,18 @@ def _e4m3x8_bf16(w0, w1, scale):
 class SparseAttnKernel:
     """One launch configuration; see ``compile`` for the cache key."""
 
-    def __init__(self, swa_bs: int, comp_bs: int, has_comp: bool, split: bool, pdl: bool, cluster: int = 0):
+    def __init__(self, swa_bs: int, comp_bs: int, has_comp: bool, split: bool, pdl: bool, cluster: int = 0,
+                 cluster_part: bool = False):
         self.swa_bs = swa_bs
         self.comp_bs = comp_bs
         self.has_comp = has_comp
         self.split = split
         self.pdl = pdl
-        self.cluster = cluster  # > 0: the splits (this many) of a (token, head block) are one cluster, merged in it
+        # > 0: each run of this many splits of a (token, head block) is one cluster, merged in it: into the
+        # output where the cluster holds every split, else (cluster_part) into one partial per cluster,
+        # which the combine kernel merges
+        self.cluster = cluster
+        self.cluster_part = cluster_part
 
     @cute.jit
     def __call__(self, mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split: Int32,
@@ -190,7 +197,7 @@ class SparseAttnKernel:
         launch = self.kernel(mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split, swa_cap,
                              comp_cap, qk_scale)
         if const_expr(self.cluster > 0):
-            launch.launch(grid=[T, self.cluster, (H + BH - 1) // BH], block=[THREADS, 1, 1],
+            launch.launch(grid=[T, splits, (H + BH - 1) // BH], block=[THREADS, 1, 1],
                           cluster=[1, self.cluster, 1], stream=stream, use_pdl=self.pdl)
         else:
             launch.launch(grid=[T, splits, (H + BH - 1) // BH], block=[THREADS, 1, 1], stream=stream,
@@ -414,18 +421,19 @@ class SparseAttnKernel:
 
         if const_expr(self.cluster > 0):
             _row_sums(l_i, red, cO, wg, wtid)
-            _cluster_merge(self.cluster, acc_o, m_i, l_i, cO, q_base, k_base, mSink, mOut, t, sp, h0, H, wg, wtid,
-                           tid)
+            _cluster_merge(self.cluster, self.cluster_part, acc_o, m_i, l_i, cO, q_base, k_base, mSink, mOut, mPart,
+                           mM, mL, t, sp, h0, H, wg, wtid, tid)
         else:
             _finish(self.split, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def compile(swa_bs: int, comp_bs: int, has_comp: bool, split: bool, idx_dtype, pdl: bool, arch: str,
-                extra_options: str = "", cluster: int = 0):
+                extra_options: str = "", cluster: int = 0, cluster_part: bool = False):
         """Compile one variant over fake tensors (no GPU needed): tokens, heads, widths, pages and
-        strides are symbolic; ``cluster`` > 0 (with ``split``): that many splits, merged within their
-        cluster, no partials in global memory."""
+        strides are symbolic; ``cluster`` > 0 (with ``split``): clusters of that many splits, merged
+        within the cluster: all of a (token, head block)'s splits, no partials in global memory, or
+        (``cluster_part``) a run of them into one partial for the combine kernel."""
         mk = cute.runtime.make_fake_tensor
         T = cute.sym_int()
         H = cute.sym_int()
@@ -440,12 +448,12 @@ class SparseAttnKernel:
         sink = mk(Float32, (H,), stride=(1,), assumed_align=4)
         out = mk(BFloat16, (T, H, D), stride=(cute.sym_int64(), D, 1), assumed_align=16)
         part = m = l_ = None
-        if split and cluster == 0:
+        if split and (cluster == 0 or cluster_part):
             S = cute.sym_int()
             part = mk(Float32, (T, S, H, D), stride=(cute.sym_int64(), cute.sym_int64(), D, 1), assumed_align=16)
             m = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
             l_ = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
-        kernel = SparseAttnKernel(swa_bs, comp_bs, has_comp, split, pdl, cluster)
+        kernel = SparseAttnKernel(swa_bs, comp_bs, has_comp, split, pdl, cluster, cluster_part)
         return cute.compile(
             kernel, q, swa, swa_idx, comp, comp_idx, sink, out, part, m, l_,
             Int32(64), Int64(1), Int64(1), Float32(1.0), Int32(1),
@@ -594,16 +602,20 @@ def _acc_offset(row, chunk):
 
 
 @cute.jit
-def _cluster_merge(n: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, k_base, mSink, mOut, t, sp, h0, H, wg, wtid,
-                   tid):
-    """The ``n`` splits of one (token, head block), one cluster (rank = split), merged in distributed
-    shared memory instead of through fp32 partials in global memory and the combine kernel: each CTA
+def _cluster_merge(n: cutlass.Constexpr, to_part: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, k_base, mSink,
+                   mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid, tid):
+    """A cluster of ``n`` splits of one (token, head block) (rank = split % ``n``) merged in distributed
+    shared memory. Without ``to_part`` the cluster holds every split and writes the bf16 output: no
+    partials in global memory, no combine kernel. With ``to_part`` (more splits than ``n``: a cluster
+    of all of them would not fit the GPU at once) cluster ``run = split // n`` writes its merge as one
+    fp32 partial ``(acc, m, l)`` (``mPart[t, run]``, ``mM``, ``mL``; the rank-0 CTA writes ``(m, l)``)
+    for the combine kernel: an ``n``-th of the partial bytes the combine kernel reads. Each CTA
     leaves its accumulator (fp32 ``[64, 512]``, over the freed K tiles) and its rows' ``(m, l)``
     (over the freed query tile) in its own shared memory; after one cluster barrier each CTA merges
     an ``n``-th of the ``[heads, 512]`` output from every CTA's accumulator, in split order, as
     ``kernels.triton.attention.combine_splits``' looping kernel does (``m = max_s m_s``,
-    ``l = Σ_s 2^(m_s − m)·l_s``, ``acc = Σ_s 2^(m_s − m)·acc_s``, then the sink), and writes it as
-    bf16; a second cluster barrier keeps every CTA's shared memory alive until all have read it.
+    ``l = Σ_s 2^(m_s − m)·l_s``, ``acc = Σ_s 2^(m_s − m)·acc_s``, then the sink; ``to_part``: no sink), and
+    writes it; a second cluster barrier keeps every CTA's shared memory alive until all have read it.
     Every remote load of a step is issued before any is used (``n`` is a compile-time constant;
     ``CHUNKS_IN_FLIGHT`` 16-byte loads per thread at a time): one round trip per step, not one per
     split."""
@@ -621,7 +633,9 @@ def _cluster_merge(n: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, k_base, mS
             st_f32("shared", k_base + Int32(_acc_offset(row, col // 4) + (col % 4) * 4), acc_o[i], acc_o[i + 1])
     cute.arch.cluster_arrive()
     cute.arch.cluster_wait()
-    # per row: the splits' weights and the sink factor, from every CTA's (m, l)
+    # per row: the splits' weights and the sink factor (to_part: the run's (m, l) instead), from every CTA's (m, l)
+    rank = sp % n
+    run = sp // n
     rows = cutlass.min(Int32(BH), H - h0)
     if tid < rows:
         ms = cute.make_rmem_tensor(n, Float32)
@@ -637,16 +651,24 @@ def _cluster_merge(n: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, k_base, mS
             a = cute.math.exp2(ms[s] - m, fastmath=True)
             l = l + a * ls[s]
             st_f32("shared", q_base + Int32(WTS_OFF + s * BH * 4) + tid * 4, a)
-        st_f32("shared", q_base + Int32(FIN_OFF + tid * 4), _sink_factor(m, l, mSink[h0 + tid]))
+        if const_expr(to_part):
+            if rank == 0:
+                mM[t, run, h0 + tid] = m
+                mL[t, run, h0 + tid] = l
+        else:
+            st_f32("shared", q_base + Int32(FIN_OFF + tid * 4), _sink_factor(m, l, mSink[h0 + tid]))
     cute.arch.sync_threads()
     # this CTA's n-th of the rows' 16-byte chunks, u chunks per thread and step
     u = max(1, CHUNKS_IN_FLIGHT // n)
     total = rows * (D // 4)
     per = (total + n - 1) // n
-    c_end = cutlass.min(sp * per + per, total)
+    c_end = cutlass.min(rank * per + per, total)
     out_base = mOut.iterator.toint()
+    part_row0 = Int64(0)
+    if const_expr(to_part):
+        part_row0 = (Int64(t) * mPart.shape[1] + run) * H + h0
     vals = cute.make_rmem_tensor(4 * u * n, Float32)
-    for c0 in cutlass.range(sp * per + tid, c_end, THREADS * u):
+    for c0 in cutlass.range(rank * per + tid, c_end, THREADS * u):
         for k in cutlass.range_constexpr(u):
             c = cutlass.min(c0 + k * THREADS, c_end - 1)  # past the end: a repeat of the last chunk, not stored
             src = k_base + Int32(_acc_offset(c // (D // 4), c % (D // 4)))
@@ -666,9 +688,13 @@ def _cluster_merge(n: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, k_base, mS
                     w = ld("shared", q_base + Int32(WTS_OFF + s * BH * 4) + row * 4, Float32)
                     for e in cutlass.range_constexpr(4):
                         acc[e] = acc[e] + w * vals[4 * (k * n + s) + e]
-                f = ld("shared", q_base + Int32(FIN_OFF) + row * 4, Float32)
-                dst = out_base + ((Int64(t) * H + h0 + row) * D + (c % (D // 4)) * 4) * 2
-                _st_bf16("global", dst, acc[0] * f, acc[1] * f, acc[2] * f, acc[3] * f)
+                if const_expr(to_part):
+                    dst = mPart.iterator.toint() + ((part_row0 + row) * D + (c % (D // 4)) * 4) * 4
+                    st_f32("global", dst, acc[0], acc[1], acc[2], acc[3])
+                else:
+                    f = ld("shared", q_base + Int32(FIN_OFF) + row * 4, Float32)
+                    dst = out_base + ((Int64(t) * H + h0 + row) * D + (c % (D // 4)) * 4) * 2
+                    _st_bf16("global", dst, acc[0] * f, acc[1] * f, acc[2] * f, acc[3] * f)
     cute.arch.cluster_arrive()
     cute.arch.cluster_wait()
 
@@ -751,15 +777,38 @@ def cluster_merge(T: int, H: int, n_split: int, device_index: int) -> bool:
     return n_split > 1 and ctas * n_split >= CLUSTER_MIN_CTAS and ctas <= cluster_capacity(device_index, n_split)
 
 
+def cluster_run(T: int, H: int, n_split: int, device_index: int) -> int:
+    """Where ``cluster_merge`` declines for want of room (a cluster of every split does not fit the GPU
+    at once): the largest cluster size ``c`` (a divisor of ``n_split``, 2 .. ``n_split − 1``) whose
+    ``n_split / c`` clusters per (token, head block) are all resident at once; its clusters merge
+    their runs of ``c`` splits into one partial each, which the combine kernel merges (``_cluster_merge``
+    with ``to_part``). 0: none (too few CTAs, as for ``cluster_merge``, or no size fits). H200, 64k
+    context, graph replay, the op, every split's partial → runs merged in clusters (the bf16 outputs
+    differ at most in subnormals, ≤ 6.4e-39): V4-Flash CSA B = 10 / 12 (10 splits; clusters of 5 / 2) 17.8 / 18.1 → 16.0 / 16.3 µs, B =
+    32 (4; 2) 24.4-24.6 → 24.2, HCA B = 32 24.1 → 23.3-23.5; no change at CSA B = 8 (15.4, clusters of
+    5), HCA B = 8 (15.3-15.4 → 15.2) and V4-Pro CSA B = 16 (4 splits a head block; 30.5-30.6)."""
+    ctas = T * cdiv(H, BH)
+    if n_split < 4 or ctas * n_split < CLUSTER_MIN_CTAS:
+        return 0
+    for c in range(min(n_split // 2, MAX_CLUSTER), 1, -1):
+        if n_split % c == 0 and ctas * (n_split // c) <= cluster_capacity(device_index, c):
+            return c
+    return 0
+
+
 def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale: float, swa_block_size: int,
                 comp_block_size: int, splits: int | None = None, pdl: bool | None = None,
-                cluster: bool | None = None) -> torch.Tensor:
+                cluster: bool | int | None = None) -> torch.Tensor:
     """``kernels.triton.attention.sparse_attn``'s result from the wgmma kernel (``supports`` must hold).
     ``splits`` forces the number of candidate splits (tests); ``pdl``: programmatic dependent launch
-    (default: as the package's Triton kernels, ``_launch.pdl_meta``); ``cluster``: merge the splits
-    within their cluster (``_cluster_merge``) instead of through the combine kernel (default:
-    ``cluster_merge``; forcing it needs at most ``MAX_CLUSTER`` splits, else ``ValueError``, and a GPU that
-    holds such a cluster, ``cluster_capacity`` > 0, else the launch fails)."""
+    (default: as the package's Triton kernels, ``_launch.pdl_meta``); ``cluster``: how the splits merge
+    (``_cluster_merge``). ``True``: all of a (token, head block)'s splits within one cluster;
+    ``False``: through the combine kernel; an int ``c``: clusters of ``c`` splits (``c`` = the split
+    count is ``True``; a proper divisor merges each cluster's run into one partial for the combine
+    kernel). Default: ``cluster_merge``, else ``cluster_run``, else the combine kernel. A forced
+    cluster of more than ``MAX_CLUSTER`` splits or an int that does not divide the split count is a
+    ``ValueError``; it needs a GPU that holds such a cluster (``cluster_capacity`` > 0), else the
+    launch fails."""
     T, H, _ = q.shape
     out = torch.empty((T, H, D), dtype=torch.bfloat16, device=q.device)
     if T == 0:
@@ -783,22 +832,28 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
         n_split = max(1, cdiv(W + K, per_split))
     split = n_split > 1
     if cluster is None:
-        cluster = cluster_merge(T, H, n_split, q.device.index)
-    elif cluster and n_split > MAX_CLUSTER:
-        raise ValueError(f"sparse_attn: {n_split} splits cannot merge within one cluster (at most {MAX_CLUSTER})")
-    cluster = n_split if cluster and split else 0
+        dev = q.device.index
+        cluster = n_split if cluster_merge(T, H, n_split, dev) else cluster_run(T, H, n_split, dev)
+    elif cluster is True or cluster is False:
+        cluster = n_split if cluster else 0
+    if cluster and split and (cluster > MAX_CLUSTER or n_split % cluster or cluster < 2):
+        raise ValueError(f"sparse_attn: {n_split} splits cannot merge within clusters of {cluster} "
+                         f"(a divisor of the split count, 2 to {MAX_CLUSTER})")
+    cluster = cluster if split else 0
+    runs = n_split // cluster if cluster else n_split  # partials the combine kernel merges (1: none)
     if pdl is None:
         pdl = pdl_meta(q.device.index) is not None
     part = m = l_ = None
-    if split and cluster == 0:
-        part = torch.empty((T, n_split, H, D), dtype=torch.float32, device=q.device)
-        m = torch.empty((T, n_split, H), dtype=torch.float32, device=q.device)
+    if runs > 1:
+        part = torch.empty((T, runs, H, D), dtype=torch.float32, device=q.device)
+        m = torch.empty((T, runs, H), dtype=torch.float32, device=q.device)
         l_ = torch.empty_like(m)
     compiled = SparseAttnKernel.compile(swa_block_size, comp_block_size if has_comp else 1, has_comp, split,
-                                        TORCH_TO_CUTE[swa_indices.dtype], pdl, arch_name(q.device), cluster=cluster)
+                                        TORCH_TO_CUTE[swa_indices.dtype], pdl, arch_name(q.device), cluster=cluster,
+                                        cluster_part=runs > 1 and cluster > 0)
     compiled(q, swa_cache, swa_indices, comp_cache if has_comp else None, comp_indices if has_comp else None, sink,
              out, part, m, l_, per_split, swa_cache.shape[0] * swa_block_size,
              (comp_cache.shape[0] * comp_block_size) if has_comp else 0, scale * LOG2E, n_split)
-    if split and cluster == 0:
+    if runs > 1:
         _tattn.combine_splits(part, m, l_, sink, out)
     return out
