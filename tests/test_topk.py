@@ -264,7 +264,8 @@ def test_gpu_fused_rounds_match_separate_rounds_and_reset_their_counters():
     """The one-kernel selection (``TopkFusedKernel``: the last CTA of each group merges) against the
     rounds as separate kernels and the reference, rows ending at every level of a 1M-token table's
     plans (9 rows: two rounds; first-round chunks of 4,096 forced: three) and of a 64k table's
-    two-round one, twice in a row (the ticket counters are zero again after each selection), then
+    two-round one, with the grid's CTAs each taking several of a row's chunks (the default at 9 rows,
+    and 1 or 3 CTAs a row forced), twice in a row (the ticket counters are zero again after each selection), then
     replayed from a CUDA graph over new logits, captured with the device's counters and with fresh
     ones (a capture before any exist: a memset in the graph)."""
     from dsv4_compile.kernels import _device
@@ -284,10 +285,11 @@ def test_gpu_fused_rounds_match_separate_rounds_and_reset_their_counters():
             for _ in range(2):
                 logits = (torch.randint(0, 3000, (T, L), generator=g).float() / 3).cuda()
                 want = ref.select_topk(logits, n, k)
-                for fused in (True, False):
+                for fused, ctas in ((True, None), (True, 1), (True, 3), (False, None)):
                     got = torch.empty(T, k, dtype=torch.int32, device="cuda")
-                    cute_topk.select_into(got, logits, pos, req, 1, 4, k, sms, chunk, pdl=False, fused=fused)
-                    assert torch.equal(got, want), (L, chunk, k, fused)
+                    cute_topk.select_into(got, logits, pos, req, 1, 4, k, sms, chunk, pdl=False, fused=fused,
+                                          ctas=ctas)
+                    assert torch.equal(got, want), (L, chunk, k, fused, ctas)
                 assert not _device.zeroed_counters(torch.device("cuda", 0), "topk", 1).any()
     # graph replay over new logits, with the counters already there and without any
     L, T, k = 65536, 4, 512

@@ -482,13 +482,15 @@ class TopkFusedKernel(TopkRoundKernel):
     """Every round of a split selection in one kernel: the rounds of ``plan`` as levels, merged by
     the last CTA to finish instead of by the next launch.
 
-    Grid ``[T, S0]`` (the first round's CTAs). A CTA selects its chunk of logits into level-0
+    Grid ``[T, P]``, ``P`` at most the first round's chunks ``S0``: CTA ``c`` takes the row's live
+    chunks ``c, c + P, ..`` (the host caps ``P`` so the grid is one wave, one CTA per SM: chunks past a
+    short row of a wide table then cost no CTA). For each chunk the CTA selects its logits into level-0
     candidates, then arrives at its group's ticket counter (``groups[0]`` chunks per group; a
     barrier, then thread 0's GPU-scope release fence and atomic increment: CUTLASS's semaphore
     pattern). The CTA that brings the count to the group's live chunks resets the counter to 0 (zero
     at rest, for the next selection) and, after an acquire fence and a barrier, selects from the
     group's candidates: into the next level's, or into the result when its group is the row's only
-    one. The others exit. A row's merge thus starts when its own chunks are done, not when every
+    one. The others go on to their next chunk. A row's merge thus starts when its own chunks are done, not when every
     row's are, and rows that fit in chunk 0 are finished by CTA 0 with no later work at all (a short
     row in a wide table). Same candidates, same order, same bits as the separate rounds."""
 
@@ -532,7 +534,8 @@ class TopkFusedKernel(TopkRoundKernel):
                mKey2: Optional[cute.Tensor], mIdx2: Optional[cute.Tensor], mCnt: cute.Tensor,
                mOut: cute.Tensor, n_req: Int32, ratio: Int32, L: Int32, K: Int32):
         tid, _, _ = cute.arch.thread_idx()
-        t, c, _ = cute.arch.block_idx()
+        t, c0, _ = cute.arch.block_idx()
+        _, P, _ = cute.arch.grid_dim()
         warp = tid // WARP
         lane = tid % WARP
         n = _row_length(mPos, mReq, t, n_req, ratio, L)  # before the wait: see TopkRoundKernel.kernel
@@ -545,15 +548,17 @@ class TopkFusedKernel(TopkRoundKernel):
         bufs = ((mKey0, mIdx0), (mKey1, mIdx1), (mKey2, mIdx2))
         ch0 = self.levels[0][0]
         if n <= ch0:  # the whole row in chunk 0: its CTA writes the result
-            if c == 0:
+            if c0 == 0:
                 self._finish(mSrc, None, mOut, hist, wsum, res, rng, t, n, K, tid, warp, lane, *self.levels[0])
         else:
-            start = c * ch0
-            if start < n:
+            # the row's live chunks c0, c0 + P, .. (none past the row: a short row in a wide table costs no
+            # CTA beyond the grid's P), each selected, then arriving at its group's ticket
+            for c in cutlass.range(c0, (n + (ch0 - 1)) // ch0, P, unroll=1):
+                start = c * ch0
                 self._select(mSrc, None, mKey0, mIdx0, hist, wsum, res, rng, t, start, n, c * K, K, tid, warp,
                              lane, False, *self.levels[0])
                 live = (n + (ch0 - 1)) // ch0  # this level's CTAs (chunks or groups) of the row
-                g = c  # this CTA's place among them
+                g = c  # this chunk's place among them
                 active = Boolean(True)
                 for lv in cutlass.range_constexpr(len(self.groups)):
                     G = self.groups[lv]
@@ -665,7 +670,8 @@ def fused_plan(rounds: list, topk: int) -> Optional[tuple]:
 
 def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor, token_to_req: torch.Tensor,
                 n_req: int, compress_ratio: int, topk: int, sms: int, chunk: int | None = None,
-                max_chunk: int = MAX_CHUNK, pdl: bool = False, fused: bool | None = None) -> torch.Tensor:
+                max_chunk: int = MAX_CHUNK, pdl: bool = False, fused: bool | None = None,
+                ctas: int | None = None) -> torch.Tensor:
     """``kernels.triton.topk.select_topk``'s result (the same bits) from the CuTe-DSL rounds of
     ``plan``, written into int32 ``out [T, topk]`` (``T > 0``; every round may write it). ``logits``:
     fp32 ``[T, L]``, ``positions`` / ``token_to_req``: ``[T]``, all with unit stride along their last
@@ -676,7 +682,8 @@ def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor
     kernels, every kernel of this package and any kernel launched without PDL qualify). A plan of
     several rounds runs as one ``TopkFusedKernel`` where ``fused`` and ``fused_plan`` allow (its
     ticket counters: ``kernels._device.zeroed_counters``), else as one kernel per round. ``fused=None``
-    fuses tables wider than ``FUSED_FROM`` entries only."""
+    fuses tables wider than ``FUSED_FROM`` entries only; its CTAs a row: ``ctas`` (tests), by default
+    as many as the first round's chunks and one wave of one CTA per SM allow."""
     T, L = logits.shape
     rounds = plan(T, L, topk, sms, chunk, max_chunk)
     arch = arch_name(logits.device)
@@ -694,8 +701,14 @@ def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor
                 bufs += [None, None]
         compiled = TopkFusedKernel.compile(chunks, groups, TORCH_TO_CUTE[positions.dtype],
                                            TORCH_TO_CUTE[token_to_req.dtype], pdl, arch)
+        # CTAs a row: at most one per SM in all (1,024 threads of more than 32 registers: one CTA an SM), each
+        # looping over its row's live chunks, so the chunks past a short row cost no second wave of CTAs.
+        # H200, selection alone, a 262,144-entry table, one CTA per chunk → this: 8k context B = 16 4.9-5.1
+        # → 4.5-4.6 µs (B = 12 4.5 → 4.4, B = 8 4.6 → 4.7), full rows B = 16 / 8 / 4 34.8 / 23.1-23.3 / 21.1-21.2
+        # → 32.6 / 22.3-22.4 / 20.9, B = 1 (64 chunks, no loop) unchanged
+        ctas = max(1, min(rounds[0][1], sms // T if ctas is None else ctas))
         compiled(logits, positions, token_to_req, *bufs, cnt[:T * len(groups) * width].view(T, len(groups), width),
-                 out, n_req, compress_ratio, L, topk, rounds[0][1])
+                 out, n_req, compress_ratio, L, topk, ctas)
         return out
     src, src_idx, n_buf = logits, None, None
     for r, (ch, s) in enumerate(rounds):
