@@ -940,6 +940,30 @@ def test_sparse_attn_wgmma_default_merge_is_the_cluster_at_64_tokens():
 
 
 @pytest.mark.cuda
+def test_sparse_attn_wgmma_default_merge_is_runs_in_clusters_at_8_tokens():
+    """The op's default at V4-Flash CSA B = 8 (640 candidates: ten one-tile splits; 8 clusters of 10 do
+    not fit an H200 at once): clusters of 5 splits merged into two partials a token, equal bit for bit to
+    the forced clusters of 5 and within one bf16 rounding of the combine kernel over every split."""
+    cute_attn = _cute_attn()
+    if cute_attn is None:
+        pytest.skip("needs CuTe DSL on a Hopper GPU")
+    q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=8, h=64, w=128, k=512, swa_bs=64, comp_bs=2, seed=37,
+                                                      swa_blocks=4, comp_blocks=264)
+    dev = [x.cuda() for x in (q, swa, si, comp, ci, sink)]
+    n_split, _ = cute_attn.splits_for(8, 64, 640, sm_programs(dev[0].device))
+    dev_index = dev[0].device.index
+    run = 0 if cute_attn.cluster_merge(8, 64, n_split, dev_index) else cute_attn.cluster_run(8, 64, n_split, dev_index)
+    if torch.cuda.get_device_properties(0).multi_processor_count == 132:
+        assert (n_split, run) == (10, 5)
+    default = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs)
+    if run:
+        assert torch.equal(default, cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, cluster=run))
+    _assert_close_bf16(default.cpu(), _dense(q, swa, si, comp, ci, sink, sbs, cbs))
+    _assert_one_bf16_rounding(default, cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, cluster=False).float())
+    assert bool((default[4] == 0).all())  # row 4 has no candidate
+
+
+@pytest.mark.cuda
 def test_sparse_attn_wgmma_kernel_edge_inputs():
     """A query view 2 bytes into its storage (copied to aligned rows, not rejected), int32 SWA with
     int64 compressed indices one of which lies past the cache beyond 2^32 (skipped, not wrapped), a

@@ -606,8 +606,9 @@ def _cluster_merge(n: cutlass.Constexpr, to_part: cutlass.Constexpr, acc_o, m_i,
                    mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid, tid):
     """A cluster of ``n`` splits of one (token, head block) (rank = split % ``n``) merged in distributed
     shared memory. Without ``to_part`` the cluster holds every split and writes the bf16 output: no
-    partials in global memory, no combine kernel. With ``to_part`` (more splits than ``n``: a cluster
-    of all of them would not fit the GPU at once) cluster ``run = split // n`` writes its merge as one
+    partials in global memory, no combine kernel. With ``to_part`` the cluster holds a run of ``n`` of
+    more splits (the op's default where a cluster of all of them would not fit the GPU at once, or a
+    forced cluster size) and cluster ``run = split // n`` writes its merge as one
     fp32 partial ``(acc, m, l)`` (``mPart[t, run]``, ``mM``, ``mL``; the rank-0 CTA writes ``(m, l)``)
     for the combine kernel: an ``n``-th of the partial bytes the combine kernel reads. Each CTA
     leaves its accumulator (fp32 ``[64, 512]``, over the freed K tiles) and its rows' ``(m, l)``
@@ -783,10 +784,12 @@ def cluster_run(T: int, H: int, n_split: int, device_index: int) -> int:
     ``n_split / c`` clusters per (token, head block) are all resident at once; its clusters merge
     their runs of ``c`` splits into one partial each, which the combine kernel merges (``_cluster_merge``
     with ``to_part``). 0: none (too few CTAs, as for ``cluster_merge``, or no size fits). H200, 64k
-    context, graph replay, the op, every split's partial → runs merged in clusters (the bf16 outputs
-    differ at most in subnormals, ≤ 6.4e-39): V4-Flash CSA B = 10 / 12 (10 splits; clusters of 5 / 2) 17.8 / 18.1 → 16.0 / 16.3 µs, B =
-    32 (4; 2) 24.4-24.6 → 24.2, HCA B = 32 24.1 → 23.3-23.5; no change at CSA B = 8 (15.4, clusters of
-    5), HCA B = 8 (15.3-15.4 → 15.2) and V4-Pro CSA B = 16 (4 splits a head block; 30.5-30.6)."""
+    context, graph replay, the op, every split's partial → runs merged in clusters (the outputs there
+    differed at most in bf16 subnormals, ≤ 6.4e-39; in general they agree within one bf16 rounding, the
+    partial sums being re-associated): V4-Flash CSA B = 10 / 12 (10 splits; clusters of 5 / 2) 17.8 /
+    18.1 → 16.0 / 16.3 µs, B = 32 (4; 2) 24.4-24.6 → 24.2, HCA B = 32 24.1 → 23.3-23.5; no change at CSA
+    B = 8 (15.4, clusters of 5), HCA B = 8 (15.3-15.4 → 15.2) and V4-Pro CSA B = 16 (4 splits a head
+    block; 30.5-30.6)."""
     ctas = T * cdiv(H, BH)
     if n_split < 4 or ctas * n_split < CLUSTER_MIN_CTAS:
         return 0
@@ -805,10 +808,10 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     (``_cluster_merge``). ``True``: all of a (token, head block)'s splits within one cluster;
     ``False``: through the combine kernel; an int ``c``: clusters of ``c`` splits (``c`` = the split
     count is ``True``; a proper divisor merges each cluster's run into one partial for the combine
-    kernel). Default: ``cluster_merge``, else ``cluster_run``, else the combine kernel. A forced
-    cluster of more than ``MAX_CLUSTER`` splits or an int that does not divide the split count is a
-    ``ValueError``; it needs a GPU that holds such a cluster (``cluster_capacity`` > 0), else the
-    launch fails."""
+    kernel). Default: ``cluster_merge``, else ``cluster_run``, else the combine kernel. With more than
+    one split, a forced cluster of more than ``MAX_CLUSTER`` splits, or an int below 2 or that does not
+    divide the split count, is a ``ValueError`` (with one split ``cluster`` is ignored); a forced
+    cluster needs a GPU that holds it (``cluster_capacity`` > 0), else the launch fails."""
     T, H, _ = q.shape
     out = torch.empty((T, H, D), dtype=torch.bfloat16, device=q.device)
     if T == 0:

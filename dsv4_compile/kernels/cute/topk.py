@@ -33,12 +33,14 @@ table (an 8k-token context in a 1M-token ``max_model_len``) costs one CTA, as in
 plan (``plan``) differs from the Triton one (the H200 timings there); the bits are the same.
 
 In a table wider than ``FUSED_FROM`` entries the rounds of a split row run in one kernel
-(``TopkFusedKernel``, with ticket counters from ``kernels._device.zeroed_counters``): the last
-first-round CTA of a group to finish selects from the group's candidates, so a row's merge starts when
-its own chunks are done, with no launch in between, and a short row of a wide table launches nothing
-after its first CTA. Otherwise (or where ``fused_plan`` declines) each round is its own kernel
-(``TopkRoundKernel``), the later ones waiting for the earlier ones to complete: for rows of at most
-65,536 entries the separate rounds were as fast or slightly faster on the H200.
+(``TopkFusedKernel``, with ticket counters from ``kernels._device.zeroed_counters``): the CTA whose
+arrival completes a group's first-round chunks selects from the group's candidates, so a row's merge
+starts when its own chunks are done, with no launch in between, and a short row of a wide table
+launches nothing after its first CTA (its CTAs loop over a row's chunks in a grid of at most one CTA
+per SM, so the chunks past a short row cost no second wave either). Otherwise (or where ``fused_plan``
+declines) each round is its own kernel (``TopkRoundKernel``), the later ones waiting for the earlier
+ones to complete: for rows of at most 65,536 entries the separate rounds were as fast or slightly
+faster on the H200.
 """
 
 from __future__ import annotations
@@ -483,8 +485,9 @@ class TopkFusedKernel(TopkRoundKernel):
     the last CTA to finish instead of by the next launch.
 
     Grid ``[T, P]``, ``P`` at most the first round's chunks ``S0``: CTA ``c`` takes the row's live
-    chunks ``c, c + P, ..`` (the host caps ``P`` so the grid is one wave, one CTA per SM: chunks past a
-    short row of a wide table then cost no CTA). For each chunk the CTA selects its logits into level-0
+    chunks ``c, c + P, ..`` (``select_into`` takes ``P = SMs / T``, at least 1: one wave of its
+    1,024-thread CTAs, one an SM, wherever ``T <= SMs``; chunks past a short row of a wide table then
+    cost no CTA). For each chunk the CTA selects its logits into level-0
     candidates, then arrives at its group's ticket counter (``groups[0]`` chunks per group; a
     barrier, then thread 0's GPU-scope release fence and atomic increment: CUTLASS's semaphore
     pattern). The CTA that brings the count to the group's live chunks resets the counter to 0 (zero
@@ -521,11 +524,11 @@ class TopkFusedKernel(TopkRoundKernel):
         ratio: Int32,
         L: Int32,
         K: Int32,
-        chunks: Int32,
+        ctas: Int32,  # P: CTAs a row
         stream,
     ):
         self.kernel(mSrc, mPos, mReq, mKey0, mIdx0, mKey1, mIdx1, mKey2, mIdx2, mCnt, mOut, n_req, ratio, L,
-                    K).launch(grid=[mOut.shape[0], chunks, 1], block=[self.threads, 1, 1], stream=stream,
+                    K).launch(grid=[mOut.shape[0], ctas, 1], block=[self.threads, 1, 1], stream=stream,
                               use_pdl=self.pdl)
 
     @cute.kernel
@@ -701,7 +704,8 @@ def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor
                 bufs += [None, None]
         compiled = TopkFusedKernel.compile(chunks, groups, TORCH_TO_CUTE[positions.dtype],
                                            TORCH_TO_CUTE[token_to_req.dtype], pdl, arch)
-        # CTAs a row: at most one per SM in all (1,024 threads of more than 32 registers: one CTA an SM), each
+        # CTAs a row: at most one per SM in all (the fused plans' first chunks of 4,096 entries or more make
+        # CTAs of 1,024 threads of more than 32 registers: one an SM) where T <= SMs, each
         # looping over its row's live chunks, so the chunks past a short row cost no second wave of CTAs.
         # H200, selection alone, a 262,144-entry table, one CTA per chunk → this: 8k context B = 16 4.9-5.1
         # → 4.5-4.6 µs (B = 12 4.5 → 4.4, B = 8 4.6 → 4.7), full rows B = 16 / 8 / 4 34.8 / 23.1-23.3 / 21.1-21.2
