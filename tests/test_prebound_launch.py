@@ -194,10 +194,11 @@ def test_pdl_meta_follows_the_capability_and_the_switch(monkeypatch):
 def test_every_launched_kernel_starts_with_pdl_enter():
     """Every ``PreBound`` kernel ends its parameters with ``PDL: tl.constexpr = False`` and starts its
     body (after the docstring) with ``pdl_enter(PDL)``: a kernel launched with ``launch_pdl`` but no
-    grid-dependency wait could run before the kernel it depends on has finished. The one exception,
-    the GEMV, loads its weight slab first (the ops require that a weight is not the previous kernel's
-    output): what comes before its top-level ``pdl_enter(PDL)`` is index arithmetic and loads through
-    ``w_ptr`` alone."""
+    grid-dependency wait could run before the kernel it depends on has finished. The two exceptions
+    read inputs that the ops require not to be the previous kernel's output first: the GEMV its weight
+    slab (what comes before its top-level ``pdl_enter(PDL)`` is index arithmetic and loads through
+    ``w_ptr`` alone), the indexer logits kernel the token's request and position (arithmetic, loads
+    through ``req_ptr`` and ``pos_ptr`` alone, and the return of a program without tiles)."""
     import ast
     import textwrap
 
@@ -209,13 +210,18 @@ def test_every_launched_kernel_starts_with_pdl_enter():
         assert (last.name, str(last.annotation), last.default) == ("PDL", "tl.constexpr", False), k.__name__
         fn = ast.parse(textwrap.dedent(inspect.getsource(py_fn))).body[0]
         body = [st for st in fn.body if not (isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant))]
-        if k.__name__ == "_gemv_kernel":
+        early = {"_gemv_kernel": ({"tl.program_id", "tl.arange", "tl.load", "rn.to"}, ("w_ptr +",)),
+                 "_indexer_logits_kernel": ({"tl.program_id", "tl.num_programs", "tl.load", "tl.where", "tl.minimum",
+                                             "tl.cdiv", "tl.load(req_ptr + t).to", "tl.load(pos_ptr + t).to"},
+                                            ("req_ptr +", "pos_ptr +"))}
+        if k.__name__ in early:
+            allowed, pointers = early[k.__name__]
             head = body[:[ast.unparse(st) for st in body].index("pdl_enter(PDL)")]
             calls = {ast.unparse(c.func) for st in head for c in ast.walk(st) if isinstance(c, ast.Call)}
-            assert calls <= {"tl.program_id", "tl.arange", "tl.load", "rn.to"}, calls
-            loads = [c for st in head for c in ast.walk(st)
+            assert calls <= allowed, (k.__name__, calls - allowed)
+            loads = [ast.unparse(c.args[0]) for st in head for c in ast.walk(st)
                      if isinstance(c, ast.Call) and ast.unparse(c.func) == "tl.load"]
-            assert len(loads) == 1 and ast.unparse(loads[0].args[0]).startswith("w_ptr +"), k.__name__
+            assert len(loads) == len(pointers) and all(a.startswith(p) for a, p in zip(loads, pointers)), loads
             continue
         assert ast.unparse(body[0]) == "pdl_enter(PDL)", k.__name__
 

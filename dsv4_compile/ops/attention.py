@@ -96,7 +96,9 @@ def indexer_topk(
             ``indexer_k_insert``).
         block_table: ``[R, M]`` int32 indexer-cache pages of each request: entry ``s`` is slot
             ``block_table[req, s // block_size]·block_size + s % block_size``; negative =
-            unallocated; any strides.
+            unallocated; any strides. Under programmatic dependent launch the CUDA kernels read it
+            (and ``token_to_req``, ``positions``) before waiting for the kernel launched just before
+            it on the stream: none of the three may be that kernel's output (step metadata never is).
         token_to_req: ``[T]`` int32 / int64 block-table row of each token, negative = padding token.
         positions: ``[T]`` int32 / int64, each token's position; negative = padding token.
         block_size: entries per page (64).

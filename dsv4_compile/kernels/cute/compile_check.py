@@ -142,7 +142,7 @@ def _check_gemm_ptx(name: str, arch: str, ptx: str, mb: int, split: bool) -> Non
         raise AssertionError(f"{name}@{arch}: split {split}, but the split-K ticket is {state}")
 
 
-def _check_indexer_logits_ptx(name: str, arch: str, ptx: str, fmt: str) -> None:
+def _check_indexer_logits_ptx(name: str, arch: str, ptx: str, fmt: str, pdl: bool) -> None:
     # one tile = 4 chained m64n64k32 wgmma; MXFP4 also 2 head halves x 4 single m64n32k32 (per 32-block)
     for shape, want in (("m64n64k32", 4), ("m64n32k32", 0 if fmt == "fp8" else 8)):
         n = len(re.findall(rf"\bwgmma\.mma_async\.sync\.aligned\.{shape}\.f32\.e4m3\.e4m3\b", ptx))
@@ -155,6 +155,12 @@ def _check_indexer_logits_ptx(name: str, arch: str, ptx: str, fmt: str) -> None:
     for op, what in ops:
         if op not in ptx:
             raise AssertionError(f"{name}@{arch}: no {op} in the PTX ({what})")
+    # under PDL the request, the position and the producer's first page are read before the wait
+    wait = ptx.find("griddepcontrol.wait")
+    early = re.findall(r"\bld\.global(?:\.nc)?\.(?:b64|s32|b32|u32|s64|u64)\b", ptx[:max(wait, 0)])
+    if pdl and (wait < 0 or len(early) < 3):
+        raise AssertionError(f"{name}@{arch}: {len(early)} global loads before the grid-dependency wait, want 3 "
+                             "(request, position, first page)")
 
 
 def _topk_fused_cases():
@@ -290,7 +296,7 @@ def compile_all(arch: str) -> list[str]:
                 name = "indexer_logits_{}_bs{}_s{}_w{}_req{}_pos{}{}".format(
                     fmt, case["bs"], case["stages"], case["consumers"], case["req"].__name__.lower(),
                     case["pos"].__name__.lower(), "_pdl" if case["pdl"] else "")
-                _check_indexer_logits_ptx(name, arch, ptx, fmt)
+                _check_indexer_logits_ptx(name, arch, ptx, fmt, case["pdl"])
                 names.append(f"{name}@{arch}")
         for case in _gemm_cases() if arch == "sm_90a" else ():
             ptx = _case_ptx(dump_dir, gemm.Fp8GemmKernel.compile, case["mb"], case["stages"], case["out"],

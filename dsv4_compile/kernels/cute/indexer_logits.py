@@ -48,9 +48,11 @@ one streaming read. MXFP4 at 64k B = 8 / 32 / 64 10.1 / 27.9 / 52.7 µs against 
 Needs 64 heads or fewer (zero rows pad the block), fp32 head weights, pages of a multiple of 64
 entries whose base and stride allow 16-byte TMA and bulk copies (``supports``); the op keeps the
 Triton kernel otherwise, and for FP8 tables too small to give each CTA two tiles (``preferred``, on
-the table width: the visible counts are on the GPU). An FP8 CTA left without tiles (a short context
-in a wide table) still sets up its barriers and queries before it finds none (8k context in a
-1M-token table, B = 1: 3.0 µs against the Triton kernel's 2.7); an MXFP4 one skips its query decode.
+the table width: the visible counts are on the GPU). A CTA left without tiles (a short context in a
+wide table) sets up its barriers and loads no queries (8k context in a 1M-token table, B = 1: 3.0 µs
+against the Triton kernel's 2.7 when its FP8 queries were still loaded). Each CTA reads the token's
+request and position, and the producer warp the first tile's page, before the grid-dependency wait
+(``_early_reads``), as the Triton kernel reads the request and position.
 """
 
 from __future__ import annotations
@@ -200,6 +202,22 @@ def _token_tiles(mBT, mReq, mPos, t, j, P, ratio, bs: cutlass.Constexpr):
     return req, ok_tok, n, mine
 
 
+@cute.jit
+def _early_reads(mBT, mReq, mPos, t, j, P, ratio, bs: cutlass.Constexpr, producer):
+    """``_token_tiles``, the token's block-table row address and (in the producer warp of a CTA with
+    tiles) the page of its first tile, -1 else: what a CTA reads before the grid-dependency wait
+    (``_init_ring``), so under PDL their round trips overlap the previous kernel's tail. The stream's
+    previous kernel must not write ``token_to_req``, ``positions`` or ``block_table``
+    (``indexer_logits_into``)."""
+    req, ok_tok, n, mine = _token_tiles(mBT, mReq, mPos, t, j, P, ratio, bs)
+    bt_row = mBT.iterator.toint() + cutlass.select_(ok_tok, req, Int64(0)) * Int64(mBT.stride[0]) * 4
+    page = Int32(-1)
+    if producer:
+        if mine > 0:
+            page = _ld_page(bt_row, Int64(j * BN // bs))
+    return req, ok_tok, n, mine, bt_row, page
+
+
 def _row_sums(n: int, term, v0=None, v1=None):
     """(``v0`` + Σ of ``term(e)`` over the thread's accumulator elements ``e < n`` of row ``r0``, ``v1`` + that
     of row ``r0 + 8``; ``v0``, ``v1`` 0 by default): element ``e`` is in row ``r0 + 8·((e // 2) % 2)``
@@ -277,10 +295,11 @@ class IndexerLogitsKernel(_LogitsKernel):
         sK = smem.allocate_tensor(Float8E4M3FN, k_layout.outer, byte_alignment=1024, swizzle=k_layout.inner)
         sQ = _alloc_q(smem)
         sScale = smem.allocate_tensor(Float32, cute.make_layout(BN * stages), byte_alignment=128)
+        # ---- the token's visible entries, this CTA's tiles and the producer's first page, read before the
+        # grid-dependency wait (_early_reads) ----
+        req, ok_tok, n, mine, bt_row, page_nx = _early_reads(mBT, mReq, mPos, t, j, P, ratio, self.bs,
+                                                             warp == producer)
         sOk, full, empty = _alloc_ring(smem, stages, tid, self.pdl)
-
-        # ---- the token's visible entries and this CTA's tiles ----
-        req, ok_tok, n, mine = _token_tiles(mBT, mReq, mPos, t, j, P, ratio, self.bs)
 
         if warp == producer:
             # ---- producer: block-table page one tile ahead, then TMA keys + bulk scales per stage ----
@@ -290,11 +309,7 @@ class IndexerLogitsKernel(_LogitsKernel):
             n_pages = mCache.shape[0]
             page_stride = Int64(mCache.stride[0])
             cache_base = mCache.iterator.toint()
-            bt_row = mBT.iterator.toint() + cutlass.select_(ok_tok, req, Int64(0)) * Int64(mBT.stride[0]) * 4
             scale_base = sScale.iterator.toint()
-            page_nx = Int32(-1)
-            if mine > 0:
-                page_nx = _ld_page(bt_row, Int64(j * BN // self.bs))
             for i in cutlass.range(mine, unroll=1):
                 s0, page, page_nx, stage, ok = _producer_tile(i, mine, j, P, self.bs, stages, bt_row, page_nx,
                                                               n_pages, empty, sOk, lane)
@@ -311,7 +326,7 @@ class IndexerLogitsKernel(_LogitsKernel):
                 else:
                     if lane == 0:
                         cute.arch.mbarrier_arrive(full + stage)
-        else:
+        elif mine > 0:  # (a CTA without tiles, past a short context in a wide table, loads no queries)
             # ---- consumer warpgroup ----
             H = mQ.shape[1]
             # the 64 query heads (e4m3 rows of 128 bytes) into the swizzled K-major tile; zero rows past H
@@ -522,9 +537,9 @@ class IndexerLogitsMxfp4Kernel(_LogitsKernel):
         sKm = smem.allocate_tensor(Float32, cute.make_layout(nc * BN * 4), byte_alignment=16)  # [wg][row][block]
         sKs = smem.allocate_tensor(Float32, cute.make_layout(nc * BN), byte_alignment=16)  # [wg][row]
         sVote = smem.allocate_tensor(Int32, cute.make_layout(4 * (nc + 1)), byte_alignment=16)
+        req, ok_tok, n, mine, bt_row, page_nx = _early_reads(mBT, mReq, mPos, t, j, P, ratio, self.bs,
+                                                             warp == producer)
         sOk, full, empty = _alloc_ring(smem, stages, tid, self.pdl)
-
-        req, ok_tok, n, mine = _token_tiles(mBT, mReq, mPos, t, j, P, ratio, self.bs)
         raw_base = sRaw.iterator.toint()
         sb_base = sSb.iterator.toint()
 
@@ -533,8 +548,6 @@ class IndexerLogitsMxfp4Kernel(_LogitsKernel):
                 n_pages = mCache.shape[0]
                 page_stride = Int64(mCache.stride[0])
                 cache_base = mCache.iterator.toint()
-                bt_row = mBT.iterator.toint() + req * Int64(mBT.stride[0]) * 4
-                page_nx = _ld_page(bt_row, Int64(j * BN // self.bs))
                 for i in cutlass.range(mine, unroll=1):
                     s0, page, page_nx, stage, ok = _producer_tile(i, mine, j, P, self.bs, stages, bt_row, page_nx,
                                                                   n_pages, empty, sOk, lane)

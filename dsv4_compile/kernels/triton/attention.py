@@ -273,8 +273,11 @@ def _indexer_logits_kernel(
     0xFF, a zero scale 0x00) take the exact per-block pass: per 32-block, the E2M1 values as e4m3 in a
     tensor-core dot (an exact block sum), times both block scales, the four summed in fp32
     (``_mx_scores_exact``); a program's tiles that hold such a key are redone there after the folded
-    pass, all of them when a query head does not fold. A NaN score stays NaN (``_relu``)."""
-    pdl_enter(PDL)
+    pass, all of them when a query head does not fold. A NaN score stays NaN (``_relu``).
+
+    The token's request and position are read before the grid-dependency wait (``pdl_enter``), so
+    under PDL their latency hides under the previous kernel's tail, and a program without tiles exits
+    without waiting: the stream's previous kernel must not write them (see ``indexer_logits_into``)."""
     t = tl.program_id(0)
     n_prog = tl.num_programs(1)
     req = tl.load(req_ptr + t).to(tl.int64)
@@ -284,6 +287,7 @@ def _indexer_logits_kernel(
     n_tiles = tl.cdiv(n, BN)
     if tl.program_id(1) >= n_tiles:
         return
+    pdl_enter(PDL)
     bt_row = bt_ptr + tl.where(tok_ok, req, 0) * bt_stride
     out_row = out_ptr + t.to(tl.int64) * out_stride
     w_row = w_ptr + t.to(tl.int64) * w_stride_t
