@@ -35,8 +35,9 @@ its accumulators fit): 3 CTAs per SM. (At 101 registers the SM sub-partitions' r
 one CTA per SM, at 96 two.)
 
 Where they stand (H200, graph replay over L2-cold input sets; bytes read per visible entry 132 FP8,
-68 MXFP4): FP8 at 64k context B = 8 / 32 / 64 8.3 / 23.8 / 41.4 µs (2.09 / 2.90 / 3.34 TB/s) against
-10.8 / 28.6 / 50.1 for the Triton kernel; B = 1 at 1M context 13.2 against 18.2 µs. The same loads
+68 MXFP4): FP8 at 64k context B = 8 / 32 / 64 7.2 / 23.0 / 40.7 µs (2.40 / 3.01 / 3.40 TB/s) against
+10.4 / 28.6 / 50.3 for the Triton kernel (nineteenth session, `benchmarks/attention.py --indexer`); B = 1
+at 1M context 13.2 against 18.2 µs (before the early reads). The same loads
 with the multiplies and the head sum removed take 38.8 µs at B = 64 (3.57 TB/s), as do
 one-dimensional bulk copies of the pages and a Triton kernel that only gathers them (38.6 µs):
 reading 8 KB pages scattered over the cache tops out near 3.6 TB/s here, against 4.5-4.6 TB/s for
@@ -52,7 +53,11 @@ the table width: the visible counts are on the GPU). A CTA left without tiles (a
 wide table) sets up its barriers and loads no queries (8k context in a 1M-token table, B = 1: 3.0 µs
 against the Triton kernel's 2.7 when its FP8 queries were still loaded). Each CTA reads the token's
 request and position, and the producer warp the first tile's page, before the grid-dependency wait
-(``_early_reads``), as the Triton kernel reads the request and position.
+(``_early_reads``), as the Triton kernel reads the request and position. H200, graph replay,
+``indexer_topk`` (logits alone) with both kernels reading after the wait → before it, same bits: 64k
+context B = 1 / 8 / 32 / 64 10.1 / 14.6 / 30.5 / 47.6 (4.2-4.3 / 8.5 / 23.6-23.7 / 40.8-40.9) → 9.7-9.9 /
+13.8 / 30.1 / 47.2 µs (3.9-4.1 / 7.7 / 22.9-23.2 / 40.2-40.4); MXFP4 B = 8 16.2-16.4 → 15.7-15.8; 8k
+context in a 1M table B = 1 6.1 (3.4) → 5.8 (2.9).
 """
 
 from __future__ import annotations
