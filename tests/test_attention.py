@@ -857,52 +857,28 @@ def test_sparse_attn_wgmma_kernel_matches_reference(splits, t, h, idx):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("splits,t,h,w,k", [(2, 3, 64, 80, 100), (3, 7, 20, 80, 100), (3, 70, 8, 80, 100),
-                                            (2, 3, 80, 80, 100), (5, 2, 128, 128, 512), (5, 2, 200, 128, 512),
-                                            (10, 2, 64, 128, 512), (16, 1, 64, 128, 896)])
-def test_sparse_attn_wgmma_cluster_merge_matches_reference(splits, t, h, w, k):
-    """Splits merged within their cluster (distributed shared memory, no partials, no combine kernel):
-    the reference's result and, within one bf16 rounding, the combine kernel's; partial head blocks
-    (20 and 8 heads; 80 and 200: a partial second / fourth head block), 128 heads (two clusters per
-    token), more clusters than the GPU holds at once (70 tokens), 2 to 16 CTAs per cluster, a row
-    without candidates, a −inf sink."""
+@pytest.mark.parametrize("splits,cluster,t,h,w,k", [
+    (2, True, 3, 64, 80, 100), (3, True, 7, 20, 80, 100), (3, True, 70, 8, 80, 100), (2, True, 3, 80, 80, 100),
+    (5, True, 2, 128, 128, 512), (5, True, 2, 200, 128, 512), (10, True, 2, 64, 128, 512), (16, True, 1, 64, 128, 896),
+    (10, 5, 2, 64, 128, 512), (10, 2, 7, 80, 128, 512), (4, 2, 7, 20, 128, 128), (6, 3, 2, 200, 128, 256)])
+def test_sparse_attn_wgmma_cluster_merge_matches_reference(splits, cluster, t, h, w, k):
+    """Splits merged within their cluster through distributed shared memory: all of a (token, head
+    block)'s splits (``cluster=True``: no partials, no combine kernel; 2 to 16 CTAs a cluster) or runs
+    of ``cluster`` of them (5 or 2 of 10, 2 of 4, 3 of 6), each into one partial that the combine kernel
+    merges: the reference's result and, within one bf16 rounding, the combine kernel's over every
+    split; the same bits when run again; partial head blocks (20 and 8 heads; 80 and 200: a partial
+    second / fourth head block), 128 heads (two clusters per token), more clusters than the GPU holds
+    at once (70 tokens), a row without candidates, a −inf sink. A cluster size below 2 or not dividing
+    the split count, and more than ``MAX_CLUSTER`` splits in one cluster, are ValueErrors."""
     cute_attn = _cute_attn()
     if cute_attn is None:
         pytest.skip("needs CuTe DSL on a Hopper GPU")
-    capacity = cute_attn.cluster_capacity(torch.cuda.current_device(), splits)
-    assert capacity > 0 or splits > 8  # a portable cluster always fits
+    size = splits if cluster is True else cluster
+    capacity = cute_attn.cluster_capacity(torch.cuda.current_device(), size)
+    assert capacity > 0 or size > 8  # a portable cluster always fits
     if capacity == 0:
-        pytest.skip(f"this GPU holds no cluster of {splits} one-CTA-per-SM CTAs")
+        pytest.skip(f"this GPU holds no cluster of {size} one-CTA-per-SM CTAs")
     q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=t, h=h, w=w, k=k, swa_bs=64, comp_bs=2, seed=23,
-                                                      swa_blocks=4, comp_blocks=(k + 63) // 2 + 8)
-    want = _dense(q, swa, si, comp, ci, sink, sbs, cbs)
-    dev = [x.cuda() for x in (q, swa, si, comp, ci, sink)]
-    got = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=True)
-    _assert_close_bf16(got.cpu(), want)
-    if t > 4:
-        assert bool((got[4].cpu() == 0).all())  # row 4 has no candidate
-    combined = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=False).float()
-    _assert_one_bf16_rounding(got, combined)
-    assert torch.equal(cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=True), got)
-    wide = torch.full((t, (cute_attn.MAX_CLUSTER + 1) * 64), -1, dtype=si.dtype, device="cuda")
-    with pytest.raises(ValueError, match="cluster"):
-        cute_attn.sparse_attn(dev[0], dev[1], wide, None, None, dev[5], SCALE, sbs, cbs,
-                              splits=cute_attn.MAX_CLUSTER + 1, cluster=True)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("splits,cluster,t,h,w,k", [(10, 5, 2, 64, 128, 512), (10, 2, 7, 80, 128, 512),
-                                                    (4, 2, 7, 20, 128, 128), (6, 3, 2, 200, 128, 256)])
-def test_sparse_attn_wgmma_cluster_runs_match_reference(splits, cluster, t, h, w, k):
-    """Clusters of a run of splits (5 or 2 of 10, 2 of 4, 3 of 6), each merged in distributed shared
-    memory into one partial, the partials merged by the combine kernel: the reference's result and,
-    within one bf16 rounding, the combine kernel's over every split; partial head blocks (20, 80, 200
-    heads), a row without candidates, a −inf sink; the same bits when run again; a cluster size that
-    does not divide the split count is a ValueError."""
-    cute_attn = _cute_attn()
-    if cute_attn is None:
-        pytest.skip("needs CuTe DSL on a Hopper GPU")
-    q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=t, h=h, w=w, k=k, swa_bs=64, comp_bs=2, seed=31,
                                                       swa_blocks=4, comp_blocks=(k + 63) // 2 + 8)
     want = _dense(q, swa, si, comp, ci, sink, sbs, cbs)
     dev = [x.cuda() for x in (q, swa, si, comp, ci, sink)]
@@ -914,50 +890,34 @@ def test_sparse_attn_wgmma_cluster_runs_match_reference(splits, cluster, t, h, w
     _assert_one_bf16_rounding(got, combined)
     assert torch.equal(cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=cluster), got)
     with pytest.raises(ValueError, match="clusters of"):
-        cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=splits - 1)
+        cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=splits - 1)  # 1, or no divisor
+    wide = torch.full((t, (cute_attn.MAX_CLUSTER + 1) * 64), -1, dtype=si.dtype, device="cuda")
+    with pytest.raises(ValueError, match="clusters of"):
+        cute_attn.sparse_attn(dev[0], dev[1], wide, None, None, dev[5], SCALE, sbs, cbs,
+                              splits=cute_attn.MAX_CLUSTER + 1, cluster=True)
 
 
 @pytest.mark.cuda
-def test_sparse_attn_wgmma_default_merge_is_the_cluster_at_64_tokens():
-    """The op's default at V4-Flash CSA B = 64 (640 candidates: two splits of five tiles): on an H200
-    (132 SMs) the splits merge within their clusters, and the default equals the forced merge bit for
-    bit and the combine kernel's within one bf16 rounding."""
+@pytest.mark.parametrize("t,h200_plan", [(64, (2, 2)), (8, (10, 5))])
+def test_sparse_attn_wgmma_default_merge(t, h200_plan):
+    """The op's default merge at V4-Flash CSA (640 candidates) on an H200 (132 SMs): at B = 64 two
+    splits of five tiles, merged within one cluster of both; at B = 8 ten one-tile splits (8 clusters
+    of 10 do not fit at once), merged in clusters of 5 into two partials a token. The default equals
+    the forced cluster size bit for bit, the reference's result and, within one bf16 rounding, the
+    combine kernel's over every split."""
     cute_attn = _cute_attn()
     if cute_attn is None:
         pytest.skip("needs CuTe DSL on a Hopper GPU")
-    q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=64, h=64, w=128, k=512, swa_bs=64, comp_bs=2, seed=29,
+    q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=t, h=64, w=128, k=512, swa_bs=64, comp_bs=2, seed=29,
                                                       swa_blocks=4, comp_blocks=264)
     dev = [x.cuda() for x in (q, swa, si, comp, ci, sink)]
-    n_split, _ = cute_attn.splits_for(64, 64, 640, sm_programs(dev[0].device))
-    merged = cute_attn.cluster_merge(64, 64, n_split, dev[0].device.index)
+    n_split, _ = cute_attn.splits_for(t, 64, 640, sm_programs(dev[0].device))
+    index = dev[0].device.index
+    size = n_split if cute_attn.cluster_merge(t, 64, n_split, index) else cute_attn.cluster_run(t, 64, n_split, index)
     if torch.cuda.get_device_properties(0).multi_processor_count == 132:
-        assert n_split == 2 and merged
+        assert (n_split, size) == h200_plan
     default = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs)
-    assert torch.equal(default, cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, cluster=merged))
-    combined = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, cluster=False).float()
-    _assert_one_bf16_rounding(default, combined)
-    assert bool((default[4] == 0).all())  # row 4 has no candidate
-
-
-@pytest.mark.cuda
-def test_sparse_attn_wgmma_default_merge_is_runs_in_clusters_at_8_tokens():
-    """The op's default at V4-Flash CSA B = 8 (640 candidates: ten one-tile splits; 8 clusters of 10 do
-    not fit an H200 at once): clusters of 5 splits merged into two partials a token, equal bit for bit to
-    the forced clusters of 5 and within one bf16 rounding of the combine kernel over every split."""
-    cute_attn = _cute_attn()
-    if cute_attn is None:
-        pytest.skip("needs CuTe DSL on a Hopper GPU")
-    q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=8, h=64, w=128, k=512, swa_bs=64, comp_bs=2, seed=37,
-                                                      swa_blocks=4, comp_blocks=264)
-    dev = [x.cuda() for x in (q, swa, si, comp, ci, sink)]
-    n_split, _ = cute_attn.splits_for(8, 64, 640, sm_programs(dev[0].device))
-    dev_index = dev[0].device.index
-    run = 0 if cute_attn.cluster_merge(8, 64, n_split, dev_index) else cute_attn.cluster_run(8, 64, n_split, dev_index)
-    if torch.cuda.get_device_properties(0).multi_processor_count == 132:
-        assert (n_split, run) == (10, 5)
-    default = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs)
-    if run:
-        assert torch.equal(default, cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, cluster=run))
+    assert torch.equal(default, cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, cluster=size or False))
     _assert_close_bf16(default.cpu(), _dense(q, swa, si, comp, ci, sink, sbs, cbs))
     _assert_one_bf16_rounding(default, cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, cluster=False).float())
     assert bool((default[4] == 0).all())  # row 4 has no candidate
