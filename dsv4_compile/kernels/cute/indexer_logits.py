@@ -212,8 +212,8 @@ def _early_reads(mBT, mReq, mPos, t, j, P, ratio, bs: cutlass.Constexpr, produce
     """``_token_tiles``, the token's block-table row address and (in the producer warp of a CTA with
     tiles) the page of its first tile, -1 else: what a CTA reads before the grid-dependency wait
     (``_init_ring``), so under PDL their round trips overlap the previous kernel's tail. The stream's
-    previous kernel must not write ``token_to_req``, ``positions`` or ``block_table``
-    (``indexer_logits_into``)."""
+    previous kernel must not write ``token_to_req``, ``positions`` or ``block_table`` (``dsv4::indexer_topk``
+    requires it)."""
     req, ok_tok, n, mine = _token_tiles(mBT, mReq, mPos, t, j, P, ratio, bs)
     bt_row = mBT.iterator.toint() + cutlass.select_(ok_tok, req, Int64(0)) * Int64(mBT.stride[0]) * 4
     page = Int32(-1)

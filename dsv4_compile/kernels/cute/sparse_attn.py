@@ -51,9 +51,10 @@ order, as the looping combine kernel does; the one-shot combine kernel of the sm
 a tree), deterministic for a given split count and cluster size.
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, the
-merge included, the op; eighteenth session): V4-Flash B = 1 / 8 / 16 / 32 / 64 10.9 / 15.3 / 17.4 / 24.5 /
-30.4 µs (B = 1 with 64 heads runs the Triton kernel; FlashMLA 12.4 / 15.1 / - / 25.0 / 44.5 in issue
-14's measurement), V4-Pro 13.7 / 20.4 / 30.6 / 41.4 / 76.6 µs; prefill (T = 4096) 246 TFLOPS.
+merge included, the op; nineteenth session): V4-Flash B = 1 / 8 / 12 / 16 / 32 / 64 10.9 / 15.6 / 16.6 /
+17.3 / 24.3 / 30.8 µs (B = 1 with 64 heads runs the Triton kernel; FlashMLA 12.4 / 15.1 / - / - / 25.0 /
+44.5 in issue 14's measurement), V4-Pro 14.0 / 20.3 / 26.5 / 30.9 / 42.4 / 77.6 µs; prefill (T = 4096)
+246 TFLOPS (eighteenth session).
 One CTA per SM still runs both multiplies and the softmax one after another, about 4.4 µs per
 64-candidate tile for one CTA alone (44.4 µs over 640 candidates) and about 3 µs a tile with every SM
 busy; removing one part at a time from the cp.async form (B = 64, 5 tiles per CTA,
@@ -606,8 +607,8 @@ def _cluster_merge(n: cutlass.Constexpr, to_part: cutlass.Constexpr, acc_o, m_i,
                    mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid, tid):
     """A cluster of ``n`` splits of one (token, head block) (rank = split % ``n``) merged in distributed
     shared memory. Without ``to_part`` the cluster holds every split and writes the bf16 output: no
-    partials in global memory, no combine kernel. With ``to_part`` the cluster holds a run of ``n`` of
-    more splits (the op's default where a cluster of all of them would not fit the GPU at once, or a
+    partials in global memory, no combine kernel. With ``to_part`` the cluster holds a run of ``n`` out
+    of more splits (the op's default where a cluster of all of them would not fit the GPU at once, or a
     forced cluster size) and cluster ``run = split // n`` writes its merge as one
     fp32 partial ``(acc, m, l)`` (``mPart[t, run]``, ``mM``, ``mL``; the rank-0 CTA writes ``(m, l)``)
     for the combine kernel: an ``n``-th of the partial bytes the combine kernel reads. Each CTA

@@ -493,9 +493,9 @@ class TopkFusedKernel(TopkRoundKernel):
     pattern). The CTA that brings the count to the group's live chunks resets the counter to 0 (zero
     at rest, for the next selection) and, after an acquire fence and a barrier, selects from the
     group's candidates: into the next level's, or into the result when its group is the row's only
-    one. The others go on to their next chunk. A row's merge thus starts when its own chunks are done, not when every
-    row's are, and rows that fit in chunk 0 are finished by CTA 0 with no later work at all (a short
-    row in a wide table). Same candidates, same order, same bits as the separate rounds."""
+    one. The others go on to their next chunk. A row's merge thus starts when its own chunks are done,
+    not when every row's are, and rows that fit in chunk 0 are finished by CTA 0 with no later work at
+    all (a short row in a wide table). Same candidates, same order, same bits as the separate rounds."""
 
     def __init__(self, chunks: tuple, groups: tuple, pdl: bool):
         assert len(chunks) == len(groups) + 1 and 2 <= len(chunks) <= 1 + MAX_MERGES

@@ -277,7 +277,7 @@ def _indexer_logits_kernel(
 
     The token's request and position are read before the grid-dependency wait (``pdl_enter``), so
     under PDL their latency hides under the previous kernel's tail, and a program without tiles exits
-    without waiting: the stream's previous kernel must not write them (see ``indexer_logits_into``)."""
+    without waiting: the stream's previous kernel must not write them (``dsv4::indexer_topk`` requires it)."""
     t = tl.program_id(0)
     n_prog = tl.num_programs(1)
     req = tl.load(req_ptr + t).to(tl.int64)
