@@ -195,14 +195,10 @@ class SparseAttnKernel:
                  swa_cap: Int64, comp_cap: Int64, qk_scale: Float32, splits: Int32, stream):
         T = mQ.shape[0]
         H = mQ.shape[1]
-        launch = self.kernel(mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split, swa_cap,
-                             comp_cap, qk_scale)
-        if const_expr(self.cluster > 0):
-            launch.launch(grid=[T, splits, (H + BH - 1) // BH], block=[THREADS, 1, 1],
-                          cluster=[1, self.cluster, 1], stream=stream, use_pdl=self.pdl)
-        else:
-            launch.launch(grid=[T, splits, (H + BH - 1) // BH], block=[THREADS, 1, 1], stream=stream,
-                          use_pdl=self.pdl)
+        cluster = {"cluster": [1, self.cluster, 1]} if self.cluster > 0 else {}  # (a trace-time choice)
+        self.kernel(mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split, swa_cap, comp_cap,
+                    qk_scale).launch(grid=[T, splits, (H + BH - 1) // BH], block=[THREADS, 1, 1], stream=stream,
+                                     use_pdl=self.pdl, **cluster)
 
     @cute.jit
     def _slot(self, swa_addr, comp_addr, isz: cutlass.Constexpr, W, j0, end, tid):
@@ -420,12 +416,12 @@ class SparseAttnKernel:
                 cute.arch.fence_view_async_shared()
             warpgroup.wait_group(0)
 
+        _row_sums(l_i, red, cO, wg, wtid)
         if const_expr(self.cluster > 0):
-            _row_sums(l_i, red, cO, wg, wtid)
             _cluster_merge(self.cluster, self.cluster_part, acc_o, m_i, l_i, cO, q_base, k_base, mSink, mOut, mPart,
                            mM, mL, t, sp, h0, H, wg, wtid, tid)
         else:
-            _finish(self.split, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid)
+            _finish(self.split, acc_o, m_i, l_i, cO, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -554,11 +550,9 @@ def _sink_factor(m, l, sink_ln):
 
 
 @cute.jit
-def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, red, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid):
-    """Row sums over the quad and both warpgroups' halves (``_row_sums``), then this CTA's fp32
-    partials ``(acc, m, l)`` (split) or the output with the sink applied (bf16), written as pairs of
-    value dims."""
-    _row_sums(l_i, red, cO, wg, wtid)
+def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid):
+    """After ``_row_sums``: this CTA's fp32 partials ``(acc, m, l)`` (split) or the output with the sink
+    applied (bf16), written as pairs of value dims."""
     col0 = wg * DV
     if const_expr(split):
         n_split = mPart.shape[1]

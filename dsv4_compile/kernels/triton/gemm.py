@@ -553,14 +553,18 @@ def fp8_linear(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=1e-4, back
         return torch.zeros((M, N), dtype=out_dtype, device=x.device)
     backend = _backend(backend)
     config = _given(config)
-    gemv = _use_gemv(backend, M, N, K, config) and (backend == "gemv" or (
-        K <= FUSED_QUANT_MAX_K and not _auto_cute(backend, config, x, w_q, out_dtype)))
-    if gemv or (backend == "triton" and M <= 64):
+    gemv = _use_gemv(backend, M, N, K, config) and (backend == "gemv" or K <= FUSED_QUANT_MAX_K)
+    # the one row fp8_block_gemm gives the CuTe-DSL kernel: decided here once, launched straight after the quant
+    cute = gemv and backend != "gemv" and _auto_cute(backend, config, x, w_q, out_dtype)
+    if (gemv and not cute) or (backend == "triton" and M <= 64):
         out = torch.empty((M, N), dtype=out_dtype, device=x.device)
         launch = _launch_gemv if gemv else _launch
         return launch(x, None, w_q, weight_scale_fp32(w_scale).contiguous(), out, config, amax_floor=scale_floor)
     from .primitives import fp8_block_quant
 
     x_q, x_scale = fp8_block_quant(x, BLOCK, scale_floor)
+    if cute:
+        out = torch.empty((M, N), dtype=out_dtype, device=x.device)
+        return _launch_cute(x_q, x_scale, w_q, weight_scale_fp32(w_scale).contiguous(), out, config)
     return fp8_block_gemm(x_q, x_scale, w_q, w_scale, out_dtype, backend=None if backend == "auto" else backend,
                           **config)
