@@ -51,10 +51,12 @@ order, as the looping combine kernel does; the one-shot combine kernel of the sm
 a tree), deterministic for a given split count and cluster size.
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, the
-merge included, the op; nineteenth session): V4-Flash B = 1 / 8 / 12 / 16 / 32 / 64 10.9 / 15.6 / 16.6 /
-17.3 / 24.3 / 30.8 µs (B = 1 with 64 heads runs the Triton kernel; FlashMLA 12.4 / 15.1 / - / - / 25.0 /
-44.5 in issue 14's measurement), V4-Pro 14.0 / 20.3 / 26.5 / 30.9 / 42.4 / 77.6 µs; prefill (T = 4096)
-246 TFLOPS (eighteenth session).
+merge included, the op; twentieth session, B = 12 / 16 the nineteenth's): V4-Flash B = 1 / 8 / 12 / 16 /
+32 / 64 10.8 / 15.4 / 16.6 / 17.3 / 24.3 / 30.6 µs (B = 1 with 64 heads runs the Triton kernel; FlashMLA
+12.4 / 15.1 / - / - / 25.0 / 44.5 in issue 14's measurement), V4-Pro 13.8 / 20.4 / 26.5 / 30.9 / 41.9 /
+75.0 µs; prefill (T = 4096) 248 TFLOPS. Where a one-tile CTA's time goes (clock stamps, V4-Flash CSA
+B = 1, ten splits, SM cycles): the slots and then the records of its first tile
+4,600, Q·Kᵀ 1,800, P·V 1,100, the softmax 940, the partial's 128 KB written 4,800.
 One CTA per SM still runs both multiplies and the softmax one after another, about 4.4 µs per
 64-candidate tile for one CTA alone (44.4 µs over 640 candidates) and about 3 µs a tile with every SM
 busy; removing one part at a time from the cp.async form (B = 64, 5 tiles per CTA,
@@ -558,11 +560,12 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, mSink, mOut, 
     """After ``_row_sums``: this CTA's fp32 partials ``(acc, m, l)`` (split), written from the fragment as
     pairs of value dims, or the output with the sink applied (bf16), staged in shared memory (over the
     freed query and K tiles, padded 1 KB rows) and written as 16-byte stores, a warp's consecutive.
-    H200, graph replay, against the fragment's own 4-byte stores: prefill (T = 4096) 1428 → 1365 µs,
-    V4-Pro CSA B = 64 77.5 → 73.2, one CTA over 640 candidates 44.8 → 43.3. The split partials stay as
-    they are: staged and written the same way (or as one bulk copy per row) they took longer, 12.0 →
-    13.1 (13.8) µs at V4-Flash CSA B = 1 with ten splits: a split writes 128 KB from one SM, bound by
-    that SM's write bandwidth (clock stamps: 4,800 cycles as fragment stores, 8,300 as bulk copies)."""
+    H200, graph replay, against the fragment's own 4-byte stores (same bits): prefill (T = 4096) 1407 →
+    1383 µs, V4-Pro B = 64 CSA / HCA / SWA-only 76.8 / 49.5 / 19.6 → 75.2 / 44.0 / 14.8, one CTA over 640
+    candidates 41.3 → 40.1. The split partials stay as they are: staged and written the same way (or as
+    one bulk copy per row) they took longer, 12.0 → 13.1 (13.8) µs at V4-Flash CSA B = 1 with ten splits:
+    a split writes 128 KB from one SM, bound by that SM's write bandwidth (clock stamps: 4,800 cycles as
+    fragment stores, 8,300 as bulk copies)."""
     col0 = wg * DV
     if const_expr(split):
         n_split = mPart.shape[1]
