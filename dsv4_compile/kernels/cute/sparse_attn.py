@@ -582,6 +582,8 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, mSink, mOut, 
                         mM[t, sp, h] = m_i[r]
                         mL[t, sp, h] = l_i[r]
     else:
+        # 64 padded rows, 66,560 bytes from the query tile's start: past it into the K tiles, which the
+        # kernel's shared memory holds right after it (both freed: every multiply was waited for)
         pitch = D * 2 + ROW_PAD
         for r in cutlass.range_constexpr(2):
             row = cO[2 * r][0]
