@@ -556,11 +556,12 @@ class TopkFusedKernel(TopkRoundKernel):
         else:
             # the row's live chunks c0, c0 + P, .. (none past the row: a short row in a wide table costs no
             # CTA beyond the grid's P), each selected, then arriving at its group's ticket
-            for c in cutlass.range(c0, (n + (ch0 - 1)) // ch0, P, unroll=1):
+            n_chunks = (n + (ch0 - 1)) // ch0
+            for c in cutlass.range(c0, n_chunks, P, unroll=1):
                 start = c * ch0
                 self._select(mSrc, None, mKey0, mIdx0, hist, wsum, res, rng, t, start, n, c * K, K, tid, warp,
                              lane, False, *self.levels[0])
-                live = (n + (ch0 - 1)) // ch0  # this level's CTAs (chunks or groups) of the row
+                live = n_chunks  # this level's CTAs (chunks or groups) of the row
                 g = c  # this chunk's place among them
                 active = Boolean(True)
                 for lv in cutlass.range_constexpr(len(self.groups)):
