@@ -898,6 +898,51 @@ def test_sparse_attn_wgmma_cluster_merge_matches_reference(splits, cluster, t, h
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("groups,splits,t,h,w,k", [(2, 10, 2, 64, 128, 512), (4, 3, 7, 20, 80, 100),
+                                                   (8, 2, 3, 128, 128, 0), (4, 5, 70, 80, 128, 256)])
+def test_sparse_attn_wgmma_value_groups_match_reference(groups, splits, t, h, w, k):
+    """Each split as ``groups`` CTAs, one slice of the value dims apiece: the reference's result and,
+    within one bf16 rounding, the one-CTA-a-split result over the same splits; the same bits when run
+    again; partial head blocks (20, 80 heads), 128 heads, the SWA-only layer, a row without candidates,
+    a −inf sink, more CTAs than one wave (70 tokens). Groups outside ``GROUPS``, with one split or with a
+    cluster merge are ValueErrors."""
+    cute_attn = _cute_attn()
+    if cute_attn is None:
+        pytest.skip("needs CuTe DSL on a Hopper GPU")
+    q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=t, h=h, w=w, k=k, swa_bs=64, comp_bs=2, seed=41,
+                                                      with_comp=k > 0, swa_blocks=4, comp_blocks=(k + 63) // 2 + 8)
+    want = _dense(q, swa, si, comp, ci, sink, sbs, cbs)
+    dev = [x.cuda() if x is not None else None for x in (q, swa, si, comp, ci, sink)]
+    got = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, groups=groups)
+    _assert_close_bf16(got.cpu(), want)
+    if t > 4:
+        assert bool((got[4].cpu() == 0).all())  # row 4 has no candidate
+    one = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=False).float()
+    _assert_one_bf16_rounding(got, one)
+    assert torch.equal(cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, groups=groups), got)
+    for bad in (dict(groups=3), dict(groups=groups, splits=1), dict(groups=groups, cluster=True)):
+        with pytest.raises(ValueError, match="value-dim groups"):
+            cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, **{"splits": splits, **bad})
+
+
+def test_sparse_attn_wgmma_value_groups_rejected_at_compile():
+    """No GPU needed: a variant with more than one value-dim group compiles only for split partials
+    without a cluster merge, and only for ``GROUPS``."""
+    from dsv4_compile.kernels.cute import HAVE_CUTE
+
+    if not HAVE_CUTE:
+        pytest.skip("CuTe DSL not installed")
+    from cutlass import Int32
+
+    from dsv4_compile.kernels.cute import sparse_attn as cute_attn
+
+    for split, cluster, groups in ((False, 0, 2), (True, 2, 2), (True, 0, 3), (True, 0, 16)):
+        with pytest.raises(ValueError, match="value-dim groups"):
+            cute_attn.SparseAttnKernel.compile(64, 64, True, split, Int32, True, "sm_90a", cluster=cluster,
+                                               groups=groups)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("t,h200_plan", [(64, (2, 2)), (8, (10, 5))])
 def test_sparse_attn_wgmma_default_merge(t, h200_plan):
     """The op's default merge at V4-Flash CSA (640 candidates) on an H200 (132 SMs): at B = 64 two

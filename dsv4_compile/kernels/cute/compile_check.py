@@ -84,19 +84,21 @@ def _topk_cases():
 def _sparse_attn_cases():
     # V4 CSA (SWA + C4 pages, split into partials; split and merged within the cluster; split into
     # clusters of 5 that merge into partials), HCA's C128 pages with int64 indices written unsplit, the
-    # SWA-only layer
+    # SWA-only layer; CSA's splits as four CTAs each, one quarter of the value dims apiece
     yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=0, part=False)
     yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=2, part=False)
     yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=5, part=True)
     yield dict(swa_bs=64, comp_bs=64, comp=False, split=True, idx=Int32, pdl=True, cluster=10, part=False)
     yield dict(swa_bs=64, comp_bs=2, comp=True, split=False, idx=Int64, pdl=False, cluster=0, part=False)
     yield dict(swa_bs=64, comp_bs=64, comp=False, split=False, idx=Int32, pdl=True, cluster=0, part=False)
+    yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=0, part=False, groups=4)
 
 
-def _check_sparse_attn_ptx(name: str, arch: str, ptx: str, cluster: bool = False, part: bool = False) -> None:
-    # per tile and warpgroup: Q·Kᵀ of its 32 candidates over 512 dims, P·V of the 64 over its 256 value dims,
-    # each once per K tile buffer (two)
-    for shape, want in (("m64n32k16", 2 * 32), ("m64n256k16", 2 * 4)):
+def _check_sparse_attn_ptx(name: str, arch: str, ptx: str, cluster: bool = False, part: bool = False,
+                           groups: int = 1) -> None:
+    # per tile and warpgroup: Q·Kᵀ of its 32 candidates over 512 dims, P·V of the 64 over its 256 / groups
+    # value dims, each once per K tile buffer (two)
+    for shape, want in (("m64n32k16", 2 * 32), (f"m64n{256 // groups}k16", 2 * 4)):
         n = len(re.findall(rf"\bwgmma\.mma_async\.sync\.aligned\.{shape}\.f32\.bf16\.bf16", ptx))
         if n != want:
             raise AssertionError(f"{name}@{arch}: {n} bf16 {shape} wgmma in the PTX, want {want}")
@@ -277,16 +279,17 @@ def compile_all(arch: str) -> list[str]:
             _check_topk_ptx(name, arch, ptx, fused=True)
             names.append(_check_ptx(name, arch, ptx, False))
         for case in _sparse_attn_cases() if arch == "sm_90a" else ():
+            groups = case.get("groups", 1)
             compile_fn = functools.partial(sparse_attn.SparseAttnKernel.compile, cluster=case["cluster"],
-                                           cluster_part=case["part"])
+                                           cluster_part=case["part"], groups=groups)
             ptx = _case_ptx(dump_dir, compile_fn, case["swa_bs"], case["comp_bs"], case["comp"], case["split"],
                             case["idx"], case["pdl"], arch)
             name = "sparse_attn_swa{}_{}_idx{}{}{}".format(
                 case["swa_bs"], f"comp{case['comp_bs']}" if case["comp"] else "swa_only", case["idx"].__name__.lower(),
                 ((f"_cluster{case['cluster']}" + ("_part" if case["part"] else "")) if case["cluster"] else "_split")
                 if case["split"] else "",
-                "_pdl" if case["pdl"] else "")
-            _check_sparse_attn_ptx(name, arch, ptx, case["cluster"] > 0, case["part"])
+                "_pdl" if case["pdl"] else "") + (f"_groups{groups}" if groups > 1 else "")
+            _check_sparse_attn_ptx(name, arch, ptx, case["cluster"] > 0, case["part"], groups)
             names.append(f"{name}@{arch}")
         for case in _indexer_logits_cases() if arch == "sm_90a" else ():
             for fmt, kernel in (("fp8", indexer_logits.IndexerLogitsKernel),

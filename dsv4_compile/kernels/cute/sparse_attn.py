@@ -49,6 +49,10 @@ way into one fp32 partial for the combine kernel. Otherwise every split writes i
 applies the sink and writes bf16. The merges use the same formula (the cluster merge sums in split
 order, as the looping combine kernel does; the one-shot combine kernel of the smallest steps sums as
 a tree), deterministic for a given split count and cluster size.
+A split may also run as ``groups`` CTAs (``GROUPS``; split partials without a cluster merge), each
+decoding the whole records and computing the same scores but multiplying ``P·V`` for, and writing,
+only its ``512 / groups`` slice of the value dims: a split's 128 KB fp32 partial then leaves from
+``groups`` SMs instead of one (see ``_finish``). Not measured yet; the op does not take it.
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, the
 merge included, the op; twentieth session, B = 12 / 16 the nineteenth's): V4-Flash B = 1 / 8 / 12 / 16 /
@@ -180,7 +184,7 @@ class SparseAttnKernel:
     """One launch configuration; see ``compile`` for the cache key."""
 
     def __init__(self, swa_bs: int, comp_bs: int, has_comp: bool, split: bool, pdl: bool, cluster: int = 0,
-                 cluster_part: bool = False):
+                 cluster_part: bool = False, groups: int = 1):
         self.swa_bs = swa_bs
         self.comp_bs = comp_bs
         self.has_comp = has_comp
@@ -191,6 +195,10 @@ class SparseAttnKernel:
         # which the combine kernel merges
         self.cluster = cluster
         self.cluster_part = cluster_part
+        # > 1 (split, no cluster): each split is this many CTAs, each multiplying P·V for D / groups of the
+        # value dims (every one decodes the whole records and computes the same scores) and writing that
+        # slice of the split's partial
+        self.groups = groups
 
     @cute.jit
     def __call__(self, mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split: Int32,
@@ -199,7 +207,8 @@ class SparseAttnKernel:
         H = mQ.shape[1]
         cluster = {"cluster": [1, self.cluster, 1]} if self.cluster > 0 else {}  # (a trace-time choice)
         self.kernel(mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split, swa_cap, comp_cap,
-                    qk_scale).launch(grid=[T, splits, (H + BH - 1) // BH], block=[THREADS, 1, 1], stream=stream,
+                    qk_scale).launch(grid=[T, splits, (H + BH - 1) // BH * self.groups], block=[THREADS, 1, 1],
+                                     stream=stream,
                                      use_pdl=self.pdl, **cluster)
 
     @cute.jit
@@ -280,7 +289,10 @@ class SparseAttnKernel:
     def kernel(self, mQ, mSwa, mSwaIdx, mComp, mCompIdx, mSink, mOut, mPart, mM, mL, per_split: Int32,
                swa_cap: Int64, comp_cap: Int64, qk_scale: Float32):
         tid, _, _ = cute.arch.thread_idx()
-        t, sp, hb = cute.arch.block_idx()
+        t, sp, z = cute.arch.block_idx()
+        hb = z // self.groups
+        grp = z % self.groups  # this CTA's slice of the value dims
+        dv = DV // self.groups  # value dims per warpgroup
         wg = tid // WG
         wtid = tid % WG
         H = mQ.shape[1]
@@ -358,20 +370,21 @@ class SparseAttnKernel:
         qk_mma = sm90.make_trivial_tiled_mma(BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.K, Float32,
                                              (1, 1, 1), (BH, SN))
         pv_mma = sm90.make_trivial_tiled_mma(BFloat16, BFloat16, OperandMajorMode.K, OperandMajorMode.MN, Float32,
-                                             (1, 1, 1), (BH, DV))
+                                             (1, 1, 1), (BH, dv))
         thr_qk = qk_mma.get_slice(wtid)
         thr_pv = pv_mma.get_slice(wtid)
         tSrQ = qk_mma.make_fragment_A(thr_qk.partition_A(sQ[None, None, 0]))
         tSrK0 = qk_mma.make_fragment_B(thr_qk.partition_B(cute.local_tile(sK[None, None, 0], (SN, D), (wg, 0))))
         tSrK1 = qk_mma.make_fragment_B(thr_qk.partition_B(cute.local_tile(sK[None, None, 1], (SN, D), (wg, 0))))
-        tOrV0 = pv_mma.make_fragment_B(thr_pv.partition_B(cute.local_tile(sV[None, None, 0], (DV, BN), (wg, 0))))
-        tOrV1 = pv_mma.make_fragment_B(thr_pv.partition_B(cute.local_tile(sV[None, None, 1], (DV, BN), (wg, 0))))
+        v_blk = grp * 2 + wg  # the warpgroup's value dims: dv·v_blk ..
+        tOrV0 = pv_mma.make_fragment_B(thr_pv.partition_B(cute.local_tile(sV[None, None, 0], (dv, BN), (v_blk, 0))))
+        tOrV1 = pv_mma.make_fragment_B(thr_pv.partition_B(cute.local_tile(sV[None, None, 1], (dv, BN), (v_blk, 0))))
         tOrP = pv_mma.make_fragment_A(thr_pv.partition_A(sP[None, None, 0]))
         acc_s = cute.make_rmem_tensor(thr_qk.partition_shape_C((BH, SN)), Float32)
-        acc_o = cute.make_rmem_tensor(thr_pv.partition_shape_C((BH, DV)), Float32)
+        acc_o = cute.make_rmem_tensor(thr_pv.partition_shape_C((BH, dv)), Float32)
         # (row, col) of each accumulator element: rows 16·warp + lane/4 (+8), columns 2·(lane%4) (+1) + 8·j
         cS = thr_qk.partition_C(cute.make_identity_tensor((BH, SN)))
-        cO = thr_pv.partition_C(cute.make_identity_tensor((BH, DV)))
+        cO = thr_pv.partition_C(cute.make_identity_tensor((BH, dv)))
         acc_o.fill(0.0)
         qk_mma.set(warpgroup.Field.ACCUMULATE, True)
         pv_mma.set(warpgroup.Field.ACCUMULATE, True)
@@ -423,16 +436,21 @@ class SparseAttnKernel:
             _cluster_merge(self.cluster, self.cluster_part, acc_o, m_i, l_i, cO, q_base, k_base, mSink, mOut, mPart,
                            mM, mL, t, sp, h0, H, wg, wtid, tid)
         else:
-            _finish(self.split, acc_o, m_i, l_i, cO, q_base, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid, tid)
+            _finish(self.split, acc_o, m_i, l_i, cO, q_base, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid, tid,
+                    v_blk * dv, grp == 0)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def compile(swa_bs: int, comp_bs: int, has_comp: bool, split: bool, idx_dtype, pdl: bool, arch: str,
-                extra_options: str = "", cluster: int = 0, cluster_part: bool = False):
+                extra_options: str = "", cluster: int = 0, cluster_part: bool = False, groups: int = 1):
         """Compile one variant over fake tensors (no GPU needed): tokens, heads, widths, pages and
         strides are symbolic; ``cluster`` > 0 (with ``split``): clusters of that many splits, merged
         within the cluster: all of a (token, head block)'s splits, no partials in global memory, or
-        (``cluster_part``) a run of them into one partial for the combine kernel."""
+        (``cluster_part``) a run of them into one partial for the combine kernel; ``groups`` > 1 (with
+        ``split``, without ``cluster``): each split as that many CTAs, one slice of the value dims each."""
+        if groups not in GROUPS or (groups > 1 and (not split or cluster)):
+            raise ValueError(f"sparse_attn: {groups} value-dim groups (one of {GROUPS}, and more than one only "
+                             "for split partials without a cluster merge)")
         mk = cute.runtime.make_fake_tensor
         T = cute.sym_int()
         H = cute.sym_int()
@@ -452,7 +470,7 @@ class SparseAttnKernel:
             part = mk(Float32, (T, S, H, D), stride=(cute.sym_int64(), cute.sym_int64(), D, 1), assumed_align=16)
             m = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
             l_ = mk(Float32, (T, S, H), stride=(cute.sym_int64(), cute.sym_int64(), 1), assumed_align=4)
-        kernel = SparseAttnKernel(swa_bs, comp_bs, has_comp, split, pdl, cluster, cluster_part)
+        kernel = SparseAttnKernel(swa_bs, comp_bs, has_comp, split, pdl, cluster, cluster_part, groups)
         return cute.compile(
             kernel, q, swa, swa_idx, comp, comp_idx, sink, out, part, m, l_,
             Int32(64), Int64(1), Int64(1), Float32(1.0), Int32(1),
@@ -556,7 +574,7 @@ ROW_PAD = 16  # bytes after each staged bf16 output row: the eight rows of a war
 
 @cute.jit
 def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg,
-            wtid, tid):
+            wtid, tid, col0, write_ml):
     """After ``_row_sums``: this CTA's fp32 partials ``(acc, m, l)`` (split), written from the fragment as
     pairs of value dims, or the output with the sink applied (bf16), staged in shared memory (over the
     freed query and K tiles, padded 1 KB rows) and written as 16-byte stores, a warp's consecutive.
@@ -565,8 +583,8 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, mSink, mOut, 
     candidates 41.3 → 40.1. The split partials stay as they are: staged and written the same way (or as
     one bulk copy per row) they took longer, 12.0 → 13.1 (13.8) µs at V4-Flash CSA B = 1 with ten splits:
     a split writes 128 KB from one SM, bound by that SM's write bandwidth (clock stamps: 4,800 cycles as
-    fragment stores, 8,300 as bulk copies)."""
-    col0 = wg * DV
+    fragment stores, 8,300 as bulk copies). ``col0``: the warpgroup's first value dim; ``write_ml``: this CTA
+    writes the split's ``(m, l)`` (one of a split's value-dim groups)."""
     if const_expr(split):
         n_split = mPart.shape[1]
         part_base = mPart.iterator.toint()
@@ -579,8 +597,9 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, mSink, mOut, 
                     st_f32("global", row + Int64((col0 + cO[i][1]) * 4), acc_o[i], acc_o[i + 1])
                 if wg == 0:
                     if wtid % 4 == 0:
-                        mM[t, sp, h] = m_i[r]
-                        mL[t, sp, h] = l_i[r]
+                        if write_ml:
+                            mM[t, sp, h] = m_i[r]
+                            mL[t, sp, h] = l_i[r]
     else:
         # 64 padded rows, 66,560 bytes from the query tile's start: past it into the K tiles, which the
         # kernel's shared memory holds right after it (both freed: every multiply was waited for)
@@ -605,6 +624,7 @@ ACC_ROW_BYTES = D * 4  # a row of the CTA's fp32 [64, 512] accumulator in shared
 ML_BYTES = 2 * BH * 4  # the CTA's running max and sum per row, fp32, read by the whole cluster
 FIN_OFF = ML_BYTES  # then each row's sink factor, then the splits' weights, [split][row]
 WTS_OFF = FIN_OFF + BH * 4
+GROUPS = (1, 2, 4, 8)  # value-dim groups a split may run as (P·V down to m64n32 per warpgroup)
 MAX_CLUSTER = 16  # CTAs per cluster on sm_90 (8 portable, 16 with the non-portable size allowed)
 CLUSTER_MIN_CTAS = 32  # the cluster merge from this many CTAs (cluster_merge)
 CHUNKS_IN_FLIGHT = 16  # 16-byte remote loads a thread of the cluster merge issues before it uses one
@@ -817,7 +837,7 @@ def cluster_run(T: int, H: int, n_split: int, device_index: int) -> int:
 
 def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale: float, swa_block_size: int,
                 comp_block_size: int, splits: int | None = None, pdl: bool | None = None,
-                cluster: bool | int | None = None) -> torch.Tensor:
+                cluster: bool | int | None = None, groups: int = 1) -> torch.Tensor:
     """``kernels.triton.attention.sparse_attn``'s result from the wgmma kernel (``supports`` must hold).
     ``splits`` forces the number of candidate splits (tests); ``pdl``: programmatic dependent launch
     (default: as the package's Triton kernels, ``_launch.pdl_meta``); ``cluster``: how the splits merge
@@ -827,7 +847,13 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     kernel). Default: ``cluster_merge``, else ``cluster_run``, else the combine kernel. With more than
     one split, a forced cluster of more than ``MAX_CLUSTER`` splits, or an int below 2 or that does not
     divide the split count, is a ``ValueError`` (with one split ``cluster`` is ignored); a forced
-    cluster needs a GPU that holds it (``cluster_capacity`` > 0), else the launch fails."""
+    cluster needs a GPU that holds it (``cluster_capacity`` > 0), else the launch fails. ``groups``
+    (``GROUPS``): each split runs as that many CTAs, each multiplying ``P·V`` for ``512 / groups`` of the
+    value dims and writing that slice of the split's partial (each decodes the whole records and
+    computes the same scores): a split CTA's 128 KB fp32 partial leaves one SM at that SM's write
+    bandwidth, one ``groups``-th of it from each of ``groups`` SMs. More than one group needs more than
+    one split and no cluster merge (the default cluster rule is then not applied), else a ``ValueError``.
+    Not measured yet: the default stays 1."""
     T, H, _ = q.shape
     out = torch.empty((T, H, D), dtype=torch.bfloat16, device=q.device)
     if T == 0:
@@ -850,6 +876,11 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
         per_split = cdiv(cdiv(max(W + K, 1), splits), BN) * BN  # whole tiles
         n_split = max(1, cdiv(W + K, per_split))
     split = n_split > 1
+    if groups != 1:
+        if groups not in GROUPS or not split or cluster:
+            raise ValueError(f"sparse_attn: {groups} value-dim groups need one of {GROUPS}, more than one split "
+                             f"({n_split} here) and no cluster merge")
+        cluster = 0
     if cluster is None:
         dev = q.device.index
         cluster = n_split if cluster_merge(T, H, n_split, dev) else cluster_run(T, H, n_split, dev)
@@ -869,7 +900,7 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
         l_ = torch.empty_like(m)
     compiled = SparseAttnKernel.compile(swa_block_size, comp_block_size if has_comp else 1, has_comp, split,
                                         TORCH_TO_CUTE[swa_indices.dtype], pdl, arch_name(q.device), cluster=cluster,
-                                        cluster_part=runs > 1 and cluster > 0)
+                                        cluster_part=runs > 1 and cluster > 0, groups=groups)
     compiled(q, swa_cache, swa_indices, comp_cache if has_comp else None, comp_indices if has_comp else None, sink,
              out, part, m, l_, per_split, swa_cache.shape[0] * swa_block_size,
              (comp_cache.shape[0] * comp_block_size) if has_comp else 0, scale * LOG2E, n_split)
