@@ -856,6 +856,20 @@ def test_sparse_attn_wgmma_kernel_matches_reference(splits, t, h, idx):
         assert bool((got[4].cpu() == 0).all())  # row 4 has no candidate
 
 
+def _check_merge_variant(cute_attn, dev, sbs, cbs, want, splits, **variant):
+    """The Hopper kernel over ``splits`` forced splits in another form of the merge (``variant``: the
+    cluster merge, value-dim groups): the reference's result ``want``, zeros for row 4 (no candidate),
+    within one bf16 rounding of every split's partial merged by the combine kernel, the same bits when
+    run again."""
+    got = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, **variant)
+    _assert_close_bf16(got.cpu(), want)
+    if got.shape[0] > 4:
+        assert bool((got[4].cpu() == 0).all())  # row 4 has no candidate
+    combined = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=False).float()
+    _assert_one_bf16_rounding(got, combined)
+    assert torch.equal(cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, **variant), got)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("splits,cluster,t,h,w,k", [
     (2, True, 3, 64, 80, 100), (3, True, 7, 20, 80, 100), (3, True, 70, 8, 80, 100), (2, True, 3, 80, 80, 100),
@@ -880,15 +894,9 @@ def test_sparse_attn_wgmma_cluster_merge_matches_reference(splits, cluster, t, h
         pytest.skip(f"this GPU holds no cluster of {size} one-CTA-per-SM CTAs")
     q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=t, h=h, w=w, k=k, swa_bs=64, comp_bs=2, seed=23,
                                                       swa_blocks=4, comp_blocks=(k + 63) // 2 + 8)
-    want = _dense(q, swa, si, comp, ci, sink, sbs, cbs)
     dev = [x.cuda() for x in (q, swa, si, comp, ci, sink)]
-    got = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=cluster)
-    _assert_close_bf16(got.cpu(), want)
-    if t > 4:
-        assert bool((got[4].cpu() == 0).all())  # row 4 has no candidate
-    combined = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=False).float()
-    _assert_one_bf16_rounding(got, combined)
-    assert torch.equal(cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=cluster), got)
+    _check_merge_variant(cute_attn, dev, sbs, cbs, _dense(q, swa, si, comp, ci, sink, sbs, cbs), splits,
+                         cluster=cluster)
     with pytest.raises(ValueError, match="clusters of"):
         cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=splits - 1)  # 1, or no divisor
     wide = torch.full((t, (cute_attn.MAX_CLUSTER + 1) * 64), -1, dtype=si.dtype, device="cuda")
@@ -911,15 +919,9 @@ def test_sparse_attn_wgmma_value_groups_match_reference(groups, splits, t, h, w,
         pytest.skip("needs CuTe DSL on a Hopper GPU")
     q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=t, h=h, w=w, k=k, swa_bs=64, comp_bs=2, seed=41,
                                                       with_comp=k > 0, swa_blocks=4, comp_blocks=(k + 63) // 2 + 8)
-    want = _dense(q, swa, si, comp, ci, sink, sbs, cbs)
     dev = [x.cuda() if x is not None else None for x in (q, swa, si, comp, ci, sink)]
-    got = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, groups=groups)
-    _assert_close_bf16(got.cpu(), want)
-    if t > 4:
-        assert bool((got[4].cpu() == 0).all())  # row 4 has no candidate
-    one = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=False).float()
-    _assert_one_bf16_rounding(got, one)
-    assert torch.equal(cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, groups=groups), got)
+    _check_merge_variant(cute_attn, dev, sbs, cbs, _dense(q, swa, si, comp, ci, sink, sbs, cbs), splits,
+                         groups=groups)
     for bad in (dict(groups=3), dict(groups=groups, splits=1), dict(groups=groups, cluster=True)):
         with pytest.raises(ValueError, match="value-dim groups"):
             cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, **{"splits": splits, **bad})
