@@ -12,9 +12,9 @@ Beyond "it compiles", the PTX is checked for what the numerics and the target re
   e4m3 bytes, the bf16 rope bytes) and one 64-bit store (the scale record), never byte by byte;
 * sparse attention (sm_90a only: wgmma does not exist on sm_100a, where the op keeps the Triton
   kernel) multiplies with ``wgmma`` (per tile, K tile buffer and warpgroup: 32 m64n32k16 for Q·Kᵀ
-  of its half of the candidates, 4 m64n256k16 for P·V), loads the queries with 16-byte ``cp.async``
-  and the records into registers with 16-byte loads. It is not bit-exact by design (a softmax), so
-  the no-``fma`` rule does not apply to it;
+  of its half of the candidates, 4 m64n256k16 for P·V, or m64n(256/G)k16 with G value-dim groups),
+  loads the queries with 16-byte ``cp.async`` and the records into registers with 16-byte loads. It
+  is not bit-exact by design (a softmax), so the no-``fma`` rule does not apply to it;
 * the indexer logits (sm_90a only, for the same reason) load each 64-entry tile's scales with one
   bulk copy and its keys with one TMA tensor copy (FP8) or one bulk copy decoded by byte permutes
   (MXFP4), multiply with ``wgmma`` (four m64n64k32 e4m3 per tile; MXFP4 also two m64n32k32 per
@@ -84,7 +84,7 @@ def _topk_cases():
 def _sparse_attn_cases():
     # V4 CSA (SWA + C4 pages, split into partials; split and merged within the cluster; split into
     # clusters of 5 that merge into partials), HCA's C128 pages with int64 indices written unsplit, the
-    # SWA-only layer; CSA's splits as four CTAs each, one quarter of the value dims apiece
+    # SWA-only layer; CSA's splits as four CTAs each, one quarter of the value dims apiece; SWA-only's as eight
     yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=0, part=False)
     yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=2, part=False)
     yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=5, part=True)
@@ -92,13 +92,16 @@ def _sparse_attn_cases():
     yield dict(swa_bs=64, comp_bs=2, comp=True, split=False, idx=Int64, pdl=False, cluster=0, part=False)
     yield dict(swa_bs=64, comp_bs=64, comp=False, split=False, idx=Int32, pdl=True, cluster=0, part=False)
     yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=0, part=False, groups=4)
+    yield dict(swa_bs=64, comp_bs=64, comp=False, split=True, idx=Int32, pdl=True, cluster=0, part=False, groups=8)
 
 
 def _check_sparse_attn_ptx(name: str, arch: str, ptx: str, cluster: bool = False, part: bool = False,
                            groups: int = 1) -> None:
     # per tile and warpgroup: Q·Kᵀ of its 32 candidates over 512 dims, P·V of the 64 over its 256 / groups
-    # value dims, each once per K tile buffer (two)
-    for shape, want in (("m64n32k16", 2 * 32), (f"m64n{256 // groups}k16", 2 * 4)):
+    # value dims (with 8 groups the same m64n32k16 shape as Q·Kᵀ), each once per K tile buffer (two)
+    wants = {"m64n32k16": 2 * 32}
+    wants[f"m64n{256 // groups}k16"] = wants.get(f"m64n{256 // groups}k16", 0) + 2 * 4
+    for shape, want in wants.items():
         n = len(re.findall(rf"\bwgmma\.mma_async\.sync\.aligned\.{shape}\.f32\.bf16\.bf16", ptx))
         if n != want:
             raise AssertionError(f"{name}@{arch}: {n} bf16 {shape} wgmma in the PTX, want {want}")
