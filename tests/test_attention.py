@@ -792,9 +792,38 @@ def test_sparse_attn_wgmma_launch_plan():
     assert cute_attn.splits_for(64, 64, 640, 132) == (2, 320)
     assert cute_attn.splits_for(1, 64, 640, 132) == (10, 64)
     q = torch.zeros(1, 64, 512, dtype=torch.bfloat16)
-    assert not cute_attn.preferred(q) and cute_attn.preferred(torch.zeros(2, 64, 512, dtype=torch.bfloat16))
-    assert cute_attn.preferred(torch.zeros(1, 128, 512, dtype=torch.bfloat16))
+    assert not cute_attn.preferred(q, 64) and cute_attn.preferred(torch.zeros(2, 64, 512, dtype=torch.bfloat16), 64)
+    assert cute_attn.preferred(torch.zeros(1, 128, 512, dtype=torch.bfloat16), 1)
+    assert cute_attn.preferred(q, 65)  # two tiles: one token's splits run as value-dim groups
     assert not cute_attn.supports(q, torch.zeros(2, 37440, dtype=torch.uint8), None)
+
+
+def test_sparse_attn_split_plan_value_groups(monkeypatch):
+    """The op's default split plan (no GPU: the H200's 132 SMs and cluster capacities stand in):
+    value-dim groups where the split CTAs fill at most half the SMs (the most that do) or, two of
+    them, five eighths; half the splits as two groups where the splits would not merge in one
+    cluster; else one group and the cluster rules."""
+    from dsv4_compile.kernels.cute import HAVE_CUTE
+
+    if not HAVE_CUTE:
+        pytest.skip("CuTe DSL not installed")
+    from dsv4_compile.kernels.cute import sparse_attn as cute_attn
+
+    h200 = {2: 66, 3: 39, 4: 30, 5: 22, 6: 17, 7: 15, 8: 15, 9: 9, 10: 7}
+    monkeypatch.setattr(cute_attn, "cluster_capacity", lambda dev, n: h200.get(n, 7 if n <= 16 else 0))
+    plan = lambda t, h, n: cute_attn.split_plan(t, h, n, 132, 0)  # noqa: E731
+    # V4-Flash CSA (640 candidates = 10 tiles): 10 / 20 / 40 CTAs -> 4 / 2 / 2 groups; B = 8: 80 CTAs,
+    # 8 clusters of 10 do not fit (7) -> 5 splits of 2 tiles as 2 groups (80 CTAs); B = 16: 5 splits
+    # merge in 16 clusters of 5 (<= 22) -> unchanged; B = 32: 4 splits, 128 CTAs -> unchanged
+    assert [plan(t, 64, 640) for t in (1, 2, 4, 8, 16, 32)] == [
+        (10, 64, 4), (10, 64, 2), (10, 64, 2), (5, 128, 2), (5, 128, 1), (4, 192, 1)]
+    # SWA-only (128 candidates, 2 tiles): 2 / 16 / 32 / 64 CTAs -> 8 / 4 / 2 / 1 groups
+    assert [plan(t, 64, 128) for t in (1, 8, 16, 32)] == [(2, 64, 8), (2, 64, 4), (2, 64, 2), (2, 64, 1)]
+    # V4-Pro CSA (128 heads = 2 blocks, 1152 candidates = 18 tiles): B = 1 36 CTAs -> 2 groups (72 <= 82);
+    # B = 8 six splits (96 CTAs), halved to 3 (48) still no groups (96 > 82)
+    assert plan(1, 128, 1152) == (18, 64, 2) and plan(8, 128, 1152) == (6, 192, 1)
+    assert plan(4096, 64, 640) == (1, 640, 1) and plan(1, 64, 64) == (1, 64, 1)  # unsplit: no groups
+    assert [cute_attn.value_groups(c, 132) for c in (1, 8, 9, 16, 17, 33, 34, 41, 42)] == [8, 8, 4, 4, 2, 2, 2, 2, 1]
 
 
 def test_sparse_attn_cluster_merge_rule(monkeypatch):
@@ -1016,7 +1045,7 @@ def test_sparse_attn_wgmma_kernel_swa_only_skips_past_the_cache_and_is_the_op():
     b = cute_attn.sparse_attn(*dev(q, swa, past), None, None, sink.cuda(), SCALE, sbs, 64)
     _assert_close_bf16(a.cpu(), want)
     assert torch.equal(a, b)
-    assert cute_attn.preferred(q.cuda())
+    assert cute_attn.preferred(q.cuda(), si.shape[1])
     assert torch.equal(dsv4.sparse_attn(*dev(q, swa, si), None, None, sink.cuda(), SCALE, sbs, 64), a)
     # a cache view 8 bytes into its storage cannot feed 16-byte cp.async: the op takes the Triton kernel
     odd = torch.zeros(swa.shape[0], swa.shape[1] + 8, dtype=torch.uint8, device="cuda")[:, 8:]

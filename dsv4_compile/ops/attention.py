@@ -268,7 +268,8 @@ def _sparse_attn_cuda(q, swa_cache, swa_indices, comp_cache, comp_indices, sink,
     if backend(q.device) == "cute":
         from ..kernels.cute import sparse_attn as cute_attn
 
-        if cute_attn.preferred(q) and cute_attn.supports(q, swa_cache, comp_cache):
+        n_cand = swa_indices.shape[1] + (comp_indices.shape[1] if comp_indices is not None else 0)
+        if cute_attn.preferred(q, n_cand) and cute_attn.supports(q, swa_cache, comp_cache):
             return cute_attn.sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale,
                                          swa_block_size, comp_block_size)
     return _triton().sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale, swa_block_size,

@@ -52,7 +52,8 @@ a tree), deterministic for a given split count and cluster size.
 A split may also run as ``groups`` CTAs (``GROUPS``; split partials without a cluster merge), each
 decoding the whole records and computing the same scores but multiplying ``P·V`` for, and writing,
 only its ``512 / groups`` slice of the value dims: a split's 128 KB fp32 partial then leaves from
-``groups`` SMs instead of one (see ``_finish``). Not measured yet; the op does not take it.
+``groups`` SMs instead of one (see ``_finish``): the op's default where a single wave of split CTAs
+leaves most SMs idle (``split_plan``, ``value_groups``).
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, the
 merge included, the op; twentieth session, B = 12 / 16 the nineteenth's): V4-Flash B = 1 / 8 / 12 / 16 /
@@ -748,12 +749,15 @@ def supports(q: torch.Tensor, swa_cache: torch.Tensor, comp_cache) -> bool:
     return True
 
 
-def preferred(q: torch.Tensor) -> bool:
-    """Whether the op takes this kernel over the Triton one (given ``supports``): from two (token,
-    64-head block) CTAs on. H200, 64k context, CSA (640 candidates): V4-Flash B = 1 12.2 against
-    11.0 µs (one token's 64 heads: the Triton kernel's 16-head programs fill the GPU better), V4-Pro
-    B = 1 13.4 against 20.3 µs, V4-Flash B = 8 / 32 / 64 16.6 / 27.9 / 38.7 against 24.6 / 47.3 / 67.7 µs."""
-    return q.shape[0] * cdiv(q.shape[1], BH) >= 2
+def preferred(q: torch.Tensor, n_cand: int) -> bool:
+    """Whether the op takes this kernel over the Triton one (given ``supports``) for ``n_cand``
+    candidates a token (SWA + compressed index columns): from two (token, 64-head block) CTAs on, or
+    from two 64-candidate tiles, where one token's splits run as value-dim groups (``split_plan``).
+    H200, 64k context, graph replay: V4-Flash CSA B = 1 (640 candidates, one 64-head block) 9.4 against
+    the Triton kernel's 11.1 µs (one CTA a split, before groups, 11.4: the Triton kernel's 16-head
+    programs fill the GPU better), SWA-only B = 1 (128) 6.4 against 8.7; V4-Pro B = 1 13.4 against 20.3
+    µs, V4-Flash B = 8 / 32 / 64 16.6 / 27.9 / 38.7 against 24.6 / 47.3 / 67.7 µs."""
+    return q.shape[0] * cdiv(q.shape[1], BH) >= 2 or n_cand > BN
 
 
 def splits_for(T: int, H: int, n_cand: int, sms: int) -> tuple[int, int]:
@@ -765,6 +769,41 @@ def splits_for(T: int, H: int, n_cand: int, sms: int) -> tuple[int, int]:
     splits = max(1, min(tiles, sms // max(ctas, 1)))
     per_split = cdiv(tiles, splits) * BN
     return max(1, cdiv(n_cand, per_split)), per_split
+
+
+def value_groups(ctas: int, sms: int) -> int:
+    """The value-dim groups (``GROUPS``) for ``ctas`` split CTAs whose partials the combine kernel
+    merges: the most whose CTAs fill at most half the SMs, else two where they fill at most five
+    eighths. A split CTA's fp32 partial (128 KB, 64 rows × 512) leaves one SM at that SM's write
+    bandwidth (clock stamps, V4-Flash CSA B = 1: 4,800 cycles, as long as Q·Kᵀ, softmax and P·V
+    together); each group writes a ``groups``-th of it, and decodes the same records again. H200, 64k
+    context, graph replay, V4-Flash, groups 1 → the chosen (the best measured of 2 / 4 / 8 in every
+    case; µs): CSA B = 1 (10 CTAs) 11.4 → 9.4 (4; 9.8 at 8), B = 2 (20) 13.5 → 11.7 (2; 12.0 at 4),
+    B = 4 (40) 13.4 → 12.0 (2; 15.6 at 4), SWA-only B = 1 (2) 9.3 → 6.4 (8), B = 8 (16) 10.2 → 8.1
+    (4; 8.7 at 8), HCA B = 1 11.6 → 9.4 (4); V4-Pro CSA B = 1 (36 CTAs) 14.0 → 13.4 (2; 15.8 at 4)."""
+    for g in reversed(GROUPS[1:]):
+        if ctas * g <= sms // 2:
+            return g
+    return 2 if ctas * 2 <= sms * 5 // 8 else 1
+
+
+def split_plan(T: int, H: int, n_cand: int, sms: int, device_index: int) -> tuple[int, int, int]:
+    """The op's default (splits, candidates per split, value-dim groups): ``splits_for``'s splits run
+    as ``value_groups`` groups where that gives more than one; else, where its splits do not all merge
+    within one cluster (``cluster_merge``), half as many splits as two groups each where
+    ``value_groups`` allows it (V4-Flash CSA B = 8: ten splits merged in clusters of five 15.6 µs,
+    five splits as two groups 14.3); else one group (the cluster rules then apply)."""
+    n_split, per_split = splits_for(T, H, n_cand, sms)
+    ctas = T * cdiv(H, BH)
+    if n_split > 1:
+        g = value_groups(ctas * n_split, sms)
+        if g > 1:
+            return n_split, per_split, g
+        half = cdiv(cdiv(n_cand, BN), cdiv(n_split, 2)) * BN  # half the splits, whole tiles
+        n_half = cdiv(n_cand, half)
+        if n_half > 1 and value_groups(ctas * n_half, sms) > 1 and not cluster_merge(T, H, n_split, device_index):
+            return n_half, half, value_groups(ctas * n_half, sms)
+    return n_split, per_split, 1
 
 
 _CAPACITY: dict = {}  # (device index, cluster size) -> clusters resident at once
@@ -837,7 +876,7 @@ def cluster_run(T: int, H: int, n_split: int, device_index: int) -> int:
 
 def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale: float, swa_block_size: int,
                 comp_block_size: int, splits: int | None = None, pdl: bool | None = None,
-                cluster: bool | int | None = None, groups: int = 1) -> torch.Tensor:
+                cluster: bool | int | None = None, groups: int | None = None) -> torch.Tensor:
     """``kernels.triton.attention.sparse_attn``'s result from the wgmma kernel (``supports`` must hold).
     ``splits`` forces the number of candidate splits (tests); ``pdl``: programmatic dependent launch
     (default: as the package's Triton kernels, ``_launch.pdl_meta``); ``cluster``: how the splits merge
@@ -853,7 +892,8 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     computes the same scores): a split CTA's 128 KB fp32 partial leaves one SM at that SM's write
     bandwidth, one ``groups``-th of it from each of ``groups`` SMs. More than one group needs more than
     one split and no cluster merge (the default cluster rule is then not applied), else a ``ValueError``.
-    Not measured yet: the default stays 1."""
+    Default: ``split_plan``'s splits and groups where neither ``splits`` nor ``cluster`` is given, else
+    one group."""
     T, H, _ = q.shape
     out = torch.empty((T, H, D), dtype=torch.bfloat16, device=q.device)
     if T == 0:
@@ -871,11 +911,15 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     sink = sink.contiguous()
     W = swa_indices.shape[1]
     K = comp_indices.shape[1] if has_comp else 0
-    n_split, per_split = splits_for(T, H, W + K, sm_programs(q.device))
+    if splits is None and cluster is None and groups is None:
+        n_split, per_split, groups = split_plan(T, H, W + K, sm_programs(q.device), q.device.index)
+    else:
+        n_split, per_split = splits_for(T, H, W + K, sm_programs(q.device))
     if splits is not None:
         per_split = cdiv(cdiv(max(W + K, 1), splits), BN) * BN  # whole tiles
         n_split = max(1, cdiv(W + K, per_split))
     split = n_split > 1
+    groups = 1 if groups is None else groups
     if groups != 1:
         if groups not in GROUPS or not split or cluster:
             raise ValueError(f"sparse_attn: {groups} value-dim groups need one of {GROUPS}, more than one split "
