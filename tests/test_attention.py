@@ -974,29 +974,34 @@ def test_sparse_attn_wgmma_value_groups_rejected_at_compile():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("t,h200_plan", [(64, (2, 2)), (8, (10, 5))])
+@pytest.mark.parametrize("t,h200_plan", [(64, (2, 2, 1)), (8, (5, 0, 2)), (1, (10, 0, 4))])
 def test_sparse_attn_wgmma_default_merge(t, h200_plan):
-    """The op's default merge at V4-Flash CSA (640 candidates) on an H200 (132 SMs): at B = 64 two
-    splits of five tiles, merged within one cluster of both; at B = 8 ten one-tile splits (8 clusters
-    of 10 do not fit at once), merged in clusters of 5 into two partials a token. The default equals
-    the forced cluster size bit for bit, the reference's result and, within one bf16 rounding, the
-    combine kernel's over every split."""
+    """The op's default plan at V4-Flash CSA (640 candidates) on an H200 (132 SMs), (splits, cluster
+    size, value-dim groups): at B = 64 two splits of five tiles, merged within one cluster of both;
+    at B = 8 five two-tile splits as two groups each (ten one-tile splits would merge in clusters of
+    5: 8 clusters of 10 do not fit at once); at B = 1 ten one-tile splits as four groups. The default
+    equals the forced plan bit for bit, the reference's result and, within one bf16 rounding, the
+    combine kernel's over every split of one group."""
     cute_attn = _cute_attn()
     if cute_attn is None:
         pytest.skip("needs CuTe DSL on a Hopper GPU")
     q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=t, h=64, w=128, k=512, swa_bs=64, comp_bs=2, seed=29,
                                                       swa_blocks=4, comp_blocks=264)
     dev = [x.cuda() for x in (q, swa, si, comp, ci, sink)]
-    n_split, _ = cute_attn.splits_for(t, 64, 640, sm_programs(dev[0].device))
     index = dev[0].device.index
-    size = n_split if cute_attn.cluster_merge(t, 64, n_split, index) else cute_attn.cluster_run(t, 64, n_split, index)
+    n_split, _, groups = cute_attn.split_plan(t, 64, 640, sm_programs(dev[0].device), index)
+    size = 0
+    if groups == 1:
+        size = n_split if cute_attn.cluster_merge(t, 64, n_split, index) else cute_attn.cluster_run(t, 64, n_split, index)
     if torch.cuda.get_device_properties(0).multi_processor_count == 132:
-        assert (n_split, size) == h200_plan
+        assert (n_split, size, groups) == h200_plan
     default = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs)
-    assert torch.equal(default, cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, cluster=size or False))
+    forced = dict(groups=groups) if groups > 1 else dict(cluster=size or False)
+    assert torch.equal(default, cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=n_split, **forced))
     _assert_close_bf16(default.cpu(), _dense(q, swa, si, comp, ci, sink, sbs, cbs))
     _assert_one_bf16_rounding(default, cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, cluster=False).float())
-    assert bool((default[4] == 0).all())  # row 4 has no candidate
+    if t > 4:
+        assert bool((default[4] == 0).all())  # row 4 has no candidate
 
 
 @pytest.mark.cuda
