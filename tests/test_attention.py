@@ -981,7 +981,7 @@ def test_sparse_attn_wgmma_default_merge(t, h200_plan):
     at B = 8 five two-tile splits as two groups each (ten one-tile splits would merge in clusters of
     5: 8 clusters of 10 do not fit at once); at B = 1 ten one-tile splits as four groups. The default
     equals the forced plan bit for bit, the reference's result and, within one bf16 rounding, the
-    combine kernel's over every split of one group."""
+    combine kernel's over the same splits, each one CTA (one group, no cluster)."""
     cute_attn = _cute_attn()
     if cute_attn is None:
         pytest.skip("needs CuTe DSL on a Hopper GPU")
@@ -999,7 +999,8 @@ def test_sparse_attn_wgmma_default_merge(t, h200_plan):
     forced = dict(groups=groups) if groups > 1 else dict(cluster=size or False)
     assert torch.equal(default, cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=n_split, **forced))
     _assert_close_bf16(default.cpu(), _dense(q, swa, si, comp, ci, sink, sbs, cbs))
-    _assert_one_bf16_rounding(default, cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, cluster=False).float())
+    combined = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=n_split, cluster=False, groups=1)
+    _assert_one_bf16_rounding(default, combined.float())
     if t > 4:
         assert bool((default[4] == 0).all())  # row 4 has no candidate
 
