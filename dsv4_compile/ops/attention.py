@@ -210,9 +210,12 @@ def sparse_attn(
     skipped; keys = values = the decoded 512-d records): ``s_j = scale · q[t,h]·kv_j``,
     ``m = max(max_j s_j, sink[h])``, ``o = Σ_j e^(s_j−m) kv_j / (Σ_j e^(s_j−m) + e^(sink[h]−m))`` in
     fp32 (docs/numerics.md §8.2). The sink is not scaled and has no value. Prefill and decode both
-    go through it. On a Hopper GPU with CuTe DSL, calls of two or more (token, 64-head block) pairs
-    run a wgmma kernel (``kernels/cute/sparse_attn.py``; caches whose base or page stride is not a
-    multiple of 16 bytes go to the Triton kernel), the rest the Triton kernel.
+    go through it. On a Hopper GPU with CuTe DSL, calls of two or more (token, 64-head block) pairs,
+    or of more than 64 candidates a token, run a wgmma kernel (``kernels/cute/sparse_attn.py``;
+    caches whose base or page stride is not a multiple of 16 bytes go to the Triton kernel), the rest
+    the Triton kernel. Where its CTAs would leave most SMs idle (small batches), the candidates split
+    over CTAs and each split runs as 2, 4 or 8 CTAs that each compute one slice of the 512 value dims
+    (``split_plan``); results of different split plans agree within one bf16 rounding.
 
     Args:
         q: ``[T, H, 512]`` bf16 (any strides), ``H >= 1``: the rotated, normalized queries.

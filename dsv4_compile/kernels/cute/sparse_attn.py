@@ -56,10 +56,10 @@ only its ``512 / groups`` slice of the value dims: a split's 128 KB fp32 partial
 leaves most SMs idle (``split_plan``, ``value_groups``).
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, the
-merge included, the op; twentieth session, B = 12 / 16 the nineteenth's): V4-Flash B = 1 / 8 / 12 / 16 /
-32 / 64 10.8 / 15.4 / 16.6 / 17.3 / 24.3 / 30.6 µs (B = 1 with 64 heads runs the Triton kernel; FlashMLA
-12.4 / 15.1 / - / - / 25.0 / 44.5 in issue 14's measurement), V4-Pro 13.8 / 20.4 / 26.5 / 30.9 / 41.9 /
-75.0 µs; prefill (T = 4096) 248 TFLOPS. Where a one-tile CTA's time goes (clock stamps, V4-Flash CSA
+merge included, the op; twenty-first session, prefill the twentieth's): V4-Flash B = 1 / 2 / 4 / 8 / 16 /
+32 / 64 9.7 / 11.6 / 11.9 / 14.2 / 17.4 / 25.0 / 29.8 µs (FlashMLA 12.4 / - / - / 15.1 / - / 25.0 / 44.5
+in issue 14's measurement), V4-Pro 13.3 / 14.2 / 17.1 / 20.5 / 30.7 / 42.3 / 75.7 µs, SWA-only V4-Flash
+B = 1 / 8 6.5 / 8.2 µs; prefill (T = 4096) 248 TFLOPS. Where a one-tile CTA's time goes (clock stamps, V4-Flash CSA
 B = 1, ten splits, SM cycles): the slots and then the records of its first tile
 4,600, Q·Kᵀ 1,800, P·V 1,100, the softmax 940, the partial's 128 KB written 4,800.
 One CTA per SM still runs both multiplies and the softmax one after another, about 4.4 µs per
