@@ -991,8 +991,10 @@ def test_sparse_attn_wgmma_default_merge(t, h200_plan):
     index = dev[0].device.index
     n_split, _, groups = cute_attn.split_plan(t, 64, 640, sm_programs(dev[0].device), index)
     size = 0
-    if groups == 1:
-        size = n_split if cute_attn.cluster_merge(t, 64, n_split, index) else cute_attn.cluster_run(t, 64, n_split, index)
+    if groups == 1 and cute_attn.cluster_merge(t, 64, n_split, index):
+        size = n_split
+    elif groups == 1:
+        size = cute_attn.cluster_run(t, 64, n_split, index)
     if torch.cuda.get_device_properties(0).multi_processor_count == 132:
         assert (n_split, size, groups) == h200_plan
     default = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs)
