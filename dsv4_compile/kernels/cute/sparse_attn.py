@@ -801,8 +801,9 @@ def split_plan(T: int, H: int, n_cand: int, sms: int, device_index: int) -> tupl
             return n_split, per_split, g
         half = cdiv(cdiv(n_cand, BN), cdiv(n_split, 2)) * BN  # half the splits, whole tiles
         n_half = cdiv(n_cand, half)
-        if n_half > 1 and value_groups(ctas * n_half, sms) > 1 and not cluster_merge(T, H, n_split, device_index):
-            return n_half, half, value_groups(ctas * n_half, sms)
+        g = value_groups(ctas * n_half, sms)
+        if n_half > 1 and g > 1 and not cluster_merge(T, H, n_split, device_index):
+            return n_half, half, g
     return n_split, per_split, 1
 
 
