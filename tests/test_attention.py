@@ -889,13 +889,17 @@ def _check_merge_variant(cute_attn, dev, sbs, cbs, want, splits, **variant):
     """The Hopper kernel over ``splits`` forced splits in another form of the merge (``variant``: the
     cluster merge, value-dim groups): the reference's result ``want``, zeros for row 4 (no candidate),
     within one bf16 rounding of every split's partial merged by the combine kernel, the same bits when
-    run again."""
+    run again. Each run follows a freed NaN output of the same size (the caching allocator hands that
+    block to the next output), so an element the variant leaves unwritten fails."""
+    poison = lambda: torch.full(dev[0].shape, float("nan"), dtype=torch.bfloat16, device=dev[0].device)  # noqa: E731
+    poison()
     got = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, **variant)
     _assert_close_bf16(got.cpu(), want)
     if got.shape[0] > 4:
         assert bool((got[4].cpu() == 0).all())  # row 4 has no candidate
     combined = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, cluster=False).float()
     _assert_one_bf16_rounding(got, combined)
+    poison()
     assert torch.equal(cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, **variant), got)
 
 
