@@ -550,24 +550,26 @@ FUSED_QUANT_MAX_K = 4096  # the GEMV quantizes x itself up to this K (each progr
 def fp8_linear(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=1e-4, backend: str | None = None,
                **config) -> torch.Tensor:
     """See ``dsv4::fp8_linear``: ``fp8_block_gemm(*fp8_block_quant(x, 128, scale_floor), w_q, w_scale)``,
-    bit for bit. The GEMV's rows (``_gemv_rows``: one; up to three of a narrow weight) with ``K ≤
-    FUSED_QUANT_MAX_K``: the GEMV quantizes ``x`` in registers as it streams the weight (one launch; at 2-3
-    rows not measured apart from the pair); otherwise the quant kernel, then ``fp8_block_gemm``: every GEMV
-    program or tiled-kernel N tile quantizes the same activations again, which pays only where the weight
-    rows per program are many against K (on an H200 at M = 1: ``wq_a+wkv`` 3.2 µs fused against 3.1 + 1.3,
-    ``q_proj`` 13.5 against 13.1 + 1.1, but ``wo_b`` (K = 8192) 13.9 against 10.6 + 1.3; the tiled kernel's
-    fused form lost from 2 rows). Where ``fp8_block_gemm`` gives one row to the CuTe-DSL kernel
-    (``_cute_preferred``), so does this, after the quant kernel: bit for bit the pair (H200, alone: ``wq_b``
-    10.6 µs against 11.3 with the fused GEMV, ``q_proj`` 13.5 against 13.4, ``indexer.wq_b`` 1.1 + 3.6
-    against 3.9). ``backend="gemv"`` / ``"triton"`` force the fused GEMV (up to ``GEMV_FORCED_MAX_M`` rows)
-    / the fused tiled kernel (up to 64 rows)."""
+    bit for bit. One row with ``K ≤ FUSED_QUANT_MAX_K``: the GEMV quantizes ``x`` in registers as it streams
+    the weight (one launch); otherwise the quant kernel, then ``fp8_block_gemm``. Every GEMV program or
+    tiled-kernel N tile quantizes the same activations again, which pays only where the weight rows per
+    program are many against K and the rows are few (on an H200 at M = 1: ``wq_a+wkv`` 3.2 µs fused against
+    3.1 + 1.3, ``q_proj`` 13.5 against 13.1 + 1.1, but ``wo_b`` (K = 8192) 13.9 against 10.6 + 1.3; the
+    tiled kernel's fused form lost from 2 rows, and so did the GEMV's: ``wq_a+wkv`` 6.6 / 11.5 µs at 2 / 3
+    rows against 7.4 for the quant kernel + the CuTe kernel, so 2-3 rows of a narrow weight run the quant
+    kernel, then the GEMV ``fp8_block_gemm`` gives them). Where ``fp8_block_gemm`` gives one row to the
+    CuTe-DSL kernel (``_cute_preferred``), so does this, after the quant kernel: bit for bit the pair (H200,
+    alone: ``wq_b`` 10.6 µs against 11.3 with the fused GEMV, ``q_proj`` 13.5 against 13.4, ``indexer.wq_b``
+    1.1 + 3.6 against 3.9). ``backend="gemv"`` / ``"triton"`` force the fused GEMV (up to
+    ``GEMV_FORCED_MAX_M`` rows) / the fused tiled kernel (up to 64 rows)."""
     M = x.shape[0]
     N, K = w_q.shape
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=out_dtype, device=x.device)
     backend = _backend(backend)
     config = _given(config)
-    gemv = _use_gemv(backend, M, N, K, config) and (backend == "gemv" or K <= FUSED_QUANT_MAX_K)
+    fused = backend == "gemv" or (M <= GEMV_MAX_M and K <= FUSED_QUANT_MAX_K)
+    gemv = fused and _use_gemv(backend, M, N, K, config)
     # the one row fp8_block_gemm gives the CuTe-DSL kernel: decided here once, launched straight after the quant
     cute = gemv and backend != "gemv" and _auto_cute(backend, config, x, w_q, out_dtype)
     if (gemv and not cute) or (backend == "triton" and M <= 64):
