@@ -236,7 +236,7 @@ def test_gemv_grouped_and_fp8_linear(kernel_device):
 
 def test_fp8_linear_fuses_the_quant_only_where_it_pays():
     """One row with K up to 4096 quantizes inside the GEMV (one launch); a longer K or more rows run
-    the quant kernel, then the GEMM."""
+    the quant kernel, then the GEMM (the GEMV for two or three rows of a narrow weight)."""
     from dsv4_compile.kernels.triton import primitives
 
     def launches(M, K):
@@ -248,14 +248,19 @@ def test_fp8_linear_fuses_the_quant_only_where_it_pays():
 
     assert launches(1, 4096) == (0, 1)
     assert launches(1, 8192) == (1, 1)
-    assert launches(2, 512) == (1, 0)
+    assert launches(2, 512) == (1, 1) and launches(3, 512) == (1, 1)  # a 128-row weight: narrow
+    assert launches(4, 512) == (1, 0)
 
 
 def test_gemv_dispatch(monkeypatch):
     """One row goes to the GEMV unless a tiled configuration or ``DSV4_FP8_GEMM=triton`` asks for the
-    tiled kernel; two rows go to the tiled kernel; the GEMV refuses more than 4 rows; its config rule."""
+    tiled kernel; two or three rows of a weight of at most 2048 rows too, four rows or two of a wider
+    weight go to the tiled kernel (off a GPU with CuTe DSL); the GEMV refuses more than 4 rows; its
+    config rule."""
     case = _case(2, 256, 512, seed=1)
     one = (case[0][:1], case[1][:1], case[2], case[3])
+    wide = _case(2, 2176, 256, seed=4)
+    four = _case(4, 256, 512, seed=5)
 
     def launches(**kw):
         before = (kernels._gemv_kernel.launches + kernels._gemv_kernel.fast,
@@ -266,10 +271,13 @@ def test_gemv_dispatch(monkeypatch):
 
     assert launches() == (1, 0)
     assert launches(splits=2) == (0, 1)
-    assert launches(args=case) == (0, 1)
-    assert launches(args=case, backend="gemv") == (1, 0)
+    assert launches(args=case) == (1, 0)
+    assert launches(args=wide) == (0, 1) and launches(args=four) == (0, 1)
+    assert launches(args=wide, backend="gemv") == (1, 0) and launches(args=four, backend="gemv") == (1, 0)
+    assert [kernels._gemv_rows(m, n) for m, n in ((1, 40960), (2, 2048), (3, 1536), (4, 1536), (2, 2049))] == [
+        True, True, True, False, False]
     assert launches(splits=None) == (1, 0)  # None is the default, not a tiled configuration
-    assert launches(args=case, rows=8) == (0, 1)  # GEMV keys do not reach the tiled kernel's config
+    assert launches(args=wide, rows=8) == (0, 1)  # GEMV keys do not reach the tiled kernel's config
     with pytest.raises(ValueError, match="at most 4 rows"):
         kernels.fp8_block_gemm(*_case(5, 128, 128), backend="gemv")
     with pytest.raises(ValueError, match="at most 4 rows"):
@@ -411,9 +419,11 @@ def test_gpu_cute_gemm_matches_reference(M):
         ratio = float(((got.cpu().double() - want.double()).abs() / l1).max())
         assert ratio <= GPU_BOUND, (cfg, ratio)
         assert not _device.zeroed_counters(torch.device("cuda"), "fp8_gemm_cute", 1).any()
-    if M <= kernels.CUTE_MAX_M:  # the op's default dispatch takes it (K = 2048: one row too)
+    # the op's default dispatch takes it (K = 2048: one row too), except 2-3 rows of this narrow weight: the GEMV
+    default = "gemv" if M > 1 and kernels._gemv_rows(M, 1024) else "cute"
+    if M <= kernels.CUTE_MAX_M:
         assert torch.equal(dsv4.fp8_block_gemm(*dev, torch.float32),
-                           kernels.fp8_block_gemm(*dev, torch.float32, backend="cute"))
+                           kernels.fp8_block_gemm(*dev, torch.float32, backend=default)), default
     got16 = kernels.fp8_block_gemm(*dev, torch.bfloat16, backend="cute")
     torch.testing.assert_close(got16.float().cpu(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
     gcase, gwant = _grouped_case(M, 8, 256, 1024, seed=M)
@@ -466,7 +476,8 @@ def test_cute_dispatch_rows(monkeypatch):
     def takes(M, N, K):
         return kernels._cute_preferred(Fake(M, K), Fake(N, K), torch.bfloat16)
 
-    assert takes(8, 1536, 4096) and takes(16, 4096, 8192) and takes(1, 32768, 1024) and takes(2, 1536, 4096)
+    assert takes(8, 1536, 4096) and takes(16, 4096, 8192) and takes(1, 32768, 1024) and takes(2, 4096, 8192)
+    assert not takes(2, 1536, 4096) and not takes(3, 1536, 4096) and takes(4, 1536, 4096)  # narrow: the GEMV
     assert takes(1, 1536, 2048) and not takes(1, 1536, 2176) and not takes(1, 1536, 4096)
     assert takes(16, 1536, 4096) and not takes(17, 1536, 4096)  # 17 rows: wq_a+wkv's launch is split
     assert takes(32, 32768, 1024) and takes(32, 8192, 1024)  # wq_b, indexer.wq_b: unsplit

@@ -25,7 +25,8 @@ w_scale``: the ``R`` rows share one 128-row weight-scale block) and each output 
 the weight row with it. Longer K splits over programs, reduced in split order as above. The ops
 therefore require that a weight is not the output of the kernel launched just before them (a
 checkpoint weight never is); a weight the launcher has to copy first is launched without PDL. The
-same GEMV runs ``linear_fp32`` (bf16 / fp16 / fp32 weight, fp32 output) for one row.
+same GEMV runs ``linear_fp32`` (bf16 / fp16 / fp32 weight, fp32 output) for one row. A narrow weight
+(``GEMV_NARROW_N`` rows at most) also runs it for 2 to ``GEMV_NARROW_MAX_M`` rows (``_gemv_rows``).
 
 From 2 to ``CUTE_MAX_M`` rows (and one row of K ≤ ``CUTE_ROW_MAX_K``; up to ``CUTE_UNSPLIT_MAX_M`` rows
 where its launch is unsplit), where CuTe DSL runs on Hopper, the CuTe-DSL kernel of ``kernels.cute.gemm``
@@ -59,6 +60,8 @@ SCALED_MM_MIN_M = 256  # from this many rows the GEMM is compute-bound: cuBLAS w
 GEMM_ENV = "DSV4_FP8_GEMM"
 GEMV_MAX_M = 1  # rows the automatic dispatch gives the GEMV (FP8: at M = 2 the tiled kernel is faster on an
 # H200; linear_fp32: cuBLAS above)
+GEMV_NARROW_N = 2048  # a weight of at most this many rows (wq_a+wkv: 1536) runs the GEMV up to
+GEMV_NARROW_MAX_M = 3  # this many rows (_gemv_rows)
 GEMV_FORCED_MAX_M = 4  # rows the GEMV takes at all (one unrolled pass over the tile per row)
 GEMV_MAX_KC = 8192  # K columns of one GEMV program's slab; longer K splits over programs
 GEMV_TILE = 16384  # weight elements of a GEMV program (rows = max(4, GEMV_TILE // KC), ≤ 16: fewer when K < 1024)
@@ -326,20 +329,20 @@ CUTE_ROW_MAX_K = 2048  # one row: the CuTe-DSL kernel up to this K, the GEMV abo
 
 
 def _cute_preferred(x_q, w_q, out_dtype) -> bool:
-    """Whether the automatic dispatch takes ``kernels.cute.gemm``: 2 to ``CUTE_MAX_M`` rows, or one row
-    with ``K ≤ CUTE_ROW_MAX_K``, where ``kernels.cute.backend`` picks CuTe DSL and it ``supports`` the
-    call. H200, µs, M = 2 / 8, against the Triton tiled kernel: ``wq_b`` 8.7 / 8.9 against 12.2 / 12.7,
-    ``q_proj`` 11.6 / 11.9 against 14.0 / 14.2, ``indexer.wq_b`` 3.6 against 6.2-6.4, ``wo_a`` 11.6
-    against 13.1-13.5, ``wq_a+wkv`` 5.1-5.2 against 6.5-6.9, ``wo_b`` 12.9-13.4 against 13.0-13.5; one row,
-    against the GEMV: ``wq_b`` 8.6 against 10.9, ``q_proj`` 11.6 against 13.3, but K ≥ 4096 10.5-12.1
-    against 3.1-10.5 (``wo_a``, ``wo_b``, ``wq_a+wkv``). From 17 to ``CUTE_UNSPLIT_MAX_M`` rows, only
-    where its launch is unsplit and has at most two 128-row tiles an SM (M = 32, seventeenth session:
-    ``wq_b`` 10.5 against 13.7, ``indexer.wq_b`` 4.4 against 7.2, ``wo_a`` 13.1 against 14.6; split or
-    wider it lost: ``wq_a+wkv`` 9.5 against 7.9, ``wo_b`` 16.5 against 15.1, ``q_proj`` 14.6 against
-    14.4); at 64 rows it won for ``wq_b`` alone (13.0 against 15.1)."""
+    """Whether the automatic dispatch takes ``kernels.cute.gemm``: 2 to ``CUTE_MAX_M`` rows (not those
+    ``_gemv_rows`` gives the GEMV), or one row with ``K ≤ CUTE_ROW_MAX_K``, where ``kernels.cute.backend``
+    picks CuTe DSL and it ``supports`` the call. H200, µs, M = 2 / 8, against the Triton tiled kernel:
+    ``wq_b`` 8.7 / 8.9 against 12.2 / 12.7, ``q_proj`` 11.6 / 11.9 against 14.0 / 14.2, ``indexer.wq_b`` 3.6
+    against 6.2-6.4, ``wo_a`` 11.6 against 13.1-13.5, ``wq_a+wkv`` 5.1-5.2 against 6.5-6.9, ``wo_b``
+    12.9-13.4 against 13.0-13.5; one row, against the GEMV: ``wq_b`` 8.6 against 10.9, ``q_proj`` 11.6
+    against 13.3, but K ≥ 4096 10.5-12.1 against 3.1-10.5 (``wo_a``, ``wo_b``, ``wq_a+wkv``). From 17 to
+    ``CUTE_UNSPLIT_MAX_M`` rows, only where its launch is unsplit and has at most two 128-row tiles an SM (M
+    = 32, seventeenth session: ``wq_b`` 10.5 against 13.7, ``indexer.wq_b`` 4.4 against 7.2, ``wo_a`` 13.1
+    against 14.6; split or wider it lost: ``wq_a+wkv`` 9.5 against 7.9, ``wo_b`` 16.5 against 15.1,
+    ``q_proj`` 14.6 against 14.4); at 64 rows it won for ``wq_b`` alone (13.0 against 15.1)."""
     M, (N, K) = x_q.shape[0], w_q.shape
     if (x_q.device.type != "cuda" or interpreting() or M > CUTE_UNSPLIT_MAX_M
-            or (M == 1 and K > CUTE_ROW_MAX_K)):
+            or (M == 1 and K > CUTE_ROW_MAX_K) or (M > 1 and _gemv_rows(M, N))):
         return False
     from ..cute import _common as cute_common
 
@@ -405,13 +408,23 @@ def gemv_config(N: int, K: int, rows: int | None = None, k_chunk: int | None = N
     return r, kc, cdiv(K, kc)
 
 
+def _gemv_rows(M: int, N: int) -> bool:
+    """Whether the automatic dispatch gives ``M`` rows of an ``N``-row weight to the GEMV: one row, or
+    up to ``GEMV_NARROW_MAX_M`` of a weight of at most ``GEMV_NARROW_N`` rows. A GEMV program's cost
+    grows with the rows (one dot per row and weight row: ``wq_b`` 11.4 / 16.8 / 27.3 µs at 1 / 2 / 3
+    rows, against the CuTe kernel's 8.8-9.1), but a narrow weight has few weight rows a program
+    (H200, ``.old_tree/gemv_m_ab.py``: ``wq_a+wkv`` 3.7 / 4.6 / 5.4 µs at 2 / 3 / 4 rows against the CuTe
+    kernel's 5.3 / 5.3 / 5.4)."""
+    return M <= GEMV_MAX_M or (M <= GEMV_NARROW_MAX_M and N <= GEMV_NARROW_N)
+
+
 def _use_gemv(backend, M: int, N: int, K: int, config: dict) -> bool:
-    """The GEMV runs ``backend="gemv"`` (up to ``GEMV_FORCED_MAX_M`` rows) and, automatically, one row
-    with no tiled-kernel configuration given, on the GPU and under the interpreter, unless its split-K
-    would need more tile counters than there are."""
+    """The GEMV runs ``backend="gemv"`` (up to ``GEMV_FORCED_MAX_M`` rows) and, automatically, the rows
+    ``_gemv_rows`` gives it with no tiled-kernel configuration given, on the GPU and under the
+    interpreter, unless its split-K would need more tile counters than there are."""
     if backend == "gemv":
         return True  # _launch_gemv checks the rows and the counters
-    if backend != "auto" or M > GEMV_MAX_M or any(k not in GEMV_KEYS for k in config):
+    if backend != "auto" or not _gemv_rows(M, N) or any(k not in GEMV_KEYS for k in config):
         return False
     return _gemv_counters_suffice(N, K, config)
 
@@ -537,23 +550,26 @@ FUSED_QUANT_MAX_K = 4096  # the GEMV quantizes x itself up to this K (each progr
 def fp8_linear(x, w_q, w_scale, out_dtype=torch.bfloat16, scale_floor=1e-4, backend: str | None = None,
                **config) -> torch.Tensor:
     """See ``dsv4::fp8_linear``: ``fp8_block_gemm(*fp8_block_quant(x, 128, scale_floor), w_q, w_scale)``,
-    bit for bit. One row with ``K ≤ FUSED_QUANT_MAX_K``: the GEMV quantizes ``x`` in registers as it
-    streams the weight (one launch); otherwise the quant kernel, then ``fp8_block_gemm``: every GEMV
-    program or tiled-kernel N tile quantizes the same activations again, which pays only where the
-    weight rows per program are many against K (on an H200 at M = 1: ``wq_a+wkv`` 3.2 µs fused against
-    3.1 + 1.3, ``q_proj`` 13.5 against 13.1 + 1.1, but ``wo_b`` (K = 8192) 13.9 against 10.6 + 1.3;
-    the tiled kernel's fused form lost from 2 rows). Where ``fp8_block_gemm`` gives one row to the
-    CuTe-DSL kernel (``_cute_preferred``), so does this, after the quant kernel: bit for bit the pair
-    (H200, alone: ``wq_b`` 10.6 µs against 11.3 with the fused GEMV, ``q_proj`` 13.5 against 13.4,
-    ``indexer.wq_b`` 1.1 + 3.6 against 3.9). ``backend="gemv"`` / ``"triton"`` force the fused GEMV (up
-    to ``GEMV_FORCED_MAX_M`` rows) / the fused tiled kernel (up to 64 rows)."""
+    bit for bit. One row with ``K ≤ FUSED_QUANT_MAX_K``: the GEMV quantizes ``x`` in registers as it streams
+    the weight (one launch); otherwise the quant kernel, then ``fp8_block_gemm``. Every GEMV program or
+    tiled-kernel N tile quantizes the same activations again, which pays only where the weight rows per
+    program are many against K and the rows are few (on an H200 at M = 1: ``wq_a+wkv`` 3.2 µs fused against
+    3.1 + 1.3, ``q_proj`` 13.5 against 13.1 + 1.1, but ``wo_b`` (K = 8192) 13.9 against 10.6 + 1.3; the
+    tiled kernel's fused form lost from 2 rows, and so did the GEMV's: ``wq_a+wkv`` 6.6 / 11.5 µs at 2 / 3
+    rows against 7.4 for the quant kernel + the CuTe kernel, so 2-3 rows of a narrow weight run the quant
+    kernel, then the GEMV ``fp8_block_gemm`` gives them). Where ``fp8_block_gemm`` gives one row to the
+    CuTe-DSL kernel (``_cute_preferred``), so does this, after the quant kernel: bit for bit the pair (H200,
+    alone: ``wq_b`` 10.6 µs against 11.3 with the fused GEMV, ``q_proj`` 13.5 against 13.4, ``indexer.wq_b``
+    1.1 + 3.6 against 3.9). ``backend="gemv"`` / ``"triton"`` force the fused GEMV (up to
+    ``GEMV_FORCED_MAX_M`` rows) / the fused tiled kernel (up to 64 rows)."""
     M = x.shape[0]
     N, K = w_q.shape
     if M == 0 or N == 0 or K == 0:
         return torch.zeros((M, N), dtype=out_dtype, device=x.device)
     backend = _backend(backend)
     config = _given(config)
-    gemv = _use_gemv(backend, M, N, K, config) and (backend == "gemv" or K <= FUSED_QUANT_MAX_K)
+    fused = backend == "gemv" or (M <= GEMV_MAX_M and K <= FUSED_QUANT_MAX_K)
+    gemv = fused and _use_gemv(backend, M, N, K, config)
     # the one row fp8_block_gemm gives the CuTe-DSL kernel: decided here once, launched straight after the quant
     cute = gemv and backend != "gemv" and _auto_cute(backend, config, x, w_q, out_dtype)
     if (gemv and not cute) or (backend == "triton" and M <= 64):
