@@ -940,13 +940,15 @@ def test_sparse_attn_wgmma_cluster_merge_matches_reference(splits, cluster, t, h
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("groups,splits,t,h,w,k", [(2, 10, 2, 64, 128, 512), (4, 3, 7, 20, 80, 100),
-                                                   (8, 2, 3, 128, 128, 0), (4, 3, 70, 80, 128, 256)])
+                                                   (8, 2, 3, 128, 128, 0), (4, 3, 70, 80, 128, 256),
+                                                   (8, 1, 3, 128, 128, 0), (2, 1, 7, 20, 80, 100),
+                                                   (4, 1, 70, 80, 128, 256)])
 def test_sparse_attn_wgmma_value_groups_match_reference(groups, splits, t, h, w, k):
-    """Each split as ``groups`` CTAs, one slice of the value dims apiece: the reference's result and,
-    within one bf16 rounding, the one-CTA-a-split result over the same splits; the same bits when run
-    again; partial head blocks (20, 80 heads), 128 heads, the SWA-only layer, a row without candidates,
-    a −inf sink, more CTAs than one wave (70 tokens). Groups outside ``GROUPS``, with one split or with a
-    cluster merge are ValueErrors."""
+    """Each split (or the unsplit CTA: one split) as ``groups`` CTAs, one slice of the value dims
+    apiece: the reference's result and, within one bf16 rounding, the one-CTA-a-split result over the
+    same splits; the same bits when run again; partial head blocks (20, 80 heads), 128 heads, the
+    SWA-only layer, a row without candidates, a −inf sink, more CTAs than one wave (70 tokens). Groups
+    outside ``GROUPS``, or with a cluster merge of the splits, are ValueErrors."""
     cute_attn = _cute_attn()
     if cute_attn is None:
         pytest.skip("needs CuTe DSL on a Hopper GPU")
@@ -955,14 +957,14 @@ def test_sparse_attn_wgmma_value_groups_match_reference(groups, splits, t, h, w,
     dev = [x.cuda() if x is not None else None for x in (q, swa, si, comp, ci, sink)]
     _check_merge_variant(cute_attn, dev, sbs, cbs, _dense(q, swa, si, comp, ci, sink, sbs, cbs), splits,
                          groups=groups)
-    for bad in (dict(groups=3), dict(groups=groups, splits=1), dict(groups=groups, cluster=True)):
+    for bad in (dict(groups=3),) + ((dict(groups=groups, cluster=True),) if splits > 1 else ()):
         with pytest.raises(ValueError, match="value-dim groups"):
             cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, **{"splits": splits, **bad})
 
 
 def test_sparse_attn_wgmma_value_groups_rejected_at_compile():
-    """No GPU needed: a variant with more than one value-dim group compiles only for split partials
-    without a cluster merge, and only for ``GROUPS``."""
+    """No GPU needed: a variant with more than one value-dim group compiles only without a cluster
+    merge, and only for ``GROUPS``."""
     from dsv4_compile.kernels.cute import HAVE_CUTE
 
     if not HAVE_CUTE:
@@ -971,7 +973,7 @@ def test_sparse_attn_wgmma_value_groups_rejected_at_compile():
 
     from dsv4_compile.kernels.cute import sparse_attn as cute_attn
 
-    for split, cluster, groups in ((False, 0, 2), (True, 2, 2), (True, 0, 3), (True, 0, 16)):
+    for split, cluster, groups in ((False, 0, 5), (True, 2, 2), (True, 5, 8), (True, 0, 3), (True, 0, 16)):
         with pytest.raises(ValueError, match="value-dim groups"):
             cute_attn.SparseAttnKernel.compile(64, 64, True, split, Int32, True, "sm_90a", cluster=cluster,
                                                groups=groups)

@@ -438,7 +438,7 @@ class SparseAttnKernel:
                            mM, mL, t, sp, h0, H, wg, wtid, tid)
         else:
             _finish(self.split, acc_o, m_i, l_i, cO, q_base, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid, tid,
-                    v_blk * dv, grp == 0)
+                    v_blk * dv, grp == 0, self.groups, grp)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -447,11 +447,11 @@ class SparseAttnKernel:
         """Compile one variant over fake tensors (no GPU needed): tokens, heads, widths, pages and
         strides are symbolic; ``cluster`` > 0 (with ``split``): clusters of that many splits, merged
         within the cluster: all of a (token, head block)'s splits, no partials in global memory, or
-        (``cluster_part``) a run of them into one partial for the combine kernel; ``groups`` > 1 (with
-        ``split``, without ``cluster``): each split as that many CTAs, one slice of the value dims each."""
-        if groups not in GROUPS or (groups > 1 and (not split or cluster)):
+        (``cluster_part``) a run of them into one partial for the combine kernel; ``groups`` > 1 (without
+        ``cluster``): each split, or the unsplit CTA, as that many CTAs, one slice of the value dims each."""
+        if groups not in GROUPS or (groups > 1 and cluster):
             raise ValueError(f"sparse_attn: {groups} value-dim groups (one of {GROUPS}, and more than one only "
-                             "for split partials without a cluster merge)")
+                             "without a cluster merge)")
         mk = cute.runtime.make_fake_tensor
         T = cute.sym_int()
         H = cute.sym_int()
@@ -575,7 +575,7 @@ ROW_PAD = 16  # bytes after each staged bf16 output row: the eight rows of a war
 
 @cute.jit
 def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg,
-            wtid, tid, col0, write_ml):
+            wtid, tid, col0, write_ml, groups: cutlass.Constexpr = 1, grp=0):
     """After ``_row_sums``: this CTA's fp32 partials ``(acc, m, l)`` (split), written from the fragment as
     pairs of value dims, or the output with the sink applied (bf16), staged in shared memory (over the
     freed query and K tiles, padded 1 KB rows) and written as 16-byte stores, a warp's consecutive.
@@ -585,7 +585,8 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, mSink, mOut, 
     one bulk copy per row) they took longer, 12.0 → 13.1 (13.8) µs at V4-Flash CSA B = 1 with ten splits:
     a split writes 128 KB from one SM, bound by that SM's write bandwidth (clock stamps: 4,800 cycles as
     fragment stores, 8,300 as bulk copies). ``col0``: the warpgroup's first value dim; ``write_ml``: this CTA
-    writes the split's ``(m, l)`` (one of a split's value-dim groups)."""
+    writes the split's ``(m, l)`` (one of a split's value-dim groups); unsplit, the CTA writes the
+    output's value dims of its group ``grp`` of ``groups`` (``D / groups`` from ``grp · D / groups``)."""
     if const_expr(split):
         n_split = mPart.shape[1]
         part_base = mPart.iterator.toint()
@@ -616,9 +617,18 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, mSink, mOut, 
                          acc_o[i + 1] * f)
         cute.arch.sync_threads()
         dst = mOut.iterator.toint() + (Int64(t) * H + h0) * (D * 2)
-        for c in cutlass.range(tid, cutlass.min(Int32(BH), H - h0) * (D // 8), THREADS, unroll=8):  # 8 dims a chunk
-            v0, v1, v2, v3 = ld("shared", q_base + Int32((c // (D // 8)) * pitch + (c % (D // 8)) * 16), Float32, 4)
-            st_f32("global", dst + Int64(c) * 16, v0, v1, v2, v3)
+        if const_expr(groups == 1):
+            for c in cutlass.range(tid, cutlass.min(Int32(BH), H - h0) * (D // 8), THREADS, unroll=8):  # 8 dims
+                v0, v1, v2, v3 = ld("shared", q_base + Int32((c // (D // 8)) * pitch + (c % (D // 8)) * 16), Float32,
+                                    4)
+                st_f32("global", dst + Int64(c) * 16, v0, v1, v2, v3)
+        else:
+            gd = D // groups  # the group's value dims, from g0
+            g0 = grp * gd
+            for c in cutlass.range(tid, cutlass.min(Int32(BH), H - h0) * (gd // 8), THREADS, unroll=8):
+                rw, ch = c // (gd // 8), c % (gd // 8)
+                v0, v1, v2, v3 = ld("shared", q_base + Int32(rw * pitch + g0 * 2 + ch * 16), Float32, 4)
+                st_f32("global", dst + Int64(rw * (D * 2) + g0 * 2 + ch * 16), v0, v1, v2, v3)
 
 
 ACC_ROW_BYTES = D * 4  # a row of the CTA's fp32 [64, 512] accumulator in shared memory
@@ -922,9 +932,9 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     split = n_split > 1
     groups = 1 if groups is None else groups
     if groups != 1:
-        if groups not in GROUPS or not split or cluster:
-            raise ValueError(f"sparse_attn: {groups} value-dim groups need one of {GROUPS}, more than one split "
-                             f"({n_split} here) and no cluster merge")
+        if groups not in GROUPS or (split and cluster):
+            raise ValueError(f"sparse_attn: {groups} value-dim groups need one of {GROUPS} and no cluster merge "
+                             f"of the splits ({n_split} here)")
         cluster = 0
     if cluster is None:
         dev = q.device.index
