@@ -49,11 +49,12 @@ way into one fp32 partial for the combine kernel. Otherwise every split writes i
 applies the sink and writes bf16. The merges use the same formula (the cluster merge sums in split
 order, as the looping combine kernel does; the one-shot combine kernel of the smallest steps sums as
 a tree), deterministic for a given split count and cluster size.
-A split may also run as ``groups`` CTAs (``GROUPS``; split partials without a cluster merge), each
-decoding the whole records and computing the same scores but multiplying ``P·V`` for, and writing,
-only its ``512 / groups`` slice of the value dims: a split's 128 KB fp32 partial then leaves from
-``groups`` SMs instead of one (see ``_finish``): the op's default where a single wave of split CTAs
-leaves most SMs idle (``split_plan``, ``value_groups``).
+A split may also run as ``groups`` CTAs (``GROUPS``; without a cluster merge), each decoding the
+whole records and computing the same scores but multiplying ``P·V`` for, and writing, only its
+``512 / groups`` slice of the value dims: a split's 128 KB fp32 partial then leaves from ``groups``
+SMs instead of one (see ``_finish``): the op's default where a single wave of split CTAs leaves most
+SMs idle (``split_plan``, ``value_groups``). An unsplit CTA may run as groups too (forced only), each
+writing its slice of the bf16 output: no partials, no combine kernel.
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, the
 merge included, the op; twenty-first session, prefill the twentieth's): V4-Flash B = 1 / 2 / 4 / 8 / 16 /
@@ -196,9 +197,9 @@ class SparseAttnKernel:
         # which the combine kernel merges
         self.cluster = cluster
         self.cluster_part = cluster_part
-        # > 1 (split, no cluster): each split is this many CTAs, each multiplying P·V for D / groups of the
-        # value dims (every one decodes the whole records and computes the same scores) and writing that
-        # slice of the split's partial
+        # > 1 (no cluster): each split (or the unsplit CTA) is this many CTAs, each multiplying P·V for
+        # D / groups of the value dims (every one decodes the whole records and computes the same scores)
+        # and writing that slice of the split's partial (or of the output)
         self.groups = groups
 
     @cute.jit
@@ -899,10 +900,11 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     divide the split count, is a ``ValueError`` (with one split ``cluster`` is ignored); a forced
     cluster needs a GPU that holds it (``cluster_capacity`` > 0), else the launch fails. ``groups``
     (``GROUPS``): each split runs as that many CTAs, each multiplying ``P·V`` for ``512 / groups`` of the
-    value dims and writing that slice of the split's partial (each decodes the whole records and
-    computes the same scores): a split CTA's 128 KB fp32 partial leaves one SM at that SM's write
-    bandwidth, one ``groups``-th of it from each of ``groups`` SMs. More than one group needs more than
-    one split and no cluster merge (the default cluster rule is then not applied), else a ``ValueError``.
+    value dims and writing that slice of the split's partial, or, unsplit, of the output (each decodes
+    the whole records and computes the same scores): a split CTA's 128 KB fp32 partial leaves one SM
+    at that SM's write bandwidth, one ``groups``-th of it from each of ``groups`` SMs. More than one
+    group with more than one split takes no cluster merge (the default cluster rule is then not
+    applied; a forced one is a ``ValueError``); with one split ``cluster`` is ignored as always.
     Default: ``split_plan``'s splits and groups where neither ``splits`` nor ``cluster`` is given, else
     one group."""
     T, H, _ = q.shape
