@@ -798,24 +798,52 @@ def value_groups(ctas: int, sms: int) -> int:
     return 2 if ctas * 2 <= sms * 5 // 8 else 1
 
 
+def unsplit_groups(ctas: int, tiles: int, sms: int) -> int:
+    """Value-dim groups for a row of ``tiles`` (2 .. ``UNSPLIT_GROUPS_MAX_TILES``) candidate tiles run
+    unsplit (each group writes its slice of the bf16 output: no partials, no combine kernel): the most
+    of 8 / 4 whose ``ctas`` · groups CTAs fit the SMs in one wave, else 1. ``split_plan`` takes it where
+    the two-split plan gets fewer than 4 groups. H200, 64k context, graph replay, the op's two splits
+    (groups) → unsplit groups (µs): V4-Flash SWA-only B = 16 (16 CTAs; 2) 10.02 → 9.53 (8; 9.79 at 4),
+    B = 32 (1, clusters of 2) 11.50 → 10.28 (4), V4-Pro SWA-only B = 8 (2) 9.85 → 9.23 (8); where the
+    splits get 4 or 8 groups or only 2 fit unsplit they lost: B = 8 (4) 8.01 against 8.97 at 8, B = 64
+    (1) 12.55 against 12.73 at 2; ten-tile CSA rows lost at every count (B = 64: 30.70 against 45.48 at
+    1 group)."""
+    if not 2 <= tiles <= UNSPLIT_GROUPS_MAX_TILES:
+        return 1
+    for g in (8, 4):
+        if ctas * g <= sms:
+            return g
+    return 1
+
+
+UNSPLIT_GROUPS_MAX_TILES = 2  # candidate tiles a row may have to run unsplit as groups (measured: SWA-only rows)
+
+
 def split_plan(T: int, H: int, n_cand: int, sms: int, device_index: int) -> tuple[int, int, int]:
     """The op's default (splits, candidates per split, value-dim groups): ``splits_for``'s splits run
     as ``value_groups`` groups where that gives more than one; else, where its splits do not all merge
     within one cluster (``cluster_merge``), half as many splits as two groups each where
     ``value_groups`` allows it (V4-Flash CSA B = 8: ten splits merged in clusters of five 15.6 µs,
-    five splits as two groups 14.3); else one group (the cluster rules then apply)."""
+    five splits as two groups 14.3); else one group (the cluster rules then apply). A row of two
+    tiles whose splits get fewer than 4 groups runs unsplit as ``unsplit_groups`` groups where that
+    gives 4 or 8."""
     n_split, per_split = splits_for(T, H, n_cand, sms)
     ctas = T * cdiv(H, BH)
+    plan = n_split, per_split, 1
     if n_split > 1:
         g = value_groups(ctas * n_split, sms)
-        if g > 1:
-            return n_split, per_split, g
         half = cdiv(cdiv(n_cand, BN), cdiv(n_split, 2)) * BN  # half the splits, whole tiles
         n_half = cdiv(n_cand, half)
-        g = value_groups(ctas * n_half, sms)
-        if n_half > 1 and g > 1 and not cluster_merge(T, H, n_split, device_index):
-            return n_half, half, g
-    return n_split, per_split, 1
+        g_half = value_groups(ctas * n_half, sms)
+        if g > 1:
+            plan = n_split, per_split, g
+        elif n_half > 1 and g_half > 1 and not cluster_merge(T, H, n_split, device_index):
+            plan = n_half, half, g_half
+    tiles = cdiv(n_cand, BN)
+    g = unsplit_groups(ctas, tiles, sms)
+    if plan[2] < 4 and g >= 4:
+        plan = 1, tiles * BN, g
+    return plan
 
 
 _CAPACITY: dict = {}  # (device index, cluster size) -> clusters resident at once
