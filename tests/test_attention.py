@@ -802,8 +802,8 @@ def test_sparse_attn_split_plan_value_groups(monkeypatch):
     """The op's default split plan (no GPU: the H200's 132 SMs and cluster capacities stand in):
     value-dim groups where the split CTAs fill at most half the SMs (the most that do) or, two of
     them, five eighths; half the splits as two groups where the splits would not merge in one
-    cluster; else one group and the cluster rules; a two-tile row unsplit as 4 or 8 groups where its
-    splits would get fewer than 4."""
+    cluster; else one group and the cluster rules; rows of two tiles unsplit as 8 or 4 groups from
+    SMs / 8 rows while those fit one wave."""
     from dsv4_compile.kernels.cute import HAVE_CUTE
 
     if not HAVE_CUTE:
@@ -818,11 +818,11 @@ def test_sparse_attn_split_plan_value_groups(monkeypatch):
     # merge in 16 clusters of 5 (<= 22) -> unchanged; B = 32: 4 splits, 128 CTAs -> unchanged
     assert [plan(t, 64, 640) for t in (1, 2, 4, 8, 16, 32)] == [
         (10, 64, 4), (10, 64, 2), (10, 64, 2), (5, 128, 2), (5, 128, 1), (4, 192, 1)]
-    # SWA-only (128 candidates, 2 tiles): split CTAs 2 / 16 -> 8 / 4 groups; from 9 tokens the splits would
-    # get fewer than 4 groups -> unsplit as 8 groups (9-16 CTAs) or 4 (17-33); 34 and 64 CTAs: 4 groups
-    # would not fit one wave -> two splits, no groups
-    assert [plan(t, 64, 128) for t in (1, 8, 9, 16, 17, 32, 33, 34, 64)] == [
-        (2, 64, 8), (2, 64, 4), (1, 128, 8), (1, 128, 8), (1, 128, 4), (1, 128, 4), (1, 128, 4), (2, 64, 1),
+    # SWA-only (128 candidates, 2 tiles): split CTAs 2 / 16 / 30 -> 8 / 4 / 2 groups; from 16 rows (132 / 8)
+    # unsplit as 8 groups (16 rows) or 4 (17-33); 34 and 64 rows: 4 groups would not fit one wave -> two
+    # splits, no groups
+    assert [plan(t, 64, 128) for t in (1, 8, 15, 16, 17, 32, 33, 34, 64)] == [
+        (2, 64, 8), (2, 64, 4), (2, 64, 2), (1, 128, 8), (1, 128, 4), (1, 128, 4), (1, 128, 4), (2, 64, 1),
         (2, 64, 1)]
     assert plan(8, 128, 128) == (1, 128, 8) and plan(16, 128, 128) == (1, 128, 4)  # V4-Pro: 2 head blocks
     assert [cute_attn.unsplit_groups(16, n, 132) for n in (1, 2, 3)] == [1, 8, 1]  # two-tile rows only

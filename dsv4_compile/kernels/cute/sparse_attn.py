@@ -53,14 +53,15 @@ A split may also run as ``groups`` CTAs (``GROUPS``; without a cluster merge), e
 whole records and computing the same scores but multiplying ``P·V`` for, and writing, only its
 ``512 / groups`` slice of the value dims: a split's 128 KB fp32 partial then leaves from ``groups``
 SMs instead of one (see ``_finish``): the op's default where a single wave of split CTAs leaves most
-SMs idle (``split_plan``, ``value_groups``). An unsplit CTA may run as groups too (forced only), each
-writing its slice of the bf16 output: no partials, no combine kernel.
+SMs idle (``split_plan``, ``value_groups``). An unsplit CTA may run as groups too, each writing its
+slice of the bf16 output: no partials, no combine kernel (the op's default for SWA-only rows of two
+tiles from SMs / 8 rows while eight or four groups fit one wave: ``unsplit_groups``).
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, the
 merge included, the op; twenty-first session, prefill the twentieth's): V4-Flash B = 1 / 2 / 4 / 8 / 16 /
 32 / 64 9.7 / 11.6 / 11.9 / 14.2 / 17.4 / 25.0 / 29.8 µs (FlashMLA 12.4 / - / - / 15.1 / - / 25.0 / 44.5
 in issue 14's measurement), V4-Pro 13.3 / 14.2 / 17.1 / 20.5 / 30.7 / 42.3 / 75.7 µs, SWA-only V4-Flash
-B = 1 / 8 6.5 / 8.2 µs; prefill (T = 4096) 248 TFLOPS. Where a one-tile CTA's time goes (clock stamps, V4-Flash CSA
+B = 1 / 8 / 16 / 32 / 64 6.3 / 7.9 / 9.4 / 10.5 / 12.6 µs (twenty-second session); prefill (T = 4096) 248 TFLOPS. Where a one-tile CTA's time goes (clock stamps, V4-Flash CSA
 B = 1, ten splits, SM cycles): the slots and then the records of its first tile
 4,600, Q·Kᵀ 1,800, P·V 1,100, the softmax 940, the partial's 128 KB written 4,800.
 One CTA per SM still runs both multiplies and the softmax one after another, about 4.4 µs per
@@ -799,16 +800,17 @@ def value_groups(ctas: int, sms: int) -> int:
 
 
 def unsplit_groups(ctas: int, tiles: int, sms: int) -> int:
-    """Value-dim groups for a row of ``tiles`` (2 .. ``UNSPLIT_GROUPS_MAX_TILES``) candidate tiles run
-    unsplit (each group writes its slice of the bf16 output: no partials, no combine kernel): the most
-    of 8 / 4 whose ``ctas`` · groups CTAs fit the SMs in one wave, else 1. ``split_plan`` takes it where
-    the two-split plan gets fewer than 4 groups. H200, 64k context, graph replay, the op's two splits
-    (groups) → unsplit groups (µs): V4-Flash SWA-only B = 16 (16 CTAs; 2) 10.02 → 9.53 (8; 9.79 at 4),
-    B = 32 (1, clusters of 2) 11.50 → 10.28 (4), V4-Pro SWA-only B = 8 (2) 9.85 → 9.23 (8); where the
-    splits get 4 or 8 groups or only 2 fit unsplit they lost: B = 8 (4) 8.01 against 8.97 at 8, B = 64
-    (1) 12.55 against 12.73 at 2; ten-tile CSA rows lost at every count (B = 64: 30.70 against 45.48 at
-    1 group)."""
-    if not 2 <= tiles <= UNSPLIT_GROUPS_MAX_TILES:
+    """Value-dim groups for ``ctas`` (token, head block) rows of ``tiles`` (2 ..
+    ``UNSPLIT_GROUPS_MAX_TILES``) candidate tiles run unsplit, each group writing its slice of the bf16
+    output (no partials, no combine kernel): where eight groups of them would fill the SMs (``ctas ≥
+    SMs / 8``), the most of 8 / 4 whose CTAs fit one wave; else 1 (the split plan). H200, 64k context,
+    graph replay, the op's previous plan of two splits (its groups) → unsplit groups (µs): V4-Flash
+    SWA-only B = 16 (2) 10.11 → 9.38 (8), B = 24 / 32 (1, clusters of 2) 11.61 / 11.91 → 10.16 / 10.53
+    (4), B = 33 11.94 → 10.49; V4-Pro B = 8 / 12 / 16 (2 / 1 / 1) 9.89 / 11.18 / 11.31 → 9.25 / 9.73 /
+    10.07. Fewer rows lost: B = 9 / 12 (two splits as two groups) 8.81 / 9.23 against 9.03 / 9.37 at 8
+    groups, B = 8 (four groups) 7.97 against 8.97; so did 2 groups (B = 64: 12.55 against 12.73) and
+    ten-tile CSA rows (B = 64: 30.70 against 45.48 unsplit)."""
+    if not 2 <= tiles <= UNSPLIT_GROUPS_MAX_TILES or ctas < sms // 8:
         return 1
     for g in (8, 4):
         if ctas * g <= sms:
@@ -824,9 +826,8 @@ def split_plan(T: int, H: int, n_cand: int, sms: int, device_index: int) -> tupl
     as ``value_groups`` groups where that gives more than one; else, where its splits do not all merge
     within one cluster (``cluster_merge``), half as many splits as two groups each where
     ``value_groups`` allows it (V4-Flash CSA B = 8: ten splits merged in clusters of five 15.6 µs,
-    five splits as two groups 14.3); else one group (the cluster rules then apply). A row of two
-    tiles whose splits get fewer than 4 groups runs unsplit as ``unsplit_groups`` groups where that
-    gives 4 or 8."""
+    five splits as two groups 14.3); else one group (the cluster rules then apply). Rows of two tiles
+    run unsplit as ``unsplit_groups`` groups where that gives more than one."""
     n_split, per_split = splits_for(T, H, n_cand, sms)
     ctas = T * cdiv(H, BH)
     plan = n_split, per_split, 1
@@ -841,9 +842,7 @@ def split_plan(T: int, H: int, n_cand: int, sms: int, device_index: int) -> tupl
             plan = n_half, half, g_half
     tiles = cdiv(n_cand, BN)
     g = unsplit_groups(ctas, tiles, sms)
-    if plan[2] < 4 and g >= 4:
-        plan = 1, tiles * BN, g
-    return plan
+    return (1, tiles * BN, g) if g > 1 else plan
 
 
 _CAPACITY: dict = {}  # (device index, cluster size) -> clusters resident at once
