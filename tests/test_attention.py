@@ -802,7 +802,8 @@ def test_sparse_attn_split_plan_value_groups(monkeypatch):
     """The op's default split plan (no GPU: the H200's 132 SMs and cluster capacities stand in):
     value-dim groups where the split CTAs fill at most half the SMs (the most that do) or, two of
     them, five eighths; half the splits as two groups where the splits would not merge in one
-    cluster; else one group and the cluster rules."""
+    cluster; else one group and the cluster rules; rows of two tiles unsplit as 8 or 4 groups from
+    SMs / 8 rows while those fit one wave."""
     from dsv4_compile.kernels.cute import HAVE_CUTE
 
     if not HAVE_CUTE:
@@ -817,8 +818,14 @@ def test_sparse_attn_split_plan_value_groups(monkeypatch):
     # merge in 16 clusters of 5 (<= 22) -> unchanged; B = 32: 4 splits, 128 CTAs -> unchanged
     assert [plan(t, 64, 640) for t in (1, 2, 4, 8, 16, 32)] == [
         (10, 64, 4), (10, 64, 2), (10, 64, 2), (5, 128, 2), (5, 128, 1), (4, 192, 1)]
-    # SWA-only (128 candidates, 2 tiles): 2 / 16 / 32 / 64 CTAs -> 8 / 4 / 2 / 1 groups
-    assert [plan(t, 64, 128) for t in (1, 8, 16, 32)] == [(2, 64, 8), (2, 64, 4), (2, 64, 2), (2, 64, 1)]
+    # SWA-only (128 candidates, 2 tiles): split CTAs 2 / 16 / 30 -> 8 / 4 / 2 groups; from 16 rows (132 / 8)
+    # unsplit as 8 groups (16 rows) or 4 (17-33); 34 and 64 rows: 4 groups would not fit one wave -> two
+    # splits, no groups
+    assert [plan(t, 64, 128) for t in (1, 8, 15, 16, 17, 32, 33, 34, 64)] == [
+        (2, 64, 8), (2, 64, 4), (2, 64, 2), (1, 128, 8), (1, 128, 4), (1, 128, 4), (1, 128, 4), (2, 64, 1),
+        (2, 64, 1)]
+    assert plan(8, 128, 128) == (1, 128, 8) and plan(16, 128, 128) == (1, 128, 4)  # V4-Pro: 2 head blocks
+    assert [cute_attn.unsplit_groups(16, n, 132) for n in (1, 2, 3)] == [1, 8, 1]  # two-tile rows only
     # V4-Pro CSA (128 heads = 2 blocks, 1152 candidates = 18 tiles): B = 1 36 CTAs -> 2 groups (72 <= 82);
     # B = 8 six splits (96 CTAs), halved to 3 (48) still no groups (96 > 82)
     assert plan(1, 128, 1152) == (18, 64, 2) and plan(8, 128, 1152) == (6, 192, 1)
@@ -940,13 +947,15 @@ def test_sparse_attn_wgmma_cluster_merge_matches_reference(splits, cluster, t, h
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("groups,splits,t,h,w,k", [(2, 10, 2, 64, 128, 512), (4, 3, 7, 20, 80, 100),
-                                                   (8, 2, 3, 128, 128, 0), (4, 3, 70, 80, 128, 256)])
+                                                   (8, 2, 3, 128, 128, 0), (4, 3, 70, 80, 128, 256),
+                                                   (8, 1, 3, 128, 128, 0), (2, 1, 7, 20, 80, 100),
+                                                   (4, 1, 70, 80, 128, 256)])
 def test_sparse_attn_wgmma_value_groups_match_reference(groups, splits, t, h, w, k):
-    """Each split as ``groups`` CTAs, one slice of the value dims apiece: the reference's result and,
-    within one bf16 rounding, the one-CTA-a-split result over the same splits; the same bits when run
-    again; partial head blocks (20, 80 heads), 128 heads, the SWA-only layer, a row without candidates,
-    a −inf sink, more CTAs than one wave (70 tokens). Groups outside ``GROUPS``, with one split or with a
-    cluster merge are ValueErrors."""
+    """Each split (or the unsplit CTA: one split) as ``groups`` CTAs, one slice of the value dims
+    apiece: the reference's result and, within one bf16 rounding, the one-CTA-a-split result over the
+    same splits; the same bits when run again; partial head blocks (20, 80 heads), 128 heads, the
+    SWA-only layer, a row without candidates, a −inf sink, more CTAs than one wave (70 tokens). Groups
+    outside ``GROUPS``, or with a cluster merge of the splits, are ValueErrors."""
     cute_attn = _cute_attn()
     if cute_attn is None:
         pytest.skip("needs CuTe DSL on a Hopper GPU")
@@ -955,14 +964,14 @@ def test_sparse_attn_wgmma_value_groups_match_reference(groups, splits, t, h, w,
     dev = [x.cuda() if x is not None else None for x in (q, swa, si, comp, ci, sink)]
     _check_merge_variant(cute_attn, dev, sbs, cbs, _dense(q, swa, si, comp, ci, sink, sbs, cbs), splits,
                          groups=groups)
-    for bad in (dict(groups=3), dict(groups=groups, splits=1), dict(groups=groups, cluster=True)):
+    for bad in (dict(groups=3),) + ((dict(groups=groups, cluster=True),) if splits > 1 else ()):
         with pytest.raises(ValueError, match="value-dim groups"):
             cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, **{"splits": splits, **bad})
 
 
 def test_sparse_attn_wgmma_value_groups_rejected_at_compile():
-    """No GPU needed: a variant with more than one value-dim group compiles only for split partials
-    without a cluster merge, and only for ``GROUPS``."""
+    """No GPU needed: a variant with more than one value-dim group compiles only without a cluster
+    merge, and only for ``GROUPS``."""
     from dsv4_compile.kernels.cute import HAVE_CUTE
 
     if not HAVE_CUTE:
@@ -971,29 +980,33 @@ def test_sparse_attn_wgmma_value_groups_rejected_at_compile():
 
     from dsv4_compile.kernels.cute import sparse_attn as cute_attn
 
-    for split, cluster, groups in ((False, 0, 2), (True, 2, 2), (True, 0, 3), (True, 0, 16)):
+    for split, cluster, groups in ((False, 0, 5), (True, 2, 2), (True, 5, 8), (True, 0, 3), (True, 0, 16)):
         with pytest.raises(ValueError, match="value-dim groups"):
             cute_attn.SparseAttnKernel.compile(64, 64, True, split, Int32, True, "sm_90a", cluster=cluster,
                                                groups=groups)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("t,h200_plan", [(64, (2, 2, 1)), (8, (5, 0, 2)), (1, (10, 0, 4))])
-def test_sparse_attn_wgmma_default_merge(t, h200_plan):
-    """The op's default plan at V4-Flash CSA (640 candidates) on an H200 (132 SMs), (splits, cluster
-    size, value-dim groups): at B = 64 two splits of five tiles, merged within one cluster of both;
-    at B = 8 five two-tile splits as two groups each (ten one-tile splits would merge in clusters of
-    5: 8 clusters of 10 do not fit at once); at B = 1 ten one-tile splits as four groups. The default
-    equals the forced plan bit for bit, the reference's result and, within one bf16 rounding, the
-    combine kernel's over the same splits, each one CTA (one group, no cluster)."""
+@pytest.mark.parametrize("t,k,h200_plan", [(64, 512, (2, 2, 1)), (8, 512, (5, 0, 2)), (1, 512, (10, 0, 4)),
+                                           (16, 0, (1, 0, 8)), (32, 0, (1, 0, 4)), (8, 0, (2, 0, 4))])
+def test_sparse_attn_wgmma_default_merge(t, k, h200_plan):
+    """The op's default plan on an H200 (132 SMs), (splits, cluster size, value-dim groups). V4-Flash
+    CSA (640 candidates): at B = 64 two splits of five tiles, merged within one cluster of both; at B
+    = 8 five two-tile splits as two groups each (ten one-tile splits would merge in clusters of 5: 8
+    clusters of 10 do not fit at once); at B = 1 ten one-tile splits as four groups. SWA-only (128
+    candidates): at B = 16 / 32 unsplit as 8 / 4 groups, at B = 8 two splits as four groups. The
+    default equals the forced plan bit for bit and the reference's result; split, it is within one
+    bf16 rounding of the combine kernel's over the same splits, each one CTA (one group, no cluster);
+    unsplit, it equals the one-CTA result bit for bit (a group computes its value dims as that CTA
+    does)."""
     cute_attn = _cute_attn()
     if cute_attn is None:
         pytest.skip("needs CuTe DSL on a Hopper GPU")
-    q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=t, h=64, w=128, k=512, swa_bs=64, comp_bs=2, seed=29,
-                                                      swa_blocks=4, comp_blocks=264)
-    dev = [x.cuda() for x in (q, swa, si, comp, ci, sink)]
+    q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=t, h=64, w=128, k=k, swa_bs=64, comp_bs=2, seed=29,
+                                                      with_comp=k > 0, swa_blocks=4, comp_blocks=264)
+    dev = [x.cuda() if x is not None else None for x in (q, swa, si, comp, ci, sink)]
     index = dev[0].device.index
-    n_split, _, groups = cute_attn.split_plan(t, 64, 640, sm_programs(dev[0].device), index)
+    n_split, _, groups = cute_attn.split_plan(t, 64, 128 + k, sm_programs(dev[0].device), index)
     size = 0
     if groups == 1 and cute_attn.cluster_merge(t, 64, n_split, index):
         size = n_split
@@ -1005,8 +1018,11 @@ def test_sparse_attn_wgmma_default_merge(t, h200_plan):
     forced = dict(groups=groups) if groups > 1 else dict(cluster=size or False)
     assert torch.equal(default, cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=n_split, **forced))
     _assert_close_bf16(default.cpu(), _dense(q, swa, si, comp, ci, sink, sbs, cbs))
-    combined = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=n_split, cluster=False, groups=1)
-    _assert_one_bf16_rounding(default, combined.float())
+    one_cta = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=n_split, cluster=False, groups=1)
+    if n_split > 1:
+        _assert_one_bf16_rounding(default, one_cta.float())
+    else:
+        assert torch.equal(default, one_cta)
     if t > 4:
         assert bool((default[4] == 0).all())  # row 4 has no candidate
 

@@ -49,17 +49,19 @@ way into one fp32 partial for the combine kernel. Otherwise every split writes i
 applies the sink and writes bf16. The merges use the same formula (the cluster merge sums in split
 order, as the looping combine kernel does; the one-shot combine kernel of the smallest steps sums as
 a tree), deterministic for a given split count and cluster size.
-A split may also run as ``groups`` CTAs (``GROUPS``; split partials without a cluster merge), each
-decoding the whole records and computing the same scores but multiplying ``P·V`` for, and writing,
-only its ``512 / groups`` slice of the value dims: a split's 128 KB fp32 partial then leaves from
-``groups`` SMs instead of one (see ``_finish``): the op's default where a single wave of split CTAs
-leaves most SMs idle (``split_plan``, ``value_groups``).
+A split may also run as ``groups`` CTAs (``GROUPS``; without a cluster merge), each decoding the
+whole records and computing the same scores but multiplying ``P·V`` for, and writing, only its
+``512 / groups`` slice of the value dims: a split's 128 KB fp32 partial then leaves from ``groups``
+SMs instead of one (see ``_finish``): the op's default where a single wave of split CTAs leaves most
+SMs idle (``split_plan``, ``value_groups``). An unsplit CTA may run as groups too, each writing its
+slice of the bf16 output: no partials, no combine kernel (the op's default for SWA-only rows of two
+tiles from SMs / 8 rows while eight or four groups fit one wave: ``unsplit_groups``).
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, the
 merge included, the op; twenty-first session, prefill the twentieth's): V4-Flash B = 1 / 2 / 4 / 8 / 16 /
 32 / 64 9.7 / 11.6 / 11.9 / 14.2 / 17.4 / 25.0 / 29.8 µs (FlashMLA 12.4 / - / - / 15.1 / - / 25.0 / 44.5
 in issue 14's measurement), V4-Pro 13.3 / 14.2 / 17.1 / 20.5 / 30.7 / 42.3 / 75.7 µs, SWA-only V4-Flash
-B = 1 / 8 6.5 / 8.2 µs; prefill (T = 4096) 248 TFLOPS. Where a one-tile CTA's time goes (clock stamps, V4-Flash CSA
+B = 1 / 8 / 16 / 32 / 64 6.3 / 7.9 / 9.4 / 10.5 / 12.6 µs (twenty-second session); prefill (T = 4096) 248 TFLOPS. Where a one-tile CTA's time goes (clock stamps, V4-Flash CSA
 B = 1, ten splits, SM cycles): the slots and then the records of its first tile
 4,600, Q·Kᵀ 1,800, P·V 1,100, the softmax 940, the partial's 128 KB written 4,800.
 One CTA per SM still runs both multiplies and the softmax one after another, about 4.4 µs per
@@ -196,9 +198,9 @@ class SparseAttnKernel:
         # which the combine kernel merges
         self.cluster = cluster
         self.cluster_part = cluster_part
-        # > 1 (split, no cluster): each split is this many CTAs, each multiplying P·V for D / groups of the
-        # value dims (every one decodes the whole records and computes the same scores) and writing that
-        # slice of the split's partial
+        # > 1 (no cluster): each split (or the unsplit CTA) is this many CTAs, each multiplying P·V for
+        # D / groups of the value dims (every one decodes the whole records and computes the same scores)
+        # and writing that slice of the split's partial (or of the output)
         self.groups = groups
 
     @cute.jit
@@ -438,7 +440,7 @@ class SparseAttnKernel:
                            mM, mL, t, sp, h0, H, wg, wtid, tid)
         else:
             _finish(self.split, acc_o, m_i, l_i, cO, q_base, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid, tid,
-                    v_blk * dv, grp == 0)
+                    v_blk * dv, grp == 0, self.groups, grp)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -447,11 +449,11 @@ class SparseAttnKernel:
         """Compile one variant over fake tensors (no GPU needed): tokens, heads, widths, pages and
         strides are symbolic; ``cluster`` > 0 (with ``split``): clusters of that many splits, merged
         within the cluster: all of a (token, head block)'s splits, no partials in global memory, or
-        (``cluster_part``) a run of them into one partial for the combine kernel; ``groups`` > 1 (with
-        ``split``, without ``cluster``): each split as that many CTAs, one slice of the value dims each."""
-        if groups not in GROUPS or (groups > 1 and (not split or cluster)):
+        (``cluster_part``) a run of them into one partial for the combine kernel; ``groups`` > 1 (without
+        ``cluster``): each split, or the unsplit CTA, as that many CTAs, one slice of the value dims each."""
+        if groups not in GROUPS or (groups > 1 and cluster):
             raise ValueError(f"sparse_attn: {groups} value-dim groups (one of {GROUPS}, and more than one only "
-                             "for split partials without a cluster merge)")
+                             "without a cluster merge)")
         mk = cute.runtime.make_fake_tensor
         T = cute.sym_int()
         H = cute.sym_int()
@@ -575,7 +577,7 @@ ROW_PAD = 16  # bytes after each staged bf16 output row: the eight rows of a war
 
 @cute.jit
 def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg,
-            wtid, tid, col0, write_ml):
+            wtid, tid, col0, write_ml, groups: cutlass.Constexpr = 1, grp=0):
     """After ``_row_sums``: this CTA's fp32 partials ``(acc, m, l)`` (split), written from the fragment as
     pairs of value dims, or the output with the sink applied (bf16), staged in shared memory (over the
     freed query and K tiles, padded 1 KB rows) and written as 16-byte stores, a warp's consecutive.
@@ -585,7 +587,8 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, mSink, mOut, 
     one bulk copy per row) they took longer, 12.0 → 13.1 (13.8) µs at V4-Flash CSA B = 1 with ten splits:
     a split writes 128 KB from one SM, bound by that SM's write bandwidth (clock stamps: 4,800 cycles as
     fragment stores, 8,300 as bulk copies). ``col0``: the warpgroup's first value dim; ``write_ml``: this CTA
-    writes the split's ``(m, l)`` (one of a split's value-dim groups)."""
+    writes the split's ``(m, l)`` (one of a split's value-dim groups); unsplit, the CTA writes the
+    output's value dims of its group ``grp`` of ``groups`` (``D / groups`` from ``grp · D / groups``)."""
     if const_expr(split):
         n_split = mPart.shape[1]
         part_base = mPart.iterator.toint()
@@ -616,9 +619,18 @@ def _finish(split: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, mSink, mOut, 
                          acc_o[i + 1] * f)
         cute.arch.sync_threads()
         dst = mOut.iterator.toint() + (Int64(t) * H + h0) * (D * 2)
-        for c in cutlass.range(tid, cutlass.min(Int32(BH), H - h0) * (D // 8), THREADS, unroll=8):  # 8 dims a chunk
-            v0, v1, v2, v3 = ld("shared", q_base + Int32((c // (D // 8)) * pitch + (c % (D // 8)) * 16), Float32, 4)
-            st_f32("global", dst + Int64(c) * 16, v0, v1, v2, v3)
+        if const_expr(groups == 1):
+            for c in cutlass.range(tid, cutlass.min(Int32(BH), H - h0) * (D // 8), THREADS, unroll=8):  # 8 dims
+                v0, v1, v2, v3 = ld("shared", q_base + Int32((c // (D // 8)) * pitch + (c % (D // 8)) * 16), Float32,
+                                    4)
+                st_f32("global", dst + Int64(c) * 16, v0, v1, v2, v3)
+        else:
+            gd = D // groups  # the group's value dims, from g0
+            g0 = grp * gd
+            for c in cutlass.range(tid, cutlass.min(Int32(BH), H - h0) * (gd // 8), THREADS, unroll=8):
+                rw, ch = c // (gd // 8), c % (gd // 8)
+                v0, v1, v2, v3 = ld("shared", q_base + Int32(rw * pitch + g0 * 2 + ch * 16), Float32, 4)
+                st_f32("global", dst + Int64(rw * (D * 2) + g0 * 2 + ch * 16), v0, v1, v2, v3)
 
 
 ACC_ROW_BYTES = D * 4  # a row of the CTA's fp32 [64, 512] accumulator in shared memory
@@ -787,24 +799,50 @@ def value_groups(ctas: int, sms: int) -> int:
     return 2 if ctas * 2 <= sms * 5 // 8 else 1
 
 
+def unsplit_groups(ctas: int, tiles: int, sms: int) -> int:
+    """Value-dim groups for ``ctas`` (token, head block) rows of ``tiles`` (2 ..
+    ``UNSPLIT_GROUPS_MAX_TILES``) candidate tiles run unsplit, each group writing its slice of the bf16
+    output (no partials, no combine kernel): where eight groups of them would fill the SMs (``ctas ≥
+    SMs / 8``), the most of 8 / 4 whose CTAs fit one wave; else 1 (the split plan). H200, 64k context,
+    graph replay, the op's previous plan of two splits (its groups) → unsplit groups (µs): V4-Flash
+    SWA-only B = 16 (2) 10.11 → 9.38 (8), B = 24 / 32 (1, clusters of 2) 11.61 / 11.91 → 10.16 / 10.53
+    (4), B = 33 11.94 → 10.49; V4-Pro B = 8 / 12 / 16 (2 / 1 / 1) 9.89 / 11.18 / 11.31 → 9.25 / 9.73 /
+    10.07. Fewer rows lost: B = 9 / 12 (two splits as two groups) 8.81 / 9.23 against 9.03 / 9.37 at 8
+    groups, B = 8 (four groups) 7.97 against 8.97; so did 2 groups (B = 64: 12.55 against 12.73) and
+    ten-tile CSA rows (B = 64: 30.70 against 45.48 unsplit)."""
+    if not 2 <= tiles <= UNSPLIT_GROUPS_MAX_TILES or ctas < sms // 8:
+        return 1
+    for g in (8, 4):
+        if ctas * g <= sms:
+            return g
+    return 1
+
+
+UNSPLIT_GROUPS_MAX_TILES = 2  # candidate tiles a row may have to run unsplit as groups (measured: SWA-only rows)
+
+
 def split_plan(T: int, H: int, n_cand: int, sms: int, device_index: int) -> tuple[int, int, int]:
     """The op's default (splits, candidates per split, value-dim groups): ``splits_for``'s splits run
     as ``value_groups`` groups where that gives more than one; else, where its splits do not all merge
     within one cluster (``cluster_merge``), half as many splits as two groups each where
     ``value_groups`` allows it (V4-Flash CSA B = 8: ten splits merged in clusters of five 15.6 µs,
-    five splits as two groups 14.3); else one group (the cluster rules then apply)."""
+    five splits as two groups 14.3); else one group (the cluster rules then apply). Rows of two tiles
+    run unsplit as ``unsplit_groups`` groups where that gives more than one."""
     n_split, per_split = splits_for(T, H, n_cand, sms)
     ctas = T * cdiv(H, BH)
+    plan = n_split, per_split, 1
     if n_split > 1:
         g = value_groups(ctas * n_split, sms)
-        if g > 1:
-            return n_split, per_split, g
         half = cdiv(cdiv(n_cand, BN), cdiv(n_split, 2)) * BN  # half the splits, whole tiles
         n_half = cdiv(n_cand, half)
-        g = value_groups(ctas * n_half, sms)
-        if n_half > 1 and g > 1 and not cluster_merge(T, H, n_split, device_index):
-            return n_half, half, g
-    return n_split, per_split, 1
+        g_half = value_groups(ctas * n_half, sms)
+        if g > 1:
+            plan = n_split, per_split, g
+        elif n_half > 1 and g_half > 1 and not cluster_merge(T, H, n_split, device_index):
+            plan = n_half, half, g_half
+    tiles = cdiv(n_cand, BN)
+    g = unsplit_groups(ctas, tiles, sms)
+    return (1, tiles * BN, g) if g > 1 else plan
 
 
 _CAPACITY: dict = {}  # (device index, cluster size) -> clusters resident at once
@@ -889,10 +927,11 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     divide the split count, is a ``ValueError`` (with one split ``cluster`` is ignored); a forced
     cluster needs a GPU that holds it (``cluster_capacity`` > 0), else the launch fails. ``groups``
     (``GROUPS``): each split runs as that many CTAs, each multiplying ``P·V`` for ``512 / groups`` of the
-    value dims and writing that slice of the split's partial (each decodes the whole records and
-    computes the same scores): a split CTA's 128 KB fp32 partial leaves one SM at that SM's write
-    bandwidth, one ``groups``-th of it from each of ``groups`` SMs. More than one group needs more than
-    one split and no cluster merge (the default cluster rule is then not applied), else a ``ValueError``.
+    value dims and writing that slice of the split's partial, or, unsplit, of the output (each decodes
+    the whole records and computes the same scores): a split CTA's 128 KB fp32 partial leaves one SM
+    at that SM's write bandwidth, one ``groups``-th of it from each of ``groups`` SMs. More than one
+    group with more than one split takes no cluster merge (the default cluster rule is then not
+    applied; a forced one is a ``ValueError``); with one split ``cluster`` is ignored as always.
     Default: ``split_plan``'s splits and groups where neither ``splits`` nor ``cluster`` is given, else
     one group."""
     T, H, _ = q.shape
@@ -922,9 +961,9 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     split = n_split > 1
     groups = 1 if groups is None else groups
     if groups != 1:
-        if groups not in GROUPS or not split or cluster:
-            raise ValueError(f"sparse_attn: {groups} value-dim groups need one of {GROUPS}, more than one split "
-                             f"({n_split} here) and no cluster merge")
+        if groups not in GROUPS or (split and cluster):
+            raise ValueError(f"sparse_attn: {groups} value-dim groups need one of {GROUPS} and no cluster merge "
+                             f"of the splits ({n_split} here)")
         cluster = 0
     if cluster is None:
         dev = q.device.index
