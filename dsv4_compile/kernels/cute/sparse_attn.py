@@ -712,9 +712,10 @@ def _cluster_merge(n: cutlass.Constexpr, to_part: cutlass.Constexpr, acc_o, m_i,
             l = l + a * ls[s]
             st_f32("shared", q_base + Int32(WTS_OFF + s * BH * 4) + tid * 4, a)
         if const_expr(to_part):
-            if rank == 0 and ml_writer:
-                mM[t, run, h0 + tid] = m
-                mL[t, run, h0 + tid] = l
+            if rank == 0:
+                if ml_writer:
+                    mM[t, run, h0 + tid] = m
+                    mL[t, run, h0 + tid] = l
         else:
             st_f32("shared", q_base + Int32(FIN_OFF + tid * 4), _sink_factor(m, l, mSink[h0 + tid]))
     cute.arch.sync_threads()
