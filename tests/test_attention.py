@@ -861,8 +861,10 @@ def test_sparse_attn_cluster_merge_rule(monkeypatch):
     assert cute_attn.cluster_run(40, 64, 6, 0) == 0  # 80 clusters of 3 > 39, 120 of 2 > 66
     # the plan's value-dim groups: each group's splits in one cluster where all such clusters fit at once
     group = lambda t, h, n, g: cute_attn.group_cluster(t, h, n, g, 0)  # noqa: E731
-    assert [group(1, 64, 10, 4), group(2, 64, 10, 2), group(4, 64, 10, 2), group(8, 64, 5, 2)] == [10, 10, 0, 5]
-    assert [group(1, 64, 2, 8), group(8, 64, 2, 4), group(1, 128, 18, 2), group(16, 64, 1, 8)] == [2, 2, 0, 0]
+    # (8 clusters of 10 > 7: runs of 5; 18 > MAX_CLUSTER: runs of 9; 16 / 32 CTAs: the combine kernel)
+    assert [group(1, 64, 10, 4), group(2, 64, 10, 2), group(4, 64, 10, 2), group(8, 64, 5, 2)] == [10, 10, 5, 5]
+    assert [group(4, 64, 2, 8), group(8, 64, 2, 4), group(1, 128, 18, 2), group(2, 128, 9, 2)] == [2, 2, 9, 9]
+    assert [group(1, 64, 2, 8), group(2, 64, 2, 8), group(16, 64, 1, 8), group(64, 64, 7, 2)] == [0, 0, 0, 0]
     monkeypatch.undo()
     assert cute_attn.cluster_capacity(0, 1) == 0 and cute_attn.cluster_capacity(0, cute_attn.MAX_CLUSTER + 1) == 0
     if not torch.cuda.is_available():  # the query fails without a GPU: 0, one warning, remembered
@@ -997,16 +999,17 @@ def test_sparse_attn_wgmma_value_groups_rejected_at_compile():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("t,k,h200_plan", [(64, 512, (2, 2, 1)), (8, 512, (5, 5, 2)), (1, 512, (10, 10, 4)),
-                                           (4, 512, (10, 0, 2)), (16, 0, (1, 0, 8)), (32, 0, (1, 0, 4)),
-                                           (8, 0, (2, 2, 4))])
+                                           (4, 512, (10, 5, 2)), (16, 0, (1, 0, 8)), (32, 0, (1, 0, 4)),
+                                           (8, 0, (2, 2, 4)), (1, 0, (2, 0, 8))])
 def test_sparse_attn_wgmma_default_merge(t, k, h200_plan):
     """The op's default plan on an H200 (132 SMs), (splits, cluster size, value-dim groups). V4-Flash
     CSA (640 candidates): at B = 64 two splits of five tiles, merged within one cluster of both; at B
     = 8 five two-tile splits as two groups each (ten one-tile splits would merge in clusters of 5: 8
     clusters of 10 do not fit at once), each group's merged in a cluster of 5; at B = 1 ten one-tile
-    splits as four groups, each group's merged in a cluster of 10; at B = 4 ten as two groups through
-    the combine kernel (8 clusters of 10 do not fit). SWA-only (128 candidates): at B = 16 / 32
-    unsplit as 8 / 4 groups, at B = 8 two splits as four groups, merged in clusters of 2. The default
+    splits as four groups, each group's merged in a cluster of 10; at B = 4 ten as two groups, each
+    group's in runs of 5 into partials (8 clusters of 10 do not fit). SWA-only (128 candidates): at B =
+    16 / 32 unsplit as 8 / 4 groups, at B = 8 two splits as four groups, merged in clusters of 2, at B
+    = 1 as eight groups through the combine kernel (16 CTAs). The default
     equals the forced plan bit for bit and the reference's result; split, it is within one bf16
     rounding of the combine kernel's over the same splits, each one CTA (one group, no cluster);
     unsplit, it equals the one-CTA result bit for bit (a group computes its value dims as that CTA

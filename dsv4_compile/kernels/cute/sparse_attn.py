@@ -930,13 +930,28 @@ def cluster_run(T: int, H: int, n_split: int, device_index: int) -> int:
 
 
 def group_cluster(T: int, H: int, n_split: int, groups: int, device_index: int) -> int:
-    """The cluster size for the op's plan of ``n_split`` splits as ``groups`` value-dim groups: all the
-    splits of one group merged within one cluster (no partials, no combine kernel) where every such
-    cluster (``T · ⌈H / 64⌉ · groups`` of them) is resident at once (``cluster_capacity``), else 0 (the
-    combine kernel)."""
-    if not 2 <= n_split <= MAX_CLUSTER:
+    """The cluster size for the op's plan of ``n_split`` splits as ``groups`` value-dim groups, each
+    cluster holding one group's splits (``_cluster_merge`` on a ``512 / groups`` slice): all of them,
+    no partials and no combine kernel, where every such cluster (``T · ⌈H / 64⌉ · groups``) is resident
+    at once (``cluster_capacity``); else the largest proper divisor ``c`` of ``n_split`` (up to
+    ``MAX_CLUSTER``) whose clusters all are, each merging its run of ``c`` splits into one partial for
+    the combine kernel; 0 (every split's partial to the combine kernel) with at most
+    ``CLUSTER_MIN_CTAS`` CTAs or where no size fits. H200, 64k context, graph replay, the combine
+    kernel over every split → the cluster merge (µs): V4-Flash CSA B = 1 (10 splits × 4 groups, 40
+    CTAs) 9.64 → 8.10 (clusters of 5 into partials 9.24), B = 2 (× 2) 11.69 → 9.91 (10.91), B = 8 (5
+    × 2) 14.26 → 13.51; HCA B = 1 / 2 / 8 9.64 / 11.50 / 14.88 → 8.33 / 9.57 / 13.65; SWA-only B = 4 /
+    8 (2 × 8 / 4, 64 CTAs) 7.22 / 8.20 → 6.95 / 7.56, V4-Pro B = 4 7.99 → 7.34; V4-Pro CSA B = 1 (18 ×
+    2; 18 > ``MAX_CLUSTER``) 13.43 → 11.29 in runs of 9. With 16 / 32 CTAs (SWA-only B = 1 / 2) the
+    combine kernel was faster: 6.47 / 6.61 against 6.73 / 6.84."""
+    ctas = T * cdiv(H, BH)
+    if n_split < 2 or ctas * n_split * groups <= CLUSTER_MIN_CTAS:
         return 0
-    return n_split if T * cdiv(H, BH) * groups <= cluster_capacity(device_index, n_split) else 0
+    if n_split <= MAX_CLUSTER and ctas * groups <= cluster_capacity(device_index, n_split):
+        return n_split
+    for c in range(min(MAX_CLUSTER, n_split - 1), 1, -1):
+        if n_split % c == 0 and ctas * groups * (n_split // c) <= cluster_capacity(device_index, c):
+            return c
+    return 0
 
 
 def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale: float, swa_block_size: int,
