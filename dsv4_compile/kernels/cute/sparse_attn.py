@@ -49,20 +49,21 @@ way into one fp32 partial for the combine kernel. Otherwise every split writes i
 applies the sink and writes bf16. The merges use the same formula (the cluster merge sums in split
 order, as the looping combine kernel does; the one-shot combine kernel of the smallest steps sums as
 a tree), deterministic for a given split count and cluster size.
-A split may also run as ``groups`` CTAs (``GROUPS``; without a cluster merge), each decoding the
-whole records and computing the same scores but multiplying ``P·V`` for, and writing, only its
-``512 / groups`` slice of the value dims: a split's 128 KB fp32 partial then leaves from ``groups``
-SMs instead of one (see ``_finish``): the op's default where a single wave of split CTAs leaves most
-SMs idle (``split_plan``, ``value_groups``). An unsplit CTA may run as groups too, each writing its
+A split may also run as ``groups`` CTAs (``GROUPS``), each decoding the whole records and computing
+the same scores but multiplying ``P·V`` for, and writing, only its ``512 / groups`` slice of the value
+dims: a split's 128 KB fp32 partial then leaves from ``groups`` SMs instead of one (see ``_finish``),
+or, in a cluster, each cluster holds one group's splits and merges that slice (``group_cluster``):
+the op's default where a single wave of split CTAs leaves most SMs idle (``split_plan``,
+``value_groups``). An unsplit CTA may run as groups too, each writing its
 slice of the bf16 output: no partials, no combine kernel (the op's default for SWA-only rows of two
 tiles from SMs / 8 rows while eight or four groups fit one wave: ``unsplit_groups``).
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, the
-merge included, the op; twenty-first session, prefill the twentieth's): V4-Flash B = 1 / 2 / 4 / 8 / 16 /
-32 / 64 9.7 / 11.6 / 11.9 / 14.2 / 17.4 / 25.0 / 29.8 µs (FlashMLA 12.4 / - / - / 15.1 / - / 25.0 / 44.5
-in issue 14's measurement), V4-Pro 13.3 / 14.2 / 17.1 / 20.5 / 30.7 / 42.3 / 75.7 µs, SWA-only V4-Flash
-B = 1 / 8 / 16 / 32 / 64 6.3 / 7.9 / 9.4 / 10.5 / 12.6 µs (twenty-second session); prefill (T = 4096)
-248 TFLOPS. Where a one-tile CTA's time goes (clock stamps, V4-Flash CSA B = 1, ten splits, SM
+merge included, the op; to B = 8 the twenty-second session's, above it the twenty-first's, prefill the
+twentieth's): V4-Flash B = 1 / 2 / 4 / 8 / 16 / 32 / 64 8.4 / 9.8 / 11.6 / 13.4 / 17.4 / 25.0 / 29.8 µs
+(FlashMLA 12.4 / - / - / 15.1 / - / 25.0 / 44.5 in issue 14's measurement), V4-Pro 13.3 / 14.2 / 17.1 /
+20.5 / 30.7 / 42.3 / 75.7 µs (B = 1 / 2 11.3 / 13.4 since, op against op), SWA-only V4-Flash B = 1 /
+8 / 16 / 32 / 64 6.3 / 7.9 / 9.4 / 10.5 / 12.6 µs (8 since: 7.6); prefill (T = 4096) 248 TFLOPS. Where a one-tile CTA's time goes (clock stamps, V4-Flash CSA B = 1, ten splits, SM
 cycles): the slots and then the records of its first tile 4,600, Q·Kᵀ 1,800, P·V 1,100, the softmax
 940, the partial's 128 KB written 4,800.
 One CTA per SM still runs both multiplies and the softmax one after another, about 4.4 µs per
