@@ -63,9 +63,10 @@ merge included, the op; to B = 8 the twenty-second session's, above it the twent
 twentieth's): V4-Flash B = 1 / 2 / 4 / 8 / 16 / 32 / 64 8.4 / 9.8 / 11.6 / 13.4 / 17.4 / 25.0 / 29.8 µs
 (FlashMLA 12.4 / - / - / 15.1 / - / 25.0 / 44.5 in issue 14's measurement), V4-Pro 13.3 / 14.2 / 17.1 /
 20.5 / 30.7 / 42.3 / 75.7 µs (B = 1 / 2 11.3 / 13.4 since, op against op), SWA-only V4-Flash B = 1 /
-8 / 16 / 32 / 64 6.3 / 7.9 / 9.4 / 10.5 / 12.6 µs (8 since: 7.6); prefill (T = 4096) 248 TFLOPS. Where a one-tile CTA's time goes (clock stamps, V4-Flash CSA B = 1, ten splits, SM
-cycles): the slots and then the records of its first tile 4,600, Q·Kᵀ 1,800, P·V 1,100, the softmax
-940, the partial's 128 KB written 4,800.
+8 / 16 / 32 / 64 6.3 / 7.9 / 9.4 / 10.5 / 12.6 µs (8 since: 7.6); prefill (T = 4096) 248 TFLOPS.
+Where a one-tile CTA's time goes (clock stamps, V4-Flash CSA B = 1, ten splits, SM cycles): the slots
+and then the records of its first tile 4,600, Q·Kᵀ 1,800, P·V 1,100, the softmax 940, the partial's
+128 KB written 4,800.
 One CTA per SM still runs both multiplies and the softmax one after another, about 4.4 µs per
 64-candidate tile for one CTA alone (44.4 µs over 640 candidates) and about 3 µs a tile with every SM
 busy; removing one part at a time from the cp.async form (B = 64, 5 tiles per CTA,
