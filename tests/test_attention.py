@@ -836,8 +836,9 @@ def test_sparse_attn_split_plan_value_groups(monkeypatch):
 def test_sparse_attn_cluster_merge_rule(monkeypatch):
     """The splits merge within their cluster only where every cluster is resident at once and the
     grid has at least CLUSTER_MIN_CTAS CTAs (no GPU needed: the H200's capacities stand in for the
-    device query); no cluster of one CTA or past MAX_CLUSTER; a failed capacity query gives 0 (the
-    combine kernel), warns once per device and is cached."""
+    device query); no cluster of one CTA or past MAX_CLUSTER; value-dim groups merge in clusters of a
+    group's splits where all fit at once; a failed capacity query gives 0 (the combine kernel), warns
+    once per device and is cached."""
     from dsv4_compile.kernels.cute import HAVE_CUTE
 
     if not HAVE_CUTE:
@@ -858,6 +859,12 @@ def test_sparse_attn_cluster_merge_rule(monkeypatch):
     assert cute_attn.cluster_run(16, 128, 4, 0) == 2  # V4-Pro B = 16: 64 clusters of 2
     assert cute_attn.cluster_run(16, 64, 5, 0) == 0 and cute_attn.cluster_run(64, 64, 2, 0) == 0  # no proper divisor
     assert cute_attn.cluster_run(40, 64, 6, 0) == 0  # 80 clusters of 3 > 39, 120 of 2 > 66
+    # the plan's value-dim groups: each group's splits in one cluster where all such clusters fit at once
+    group = lambda t, h, n, g: cute_attn.group_cluster(t, h, n, g, 0)  # noqa: E731
+    # (8 clusters of 10 > 7: runs of 5; 18 > MAX_CLUSTER: runs of 9; 16 / 32 CTAs: the combine kernel)
+    assert [group(1, 64, 10, 4), group(2, 64, 10, 2), group(4, 64, 10, 2), group(8, 64, 5, 2)] == [10, 10, 5, 5]
+    assert [group(4, 64, 2, 8), group(8, 64, 2, 4), group(1, 128, 18, 2), group(2, 128, 9, 2)] == [2, 2, 9, 9]
+    assert [group(1, 64, 2, 8), group(2, 64, 2, 8), group(16, 64, 1, 8), group(64, 64, 7, 2)] == [0, 0, 0, 0]
     monkeypatch.undo()
     assert cute_attn.cluster_capacity(0, 1) == 0 and cute_attn.cluster_capacity(0, cute_attn.MAX_CLUSTER + 1) == 0
     if not torch.cuda.is_available():  # the query fails without a GPU: 0, one warning, remembered
@@ -952,26 +959,30 @@ def test_sparse_attn_wgmma_cluster_merge_matches_reference(splits, cluster, t, h
                                                    (4, 1, 70, 80, 128, 256)])
 def test_sparse_attn_wgmma_value_groups_match_reference(groups, splits, t, h, w, k):
     """Each split (or the unsplit CTA: one split) as ``groups`` CTAs, one slice of the value dims
-    apiece: the reference's result and, within one bf16 rounding, the one-CTA-a-split result over the
-    same splits; the same bits when run again; partial head blocks (20, 80 heads), 128 heads, the
-    SWA-only layer, a row without candidates, a −inf sink, more CTAs than one wave (70 tokens). Groups
-    outside ``GROUPS``, or with a cluster merge of the splits, are ValueErrors."""
+    apiece, merged by the combine kernel, within clusters of each group's splits, or (ten splits) in
+    clusters of five into partials: the reference's result and, within one bf16 rounding, the
+    one-CTA-a-split result over the same splits; the same bits when run again; partial head blocks (20,
+    80 heads), 128 heads, the SWA-only layer, a row without candidates, a −inf sink, more CTAs than one
+    wave (70 tokens). Groups outside ``GROUPS`` are ValueErrors."""
     cute_attn = _cute_attn()
     if cute_attn is None:
         pytest.skip("needs CuTe DSL on a Hopper GPU")
     q, swa, si, comp, ci, sink, sbs, cbs = _attn_case(t=t, h=h, w=w, k=k, swa_bs=64, comp_bs=2, seed=41,
                                                       with_comp=k > 0, swa_blocks=4, comp_blocks=(k + 63) // 2 + 8)
     dev = [x.cuda() if x is not None else None for x in (q, swa, si, comp, ci, sink)]
-    _check_merge_variant(cute_attn, dev, sbs, cbs, _dense(q, swa, si, comp, ci, sink, sbs, cbs), splits,
-                         groups=groups)
-    for bad in (dict(groups=3),) + ((dict(groups=groups, cluster=True),) if splits > 1 else ()):
-        with pytest.raises(ValueError, match="value-dim groups"):
-            cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, **{"splits": splits, **bad})
+    want = _dense(q, swa, si, comp, ci, sink, sbs, cbs)
+    _check_merge_variant(cute_attn, dev, sbs, cbs, want, splits, groups=groups)
+    if splits > 1:  # each group's splits merged within one cluster, or (ten splits) runs of five into partials
+        _check_merge_variant(cute_attn, dev, sbs, cbs, want, splits, groups=groups, cluster=True)
+    if splits == 10:
+        _check_merge_variant(cute_attn, dev, sbs, cbs, want, splits, groups=groups, cluster=5)
+    with pytest.raises(ValueError, match="value-dim groups"):
+        cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, groups=3)
 
 
 def test_sparse_attn_wgmma_value_groups_rejected_at_compile():
-    """No GPU needed: a variant with more than one value-dim group compiles only without a cluster
-    merge, and only for ``GROUPS``."""
+    """No GPU needed: a variant compiles only for ``GROUPS`` value-dim groups, and a cluster merge only
+    for splits."""
     from dsv4_compile.kernels.cute import HAVE_CUTE
 
     if not HAVE_CUTE:
@@ -980,23 +991,27 @@ def test_sparse_attn_wgmma_value_groups_rejected_at_compile():
 
     from dsv4_compile.kernels.cute import sparse_attn as cute_attn
 
-    for split, cluster, groups in ((False, 0, 5), (True, 2, 2), (True, 5, 8), (True, 0, 3), (True, 0, 16)):
+    for split, cluster, groups in ((False, 0, 5), (False, 2, 2), (True, 0, 3), (True, 0, 16)):
         with pytest.raises(ValueError, match="value-dim groups"):
             cute_attn.SparseAttnKernel.compile(64, 64, True, split, Int32, True, "sm_90a", cluster=cluster,
                                                groups=groups)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("t,k,h200_plan", [(64, 512, (2, 2, 1)), (8, 512, (5, 0, 2)), (1, 512, (10, 0, 4)),
-                                           (16, 0, (1, 0, 8)), (32, 0, (1, 0, 4)), (8, 0, (2, 0, 4))])
+@pytest.mark.parametrize("t,k,h200_plan", [(64, 512, (2, 2, 1)), (8, 512, (5, 5, 2)), (1, 512, (10, 10, 4)),
+                                           (4, 512, (10, 5, 2)), (16, 0, (1, 0, 8)), (32, 0, (1, 0, 4)),
+                                           (8, 0, (2, 2, 4)), (1, 0, (2, 0, 8))])
 def test_sparse_attn_wgmma_default_merge(t, k, h200_plan):
     """The op's default plan on an H200 (132 SMs), (splits, cluster size, value-dim groups). V4-Flash
     CSA (640 candidates): at B = 64 two splits of five tiles, merged within one cluster of both; at B
     = 8 five two-tile splits as two groups each (ten one-tile splits would merge in clusters of 5: 8
-    clusters of 10 do not fit at once); at B = 1 ten one-tile splits as four groups. SWA-only (128
-    candidates): at B = 16 / 32 unsplit as 8 / 4 groups, at B = 8 two splits as four groups. The
-    default equals the forced plan bit for bit and the reference's result; split, it is within one
-    bf16 rounding of the combine kernel's over the same splits, each one CTA (one group, no cluster);
+    clusters of 10 do not fit at once), each group's merged in a cluster of 5; at B = 1 ten one-tile
+    splits as four groups, each group's merged in a cluster of 10; at B = 4 ten as two groups, each
+    group's in runs of 5 into partials (8 clusters of 10 do not fit). SWA-only (128 candidates): at B =
+    16 / 32 unsplit as 8 / 4 groups, at B = 8 two splits as four groups, merged in clusters of 2, at B
+    = 1 as eight groups through the combine kernel (16 CTAs). The default
+    equals the forced plan bit for bit and the reference's result; split, it is within one bf16
+    rounding of the combine kernel's over the same splits, each one CTA (one group, no cluster);
     unsplit, it equals the one-CTA result bit for bit (a group computes its value dims as that CTA
     does)."""
     cute_attn = _cute_attn()
@@ -1007,15 +1022,16 @@ def test_sparse_attn_wgmma_default_merge(t, k, h200_plan):
     dev = [x.cuda() if x is not None else None for x in (q, swa, si, comp, ci, sink)]
     index = dev[0].device.index
     n_split, _, groups = cute_attn.split_plan(t, 64, 128 + k, sm_programs(dev[0].device), index)
-    size = 0
-    if groups == 1 and cute_attn.cluster_merge(t, 64, n_split, index):
+    if groups > 1:
+        size = cute_attn.group_cluster(t, 64, n_split, groups, index)
+    elif cute_attn.cluster_merge(t, 64, n_split, index):
         size = n_split
-    elif groups == 1:
+    else:
         size = cute_attn.cluster_run(t, 64, n_split, index)
     if torch.cuda.get_device_properties(0).multi_processor_count == 132:
         assert (n_split, size, groups) == h200_plan
     default = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs)
-    forced = dict(groups=groups) if groups > 1 else dict(cluster=size or False)
+    forced = dict(groups=groups, cluster=size or False)
     assert torch.equal(default, cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=n_split, **forced))
     _assert_close_bf16(default.cpu(), _dense(q, swa, si, comp, ci, sink, sbs, cbs))
     one_cta = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=n_split, cluster=False, groups=1)

@@ -214,10 +214,11 @@ def sparse_attn(
     or of more than 64 candidates a token, run a wgmma kernel (``kernels/cute/sparse_attn.py``;
     caches whose base or page stride is not a multiple of 16 bytes go to the Triton kernel), the rest
     the Triton kernel. Where its CTAs would leave most SMs idle (small batches), the candidates split
-    over CTAs and each split runs as 2, 4 or 8 CTAs that each compute one slice of the 512 value dims;
-    SWA-only rows of 128 candidates at medium batches run unsplit as such slices (``split_plan``);
-    results of different split plans agree within the bf16 tolerance the op is tested to against the
-    reference (docs/numerics.md §9.1).
+    over CTAs and each split runs as 2, 4 or 8 CTAs that each compute one slice of the 512 value dims
+    (a group's splits merged within a thread-block cluster where those fit); SWA-only rows of 128
+    candidates at medium batches run unsplit as such slices (``split_plan``); results of different
+    split plans agree within the bf16 tolerance the op is tested to against the reference
+    (docs/numerics.md §9.1).
 
     Args:
         q: ``[T, H, 512]`` bf16 (any strides), ``H >= 1``: the rotated, normalized queries.

@@ -49,21 +49,24 @@ way into one fp32 partial for the combine kernel. Otherwise every split writes i
 applies the sink and writes bf16. The merges use the same formula (the cluster merge sums in split
 order, as the looping combine kernel does; the one-shot combine kernel of the smallest steps sums as
 a tree), deterministic for a given split count and cluster size.
-A split may also run as ``groups`` CTAs (``GROUPS``; without a cluster merge), each decoding the
-whole records and computing the same scores but multiplying ``P·V`` for, and writing, only its
-``512 / groups`` slice of the value dims: a split's 128 KB fp32 partial then leaves from ``groups``
-SMs instead of one (see ``_finish``): the op's default where a single wave of split CTAs leaves most
-SMs idle (``split_plan``, ``value_groups``). An unsplit CTA may run as groups too, each writing its
+A split may also run as ``groups`` CTAs (``GROUPS``), each decoding the whole records and computing
+the same scores but multiplying ``P·V`` for, and writing, only its ``512 / groups`` slice of the value
+dims: a split's 128 KB fp32 partial then leaves from ``groups`` SMs instead of one (see ``_finish``),
+or, in a cluster, each cluster holds one group's splits and merges that slice (``group_cluster``):
+the op's default where a single wave of split CTAs leaves most SMs idle (``split_plan``,
+``value_groups``). An unsplit CTA may run as groups too, each writing its
 slice of the bf16 output: no partials, no combine kernel (the op's default for SWA-only rows of two
 tiles from SMs / 8 rows while eight or four groups fit one wave: ``unsplit_groups``).
 
 Where it stands (H200, 64k context, CSA = 128 SWA + 512 compressed candidates, graph replay, the
-merge included, the op; twenty-first session, prefill the twentieth's): V4-Flash B = 1 / 2 / 4 / 8 / 16 /
-32 / 64 9.7 / 11.6 / 11.9 / 14.2 / 17.4 / 25.0 / 29.8 µs (FlashMLA 12.4 / - / - / 15.1 / - / 25.0 / 44.5
-in issue 14's measurement), V4-Pro 13.3 / 14.2 / 17.1 / 20.5 / 30.7 / 42.3 / 75.7 µs, SWA-only V4-Flash
-B = 1 / 8 / 16 / 32 / 64 6.3 / 7.9 / 9.4 / 10.5 / 12.6 µs (twenty-second session); prefill (T = 4096) 248 TFLOPS. Where a one-tile CTA's time goes (clock stamps, V4-Flash CSA
-B = 1, ten splits, SM cycles): the slots and then the records of its first tile
-4,600, Q·Kᵀ 1,800, P·V 1,100, the softmax 940, the partial's 128 KB written 4,800.
+merge included, the op; to B = 8 the twenty-second session's, above it the twenty-first's, prefill the
+twentieth's): V4-Flash B = 1 / 2 / 4 / 8 / 16 / 32 / 64 8.4 / 9.8 / 11.6 / 13.4 / 17.4 / 25.0 / 29.8 µs
+(FlashMLA 12.4 / - / - / 15.1 / - / 25.0 / 44.5 in issue 14's measurement), V4-Pro 13.3 / 14.2 / 17.1 /
+20.5 / 30.7 / 42.3 / 75.7 µs (B = 1 / 2 11.3 / 13.4 since, op against op), SWA-only V4-Flash B = 1 /
+8 / 16 / 32 / 64 6.3 / 7.9 / 9.4 / 10.5 / 12.6 µs (8 since: 7.6); prefill (T = 4096) 248 TFLOPS.
+Where a one-tile CTA's time goes (clock stamps, V4-Flash CSA B = 1, ten splits, SM cycles): the slots
+and then the records of its first tile 4,600, Q·Kᵀ 1,800, P·V 1,100, the softmax 940, the partial's
+128 KB written 4,800.
 One CTA per SM still runs both multiplies and the softmax one after another, about 4.4 µs per
 64-candidate tile for one CTA alone (44.4 µs over 640 candidates) and about 3 µs a tile with every SM
 busy; removing one part at a time from the cp.async form (B = 64, 5 tiles per CTA,
@@ -437,7 +440,7 @@ class SparseAttnKernel:
         _row_sums(l_i, red, cO, wg, wtid)
         if const_expr(self.cluster > 0):
             _cluster_merge(self.cluster, self.cluster_part, acc_o, m_i, l_i, cO, q_base, k_base, mSink, mOut, mPart,
-                           mM, mL, t, sp, h0, H, wg, wtid, tid)
+                           mM, mL, t, sp, h0, H, wg, wtid, tid, self.groups, grp)
         else:
             _finish(self.split, acc_o, m_i, l_i, cO, q_base, mSink, mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid, tid,
                     v_blk * dv, grp == 0, self.groups, grp)
@@ -449,11 +452,12 @@ class SparseAttnKernel:
         """Compile one variant over fake tensors (no GPU needed): tokens, heads, widths, pages and
         strides are symbolic; ``cluster`` > 0 (with ``split``): clusters of that many splits, merged
         within the cluster: all of a (token, head block)'s splits, no partials in global memory, or
-        (``cluster_part``) a run of them into one partial for the combine kernel; ``groups`` > 1 (without
-        ``cluster``): each split, or the unsplit CTA, as that many CTAs, one slice of the value dims each."""
-        if groups not in GROUPS or (groups > 1 and cluster):
-            raise ValueError(f"sparse_attn: {groups} value-dim groups (one of {GROUPS}, and more than one only "
-                             "without a cluster merge)")
+        (``cluster_part``) a run of them into one partial for the combine kernel; ``groups`` > 1: each
+        split, or the unsplit CTA, as that many CTAs, one slice of the value dims each (with ``cluster``,
+        a cluster holds one group of its splits and merges that slice)."""
+        if groups not in GROUPS or (cluster and not split):
+            raise ValueError(f"sparse_attn: {groups} value-dim groups (one of {GROUPS}), cluster {cluster} "
+                             "(a cluster merge needs splits)")
         mk = cute.runtime.make_fake_tensor
         T = cute.sym_int()
         H = cute.sym_int()
@@ -652,7 +656,7 @@ def _acc_offset(row, chunk):
 
 @cute.jit
 def _cluster_merge(n: cutlass.Constexpr, to_part: cutlass.Constexpr, acc_o, m_i, l_i, cO, q_base, k_base, mSink,
-                   mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid, tid):
+                   mOut, mPart, mM, mL, t, sp, h0, H, wg, wtid, tid, groups: cutlass.Constexpr = 1, grp=0):
     """A cluster of ``n`` splits of one (token, head block) (rank = split % ``n``) merged in distributed
     shared memory. Without ``to_part`` the cluster holds every split and writes the bf16 output: no
     partials in global memory, no combine kernel. With ``to_part`` the cluster holds a run of ``n`` out
@@ -668,7 +672,15 @@ def _cluster_merge(n: cutlass.Constexpr, to_part: cutlass.Constexpr, acc_o, m_i,
     writes it; a second cluster barrier keeps every CTA's shared memory alive until all have read it.
     Every remote load of a step is issued before any is used (``n`` is a compile-time constant;
     ``CHUNKS_IN_FLIGHT`` 16-byte loads per thread at a time): one round trip per step, not one per
-    split."""
+    split. With ``groups`` value-dim groups the cluster holds group ``grp`` of its splits: each CTA's
+    accumulator is ``[64, 512 / groups]`` (value dims from ``grp · 512 / groups``), merged the same way
+    into that slice (the ``(m, l)`` of ``to_part`` written by group 0: every group's are the same)."""
+    gd = D // groups  # the CTA's value dims, from g0
+    g0 = 0
+    ml_writer = True  # to_part: this CTA's group writes the run's (m, l)
+    if const_expr(groups > 1):
+        g0 = grp * gd
+        ml_writer = grp == 0
     # this CTA's accumulator and (m, l); the freed tiles (the last P·V was waited for by both warpgroups
     # before _row_sums' barrier)
     for r in cutlass.range_constexpr(2):
@@ -679,7 +691,7 @@ def _cluster_merge(n: cutlass.Constexpr, to_part: cutlass.Constexpr, acc_o, m_i,
                 st_f32("shared", q_base + Int32(BH * 4 + row * 4), l_i[r])
         for j in cutlass.range_constexpr(cute.size(acc_o) // 4):
             i = 4 * j + 2 * r
-            col = wg * DV + cO[i][1]
+            col = wg * (gd // 2) + cO[i][1]
             st_f32("shared", k_base + Int32(_acc_offset(row, col // 4) + (col % 4) * 4), acc_o[i], acc_o[i + 1])
     cute.arch.cluster_arrive()
     cute.arch.cluster_wait()
@@ -703,14 +715,15 @@ def _cluster_merge(n: cutlass.Constexpr, to_part: cutlass.Constexpr, acc_o, m_i,
             st_f32("shared", q_base + Int32(WTS_OFF + s * BH * 4) + tid * 4, a)
         if const_expr(to_part):
             if rank == 0:
-                mM[t, run, h0 + tid] = m
-                mL[t, run, h0 + tid] = l
+                if ml_writer:
+                    mM[t, run, h0 + tid] = m
+                    mL[t, run, h0 + tid] = l
         else:
             st_f32("shared", q_base + Int32(FIN_OFF + tid * 4), _sink_factor(m, l, mSink[h0 + tid]))
     cute.arch.sync_threads()
     # this CTA's n-th of the rows' 16-byte chunks, u chunks per thread and step
     u = max(1, CHUNKS_IN_FLIGHT // n)
-    total = rows * (D // 4)
+    total = rows * (gd // 4)
     per = (total + n - 1) // n
     c_end = cutlass.min(rank * per + per, total)
     out_base = mOut.iterator.toint()
@@ -721,7 +734,7 @@ def _cluster_merge(n: cutlass.Constexpr, to_part: cutlass.Constexpr, acc_o, m_i,
     for c0 in cutlass.range(rank * per + tid, c_end, THREADS * u):
         for k in cutlass.range_constexpr(u):
             c = cutlass.min(c0 + k * THREADS, c_end - 1)  # past the end: a repeat of the last chunk, not stored
-            src = k_base + Int32(_acc_offset(c // (D // 4), c % (D // 4)))
+            src = k_base + Int32(_acc_offset(c // (gd // 4), c % (gd // 4)))
             for s in cutlass.range_constexpr(n):
                 v0, v1, v2, v3 = ld("shared", src, Float32, 4, rank=s)
                 vals[4 * (k * n + s)] = v0
@@ -731,7 +744,7 @@ def _cluster_merge(n: cutlass.Constexpr, to_part: cutlass.Constexpr, acc_o, m_i,
         for k in cutlass.range_constexpr(u):
             c = c0 + k * THREADS
             if c < c_end:
-                row = c // (D // 4)
+                row = c // (gd // 4)
                 acc = cute.make_rmem_tensor(4, Float32)
                 acc.fill(0.0)
                 for s in cutlass.range_constexpr(n):
@@ -739,14 +752,19 @@ def _cluster_merge(n: cutlass.Constexpr, to_part: cutlass.Constexpr, acc_o, m_i,
                     for e in cutlass.range_constexpr(4):
                         acc[e] = acc[e] + w * vals[4 * (k * n + s) + e]
                 if const_expr(to_part):
-                    dst = mPart.iterator.toint() + ((part_row0 + row) * D + (c % (D // 4)) * 4) * 4
+                    dst = mPart.iterator.toint() + ((part_row0 + row) * D + _plus(g0, (c % (gd // 4)) * 4)) * 4
                     st_f32("global", dst, acc[0], acc[1], acc[2], acc[3])
                 else:
                     f = ld("shared", q_base + Int32(FIN_OFF) + row * 4, Float32)
-                    dst = out_base + ((Int64(t) * H + h0 + row) * D + (c % (D // 4)) * 4) * 2
+                    dst = out_base + ((Int64(t) * H + h0 + row) * D + _plus(g0, (c % (gd // 4)) * 4)) * 2
                     _st_bf16("global", dst, acc[0] * f, acc[1] * f, acc[2] * f, acc[3] * f)
     cute.arch.cluster_arrive()
     cute.arch.cluster_wait()
+
+
+def _plus(a, b):
+    """``a + b``, or ``b`` where ``a`` is the trace-time 0 (no add in the kernel)."""
+    return b if isinstance(a, int) and a == 0 else a + b
 
 
 def supports(q: torch.Tensor, swa_cache: torch.Tensor, comp_cache) -> bool:
@@ -913,6 +931,31 @@ def cluster_run(T: int, H: int, n_split: int, device_index: int) -> int:
     return 0
 
 
+def group_cluster(T: int, H: int, n_split: int, groups: int, device_index: int) -> int:
+    """The cluster size for the op's plan of ``n_split`` splits as ``groups`` value-dim groups, each
+    cluster holding one group's splits (``_cluster_merge`` on a ``512 / groups`` slice): all of them,
+    no partials and no combine kernel, where every such cluster (``T · ⌈H / 64⌉ · groups``) is resident
+    at once (``cluster_capacity``); else the largest proper divisor ``c`` of ``n_split`` (up to
+    ``MAX_CLUSTER``) whose clusters all are, each merging its run of ``c`` splits into one partial for
+    the combine kernel; 0 (every split's partial to the combine kernel) with at most
+    ``CLUSTER_MIN_CTAS`` CTAs or where no size fits. H200, 64k context, graph replay, the combine
+    kernel over every split → the cluster merge (µs): V4-Flash CSA B = 1 (10 splits × 4 groups, 40
+    CTAs) 9.64 → 8.10 (clusters of 5 into partials 9.24), B = 2 (× 2) 11.69 → 9.91 (10.91), B = 8 (5
+    × 2) 14.26 → 13.51; HCA B = 1 / 2 / 8 9.64 / 11.50 / 14.88 → 8.33 / 9.57 / 13.65; SWA-only B = 4 /
+    8 (2 × 8 / 4, 64 CTAs) 7.22 / 8.20 → 6.95 / 7.56, V4-Pro B = 4 7.99 → 7.34; V4-Pro CSA B = 1 (18 ×
+    2; 18 > ``MAX_CLUSTER``) 13.43 → 11.29 in runs of 9. With 16 / 32 CTAs (SWA-only B = 1 / 2) the
+    combine kernel was faster: 6.47 / 6.61 against 6.73 / 6.84."""
+    ctas = T * cdiv(H, BH)
+    if n_split < 2 or ctas * n_split * groups <= CLUSTER_MIN_CTAS:
+        return 0
+    if n_split <= MAX_CLUSTER and ctas * groups <= cluster_capacity(device_index, n_split):
+        return n_split
+    for c in range(min(MAX_CLUSTER, n_split - 1), 1, -1):
+        if n_split % c == 0 and ctas * groups * (n_split // c) <= cluster_capacity(device_index, c):
+            return c
+    return 0
+
+
 def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale: float, swa_block_size: int,
                 comp_block_size: int, splits: int | None = None, pdl: bool | None = None,
                 cluster: bool | int | None = None, groups: int | None = None) -> torch.Tensor:
@@ -929,11 +972,11 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     (``GROUPS``): each split runs as that many CTAs, each multiplying ``P·V`` for ``512 / groups`` of the
     value dims and writing that slice of the split's partial, or, unsplit, of the output (each decodes
     the whole records and computes the same scores): a split CTA's 128 KB fp32 partial leaves one SM
-    at that SM's write bandwidth, one ``groups``-th of it from each of ``groups`` SMs. More than one
-    group with more than one split takes no cluster merge (the default cluster rule is then not
-    applied; a forced one is a ``ValueError``); with one split ``cluster`` is ignored as always.
-    Default: ``split_plan``'s splits and groups where neither ``splits`` nor ``cluster`` is given, else
-    one group."""
+    at that SM's write bandwidth, one ``groups``-th of it from each of ``groups`` SMs. With a cluster
+    each cluster holds one group of its splits and merges that slice. Default: ``split_plan``'s splits
+    and groups, merged in clusters where ``group_cluster`` gives a size, where none of ``splits``,
+    ``cluster`` and ``groups`` is given; else one group, and forced groups without a forced cluster
+    merge through the combine kernel."""
     T, H, _ = q.shape
     out = torch.empty((T, H, D), dtype=torch.bfloat16, device=q.device)
     if T == 0:
@@ -951,7 +994,8 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     sink = sink.contiguous()
     W = swa_indices.shape[1]
     K = comp_indices.shape[1] if has_comp else 0
-    if splits is None and cluster is None and groups is None:
+    planned = splits is None and cluster is None and groups is None
+    if planned:
         n_split, per_split, groups = split_plan(T, H, W + K, sm_programs(q.device), q.device.index)
     else:
         n_split, per_split = splits_for(T, H, W + K, sm_programs(q.device))
@@ -961,10 +1005,10 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     split = n_split > 1
     groups = 1 if groups is None else groups
     if groups != 1:
-        if groups not in GROUPS or (split and cluster):
-            raise ValueError(f"sparse_attn: {groups} value-dim groups need one of {GROUPS} and no cluster merge "
-                             f"of the splits ({n_split} here)")
-        cluster = 0
+        if groups not in GROUPS:
+            raise ValueError(f"sparse_attn: {groups} value-dim groups need one of {GROUPS}")
+        if cluster is None:  # the plan's groups merge in clusters where those fit; forced groups do not
+            cluster = group_cluster(T, H, n_split, groups, q.device.index) if planned else 0
     if cluster is None:
         dev = q.device.index
         cluster = n_split if cluster_merge(T, H, n_split, dev) else cluster_run(T, H, n_split, dev)
