@@ -865,6 +865,22 @@ def test_sparse_attn_cluster_merge_rule(monkeypatch):
     assert [group(1, 64, 10, 4), group(2, 64, 10, 2), group(4, 64, 10, 2), group(8, 64, 5, 2)] == [10, 10, 5, 5]
     assert [group(4, 64, 2, 8), group(8, 64, 2, 4), group(1, 128, 18, 2), group(2, 128, 9, 2)] == [2, 2, 9, 9]
     assert [group(1, 64, 2, 8), group(2, 64, 2, 8), group(16, 64, 1, 8), group(64, 64, 7, 2)] == [0, 0, 0, 0]
+    # a call's whole plan, (splits, candidates a split, cluster, groups, partials for the combine kernel)
+    plan = lambda t, n, **kw: cute_attn.launch_plan(t, 64, n, 132, 0, **kw)  # noqa: E731
+    assert [plan(1, 640), plan(4, 640), plan(64, 640), plan(1, 128), plan(8, 128), plan(16, 128)] == [
+        (10, 64, 10, 4, 1), (10, 64, 5, 2, 2), (2, 320, 2, 1, 1), (2, 64, 0, 8, 2), (2, 64, 2, 4, 1),
+        (1, 128, 0, 8, 1)]
+    assert cute_attn.launch_plan(1, 128, 1152, 132, 0) == (18, 64, 9, 2, 2)  # V4-Pro: runs of 9 into partials
+    # forced: groups alone through the combine kernel; with a cluster; one split ignores the cluster
+    assert plan(1, 640, splits=10, groups=4) == (10, 64, 0, 4, 10)
+    assert plan(1, 640, splits=10, groups=4, cluster=True) == (10, 64, 10, 4, 1)
+    assert plan(1, 640, splits=10, groups=2, cluster=5) == (10, 64, 5, 2, 2)
+    assert plan(1, 128, splits=1, groups=8, cluster=True) == (1, 128, 0, 8, 1)
+    assert plan(8, 640, splits=10) == (10, 64, 5, 1, 2)  # forced splits: the one-group cluster rules
+    for kw, match in ((dict(splits=10, groups=3), "value-dim groups"), (dict(splits=10, groups=2, cluster=3),
+                      "clusters of"), (dict(splits=20, cluster=True), "clusters of")):
+        with pytest.raises(ValueError, match=match):
+            plan(1, 1280, **kw)
     monkeypatch.undo()
     assert cute_attn.cluster_capacity(0, 1) == 0 and cute_attn.cluster_capacity(0, cute_attn.MAX_CLUSTER + 1) == 0
     if not torch.cuda.is_available():  # the query fails without a GPU: 0, one warning, remembered
@@ -956,14 +972,15 @@ def test_sparse_attn_wgmma_cluster_merge_matches_reference(splits, cluster, t, h
 @pytest.mark.parametrize("groups,splits,t,h,w,k", [(2, 10, 2, 64, 128, 512), (4, 3, 7, 20, 80, 100),
                                                    (8, 2, 3, 128, 128, 0), (4, 3, 70, 80, 128, 256),
                                                    (8, 1, 3, 128, 128, 0), (2, 1, 7, 20, 80, 100),
-                                                   (4, 1, 70, 80, 128, 256)])
+                                                   (4, 1, 70, 80, 128, 256), (4, 6, 7, 80, 128, 256),
+                                                   (8, 16, 2, 20, 128, 896), (8, 1, 7, 20, 128, 0)])
 def test_sparse_attn_wgmma_value_groups_match_reference(groups, splits, t, h, w, k):
     """Each split (or the unsplit CTA: one split) as ``groups`` CTAs, one slice of the value dims
-    apiece, merged by the combine kernel, within clusters of each group's splits, or (ten splits) in
-    clusters of five into partials: the reference's result and, within one bf16 rounding, the
-    one-CTA-a-split result over the same splits; the same bits when run again; partial head blocks (20,
-    80 heads), 128 heads, the SWA-only layer, a row without candidates, a −inf sink, more CTAs than one
-    wave (70 tokens). Groups outside ``GROUPS`` are ValueErrors."""
+    apiece, merged by the combine kernel, within clusters of each group's splits (up to 16), or (ten /
+    six splits) in clusters of five / three and two into partials: the reference's result and, within
+    one bf16 rounding, the one-CTA-a-split result over the same splits; the same bits when run again;
+    partial head blocks (20, 80 heads), 128 heads, the SWA-only layer, a row without candidates, a −inf
+    sink, more CTAs than one wave (70 tokens). Groups outside ``GROUPS`` are ValueErrors."""
     cute_attn = _cute_attn()
     if cute_attn is None:
         pytest.skip("needs CuTe DSL on a Hopper GPU")
@@ -974,15 +991,15 @@ def test_sparse_attn_wgmma_value_groups_match_reference(groups, splits, t, h, w,
     _check_merge_variant(cute_attn, dev, sbs, cbs, want, splits, groups=groups)
     if splits > 1:  # each group's splits merged within one cluster, or (ten splits) runs of five into partials
         _check_merge_variant(cute_attn, dev, sbs, cbs, want, splits, groups=groups, cluster=True)
-    if splits == 10:
-        _check_merge_variant(cute_attn, dev, sbs, cbs, want, splits, groups=groups, cluster=5)
+    for run in {10: (5,), 6: (3, 2)}.get(splits, ()):
+        _check_merge_variant(cute_attn, dev, sbs, cbs, want, splits, groups=groups, cluster=run)
     with pytest.raises(ValueError, match="value-dim groups"):
         cute_attn.sparse_attn(*dev, SCALE, sbs, cbs, splits=splits, groups=3)
 
 
 def test_sparse_attn_wgmma_value_groups_rejected_at_compile():
-    """No GPU needed: a variant compiles only for ``GROUPS`` value-dim groups, and a cluster merge only
-    for splits."""
+    """No GPU needed: a variant compiles only for ``GROUPS`` value-dim groups, a cluster merge only for
+    splits and a cluster's partial only with a cluster."""
     from dsv4_compile.kernels.cute import HAVE_CUTE
 
     if not HAVE_CUTE:
@@ -991,10 +1008,14 @@ def test_sparse_attn_wgmma_value_groups_rejected_at_compile():
 
     from dsv4_compile.kernels.cute import sparse_attn as cute_attn
 
-    for split, cluster, groups in ((False, 0, 5), (False, 2, 2), (True, 0, 3), (True, 0, 16)):
-        with pytest.raises(ValueError, match="value-dim groups"):
+    for split, cluster, part, groups, match in ((False, 0, False, 5, "value-dim groups"),
+                                                (True, 0, False, 3, "value-dim groups"),
+                                                (True, 0, False, 16, "value-dim groups"),
+                                                (False, 2, False, 2, "without splits"),
+                                                (True, 0, True, 1, "without splits")):
+        with pytest.raises(ValueError, match=match):
             cute_attn.SparseAttnKernel.compile(64, 64, True, split, Int32, True, "sm_90a", cluster=cluster,
-                                               groups=groups)
+                                               cluster_part=part, groups=groups)
 
 
 @pytest.mark.cuda
@@ -1021,13 +1042,7 @@ def test_sparse_attn_wgmma_default_merge(t, k, h200_plan):
                                                       with_comp=k > 0, swa_blocks=4, comp_blocks=264)
     dev = [x.cuda() if x is not None else None for x in (q, swa, si, comp, ci, sink)]
     index = dev[0].device.index
-    n_split, _, groups = cute_attn.split_plan(t, 64, 128 + k, sm_programs(dev[0].device), index)
-    if groups > 1:
-        size = cute_attn.group_cluster(t, 64, n_split, groups, index)
-    elif cute_attn.cluster_merge(t, 64, n_split, index):
-        size = n_split
-    else:
-        size = cute_attn.cluster_run(t, 64, n_split, index)
+    n_split, _, size, groups, _ = cute_attn.launch_plan(t, 64, 128 + k, sm_programs(dev[0].device), index)
     if torch.cuda.get_device_properties(0).multi_processor_count == 132:
         assert (n_split, size, groups) == h200_plan
     default = cute_attn.sparse_attn(*dev, SCALE, sbs, cbs)

@@ -50,12 +50,13 @@ def test_cute_kernels_compile_for_sm90a_and_sm100a():
     # (wgmma: sm_90a only): CSA split (partials; merged in clusters of 2; clusters of 5 merged into
     # partials; four value-dim groups a split), SWA only split in clusters of 10 and in eight value-dim groups,
     # SWA only unsplit in eight value-dim groups and split in eight merged in clusters of its two splits,
+    # CSA in two value-dim groups whose clusters of 5 merge into partials,
     # HCA's C128 pages unsplit, SWA only; FP8 and MXFP4 indexer logits
     # (wgmma: sm_90a only): 64- and 128-entry pages; the decode FP8 GEMM (wgmma: sm_90a only): 3 variants
-    assert len(sm90) == 37 and len(sm100) == 20
+    assert len(sm90) == 38 and len(sm100) == 20
     assert sum(n.startswith("fp8_gemm_") for n in sm90) == 3
-    assert sum(n.startswith("sparse_attn_") for n in sm90) == 10
-    assert sum("_cluster" in n for n in sm90) == 4 and sum("_part" in n for n in sm90) == 1
+    assert sum(n.startswith("sparse_attn_") for n in sm90) == 11
+    assert sum("_cluster" in n for n in sm90) == 5 and sum("_part" in n for n in sm90) == 2
     assert sum(n.startswith("indexer_logits_") for n in sm90) == 4
     assert not any(n.startswith(("sparse_attn_", "indexer_logits_")) for n in sm100)
     assert sum(n.startswith("topk_") for n in sm90) == sum(n.startswith("topk_") for n in sm100) == 10

@@ -85,7 +85,8 @@ def _sparse_attn_cases():
     # V4 CSA (SWA + C4 pages, split into partials; split and merged within the cluster; split into
     # clusters of 5 that merge into partials), HCA's C128 pages with int64 indices written unsplit, the
     # SWA-only layer; CSA's splits as four CTAs each, one quarter of the value dims apiece; SWA-only's split or
-    # unsplit as eight, and split as eight merged within clusters of its two splits
+    # unsplit as eight, and split as eight merged within clusters of its two splits; CSA's as two groups
+    # whose runs of five splits merge into partials in clusters
     yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=0, part=False)
     yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=2, part=False)
     yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=5, part=True)
@@ -96,6 +97,7 @@ def _sparse_attn_cases():
     yield dict(swa_bs=64, comp_bs=64, comp=False, split=True, idx=Int32, pdl=True, cluster=0, part=False, groups=8)
     yield dict(swa_bs=64, comp_bs=64, comp=False, split=False, idx=Int32, pdl=True, cluster=0, part=False, groups=8)
     yield dict(swa_bs=64, comp_bs=64, comp=False, split=True, idx=Int32, pdl=True, cluster=2, part=False, groups=8)
+    yield dict(swa_bs=64, comp_bs=64, comp=True, split=True, idx=Int32, pdl=True, cluster=5, part=True, groups=2)
 
 
 def _check_sparse_attn_ptx(name: str, arch: str, ptx: str, cluster: bool = False, part: bool = False,

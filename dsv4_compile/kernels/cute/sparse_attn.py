@@ -201,9 +201,10 @@ class SparseAttnKernel:
         # which the combine kernel merges
         self.cluster = cluster
         self.cluster_part = cluster_part
-        # > 1 (no cluster): each split (or the unsplit CTA) is this many CTAs, each multiplying P·V for
-        # D / groups of the value dims (every one decodes the whole records and computes the same scores)
-        # and writing that slice of the split's partial (or of the output)
+        # > 1: each split (or the unsplit CTA) is this many CTAs, each multiplying P·V for D / groups of
+        # the value dims (every one decodes the whole records and computes the same scores) and writing
+        # that slice of the split's partial (or of the output); with a cluster, a cluster holds one
+        # group's splits and merges that slice
         self.groups = groups
 
     @cute.jit
@@ -455,9 +456,11 @@ class SparseAttnKernel:
         (``cluster_part``) a run of them into one partial for the combine kernel; ``groups`` > 1: each
         split, or the unsplit CTA, as that many CTAs, one slice of the value dims each (with ``cluster``,
         a cluster holds one group of its splits and merges that slice)."""
-        if groups not in GROUPS or (cluster and not split):
-            raise ValueError(f"sparse_attn: {groups} value-dim groups (one of {GROUPS}), cluster {cluster} "
-                             "(a cluster merge needs splits)")
+        if groups not in GROUPS:
+            raise ValueError(f"sparse_attn: {groups} value-dim groups (one of {GROUPS})")
+        if (cluster and not split) or (cluster_part and not cluster):
+            raise ValueError(f"sparse_attn: cluster {cluster} (cluster_part {cluster_part}) without splits "
+                             "(or a cluster) to merge")
         mk = cute.runtime.make_fake_tensor
         T = cute.sym_int()
         H = cute.sym_int()
@@ -641,16 +644,18 @@ ACC_ROW_BYTES = D * 4  # a row of the CTA's fp32 [64, 512] accumulator in shared
 ML_BYTES = 2 * BH * 4  # the CTA's running max and sum per row, fp32, read by the whole cluster
 FIN_OFF = ML_BYTES  # then each row's sink factor, then the splits' weights, [split][row]
 WTS_OFF = FIN_OFF + BH * 4
-GROUPS = (1, 2, 4, 8)  # value-dim groups a split may run as (P·V down to m64n32 per warpgroup)
+GROUPS = (1, 2, 4, 8)  # value-dim groups a split or an unsplit CTA may run as (P·V down to m64n32 per warpgroup)
 MAX_CLUSTER = 16  # CTAs per cluster on sm_90 (8 portable, 16 with the non-portable size allowed)
-CLUSTER_MIN_CTAS = 32  # the cluster merge from this many CTAs (cluster_merge)
+CLUSTER_MIN_CTAS = 32  # the cluster merge from this many CTAs (cluster_merge), of groups above it (group_cluster)
 CHUNKS_IN_FLIGHT = 16  # 16-byte remote loads a thread of the cluster merge issues before it uses one
 
 
 def _acc_offset(row, chunk):
     """Byte offset of 16-byte ``chunk`` (0..127: value dims 4·chunk ..) of ``row`` of the fp32
     ``[64, 512]`` accumulator in shared memory: the chunk index XOR the row's low three bits, so the
-    eight rows of a warp's 8-byte accumulator stores take the fewest wavefronts (two)."""
+    eight rows of a warp's 8-byte accumulator stores take the fewest wavefronts (two). With value-dim
+    groups the accumulator is the group's ``[64, 512 / groups]`` slice, chunks 0 .. 128 / groups − 1
+    (at least 16) at the same row pitch."""
     return row * ACC_ROW_BYTES + (chunk ^ (row % 8)) * 16
 
 
@@ -803,10 +808,10 @@ def splits_for(T: int, H: int, n_cand: int, sms: int) -> tuple[int, int]:
 
 def value_groups(ctas: int, sms: int) -> int:
     """The value-dim groups (``GROUPS``) for ``ctas`` split CTAs whose partials the combine kernel
-    merges: the most whose CTAs fill at most half the SMs, else two where they fill at most five
-    eighths. A split CTA's fp32 partial (128 KB, 64 rows × 512) leaves one SM at that SM's write
-    bandwidth (clock stamps, V4-Flash CSA B = 1: 4,800 cycles, as long as Q·Kᵀ, softmax and P·V
-    together); each group writes a ``groups``-th of it, and decodes the same records again. H200, 64k
+    (or a cluster: ``group_cluster``) merges: the most whose CTAs fill at most half the SMs, else two
+    where they fill at most five eighths. A split CTA's fp32 partial (128 KB, 64 rows × 512) leaves one
+    SM at that SM's write bandwidth (clock stamps, V4-Flash CSA B = 1: 4,800 cycles, as long as Q·Kᵀ,
+    softmax and P·V together); each group writes a ``groups``-th of it, and decodes the same records again. H200, 64k
     context, graph replay, V4-Flash, groups 1 → the chosen (the best measured of 2 / 4 / 8 in every
     case; µs): CSA B = 1 (10 CTAs) 11.4 → 9.4 (4; 9.8 at 8), B = 2 (20) 13.5 → 11.7 (2; 12.0 at 4),
     B = 4 (40) 13.4 → 12.0 (2; 15.6 at 4), SWA-only B = 1 (2) 9.3 → 6.4 (8), B = 8 (16) 10.2 → 8.1
@@ -844,8 +849,9 @@ def split_plan(T: int, H: int, n_cand: int, sms: int, device_index: int) -> tupl
     as ``value_groups`` groups where that gives more than one; else, where its splits do not all merge
     within one cluster (``cluster_merge``), half as many splits as two groups each where
     ``value_groups`` allows it (V4-Flash CSA B = 8: ten splits merged in clusters of five 15.6 µs,
-    five splits as two groups 14.3); else one group (the cluster rules then apply). Rows of two tiles
-    run unsplit as ``unsplit_groups`` groups where that gives more than one."""
+    five splits as two groups 14.3); else one group. Rows of two tiles run unsplit as ``unsplit_groups``
+    groups where that gives more than one. (``launch_plan`` then picks the clusters: ``group_cluster``
+    for groups, ``cluster_merge`` / ``cluster_run`` for one.)"""
     n_split, per_split = splits_for(T, H, n_cand, sms)
     ctas = T * cdiv(H, BH)
     plan = n_split, per_split, 1
@@ -956,6 +962,40 @@ def group_cluster(T: int, H: int, n_split: int, groups: int, device_index: int) 
     return 0
 
 
+def launch_plan(T: int, H: int, n_cand: int, sms: int, device_index: int, splits: int | None = None,
+                cluster: bool | int | None = None, groups: int | None = None) -> tuple[int, int, int, int, int]:
+    """(splits, candidates per split, cluster size (0: none), value-dim groups, partials the combine
+    kernel merges (1: none)) of a ``sparse_attn`` call of ``T`` tokens, ``H`` heads and ``n_cand``
+    candidates a token on a GPU of ``sms`` SMs, from its arguments ``splits``, ``cluster`` and
+    ``groups`` (see ``sparse_attn``; no GPU needed but ``cluster_capacity``'s query). ValueError: groups
+    outside ``GROUPS``, a cluster size that cannot hold the splits."""
+    planned = splits is None and cluster is None and groups is None
+    if planned:
+        n_split, per_split, groups = split_plan(T, H, n_cand, sms, device_index)
+    else:
+        n_split, per_split = splits_for(T, H, n_cand, sms)
+    if splits is not None:
+        per_split = cdiv(cdiv(max(n_cand, 1), splits), BN) * BN  # whole tiles
+        n_split = max(1, cdiv(n_cand, per_split))
+    groups = 1 if groups is None else groups
+    if groups != 1:
+        if groups not in GROUPS:
+            raise ValueError(f"sparse_attn: {groups} value-dim groups need one of {GROUPS}")
+        if cluster is None:  # the plan's groups merge in clusters where those fit; forced groups do not
+            cluster = group_cluster(T, H, n_split, groups, device_index) if planned else 0
+    if cluster is None:
+        cluster = n_split if cluster_merge(T, H, n_split, device_index) else cluster_run(T, H, n_split, device_index)
+    elif cluster is True or cluster is False:
+        cluster = n_split if cluster else 0
+    split = n_split > 1
+    if cluster and split and (cluster > MAX_CLUSTER or n_split % cluster or cluster < 2):
+        raise ValueError(f"sparse_attn: {n_split} splits cannot merge within clusters of {cluster} "
+                         f"(a divisor of the split count, 2 to {MAX_CLUSTER})")
+    cluster = cluster if split else 0
+    runs = n_split // cluster if cluster else n_split  # partials the combine kernel merges (1: none)
+    return n_split, per_split, cluster, groups, runs
+
+
 def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale: float, swa_block_size: int,
                 comp_block_size: int, splits: int | None = None, pdl: bool | None = None,
                 cluster: bool | int | None = None, groups: int | None = None) -> torch.Tensor:
@@ -994,31 +1034,9 @@ def sparse_attn(q, swa_cache, swa_indices, comp_cache, comp_indices, sink, scale
     sink = sink.contiguous()
     W = swa_indices.shape[1]
     K = comp_indices.shape[1] if has_comp else 0
-    planned = splits is None and cluster is None and groups is None
-    if planned:
-        n_split, per_split, groups = split_plan(T, H, W + K, sm_programs(q.device), q.device.index)
-    else:
-        n_split, per_split = splits_for(T, H, W + K, sm_programs(q.device))
-    if splits is not None:
-        per_split = cdiv(cdiv(max(W + K, 1), splits), BN) * BN  # whole tiles
-        n_split = max(1, cdiv(W + K, per_split))
+    n_split, per_split, cluster, groups, runs = launch_plan(T, H, W + K, sm_programs(q.device), q.device.index,
+                                                            splits, cluster, groups)
     split = n_split > 1
-    groups = 1 if groups is None else groups
-    if groups != 1:
-        if groups not in GROUPS:
-            raise ValueError(f"sparse_attn: {groups} value-dim groups need one of {GROUPS}")
-        if cluster is None:  # the plan's groups merge in clusters where those fit; forced groups do not
-            cluster = group_cluster(T, H, n_split, groups, q.device.index) if planned else 0
-    if cluster is None:
-        dev = q.device.index
-        cluster = n_split if cluster_merge(T, H, n_split, dev) else cluster_run(T, H, n_split, dev)
-    elif cluster is True or cluster is False:
-        cluster = n_split if cluster else 0
-    if cluster and split and (cluster > MAX_CLUSTER or n_split % cluster or cluster < 2):
-        raise ValueError(f"sparse_attn: {n_split} splits cannot merge within clusters of {cluster} "
-                         f"(a divisor of the split count, 2 to {MAX_CLUSTER})")
-    cluster = cluster if split else 0
-    runs = n_split // cluster if cluster else n_split  # partials the combine kernel merges (1: none)
     if pdl is None:
         pdl = pdl_meta(q.device.index) is not None
     part = m = l_ = None
