@@ -798,6 +798,14 @@ def test_sparse_attn_wgmma_launch_plan():
     assert not cute_attn.supports(q, torch.zeros(2, 37440, dtype=torch.uint8), None)
 
 
+H200_CLUSTERS = {2: 66, 3: 39, 4: 30, 5: 22, 6: 17, 7: 15, 8: 15, 9: 9, 10: 7}  # an H200's clusters at once, by size
+
+
+def _h200_cluster_capacity(monkeypatch, cute_attn):
+    """The H200's cluster capacities (``H200_CLUSTERS``; 7 for 11-16 CTAs) in place of the device query."""
+    monkeypatch.setattr(cute_attn, "cluster_capacity", lambda dev, n: H200_CLUSTERS.get(n, 7 if n <= 16 else 0))
+
+
 def test_sparse_attn_split_plan_value_groups(monkeypatch):
     """The op's default split plan (no GPU: the H200's 132 SMs and cluster capacities stand in):
     value-dim groups where the split CTAs fill at most half the SMs (the most that do) or, two of
@@ -810,8 +818,7 @@ def test_sparse_attn_split_plan_value_groups(monkeypatch):
         pytest.skip("CuTe DSL not installed")
     from dsv4_compile.kernels.cute import sparse_attn as cute_attn
 
-    h200 = {2: 66, 3: 39, 4: 30, 5: 22, 6: 17, 7: 15, 8: 15, 9: 9, 10: 7}
-    monkeypatch.setattr(cute_attn, "cluster_capacity", lambda dev, n: h200.get(n, 7 if n <= 16 else 0))
+    _h200_cluster_capacity(monkeypatch, cute_attn)
     plan = lambda t, h, n: cute_attn.split_plan(t, h, n, 132, 0)  # noqa: E731
     # V4-Flash CSA (640 candidates = 10 tiles): 10 / 20 / 40 CTAs -> 4 / 2 / 2 groups; B = 8: 80 CTAs,
     # 8 clusters of 10 do not fit (7) -> 5 splits of 2 tiles as 2 groups (80 CTAs); B = 16: 5 splits
@@ -845,8 +852,7 @@ def test_sparse_attn_cluster_merge_rule(monkeypatch):
         pytest.skip("CuTe DSL not installed")
     from dsv4_compile.kernels.cute import sparse_attn as cute_attn
 
-    h200 = {2: 66, 3: 39, 4: 30, 5: 22, 6: 17, 7: 15, 8: 15, 9: 9, 10: 7}
-    monkeypatch.setattr(cute_attn, "cluster_capacity", lambda dev, n: h200.get(n, 7 if n <= 16 else 0))
+    _h200_cluster_capacity(monkeypatch, cute_attn)
     rule = {t: cute_attn.cluster_merge(t, 64, cute_attn.splits_for(t, 64, 640, 132)[0], 0)
             for t in (1, 2, 4, 8, 16, 32, 64)}
     # V4-Flash CSA: 10 splits at B <= 13 (B = 8: 8 clusters of 10 > 7), 4 at B = 32 (32 > 30)

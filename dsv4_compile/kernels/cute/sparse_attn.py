@@ -857,13 +857,14 @@ def split_plan(T: int, H: int, n_cand: int, sms: int, device_index: int) -> tupl
     plan = n_split, per_split, 1
     if n_split > 1:
         g = value_groups(ctas * n_split, sms)
-        half = cdiv(cdiv(n_cand, BN), cdiv(n_split, 2)) * BN  # half the splits, whole tiles
-        n_half = cdiv(n_cand, half)
-        g_half = value_groups(ctas * n_half, sms)
         if g > 1:
             plan = n_split, per_split, g
-        elif n_half > 1 and g_half > 1 and not cluster_merge(T, H, n_split, device_index):
-            plan = n_half, half, g_half
+        else:
+            half = cdiv(cdiv(n_cand, BN), cdiv(n_split, 2)) * BN  # half the splits, whole tiles
+            n_half = cdiv(n_cand, half)
+            g = value_groups(ctas * n_half, sms)
+            if n_half > 1 and g > 1 and not cluster_merge(T, H, n_split, device_index):
+                plan = n_half, half, g
     tiles = cdiv(n_cand, BN)
     g = unsplit_groups(ctas, tiles, sms)
     return (1, tiles * BN, g) if g > 1 else plan
@@ -901,8 +902,9 @@ def cluster_capacity(device_index: int, n: int) -> int:
     return _CAPACITY[key]
 
 
-def cluster_merge(T: int, H: int, n_split: int, device_index: int) -> bool:
-    """Whether the ``n_split`` splits of each (token, head block) merge within their cluster: every
+def cluster_merge(T: int, H: int, n_split: int, device_index: int, groups: int = 1) -> bool:
+    """Whether the ``n_split`` splits of each (token, head block) (and value-dim group, of ``groups``)
+    merge within their cluster: every
     cluster resident at once (``cluster_capacity``; a second wave of clusters doubles the time) and at
     least ``CLUSTER_MIN_CTAS`` CTAs, below which the combine kernel's partials are small and the two
     merges cost the same or the cluster's more. H200, 64k context, graph replay, the kernel with the
@@ -912,14 +914,15 @@ def cluster_merge(T: int, H: int, n_split: int, device_index: int) -> bool:
     13.3, SWA-only B = 1 / 8 9.1 / 10.4 → 10.2 / 10.6. (CSA B = 8 and 32 split 10 and 4 ways: 8 and 32
     clusters, more than the H200's 7 and 30.) Each cluster size is its own compiled variant (its
     remote loads are unrolled): the first launch at a new split count compiles it, a few seconds."""
-    ctas = T * cdiv(H, BH)
+    ctas = T * cdiv(H, BH) * groups
     return n_split > 1 and ctas * n_split >= CLUSTER_MIN_CTAS and ctas <= cluster_capacity(device_index, n_split)
 
 
-def cluster_run(T: int, H: int, n_split: int, device_index: int) -> int:
+def cluster_run(T: int, H: int, n_split: int, device_index: int, groups: int = 1) -> int:
     """Where ``cluster_merge`` declines for want of room (a cluster of every split does not fit the GPU
     at once): the largest cluster size ``c`` (a divisor of ``n_split``, 2 .. ``n_split − 1``) whose
-    ``n_split / c`` clusters per (token, head block) are all resident at once; its clusters merge
+    ``n_split / c`` clusters per (token, head block) (and value-dim group, of ``groups``) are all
+    resident at once; its clusters merge
     their runs of ``c`` splits into one partial each, which the combine kernel merges (``_cluster_merge``
     with ``to_part``). 0: none (too few CTAs, as for ``cluster_merge``, or no size fits). H200, 64k
     context, graph replay, the op, every split's partial → runs merged in clusters (the outputs there
@@ -928,7 +931,7 @@ def cluster_run(T: int, H: int, n_split: int, device_index: int) -> int:
     18.1 → 16.0 / 16.3 µs, B = 32 (4; 2) 24.4-24.6 → 24.2, HCA B = 32 24.1 → 23.3-23.5; no change at CSA
     B = 8 (15.4, clusters of 5), HCA B = 8 (15.3-15.4 → 15.2) and V4-Pro CSA B = 16 (4 splits a head
     block; 30.5-30.6)."""
-    ctas = T * cdiv(H, BH)
+    ctas = T * cdiv(H, BH) * groups
     if n_split < 4 or ctas * n_split < CLUSTER_MIN_CTAS:
         return 0
     for c in range(min(n_split // 2, MAX_CLUSTER), 1, -1):
@@ -939,27 +942,22 @@ def cluster_run(T: int, H: int, n_split: int, device_index: int) -> int:
 
 def group_cluster(T: int, H: int, n_split: int, groups: int, device_index: int) -> int:
     """The cluster size for the op's plan of ``n_split`` splits as ``groups`` value-dim groups, each
-    cluster holding one group's splits (``_cluster_merge`` on a ``512 / groups`` slice): all of them,
-    no partials and no combine kernel, where every such cluster (``T · ⌈H / 64⌉ · groups``) is resident
-    at once (``cluster_capacity``); else the largest proper divisor ``c`` of ``n_split`` (up to
-    ``MAX_CLUSTER``) whose clusters all are, each merging its run of ``c`` splits into one partial for
-    the combine kernel; 0 (every split's partial to the combine kernel) with at most
-    ``CLUSTER_MIN_CTAS`` CTAs or where no size fits. H200, 64k context, graph replay, the combine
+    cluster holding one group's splits (``_cluster_merge`` on a ``512 / groups`` slice): the one-group
+    rules over ``T · ⌈H / 64⌉ · groups`` rows, all the splits where ``cluster_merge`` allows (no
+    partials, no combine kernel), else ``cluster_run``'s runs into partials; 0 (every split's partial
+    to the combine kernel) with at most ``CLUSTER_MIN_CTAS`` CTAs (one group allows exactly that many)
+    or where no size fits. H200, 64k context, graph replay, the combine
     kernel over every split → the cluster merge (µs): V4-Flash CSA B = 1 (10 splits × 4 groups, 40
     CTAs) 9.64 → 8.10 (clusters of 5 into partials 9.24), B = 2 (× 2) 11.69 → 9.91 (10.91), B = 8 (5
     × 2) 14.26 → 13.51; HCA B = 1 / 2 / 8 9.64 / 11.50 / 14.88 → 8.33 / 9.57 / 13.65; SWA-only B = 4 /
     8 (2 × 8 / 4, 64 CTAs) 7.22 / 8.20 → 6.95 / 7.56, V4-Pro B = 4 7.99 → 7.34; V4-Pro CSA B = 1 (18 ×
     2; 18 > ``MAX_CLUSTER``) 13.43 → 11.29 in runs of 9. With 16 / 32 CTAs (SWA-only B = 1 / 2) the
     combine kernel was faster: 6.47 / 6.61 against 6.73 / 6.84."""
-    ctas = T * cdiv(H, BH)
-    if n_split < 2 or ctas * n_split * groups <= CLUSTER_MIN_CTAS:
+    if T * cdiv(H, BH) * groups * n_split <= CLUSTER_MIN_CTAS:
         return 0
-    if n_split <= MAX_CLUSTER and ctas * groups <= cluster_capacity(device_index, n_split):
+    if cluster_merge(T, H, n_split, device_index, groups):
         return n_split
-    for c in range(min(MAX_CLUSTER, n_split - 1), 1, -1):
-        if n_split % c == 0 and ctas * groups * (n_split // c) <= cluster_capacity(device_index, c):
-            return c
-    return 0
+    return cluster_run(T, H, n_split, device_index, groups)
 
 
 def launch_plan(T: int, H: int, n_cand: int, sms: int, device_index: int, splits: int | None = None,
