@@ -241,7 +241,8 @@ def test_gpu_rows_at_any_alignment(T):
     """The CuTe rounds load a thread's consecutive keys 8 or 16 bytes at a time where the row is so
     aligned and one at a time where it is not: logits rows starting 0, 4, 8 and 12 bytes past a
     16-byte boundary (views at a storage offset, rows L + 1 apart), 4,096- and 16,384-entry chunks,
-    and candidate rows of odd widths (k = 3, 5), with ties, against the reference."""
+    and candidate rows of odd widths (k = 3, 5), with ties, against the reference; the rounds and
+    the op's default (a cluster a row where it splits rows)."""
     L = 16384
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     g = torch.Generator().manual_seed(T)
@@ -256,8 +257,9 @@ def test_gpu_rows_at_any_alignment(T):
         req = torch.zeros(T, dtype=torch.int64, device="cuda")
         for k in (3, 5, 512):
             want = ref.select_topk(logits.contiguous(), lengths.cuda(), k)
-            got = topk_kernels.select_topk(logits, pos, req, 1, 4, k, sms, variant="cute")
-            assert torch.equal(got, want), (off, k)
+            for cluster in (None, 0):  # the default (one cluster a row at T = 1 / 8 on the H200), the rounds
+                got = topk_kernels.select_topk(logits, pos, req, 1, 4, k, sms, variant="cute", cluster=cluster)
+                assert torch.equal(got, want), (off, k, cluster)
 
 
 @pytest.mark.cuda
@@ -287,7 +289,7 @@ def test_gpu_fused_rounds_match_separate_rounds_and_reset_their_counters():
                 logits = (torch.randint(0, 3000, (T, L), generator=g).float() / 3).cuda()
                 want = ref.select_topk(logits, n, k)
                 for fused, ctas in ((True, None), (True, 1), (True, 3), (False, None)):
-                    got = torch.empty(T, k, dtype=torch.int32, device="cuda")
+                    got = torch.full((T, k), -7, dtype=torch.int32, device="cuda")  # every slot written
                     cute_topk.select_into(got, logits, pos, req, 1, 4, k, sms, chunk, pdl=False, fused=fused,
                                           ctas=ctas)
                     assert torch.equal(got, want), (L, chunk, k, fused, ctas)
@@ -345,9 +347,17 @@ def test_gpu_cluster_selection_matches_the_reference(L):
             logits = torch.where(torch.arange(L)[None, :] < n[:, None], logits, float("nan")).cuda()
             want = ref.select_topk(logits, n.cuda(), k)
             for cluster in sizes + [None]:
-                got = torch.empty(T, k, dtype=torch.int32, device="cuda")
-                cute_topk.select_into(got, logits, pos, req, 1, 4, k, sms, pdl=False, cluster=cluster)
-                assert torch.equal(got, want), (L, k, levels, cluster)
+                for pdl in (False, True):
+                    got = torch.full((T, k), -7, dtype=torch.int32, device="cuda")  # every slot written
+                    cute_topk.select_into(got, logits, pos, req, 1, 4, k, sms, pdl=pdl, cluster=cluster)
+                    assert torch.equal(got, want), (L, k, levels, cluster, pdl)
+            # rows starting at any 4-byte offset (the 8 / 16-byte loads fall back to element loads)
+            wide = torch.full((T, L + 3), float("nan"), device="cuda")
+            for off in (1, 3):
+                wide[:, off:off + L] = logits
+                got = torch.full((T, k), -7, dtype=torch.int32, device="cuda")
+                cute_topk.select_into(got, wide[:, off:off + L], pos, req, 1, 4, k, sms, cluster=sizes[0])
+                assert torch.equal(got, want), (L, k, levels, off)
     assert cute_topk.cluster_plan(1, 16384, cute_topk.plan(1, 16384, 512, sms), 0) is not None  # the default
     # graph replay over new logits
     T, k = 2, 512
@@ -385,9 +395,9 @@ def test_cluster_plan_rule_and_errors(monkeypatch):
     assert cp(1, cute_topk.FUSED_FROM + 1, split, 0) is None  # wider: the fused rounds
     assert cp(1, 8 * c, split, 0, 0) is None
     assert cp(1, 16384, split, 0, 4) == (4096, 4) and cp(1, 9000, split, 0, 3) == (4096, 3)
-    for L, n in ((16384, 1), (16384, 17), (300000, 16), (1000, 8)):
+    for T, L, n in ((1, 16384, 1), (1, 16384, 17), (1, 300000, 16), (1, 1000, 8), (65536, 16384, 4)):
         with pytest.raises(ValueError, match="clusters of"):
-            cp(1, L, split, 0, n)
+            cp(T, L, split, 0, n)
 
 
 @pytest.mark.cuda

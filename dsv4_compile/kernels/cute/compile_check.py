@@ -302,7 +302,7 @@ def compile_all(arch: str) -> list[str]:
         for case in _topk_cluster_cases():
             ptx = _case_ptx(dump_dir, topk.TopkClusterKernel.compile, case["chunk"], case["cl"], Int64, Int64,
                             case["pdl"], arch)
-            name = "topk_cluster{}_c{}{}".format(case["cl"], case["chunk"], "_pdl" if case["pdl"] else "")
+            name = "topk_dsmem{}_c{}{}".format(case["cl"], case["chunk"], "_pdl" if case["pdl"] else "")
             _check_topk_ptx(name, arch, ptx, cluster=True)
             names.append(_check_ptx(name, arch, ptx, False))
         for case in _sparse_attn_cases() if arch == "sm_90a" else ():

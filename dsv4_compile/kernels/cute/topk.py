@@ -839,8 +839,8 @@ def cluster_plan(T: int, L: int, rounds: list, device_index: int, cluster: int |
     rounds). ``cluster=None``: where ``rounds`` split a row (two rounds or more), ``L <= FUSED_FROM``, and
     the ``ceil(L / CLUSTER_CHUNK)`` CTAs of every row's cluster (2-16) are resident at once
     (``sparse_attn.cluster_capacity``: a second wave would wait for the first). ``cluster=0``: ``None``;
-    ``cluster=n``: ``n`` CTAs a row (a ``ValueError`` outside 2..16 or where a CTA's chunk, ``L / n``
-    rounded up to a power of two, is outside 256..16,384)."""
+    ``cluster=n``: ``n`` CTAs a row (a ``ValueError`` outside 2..16, where a CTA's chunk, ``L / n``
+    rounded up to a power of two, is outside 256..16,384, or for more than 65,535 rows: the grid's y)."""
     if cluster == 0:
         return None
     if cluster is None:
@@ -854,9 +854,9 @@ def cluster_plan(T: int, L: int, rounds: list, device_index: int, cluster: int |
     else:
         n = cluster
     chunk = 1 << max(0, cdiv(L, n) - 1).bit_length()
-    if not 2 <= n <= MAX_CLUSTER_CTAS or not BINS <= chunk <= MAX_CHUNK:
-        raise ValueError(f"topk: rows of {L} entries over clusters of {n} CTAs ({chunk} entries each): "
-                         f"2..{MAX_CLUSTER_CTAS} CTAs of {BINS}..{MAX_CHUNK} entries")
+    if not 2 <= n <= MAX_CLUSTER_CTAS or not BINS <= chunk <= MAX_CHUNK or T > 65535:
+        raise ValueError(f"topk: {T} rows of {L} entries over clusters of {n} CTAs ({chunk} entries each): "
+                         f"2..{MAX_CLUSTER_CTAS} CTAs of {BINS}..{MAX_CHUNK} entries, at most 65,535 rows")
     return chunk, n
 
 
@@ -877,10 +877,13 @@ def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor
     fuses tables wider than ``FUSED_FROM`` entries only; its CTAs a row: ``ctas`` (tests), by default
     as many as the first round's chunks and one wave of one CTA per SM allow. Before either, a row
     the plan splits runs in one ``TopkClusterKernel`` where ``cluster_plan`` allows (``cluster``: its
-    CTAs a row, 0 for none, ``None`` for ``cluster_plan``'s default)."""
+    CTAs a row, 0 for none, ``None`` for ``cluster_plan``'s default, which a given ``chunk``, ``fused``
+    or ``ctas`` turns off)."""
     T, L = logits.shape
     rounds = plan(T, L, topk, sms, chunk, max_chunk)
     arch = arch_name(logits.device)
+    if cluster is None and (chunk is not None or fused is not None or ctas is not None):
+        cluster = 0  # a forced plan of rounds
     cp = cluster_plan(T, L, rounds, logits.device.index or 0, cluster)
     if cp is not None:
         compiled = TopkClusterKernel.compile(*cp, TORCH_TO_CUTE[positions.dtype], TORCH_TO_CUTE[token_to_req.dtype],
