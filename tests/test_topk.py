@@ -375,26 +375,28 @@ def test_gpu_cluster_selection_matches_the_reference(L):
 
 
 def test_cluster_plan_rule_and_errors(monkeypatch):
-    """Where the selection takes one cluster a row (``cluster_plan``): rows the plan splits, of at
-    most ``FUSED_FROM`` entries, ``ceil(L / CLUSTER_CHUNK)`` CTAs a row whose clusters are resident at
-    once; forced sizes and their errors."""
+    """Where the selection takes one cluster a row (``cluster_plan``): rows the plan splits, at most
+    ``CLUSTER_ROWS`` of them, ``ceil(L / CLUSTER_CHUNK)`` of 2 .. ``CLUSTER_CTAS`` CTAs a row whose
+    clusters are resident at once; forced sizes and their errors."""
     pytest.importorskip("cutlass")
     from dsv4_compile.kernels.cute import sparse_attn as cute_attn
     from dsv4_compile.kernels.cute import topk as cute_topk
 
-    monkeypatch.setattr(cute_attn, "cluster_capacity", lambda dev, n: 16 if n <= 8 else 7)
+    monkeypatch.setattr(cute_attn, "cluster_capacity", lambda dev, n: 3 if n == 3 else 16)
     cp = cute_topk.cluster_plan
-    c = cute_topk.CLUSTER_CHUNK
+    c, most, rows = cute_topk.CLUSTER_CHUNK, cute_topk.CLUSTER_CTAS, cute_topk.CLUSTER_ROWS
+    assert (c, most, rows) == (4096, 4, 4)  # a 64k-token context's 16,384-entry rows: four CTAs
     split, one = [(4096, 4), (2048, 1)], [(16384, 1)]
-    assert cp(1, 8 * c, split, 0) == (c, 8)
-    assert cp(1, 8 * c - 5, split, 0) == (c, 8)
-    assert cp(16, 8 * c, split, 0) == (c, 8) and cp(17, 8 * c, split, 0) is None  # one wave of clusters
-    assert cp(1, 16 * c, split, 0) == (c, 16) and cp(8, 16 * c, split, 0) is None
-    assert cp(1, 8 * c, one, 0) is None  # an unsplit row: the one round
+    assert cp(1, most * c, split, 0) == (c, most)
+    assert cp(1, most * c - 5, split, 0) == (c, most)
+    assert cp(rows, most * c, split, 0) == (c, most) and cp(rows + 1, most * c, split, 0) is None
+    assert cp(3, 3 * c, split, 0) == (c, 3) and cp(4, 3 * c, split, 0) is None  # one wave of clusters
+    assert cp(1, 2 * c, split, 0) == (c, 2)
+    assert cp(1, most * c + 1, split, 0) is None  # more CTAs: the rounds
+    assert cp(1, most * c, one, 0) is None  # an unsplit row: the one round
     assert cp(1, c, split, 0) is None  # one CTA's worth
-    assert cp(1, cute_topk.FUSED_FROM + 1, split, 0) is None  # wider: the fused rounds
-    assert cp(1, 8 * c, split, 0, 0) is None
-    assert cp(1, 16384, split, 0, 4) == (4096, 4) and cp(1, 9000, split, 0, 3) == (4096, 3)
+    assert cp(1, most * c, split, 0, 0) is None
+    assert cp(1, 16384, split, 0, 8) == (2048, 8) and cp(1, 9000, split, 0, 3) == (4096, 3)
     for T, L, n in ((1, 16384, 1), (1, 16384, 17), (1, 300000, 16), (1, 1000, 8), (65536, 16384, 4)):
         with pytest.raises(ValueError, match="clusters of"):
             cp(T, L, split, 0, n)

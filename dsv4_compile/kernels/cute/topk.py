@@ -41,6 +41,14 @@ per SM, so the chunks past a short row cost no second wave either). Otherwise (o
 declines) each round is its own kernel (``TopkRoundKernel``), the later ones waiting for the earlier
 ones to complete: for rows of at most 65,536 entries the separate rounds were as fast or slightly
 faster on the H200.
+
+Few rows the plan splits (``cluster_plan``: up to four rows of up to 16,384 entries, a 64k-token
+context) are selected in one round by a thread-block cluster instead (``TopkClusterKernel``): each CTA
+holds a 4,096-entry chunk, and the key range, every pass's histogram and the kept counts before each CTA
+are summed over the cluster in distributed shared memory, so the row's threshold is found with no
+candidates written and no second launch. H200, ``indexer_topk`` at 64k context: B = 1 / 4 9.35-9.42 /
+11.65-11.67 → 8.95-9.12 / 11.31-11.33 µs; it lost at B = 8 and with more, smaller CTAs (``CLUSTER_CHUNK``
+has the numbers).
 """
 
 from __future__ import annotations
@@ -829,23 +837,36 @@ def fused_plan(rounds: list, topk: int) -> Optional[tuple]:
     return chunks, tuple(c // topk for c in chunks[1:])
 
 
-# A row the plan splits, selected by one cluster instead of rounds, at up to this many entries a CTA.
-CLUSTER_CHUNK = 2048
+# The default of a cluster a row (``cluster_plan``): CTAs of up to CLUSTER_CHUNK entries, at most
+# CLUSTER_CTAS of them a row and CLUSTER_ROWS rows. H200, graph replay, ``indexer_topk`` / the selection
+# alone, µs, the rounds → a cluster of 4 / 8 / 16 CTAs (4,096 / 2,048 / 1,024 entries each), 64k context
+# (16,384 entries), FP8: B = 1 9.35-9.42 / 7.06-7.18 → 8.95-9.12 / 6.70-7.14, 10.45-10.50 / 7.87-8.12,
+# 15.4-15.7 / 12.4-12.9; B = 2 10.76-10.78 / 7.87 → 10.75-10.81 / 7.62, 12.05-12.46 / 8.55, 16.7 / 13.2;
+# B = 4 11.65-11.67 / 7.89-8.07 → 11.31-11.33 / 7.50-7.52, 12.7 / 8.5, 18.5-18.7 / 13.2; B = 8 14.35-14.37 /
+# 8.06 → 15.68-15.71 / 7.79-7.81 (the op loses though the selection gains: 1,024-thread CTAs in
+# clusters start later behind the logits kernel's tail); B = 16 19.65 / 8.35 → 21.46 / 8.15; MXFP4 B = 1
+# 9.95-10.02 → 9.79-9.81, B = 8 15.74-15.76 → 16.23; 32k context in a 64k table B = 1 8.66-8.70 → 8.60-8.63;
+# 256k context (65,536 entries, 16 CTAs of 4,096) B = 1 / 4 12.6 / 20.6 → 16.6 / 24.8 (every cluster barrier
+# waits for 16 CTAs). Every pass costs a cluster barrier and remote loads, so more, smaller CTAs lose.
+CLUSTER_CHUNK = 4096
+CLUSTER_CTAS = 4
+CLUSTER_ROWS = 4
 
 
 def cluster_plan(T: int, L: int, rounds: list, device_index: int, cluster: int | None = None
                  ) -> Optional[tuple[int, int]]:
     """``(chunk, CTAs a row)`` of ``TopkClusterKernel`` for rows of ``L`` entries, or ``None`` (the
-    rounds). ``cluster=None``: where ``rounds`` split a row (two rounds or more), ``L <= FUSED_FROM``, and
-    the ``ceil(L / CLUSTER_CHUNK)`` CTAs of every row's cluster (2-16) are resident at once
-    (``sparse_attn.cluster_capacity``: a second wave would wait for the first). ``cluster=0``: ``None``;
-    ``cluster=n``: ``n`` CTAs a row (a ``ValueError`` outside 2..16, where a CTA's chunk, ``L / n``
-    rounded up to a power of two, is outside 256..16,384, or for more than 65,535 rows: the grid's y)."""
+    rounds). ``cluster=None``: where ``rounds`` split a row (two rounds or more), ``T <= CLUSTER_ROWS``,
+    ``ceil(L / CLUSTER_CHUNK)`` is 2 .. ``CLUSTER_CTAS`` (a 64k-token context: four CTAs of 4,096
+    entries) and all the clusters are resident at once (``sparse_attn.cluster_capacity``).
+    ``cluster=0``: ``None``; ``cluster=n``: ``n`` CTAs a row (a ``ValueError`` outside 2..16, where a
+    CTA's chunk, ``L / n`` rounded up to a power of two, is outside 256..16,384, or for more than
+    65,535 rows: the grid's y)."""
     if cluster == 0:
         return None
     if cluster is None:
         n = cdiv(L, CLUSTER_CHUNK)
-        if len(rounds) < 2 or L > FUSED_FROM or not 2 <= n <= MAX_CLUSTER_CTAS:
+        if len(rounds) < 2 or T > CLUSTER_ROWS or not 2 <= n <= CLUSTER_CTAS:
             return None
         from .sparse_attn import cluster_capacity
 
