@@ -125,6 +125,17 @@ def _alloc_smem(cluster: bool = False):
 
 
 @cute.jit
+def _row_length_then_wait(mPos, mReq, t, n_req, ratio, L, pdl: bool):
+    """Row ``t``'s visible entries, read before the grid-dependency wait (with ``pdl``: see
+    ``TopkRoundKernel.kernel``), then the wait."""
+    n = _row_length(mPos, mReq, t, n_req, ratio, L)
+    if const_expr(pdl):
+        cute.arch.griddepcontrol_wait()
+        cute.arch.griddepcontrol_launch_dependents()
+    return n
+
+
+@cute.jit
 def _fill(out_idx, out_key, out_base, kept, K, tid, NT: int, final: bool):
     """Slots ``kept .. K−1`` of a selection with fewer valid keys than ``K``: index −1 (and key 0)."""
     for j in cutlass.range(kept + tid, K, NT):
@@ -642,10 +653,7 @@ class TopkFusedKernel(TopkRoundKernel):
         _, P, _ = cute.arch.grid_dim()
         warp = tid // WARP
         lane = tid % WARP
-        n = _row_length(mPos, mReq, t, n_req, ratio, L)  # before the wait: see TopkRoundKernel.kernel
-        if const_expr(self.pdl):
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
+        n = _row_length_then_wait(mPos, mReq, t, n_req, ratio, L, self.pdl)
 
         hist, wsum, res, rng = _alloc_smem()
 
@@ -765,10 +773,7 @@ class TopkClusterKernel(TopkRoundKernel):
         rank, t, _ = cute.arch.block_idx()
         warp = tid // WARP
         lane = tid % WARP
-        n = _row_length(mPos, mReq, t, n_req, ratio, L)  # before the wait: see TopkRoundKernel.kernel
-        if const_expr(self.pdl):
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
+        n = _row_length_then_wait(mPos, mReq, t, n_req, ratio, L, self.pdl)
         hist, wsum, res, rng, ext, tot = _alloc_smem(True)
         if n <= K:  # the whole row (uniform over the cluster: no barrier, no remote load)
             if rank == 0:
