@@ -46,20 +46,22 @@ def test_cute_kernels_compile_for_sm90a_and_sm100a():
     sm90 = [n for n in lines if n.split("@")[1].startswith("sm_90a")]
     sm100 = [n for n in lines if n.split("@")[1].startswith("sm_100a")]
     # indexer-q: FP8 / MXFP4 x Hadamard off / on, + 2 dtype variants; kv insert: no RoPE, RoPE at 3 block
-    # sizes / dtype combinations; top-k: 5 round variants and 5 one-kernel plans; sparse attention
+    # sizes / dtype combinations; top-k: 5 round variants, 5 one-kernel plans and 4 cluster (distributed
+    # shared memory) ones; sparse attention
     # (wgmma: sm_90a only): CSA split (partials; merged in clusters of 2; clusters of 5 merged into
     # partials; four value-dim groups a split), SWA only split in clusters of 10 and in eight value-dim groups,
     # SWA only unsplit in eight value-dim groups and split in eight merged in clusters of its two splits,
     # CSA in two value-dim groups whose clusters of 5 merge into partials,
     # HCA's C128 pages unsplit, SWA only; FP8 and MXFP4 indexer logits
     # (wgmma: sm_90a only): 64- and 128-entry pages; the decode FP8 GEMM (wgmma: sm_90a only): 3 variants
-    assert len(sm90) == 38 and len(sm100) == 20
+    assert len(sm90) == 42 and len(sm100) == 24
+    assert sum(n.startswith("topk_dsmem") for n in sm90) == 4 and sum(n.startswith("topk_dsmem") for n in sm100) == 4
     assert sum(n.startswith("fp8_gemm_") for n in sm90) == 3
     assert sum(n.startswith("sparse_attn_") for n in sm90) == 11
     assert sum("_cluster" in n for n in sm90) == 5 and sum("_part" in n for n in sm90) == 2
     assert sum(n.startswith("indexer_logits_") for n in sm90) == 4
     assert not any(n.startswith(("sparse_attn_", "indexer_logits_")) for n in sm100)
-    assert sum(n.startswith("topk_") for n in sm90) == sum(n.startswith("topk_") for n in sm100) == 10
+    assert sum(n.startswith("topk_") for n in sm90) == sum(n.startswith("topk_") for n in sm100) == 14
     assert sum(n.startswith("topk_fused_") for n in sm90) == sum(n.startswith("topk_fused_") for n in sm100) == 5
     assert sum(n.startswith("kv_") for n in sm90) == sum(n.startswith("kv_") for n in sm100) == 4
     assert not any("e2m1x2" in n for n in sm90)  # Hopper: software E2M1, checked in the PTX

@@ -45,8 +45,9 @@ def _run(logits, pos, req, k, chunk=None, max_chunk=topk_kernels.MAX_CHUNK, sms=
     got = _run_variant(logits, pos, req, k, chunk, max_chunk, sms, "registers", 1024)
     looped = _run_variant(logits, pos, req, k, chunk, max_chunk, sms, "looped", 1024 if logits.is_cuda else 16)
     assert torch.equal(got, looped)
-    if _cute_runs(logits.device):
-        assert torch.equal(_run_variant(logits, pos, req, k, chunk, max_chunk, sms, "cute", 0), got)
+    if _cute_runs(logits.device):  # the default (a cluster where the plan splits a row), and the rounds
+        for cluster in (None, 0):
+            assert torch.equal(_run_variant(logits, pos, req, k, chunk, max_chunk, sms, "cute", 0, cluster), got)
     return got
 
 
@@ -56,14 +57,14 @@ def _cute_runs(device):
     return device.type == "cuda" and backend(device) == "cute"
 
 
-def _run_variant(logits, pos, req, k, chunk, max_chunk, sms, variant, sub):
+def _run_variant(logits, pos, req, k, chunk, max_chunk, sms, variant, sub, cluster=None):
     n = ref.visible_entries(pos, req, 1, 4, logits.shape[1])
     want = ref.select_topk(logits, n, k)
     # what lies past each row's visible count must never be read: NaN there would win every row
     poisoned = torch.where(torch.arange(logits.shape[1], device=logits.device)[None, :] < n[:, None], logits,
                            float("nan"))
     got = topk_kernels.select_topk(poisoned, pos, req, 1, 4, k, sms, chunk=chunk, max_chunk=max_chunk,
-                                   variant=variant, sub=sub)
+                                   variant=variant, sub=sub, **({} if cluster is None else {"cluster": cluster}))
     assert got.dtype == torch.int32 and got.shape == want.shape
     assert torch.equal(got.cpu(), want.cpu()), (got, want)
     return got
@@ -240,7 +241,8 @@ def test_gpu_rows_at_any_alignment(T):
     """The CuTe rounds load a thread's consecutive keys 8 or 16 bytes at a time where the row is so
     aligned and one at a time where it is not: logits rows starting 0, 4, 8 and 12 bytes past a
     16-byte boundary (views at a storage offset, rows L + 1 apart), 4,096- and 16,384-entry chunks,
-    and candidate rows of odd widths (k = 3, 5), with ties, against the reference."""
+    and candidate rows of odd widths (k = 3, 5), with ties, against the reference; the rounds and
+    the op's default (a cluster a row where it splits rows)."""
     L = 16384
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     g = torch.Generator().manual_seed(T)
@@ -255,8 +257,9 @@ def test_gpu_rows_at_any_alignment(T):
         req = torch.zeros(T, dtype=torch.int64, device="cuda")
         for k in (3, 5, 512):
             want = ref.select_topk(logits.contiguous(), lengths.cuda(), k)
-            got = topk_kernels.select_topk(logits, pos, req, 1, 4, k, sms, variant="cute")
-            assert torch.equal(got, want), (off, k)
+            for cluster in (None, 0):  # the default (one cluster a row at T = 1 / 8 on the H200), the rounds
+                got = topk_kernels.select_topk(logits, pos, req, 1, 4, k, sms, variant="cute", cluster=cluster)
+                assert torch.equal(got, want), (off, k, cluster)
 
 
 @pytest.mark.cuda
@@ -286,7 +289,7 @@ def test_gpu_fused_rounds_match_separate_rounds_and_reset_their_counters():
                 logits = (torch.randint(0, 3000, (T, L), generator=g).float() / 3).cuda()
                 want = ref.select_topk(logits, n, k)
                 for fused, ctas in ((True, None), (True, 1), (True, 3), (False, None)):
-                    got = torch.empty(T, k, dtype=torch.int32, device="cuda")
+                    got = torch.full((T, k), -7, dtype=torch.int32, device="cuda")  # every slot written
                     cute_topk.select_into(got, logits, pos, req, 1, 4, k, sms, chunk, pdl=False, fused=fused,
                                           ctas=ctas)
                     assert torch.equal(got, want), (L, chunk, k, fused, ctas)
@@ -310,6 +313,93 @@ def test_gpu_fused_rounds_match_separate_rounds_and_reset_their_counters():
             logits.copy_(torch.randn(T, L, generator=g))
             graph.replay()
             assert torch.equal(out, ref.select_topk(logits, torch.full((T,), L, device="cuda"), k))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("L", [16384, 9000, 65536, 1500])
+def test_gpu_cluster_selection_matches_the_reference(L):
+    """One round by a cluster (``TopkClusterKernel``) against the reference bit for bit: rows ending
+    on either side of every CTA boundary and of ``k``, padding rows, n = 0, many ties at the
+    threshold (3 / 40 distinct values), NaN / ±0 / −inf, NaN past each row's end (never read), for
+    every cluster size whose CTAs hold 256..16,384 entries, the default rule's choice, and a CUDA
+    graph replayed over new logits."""
+    from dsv4_compile.kernels.cute import topk as cute_topk
+
+    g = torch.Generator().manual_seed(L)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sizes = [n for n in (2, 3, 4, 8, 16) if 256 <= 1 << (-(-L // n) - 1).bit_length() <= cute_topk.MAX_CHUNK]
+    for k in (512, 37, 1024):
+        cuts = sorted({c * (1 << (-(-L // n) - 1).bit_length()) + d for n in sizes for c in range(1, n)
+                       for d in (-1, 0, 1)} | {k - 1, k, k + 1, L - 1, L})
+        cuts = [n for n in cuts if 0 < n < L - 1]
+        lengths = cuts[::max(1, len(cuts) // 36)] + [L - 1, L, 0]
+        T = len(lengths) + 1
+        n = torch.tensor(lengths + [0])
+        pos = torch.tensor([4 * m - 1 if m else 2 for m in lengths] + [4 * L - 1]).cuda()
+        req = torch.zeros(T, dtype=torch.int64)
+        req[-1] = -1  # padding
+        req = req.cuda()
+        for levels in (None, 3, 40):
+            if levels:
+                logits = torch.randint(0, levels, (T, L), generator=g).float()
+            else:
+                logits = _specials(torch.randn(T, L, generator=g), g)
+            logits = torch.where(torch.arange(L)[None, :] < n[:, None], logits, float("nan")).cuda()
+            want = ref.select_topk(logits, n.cuda(), k)
+            for cluster in sizes + [None]:
+                for pdl in (False, True):
+                    got = torch.full((T, k), -7, dtype=torch.int32, device="cuda")  # every slot written
+                    cute_topk.select_into(got, logits, pos, req, 1, 4, k, sms, pdl=pdl, cluster=cluster)
+                    assert torch.equal(got, want), (L, k, levels, cluster, pdl)
+            # rows starting at any 4-byte offset (the 8 / 16-byte loads fall back to element loads)
+            wide = torch.full((T, L + 3), float("nan"), device="cuda")
+            for off in (1, 3):
+                wide[:, off:off + L] = logits
+                got = torch.full((T, k), -7, dtype=torch.int32, device="cuda")
+                cute_topk.select_into(got, wide[:, off:off + L], pos, req, 1, 4, k, sms, cluster=sizes[0])
+                assert torch.equal(got, want), (L, k, levels, off)
+    assert cute_topk.cluster_plan(1, 16384, cute_topk.plan(1, 16384, 512, sms), 0) is not None  # the default
+    # graph replay over new logits
+    T, k = 2, 512
+    pos = torch.full((T,), 4 * L - 1, device="cuda")
+    req = torch.zeros(T, dtype=torch.int64, device="cuda")
+    logits = torch.empty(T, L, device="cuda")
+    out = torch.empty(T, k, dtype=torch.int32, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cute_topk.select_into(out, logits, pos, req, 1, 4, k, sms, pdl=False, cluster=sizes[-1])
+    for _ in range(2):
+        logits.copy_(torch.randn(T, L, generator=g))
+        graph.replay()
+        assert torch.equal(out, ref.select_topk(logits, torch.full((T,), L, device="cuda"), k))
+
+
+def test_cluster_plan_rule_and_errors(monkeypatch):
+    """Where the selection takes one cluster a row (``cluster_plan``): rows the plan splits, at most
+    ``CLUSTER_ROWS`` of them, ``ceil(L / CLUSTER_CHUNK)`` of 2 .. ``CLUSTER_CTAS`` CTAs a row whose
+    clusters are resident at once; forced sizes and their errors."""
+    pytest.importorskip("cutlass")
+    from dsv4_compile.kernels.cute import sparse_attn as cute_attn
+    from dsv4_compile.kernels.cute import topk as cute_topk
+
+    monkeypatch.setattr(cute_attn, "cluster_capacity", lambda dev, n: 3 if n == 3 else 16)
+    cp = cute_topk.cluster_plan
+    c, most, rows = cute_topk.CLUSTER_CHUNK, cute_topk.CLUSTER_CTAS, cute_topk.CLUSTER_ROWS
+    assert (c, most, rows) == (4096, 4, 4)  # a 64k-token context's 16,384-entry rows: four CTAs
+    split, one = [(4096, 4), (2048, 1)], [(16384, 1)]
+    assert cp(1, most * c, split, 0) == (c, most)
+    assert cp(1, most * c - 5, split, 0) == (c, most)
+    assert cp(rows, most * c, split, 0) == (c, most) and cp(rows + 1, most * c, split, 0) is None
+    assert cp(3, 3 * c, split, 0) == (c, 3) and cp(4, 3 * c, split, 0) is None  # one wave of clusters
+    assert cp(1, 2 * c, split, 0) == (c, 2)
+    assert cp(1, most * c + 1, split, 0) is None  # more CTAs: the rounds
+    assert cp(1, most * c, one, 0) is None  # an unsplit row: the one round
+    assert cp(1, c, split, 0) is None  # one CTA's worth
+    assert cp(1, most * c, split, 0, 0) is None
+    assert cp(1, 16384, split, 0, 8) == (2048, 8) and cp(1, 9000, split, 0, 3) == (4096, 3)
+    for T, L, n in ((1, 16384, 1), (1, 16384, 17), (1, 300000, 16), (1, 1000, 8), (65536, 16384, 4)):
+        with pytest.raises(ValueError, match="clusters of"):
+            cp(T, L, split, 0, n)
 
 
 @pytest.mark.cuda

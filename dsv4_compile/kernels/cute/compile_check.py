@@ -184,10 +184,23 @@ def _topk_fused_cases():
     yield dict(chunks=(4096, 8192, 16384, 4096), groups=(16, 32, 8), pdl=True)
 
 
-def _check_topk_ptx(name: str, arch: str, ptx: str, fused: bool = False) -> None:
+def _topk_cluster_cases():
+    # one-round selections by a cluster (TopkClusterKernel): a 64k-context row (16,384 entries) over 4 / 8 /
+    # 16 CTAs, a 256k one over 16 CTAs of 4,096 entries, PDL on and off
+    yield dict(chunk=4096, cl=4, pdl=True)
+    yield dict(chunk=2048, cl=8, pdl=True)
+    yield dict(chunk=1024, cl=16, pdl=False)
+    yield dict(chunk=4096, cl=16, pdl=True)
+
+
+def _check_topk_ptx(name: str, arch: str, ptx: str, fused: bool = False, cluster: bool = False) -> None:
     # the histograms are shared-memory atomics; the output positions come from a block-wide prefix sum
-    # (warp shuffles up); a fused selection's groups meet at a global ticket between two GPU-scope fences
-    for op in ("atom.shared", "shfl.sync.up") + (("atom.global.add", "fence.acq_rel.gpu") if fused else ()):
+    # (warp shuffles up); a fused selection's groups meet at a global ticket between two GPU-scope fences;
+    # a cluster sums its CTAs' histograms with remote shared-memory loads between cluster barriers
+    extra = ("atom.global.add", "fence.acq_rel.gpu") if fused else ()
+    extra += ("mapa.shared::cluster", "ld.shared::cluster", "barrier.cluster.arrive", "barrier.cluster.wait") \
+        if cluster else ()
+    for op in ("atom.shared", "shfl.sync.up") + extra:
         if op not in ptx:
             raise AssertionError(f"{name}@{arch}: no {op} in the PTX")
 
@@ -285,6 +298,12 @@ def compile_all(arch: str) -> list[str]:
                             case["pdl"], arch)
             name = "topk_fused_c{}{}".format("_".join(map(str, case["chunks"])), "_pdl" if case["pdl"] else "")
             _check_topk_ptx(name, arch, ptx, fused=True)
+            names.append(_check_ptx(name, arch, ptx, False))
+        for case in _topk_cluster_cases():
+            ptx = _case_ptx(dump_dir, topk.TopkClusterKernel.compile, case["chunk"], case["cl"], Int64, Int64,
+                            case["pdl"], arch)
+            name = "topk_dsmem{}_c{}{}".format(case["cl"], case["chunk"], "_pdl" if case["pdl"] else "")
+            _check_topk_ptx(name, arch, ptx, cluster=True)
             names.append(_check_ptx(name, arch, ptx, False))
         for case in _sparse_attn_cases() if arch == "sm_90a" else ():
             groups = case.get("groups", 1)

@@ -41,6 +41,14 @@ per SM, so the chunks past a short row cost no second wave either). Otherwise (o
 declines) each round is its own kernel (``TopkRoundKernel``), the later ones waiting for the earlier
 ones to complete: for rows of at most 65,536 entries the separate rounds were as fast or slightly
 faster on the H200.
+
+Few rows the plan splits (``cluster_plan``: up to four rows of up to 16,384 entries, a 64k-token
+context) are selected in one round by a thread-block cluster instead (``TopkClusterKernel``): each CTA
+holds a 4,096-entry chunk, and the key range, every pass's histogram and the kept counts before each CTA
+are summed over the cluster in distributed shared memory, so the row's threshold is found with no
+candidates written and no second launch. H200, ``indexer_topk`` at 64k context: B = 1 / 4 9.35-9.42 /
+11.65-11.67 → 8.95-9.12 / 11.31-11.33 µs; it lost at B = 8 and with more, smaller CTAs (``CLUSTER_CHUNK``
+has the numbers).
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ MAX_THREADS = 1024  # a CTA; 16 keys per thread at the largest chunk
 MAX_PER_THREAD = 16
 MAX_CHUNK = MAX_THREADS * MAX_PER_THREAD  # 16,384: the Triton selection's largest chunk too
 _FULL = 0xFFFFFFFF
+MAX_CLUSTER_CTAS = 16  # a cluster's CTAs on sm_90 (8 portable, 16 with the non-portable size allowed)
 MAX_MERGES = 3  # merge levels of the one-kernel selection (four rounds: rows of up to 2^29 entries at k = 512)
 
 
@@ -98,15 +107,101 @@ def _row_length(mPos, mReq, t, n_req, ratio, L):
     return Int32(visible_entries(Int64(mReq[t]), Int64(mPos[t]), Int64(n_req), ratio, L)[1])
 
 
-def _alloc_smem():
+def _alloc_smem(cluster: bool = False):
     """A selecting CTA's shared memory: two radix histograms, per-warp sums, pass results (res[0..3];
-    res[4]: the fused kernel's ticket) and per-warp key ranges."""
+    res[4]: the fused kernel's ticket) and per-warp key ranges; with ``cluster`` also what the
+    cluster's other CTAs read (``ext``: the CTA's key range and kept counts) and the summed histogram
+    (``tot``)."""
     smem = cutlass.memory.SmemAllocator()
     hist = smem.allocate_tensor(Int32, cute.make_layout(2 * BINS), byte_alignment=16)
     wsum = smem.allocate_tensor(Int32, cute.make_layout(WARP), byte_alignment=16)
     res = smem.allocate_tensor(Int32, cute.make_layout(8), byte_alignment=16)
     rng = smem.allocate_tensor(Uint32, cute.make_layout(2 * WARP), byte_alignment=16)
-    return hist, wsum, res, rng
+    if const_expr(not cluster):
+        return hist, wsum, res, rng
+    ext = smem.allocate_tensor(Int32, cute.make_layout(4), byte_alignment=16)
+    tot = smem.allocate_tensor(Int32, cute.make_layout(BINS), byte_alignment=16)
+    return hist, wsum, res, rng, ext, tot
+
+
+@cute.jit
+def _row_length_then_wait(mPos, mReq, t, n_req, ratio, L, pdl: bool):
+    """Row ``t``'s visible entries, read before the grid-dependency wait (with ``pdl``: see
+    ``TopkRoundKernel.kernel``), then the wait."""
+    n = _row_length(mPos, mReq, t, n_req, ratio, L)
+    if const_expr(pdl):
+        cute.arch.griddepcontrol_wait()
+        cute.arch.griddepcontrol_launch_dependents()
+    return n
+
+
+@cute.jit
+def _fill(out_idx, out_key, out_base, kept, K, tid, NT: int, final: bool):
+    """Slots ``kept .. K−1`` of a selection with fewer valid keys than ``K``: index −1 (and key 0)."""
+    for j in cutlass.range(kept + tid, K, NT):
+        out_idx[out_base + j] = Int32(-1)
+        if const_expr(not final):
+            out_key[out_base + j] = Int32(0)
+
+
+@cute.jit
+def _cluster_range(kmax, kmin, ext, tid, lane, cl: int):
+    """The cluster's largest and smallest valid key from each CTA's (``kmax`` / ``kmin``, left in
+    ``ext[0:2]`` for the others; a cluster barrier orders the stores before the remote loads)."""
+    if tid == 0:
+        ext[0] = Int32(kmax)
+        ext[1] = Int32(kmin)
+    cute.arch.cluster_arrive()
+    cute.arch.cluster_wait()
+    wmax = Uint32(0)
+    wmin = Uint32(_FULL)
+    if lane < cl:
+        base = ext.iterator.toint()
+        wmax = ld("shared", base, Uint32, rank=lane)
+        wmin = ld("shared", base + Int32(4), Uint32, rank=lane)
+    return cute.arch.warp_redux_sync(wmax, "umax"), cute.arch.warp_redux_sync(wmin, "umin")
+
+
+@cute.jit
+def _cluster_hist(hist, tot, cur, tid, cl: int):
+    """``tot[b]`` = bin ``b`` of histogram buffer ``cur`` summed over the cluster's CTAs (a cluster
+    barrier first: every CTA's counts are in; a CTA rewrites a buffer only two passes later, after the
+    next pass's barrier, which every CTA reaches after these loads). Needs ``BINS`` threads or more;
+    the caller's block barrier publishes ``tot``."""
+    cute.arch.cluster_arrive()
+    cute.arch.cluster_wait()
+    if tid < BINS:
+        vals = cute.make_rmem_tensor((cl,), Int32)
+        addr = hist.iterator.toint() + (cur + tid) * 4
+        for r in cutlass.range_constexpr(cl):  # every load in flight before the sum
+            vals[r] = ld("shared", addr, Int32, rank=r)
+        s = Int32(0)
+        for r in cutlass.range_constexpr(cl):
+            s += vals[r]
+        tot[tid] = s
+
+
+@cute.jit
+def _cluster_before(ctot, ext, rank, tid, lane):
+    """(entries above the threshold, ties) kept by the cluster's CTAs before ``rank`` (earlier row
+    positions), from each CTA's count ``ctot`` (above in the low 16 bits, ties in the high ones, left
+    in ``ext[2:4]``). Ends with this CTA's arrival at the cluster barrier that keeps every CTA's shared
+    memory alive until the others have read it (the kernel waits on it before it exits)."""
+    if tid == 0:
+        ext[2] = ctot & 0xFFFF
+        ext[3] = ctot >> 16
+    cute.arch.cluster_arrive()
+    cute.arch.cluster_wait()
+    a = Int32(0)
+    b = Int32(0)
+    if lane < rank:
+        base = ext.iterator.toint()
+        a = ld("shared", base + Int32(8), Int32, rank=lane)
+        b = ld("shared", base + Int32(12), Int32, rank=lane)
+    a = cute.arch.warp_redux_sync(a, "add")
+    b = cute.arch.warp_redux_sync(b, "add")
+    cute.arch.cluster_arrive()
+    return a, b
 
 
 class TopkRoundKernel:
@@ -238,10 +333,15 @@ class TopkRoundKernel:
 
     @cute.jit
     def _select(self, mSrc, mSrcIdx, mOutKey, mOutIdx, hist, wsum, res, rng, t, start, n, out_base, K,
-                tid, warp, lane, final: bool, chunk: int, E: int, from_logits: bool):
+                tid, warp, lane, final: bool, chunk: int, E: int, from_logits: bool, cl: int = 0, rank=None,
+                ext=None, tot=None):
         """Keep the best ``K`` of the row's entries ``start ..`` (at most a chunk, ``n`` in all):
         indices into ``mOutIdx[t, out_base ..]`` (``final``, −1 fill), else (key, index) candidates
-        (key 0 / index −1 fill)."""
+        (key 0 / index −1 fill). ``cl`` > 0 (``TopkClusterKernel``): this CTA is rank ``rank`` of a
+        cluster of ``cl`` holding the row's chunks in order, and keeps its part of the row's best ``K``
+        (the key range, every pass's histogram and the kept counts before it summed over the cluster
+        in distributed shared memory: ``ext`` / ``tot`` are the CTA's buffers the others read); it
+        ends with its cluster arrival, the kernel waits before it exits."""
         NT = self.threads
         NW = self.warps
         # ---- keys (and candidate indices) in registers: thread i holds the E consecutive positions
@@ -322,6 +422,8 @@ class TopkRoundKernel:
             wmin = rng[WARP + lane]
         kmax = cute.arch.warp_redux_sync(wmax, "umax")
         kmin = cute.arch.warp_redux_sync(wmin, "umin")
+        if const_expr(cl > 0):  # the row's range: every CTA's, read from their shared memory
+            kmax, kmin = _cluster_range(kmax, kmin, ext, tid, lane, cl)
         varying = Int32(32) - Int32(cute.arch.clz(kmax ^ kmin))  # low bits that differ: 0..32
         shift = cutlass.max(varying - 8, Int32(0))
         thr = Uint32(0)  # the common prefix above the first digit (nothing valid: kmax = 0)
@@ -345,12 +447,17 @@ class TopkRoundKernel:
                         if part:
                             digit = Int32((k >> Uint32(shift)) & Uint32(BINS - 1))
                             cute.arch.atomic_add(hist.iterator + cur + digit, Int32(1), scope="cta")
+                if const_expr(cl > 0):  # the row's histogram: each bin summed over the cluster into tot
+                    _cluster_hist(hist, tot, cur, tid, cl)
                 cute.arch.sync_threads()
                 if warp == 0:
                     h = cute.make_rmem_tensor((BINS // WARP,), Int32)
                     s = Int32(0)
                     for i in cutlass.range_constexpr(BINS // WARP):
-                        h[i] = hist[cur + lane * (BINS // WARP) + i]
+                        if const_expr(cl > 0):
+                            h[i] = tot[lane * (BINS // WARP) + i]
+                        else:
+                            h[i] = hist[cur + lane * (BINS // WARP) + i]
                         s += h[i]
                         hist[nxt + lane * (BINS // WARP) + i] = Int32(0)
                     suffix = s  # inclusive suffix sum over lanes >= lane
@@ -419,15 +526,19 @@ class TopkRoundKernel:
         if lane < NW:
             w = wsum[lane]
         before = incl - cnt + cute.arch.shuffle_sync(_warp_inclusive_sum(w, lane) - w, warp)
+        above_pre = Int32(0)  # kept entries above the threshold / ties in the cluster's earlier CTAs
+        ties_pre = Int32(0)
+        if const_expr(cl > 0):
+            above_pre, ties_pre = _cluster_before(cute.arch.warp_redux_sync(w, "add"), ext, rank, tid, lane)
 
         out_idx = mOutIdx[t, None]
         out_key = None
         if const_expr(not final):
             out_key = mOutKey[t, None]
         if wlive:
-            at = out_base + (before & 0xFFFF)
+            at = out_base + above_pre + (before & 0xFFFF)
             if exact:  # an entry above goes after the kept ties before it; a tie is kept while < need came before
-                t_before = before >> 16
+                t_before = ties_pre + (before >> 16)
                 for j in cutlass.range_constexpr(E):
                     k = keys[j]
                     above = k > lo
@@ -447,10 +558,11 @@ class TopkRoundKernel:
                         if const_expr(not final):
                             out_key[at] = Int32(k)
                         at += 1
-        for j in cutlass.range(kept + tid, K, NT):  # fewer valid keys than K: fill
-            out_idx[out_base + j] = Int32(-1)
-            if const_expr(not final):
-                out_key[out_base + j] = Int32(0)
+        if const_expr(cl > 0):
+            if rank == 0:  # the row's fill: the first CTA's
+                _fill(out_idx, out_key, out_base, kept, K, tid, NT, final)
+        else:
+            _fill(out_idx, out_key, out_base, kept, K, tid, NT, final)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -541,10 +653,7 @@ class TopkFusedKernel(TopkRoundKernel):
         _, P, _ = cute.arch.grid_dim()
         warp = tid // WARP
         lane = tid % WARP
-        n = _row_length(mPos, mReq, t, n_req, ratio, L)  # before the wait: see TopkRoundKernel.kernel
-        if const_expr(self.pdl):
-            cute.arch.griddepcontrol_wait()
-            cute.arch.griddepcontrol_launch_dependents()
+        n = _row_length_then_wait(mPos, mReq, t, n_req, ratio, L, self.pdl)
 
         hist, wsum, res, rng = _alloc_smem()
 
@@ -632,6 +741,67 @@ class TopkFusedKernel(TopkRoundKernel):
         )
 
 
+class TopkClusterKernel(TopkRoundKernel):
+    """A row's selection in one round by a thread-block cluster: grid ``[cl, T]``, cluster ``[cl]``,
+    CTA ``r`` of row ``t`` holding the row's positions ``r·chunk ..`` in registers as a one-chunk
+    round does. Each radix pass counts into the CTA's own shared-memory histogram; after a cluster
+    barrier every CTA sums each bin over the cluster's CTAs (distributed shared memory) and takes the
+    same decisions from the row's histogram, so the threshold is the row's, found in one launch with
+    no candidates written or re-read. The key range before the first pass and the kept counts before
+    the output are summed the same way; each CTA writes its kept entries at their place in the row's
+    index order, and the first CTA the −1 fill. A row of at most ``K`` entries (nothing to select) is
+    written by the first CTA alone. Same bits as the rounds."""
+
+    def __init__(self, chunk: int, cl: int, pdl: bool):
+        super().__init__(chunk, True, True, pdl)
+        if not 2 <= cl <= MAX_CLUSTER_CTAS or self.threads < BINS:
+            raise ValueError(f"topk: a cluster of {cl} CTAs of {self.threads} threads (2..{MAX_CLUSTER_CTAS} "
+                             f"CTAs of at least {BINS} threads)")
+        self.cl = cl
+
+    @cute.jit
+    def __call__(self, mSrc: cute.Tensor, mPos: cute.Tensor, mReq: cute.Tensor, mOut: cute.Tensor, n_req: Int32,
+                 ratio: Int32, L: Int32, K: Int32, stream):
+        self.kernel(mSrc, mPos, mReq, mOut, n_req, ratio, L, K).launch(
+            grid=[self.cl, mOut.shape[0], 1], block=[self.threads, 1, 1], cluster=[self.cl, 1, 1], stream=stream,
+            use_pdl=self.pdl)
+
+    @cute.kernel
+    def kernel(self, mSrc: cute.Tensor, mPos: cute.Tensor, mReq: cute.Tensor, mOut: cute.Tensor, n_req: Int32,
+               ratio: Int32, L: Int32, K: Int32):
+        tid, _, _ = cute.arch.thread_idx()
+        rank, t, _ = cute.arch.block_idx()
+        warp = tid // WARP
+        lane = tid % WARP
+        n = _row_length_then_wait(mPos, mReq, t, n_req, ratio, L, self.pdl)
+        hist, wsum, res, rng, ext, tot = _alloc_smem(True)
+        if n <= K:  # the whole row (uniform over the cluster: no barrier, no remote load)
+            if rank == 0:
+                self._finish(mSrc, None, mOut, hist, wsum, res, rng, t, n, K, tid, warp, lane, *self.level)
+        else:
+            self._select(mSrc, None, None, mOut, hist, wsum, res, rng, t, rank * self.chunk, n, Int32(0), K,
+                         tid, warp, lane, True, *self.level, self.cl, rank, ext, tot)
+            cute.arch.cluster_wait()  # every CTA's remote loads done: its shared memory may go
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def compile(chunk: int, cl: int, pos_dtype, req_dtype, pdl: bool, arch: str, extra_options: str = ""):
+        """Compile one (chunk, cluster size) variant over fake tensors (no GPU needed): tokens, row
+        widths and strides symbolic."""
+        tokens = cute.sym_int()
+        mk = cute.runtime.make_fake_tensor
+        src = mk(Float32, (tokens, cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=4)
+        pos = mk(pos_dtype, (tokens,), stride=(1,), assumed_align=pos_dtype.width // 8)
+        req = mk(req_dtype, (tokens,), stride=(1,), assumed_align=req_dtype.width // 8)
+        out = mk(Int32, (tokens, cute.sym_int()), stride=(cute.sym_int64(), 1), assumed_align=4)
+        kernel = TopkClusterKernel(chunk, cl, pdl)
+        return cute.compile(
+            kernel, src, pos, req, out, Int32(0), Int32(1), Int32(0), Int32(1),
+            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+            options=f"--enable-tvm-ffi --gpu-arch {arch} {extra_options}".strip(),
+        )
+
+
 def plan(T: int, L: int, k: int, sms: int, chunk: int | None = None, max_chunk: int = MAX_CHUNK
          ) -> list[tuple[int, int]]:
     """The rounds of ``select_into``: ``kernels.triton.topk.plan``'s (shapes only), with a row split
@@ -672,10 +842,54 @@ def fused_plan(rounds: list, topk: int) -> Optional[tuple]:
     return chunks, tuple(c // topk for c in chunks[1:])
 
 
+# The default of a cluster a row (``cluster_plan``): CTAs of up to CLUSTER_CHUNK entries, at most
+# CLUSTER_CTAS of them a row and CLUSTER_ROWS rows. H200, graph replay, ``indexer_topk`` / the selection
+# alone, µs, the rounds → a cluster of 4 / 8 / 16 CTAs (4,096 / 2,048 / 1,024 entries each), 64k context
+# (16,384 entries), FP8: B = 1 9.35-9.42 / 7.06-7.18 → 8.95-9.12 / 6.70-7.14, 10.45-10.50 / 7.87-8.12,
+# 15.4-15.7 / 12.4-12.9; B = 2 10.76-10.78 / 7.87 → 10.75-10.81 / 7.62, 12.05-12.46 / 8.55, 16.7 / 13.2;
+# B = 4 11.65-11.67 / 7.89-8.07 → 11.31-11.33 / 7.50-7.52, 12.7 / 8.5, 18.5-18.7 / 13.2; B = 8 14.35-14.37 /
+# 8.06 → 15.68-15.71 / 7.79-7.81 (the op loses though the selection gains: 1,024-thread CTAs in
+# clusters start later behind the logits kernel's tail); B = 16 19.65 / 8.35 → 21.46 / 8.15; MXFP4 B = 1
+# 9.95-10.02 → 9.79-9.81, B = 8 15.74-15.76 → 16.23; 32k context in a 64k table B = 1 8.66-8.70 → 8.60-8.63;
+# 256k context (65,536 entries, 16 CTAs of 4,096) B = 1 / 4 12.6 / 20.6 → 16.6 / 24.8 (every cluster barrier
+# waits for 16 CTAs). Every pass costs a cluster barrier and remote loads, so more, smaller CTAs lose.
+CLUSTER_CHUNK = 4096
+CLUSTER_CTAS = 4
+CLUSTER_ROWS = 4
+
+
+def cluster_plan(T: int, L: int, rounds: list, device_index: int, cluster: int | None = None
+                 ) -> Optional[tuple[int, int]]:
+    """``(chunk, CTAs a row)`` of ``TopkClusterKernel`` for rows of ``L`` entries, or ``None`` (the
+    rounds). ``cluster=None``: where ``rounds`` split a row (two rounds or more), ``T <= CLUSTER_ROWS``,
+    ``ceil(L / CLUSTER_CHUNK)`` is 2 .. ``CLUSTER_CTAS`` (a 64k-token context: four CTAs of 4,096
+    entries) and all the clusters are resident at once (``sparse_attn.cluster_capacity``).
+    ``cluster=0``: ``None``; ``cluster=n``: ``n`` CTAs a row (a ``ValueError`` outside 2..16, where a
+    CTA's chunk, ``L / n`` rounded up to a power of two, is outside 256..16,384, or for more than
+    65,535 rows: the grid's y)."""
+    if cluster == 0:
+        return None
+    if cluster is None:
+        n = cdiv(L, CLUSTER_CHUNK)
+        if len(rounds) < 2 or T > CLUSTER_ROWS or not 2 <= n <= CLUSTER_CTAS:
+            return None
+        from .sparse_attn import cluster_capacity
+
+        if T > cluster_capacity(device_index, n):
+            return None
+    else:
+        n = cluster
+    chunk = 1 << max(0, cdiv(L, n) - 1).bit_length()
+    if not 2 <= n <= MAX_CLUSTER_CTAS or not BINS <= chunk <= MAX_CHUNK or T > 65535:
+        raise ValueError(f"topk: {T} rows of {L} entries over clusters of {n} CTAs ({chunk} entries each): "
+                         f"2..{MAX_CLUSTER_CTAS} CTAs of {BINS}..{MAX_CHUNK} entries, at most 65,535 rows")
+    return chunk, n
+
+
 def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor, token_to_req: torch.Tensor,
                 n_req: int, compress_ratio: int, topk: int, sms: int, chunk: int | None = None,
                 max_chunk: int = MAX_CHUNK, pdl: bool = False, fused: bool | None = None,
-                ctas: int | None = None) -> torch.Tensor:
+                ctas: int | None = None, cluster: int | None = None) -> torch.Tensor:
     """``kernels.triton.topk.select_topk``'s result (the same bits) from the CuTe-DSL rounds of
     ``plan``, written into int32 ``out [T, topk]`` (``T > 0``; every round may write it). ``logits``:
     fp32 ``[T, L]``, ``positions`` / ``token_to_req``: ``[T]``, all with unit stride along their last
@@ -687,10 +901,21 @@ def select_into(out: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor
     several rounds runs as one ``TopkFusedKernel`` where ``fused`` and ``fused_plan`` allow (its
     ticket counters: ``kernels._device.zeroed_counters``), else as one kernel per round. ``fused=None``
     fuses tables wider than ``FUSED_FROM`` entries only; its CTAs a row: ``ctas`` (tests), by default
-    as many as the first round's chunks and one wave of one CTA per SM allow."""
+    as many as the first round's chunks and one wave of one CTA per SM allow. Before either, a row
+    the plan splits runs in one ``TopkClusterKernel`` where ``cluster_plan`` allows (``cluster``: its
+    CTAs a row, 0 for none, ``None`` for ``cluster_plan``'s default, which a given ``chunk``, ``fused``
+    or ``ctas`` turns off)."""
     T, L = logits.shape
     rounds = plan(T, L, topk, sms, chunk, max_chunk)
     arch = arch_name(logits.device)
+    if cluster is None and (chunk is not None or fused is not None or ctas is not None):
+        cluster = 0  # a forced plan of rounds
+    cp = cluster_plan(T, L, rounds, logits.device.index or 0, cluster)
+    if cp is not None:
+        compiled = TopkClusterKernel.compile(*cp, TORCH_TO_CUTE[positions.dtype], TORCH_TO_CUTE[token_to_req.dtype],
+                                             pdl, arch)
+        compiled(logits, positions, token_to_req, out, n_req, compress_ratio, L, topk)
+        return out
     fp = fused_plan(rounds, topk) if (L > FUSED_FROM if fused is None else fused) else None
     if fp is not None:
         chunks, groups = fp

@@ -360,7 +360,7 @@ def select_variant(device: torch.device, variant: str | None = None) -> str:
 def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: torch.Tensor, n_req: int,
                 compress_ratio: int, topk: int, sms: int, chunk: int | None = None,
                 max_chunk: int = MAX_CHUNK, variant: str | None = None, sub: int = 1024,
-                num_warps: int | None = None) -> torch.Tensor:
+                num_warps: int | None = None, cluster: int | None = None) -> torch.Tensor:
     """int32 ``[T, topk]`` (``reference.attention.select_topk`` of the visible prefix of each row of
     the fp32 ``logits [T, L]``; only positions below the row's visible count are read).
 
@@ -368,7 +368,7 @@ def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: tor
     over 8-bit digits; the default where CuTe DSL runs), ``"registers"`` (the Triton default: the
     chunk held in registers), or ``"looped"`` (Triton, every pass re-reads the chunk ``sub`` entries
     at a time; slower on the H200). ``dsv4::indexer_topk`` takes the default. All give the same
-    bits."""
+    bits. ``cluster`` (``"cute"`` only): ``kernels.cute.topk.cluster_plan``'s argument."""
     variant = select_variant(logits.device, variant)
     T, L = logits.shape
     out = torch.empty((T, topk), dtype=torch.int32, device=logits.device)
@@ -386,7 +386,7 @@ def select_topk(logits: torch.Tensor, positions: torch.Tensor, token_to_req: tor
 
         pdl = pdl_meta(logits.device.index or 0) is not None
         return cute_topk.select_into(out, logits, positions, token_to_req, n_req, compress_ratio, topk, sms,
-                                     chunk=chunk, max_chunk=max_chunk, pdl=pdl)
+                                     chunk=chunk, max_chunk=max_chunk, pdl=pdl, cluster=cluster)
     rounds = plan(T, L, topk, sms, chunk, max_chunk)
     kb = _pow2(topk)
     src, src_idx, n_buf, stride = logits, logits, positions, logits.stride(0)
