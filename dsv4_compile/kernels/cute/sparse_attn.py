@@ -878,7 +878,8 @@ def cluster_capacity(device_index: int, n: int) -> int:
     """How many clusters of ``n`` CTAs, one CTA per SM (the kernel's shared memory), the GPU runs at
     once (``cuOccupancyMaxActiveClusters`` through CuTe DSL's ``HardwareInfo``, which compiles and
     loads a small kernel: a cluster is placed within one GPC, so this is not ``SMs // n``); 0 past
-    ``MAX_CLUSTER``, and 0 with one warning where the query fails (the combine kernel then merges).
+    ``MAX_CLUSTER``, and 0 with one warning where the query fails (the combine kernel then merges, and
+    ``topk.cluster_plan`` keeps the rounds).
     Cached per device and size, failures too (the op calls this at every split launch)."""
     if not 2 <= n <= MAX_CLUSTER:
         return 0
@@ -896,8 +897,9 @@ def cluster_capacity(device_index: int, n: int) -> int:
         except Exception as e:  # an old driver, no cuda-python
             if device_index not in _QUERY_FAILED:
                 _QUERY_FAILED.add(device_index)
-                warnings.warn(f"sparse_attn: the cluster occupancy query failed on cuda:{device_index} ({e!r}); "
-                              "splits merge through the combine kernel", stacklevel=2)
+                warnings.warn(f"the cluster occupancy query failed on cuda:{device_index} ({e!r}); no thread-block "
+                              "clusters there (sparse_attn's splits merge through the combine kernel, the top-k "
+                              "selection runs in rounds)", stacklevel=2)
             _CAPACITY[key] = 0
     return _CAPACITY[key]
 
