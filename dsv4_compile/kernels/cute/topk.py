@@ -136,15 +136,6 @@ def _row_length_then_wait(mPos, mReq, t, n_req, ratio, L, pdl: bool):
 
 
 @cute.jit
-def _fill(out_idx, out_key, out_base, kept, K, tid, NT: int, final: bool):
-    """Slots ``kept .. K−1`` of a selection with fewer valid keys than ``K``: index −1 (and key 0)."""
-    for j in cutlass.range(kept + tid, K, NT):
-        out_idx[out_base + j] = Int32(-1)
-        if const_expr(not final):
-            out_key[out_base + j] = Int32(0)
-
-
-@cute.jit
 def _cluster_range(kmax, kmin, ext, tid, lane, cl: int):
     """The cluster's largest and smallest valid key from each CTA's (``kmax`` / ``kmin``, left in
     ``ext[0:2]`` for the others; a cluster barrier orders the stores before the remote loads)."""
@@ -558,11 +549,13 @@ class TopkRoundKernel:
                         if const_expr(not final):
                             out_key[at] = Int32(k)
                         at += 1
-        if const_expr(cl > 0):
-            if rank == 0:  # the row's fill: the first CTA's
-                _fill(out_idx, out_key, out_base, kept, K, tid, NT, final)
-        else:
-            _fill(out_idx, out_key, out_base, kept, K, tid, NT, final)
+        # fewer valid keys than K: fill (not in a cluster: it selects only rows of more than K entries, and
+        # a logit's key is never 0, so the row's K are all kept)
+        if const_expr(cl == 0):
+            for j in cutlass.range(kept + tid, K, NT):
+                out_idx[out_base + j] = Int32(-1)
+                if const_expr(not final):
+                    out_key[out_base + j] = Int32(0)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -749,14 +742,12 @@ class TopkClusterKernel(TopkRoundKernel):
     same decisions from the row's histogram, so the threshold is the row's, found in one launch with
     no candidates written or re-read. The key range before the first pass and the kept counts before
     the output are summed the same way; each CTA writes its kept entries at their place in the row's
-    index order, and the first CTA the −1 fill. A row of at most ``K`` entries (nothing to select) is
-    written by the first CTA alone. Same bits as the rounds."""
+    index order (a row of more than ``K`` entries fills all ``K`` slots). A row of at most ``K``
+    entries (nothing to select) is written by the first CTA alone. Same bits as the rounds."""
 
     def __init__(self, chunk: int, cl: int, pdl: bool):
         super().__init__(chunk, True, True, pdl)
-        if not 2 <= cl <= MAX_CLUSTER_CTAS or self.threads < BINS:
-            raise ValueError(f"topk: a cluster of {cl} CTAs of {self.threads} threads (2..{MAX_CLUSTER_CTAS} "
-                             f"CTAs of at least {BINS} threads)")
+        assert 2 <= cl <= MAX_CLUSTER_CTAS and self.threads >= BINS, "cluster_plan checks the sizes"
         self.cl = cl
 
     @cute.jit
